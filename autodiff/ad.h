@@ -1,0 +1,361 @@
+/*
+ * ad.h — hypertape's autodiff core: tensors, a tape, ops with derivative
+ * rules, reverse mode (ad_grad), forward mode (ad_jvp), and arena memory.
+ *
+ * Ten lines to a derivative: f(x) = a*x^2 + b at x = 3 (a = 2, b = 1).
+ *
+ *     ad_tape *tape = NULL;
+ *     ad_tape_new(&tape, NULL);                        // 64 MiB arena
+ *     ad_tensor *x = ad_scalar(tape, AD_F64, 3.0);
+ *     ad_requires_grad(x, 1);                          // a leaf we differentiate by
+ *     ad_tensor *f = ad_add_scalar(tape, ad_scale(tape, ad_mul(tape, x, x), 2.0), 1.0);
+ *     ad_tensor *df = NULL;
+ *     ad_grad(tape, 1, &f, NULL, 1, &x, &df, 0);       // df/dx = 2*a*x = 12
+ *     printf("f=%g df=%g\n", ad_item(f), ad_item(df));
+ *     ad_tape_free(tape);
+ *
+ * (tests/test_header_example.c builds and runs exactly this.)
+ *
+ * The model
+ * ---------
+ * Define-by-run. Every op takes the tape first, computes its value at once,
+ * and, when recording is on and an input requires a gradient, appends a node
+ * (op, inputs, output, attributes) to the tape. Every derivative rule is
+ * written with these same public ops, so `ad_grad(..., AD_GRAD_RECORD)` puts
+ * the backward pass itself on the tape: differentiate it again for
+ * Hessian-vector products, mixed partials and hypergradients through whole
+ * unrolled training runs.
+ *
+ * Memory: tensors made by ops live in the tape's arena. `ad_mark` remembers a
+ * point, `ad_rewind` frees everything allocated and recorded after it, so a
+ * training loop allocates nothing per step after the first. Parameters are
+ * made with ad_tensor_new (heap, outside the arena) and are leaves on any tape.
+ *
+ * Errors stick to the tape (like sqlite3_errmsg): an op given a NULL input or
+ * bad shapes returns NULL and records the first error; check
+ * ad_tape_status() once after a block of ops. Constructors return a status
+ * and set their OUT pointer to NULL on failure; destructors accept NULL.
+ * Nothing here aborts or exits on bad input.
+ */
+#ifndef HYPERTAPE_AD_H
+#define HYPERTAPE_AD_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------ status */
+
+typedef enum {
+  AD_OK = 0,
+  AD_ERR_NULL,    /* a required pointer argument was NULL */
+  AD_ERR_SHAPE,   /* shapes do not fit the op */
+  AD_ERR_DTYPE,   /* dtypes differ or are not supported */
+  AD_ERR_ARENA,   /* the tape's arena cannot hold the request */
+  AD_ERR_NOMEM,   /* malloc failed */
+  AD_ERR_ARG,     /* an argument is out of range */
+  AD_ERR_GRAD,    /* strict ad_grad: an input does not reach the outputs */
+  AD_ERR_NUMERIC, /* NaN/Inf guard tripped */
+  AD_ERR_IO,      /* file could not be read or written */
+  AD_ERR_FORMAT,  /* file contents are corrupt or of the wrong version */
+  AD_ERR_STATE    /* call not valid in the object's current state */
+} ad_status;
+
+/* Short name of a status ("shape mismatch", ...). Never NULL. */
+const char *ad_status_str(ad_status s);
+
+/* Message of the last error raised on this thread by a call that has no
+ * tape to hold it (ad_tensor_new, a NULL tape, ...). "" if none. */
+const char *ad_last_error(void);
+
+/* ------------------------------------------------------------------ tensors */
+
+#define AD_MAX_DIMS 4
+
+typedef enum { AD_F32 = 0, AD_F64 = 1 } ad_dtype;
+
+struct ad_node;
+struct ad_tape;
+
+/* Dense, row-major, contiguous. Fields are public to read; change them only
+ * through the API. `data` holds `size` elements of `dtype`. */
+typedef struct ad_tensor {
+  ad_dtype dtype;
+  int ndim;                     /* 0 (scalar) .. AD_MAX_DIMS */
+  int64_t shape[AD_MAX_DIMS];   /* unused dims are 1 */
+  int64_t size;                 /* product of shape[0..ndim) */
+  void *data;
+  struct ad_tensor *grad;       /* leaves: gradient accumulated by ad_backward */
+  /* internal */
+  struct ad_node *node;         /* op that produced it; NULL for leaves/constants */
+  unsigned flags;
+  unsigned gen;                 /* scratch stamp used by ad_grad */
+  struct ad_tensor *scratch;    /* scratch gradient slot used by ad_grad */
+  const char *name;             /* optional, for printing */
+} ad_tensor;
+
+/* Bytes of one element of the dtype (4 or 8). */
+size_t ad_dtype_size(ad_dtype dt);
+const char *ad_dtype_name(ad_dtype dt);
+
+/* Heap tensors (outside any arena): parameters, datasets, results to keep.
+ * new: zero-filled. from: copies `data` (size elements of dtype).
+ * wrap: borrows caller memory (not freed by ad_tensor_free).
+ * On failure *out = NULL and ad_last_error() says why. */
+ad_status ad_tensor_new(ad_tensor **out, ad_dtype dt, int ndim, const int64_t *shape);
+ad_status ad_tensor_from(ad_tensor **out, ad_dtype dt, int ndim, const int64_t *shape,
+                         const void *data);
+ad_status ad_tensor_wrap(ad_tensor **out, ad_dtype dt, int ndim, const int64_t *shape,
+                         void *data);
+/* Frees the tensor, its owned data and its ->grad. Accepts NULL. */
+void ad_tensor_free(ad_tensor *t);
+
+/* Marks a tensor as a leaf that needs a gradient (on = 1) or not. Returns the
+ * previous setting, or -1 if t is NULL or was produced by an op. */
+int ad_requires_grad(ad_tensor *t, int on);
+int ad_needs_grad(const ad_tensor *t);
+
+/* Zeroes t->grad if present. */
+void ad_zero_grad(ad_tensor *t);
+
+/* Element access as double (for tests, printing and small loops). */
+double ad_get(const ad_tensor *t, int64_t i);
+void ad_set(ad_tensor *t, int64_t i, double v);
+double ad_item(const ad_tensor *t); /* element 0; NaN if t is NULL */
+
+/* Copies src's values into dst (same size, any dtypes). Returns a status. */
+ad_status ad_copy_values(ad_tensor *dst, const ad_tensor *src);
+int ad_same_shape(const ad_tensor *a, const ad_tensor *b);
+/* "[128, 784] f32" into buf; returns buf. */
+const char *ad_shape_str(const ad_tensor *t, char *buf, size_t len);
+
+/* ------------------------------------------------------------------ rng */
+
+/* xoshiro256** (Blackman & Vigna) seeded through splitmix64; normals by the
+ * Marsaglia polar method in double precision. Integer and uniform streams
+ * are identical on every machine; normals are too wherever libm's log()
+ * is correctly rounded (glibc's is). */
+typedef struct {
+  uint64_t s[4];
+  double spare;   /* polar method yields normals in pairs */
+  int has_spare;
+} ad_rng;
+
+void ad_rng_seed(ad_rng *r, uint64_t seed);
+uint64_t ad_rng_next(ad_rng *r);
+double ad_rng_uniform(ad_rng *r);            /* [0, 1), 53 bits */
+double ad_rng_normal(ad_rng *r);             /* N(0, 1) */
+uint64_t ad_rng_below(ad_rng *r, uint64_t n); /* uniform in [0, n), unbiased */
+void ad_tensor_fill_normal(ad_tensor *t, ad_rng *r, double mean, double std);
+void ad_tensor_fill_uniform(ad_tensor *t, ad_rng *r, double lo, double hi);
+
+/* ------------------------------------------------------------------ tape */
+
+typedef struct ad_tape ad_tape;
+
+typedef struct {
+  size_t arena_mb;     /* first arena chunk, MiB (default 64) */
+  size_t arena_max_mb; /* total cap; 0 = same as arena_mb (fixed arena) */
+  int no_record;       /* start with recording off */
+  int nan_guard;       /* check every op's output for NaN/Inf */
+} ad_tape_opts;
+
+/* Makes a tape. opts may be NULL (defaults). */
+ad_status ad_tape_new(ad_tape **out, const ad_tape_opts *opts);
+void ad_tape_free(ad_tape *t); /* accepts NULL */
+
+/* First error recorded on the tape, and its message ("" when ok). */
+ad_status ad_tape_status(const ad_tape *t);
+const char *ad_tape_errmsg(const ad_tape *t);
+void ad_tape_clear_error(ad_tape *t);
+
+/* Recording on/off; returns the previous setting. With recording off ops
+ * compute values only. */
+int ad_set_recording(ad_tape *t, int on);
+int ad_is_recording(const ad_tape *t);
+int ad_set_nan_guard(ad_tape *t, int on);
+
+/* Arena marks. Everything allocated or recorded after the mark is freed by
+ * ad_rewind; tensors made after the mark must not be used afterwards. */
+typedef struct {
+  size_t chunk, offset, n_nodes;
+  struct ad_node *last;
+} ad_marker;
+ad_marker ad_mark(ad_tape *t);
+void ad_rewind(ad_tape *t, ad_marker m);
+/* Frees every node and tensor on the tape (like rewinding to the start). */
+void ad_tape_reset(ad_tape *t);
+
+typedef struct {
+  size_t used;       /* bytes in use now */
+  size_t peak;       /* high-water mark since creation or ad_arena_reset_peak */
+  size_t capacity;   /* bytes reserved from the system */
+  size_t n_chunks;   /* chunks reserved */
+  size_t n_grows;    /* times the arena asked the system for memory */
+  size_t n_nodes;    /* nodes on the tape now */
+} ad_arena_stats;
+void ad_arena_stats_get(const ad_tape *t, ad_arena_stats *s);
+void ad_arena_reset_peak(ad_tape *t);
+
+/* Raw, 64-byte aligned scratch memory from the arena (freed by rewind).
+ * NULL + AD_ERR_ARENA on the tape when it does not fit. */
+void *ad_arena_alloc(ad_tape *t, size_t bytes);
+
+/* ------------------------------------------------------------------ arena tensors */
+
+/* Tensors made in the arena. None requires a gradient. */
+ad_tensor *ad_empty(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape);
+ad_tensor *ad_zeros(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape);
+ad_tensor *ad_full(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, double v);
+ad_tensor *ad_ones(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape);
+ad_tensor *ad_scalar(ad_tape *t, ad_dtype dt, double v);
+ad_tensor *ad_const(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape,
+                    const void *data);
+ad_tensor *ad_zeros_like(ad_tape *t, const ad_tensor *x);
+ad_tensor *ad_ones_like(ad_tape *t, const ad_tensor *x);
+ad_tensor *ad_randn(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, ad_rng *r);
+ad_tensor *ad_rand_uniform(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape,
+                           ad_rng *r, double lo, double hi);
+/* A copy of x's values in the arena with no history (stop-gradient). */
+ad_tensor *ad_detach(ad_tape *t, const ad_tensor *x);
+
+/* ------------------------------------------------------------------ ops */
+/* Every op returns NULL (and records an error on the tape) on bad input.
+ * Binary elementwise ops take same-shape operands or one operand of size 1
+ * (a scalar broadcast over the other). */
+
+ad_tensor *ad_add(ad_tape *t, ad_tensor *a, ad_tensor *b);
+ad_tensor *ad_sub(ad_tape *t, ad_tensor *a, ad_tensor *b);
+ad_tensor *ad_mul(ad_tape *t, ad_tensor *a, ad_tensor *b);
+ad_tensor *ad_div(ad_tape *t, ad_tensor *a, ad_tensor *b);
+ad_tensor *ad_neg(ad_tape *t, ad_tensor *x);
+ad_tensor *ad_scale(ad_tape *t, ad_tensor *x, double c);      /* c*x */
+ad_tensor *ad_add_scalar(ad_tape *t, ad_tensor *x, double c); /* x+c */
+ad_tensor *ad_pow_scalar(ad_tape *t, ad_tensor *x, double p); /* x^p */
+ad_tensor *ad_exp(ad_tape *t, ad_tensor *x);
+ad_tensor *ad_log(ad_tape *t, ad_tensor *x);
+ad_tensor *ad_sqrt(ad_tape *t, ad_tensor *x);
+ad_tensor *ad_tanh(ad_tape *t, ad_tensor *x);
+ad_tensor *ad_sigmoid(ad_tape *t, ad_tensor *x);
+ad_tensor *ad_relu(ad_tape *t, ad_tensor *x);
+/* g * (x > 0): relu's VJP as one fused op with its own rule. */
+ad_tensor *ad_relu_backward(ad_tape *t, ad_tensor *g, ad_tensor *x);
+ad_tensor *ad_softplus(ad_tape *t, ad_tensor *x);
+ad_tensor *ad_abs(ad_tape *t, ad_tensor *x);
+/* 1 where x > 0, -1 where x < 0, 0 at 0. No gradient flows through it. */
+ad_tensor *ad_sign(ad_tape *t, ad_tensor *x);
+
+/* Multiply-add with a scalar tensor or number: a + c*b (axpy), one pass. */
+ad_tensor *ad_axpy(ad_tape *t, ad_tensor *a, double c, ad_tensor *b);
+
+/* C = op(A) op(B), 2-D; op(X) = X^T when the flag is set. No copies: the
+ * transpose is passed to BLIS as strides. */
+ad_tensor *ad_matmul(ad_tape *t, ad_tensor *a, ad_tensor *b, int trans_a, int trans_b);
+ad_tensor *ad_transpose(ad_tape *t, ad_tensor *x); /* 2-D copy */
+/* A view with another shape and the same elements. */
+ad_tensor *ad_reshape(ad_tape *t, ad_tensor *x, int ndim, const int64_t *shape);
+/* x[N, M] + b[M] on every row. */
+ad_tensor *ad_add_rowvec(ad_tape *t, ad_tensor *x, ad_tensor *b);
+
+/* Reductions. Axis reductions drop the axis (keepdim = 0) or keep it as 1. */
+ad_tensor *ad_sum(ad_tape *t, ad_tensor *x);  /* scalar (ndim 0) */
+ad_tensor *ad_mean(ad_tape *t, ad_tensor *x);
+ad_tensor *ad_sum_axis(ad_tape *t, ad_tensor *x, int axis, int keepdim);
+ad_tensor *ad_mean_axis(ad_tape *t, ad_tensor *x, int axis, int keepdim);
+ad_tensor *ad_max_axis(ad_tape *t, ad_tensor *x, int axis, int keepdim);
+/* Repeats x n times along a new (keepdim = 0) or size-1 (keepdim = 1) axis:
+ * the adjoint of ad_sum_axis. */
+ad_tensor *ad_broadcast_axis(ad_tape *t, ad_tensor *x, int axis, int64_t n, int keepdim);
+/* Broadcast a size-1 tensor to the shape of `like`. */
+ad_tensor *ad_expand(ad_tape *t, ad_tensor *x, const ad_tensor *like);
+ad_tensor *ad_logsumexp(ad_tape *t, ad_tensor *x, int axis, int keepdim);
+ad_tensor *ad_softmax(ad_tape *t, ad_tensor *x, int axis);
+ad_tensor *ad_log_softmax(ad_tape *t, ad_tensor *x, int axis);
+
+/* Losses. labels: N integers in [0, C), copied into the arena. */
+ad_tensor *ad_nll(ad_tape *t, ad_tensor *logp, const int32_t *labels, int64_t n);
+ad_tensor *ad_cross_entropy(ad_tape *t, ad_tensor *logits, const int32_t *labels,
+                            int64_t n);
+ad_tensor *ad_mse(ad_tape *t, ad_tensor *a, ad_tensor *b); /* mean((a-b)^2) */
+ad_tensor *ad_dot(ad_tape *t, ad_tensor *a, ad_tensor *b); /* sum(a*b), scalar */
+
+/* mask (same shape, no gradient; nonzero = take a) ? a : b. */
+ad_tensor *ad_where(ad_tape *t, const ad_tensor *mask, ad_tensor *a, ad_tensor *b);
+ad_tensor *ad_concat(ad_tape *t, int n, ad_tensor *const *xs, int axis);
+ad_tensor *ad_slice(ad_tape *t, ad_tensor *x, int axis, int64_t start, int64_t len);
+/* Zeros of `full_len` along axis with x placed at `start`: slice's adjoint. */
+ad_tensor *ad_pad_axis(ad_tape *t, ad_tensor *x, int axis, int64_t start, int64_t full_len);
+
+/* ------------------------------------------------------------------ transforms */
+
+enum {
+  AD_GRAD_RECORD = 1u << 0, /* record the backward pass (create graph) */
+  AD_GRAD_STRICT = 1u << 1, /* AD_ERR_GRAD if an input does not reach the outputs */
+};
+
+/* Functional reverse mode: grads_out[i] = sum_j seeds[j]^T d outputs[j] / d inputs[i].
+ * seeds may be NULL (ones). An input the outputs do not depend on gets zeros
+ * (or AD_ERR_GRAD with AD_GRAD_STRICT). Gradients are arena tensors; with
+ * AD_GRAD_RECORD they carry history and can be differentiated again. */
+ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs,
+                  ad_tensor *const *seeds, int n_in, ad_tensor *const *inputs,
+                  ad_tensor **grads_out, unsigned flags);
+
+/* Accumulating reverse mode: adds d loss / d leaf into leaf->grad (a heap
+ * tensor made on first use) for every leaf with ad_requires_grad set that
+ * the loss depends on. seed may be NULL (1). */
+ad_status ad_backward(ad_tape *t, ad_tensor *loss, ad_tensor *seed);
+
+/* Hessian-vector product: hv[i] = sum_j d^2 f / dw_i dw_j v[j]. f scalar. */
+ad_status ad_hvp(ad_tape *t, ad_tensor *f, int n, ad_tensor *const *w,
+                 ad_tensor *const *v, ad_tensor **hv_out, unsigned flags);
+
+/* Mixed partial: out[k] = d/d lam_k ( sum_i grad_{w_i} f . v_i ). */
+ad_status ad_mixed_partial(ad_tape *t, ad_tensor *f, int n_w, ad_tensor *const *w,
+                           ad_tensor *const *v, int n_lam, ad_tensor *const *lam,
+                           ad_tensor **out, unsigned flags);
+
+/* Forward mode: tangents_out[j] = sum_i d outputs[j] / d inputs[i] . tangents[i].
+ * Computed on the recorded graph by the double-VJP construction (see
+ * autodiff/jvp.c for why). */
+ad_status ad_jvp(ad_tape *t, int n_in, ad_tensor *const *inputs,
+                 ad_tensor *const *tangents, int n_out, ad_tensor *const *outputs,
+                 ad_tensor **tangents_out, unsigned flags);
+
+/* ------------------------------------------------------------------ teaching view */
+
+/* Names a tensor for printing (the string must outlive the tape use). */
+void ad_set_name(ad_tensor *x, const char *name);
+/* Wengert list: one line per node, "v12 = matmul(v3, w1^T)  [128, 200] f32". */
+ad_status ad_tape_print(const ad_tape *t, FILE *f);
+/* Graphviz DOT of the recorded graph. */
+ad_status ad_tape_dot(const ad_tape *t, FILE *f);
+
+/* ------------------------------------------------------------------ BLAS */
+
+/* Name of the BLIS kernel set the GEMM calls use ("skx", "zen3", "haswell",
+ * "generic", ...) and why it was chosen. */
+const char *ad_blas_kernel(void);
+const char *ad_blas_reason(void);
+/* Threads used inside each GEMM (default 1, or HYPERTAPE_THREADS). */
+void ad_blas_set_threads(int n);
+int ad_blas_threads(void);
+
+/* Raw GEMM on row-major arrays through the chosen BLIS context:
+ * C = alpha op(A) op(B) + beta C, op(A) m x k, op(B) k x n, lda/ldb/ldc are
+ * row strides of the stored (untransposed) arrays. */
+void ad_gemm_f32(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                 const float *a, int64_t lda, const float *b, int64_t ldb, float beta,
+                 float *c, int64_t ldc);
+void ad_gemm_f64(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, double alpha,
+                 const double *a, int64_t lda, const double *b, int64_t ldb, double beta,
+                 double *c, int64_t ldc);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,5 @@
+/* ds.h — datasets: IDX and CSV readers, synthetic tasks, batch iterators. */
+#ifndef HYPERTAPE_DS_H
+#define HYPERTAPE_DS_H
+#include "autodiff/ad.h"
+#endif
