@@ -182,7 +182,7 @@ int ad_set_nan_guard(ad_tape *t, int on);
 /* Arena marks. Everything allocated or recorded after the mark is freed by
  * ad_rewind; tensors made after the mark must not be used afterwards. */
 typedef struct {
-  size_t chunk, offset, n_nodes;
+  size_t chunk, offset, used, n_nodes;
   struct ad_node *last;
 } ad_marker;
 ad_marker ad_mark(ad_tape *t);

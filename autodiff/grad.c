@@ -1,0 +1,276 @@
+/* grad.c — reverse mode over the recorded tape, and the transforms built on
+ * it: accumulate-into-leaf backward, Hessian-vector products, mixed partials
+ * and forward mode. */
+#include "ad_internal.h"
+
+#include <string.h>
+
+/* Stamps tell which tensors belong to the current ad_grad call. A counter
+ * per thread is enough: one call finishes before the next starts. */
+static _Thread_local unsigned gen_counter;
+
+static unsigned next_gen(void) {
+  if (++gen_counter == 0) gen_counter = 1;
+  return gen_counter;
+}
+
+/* Adds a gradient contribution into x's slot. The first one is taken as is
+ * (no copy); later ones are summed with the public add, so a recorded
+ * backward records its accumulations too. */
+static void accumulate(ad_tape *t, ad_tensor *x, ad_tensor *g) {
+  if (!g) return;
+  if (g->size != x->size) {
+    char sx[96], sg[96];
+    ad__fail(t, AD_ERR_SHAPE, "ad_grad: rule of %s returned gradient %s for input %s",
+             x->node ? x->node->op->name : "leaf", ad_shape_str(g, sg, sizeof sg),
+             ad_shape_str(x, sx, sizeof sx));
+    return;
+  }
+  if (!ad_same_shape(g, x)) g = ad_reshape(t, g, x->ndim, x->shape);
+  x->scratch = x->scratch ? ad_add(t, x->scratch, g) : g;
+}
+
+/* Forward sweep: stamp every node output that depends on a stamped tensor.
+ * Returns the number of stamped node outputs. */
+static size_t stamp_forward(ad_tape *t, unsigned gen, ad_node *stop) {
+  size_t k = 0;
+  for (ad_node *n = ad__first_node(t); n; n = n->next) {
+    for (int i = 0; i < n->n_in; i++) {
+      if (n->in[i]->gen == gen) {
+        n->out->gen = gen;
+        n->out->scratch = NULL;
+        k++;
+        break;
+      }
+    }
+    if (n == stop) break;
+  }
+  return k;
+}
+
+/* Backward sweep from `last` to the first node, applying each rule whose
+ * output is stamped and has a gradient. */
+static void sweep_backward(ad_tape *t, unsigned gen, ad_node *last) {
+  ad_tensor *gin_inline[AD_NODE_MAX_INLINE];
+  int need_inline[AD_NODE_MAX_INLINE];
+  for (ad_node *n = last; n; n = n->prev) {
+    ad_tensor *out = n->out;
+    if (out->gen != gen || !out->scratch) continue;
+    ad_tensor **gin = gin_inline;
+    int *need = need_inline;
+    if (n->n_in > AD_NODE_MAX_INLINE) {
+      gin = ad_arena_alloc(t, sizeof(*gin) * (size_t)n->n_in);
+      need = ad_arena_alloc(t, sizeof(*need) * (size_t)n->n_in);
+      if (!gin || !need) return;
+    }
+    int any = 0;
+    for (int i = 0; i < n->n_in; i++) {
+      gin[i] = NULL;
+      need[i] = n->in[i]->gen == gen;
+      any |= need[i];
+    }
+    if (!any) continue;
+    n->op->vjp(t, n, out->scratch, gin, need);
+    if (ad_tape_status(t) != AD_OK) return;
+    for (int i = 0; i < n->n_in; i++)
+      if (need[i] && gin[i]) accumulate(t, n->in[i], gin[i]);
+    /* The slot is no longer needed: a recorded backward that is swept
+     * again later starts clean. */
+    out->scratch = NULL;
+  }
+}
+
+/* Common part of ad_grad and ad_backward. */
+static ad_status run_backward(ad_tape *t, int n_out, ad_tensor *const *outputs,
+                              ad_tensor *const *seeds, unsigned gen, int record) {
+  ad_node *last = ad__last_node(t);
+  int prev = ad_set_recording(t, record);
+  for (int j = 0; j < n_out; j++) {
+    ad_tensor *y = outputs[j];
+    if (y->gen != gen) continue; /* does not depend on the inputs */
+    ad_tensor *s = seeds && seeds[j] ? seeds[j] : ad_ones_like(t, y);
+    if (!s) break;
+    if (s->size != y->size || s->dtype != y->dtype) {
+      char sy[96], ss[96];
+      ad__fail(t, AD_ERR_SHAPE, "ad_grad: seed %d is %s but output is %s", j,
+               ad_shape_str(s, ss, sizeof ss), ad_shape_str(y, sy, sizeof sy));
+      break;
+    }
+    accumulate(t, y, s);
+  }
+  if (ad_tape_status(t) == AD_OK) sweep_backward(t, gen, last);
+  ad_set_recording(t, prev);
+  return ad_tape_status(t);
+}
+
+ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *const *seeds,
+                  int n_in, ad_tensor *const *inputs, ad_tensor **grads_out, unsigned flags) {
+  if (!t) return ad__set_last(AD_ERR_NULL, "ad_grad: tape is NULL");
+  if (ad_tape_status(t) != AD_OK) return ad_tape_status(t);
+  if (n_out <= 0 || n_in <= 0 || !outputs || !inputs || !grads_out) {
+    ad__fail(t, n_out <= 0 || n_in <= 0 ? AD_ERR_ARG : AD_ERR_NULL,
+             "ad_grad: need outputs (%d), inputs (%d) and grads_out", n_out, n_in);
+    return ad_tape_status(t);
+  }
+  for (int i = 0; i < n_in; i++) grads_out[i] = NULL;
+  for (int j = 0; j < n_out; j++)
+    if (!outputs[j]) {
+      ad__fail(t, AD_ERR_NULL, "ad_grad: output %d is NULL", j);
+      return ad_tape_status(t);
+    }
+  for (int i = 0; i < n_in; i++)
+    if (!inputs[i]) {
+      ad__fail(t, AD_ERR_NULL, "ad_grad: input %d is NULL", i);
+      return ad_tape_status(t);
+    }
+  unsigned gen = next_gen();
+  for (int i = 0; i < n_in; i++) {
+    inputs[i]->gen = gen;
+    inputs[i]->scratch = NULL;
+  }
+  stamp_forward(t, gen, NULL);
+  if (run_backward(t, n_out, outputs, seeds, gen, (flags & AD_GRAD_RECORD) != 0) != AD_OK)
+    return ad_tape_status(t);
+  for (int i = 0; i < n_in; i++) {
+    ad_tensor *x = inputs[i];
+    ad_tensor *g = x->scratch;
+    if (!g) {
+      if (flags & AD_GRAD_STRICT) {
+        char s[96];
+        ad__fail(t, AD_ERR_GRAD, "ad_grad: input %d (%s%s) does not reach the outputs", i,
+                 x->name ? x->name : "", ad_shape_str(x, s, sizeof s));
+        return ad_tape_status(t);
+      }
+      g = ad_zeros_like(t, x);
+    }
+    grads_out[i] = g;
+  }
+  for (int i = 0; i < n_in; i++) {
+    inputs[i]->scratch = NULL;
+    inputs[i]->gen = 0;
+  }
+  return ad_tape_status(t);
+}
+
+ad_status ad_backward(ad_tape *t, ad_tensor *loss, ad_tensor *seed) {
+  if (!t) return ad__set_last(AD_ERR_NULL, "ad_backward: tape is NULL");
+  if (!loss) {
+    ad__fail(t, AD_ERR_NULL, "ad_backward: loss is NULL");
+    return ad_tape_status(t);
+  }
+  if (ad_tape_status(t) != AD_OK) return ad_tape_status(t);
+  unsigned gen = next_gen();
+  /* Stamp every leaf that needs a gradient and feeds a node. */
+  for (ad_node *n = ad__first_node(t); n; n = n->next)
+    for (int i = 0; i < n->n_in; i++) {
+      ad_tensor *x = n->in[i];
+      if (!x->node && (x->flags & AD_FLAG_REQ) && x->gen != gen) {
+        x->gen = gen;
+        x->scratch = NULL;
+      }
+    }
+  stamp_forward(t, gen, NULL);
+  ad_tensor *seeds[1] = {seed};
+  if (run_backward(t, 1, &loss, seeds, gen, 0) != AD_OK) return ad_tape_status(t);
+  /* Move leaf gradients into their heap ->grad. */
+  for (ad_node *n = ad__first_node(t); n; n = n->next)
+    for (int i = 0; i < n->n_in; i++) {
+      ad_tensor *x = n->in[i];
+      if (x->node || x->gen != gen) continue;
+      x->gen = 0;
+      ad_tensor *g = x->scratch;
+      x->scratch = NULL;
+      if (!g) continue;
+      if (!x->grad) {
+        if (ad_tensor_new(&x->grad, x->dtype, x->ndim, x->shape) != AD_OK) {
+          ad__fail(t, AD_ERR_NOMEM, "ad_backward: cannot allocate a leaf gradient");
+          return ad_tape_status(t);
+        }
+      }
+      if (x->dtype == AD_F32) {
+        float *d = AD_F(x->grad);
+        const float *s = AD_F(g);
+        for (int64_t k = 0; k < x->size; k++) d[k] += s[k];
+      } else {
+        double *d = AD_D(x->grad);
+        const double *s = AD_D(g);
+        for (int64_t k = 0; k < x->size; k++) d[k] += s[k];
+      }
+    }
+  return ad_tape_status(t);
+}
+
+/* s = sum_i g_i . v_i as one recorded scalar. */
+static ad_tensor *sum_of_dots(ad_tape *t, int n, ad_tensor *const *g, ad_tensor *const *v) {
+  ad_tensor *s = NULL;
+  for (int i = 0; i < n; i++) {
+    if (!v[i]) return ad__fail(t, AD_ERR_NULL, "vector %d is NULL", i);
+    if (v[i]->size != g[i]->size) {
+      char a[96], b[96];
+      return ad__fail(t, AD_ERR_SHAPE, "vector %d is %s but its partner is %s", i,
+                      ad_shape_str(v[i], a, sizeof a), ad_shape_str(g[i], b, sizeof b));
+    }
+    ad_tensor *vi = ad_same_shape(v[i], g[i]) ? v[i] : ad_reshape(t, v[i], g[i]->ndim, g[i]->shape);
+    ad_tensor *d = ad_dot(t, g[i], vi);
+    s = s ? ad_add(t, s, d) : d;
+  }
+  return s;
+}
+
+ad_status ad_mixed_partial(ad_tape *t, ad_tensor *f, int n_w, ad_tensor *const *w,
+                           ad_tensor *const *v, int n_lam, ad_tensor *const *lam, ad_tensor **out,
+                           unsigned flags) {
+  if (!t) return ad__set_last(AD_ERR_NULL, "ad_mixed_partial: tape is NULL");
+  if (!w || !v || !lam || !out || n_w <= 0 || n_lam <= 0) {
+    ad__fail(t, AD_ERR_NULL, "ad_mixed_partial: missing w, v, lam or out");
+    return ad_tape_status(t);
+  }
+  ad_tensor **g = ad_arena_alloc(t, sizeof(*g) * (size_t)n_w);
+  if (!g) return ad_tape_status(t);
+  /* First pass recorded, so the gradient keeps its dependence on w and lam. */
+  if (ad_grad(t, 1, &f, NULL, n_w, w, g, AD_GRAD_RECORD) != AD_OK) return ad_tape_status(t);
+  ad_tensor *s = sum_of_dots(t, n_w, g, v);
+  if (!s) return ad_tape_status(t);
+  return ad_grad(t, 1, &s, NULL, n_lam, lam, out, flags & ~(unsigned)AD_GRAD_STRICT);
+}
+
+ad_status ad_hvp(ad_tape *t, ad_tensor *f, int n, ad_tensor *const *w, ad_tensor *const *v,
+                 ad_tensor **hv_out, unsigned flags) {
+  /* H v = d/dw (grad_w f . v): the mixed partial with lam = w. */
+  return ad_mixed_partial(t, f, n, w, v, n, w, hv_out, flags);
+}
+
+/* Forward mode by the double-VJP construction: with u a dummy cotangent,
+ * r(u) = J^T u is linear in u, and  J v = d/du <J^T u, v>.  Two reverse
+ * sweeps cost about what one native forward sweep plus one reverse would;
+ * in exchange every op's forward derivative is exact by construction — no
+ * second rule per op that could drift from its VJP — and the recorded graph
+ * of J v can itself be differentiated again. */
+ad_status ad_jvp(ad_tape *t, int n_in, ad_tensor *const *inputs, ad_tensor *const *tangents,
+                 int n_out, ad_tensor *const *outputs, ad_tensor **tangents_out, unsigned flags) {
+  if (!t) return ad__set_last(AD_ERR_NULL, "ad_jvp: tape is NULL");
+  if (!inputs || !tangents || !outputs || !tangents_out || n_in <= 0 || n_out <= 0) {
+    ad__fail(t, AD_ERR_NULL, "ad_jvp: missing inputs, tangents, outputs or tangents_out");
+    return ad_tape_status(t);
+  }
+  for (int j = 0; j < n_out; j++) tangents_out[j] = NULL;
+  for (int j = 0; j < n_out; j++)
+    if (!outputs[j]) {
+      ad__fail(t, AD_ERR_NULL, "ad_jvp: output %d is NULL", j);
+      return ad_tape_status(t);
+    }
+  ad_tensor **u = ad_arena_alloc(t, sizeof(*u) * (size_t)n_out);
+  ad_tensor **r = ad_arena_alloc(t, sizeof(*r) * (size_t)n_in);
+  if (!u || !r) return ad_tape_status(t);
+  for (int j = 0; j < n_out; j++) {
+    u[j] = ad_zeros_like(t, outputs[j]);
+    if (!u[j]) return ad_tape_status(t);
+    ad__make_leaf(u[j]);
+  }
+  int prev = ad_set_recording(t, 1);
+  ad_grad(t, n_out, outputs, u, n_in, inputs, r, AD_GRAD_RECORD);
+  ad_tensor *s = ad_tape_status(t) == AD_OK ? sum_of_dots(t, n_in, r, tangents) : NULL;
+  ad_set_recording(t, prev);
+  if (!s) return ad_tape_status(t);
+  return ad_grad(t, 1, &s, NULL, n_out, u, tangents_out, flags & ~(unsigned)AD_GRAD_STRICT);
+}

@@ -1,0 +1,66 @@
+/* ops_loss.c — negative log-likelihood with integer labels, cross-entropy,
+ * mean squared error. */
+#include "ad_internal.h"
+
+#include <string.h>
+
+/* nll = -(1/N) sum_i logp[i, y_i]:  d logp = -(g/N) onehot(y). The onehot is
+ * a constant kept on the node, so the rule is one mul (linear in g). */
+static void vjp_nll(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin, const int *need) {
+  if (!need[0]) return;
+  ad_tensor *onehot = n->a.extra;
+  gin[0] = ad_mul(t, onehot, ad_scale(t, g, -1.0 / (double)n->in[0]->shape[0]));
+}
+static const ad_op_def OP_NLL = {"nll", vjp_nll, NULL};
+
+ad_tensor *ad_nll(ad_tape *t, ad_tensor *logp, const int32_t *labels, int64_t n) {
+  if (!ad__check(t, "ad_nll", 1, &logp)) return NULL;
+  if (!labels) return ad__fail(t, AD_ERR_NULL, "ad_nll: labels is NULL");
+  if (logp->ndim != 2 || logp->shape[0] != n) {
+    char s[96];
+    return ad__fail(t, AD_ERR_SHAPE, "ad_nll: log-probabilities %s do not fit %lld labels",
+                    ad_shape_str(logp, s, sizeof s), (long long)n);
+  }
+  int64_t c = logp->shape[1];
+  for (int64_t i = 0; i < n; i++)
+    if (labels[i] < 0 || labels[i] >= c)
+      return ad__fail(t, AD_ERR_ARG, "ad_nll: label %lld is %d, outside [0, %lld)", (long long)i,
+                      labels[i], (long long)c);
+  ad_tensor *out = ad__alloc(t, logp->dtype, 0, NULL, 0);
+  if (!out) return NULL;
+  double s = 0;
+  for (int64_t i = 0; i < n; i++) s -= ad_get(logp, i * c + labels[i]);
+  ad_set(out, 0, s / (double)n);
+  int rec = ad__recording(t) && ad_needs_grad(logp);
+  if (rec) {
+    ad_tensor *onehot = ad_zeros_like(t, logp);
+    if (!onehot) return NULL;
+    for (int64_t i = 0; i < n; i++) ad_set(onehot, i * c + labels[i], 1.0);
+    ad_node *nd = ad__record(t, &OP_NLL, out, 1, &logp);
+    if (nd) nd->a.extra = onehot;
+  }
+  return ad__done(t, out, "nll");
+}
+
+ad_tensor *ad_cross_entropy(ad_tape *t, ad_tensor *logits, const int32_t *labels, int64_t n) {
+  if (!ad__check(t, "ad_cross_entropy", 1, &logits)) return NULL;
+  if (logits->ndim != 2) {
+    char s[96];
+    return ad__fail(t, AD_ERR_SHAPE, "ad_cross_entropy: logits must be [N, C], got %s",
+                    ad_shape_str(logits, s, sizeof s));
+  }
+  return ad_nll(t, ad_log_softmax(t, logits, 1), labels, n);
+}
+
+ad_tensor *ad_mse(ad_tape *t, ad_tensor *a, ad_tensor *b) {
+  ad_tensor *in[2] = {a, b};
+  if (!ad__check(t, "ad_mse", 2, in)) return NULL;
+  if (a->size != b->size) {
+    char sa[96], sb[96];
+    return ad__fail(t, AD_ERR_SHAPE, "ad_mse: %s and %s differ in size",
+                    ad_shape_str(a, sa, sizeof sa), ad_shape_str(b, sb, sizeof sb));
+  }
+  if (!ad_same_shape(a, b)) b = ad_reshape(t, b, a->ndim, a->shape);
+  ad_tensor *d = ad_sub(t, a, b);
+  return ad_mean(t, ad_mul(t, d, d));
+}

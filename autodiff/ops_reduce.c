@@ -1,0 +1,289 @@
+/* ops_reduce.c — sums, means, max, logsumexp, softmax, log_softmax, dot.
+ * Axis kernels see a tensor as [outer, n, inner] around the axis. */
+#include "ad_internal.h"
+
+#include <math.h>
+#include <string.h>
+
+/* Kernels written once per element type. */
+#define DEF_KERNELS(T, S)                                                                          \
+  static void sum_axis_##S(const T *x, T *y, int64_t outer, int64_t n, int64_t inner) {            \
+    for (int64_t o = 0; o < outer; o++) {                                                          \
+      T *yo = y + o * inner;                                                                       \
+      memset(yo, 0, sizeof(T) * (size_t)inner);                                                    \
+      for (int64_t k = 0; k < n; k++) {                                                            \
+        const T *xk = x + (o * n + k) * inner;                                                     \
+        for (int64_t i = 0; i < inner; i++) yo[i] += xk[i];                                        \
+      }                                                                                            \
+    }                                                                                              \
+  }                                                                                                \
+  /* max along the axis; onehot (if not NULL) marks the first maximum */                           \
+  static void max_axis_##S(const T *x, T *y, T *onehot, int64_t outer, int64_t n, int64_t inner) { \
+    for (int64_t o = 0; o < outer; o++)                                                            \
+      for (int64_t i = 0; i < inner; i++) {                                                        \
+        int64_t best = 0;                                                                          \
+        T m = x[o * n * inner + i];                                                                \
+        for (int64_t k = 1; k < n; k++) {                                                          \
+          T v = x[(o * n + k) * inner + i];                                                        \
+          if (v > m || m != m) m = v, best = k;                                                    \
+        }                                                                                          \
+        y[o * inner + i] = m;                                                                      \
+        if (onehot)                                                                                \
+          for (int64_t k = 0; k < n; k++) onehot[(o * n + k) * inner + i] = (T)(k == best);        \
+      }                                                                                            \
+  }                                                                                                \
+  /* y = log sum exp x along the axis, shifted by the max for stability;                           \
+   * if sm is not NULL it receives softmax = exp(x - lse), lsm log_softmax. */                     \
+  static void lse_axis_##S(const T *x, T *y, T *sm, T *lsm, int64_t outer, int64_t n,              \
+                           int64_t inner) {                                                        \
+    for (int64_t o = 0; o < outer; o++)                                                            \
+      for (int64_t i = 0; i < inner; i++) {                                                        \
+        const T *xo = x + o * n * inner + i;                                                       \
+        T m = xo[0];                                                                               \
+        for (int64_t k = 1; k < n; k++) m = xo[k * inner] > m ? xo[k * inner] : m;                 \
+        if (!isfinite(m)) m = 0;                                                                   \
+        double s = 0;                                                                              \
+        for (int64_t k = 0; k < n; k++) s += exp((double)(xo[k * inner] - m));                     \
+        double l = (double)m + log(s);                                                             \
+        if (y) y[o * inner + i] = (T)l;                                                            \
+        for (int64_t k = 0; k < n; k++) {                                                          \
+          int64_t j = (o * n + k) * inner + i;                                                     \
+          if (sm) sm[j] = (T)exp((double)x[j] - l);                                                \
+          if (lsm) lsm[j] = (T)((double)x[j] - l);                                                 \
+        }                                                                                          \
+      }                                                                                            \
+  }
+
+DEF_KERNELS(float, f32)
+DEF_KERNELS(double, f64)
+
+static void attr_axis(const ad_node *n, char *buf, size_t len) {
+  snprintf(buf, len, "axis=%d%s", n->a.axis, n->a.keepdim ? " keepdim" : "");
+}
+
+/* Output shape of a reduction along axis. */
+static int reduced_shape(const ad_tensor *x, int axis, int keepdim, int64_t *shape) {
+  int nd = 0;
+  for (int i = 0; i < x->ndim; i++) {
+    if (i == axis) {
+      if (keepdim) shape[nd++] = 1;
+    } else {
+      shape[nd++] = x->shape[i];
+    }
+  }
+  return nd;
+}
+
+/* ---------------------------------------------------------------- sum, mean */
+/* d sum(x) = g everywhere */
+static void vjp_sum(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin, const int *need) {
+  if (need[0]) gin[0] = ad_expand(t, g, n->in[0]);
+}
+static const ad_op_def OP_SUM = {"sum", vjp_sum, NULL};
+
+ad_tensor *ad_sum(ad_tape *t, ad_tensor *x) {
+  if (!ad__check(t, "ad_sum", 1, &x)) return NULL;
+  ad_tensor *out = ad__alloc(t, x->dtype, 0, NULL, 0);
+  if (!out) return NULL;
+  /* Accumulate in double even for f32: a long sum loses digits otherwise. */
+  double s = 0;
+  if (x->dtype == AD_F32) {
+    const float *X = AD_F(x);
+    float part[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= x->size; i += 8)
+      for (int k = 0; k < 8; k++) part[k] += X[i + k];
+    for (int k = 0; k < 8; k++) s += part[k];
+    for (; i < x->size; i++) s += X[i];
+  } else {
+    const double *X = AD_D(x);
+    for (int64_t i = 0; i < x->size; i++) s += X[i];
+  }
+  ad_set(out, 0, s);
+  ad__record(t, &OP_SUM, out, 1, &x);
+  return ad__done(t, out, "sum");
+}
+
+ad_tensor *ad_mean(ad_tape *t, ad_tensor *x) {
+  if (!ad__check(t, "ad_mean", 1, &x)) return NULL;
+  return ad_scale(t, ad_sum(t, x), 1.0 / (double)x->size);
+}
+
+/* d sum_axis(x) = g repeated along the axis */
+static void vjp_sum_axis(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
+                         const int *need) {
+  if (need[0])
+    gin[0] = ad_broadcast_axis(t, g, n->a.axis, n->in[0]->shape[n->a.axis], n->a.keepdim);
+}
+static const ad_op_def OP_SUM_AXIS = {"sum_axis", vjp_sum_axis, attr_axis};
+
+ad_tensor *ad_sum_axis(ad_tape *t, ad_tensor *x, int axis, int keepdim) {
+  if (!ad__check(t, "ad_sum_axis", 1, &x) || !ad__axis(t, "ad_sum_axis", x, axis)) return NULL;
+  int64_t shape[AD_MAX_DIMS];
+  int nd = reduced_shape(x, axis, keepdim, shape);
+  ad_tensor *out = ad__alloc(t, x->dtype, nd, shape, 0);
+  if (!out) return NULL;
+  int64_t outer, n, inner;
+  ad__split(x, axis, &outer, &n, &inner);
+  if (x->dtype == AD_F32)
+    sum_axis_f32(AD_F(x), AD_F(out), outer, n, inner);
+  else
+    sum_axis_f64(AD_D(x), AD_D(out), outer, n, inner);
+  ad_node *nd_ = ad__record(t, &OP_SUM_AXIS, out, 1, &x);
+  if (nd_) {
+    nd_->a.axis = axis;
+    nd_->a.keepdim = keepdim;
+  }
+  return ad__done(t, out, "sum_axis");
+}
+
+ad_tensor *ad_mean_axis(ad_tape *t, ad_tensor *x, int axis, int keepdim) {
+  if (!ad__check(t, "ad_mean_axis", 1, &x) || !ad__axis(t, "ad_mean_axis", x, axis)) return NULL;
+  return ad_scale(t, ad_sum_axis(t, x, axis, keepdim), 1.0 / (double)x->shape[axis]);
+}
+
+/* ---------------------------------------------------------------- max */
+/* d max_axis(x) = g routed to the (first) maximum: g_b * onehot(argmax).
+ * The onehot is a constant: max is piecewise linear. */
+static void vjp_max_axis(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
+                         const int *need) {
+  if (!need[0]) return;
+  ad_tensor *gb = ad_broadcast_axis(t, g, n->a.axis, n->in[0]->shape[n->a.axis], n->a.keepdim);
+  gin[0] = ad_mul(t, gb, (ad_tensor *)n->a.extra);
+}
+static const ad_op_def OP_MAX_AXIS = {"max_axis", vjp_max_axis, attr_axis};
+
+ad_tensor *ad_max_axis(ad_tape *t, ad_tensor *x, int axis, int keepdim) {
+  if (!ad__check(t, "ad_max_axis", 1, &x) || !ad__axis(t, "ad_max_axis", x, axis)) return NULL;
+  int64_t shape[AD_MAX_DIMS];
+  int nd = reduced_shape(x, axis, keepdim, shape);
+  ad_tensor *out = ad__alloc(t, x->dtype, nd, shape, 0);
+  if (!out) return NULL;
+  int rec = ad__recording(t) && ad_needs_grad(x);
+  ad_tensor *onehot = rec ? ad__like(t, x) : NULL;
+  if (rec && !onehot) return NULL;
+  int64_t outer, n, inner;
+  ad__split(x, axis, &outer, &n, &inner);
+  if (x->dtype == AD_F32)
+    max_axis_f32(AD_F(x), AD_F(out), onehot ? AD_F(onehot) : NULL, outer, n, inner);
+  else
+    max_axis_f64(AD_D(x), AD_D(out), onehot ? AD_D(onehot) : NULL, outer, n, inner);
+  ad_node *nd_ = ad__record(t, &OP_MAX_AXIS, out, 1, &x);
+  if (nd_) {
+    nd_->a.axis = axis;
+    nd_->a.keepdim = keepdim;
+    nd_->a.extra = onehot;
+  }
+  return ad__done(t, out, "max_axis");
+}
+
+/* ---------------------------------------------------------------- logsumexp, softmax */
+/* d lse(x) = softmax(x) g_b */
+static void vjp_lse(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin, const int *need) {
+  if (!need[0]) return;
+  int ax = n->a.axis;
+  ad_tensor *gb = ad_broadcast_axis(t, g, ax, n->in[0]->shape[ax], n->a.keepdim);
+  gin[0] = ad_mul(t, gb, ad_softmax(t, n->in[0], ax));
+}
+static const ad_op_def OP_LSE = {"logsumexp", vjp_lse, attr_axis};
+
+ad_tensor *ad_logsumexp(ad_tape *t, ad_tensor *x, int axis, int keepdim) {
+  if (!ad__check(t, "ad_logsumexp", 1, &x) || !ad__axis(t, "ad_logsumexp", x, axis)) return NULL;
+  int64_t shape[AD_MAX_DIMS];
+  int nd = reduced_shape(x, axis, keepdim, shape);
+  ad_tensor *out = ad__alloc(t, x->dtype, nd, shape, 0);
+  if (!out) return NULL;
+  int64_t outer, n, inner;
+  ad__split(x, axis, &outer, &n, &inner);
+  if (x->dtype == AD_F32)
+    lse_axis_f32(AD_F(x), AD_F(out), NULL, NULL, outer, n, inner);
+  else
+    lse_axis_f64(AD_D(x), AD_D(out), NULL, NULL, outer, n, inner);
+  ad_node *nd_ = ad__record(t, &OP_LSE, out, 1, &x);
+  if (nd_) {
+    nd_->a.axis = axis;
+    nd_->a.keepdim = keepdim;
+  }
+  return ad__done(t, out, "logsumexp");
+}
+
+/* d softmax: dx = y (g - sum(g y) along the axis) */
+static void vjp_softmax(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
+                        const int *need) {
+  if (!need[0]) return;
+  int ax = n->a.axis;
+  ad_tensor *y = n->out;
+  ad_tensor *s = ad_sum_axis(t, ad_mul(t, g, y), ax, 1);
+  gin[0] = ad_mul(t, y, ad_sub(t, g, ad_broadcast_axis(t, s, ax, y->shape[ax], 1)));
+}
+static const ad_op_def OP_SOFTMAX = {"softmax", vjp_softmax, attr_axis};
+
+/* d log_softmax: dx = g - softmax(x) sum(g) along the axis; softmax = exp(y). */
+static void vjp_log_softmax(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
+                            const int *need) {
+  if (!need[0]) return;
+  int ax = n->a.axis;
+  ad_tensor *y = n->out;
+  ad_tensor *s = ad_broadcast_axis(t, ad_sum_axis(t, g, ax, 1), ax, y->shape[ax], 1);
+  gin[0] = ad_sub(t, g, ad_mul(t, ad_exp(t, y), s));
+}
+static const ad_op_def OP_LOG_SOFTMAX = {"log_softmax", vjp_log_softmax, attr_axis};
+
+static ad_tensor *softmax_like(ad_tape *t, ad_tensor *x, int axis, int logv, const char *name,
+                               const ad_op_def *op) {
+  if (!ad__check(t, name, 1, &x) || !ad__axis(t, name, x, axis)) return NULL;
+  ad_tensor *out = ad__like(t, x);
+  if (!out) return NULL;
+  int64_t outer, n, inner;
+  ad__split(x, axis, &outer, &n, &inner);
+  if (x->dtype == AD_F32)
+    lse_axis_f32(AD_F(x), NULL, logv ? NULL : AD_F(out), logv ? AD_F(out) : NULL, outer, n, inner);
+  else
+    lse_axis_f64(AD_D(x), NULL, logv ? NULL : AD_D(out), logv ? AD_D(out) : NULL, outer, n, inner);
+  ad_node *nd = ad__record(t, op, out, 1, &x);
+  if (nd) nd->a.axis = axis;
+  return ad__done(t, out, name);
+}
+
+ad_tensor *ad_softmax(ad_tape *t, ad_tensor *x, int axis) {
+  return softmax_like(t, x, axis, 0, "ad_softmax", &OP_SOFTMAX);
+}
+ad_tensor *ad_log_softmax(ad_tape *t, ad_tensor *x, int axis) {
+  return softmax_like(t, x, axis, 1, "ad_log_softmax", &OP_LOG_SOFTMAX);
+}
+
+/* ---------------------------------------------------------------- dot */
+/* d <a, b> = g b da + g a db */
+static void vjp_dot(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin, const int *need) {
+  if (need[0]) gin[0] = ad_mul(t, n->in[1], g);
+  if (need[1]) gin[1] = ad_mul(t, n->in[0], g);
+}
+static const ad_op_def OP_DOT = {"dot", vjp_dot, NULL};
+
+ad_tensor *ad_dot(ad_tape *t, ad_tensor *a, ad_tensor *b) {
+  ad_tensor *in[2] = {a, b};
+  if (!ad__check(t, "ad_dot", 2, in)) return NULL;
+  if (a->size != b->size) {
+    char sa[96], sb[96];
+    return ad__fail(t, AD_ERR_SHAPE, "ad_dot: %s and %s differ in size",
+                    ad_shape_str(a, sa, sizeof sa), ad_shape_str(b, sb, sizeof sb));
+  }
+  ad_tensor *out = ad__alloc(t, a->dtype, 0, NULL, 0);
+  if (!out) return NULL;
+  double s = 0;
+  if (a->dtype == AD_F32) {
+    const float *A = AD_F(a), *B = AD_F(b);
+    float part[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= a->size; i += 8)
+      for (int k = 0; k < 8; k++) part[k] += A[i + k] * B[i + k];
+    for (int k = 0; k < 8; k++) s += part[k];
+    for (; i < a->size; i++) s += (double)A[i] * B[i];
+  } else {
+    const double *A = AD_D(a), *B = AD_D(b);
+    for (int64_t i = 0; i < a->size; i++) s += A[i] * B[i];
+  }
+  ad_set(out, 0, s);
+  ad__record(t, &OP_DOT, out, 2, in);
+  return ad__done(t, out, "dot");
+}

@@ -1,0 +1,321 @@
+/* test_ops.c — every core op: gradient, Hessian-vector product and JVP
+ * against central finite differences in f64 (tolerance 1e-6, relative to
+ * 1 + |numeric|). */
+#include "gradcheck.h"
+
+#include <check.h>
+#include <math.h>
+#include <stdlib.h>
+
+#define S(...) ((const int64_t[]){__VA_ARGS__})
+
+static const int32_t LABELS[6] = {2, 0, 3, 1, 3, 0};
+
+/* Each case: a name, the function, and how to make its inputs. */
+typedef struct {
+  const char *name;
+  gc_fn f;
+  int n;
+  int ndim[3];
+  int64_t shape[3][4];
+  double offset[3], margin[3];
+  int no_hvp;
+} op_case;
+
+#define IN(x) ((void)ctx, (x))
+static ad_tensor *f_add(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_add(t, x[0], x[1]));
+}
+static ad_tensor *f_add_bcast(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mul(t, ad_add(t, x[0], x[1]), x[0]));
+}
+static ad_tensor *f_sub(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mul(t, ad_sub(t, x[0], x[1]), x[1]));
+}
+static ad_tensor *f_mul(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mul(t, x[0], x[1]));
+}
+static ad_tensor *f_mul_bcast(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mul(t, x[1], ad_mul(t, x[0], x[1])));
+}
+static ad_tensor *f_div(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_div(t, x[0], x[1]));
+}
+static ad_tensor *f_div_bcast(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_div(t, x[1], x[0]));
+}
+static ad_tensor *f_neg(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mul(t, ad_neg(t, x[0]), x[0]));
+}
+static ad_tensor *f_scale(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mul(t, ad_scale(t, x[0], -2.5), x[0]));
+}
+static ad_tensor *f_add_scalar(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mul(t, ad_add_scalar(t, x[0], 0.7), x[0]));
+}
+static ad_tensor *f_axpy(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mul(t, ad_axpy(t, x[0], -0.3, x[1]), x[1]));
+}
+static ad_tensor *f_pow(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_pow_scalar(t, x[0], 2.7));
+}
+static ad_tensor *f_pow2(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_pow_scalar(t, x[0], 2.0));
+}
+static ad_tensor *f_exp(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_exp(t, x[0]));
+}
+static ad_tensor *f_log(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_log(t, x[0]));
+}
+static ad_tensor *f_sqrt(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_sqrt(t, x[0]));
+}
+static ad_tensor *f_tanh(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, x[0]));
+}
+static ad_tensor *f_sigmoid(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_sigmoid(t, x[0]));
+}
+static ad_tensor *f_softplus(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_softplus(t, x[0]));
+}
+/* relu is piecewise linear: multiply by x so its second order is not zero. */
+static ad_tensor *f_relu(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mul(t, ad_relu(t, x[0]), x[0]));
+}
+static ad_tensor *f_relu_bw(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mul(t, ad_relu_backward(t, x[0], x[1]), x[0]));
+}
+static ad_tensor *f_abs(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mul(t, ad_abs(t, x[0]), x[0]));
+}
+static ad_tensor *f_matmul00(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, ad_matmul(t, x[0], x[1], 0, 0)));
+}
+static ad_tensor *f_matmul10(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, ad_matmul(t, x[0], x[1], 1, 0)));
+}
+static ad_tensor *f_matmul01(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, ad_matmul(t, x[0], x[1], 0, 1)));
+}
+static ad_tensor *f_matmul11(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, ad_matmul(t, x[0], x[1], 1, 1)));
+}
+static ad_tensor *f_transpose(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mul(t, ad_transpose(t, x[0]), x[1]));
+}
+static ad_tensor *f_reshape(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mul(t, ad_reshape(t, x[0], 2, S(4, 3)), x[1]));
+}
+static ad_tensor *f_rowvec(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, ad_add_rowvec(t, x[0], x[1])));
+}
+static ad_tensor *f_sum(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  ad_tensor *s = ad_sum(t, x[0]);
+  return IN(ad_mul(t, s, s));
+}
+static ad_tensor *f_mean(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mul(t, x[0], ad_mean(t, x[0])));
+}
+static ad_tensor *f_sum_axis0(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, ad_sum_axis(t, x[0], 0, 0)));
+}
+static ad_tensor *f_sum_axis1k(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, ad_sum_axis(t, x[0], 1, 1)));
+}
+static ad_tensor *f_mean_axis(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, ad_mean_axis(t, x[0], 1, 0)));
+}
+static ad_tensor *f_max_axis(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, ad_max_axis(t, x[0], 1, 0)));
+}
+static ad_tensor *f_max_axis0k(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, ad_max_axis(t, x[0], 0, 1)));
+}
+static ad_tensor *f_bcast_axis(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, ad_broadcast_axis(t, x[0], 1, 3, 0)));
+}
+static ad_tensor *f_expand(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mul(t, ad_expand(t, x[0], x[1]), x[1]));
+}
+static ad_tensor *f_lse(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_logsumexp(t, x[0], 1, 0));
+}
+static ad_tensor *f_lse0(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_logsumexp(t, x[0], 0, 1));
+}
+static ad_tensor *f_softmax(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_softmax(t, x[0], 1));
+}
+static ad_tensor *f_softmax0(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_softmax(t, x[0], 0));
+}
+static ad_tensor *f_log_softmax(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_log_softmax(t, x[0], 1));
+}
+static ad_tensor *f_nll(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_nll(t, ad_log_softmax(t, x[0], 1), LABELS, 6));
+}
+static ad_tensor *f_nll_raw(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_nll(t, ad_mul(t, x[0], x[0]), LABELS, 6));
+}
+static ad_tensor *f_ce(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_cross_entropy(t, x[0], LABELS, 6));
+}
+static ad_tensor *f_mse(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_mse(t, x[0], x[1]));
+}
+static ad_tensor *f_dot(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_dot(t, ad_tanh(t, x[0]), x[1]));
+}
+static ad_tensor *f_where(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  (void)ctx;
+  double m[12] = {1, 0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 0};
+  ad_tensor *mask = ad_const(t, AD_F64, 2, S(3, 4), m);
+  return ad_mul(t, ad_where(t, mask, x[0], x[1]), x[0]);
+}
+static ad_tensor *f_concat(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  (void)ctx;
+  ad_tensor *xs[2] = {x[0], ad_tanh(t, x[1])};
+  return ad_mul(t, ad_concat(t, 2, xs, 1), ad_concat(t, 2, xs, 1));
+}
+static ad_tensor *f_concat0(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  (void)ctx;
+  ad_tensor *xs[2] = {x[0], x[1]};
+  return ad_tanh(t, ad_concat(t, 2, xs, 0));
+}
+static ad_tensor *f_slice(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, ad_slice(t, x[0], 1, 1, 2)));
+}
+static ad_tensor *f_slice0(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, ad_slice(t, x[0], 0, 2, 1)));
+}
+static ad_tensor *f_pad(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_exp(t, ad_pad_axis(t, x[0], 1, 1, 5)));
+}
+/* A small MLP: matmul, bias, relu, log_softmax, nll — the composition the
+ * bench runs, checked the same way. */
+static ad_tensor *f_mlp(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  (void)ctx;
+  ad_tensor *h = ad_tanh(t, ad_add_rowvec(t, ad_matmul(t, x[0], x[1], 0, 0), x[2]));
+  return ad_cross_entropy(t, ad_matmul(t, h, x[1], 0, 1), LABELS, 6);
+}
+
+#define C1(N, F, D, ...)                                                                           \
+  { N, F, 1, {D}, {{__VA_ARGS__}}, {0}, {0}, 0 }
+static const op_case CASES[] = {
+    {"add", f_add, 2, {2, 2}, {{3, 4}, {3, 4}}, {0, 0}, {0, 0}, 0},
+    {"add_broadcast", f_add_bcast, 2, {2, 0}, {{3, 4}, {1}}, {0, 0}, {0, 0}, 0},
+    {"sub", f_sub, 2, {2, 2}, {{3, 4}, {3, 4}}, {0, 0}, {0, 0}, 0},
+    {"mul", f_mul, 2, {2, 2}, {{3, 4}, {3, 4}}, {0, 0}, {0, 0}, 0},
+    {"mul_broadcast", f_mul_bcast, 2, {2, 1}, {{3, 4}, {1}}, {0, 0}, {0, 0}, 0},
+    {"div", f_div, 2, {2, 2}, {{3, 4}, {3, 4}}, {0, 2}, {0, 0.5}, 0},
+    {"div_broadcast", f_div_bcast, 2, {1, 2}, {{1}, {3, 4}}, {2, 0}, {0.5, 0}, 0},
+    C1("neg", f_neg, 2, 3, 4),
+    C1("scale", f_scale, 2, 3, 4),
+    C1("add_scalar", f_add_scalar, 2, 3, 4),
+    {"axpy", f_axpy, 2, {2, 2}, {{3, 4}, {3, 4}}, {0, 0}, {0, 0}, 0},
+    {"pow_scalar", f_pow, 1, {2}, {{3, 4}}, {2}, {0.3}, 0},
+    C1("pow_scalar_2", f_pow2, 2, 3, 4),
+    C1("exp", f_exp, 2, 3, 4),
+    {"log", f_log, 1, {2}, {{3, 4}}, {3}, {0.5}, 0},
+    {"sqrt", f_sqrt, 1, {2}, {{3, 4}}, {3}, {0.5}, 0},
+    C1("tanh", f_tanh, 2, 3, 4),
+    C1("sigmoid", f_sigmoid, 2, 3, 4),
+    C1("softplus", f_softplus, 2, 3, 4),
+    {"relu", f_relu, 1, {2}, {{3, 4}}, {0}, {0.05}, 0},
+    {"relu_backward", f_relu_bw, 2, {2, 2}, {{3, 4}, {3, 4}}, {0, 0}, {0, 0.05}, 0},
+    {"abs", f_abs, 1, {2}, {{3, 4}}, {0}, {0.05}, 0},
+    {"matmul", f_matmul00, 2, {2, 2}, {{3, 4}, {4, 5}}, {0, 0}, {0, 0}, 0},
+    {"matmul_ta", f_matmul10, 2, {2, 2}, {{4, 3}, {4, 5}}, {0, 0}, {0, 0}, 0},
+    {"matmul_tb", f_matmul01, 2, {2, 2}, {{3, 4}, {5, 4}}, {0, 0}, {0, 0}, 0},
+    {"matmul_ta_tb", f_matmul11, 2, {2, 2}, {{4, 3}, {5, 4}}, {0, 0}, {0, 0}, 0},
+    {"transpose", f_transpose, 2, {2, 2}, {{3, 4}, {4, 3}}, {0, 0}, {0, 0}, 0},
+    {"reshape", f_reshape, 2, {2, 2}, {{3, 4}, {4, 3}}, {0, 0}, {0, 0}, 0},
+    {"add_rowvec", f_rowvec, 2, {2, 1}, {{3, 4}, {4}}, {0, 0}, {0, 0}, 0},
+    C1("sum", f_sum, 2, 3, 4),
+    C1("mean", f_mean, 2, 3, 4),
+    C1("sum_axis0", f_sum_axis0, 2, 3, 4),
+    C1("sum_axis1_keepdim", f_sum_axis1k, 3, 2, 3, 4),
+    C1("mean_axis", f_mean_axis, 2, 3, 4),
+    C1("max_axis", f_max_axis, 2, 3, 4),
+    C1("max_axis0_keepdim", f_max_axis0k, 3, 3, 2, 2),
+    C1("broadcast_axis", f_bcast_axis, 2, 2, 4),
+    {"expand", f_expand, 2, {0, 2}, {{1}, {3, 4}}, {0, 0}, {0, 0}, 0},
+    C1("logsumexp", f_lse, 2, 3, 4),
+    C1("logsumexp_axis0_keepdim", f_lse0, 2, 3, 4),
+    C1("softmax", f_softmax, 2, 3, 4),
+    C1("softmax_axis0", f_softmax0, 3, 3, 2, 2),
+    C1("log_softmax", f_log_softmax, 2, 3, 4),
+    C1("nll", f_nll, 2, 6, 4),
+    C1("nll_raw", f_nll_raw, 2, 6, 4),
+    C1("cross_entropy", f_ce, 2, 6, 4),
+    {"mse", f_mse, 2, {2, 2}, {{3, 4}, {3, 4}}, {0, 0}, {0, 0}, 0},
+    {"dot", f_dot, 2, {2, 2}, {{3, 4}, {3, 4}}, {0, 0}, {0, 0}, 0},
+    {"where", f_where, 2, {2, 2}, {{3, 4}, {3, 4}}, {0, 0}, {0, 0}, 0},
+    {"concat", f_concat, 2, {2, 2}, {{3, 2}, {3, 3}}, {0, 0}, {0, 0}, 0},
+    {"concat_axis0", f_concat0, 2, {2, 2}, {{2, 3}, {1, 3}}, {0, 0}, {0, 0}, 0},
+    C1("slice", f_slice, 2, 3, 4),
+    C1("slice_axis0", f_slice0, 2, 3, 4),
+    C1("pad_axis", f_pad, 2, 3, 2),
+    {"mlp", f_mlp, 3, {2, 2, 1}, {{6, 4}, {4, 4}, {4}}, {0, 0, 0}, {0, 0, 0}, 0},
+};
+#define N_CASES ((int)(sizeof CASES / sizeof CASES[0]))
+
+START_TEST(test_op_gradcheck) {
+  const op_case *c = &CASES[_i];
+  ad_rng r;
+  ad_rng_seed(&r, 42 + (uint64_t)_i);
+  ad_tensor *in[3] = {0};
+  for (int i = 0; i < c->n; i++) {
+    int64_t shape[4];
+    for (int d = 0; d < 4; d++) shape[d] = c->shape[i][d];
+    in[i] = gc_leaf(c->ndim[i], shape, &r, c->offset[i], c->margin[i]);
+    ck_assert_ptr_nonnull(in[i]);
+  }
+  char rep[512];
+  double worst =
+      gc_check(c->name, c->f, c->n, in, NULL, (gc_opts){.no_hvp = c->no_hvp}, rep, sizeof rep);
+  fprintf(stderr, "%s\n", rep);
+  ck_assert_msg(worst <= 1e-6, "%s", rep);
+  for (int i = 0; i < c->n; i++) ad_tensor_free(in[i]);
+}
+END_TEST
+
+/* f32 forward agrees with f64 forward (same kernels, both dtypes). */
+START_TEST(test_f32_matches_f64) {
+  ad_tape *t = NULL;
+  ck_assert_int_eq(ad_tape_new(&t, NULL), AD_OK);
+  ad_rng r;
+  ad_rng_seed(&r, 7);
+  ad_tensor *a64 = ad_randn(t, AD_F64, 2, S(5, 7), &r);
+  ad_tensor *b64 = ad_randn(t, AD_F64, 2, S(7, 3), &r);
+  ad_tensor *a32 = ad_empty(t, AD_F32, 2, S(5, 7)), *b32 = ad_empty(t, AD_F32, 2, S(7, 3));
+  ad_copy_values(a32, a64);
+  ad_copy_values(b32, b64);
+  ad_tensor *y64 = ad_log_softmax(t, ad_tanh(t, ad_matmul(t, a64, b64, 0, 0)), 1);
+  ad_tensor *y32 = ad_log_softmax(t, ad_tanh(t, ad_matmul(t, a32, b32, 0, 0)), 1);
+  ck_assert_int_eq(ad_tape_status(t), AD_OK);
+  for (int64_t i = 0; i < y64->size; i++)
+    ck_assert_double_eq_tol(ad_get(y32, i), ad_get(y64, i), 1e-5);
+  ad_tape_free(t);
+}
+END_TEST
+
+Suite *ops_suite(void) {
+  Suite *s = suite_create("ops");
+  TCase *tc = tcase_create("gradcheck");
+  tcase_add_loop_test(tc, test_op_gradcheck, 0, N_CASES);
+  tcase_add_test(tc, test_f32_matches_f64);
+  suite_add_tcase(s, tc);
+  return s;
+}
+
+int main(void) {
+  SRunner *sr = srunner_create(ops_suite());
+  srunner_run_all(sr, CK_NORMAL);
+  int failed = srunner_ntests_failed(sr);
+  srunner_free(sr);
+  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
