@@ -31,6 +31,14 @@ extern "C" {
 typedef ad_tensor *(*bl_loss_fn)(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam,
                                  int64_t step, void *ctx);
 
+/* Gauss-Newton split of the training loss (optional; see bl_problem):
+ * model outputs f(w, lam) of any shape, recorded on the tape ... */
+typedef ad_tensor *(*bl_output_fn)(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam,
+                                   int64_t step, void *ctx);
+/* ... and the scalar loss l(f, lam) of those outputs. */
+typedef ad_tensor *(*bl_out_loss_fn)(ad_tape *t, ad_tensor *out, ad_tensor *const *lam,
+                                     int64_t step, void *ctx);
+
 typedef struct {
   int n_w;
   ad_tensor *const *w0; /* inner parameters at the start; never modified */
@@ -39,8 +47,21 @@ typedef struct {
   bl_loss_fn train_loss; /* L_train(w, lam) */
   bl_loss_fn val_loss;   /* L_val(w, lam) */
   void *ctx;
-  nn_opt_cfg opt; /* inner optimizer; its *_var fields may point into lam */
+  nn_opt_cfg opt;      /* inner optimizer; its *_var fields may point into lam */
   int64_t inner_steps; /* T */
+  /* Optional split used only by the Gauss-Newton option of the implicit
+   * methods (bl_opts.gauss_newton): L_train(w, lam) must equal
+   *     train_out_loss(train_output(w, lam), lam) + train_reg(w, lam)
+   * (train_reg NULL = 0), e.g. f = the network's logits, l = cross-entropy,
+   * R = weight decay. The curvature used is then
+   *     G = J^T H_l J + H_R,   J = df/dw,  H_l = d^2 l/df^2,  H_R = d^2 R/dw^2,
+   * which is positive semi-definite whenever l and R are convex. Both
+   * callbacks are evaluated at the inner step index inner_steps. The
+   * methods check that the split adds up to train_loss at w_T and return
+   * AD_ERR_ARG if it does not. */
+  bl_output_fn train_output;     /* f(w, lam) */
+  bl_out_loss_fn train_out_loss; /* l(f, lam) */
+  bl_loss_fn train_reg;          /* R(w, lam), or NULL */
 } bl_problem;
 
 typedef struct {
@@ -53,23 +74,47 @@ typedef struct {
   double residual; /* implicit solvers: final ||H x - b|| */
 } bl_stats;
 
+/* HOAG (Pedregosa 2016) state carried across outer iterations: the previous
+ * solution of H x = grad_w L_val (warm start) and a CG tolerance that
+ * shrinks geometrically from call to call, so early outer steps are cheap
+ * and late ones accurate. Zero-initialise it ((bl_hoag_state){0} or with
+ * designated fields), point bl_opts.hoag at it, and free it with
+ * bl_hoag_state_free. */
+typedef struct bl_hoag_state {
+  double tol0;    /* first relative tolerance (default 1e-2) */
+  double decay;   /* tol <- max(tol * decay, tol_min) after each call (default 0.5) */
+  double tol_min; /* floor (default bl_opts.tol, else 1e-10) */
+  /* filled in by bl_hoag */
+  double tol;                  /* tolerance the next call will use (0 = tol0) */
+  int64_t calls;               /* bl_hoag calls made with this state */
+  int64_t last_iterations;     /* CG iterations of the last call */
+  int64_t total_iterations;    /* summed over calls */
+  int n;                       /* tensors held in x */
+  ad_tensor *x[NN_MAX_PARAMS]; /* previous solution (heap), shaped like w */
+} bl_hoag_state;
+
+/* Frees the held solution and zeroes the filled-in fields (keeps tol0,
+ * decay, tol_min). Accepts NULL. */
+void bl_hoag_state_free(bl_hoag_state *s);
+
 /* Options. Zero means the default given in each method's comment. */
 typedef struct {
-  int64_t K;        /* truncation length / solver iterations / Neumann terms */
-  double tol;       /* solver tolerance */
-  double alpha;     /* Neumann / fixed-point step (default: the inner lr) */
-  double gamma;     /* greedy / HyperDistill decay */
-  double eps;       /* finite-difference step (T1-T2 DARTS, SAMA) */
-  int darts_fd;     /* T1-T2: B_t by central differences instead of the tape */
-  int gauss_newton; /* implicit methods: J^T H_out J in place of the Hessian */
-  double damping;   /* added to the Hessian's diagonal (implicit methods) */
+  int64_t K;                /* truncation length / solver iterations / Neumann terms */
+  double tol;               /* solver tolerance */
+  double alpha;             /* Neumann / fixed-point step (default: the inner lr) */
+  double gamma;             /* greedy / HyperDistill decay */
+  double eps;               /* finite-difference step (T1-T2 DARTS, SAMA) */
+  int darts_fd;             /* T1-T2: B_t by central differences instead of the tape */
+  int gauss_newton;         /* implicit methods: J^T H_out J in place of the Hessian */
+  double damping;           /* added to the Hessian's diagonal (implicit methods) */
   int64_t checkpoint_every; /* checkpointed unroll; default sqrt(T) */
   int64_t distill_every;    /* HyperDistill: theta re-estimated every this many steps */
   int64_t samples;          /* zero-order: directions */
   double sigma;             /* zero-order: smoothing radius */
   int antithetic;           /* zero-order: +/- pairs */
   uint64_t seed;
-  int warm_start;           /* HOAG: keep the previous solution (bl_hoag_state) */
+  int warm_start;      /* HOAG: keep the previous solution (bl_hoag_state) */
+  bl_hoag_state *hoag; /* HOAG: state across calls; NULL = plain CG at tol */
 } bl_opts;
 
 /* Every method: fills hg[k] (caller's heap tensors shaped like lam[k]) with
@@ -84,8 +129,8 @@ ad_status bl_unroll(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor
                     bl_stats *st); /* o->K > 0: backprop through the last K steps only */
 ad_status bl_forward(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                      bl_stats *st);
-ad_status bl_checkpointed(ad_tape *t, const bl_problem *p, const bl_opts *o,
-                          ad_tensor *const *hg, bl_stats *st);
+ad_status bl_checkpointed(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
+                          bl_stats *st);
 ad_status bl_drmad(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                    bl_stats *st);
 
@@ -99,27 +144,93 @@ ad_status bl_t1t2(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *
                   bl_stats *st);
 ad_status bl_greedy(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                     bl_stats *st);
-ad_status bl_hyperdistill(ad_tape *t, const bl_problem *p, const bl_opts *o,
-                          ad_tensor *const *hg, bl_stats *st);
+ad_status bl_hyperdistill(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
+                          bl_stats *st);
 
 /* Implicit differentiation at w_T ~ w* (bilevel/neumann.c, cg.c, fixed_point.c,
- * hoag.c, exact.c). */
+ * hoag.c, exact.c). Each runs the T inner steps in place (no recording),
+ * then, with H = d^2 L_train/dw^2 at w_T (+ o->damping I; with
+ * o->gauss_newton the matrix G of bl_problem instead), solves
+ *     H v = grad_w L_val(w_T, lam)
+ * and returns  dL_val/dlam|direct - (d^2 L_train / dlam dw) v,
+ * the implicit-function-theorem hypergradient; exact when w_T = w*.
+ * Defaults: K = 20 (exact: the dimension), tol = 1e-10 relative residual
+ * ||H v - b|| <= tol ||b||, alpha = the inner lr. st->hvps counts
+ * curvature products, st->residual is the final ||H v - b||.
+ *   neumann:     v = alpha sum_{j=0}^{K} (I - alpha H)^j b   (K + 1 terms, K products;
+ *                converges when 0 < alpha < 2 / lambda_max(H))
+ *   fixed_point: v <- v - alpha (H v - b) from v = 0, at most K steps,
+ *                stops at tol
+ *   cg:          conjugate gradients from v = 0, at most K steps, stops at tol
+ *   hoag:        cg with o->hoag's decreasing tolerance, warm-started from
+ *                the previous call's v when o->warm_start (o->hoag NULL: cg)
+ *   exact:       dense H from one product per column, LU with partial
+ *                pivoting in f64; for small problems (the test oracle). */
 ad_status bl_neumann(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                      bl_stats *st);
 ad_status bl_cg(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                 bl_stats *st);
-ad_status bl_fixed_point(ad_tape *t, const bl_problem *p, const bl_opts *o,
-                         ad_tensor *const *hg, bl_stats *st);
+ad_status bl_fixed_point(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
+                         bl_stats *st);
 ad_status bl_hoag(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                   bl_stats *st);
 ad_status bl_exact(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                    bl_stats *st);
 
 /* Derivative-free and preconditioned estimates (bilevel/zero_order.c, sama.c). */
-ad_status bl_zero_order(ad_tape *t, const bl_problem *p, const bl_opts *o,
-                        ad_tensor *const *hg, bl_stats *st);
+ad_status bl_zero_order(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
+                        bl_stats *st);
 ad_status bl_sama(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                   bl_stats *st);
+
+/* The curvature product the implicit methods use, at the given w (and
+ * lam): out[i] = ((H or G) + o->damping I) v, H = d^2 L_train/dw^2 at
+ * step p->inner_steps (G with o->gauss_newton). out are caller tensors
+ * shaped like w. For teaching and checking; leaves the tape as found. */
+ad_status bl_curvature_product(ad_tape *t, const bl_problem *p, const bl_opts *o,
+                               ad_tensor *const *w, ad_tensor *const *v, ad_tensor *const *out);
+
+/* ------------------------------------------------------------------ meta-learning */
+
+/* A per-task loss at parameters `params` (shaped like theta). */
+typedef ad_tensor *(*bl_task_loss_fn)(ad_tape *t, ad_tensor *const *params, int task, void *ctx);
+
+/* Meta-learning over tasks (MAML family):
+ *   phi_i = Adapt_i(theta)   (inner_steps SGD steps on the support loss)
+ *   meta-loss = (1/n_tasks) sum_i L_query,i(phi_i)
+ * and the methods return d meta-loss / d theta. */
+typedef struct {
+  int n_theta;
+  ad_tensor *const *theta; /* meta-parameters (heap); never modified */
+  int n_tasks;
+  bl_task_loss_fn support_loss; /* L_support,i(phi): inner (adaptation) loss */
+  bl_task_loss_fn query_loss;   /* L_query,i(phi): outer loss */
+  void *ctx;
+  double inner_lr;     /* alpha (> 0) */
+  int64_t inner_steps; /* k (>= 1; iMAML: steps solving its proximal problem) */
+  double prox;         /* iMAML: lambda of the proximal term (> 0) */
+} bl_meta_problem;
+
+/* Every meta method: fills meta_grad[k] (caller's heap tensors shaped like
+ * theta[k]) and st (if not NULL; st->val_loss = the mean query loss), and
+ * leaves the tape as found. Returns AD_OK or the error (meta_grad then
+ * untouched). (bilevel/maml.c, imaml.c)
+ *   maml:   phi = theta - alpha sum grad L_support, differentiated through
+ *           (second order: the backward pass of each inner step is recorded)
+ *   fomaml: the same with the inner gradients detached: d meta-loss/d theta
+ *           becomes the mean of grad L_query(phi_i)
+ *   imaml:  phi_i ~ argmin L_support,i(phi) + (prox/2) ||phi - theta||^2 by
+ *           inner_steps gradient steps from theta; meta-gradient of each
+ *           task (I + H_i / prox)^{-1} grad L_query,i(phi_i) by CG
+ *           (o->K default 20, o->tol default 1e-10). */
+typedef ad_status (*bl_meta_method_fn)(ad_tape *t, const bl_meta_problem *p, const bl_opts *o,
+                                       ad_tensor *const *meta_grad, bl_stats *st);
+ad_status bl_maml(ad_tape *t, const bl_meta_problem *p, const bl_opts *o,
+                  ad_tensor *const *meta_grad, bl_stats *st);
+ad_status bl_fomaml(ad_tape *t, const bl_meta_problem *p, const bl_opts *o,
+                    ad_tensor *const *meta_grad, bl_stats *st);
+ad_status bl_imaml(ad_tape *t, const bl_meta_problem *p, const bl_opts *o,
+                   ad_tensor *const *meta_grad, bl_stats *st);
 
 #ifdef __cplusplus
 }
