@@ -1,0 +1,300 @@
+/* optim.c — SGD, momentum (heavy ball, Nesterov), Adam, AdamW, RMSprop, in
+ * two modes. The differentiable step is written with public tape ops, so a
+ * hypergradient flows through T steps of it to the learning rate, momentum
+ * and weight decay (numbers or tape variables) and to the initial weights.
+ *
+ * Update rules (g already includes L2 weight decay wd*w, except for AdamW):
+ *   SGD       w' = w - lr g
+ *   momentum  m' = mu m + g;            w' = w - lr m'
+ *   Nesterov  m' = mu m + g;            w' = w - lr (g + mu m')
+ *   Adam      m' = b1 m + (1-b1) g;     v' = b2 v + (1-b2) g^2
+ *             w' = w - lr mhat / (sqrt(vhat) + eps),
+ *             mhat = m'/(1-b1^k), vhat = v'/(1-b2^k), k = step number
+ *   AdamW     as Adam on the raw g, then  w' -= lr wd w
+ *   RMSprop   v' = a v + (1-a) g^2;     w' = w - lr g / (sqrt(v') + eps)
+ */
+#include "nn.h"
+
+#include "autodiff/ad_internal.h"
+
+#include <math.h>
+#include <string.h>
+
+typedef struct {
+  double lr, mu, b1, b2, alpha, eps, wd;
+} hyper;
+
+static hyper defaults(const nn_opt_cfg *c) {
+  hyper h = {c->lr, c->momentum, c->beta1, c->beta2, c->alpha, c->eps, c->weight_decay};
+  if (h.lr == 0 && !c->lr_var && !c->lr_vars) h.lr = 0.01;
+  if (h.mu == 0 && !c->momentum_var) h.mu = 0.9;
+  if (h.b1 == 0) h.b1 = 0.9;
+  if (h.b2 == 0) h.b2 = 0.999;
+  if (h.alpha == 0) h.alpha = 0.99;
+  if (h.eps == 0) h.eps = 1e-8;
+  return h;
+}
+
+static int uses_m(nn_opt_kind k) {
+  return k != NN_OPT_SGD && k != NN_OPT_RMSPROP;
+}
+static int uses_v(nn_opt_kind k) {
+  return k == NN_OPT_ADAM || k == NN_OPT_ADAMW || k == NN_OPT_RMSPROP;
+}
+
+/* Checks the config against the parameters; message via ad__set_last or the tape. */
+static ad_status check_cfg(ad_tape *t, const char *who, const nn_opt_cfg *cfg, int n,
+                           ad_tensor *const *w, ad_tensor *const *g) {
+  if (!cfg || !w) {
+    ad__fail(t, AD_ERR_NULL, "%s: cfg or parameters are NULL", who);
+    return AD_ERR_NULL;
+  }
+  if (n <= 0 || n > NN_MAX_PARAMS) {
+    ad__fail(t, AD_ERR_ARG, "%s: %d parameters (1..%d allowed)", who, n, NN_MAX_PARAMS);
+    return AD_ERR_ARG;
+  }
+  if ((unsigned)cfg->kind > NN_OPT_RMSPROP) {
+    ad__fail(t, AD_ERR_ARG, "%s: unknown optimizer kind %d", who, (int)cfg->kind);
+    return AD_ERR_ARG;
+  }
+  for (int i = 0; i < n; i++) {
+    if (!w[i] || (g && !g[i])) {
+      ad__fail(t, AD_ERR_NULL, "%s: parameter or gradient %d is NULL", who, i);
+      return AD_ERR_NULL;
+    }
+    if (g && (g[i]->size != w[i]->size || g[i]->dtype != w[i]->dtype)) {
+      char a[96], b[96];
+      ad__fail(t, AD_ERR_SHAPE, "%s: gradient %d is %s but parameter is %s", who, i,
+               ad_shape_str(g[i], a, sizeof a), ad_shape_str(w[i], b, sizeof b));
+      return AD_ERR_SHAPE;
+    }
+    const ad_tensor *pv[2] = {cfg->lr_vars ? cfg->lr_vars[i] : NULL,
+                              cfg->weight_decay_vars ? cfg->weight_decay_vars[i] : NULL};
+    for (int k = 0; k < 2; k++)
+      if (pv[k] && pv[k]->size != 1 && pv[k]->size != w[i]->size) {
+        char a[96], b[96];
+        ad__fail(t, AD_ERR_SHAPE, "%s: %s variable for parameter %d is %s, parameter is %s", who,
+                 k ? "weight-decay" : "learning-rate", i, ad_shape_str(pv[k], a, sizeof a),
+                 ad_shape_str(w[i], b, sizeof b));
+        return AD_ERR_SHAPE;
+      }
+  }
+  const ad_tensor *sv[3] = {cfg->lr_var, cfg->momentum_var, cfg->weight_decay_var};
+  for (int k = 0; k < 3; k++)
+    if (sv[k] && sv[k]->size != 1) {
+      char a[96];
+      ad__fail(t, AD_ERR_SHAPE, "%s: scalar hyperparameter variable %d is %s (size 1 needed)", who,
+               k, ad_shape_str(sv[k], a, sizeof a));
+      return AD_ERR_SHAPE;
+    }
+  return AD_OK;
+}
+
+ad_status nn_opt_state_init(const nn_opt_cfg *cfg, nn_opt_state *s, int n, ad_tensor *const *w) {
+  if (!s) return ad__set_last(AD_ERR_NULL, "nn_opt_state_init: state is NULL");
+  memset(s, 0, sizeof *s);
+  ad_status st = check_cfg(NULL, "nn_opt_state_init", cfg, n, w, NULL);
+  if (st) return st;
+  s->n = n;
+  for (int i = 0; i < n; i++) {
+    if ((uses_m(cfg->kind) && ad_tensor_new(&s->m[i], w[i]->dtype, w[i]->ndim, w[i]->shape)) ||
+        (uses_v(cfg->kind) && ad_tensor_new(&s->v[i], w[i]->dtype, w[i]->ndim, w[i]->shape))) {
+      nn_opt_state_free(s);
+      return AD_ERR_NOMEM;
+    }
+  }
+  return AD_OK;
+}
+
+void nn_opt_state_free(nn_opt_state *s) {
+  if (!s || s->on_tape) return;
+  for (int i = 0; i < NN_MAX_PARAMS; i++) {
+    ad_tensor_free(s->m[i]);
+    ad_tensor_free(s->v[i]);
+    s->m[i] = s->v[i] = NULL;
+  }
+}
+
+ad_status nn_opt_state_init_tape(ad_tape *t, const nn_opt_cfg *cfg, nn_opt_state *s, int n,
+                                 ad_tensor *const *w) {
+  if (!t) return ad__set_last(AD_ERR_NULL, "nn_opt_state_init_tape: tape is NULL");
+  if (!s) {
+    ad__fail(t, AD_ERR_NULL, "nn_opt_state_init_tape: state is NULL");
+    return AD_ERR_NULL;
+  }
+  memset(s, 0, sizeof *s);
+  ad_status st = check_cfg(t, "nn_opt_state_init_tape", cfg, n, w, NULL);
+  if (st) return st;
+  s->n = n;
+  s->on_tape = 1;
+  for (int i = 0; i < n; i++) {
+    if (uses_m(cfg->kind)) s->m[i] = ad_zeros_like(t, w[i]);
+    if (uses_v(cfg->kind)) s->v[i] = ad_zeros_like(t, w[i]);
+  }
+  return ad_tape_status(t);
+}
+
+/* ------------------------------------------------------------------ in place */
+
+/* Reads element i of a hyperparameter that is a number, a scalar variable or
+ * a per-element variable. */
+typedef struct {
+  double c;
+  const ad_tensor *v;
+} hval;
+static inline double hget(hval h, int64_t i) {
+  return h.v ? ad_get(h.v, h.v->size == 1 ? 0 : i) : h.c;
+}
+static hval pick(double c, const ad_tensor *scalar_var, ad_tensor *const *vars, int i) {
+  hval h = {c, NULL};
+  if (vars && vars[i])
+    h.v = vars[i];
+  else if (scalar_var)
+    h.v = scalar_var;
+  return h;
+}
+
+ad_status nn_opt_step(const nn_opt_cfg *cfg, nn_opt_state *s, int n, ad_tensor *const *w,
+                      ad_tensor *const *g) {
+  ad_status st = check_cfg(NULL, "nn_opt_step", cfg, n, w, g);
+  if (st) return st;
+  if (!g) return ad__set_last(AD_ERR_NULL, "nn_opt_step: gradients are NULL");
+  if ((uses_m(cfg->kind) || uses_v(cfg->kind)) && (!s || s->n != n || s->on_tape))
+    return ad__set_last(AD_ERR_STATE,
+                        "nn_opt_step: state not made by nn_opt_state_init for "
+                        "these %d parameters",
+                        n);
+  hyper h = defaults(cfg);
+  int64_t k = s ? ++s->step : 1;
+  double c1 = 1 - pow(h.b1, (double)k), c2 = 1 - pow(h.b2, (double)k);
+  double mu = cfg->momentum_var ? ad_item(cfg->momentum_var) : h.mu;
+  for (int i = 0; i < n; i++) {
+    hval lr = pick(h.lr, cfg->lr_var, cfg->lr_vars, i);
+    hval wd = pick(h.wd, cfg->weight_decay_var, cfg->weight_decay_vars, i);
+    int simple = !lr.v && !wd.v && w[i]->dtype == AD_F32;
+    if (simple && cfg->kind == NN_OPT_SGD) {
+      /* The hot path of plain training: one vectorized pass. */
+      float *W = AD_F(w[i]);
+      const float *G = AD_F(g[i]);
+      float a = (float)h.lr, d = (float)(1.0 - h.lr * h.wd);
+      for (int64_t j = 0; j < w[i]->size; j++) W[j] = d * W[j] - a * G[j];
+      continue;
+    }
+    ad_tensor *m = s ? s->m[i] : NULL, *v = s ? s->v[i] : NULL;
+    for (int64_t j = 0; j < w[i]->size; j++) {
+      double wj = ad_get(w[i], j), gj = ad_get(g[i], j), a = hget(lr, j), d = hget(wd, j);
+      if (cfg->kind != NN_OPT_ADAMW) gj += d * wj;
+      double mj = m ? ad_get(m, j) : 0, vj = v ? ad_get(v, j) : 0, step = 0;
+      switch (cfg->kind) {
+      case NN_OPT_SGD:
+        step = gj;
+        break;
+      case NN_OPT_MOMENTUM:
+        step = mj = mu * mj + gj;
+        break;
+      case NN_OPT_NESTEROV:
+        mj = mu * mj + gj;
+        step = gj + mu * mj;
+        break;
+      case NN_OPT_ADAM:
+      case NN_OPT_ADAMW:
+        mj = h.b1 * mj + (1 - h.b1) * gj;
+        vj = h.b2 * vj + (1 - h.b2) * gj * gj;
+        step = (mj / c1) / (sqrt(vj / c2) + h.eps);
+        if (cfg->kind == NN_OPT_ADAMW) step += d * wj;
+        break;
+      case NN_OPT_RMSPROP:
+        vj = h.alpha * vj + (1 - h.alpha) * gj * gj;
+        step = gj / (sqrt(vj) + h.eps);
+        break;
+      }
+      ad_set(w[i], j, wj - a * step);
+      if (m) ad_set(m, j, mj);
+      if (v) ad_set(v, j, vj);
+    }
+  }
+  return AD_OK;
+}
+
+/* ------------------------------------------------------------------ differentiable */
+
+/* c * x with c a number or a tape variable (size 1 or shaped like x). */
+static ad_tensor *times(ad_tape *t, hval c, ad_tensor *x) {
+  return c.v ? ad_mul(t, (ad_tensor *)c.v, x) : ad_scale(t, x, c.c);
+}
+
+/* sqrt(x) with derivative 0 where x == 0 instead of 1/(2 sqrt 0) = inf. Adam
+ * hits x = 0 whenever a gradient entry is exactly 0 (dead ReLU, unused
+ * embedding), and inf * 0 would turn the hypergradient into NaN. The inner
+ * where keeps sqrt's own rule away from 0 as well ("double where"). */
+static ad_tensor *safe_sqrt(ad_tape *t, ad_tensor *x) {
+  ad_tensor *mask = ad_empty(t, x->dtype, x->ndim, x->shape);
+  if (!mask) return NULL;
+  for (int64_t i = 0; i < x->size; i++) ad_set(mask, i, ad_get(x, i) > 0);
+  ad_tensor *one = ad_scalar(t, x->dtype, 1.0), *zero = ad_scalar(t, x->dtype, 0.0);
+  return ad_where(t, mask, ad_sqrt(t, ad_where(t, mask, x, one)), zero);
+}
+
+ad_status nn_opt_step_diff(ad_tape *t, const nn_opt_cfg *cfg, nn_opt_state *s, int n,
+                           ad_tensor *const *w, ad_tensor *const *g, ad_tensor **w_new) {
+  if (!t) return ad__set_last(AD_ERR_NULL, "nn_opt_step_diff: tape is NULL");
+  ad_status st = check_cfg(t, "nn_opt_step_diff", cfg, n, w, g);
+  if (st) return st;
+  if (!g || !w_new) {
+    ad__fail(t, AD_ERR_NULL, "nn_opt_step_diff: gradients or w_new are NULL");
+    return AD_ERR_NULL;
+  }
+  if ((uses_m(cfg->kind) || uses_v(cfg->kind)) && (!s || s->n != n || !s->on_tape)) {
+    ad__fail(t, AD_ERR_STATE,
+             "nn_opt_step_diff: state not made by nn_opt_state_init_tape for these %d "
+             "parameters",
+             n);
+    return AD_ERR_STATE;
+  }
+  hyper h = defaults(cfg);
+  int64_t k = s ? ++s->step : 1;
+  double c1 = 1 - pow(h.b1, (double)k), c2 = 1 - pow(h.b2, (double)k);
+  for (int i = 0; i < n; i++) {
+    hval lr = pick(h.lr, cfg->lr_var, cfg->lr_vars, i);
+    hval wd = pick(h.wd, cfg->weight_decay_var, cfg->weight_decay_vars, i);
+    ad_tensor *gi = g[i];
+    if (!ad_same_shape(gi, w[i])) gi = ad_reshape(t, gi, w[i]->ndim, w[i]->shape);
+    int has_wd = wd.v || wd.c != 0;
+    if (has_wd && cfg->kind != NN_OPT_ADAMW) gi = ad_add(t, gi, times(t, wd, w[i]));
+    ad_tensor *step = NULL;
+    switch (cfg->kind) {
+    case NN_OPT_SGD:
+      step = gi;
+      break;
+    case NN_OPT_MOMENTUM:
+    case NN_OPT_NESTEROV: {
+      ad_tensor *mm =
+          cfg->momentum_var ? ad_mul(t, cfg->momentum_var, s->m[i]) : ad_scale(t, s->m[i], h.mu);
+      s->m[i] = ad_add(t, mm, gi);
+      if (cfg->kind == NN_OPT_MOMENTUM) {
+        step = s->m[i];
+      } else {
+        ad_tensor *look =
+            cfg->momentum_var ? ad_mul(t, cfg->momentum_var, s->m[i]) : ad_scale(t, s->m[i], h.mu);
+        step = ad_add(t, gi, look);
+      }
+      break;
+    }
+    case NN_OPT_ADAM:
+    case NN_OPT_ADAMW: {
+      s->m[i] = ad_axpy(t, ad_scale(t, s->m[i], h.b1), 1 - h.b1, gi);
+      s->v[i] = ad_axpy(t, ad_scale(t, s->v[i], h.b2), 1 - h.b2, ad_mul(t, gi, gi));
+      ad_tensor *mhat = ad_scale(t, s->m[i], 1 / c1), *vhat = ad_scale(t, s->v[i], 1 / c2);
+      step = ad_div(t, mhat, ad_add_scalar(t, safe_sqrt(t, vhat), h.eps));
+      if (has_wd && cfg->kind == NN_OPT_ADAMW) step = ad_add(t, step, times(t, wd, w[i]));
+      break;
+    }
+    case NN_OPT_RMSPROP:
+      s->v[i] = ad_axpy(t, ad_scale(t, s->v[i], h.alpha), 1 - h.alpha, ad_mul(t, gi, gi));
+      step = ad_div(t, gi, ad_add_scalar(t, safe_sqrt(t, s->v[i]), h.eps));
+      break;
+    }
+    w_new[i] = lr.v ? ad_sub(t, w[i], times(t, lr, step)) : ad_axpy(t, w[i], -lr.c, step);
+  }
+  return ad_tape_status(t);
+}
