@@ -81,6 +81,57 @@ ad_status nn_opt_step(const nn_opt_cfg *cfg, nn_opt_state *s, int n, ad_tensor *
 ad_status nn_opt_step_diff(ad_tape *t, const nn_opt_cfg *cfg, nn_opt_state *s, int n,
                            ad_tensor *const *w, ad_tensor *const *g, ad_tensor **w_new);
 
+/* ------------------------------------------------------------------ layers */
+/* Layers are functions that record on the tape like the core ops: they
+ * return NULL and record the error on the tape on bad input. Parameters
+ * are passed in (see nn_params below); nothing here owns state. */
+
+/* y = x w^T + b. x [N, in], w [out, in] (PyTorch's layout), b [out] or NULL
+ * (no bias). Returns y [N, out]. */
+ad_tensor *nn_linear(ad_tape *t, ad_tensor *x, ad_tensor *w, ad_tensor *b);
+
+/* [N, d1, d2, ...] -> [N, d1*d2*...]: a view, no copy. */
+ad_tensor *nn_flatten(ad_tape *t, ad_tensor *x);
+
+/* Inverted dropout: in training (train != 0) zeroes each element with
+ * probability p, drawn from r, and scales the rest by 1/(1-p); in
+ * evaluation returns x itself. p in [0, 1). r may be NULL when !train. */
+ad_tensor *nn_dropout(ad_tape *t, ad_tensor *x, double p, ad_rng *r, int train);
+
+/* ------------------------------------------------------------------ activations */
+
+/* GELU, erf form (exact, PyTorch's default): x Phi(x), Phi the standard
+ * normal CDF. A fused op; its derivative is nn_gelu_backward. */
+ad_tensor *nn_gelu(ad_tape *t, ad_tensor *x);
+/* g * gelu'(x), gelu'(x) = Phi(x) + x phi(x): GELU's VJP as a fused op with
+ * its own rule (second derivative phi(x) (2 - x^2)). g and x same shape. */
+ad_tensor *nn_gelu_backward(ad_tape *t, ad_tensor *g, ad_tensor *x);
+
+/* Leaky ReLU: x where x > 0, slope * x elsewhere. */
+ad_tensor *nn_leaky_relu(ad_tape *t, ad_tensor *x, double slope);
+/* g * (x > 0 ? 1 : slope): leaky ReLU's VJP as a fused op. */
+ad_tensor *nn_leaky_relu_backward(ad_tape *t, ad_tensor *g, ad_tensor *x, double slope);
+
+/* ------------------------------------------------------------------ losses */
+/* The *_each forms return one loss per example, a [N] tensor, so callers can
+ * weight examples (data reweighting: ad_dot(weights, losses)). The mean
+ * cross-entropy and MSE are ad_cross_entropy and ad_mse in ad.h. */
+
+/* -logp[i, labels[i]] for each row of logp [N, C]: [N]. labels: n ints in
+ * [0, C), copied. */
+ad_tensor *nn_nll_each(ad_tape *t, ad_tensor *logp, const int32_t *labels, int64_t n);
+/* Cross-entropy of each row of logits [N, C] with its label: [N]. */
+ad_tensor *nn_cross_entropy_each(ad_tape *t, ad_tensor *logits, const int32_t *labels,
+                                 int64_t n);
+/* Mean over all but the first axis of (a - b)^2: [N]. a and b have the same
+ * size and first axis N. */
+ad_tensor *nn_mse_each(ad_tape *t, ad_tensor *a, ad_tensor *b);
+/* Binary cross-entropy with logits z and targets y in [0, 1] (same size and
+ * first axis), in the stable form softplus(z) - y z: finite for any z.
+ * _each: mean over all but the first axis, [N]; plain: mean of all, scalar. */
+ad_tensor *nn_bce_with_logits_each(ad_tape *t, ad_tensor *z, ad_tensor *y);
+ad_tensor *nn_bce_with_logits(ad_tape *t, ad_tensor *z, ad_tensor *y);
+
 #ifdef __cplusplus
 }
 #endif
