@@ -14,7 +14,7 @@
  *     printf("f=%g df=%g\n", ad_item(f), ad_item(df));
  *     ad_tape_free(tape);
  *
- * (tests/test_header_example.c builds and runs exactly this.)
+ * (tests/test_tape.c, test_header_example, builds and runs exactly this.)
  *
  * The model
  * ---------
