@@ -1,0 +1,242 @@
+/* bl_internal.h — what the hypergradient methods share (bilevel/common.c):
+ * the per-call working set, the inner trajectory run in place or recorded,
+ * one recorded step and its VJP, optimizer-state copies, and plain vector
+ * algebra over lists of tensors. Not installed; users never see it.
+ *
+ * A method reads like this (bilevel/fo.c is the shortest example):
+ *
+ *     ad_status bl_fo(ad_tape *t, const bl_problem *p, const bl_opts *o,
+ *                     ad_tensor *const *hg, bl_stats *st) {
+ *       bl_run r;
+ *       ad_status s = bl__begin(&r, "bl_fo", t, p, o, hg, 0);   // checks + mark
+ *       if (s) return bl__end(&r, s, st);
+ *       ad_tensor *w[NN_MAX_PARAMS], *glam[NN_MAX_PARAMS];
+ *       nn_opt_state os;
+ *       s = bl__w0_copy(&r, w);                                  // writable copies of w0
+ *       if (!s) s = bl__state_new(&r, &os);                      // in-place optimizer state
+ *       if (!s) s = bl__run_inplace(&r, r.lam, &r.opt.cfg, w, &os, 0, p->inner_steps);
+ *       if (!s) s = bl__val_grad(&r, r.lam, w, NULL, glam);      // dL_val/dlam at w_T
+ *       if (!s) s = bl__write_hg(&r, glam, hg);
+ *       return bl__end(&r, s, st);                               // rewind, stats
+ *     }
+ *
+ * Conventions
+ * -----------
+ * - Step s (0-based) maps w_s to w_{s+1} and calls L_train with step = s.
+ *   The validation loss is called with step = -1.
+ * - Every helper that can fail records the error on the tape (ad__fail) and
+ *   returns it, so a method chains them with `if (!s) s = ...` and reports
+ *   the first failure. nn/ errors (thread-local messages) are moved onto the
+ *   tape with their text.
+ * - Memory: every buffer a method needs for the whole call (copies of w,
+ *   optimizer states, checkpoints, accumulated hypergradients) is allocated
+ *   in the arena right after bl__begin, so bl__end's rewind frees it and
+ *   st->peak_arena_bytes counts it. Per-step work sits between an ad_mark /
+ *   ad_rewind pair and is gone after the step; results that must survive a
+ *   rewind are copied into the long-lived buffers first (bl__copy_list,
+ *   bl__axpy).
+ * - The method differentiates by r->lam: views of p->lam that are leaves
+ *   needing a gradient, so the user's tensors are neither written nor
+ *   re-flagged. r->opt.cfg is p->opt with every *_var that pointed at p->lam[k]
+ *   pointing at r->lam[k] instead. Pass r->lam and &r->opt.cfg to the
+ *   trajectory helpers; to evaluate at perturbed hyperparameters, make other
+ *   tensors and a bl_cfg_map for them with bl__cfg_map.
+ * - st->hvps counts second-order products: each reverse (or forward) sweep
+ *   through the derivative of one inner step, or one Hessian-vector /
+ *   mixed-partial product, is one.
+ */
+#ifndef HYPERTAPE_BL_INTERNAL_H
+#define HYPERTAPE_BL_INTERNAL_H
+
+#include "bl.h"
+#include "autodiff/ad_internal.h"
+
+/* Most optimizer-state buffers one state holds (m and v per parameter). */
+#define BL_MAX_STATE (2 * NN_MAX_PARAMS)
+
+/* An optimizer config whose tape variables point at a given set of
+ * hyperparameter tensors. Holds the per-parameter arrays the config points
+ * into, so keep it where it is (do not copy it by value and use the copy). */
+typedef struct {
+  nn_opt_cfg cfg;
+  ad_tensor *lr_vars[NN_MAX_PARAMS];
+  ad_tensor *wd_vars[NN_MAX_PARAMS];
+} bl_cfg_map;
+
+/* The working set of one method call. */
+typedef struct {
+  ad_tape *t;
+  const bl_problem *p;
+  bl_opts o;                     /* the caller's options, or all zero */
+  const char *who;               /* method name for messages */
+  ad_tensor *lam[NN_MAX_PARAMS]; /* leaf views of p->lam (see Conventions) */
+  bl_cfg_map opt;                /* p->opt pointing at lam above */
+  bl_stats st;                   /* filled as the method goes */
+  /* restored by bl__end */
+  ad_marker mark;
+  int recording;
+  size_t used0; /* arena bytes in use at entry */
+  double t0;    /* seconds at entry */
+  int begun;    /* bl__begin got as far as the mark */
+} bl_run;
+
+/* ---------------------------------------------------------------- entry, exit */
+
+/* Starts a method call: checks t (not NULL, no pending error), p (non-NULL
+ * callbacks and tensors, 1 <= n_w, n_lam <= NN_MAX_PARAMS, w0 of one dtype),
+ * hg (non-NULL, hg[k] shaped like lam[k]), p->inner_steps >= min_steps;
+ * then marks the arena, resets its peak, turns recording on, starts the
+ * clock and makes r->lam / r->opt. Errors go on the tape (or to
+ * ad_last_error when t is NULL). Always pair with bl__end, even on error. */
+ad_status bl__begin(bl_run *r, const char *who, ad_tape *t, const bl_problem *p, const bl_opts *o,
+                    ad_tensor *const *hg, int64_t min_steps);
+
+/* Ends a call: rewinds everything recorded or allocated since bl__begin,
+ * restores recording, fills st (if not NULL) with r->st plus
+ * peak_arena_bytes (arena high-water in the call above the bytes in use at
+ * entry) and seconds. Returns s unchanged. The tape's own peak statistic is
+ * left at the call's high-water mark (ad.h has no way to restore it). */
+ad_status bl__end(bl_run *r, ad_status s, bl_stats *st);
+
+/* Records an error on the tape and returns it (printf-style message,
+ * prefixed with r->who). */
+ad_status bl__fail(bl_run *r, ad_status s, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Moves a failed nn_ call's status and ad_last_error() message onto the
+ * tape; returns s (AD_OK passes through). */
+ad_status bl__nn(bl_run *r, ad_status s);
+
+/* r->o.<field> if nonzero, else the default. */
+#define BL_OPT(r, field, dflt) ((r)->o.field ? (r)->o.field : (dflt))
+
+/* The inner learning rate as a number (lr_var read as its value; the first
+ * parameter's lr_vars entry, element 0), with nn's default 0.01. */
+double bl__lr(const nn_opt_cfg *cfg);
+
+/* cfg = p->opt with each *_var / *_vars entry that is p->lam[k] replaced by
+ * lam[k] (other tensors are kept). */
+void bl__cfg_map(const bl_problem *p, ad_tensor *const *lam, bl_cfg_map *m);
+
+/* ---------------------------------------------------------------- tensors */
+
+/* An arena tensor with x's shape, dtype and values and no history. */
+ad_tensor *bl__copy(ad_tape *t, const ad_tensor *x);
+/* bl__copy, marked as a leaf that needs a gradient: the start of a
+ * recorded segment. */
+ad_tensor *bl__leaf(ad_tape *t, const ad_tensor *x);
+/* A leaf view of x sharing its data (no copy): only when x's values will
+ * not change while the view is used. */
+ad_tensor *bl__leaf_view(ad_tape *t, const ad_tensor *x);
+
+/* out[i] = bl__copy(src[i]) / bl__leaf(src[i]) / arena zeros like src[i]. */
+ad_status bl__copy_new(bl_run *r, int n, ad_tensor *const *src, ad_tensor **out);
+ad_status bl__leaf_new(bl_run *r, int n, ad_tensor *const *src, ad_tensor **out);
+ad_status bl__zeros_new(bl_run *r, int n, ad_tensor *const *like, ad_tensor **out);
+
+/* Writable copies of p->w0 in the arena, marked as leaves needing a
+ * gradient so the in-place run can take L_train's gradient at them. */
+ad_status bl__w0_copy(bl_run *r, ad_tensor **w);
+
+/* Copies the hypergradient g (tensors shaped like lam, any dtype) into the
+ * caller's hg. Call it last, once everything has succeeded. */
+ad_status bl__write_hg(bl_run *r, ad_tensor *const *g, ad_tensor *const *hg);
+
+/* ---------------------------------------------------------------- lists as vectors
+ * Plain value arithmetic (no recording) over lists of n tensors, summed in
+ * double; tensors paired by index must have the same size (dtypes may
+ * differ). NULL entries of x count as zero. */
+
+double bl__dot(int n, ad_tensor *const *a, ad_tensor *const *b);          /* sum_i <a_i, b_i> */
+double bl__norm(int n, ad_tensor *const *a);                              /* sqrt(bl__dot(a, a)) */
+void bl__axpy(int n, ad_tensor *const *y, double c, ad_tensor *const *x); /* y_i += c x_i */
+void bl__scale(int n, ad_tensor *const *y, double c);                     /* y_i *= c */
+void bl__zero(int n, ad_tensor *const *y);
+/* dst_i = src_i (values; NULL src_i gives zeros). */
+void bl__copy_list(int n, ad_tensor *const *dst, ad_tensor *const *src);
+/* y_i = (1 - b) a_i + b c_i: points on the segment from a to c. */
+void bl__lerp(int n, ad_tensor *const *y, ad_tensor *const *a, ad_tensor *const *c, double b);
+
+/* The same dot product recorded on the tape (a scalar tensor): for building
+ * <grad_w L, v> to differentiate again. NULL on error (on the tape). */
+ad_tensor *bl__dot_tape(ad_tape *t, int n, ad_tensor *const *a, ad_tensor *const *b);
+
+/* ---------------------------------------------------------------- optimizer state */
+
+/* A fresh in-place optimizer state for p->opt with its buffers (zeros) in
+ * the arena: freed by bl__end's rewind, counted in the peak. It is a plain
+ * nn_opt_state (on_tape = 0) that nn_opt_step updates in place. */
+ad_status bl__state_new(bl_run *r, nn_opt_state *s);
+
+/* dst = src with every buffer replaced by an arena copy of its values.
+ * mode BL_STATE_INPLACE: an in-place state (on_tape 0, writable buffers);
+ * BL_STATE_TAPE: a tape state (on_tape 1) for nn_opt_step_diff;
+ * BL_STATE_LEAF: a tape state whose buffers are leaves needing a gradient,
+ * to differentiate with respect to the state. */
+enum { BL_STATE_INPLACE = 0, BL_STATE_TAPE = 1, BL_STATE_LEAF = 2 };
+ad_status bl__state_copy(bl_run *r, nn_opt_state *dst, const nn_opt_state *src, int mode);
+
+/* Copies src's step count and buffer values into dst's existing buffers
+ * (same optimizer and parameters). */
+void bl__state_set(nn_opt_state *dst, const nn_opt_state *src);
+
+/* The non-NULL buffers of s as a list: m[0..n) then v[0..n) in that order.
+ * Returns how many (0 for SGD). Two states of the same optimizer give
+ * matching lists. */
+int bl__state_list(const nn_opt_state *s, ad_tensor **out);
+
+/* ---------------------------------------------------------------- the inner trajectory */
+
+/* Checks that a loss callback returned a scalar; records the error if not. */
+ad_status bl__check_loss(bl_run *r, const ad_tensor *L, const char *which, int64_t step);
+
+/* In place: w (writable, leaves needing a gradient, e.g. from bl__w0_copy)
+ * and s (from bl__state_new / bl__state_copy INPLACE) advance through steps
+ * from..to-1: L_train recorded at w, its gradient (not recorded),
+ * nn_opt_step. Each step is rewound, so memory stays flat. lam / cfg: the
+ * hyperparameters the losses and the optimizer see (r->lam, &r->opt.cfg). */
+ad_status bl__run_inplace(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *cfg,
+                          ad_tensor *const *w, nn_opt_state *s, int64_t from, int64_t to);
+
+/* Recorded: from w_in (leaves or tensors with history) and a tape state s
+ * (advanced in place to the state after the last step), records steps
+ * from..to-1 (the gradient with AD_GRAD_RECORD, nn_opt_step_diff) and sets
+ * w_out to w_to. Nothing is rewound: this is what reverse mode walks back. */
+ad_status bl__run_recorded(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *cfg,
+                           ad_tensor *const *w_in, nn_opt_state *s, int64_t from, int64_t to,
+                           ad_tensor **w_out);
+
+/* One recorded step: w_new = Phi(w, grad_w L_train(w, lam, step), s), s
+ * advanced. g_out (may be NULL) receives the recorded gradient. */
+ad_status bl__step_recorded(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *cfg,
+                            ad_tensor *const *w, nn_opt_state *s, int64_t step, ad_tensor **g_out,
+                            ad_tensor **w_new);
+
+/* The VJP of one inner step at (w, s) with cotangent a on w_new and as on
+ * the new state's buffers (as may be NULL: zero; else a list matching
+ * bl__state_list):
+ *   glam = a dPhi/dlam + as dS/dlam      (shaped like r->lam)
+ *   gw   = a dPhi/dw   + as dS/dw        (shaped like w)
+ *   gs   = a dPhi/ds   + as dS/ds        (a list matching bl__state_list)
+ * The step is recorded from fresh leaf copies of w and s's buffers at step
+ * index `step` with s's step count (so s is not changed); any of glam, gw,
+ * gs may be NULL. Results are arena tensors made after the call's start:
+ * copy them out before rewinding. Counts one hvp. */
+ad_status bl__step_vjp(bl_run *r, ad_tensor *const *w, const nn_opt_state *s, int64_t step,
+                       ad_tensor *const *a, ad_tensor *const *as, ad_tensor **glam, ad_tensor **gw,
+                       ad_tensor **gs);
+
+/* L_val at w (step -1) with its value in *val (may be NULL) and, not
+ * recorded, its gradients gw (shaped like w) and glam (shaped like lam);
+ * either may be NULL. w need not be leaves (views are taken). Sets
+ * r->st.val_loss. Results are arena tensors: copy them before rewinding. */
+ad_status bl__val_grad(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, double *val,
+                       ad_tensor **gw, ad_tensor **glam);
+
+/* L_val(w, lam) value only (no gradient); rewinds what it records. */
+ad_status bl__val_value(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, double *val);
+
+/* Seconds from an arbitrary origin (C11 timespec_get). */
+double bl__now(void);
+
+#endif
