@@ -132,6 +132,115 @@ ad_tensor *nn_mse_each(ad_tape *t, ad_tensor *a, ad_tensor *b);
 ad_tensor *nn_bce_with_logits_each(ad_tape *t, ad_tensor *z, ad_tensor *y);
 ad_tensor *nn_bce_with_logits(ad_tape *t, ad_tensor *z, ad_tensor *y);
 
+/* ------------------------------------------------------------------ parameter sets */
+/* A parameter set holds named tensors as views into ONE contiguous block of
+ * values and ONE of gradients (llm.c's layout): nn_params_values() and
+ * nn_params_grads() are the whole model as plain [numel] vectors, which CG,
+ * Neumann series and optimizers can use without copying. Every tensor is a
+ * heap leaf with ad_requires_grad set, and its ->grad is a view into the
+ * gradient block, so ad_backward accumulates straight into the block. All
+ * tensors of a set share one dtype. Errors are reported through
+ * ad_last_error(). */
+
+/* Longest name, with its terminating NUL. */
+#define NN_NAME_MAX 64
+
+typedef struct {
+  const char *name; /* 1..NN_NAME_MAX-1 characters, unique in the set */
+  int ndim;         /* 0..AD_MAX_DIMS */
+  int64_t shape[AD_MAX_DIMS];
+} nn_param_spec;
+
+typedef struct nn_params nn_params;
+
+/* Makes a set of n (1..NN_MAX_PARAMS) zero tensors laid out in spec order,
+ * with one allocation for the values and one for the gradients. The names
+ * are copied. On failure *out = NULL (AD_ERR_ARG for a bad or duplicated
+ * name, AD_ERR_SHAPE for a bad shape). Free with nn_params_free. */
+ad_status nn_params_new(nn_params **out, ad_dtype dt, int n, const nn_param_spec *specs);
+/* Frees the set, its blocks and its tensors. Accepts NULL. */
+void nn_params_free(nn_params *p);
+
+/* Number of tensors, total elements, dtype (0 / AD_F32 for NULL). */
+int nn_params_count(const nn_params *p);
+int64_t nn_params_numel(const nn_params *p);
+ad_dtype nn_params_dtype(const nn_params *p);
+
+/* Tensor by name (NULL if none), its index (-1 if none), tensor and name by
+ * index (NULL out of range), and its element offset in the blocks (-1). The
+ * set owns the tensors: do not free them. */
+ad_tensor *nn_params_get(const nn_params *p, const char *name);
+int nn_params_index(const nn_params *p, const char *name);
+ad_tensor *nn_params_at(const nn_params *p, int i);
+const char *nn_params_name(const nn_params *p, int i);
+int64_t nn_params_offset(const nn_params *p, int i);
+/* The count() tensors in order, for ad_grad / nn_opt_step / bilevel calls. */
+ad_tensor *const *nn_params_list(const nn_params *p);
+
+/* [numel] views of the value block and the gradient block (owned by the
+ * set; writing through them writes the parameters / gradients). */
+ad_tensor *nn_params_values(const nn_params *p);
+ad_tensor *nn_params_grads(const nn_params *p);
+
+/* Zeroes the gradient block. */
+void nn_params_zero_grad(nn_params *p);
+/* Turns ad_requires_grad on or off for every tensor of the set. */
+void nn_params_requires_grad(nn_params *p, int on);
+
+/* Copies src's values into dst (same names, dtype and shapes: else
+ * AD_ERR_SHAPE). clone: a new set with src's layout and values. */
+ad_status nn_params_copy(nn_params *dst, const nn_params *src);
+ad_status nn_params_clone(nn_params **out, const nn_params *src);
+
+/* All values to / from one vector v of numel elements (any shape, any
+ * dtype: converted). AD_ERR_SHAPE when the size differs. */
+ad_status nn_params_to_vector(const nn_params *p, ad_tensor *v);
+ad_status nn_params_from_vector(nn_params *p, const ad_tensor *v);
+
+/* On the tape: n tensors flattened and concatenated into one [total]
+ * vector (recorded, so gradients flow back to each piece), and the inverse:
+ * out[i] = the piece of v shaped like like[i]. unpack(pack(x)) = x to
+ * every derivative order. */
+ad_tensor *nn_pack(ad_tape *t, int n, ad_tensor *const *xs);
+ad_status nn_unpack(ad_tape *t, ad_tensor *v, int n, ad_tensor *const *like, ad_tensor **out);
+
+/* ------------------------------------------------------------------ init */
+
+typedef enum { NN_INIT_NORMAL = 0, NN_INIT_UNIFORM = 1 } nn_init_dist;
+
+/* Fans of a weight in PyTorch's convention, w [out, in, k...]:
+ * fan_in = in * prod(k), fan_out = out * prod(k). AD_ERR_SHAPE below 2 dims.
+ * Either pointer may be NULL. */
+ad_status nn_init_fans(const ad_tensor *w, int64_t *fan_in, int64_t *fan_out);
+/* Kaiming/He (fan_in mode): zero mean, std = gain / sqrt(fan_in); gain 0
+ * means sqrt(2) (ReLU). Uniform draws on [-sqrt(3) std, sqrt(3) std]. Values
+ * come from r only, so a seed fixes them on every machine. */
+ad_status nn_init_kaiming(ad_tensor *w, ad_rng *r, nn_init_dist dist, double gain);
+/* Xavier/Glorot: std = gain sqrt(2 / (fan_in + fan_out)); gain 0 means 1. */
+ad_status nn_init_xavier(ad_tensor *w, ad_rng *r, nn_init_dist dist, double gain);
+/* Every element set to v (biases). */
+ad_status nn_init_constant(ad_tensor *w, double v);
+
+/* ------------------------------------------------------------------ save / load */
+
+/* Version of the parameter file format written by nn_params_save. */
+#define NN_PARAMS_FILE_VERSION 1
+
+/* Writes the set (names, dtypes, shapes, values) to path: magic, version,
+ * tensor table, little-endian data, CRC-32. Atomic: written to a temporary
+ * file in the same directory, fsync'ed and renamed over path, so a crash
+ * leaves the old file or the new one, never a partial one. AD_ERR_IO (and
+ * no temporary left behind) when any step fails. */
+ad_status nn_params_save(const nn_params *p, const char *path);
+/* Reads a file written by nn_params_save into p. Everything is checked
+ * before anything is written: AD_ERR_FORMAT for a bad magic, another
+ * version, a truncated or padded file, a checksum mismatch, or a tensor
+ * whose name, dtype or shape differs from p's (the message names it);
+ * AD_ERR_IO when the file cannot be read. On error p is untouched. */
+ad_status nn_params_load(nn_params *p, const char *path);
+/* Same, into a new set laid out as the file says. */
+ad_status nn_params_load_new(nn_params **out, const char *path);
+
 #ifdef __cplusplus
 }
 #endif
