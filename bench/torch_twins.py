@@ -1,0 +1,240 @@
+#!/usr/bin/python3
+"""PyTorch twins of the bench/bench_*.c workloads: one function per workload,
+same shapes, same data layout, same math, timed the same way (warmup, then
+per-iteration wall clock, median).
+
+    /usr/bin/python3 bench/torch_twins.py --workload grad_mlp --threads 1 --iters 200
+    /usr/bin/python3 bench/torch_twins.py --list
+    /usr/bin/python3 bench/torch_twins.py --blas-info
+
+Prints one JSON line: {"workload", "threads", "iters", "torch_ms",
+"torch_floor_ms", "torch_blas"}. torch_floor_ms is the same GEMMs as the C
+bench's floor, through torch.mm, so BLIS and OpenBLAS can be compared
+directly.
+
+Thread pinning: run it with OMP_NUM_THREADS / OPENBLAS_NUM_THREADS set to the
+same N (bench/run.py does); torch.set_num_threads(N) is called here too.
+
+Adding a workload: write bench/bench_NAME.c and a function here decorated
+with @workload("NAME") that returns (step, floor) callables."""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+WORKLOADS = {}
+
+
+def workload(name):
+    """Registers a twin. The decorated function takes no arguments and
+    returns (step, floor): two callables, each one iteration."""
+
+    def reg(fn):
+        WORKLOADS[name] = fn
+        return fn
+
+    return reg
+
+
+# --------------------------------------------------------------- MLP (bench/mlp.h)
+B, IN, H, OUT = 128, 784, 200, 10
+
+
+def _mlp_data(torch):
+    """Same distributions as bench/mlp.h: N(0,1) inputs, He-initialised
+    weights, uniform labels, N(0,1) direction for the HVP. Layout [in, out],
+    so the forward is X @ W1, as in the C bench (no transposes anywhere)."""
+    g = torch.Generator().manual_seed(42)
+    x = torch.randn(B, IN, generator=g)
+    w1 = (torch.randn(IN, H, generator=g) * math.sqrt(2.0 / IN)).requires_grad_()
+    w2 = (torch.randn(H, OUT, generator=g) * math.sqrt(2.0 / H)).requires_grad_()
+    y = torch.randint(0, OUT, (B,), generator=g)
+    v1 = torch.randn(IN, H, generator=g)
+    v2 = torch.randn(H, OUT, generator=g)
+    return x, w1, w2, y, v1, v2
+
+
+def _mlp_loss(torch, x, w1, w2, y):
+    F = torch.nn.functional
+    return F.nll_loss(F.log_softmax(torch.relu(x @ w1) @ w2, dim=1), y)
+
+
+def _mm_buffers(torch, shapes):
+    """Inputs for the floor GEMMs: (m, n, k, trans_a, trans_b) -> (A, B, C)
+    with op(A) m x k and op(B) k x n given as transposed views when asked,
+    exactly like the row-major strides the C side passes to BLIS."""
+    out = []
+    for m, n, k, ta, tb in shapes:
+        a = torch.randn(k, m).t() if ta else torch.randn(m, k)
+        b = torch.randn(n, k).t() if tb else torch.randn(k, n)
+        out.append((a, b, torch.empty(m, n)))
+    return out
+
+
+# The GEMMs of bench/mlp.h's mlp_floor_grad and mlp_floor_hvp.
+MLP_GRAD_GEMMS = [
+    (B, H, IN, 0, 0),  # H = X W1
+    (B, OUT, H, 0, 0),  # Z = A W2
+    (H, OUT, B, 1, 0),  # dW2 = A^T G
+    (B, H, OUT, 0, 1),  # dA = G W2^T
+    (IN, H, B, 1, 0),  # dW1 = X^T dH
+]
+MLP_HVP_GEMMS = MLP_GRAD_GEMMS + [
+    (B, H, IN, 0, 0),  # X V1
+    (B, H, OUT, 0, 1),  # G V2^T
+    (B, OUT, H, 0, 0),  # A V2
+    (B, OUT, H, 0, 0),  # bdA W2
+    (H, OUT, B, 1, 0),  # bdA^T G
+    (H, OUT, B, 1, 0),  # A^T bZ
+    (B, H, OUT, 0, 1),  # bZ W2^T
+    (IN, H, B, 1, 0),  # X^T bH
+]
+
+
+def _floor(torch, shapes):
+    bufs = _mm_buffers(torch, shapes)
+    mm = torch.mm
+
+    def floor():
+        for a, b, c in bufs:
+            mm(a, b, out=c)
+
+    return floor
+
+
+@workload("grad_mlp")
+def grad_mlp():
+    import torch
+
+    x, w1, w2, y, _, _ = _mlp_data(torch)
+    grad = torch.autograd.grad
+
+    def step():
+        loss = _mlp_loss(torch, x, w1, w2, y)
+        grad(loss, (w1, w2))
+
+    return step, _floor(torch, MLP_GRAD_GEMMS)
+
+
+@workload("hvp_mlp")
+def hvp_mlp():
+    import torch
+
+    x, w1, w2, y, v1, v2 = _mlp_data(torch)
+    grad = torch.autograd.grad
+
+    def step():
+        # Double backward: the gradient recorded (create_graph), dotted with
+        # v, differentiated again, as ad_hvp does on the tape.
+        loss = _mlp_loss(torch, x, w1, w2, y)
+        g1, g2 = grad(loss, (w1, w2), create_graph=True)
+        s = (g1 * v1).sum() + (g2 * v2).sum()
+        grad(s, (w1, w2))
+
+    return step, _floor(torch, MLP_HVP_GEMMS)
+
+
+# --------------------------------------------------------------- harness
+
+
+def blas_info():
+    """Which BLAS torch.mm really runs: the shared library mapped into this
+    process after a matmul, and OpenBLAS's own core name and config."""
+    import ctypes
+
+    import torch
+
+    torch.mm(torch.randn(64, 64), torch.randn(64, 64))
+    libs = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            path = line.split()[-1] if len(line.split()) >= 6 else ""
+            low = os.path.basename(path).lower()
+            if any(s in low for s in ("blas", "blis", "mkl_")) and path not in libs:
+                libs.append(path)
+    info = {"libs": libs, "torch": torch.__version__}
+    for path in libs:
+        if "openblas" in os.path.basename(path).lower():
+            try:
+                lib = ctypes.CDLL(path)
+                lib.openblas_get_corename.restype = ctypes.c_char_p
+                lib.openblas_get_config.restype = ctypes.c_char_p
+                info["openblas_core"] = lib.openblas_get_corename().decode()
+                info["openblas_config"] = lib.openblas_get_config().decode().strip()
+                lib.openblas_get_num_threads.restype = ctypes.c_int
+                info["openblas_threads"] = lib.openblas_get_num_threads()
+            except (OSError, AttributeError):
+                pass
+    if not libs:
+        info["summary"] = "no BLAS library mapped (torch built without BLAS?)"
+    elif "openblas_core" in info:
+        info["summary"] = "OpenBLAS (%s, core %s)" % (
+            info["openblas_config"].split()[1] if len(info["openblas_config"].split()) > 1 else "?",
+            info["openblas_core"],
+        )
+    else:
+        info["summary"] = os.path.basename(libs[0])
+    return info
+
+
+def time_pair(step, floor, iters, warmup):
+    """Alternates step and floor, each timed alone; returns both medians in
+    ms (the same scheme as bench_util.h's bu_time_pair)."""
+    for _ in range(warmup):
+        step()
+        floor()
+    a, b = [], []
+    clock = time.perf_counter_ns
+    for _ in range(iters):
+        t0 = clock()
+        step()
+        t1 = clock()
+        floor()
+        t2 = clock()
+        a.append((t1 - t0) * 1e-6)
+        b.append((t2 - t1) * 1e-6)
+    return statistics.median(a), statistics.median(b)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workload")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--list", action="store_true", help="print the workload names")
+    ap.add_argument("--blas-info", action="store_true", help="print which BLAS torch uses")
+    args = ap.parse_args()
+    if args.list:
+        print("\n".join(WORKLOADS))
+        return 0
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.blas_info:
+        print(json.dumps(blas_info()))
+        return 0
+    if args.workload not in WORKLOADS:
+        print("unknown workload %r; known: %s" % (args.workload, ", ".join(WORKLOADS)),
+              file=sys.stderr)
+        return 2
+    step, floor = WORKLOADS[args.workload]()
+    torch_ms, floor_ms = time_pair(step, floor, args.iters, args.warmup)
+    print(json.dumps({
+        "workload": args.workload,
+        "threads": args.threads,
+        "torch_threads": torch.get_num_threads(),
+        "iters": args.iters,
+        "torch_ms": round(torch_ms, 4),
+        "torch_floor_ms": round(floor_ms, 4),
+        "torch_blas": blas_info()["summary"],
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
