@@ -98,6 +98,73 @@ ad_tensor *nn_flatten(ad_tape *t, ad_tensor *x);
  * evaluation returns x itself. p in [0, 1). r may be NULL when !train. */
 ad_tensor *nn_dropout(ad_tape *t, ad_tensor *x, double p, ad_rng *r, int train);
 
+/* 2-D convolution, NCHW: x [N, C, H, W], w [K, C, R, S], b [K] or NULL;
+ * y [N, K, P, Q] with P = (H + 2 pad - R) / stride + 1 (Q likewise), zero
+ * padding. im2col + one BLIS GEMM per image, workspace from the tape's
+ * arena. Its derivatives are the two companion ops below, whose own rules
+ * use conv2d and each other, so HVPs and unrolled hypergradients through a
+ * CNN stay three fast kernels. */
+ad_tensor *nn_conv2d(ad_tape *t, ad_tensor *x, ad_tensor *w, ad_tensor *b, int stride, int pad);
+/* d<g, conv2d(x, w)>/dx for an input of h x wd: a transposed convolution of
+ * g [N, K, P, Q] with w [K, C, R, S]; returns [N, C, h, wd]. */
+ad_tensor *nn_conv2d_backward_input(ad_tape *t, ad_tensor *g, ad_tensor *w, int64_t h, int64_t wd,
+                                    int stride, int pad);
+/* d<g, conv2d(x, w)>/dw for an r x s filter: x [N, C, H, W], g [N, K, P, Q];
+ * returns [K, C, r, s]. */
+ad_tensor *nn_conv2d_backward_weight(ad_tape *t, ad_tensor *x, ad_tensor *g, int64_t r, int64_t s,
+                                     int stride, int pad);
+
+/* Max pooling over k x k windows (stride, zero-cost padding that never
+ * wins: 0 <= pad <= k/2) of x [N, C, H, W]. The gradient is routed through
+ * the saved argmax (first maximum of each window) by a fused backward op
+ * that is linear in g, with its own rule. */
+ad_tensor *nn_max_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad);
+/* Average pooling, divisor k*k (padding counts as zeros: PyTorch's
+ * count_include_pad). Linear; its backward op is its adjoint. */
+ad_tensor *nn_avg_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad);
+
+/* Layer norm over the last axis of x [..., D]: (x - mean) / sqrt(var + eps)
+ * * gamma + beta, statistics per row (biased variance). gamma, beta [D] or
+ * NULL (no affine part). eps > 0 (1e-5 is usual). */
+ad_tensor *nn_layer_norm(ad_tape *t, ad_tensor *x, ad_tensor *gamma, ad_tensor *beta, double eps);
+
+/* Batch norm running statistics, owned by the caller (heap tensors). A
+ * plain struct: nn_bn_state_clone gives an independent copy for an inner
+ * loop, so unrolled inner steps never leak into evaluation statistics. */
+typedef struct {
+  int64_t channels;
+  double momentum;     /* running = (1 - momentum) running + momentum batch */
+  double eps;          /* added to the variance */
+  ad_tensor *mean;     /* [C], starts at 0 */
+  ad_tensor *var;      /* [C], unbiased batch variances, starts at 1 */
+  int64_t n_updates;   /* times NN_BN_UPDATE changed the statistics */
+} nn_bn_state;
+
+/* Makes the state: mean 0, var 1; momentum 0 means 0.1, eps 0 means 1e-5.
+ * Free with nn_bn_state_free (accepts NULL and freed states). */
+ad_status nn_bn_state_init(nn_bn_state *s, ad_dtype dt, int64_t channels, double momentum,
+                           double eps);
+void nn_bn_state_free(nn_bn_state *s);
+/* dst = a new independent copy of src (dst uninitialised). */
+ad_status nn_bn_state_clone(nn_bn_state *dst, const nn_bn_state *src);
+/* Copies src's statistics into an initialised dst of as many channels. */
+ad_status nn_bn_state_copy(nn_bn_state *dst, const nn_bn_state *src);
+
+enum {
+  NN_BN_EVAL = 0,        /* normalise with s's running statistics */
+  NN_BN_TRAIN = 1u << 0, /* normalise with the batch's statistics (recorded) */
+  NN_BN_UPDATE = 1u << 1 /* with TRAIN: also fold the batch statistics into s */
+};
+
+/* Batch norm over x [N, C] or [N, C, H, W], per channel: (x - mean) /
+ * sqrt(var + eps) * gamma + beta (gamma, beta [C] or NULL). The running
+ * statistics in s change ONLY with NN_BN_TRAIN | NN_BN_UPDATE; NN_BN_TRAIN
+ * alone leaves s untouched (s may then be NULL: eps 1e-5). Evaluation
+ * (NN_BN_EVAL) needs s. The update itself is not differentiated (values
+ * only, as in PyTorch). */
+ad_tensor *nn_batch_norm(ad_tape *t, ad_tensor *x, ad_tensor *gamma, ad_tensor *beta,
+                         nn_bn_state *s, unsigned mode);
+
 /* ------------------------------------------------------------------ activations */
 
 /* GELU, erf form (exact, PyTorch's default): x Phi(x), Phi the standard

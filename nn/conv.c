@@ -1,0 +1,361 @@
+/* conv.c — 2-D convolution (NCHW, square stride and zero padding) by
+ * im2col + one BLIS GEMM per image, and its two companion ops.
+ *
+ * With x [N, C, H, W], w [K, C, R, S], y [N, K, P, Q],
+ *   P = (H + 2 pad - R) / stride + 1,  Q = (W + 2 pad - S) / stride + 1,
+ *   y[n,k,p,q] = b[k] + sum_{c,r,s} w[k,c,r,s] x[n, c, p*st + r - pad, q*st + s - pad]
+ * and B(x, w, G) = <G, conv(x, w)> trilinear, the three ops are
+ *   conv2d(x, w)                  y
+ *   conv2d_backward_input(G, w)   dB/dx  (a transposed convolution)
+ *   conv2d_backward_weight(x, G)  dB/dw
+ * Each one's rule is written with the other two, from B's linearity in
+ * each argument:
+ *   <H, bwd_input(G, w)>  = <G, conv(H, w)>  -> d/dG = conv(H, w),       d/dw = bwd_weight(H, G)
+ *   <U, bwd_weight(x, G)> = <G, conv(x, U)>  -> d/dx = bwd_input(G, U),  d/dG = conv(x, U)
+ * so derivatives of every order stay three fast kernels, never a long
+ * chain of elementwise nodes. */
+#include "nn.h"
+
+#include "autodiff/ad_internal.h"
+
+#include <string.h>
+
+typedef struct {
+  int64_t n, c, h, w; /* input */
+  int64_t k, r, s;    /* filters */
+  int64_t p, q;       /* output */
+  int64_t st, pad;
+} conv_geom;
+
+/* ------------------------------------------------------------------ kernels */
+/* im2col: x_n [C, H, W] -> col [C*R*S, P*Q],
+ *   col[(c*R + r)*S + s][p*Q + q] = x_n[c][p*st + r - pad][q*st + s - pad]  (0 outside).
+ * col2im is its adjoint: x_n[c][ih][iw] += col[...] over the same pairs.
+ * For each (c, r, s) row the valid output columns q are [q0, q1): left and
+ * right of them the input column falls in the padding. */
+static void valid_q(const conv_geom *g, int64_t s, int64_t *q0, int64_t *q1) {
+  int64_t lo = g->pad - s; /* need q*st >= lo */
+  int64_t a = lo <= 0 ? 0 : (lo + g->st - 1) / g->st;
+  int64_t hi = g->w - 1 + g->pad - s; /* need q*st <= hi */
+  int64_t b = hi < 0 ? 0 : hi / g->st + 1;
+  if (b > g->q) b = g->q;
+  if (a > b) a = b;
+  *q0 = a;
+  *q1 = b;
+}
+
+#define DEF_KERNELS(T, SFX)                                                                        \
+  static void im2col_##SFX(const T *x, T *col, const conv_geom *g) {                               \
+    const int64_t H = g->h, W = g->w, P = g->p, Q = g->q, st = g->st;                              \
+    for (int64_t c = 0; c < g->c; c++)                                                             \
+      for (int64_t r = 0; r < g->r; r++)                                                           \
+        for (int64_t s = 0; s < g->s; s++) {                                                       \
+          T *dst = col + ((c * g->r + r) * g->s + s) * P * Q;                                      \
+          int64_t q0, q1;                                                                          \
+          valid_q(g, s, &q0, &q1);                                                                 \
+          for (int64_t p = 0; p < P; p++, dst += Q) {                                              \
+            int64_t ih = p * st + r - g->pad;                                                      \
+            if (ih < 0 || ih >= H) {                                                               \
+              memset(dst, 0, sizeof(T) * (size_t)Q);                                               \
+              continue;                                                                            \
+            }                                                                                      \
+            const T *row = x + (c * H + ih) * W; /* iw = q*st + s - pad */                         \
+            const int64_t off = s - g->pad;                                                        \
+            for (int64_t q = 0; q < q0; q++) dst[q] = 0;                                           \
+            if (st == 1)                                                                           \
+              memcpy(dst + q0, row + q0 + off, sizeof(T) * (size_t)(q1 - q0));                     \
+            else                                                                                   \
+              for (int64_t q = q0; q < q1; q++) dst[q] = row[q * st + off];                        \
+            for (int64_t q = q1; q < Q; q++) dst[q] = 0;                                           \
+          }                                                                                        \
+        }                                                                                          \
+  }                                                                                                \
+  /* x_n += col2im(col); x_n must hold what it should be added to. */                              \
+  static void col2im_##SFX(const T *col, T *x, const conv_geom *g) {                               \
+    const int64_t H = g->h, W = g->w, P = g->p, Q = g->q, st = g->st;                              \
+    for (int64_t c = 0; c < g->c; c++)                                                             \
+      for (int64_t r = 0; r < g->r; r++)                                                           \
+        for (int64_t s = 0; s < g->s; s++) {                                                       \
+          const T *src = col + ((c * g->r + r) * g->s + s) * P * Q;                                \
+          int64_t q0, q1;                                                                          \
+          valid_q(g, s, &q0, &q1);                                                                 \
+          for (int64_t p = 0; p < P; p++, src += Q) {                                              \
+            int64_t ih = p * st + r - g->pad;                                                      \
+            if (ih < 0 || ih >= H) continue;                                                       \
+            T *row = x + (c * H + ih) * W;                                                         \
+            const int64_t off = s - g->pad;                                                        \
+            if (st == 1)                                                                           \
+              for (int64_t q = q0; q < q1; q++) row[q + off] += src[q];                            \
+            else                                                                                   \
+              for (int64_t q = q0; q < q1; q++) row[q * st + off] += src[q];                       \
+          }                                                                                        \
+        }                                                                                          \
+  }
+
+DEF_KERNELS(float, f32)
+DEF_KERNELS(double, f64)
+
+/* A 1x1 filter at stride 1 without padding reads x_n itself as col. */
+static int is_pointwise(const conv_geom *g) {
+  return g->r == 1 && g->s == 1 && g->st == 1 && g->pad == 0;
+}
+
+/* Typed GEMM on element pointers: C = alpha op(A) op(B) + beta C. */
+static void gemm(ad_dtype dt, int ta, int tb, int64_t m, int64_t n, int64_t k, const void *a,
+                 int64_t lda, const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
+  if (dt == AD_F32)
+    ad_gemm_f32(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, (float)beta, c, ldc);
+  else
+    ad_gemm_f64(ta, tb, m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc);
+}
+
+static void im2col(ad_dtype dt, const void *x, void *col, const conv_geom *g) {
+  if (dt == AD_F32)
+    im2col_f32(x, col, g);
+  else
+    im2col_f64(x, col, g);
+}
+
+static void col2im(ad_dtype dt, const void *col, void *x, const conv_geom *g) {
+  if (dt == AD_F32)
+    col2im_f32(col, x, g);
+  else
+    col2im_f64(col, x, g);
+}
+
+/* y [N, K, P, Q] = conv(x, w) (+ b per channel). */
+static int conv_forward(ad_tape *t, const conv_geom *g, const ad_tensor *x, const ad_tensor *w,
+                        const ad_tensor *b, ad_tensor *y) {
+  ad_dtype dt = x->dtype;
+  size_t es = ad_dtype_size(dt);
+  int64_t crs = g->c * g->r * g->s, pq = g->p * g->q, chw = g->c * g->h * g->w;
+  int pw = is_pointwise(g);
+  void *col = pw ? NULL : ad_arena_alloc(t, (size_t)(crs * pq) * es);
+  if (!pw && !col) return 0;
+  for (int64_t n = 0; n < g->n; n++) {
+    const char *xn = (const char *)x->data + (size_t)(n * chw) * es;
+    char *yn = (char *)y->data + (size_t)(n * g->k * pq) * es;
+    if (!pw) im2col(dt, xn, col, g);
+    double beta = 0.0;
+    if (b) { /* start from the bias, and let the GEMM add W col onto it */
+      for (int64_t k = 0; k < g->k; k++) {
+        if (dt == AD_F32) {
+          float v = AD_F(b)[k], *row = (float *)yn + k * pq;
+          for (int64_t i = 0; i < pq; i++) row[i] = v;
+        } else {
+          double v = AD_D(b)[k], *row = (double *)yn + k * pq;
+          for (int64_t i = 0; i < pq; i++) row[i] = v;
+        }
+      }
+      beta = 1.0;
+    }
+    /* y_n [K, PQ] = W [K, CRS] col [CRS, PQ] */
+    gemm(dt, 0, 0, g->k, pq, crs, w->data, crs, pw ? xn : col, pq, beta, yn, pq);
+  }
+  return 1;
+}
+
+/* gx [N, C, H, W] = bwd_input(G, w): per image colg [CRS, PQ] = W^T G_n, col2im. */
+static int conv_bwd_input(ad_tape *t, const conv_geom *g, const ad_tensor *gy, const ad_tensor *w,
+                          ad_tensor *gx) {
+  ad_dtype dt = gy->dtype;
+  size_t es = ad_dtype_size(dt);
+  int64_t crs = g->c * g->r * g->s, pq = g->p * g->q, chw = g->c * g->h * g->w;
+  int pw = is_pointwise(g);
+  void *col = pw ? NULL : ad_arena_alloc(t, (size_t)(crs * pq) * es);
+  if (!pw && !col) return 0;
+  if (!pw) memset(gx->data, 0, (size_t)gx->size * es);
+  for (int64_t n = 0; n < g->n; n++) {
+    const char *gn = (const char *)gy->data + (size_t)(n * g->k * pq) * es;
+    char *xn = (char *)gx->data + (size_t)(n * chw) * es;
+    /* colg [CRS, PQ] = W^T [CRS, K] G_n [K, PQ]; pointwise: straight into gx_n */
+    gemm(dt, 1, 0, crs, pq, g->k, w->data, crs, gn, pq, 0.0, pw ? xn : col, pq);
+    if (!pw) col2im(dt, col, xn, g);
+  }
+  return 1;
+}
+
+/* gw [K, C, R, S] = bwd_weight(x, G) = sum_n G_n [K, PQ] col_n^T [PQ, CRS]. */
+static int conv_bwd_weight(ad_tape *t, const conv_geom *g, const ad_tensor *x, const ad_tensor *gy,
+                           ad_tensor *gw) {
+  ad_dtype dt = x->dtype;
+  size_t es = ad_dtype_size(dt);
+  int64_t crs = g->c * g->r * g->s, pq = g->p * g->q, chw = g->c * g->h * g->w;
+  int pw = is_pointwise(g);
+  void *col = pw ? NULL : ad_arena_alloc(t, (size_t)(crs * pq) * es);
+  if (!pw && !col) return 0;
+  for (int64_t n = 0; n < g->n; n++) {
+    const char *xn = (const char *)x->data + (size_t)(n * chw) * es;
+    const char *gn = (const char *)gy->data + (size_t)(n * g->k * pq) * es;
+    if (!pw) im2col(dt, xn, col, g);
+    gemm(dt, 0, 1, g->k, crs, pq, gn, pq, pw ? xn : col, pq, n == 0 ? 0.0 : 1.0, gw->data, crs);
+  }
+  return 1;
+}
+
+/* ------------------------------------------------------------------ geometry */
+
+static void attr_conv(const ad_node *nd, char *buf, size_t len) {
+  const conv_geom *g = nd->a.extra;
+  snprintf(buf, len, "stride=%lld pad=%lld", (long long)g->st, (long long)g->pad);
+}
+
+/* Fills g from the input / filter / output sizes and checks they fit. */
+static int make_geom(ad_tape *t, const char *op, conv_geom *g, int64_t n, int64_t c, int64_t h,
+                     int64_t w, int64_t k, int64_t r, int64_t s, int stride, int pad) {
+  if (stride < 1 || pad < 0) {
+    ad__fail(t, AD_ERR_ARG, "%s: stride %d must be >= 1 and pad %d >= 0", op, stride, pad);
+    return 0;
+  }
+  g->n = n, g->c = c, g->h = h, g->w = w, g->k = k, g->r = r, g->s = s;
+  g->st = stride, g->pad = pad;
+  if (h + 2 * pad < r || w + 2 * pad < s) {
+    ad__fail(t, AD_ERR_SHAPE, "%s: a %lldx%lld filter does not fit a %lldx%lld input padded by %d",
+             op, (long long)r, (long long)s, (long long)h, (long long)w, pad);
+    return 0;
+  }
+  g->p = (h + 2 * pad - r) / stride + 1;
+  g->q = (w + 2 * pad - s) / stride + 1;
+  return 1;
+}
+
+static ad_node *record(ad_tape *t, const ad_op_def *op, ad_tensor *out, int n_in,
+                       ad_tensor *const *in, const conv_geom *g) {
+  ad_node *nd = ad__record(t, op, out, n_in, in);
+  if (!nd) return NULL;
+  conv_geom *copy = ad_arena_alloc(t, sizeof *copy);
+  if (!copy) return NULL;
+  *copy = *g;
+  nd->a.extra = copy;
+  return nd;
+}
+
+static int dims4(ad_tape *t, const char *op, const char *what, const ad_tensor *x) {
+  if (x->ndim == 4) return 1;
+  char s[96];
+  ad__fail(t, AD_ERR_SHAPE, "%s: %s must be 4-D (NCHW / KCRS), got %s", op, what,
+           ad_shape_str(x, s, sizeof s));
+  return 0;
+}
+
+/* ------------------------------------------------------------------ conv2d */
+
+static ad_tensor *conv2d_geom(ad_tape *t, ad_tensor *x, ad_tensor *w, ad_tensor *b,
+                              const conv_geom *g);
+
+/* d conv(x, w) + b:  dx = bwd_input(G, w),  dw = bwd_weight(x, G),
+ * db[k] = sum_{n,p,q} G[n,k,p,q]. */
+static void vjp_conv2d(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor **gin,
+                       const int *need) {
+  const conv_geom *g = nd->a.extra;
+  ad_tensor *x = nd->in[0], *w = nd->in[1];
+  if (need[0]) gin[0] = nn_conv2d_backward_input(t, G, w, g->h, g->w, (int)g->st, (int)g->pad);
+  if (need[1]) gin[1] = nn_conv2d_backward_weight(t, x, G, g->r, g->s, (int)g->st, (int)g->pad);
+  if (nd->n_in > 2 && need[2]) {
+    int64_t shape[3] = {g->n, g->k, g->p * g->q};
+    ad_tensor *s = ad_sum_axis(t, ad_reshape(t, G, 3, shape), 2, 0); /* [N, K] */
+    gin[2] = ad_sum_axis(t, s, 0, 0);                                /* [K] */
+  }
+}
+static const ad_op_def OP_CONV2D = {"conv2d", vjp_conv2d, attr_conv};
+
+static ad_tensor *conv2d_geom(ad_tape *t, ad_tensor *x, ad_tensor *w, ad_tensor *b,
+                              const conv_geom *g) {
+  int64_t shape[4] = {g->n, g->k, g->p, g->q};
+  ad_tensor *y = ad__alloc(t, x->dtype, 4, shape, 0);
+  if (!y || !conv_forward(t, g, x, w, b, y)) return NULL;
+  ad_tensor *in[3] = {x, w, b};
+  record(t, &OP_CONV2D, y, b ? 3 : 2, in, g);
+  return ad__done(t, y, "conv2d");
+}
+
+ad_tensor *nn_conv2d(ad_tape *t, ad_tensor *x, ad_tensor *w, ad_tensor *b, int stride, int pad) {
+  ad_tensor *in[3] = {x, w, b};
+  if (!ad__check(t, "nn_conv2d", b ? 3 : 2, in)) return NULL;
+  if (!dims4(t, "nn_conv2d", "x", x) || !dims4(t, "nn_conv2d", "w", w)) return NULL;
+  if (x->shape[1] != w->shape[1] || (b && b->size != w->shape[0])) {
+    char sx[96], sw[96], sb[96];
+    return ad__fail(
+        t, AD_ERR_SHAPE,
+        "nn_conv2d: x %s, w %s, b %s do not fit (x [N, C, H, W], w [K, C, R, S], b [K])",
+        ad_shape_str(x, sx, sizeof sx), ad_shape_str(w, sw, sizeof sw),
+        b ? ad_shape_str(b, sb, sizeof sb) : "none");
+  }
+  conv_geom g;
+  if (!make_geom(t, "nn_conv2d", &g, x->shape[0], x->shape[1], x->shape[2], x->shape[3],
+                 w->shape[0], w->shape[2], w->shape[3], stride, pad))
+    return NULL;
+  return conv2d_geom(t, x, w, b, &g);
+}
+
+/* ------------------------------------------------------------------ backward input */
+
+/* <H, bwd_input(G, w)> = <G, conv(H, w)>: dG = conv(H, w), dw = bwd_weight(H, G). */
+static void vjp_bwd_input(ad_tape *t, const ad_node *nd, ad_tensor *H, ad_tensor **gin,
+                          const int *need) {
+  const conv_geom *g = nd->a.extra;
+  ad_tensor *G = nd->in[0], *w = nd->in[1];
+  if (need[0]) gin[0] = conv2d_geom(t, H, w, NULL, g);
+  if (need[1]) gin[1] = nn_conv2d_backward_weight(t, H, G, g->r, g->s, (int)g->st, (int)g->pad);
+}
+static const ad_op_def OP_CONV2D_BWD_INPUT = {"conv2d_backward_input", vjp_bwd_input, attr_conv};
+
+ad_tensor *nn_conv2d_backward_input(ad_tape *t, ad_tensor *gy, ad_tensor *w, int64_t h, int64_t wd,
+                                    int stride, int pad) {
+  ad_tensor *in[2] = {gy, w};
+  const char *op = "nn_conv2d_backward_input";
+  if (!ad__check(t, op, 2, in)) return NULL;
+  if (!dims4(t, op, "g", gy) || !dims4(t, op, "w", w)) return NULL;
+  conv_geom g;
+  if (!make_geom(t, op, &g, gy->shape[0], w->shape[1], h, wd, w->shape[0], w->shape[2], w->shape[3],
+                 stride, pad))
+    return NULL;
+  if (gy->shape[1] != g.k || gy->shape[2] != g.p || gy->shape[3] != g.q) {
+    char sg[96], sw[96];
+    return ad__fail(t, AD_ERR_SHAPE, "%s: g %s does not fit w %s on a %lldx%lld input", op,
+                    ad_shape_str(gy, sg, sizeof sg), ad_shape_str(w, sw, sizeof sw), (long long)h,
+                    (long long)wd);
+  }
+  int64_t shape[4] = {g.n, g.c, g.h, g.w};
+  ad_tensor *gx = ad__alloc(t, gy->dtype, 4, shape, 0);
+  if (!gx || !conv_bwd_input(t, &g, gy, w, gx)) return NULL;
+  record(t, &OP_CONV2D_BWD_INPUT, gx, 2, in, &g);
+  return ad__done(t, gx, "conv2d_backward_input");
+}
+
+/* ------------------------------------------------------------------ backward weight */
+
+/* <U, bwd_weight(x, G)> = <G, conv(x, U)>: dx = bwd_input(G, U), dG = conv(x, U). */
+static void vjp_bwd_weight(ad_tape *t, const ad_node *nd, ad_tensor *U, ad_tensor **gin,
+                           const int *need) {
+  const conv_geom *g = nd->a.extra;
+  ad_tensor *x = nd->in[0], *G = nd->in[1];
+  if (need[0]) gin[0] = nn_conv2d_backward_input(t, G, U, g->h, g->w, (int)g->st, (int)g->pad);
+  if (need[1]) gin[1] = conv2d_geom(t, x, U, NULL, g);
+}
+static const ad_op_def OP_CONV2D_BWD_WEIGHT = {"conv2d_backward_weight", vjp_bwd_weight, attr_conv};
+
+ad_tensor *nn_conv2d_backward_weight(ad_tape *t, ad_tensor *x, ad_tensor *gy, int64_t r, int64_t s,
+                                     int stride, int pad) {
+  ad_tensor *in[2] = {x, gy};
+  const char *op = "nn_conv2d_backward_weight";
+  if (!ad__check(t, op, 2, in)) return NULL;
+  if (!dims4(t, op, "x", x) || !dims4(t, op, "g", gy)) return NULL;
+  if (r < 1 || s < 1)
+    return ad__fail(t, AD_ERR_ARG, "%s: filter size %lldx%lld", op, (long long)r, (long long)s);
+  conv_geom g;
+  if (!make_geom(t, op, &g, x->shape[0], x->shape[1], x->shape[2], x->shape[3], gy->shape[1], r, s,
+                 stride, pad))
+    return NULL;
+  if (gy->shape[0] != g.n || gy->shape[2] != g.p || gy->shape[3] != g.q) {
+    char sx[96], sg[96];
+    return ad__fail(t, AD_ERR_SHAPE, "%s: g %s does not fit x %s with a %lldx%lld filter", op,
+                    ad_shape_str(gy, sg, sizeof sg), ad_shape_str(x, sx, sizeof sx), (long long)r,
+                    (long long)s);
+  }
+  int64_t shape[4] = {g.k, g.c, g.r, g.s};
+  ad_tensor *gw = ad__alloc(t, x->dtype, 4, shape, 0);
+  if (!gw || !conv_bwd_weight(t, &g, x, gy, gw)) return NULL;
+  record(t, &OP_CONV2D_BWD_WEIGHT, gw, 2, in, &g);
+  return ad__done(t, gw, "conv2d_backward_weight");
+}
