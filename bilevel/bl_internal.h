@@ -227,11 +227,44 @@ ad_status bl__step_vjp(bl_run *r, ad_tensor *const *w, const nn_opt_state *s, in
                        ad_tensor **gs);
 
 /* L_val at w (step -1) with its value in *val (may be NULL) and, not
- * recorded, its gradients gw (shaped like w) and glam (shaped like lam);
- * either may be NULL. w need not be leaves (views are taken). Sets
- * r->st.val_loss. Results are arena tensors: copy them before rewinding. */
+ * recorded, its partial gradients at fixed w: gw (shaped like w) and glam
+ * (shaped like lam); either may be NULL. w is read through detached leaf
+ * views, so history it carries is not followed. Sets r->st.val_loss.
+ * Results are arena tensors: copy them before rewinding. */
 ad_status bl__val_grad(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, double *val,
                        ad_tensor **gw, ad_tensor **glam);
+
+/* A recorded stretch of the trajectory, steps from..to-1, walked back one
+ * step at a time. Each step is recorded from detached leaf views of its
+ * input (w_k, s_k), so the steps are separate graphs joined only through
+ * the values: reverse mode then takes one step's VJP, copies the adjoint
+ * into long-lived buffers and rewinds that step's graph and backward, and
+ * the peak is the segment's forward tape plus one step's backward.
+ *   record:  from values (w_from, s_from) — copied, so in-place buffers may
+ *            change afterwards — records the steps with r->lam / r->opt;
+ *            w_end / s_end are leaf views of w_to and the state after it.
+ *   reverse: with adjoints aw (on w_to) and as (on s_end's buffers, a list
+ *            matching bl__state_list; ignored for stateless optimizers),
+ *            for k = to-1 .. from:
+ *              glam += aw dPhi_k/dlam + as dS_k/dlam
+ *              (aw, as) <- (aw dPhi_k/dw + as dS_k/dw, aw dPhi_k/ds + as dS_k/ds)
+ *            and rewinds each step. On return aw, as are the adjoints at
+ *            (w_from, s_from); everything the record made after its own
+ *            bookkeeping is rewound (rewind to a mark taken before the
+ *            record to free that too). Counts one hvp per step. */
+typedef struct {
+  int64_t from, to;
+  int n_w, ns;           /* parameters, state buffers */
+  ad_marker *marks;      /* [to-from]: before step k */
+  ad_tensor **in, **out; /* [to-from][n_w + ns]: step k's leaves and outputs */
+  ad_tensor *w_end[NN_MAX_PARAMS];
+  nn_opt_state s_end;
+} bl_segment;
+
+ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from,
+                             const nn_opt_state *s_from, int64_t from, int64_t to);
+ad_status bl__segment_reverse(bl_run *r, bl_segment *sg, ad_tensor *const *aw, ad_tensor *const *as,
+                              ad_tensor *const *glam);
 
 /* L_val(w, lam) value only (no gradient); rewinds what it records. */
 ad_status bl__val_value(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, double *val);
