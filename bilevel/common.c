@@ -1,0 +1,562 @@
+/* common.c — the helpers of bl_internal.h: what every hypergradient method
+ * shares, so each method file reads like its formula. */
+#include "bl_internal.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <string.h>
+#include <time.h>
+
+/* ---------------------------------------------------------------- errors */
+
+ad_status bl__fail(bl_run *r, ad_status s, const char *fmt, ...) {
+  char msg[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  const char *who = r && r->who ? r->who : "bilevel";
+  if (r && r->t)
+    ad__fail(r->t, s, "%s: %s", who, msg);
+  else
+    ad__set_last(s, "%s: %s", who, msg);
+  return s;
+}
+
+ad_status bl__nn(bl_run *r, ad_status s) {
+  if (s == AD_OK) return AD_OK;
+  /* nn_ calls given a tape already put the error there; the others left it
+   * in the thread-local message. Keep the first error on the tape. */
+  if (ad_tape_status(r->t) != AD_OK) return ad_tape_status(r->t);
+  return bl__fail(r, s, "%s", ad_last_error());
+}
+
+double bl__now(void) {
+  struct timespec ts;
+  if (timespec_get(&ts, TIME_UTC) != TIME_UTC) return 0;
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+double bl__lr(const nn_opt_cfg *cfg) {
+  if (cfg->lr_vars && cfg->lr_vars[0]) return ad_get(cfg->lr_vars[0], 0);
+  if (cfg->lr_var) return ad_item(cfg->lr_var);
+  return cfg->lr != 0 ? cfg->lr : 0.01;
+}
+
+/* ---------------------------------------------------------------- entry, exit */
+
+static ad_status check_tensor_list(bl_run *r, const char *what, int n, ad_tensor *const *xs) {
+  if (n <= 0 || n > NN_MAX_PARAMS)
+    return bl__fail(r, AD_ERR_ARG, "%s: %d tensors (1..%d allowed)", what, n, NN_MAX_PARAMS);
+  if (!xs) return bl__fail(r, AD_ERR_NULL, "%s is NULL", what);
+  for (int i = 0; i < n; i++)
+    if (!xs[i]) return bl__fail(r, AD_ERR_NULL, "%s[%d] is NULL", what, i);
+  return AD_OK;
+}
+
+static ad_status check_problem(bl_run *r, const bl_problem *p, ad_tensor *const *hg,
+                               int64_t min_steps) {
+  if (!p) return bl__fail(r, AD_ERR_NULL, "problem is NULL");
+  if (!p->train_loss || !p->val_loss)
+    return bl__fail(r, AD_ERR_NULL, "train_loss or val_loss callback is NULL");
+  ad_status s = check_tensor_list(r, "w0", p->n_w, p->w0);
+  if (!s) s = check_tensor_list(r, "lam", p->n_lam, p->lam);
+  if (s) return s;
+  for (int i = 1; i < p->n_w; i++)
+    if (p->w0[i]->dtype != p->w0[0]->dtype)
+      return bl__fail(r, AD_ERR_DTYPE, "w0[%d] is %s but w0[0] is %s", i,
+                      ad_dtype_name(p->w0[i]->dtype), ad_dtype_name(p->w0[0]->dtype));
+  if (!hg) return bl__fail(r, AD_ERR_NULL, "hg (the output) is NULL");
+  for (int k = 0; k < p->n_lam; k++) {
+    if (!hg[k]) return bl__fail(r, AD_ERR_NULL, "hg[%d] is NULL", k);
+    if (!ad_same_shape(hg[k], p->lam[k])) {
+      char a[96], b[96];
+      return bl__fail(r, AD_ERR_SHAPE, "hg[%d] is %s but lam[%d] is %s", k,
+                      ad_shape_str(hg[k], a, sizeof a), k, ad_shape_str(p->lam[k], b, sizeof b));
+    }
+  }
+  if (p->inner_steps < min_steps)
+    return bl__fail(r, AD_ERR_ARG, "inner_steps is %lld; this method needs at least %lld",
+                    (long long)p->inner_steps, (long long)min_steps);
+  return AD_OK;
+}
+
+ad_status bl__begin(bl_run *r, const char *who, ad_tape *t, const bl_problem *p, const bl_opts *o,
+                    ad_tensor *const *hg, int64_t min_steps) {
+  memset(r, 0, sizeof *r);
+  r->who = who;
+  r->t = t;
+  r->p = p;
+  if (o) r->o = *o;
+  r->t0 = bl__now();
+  if (!t) return bl__fail(r, AD_ERR_NULL, "tape is NULL");
+  if (ad_tape_status(t) != AD_OK) return ad_tape_status(t); /* its message stays */
+  ad_status s = check_problem(r, p, hg, min_steps);
+  if (s) return s;
+  ad_arena_stats as;
+  ad_arena_stats_get(t, &as);
+  r->used0 = as.used;
+  r->mark = ad_mark(t);
+  r->recording = ad_set_recording(t, 1);
+  r->begun = 1;
+  ad_arena_reset_peak(t);
+  for (int k = 0; k < p->n_lam; k++) {
+    r->lam[k] = bl__leaf_view(t, p->lam[k]);
+    if (!r->lam[k]) return ad_tape_status(t);
+  }
+  bl__cfg_map(p, r->lam, &r->opt);
+  return AD_OK;
+}
+
+ad_status bl__end(bl_run *r, ad_status s, bl_stats *st) {
+  if (r->begun) {
+    ad_arena_stats as;
+    ad_arena_stats_get(r->t, &as);
+    r->st.peak_arena_bytes = as.peak > r->used0 ? as.peak - r->used0 : 0;
+    ad_rewind(r->t, r->mark);
+    ad_set_recording(r->t, r->recording);
+  }
+  r->st.seconds = bl__now() - r->t0;
+  if (st) *st = r->st;
+  return s;
+}
+
+/* ---------------------------------------------------------------- configs */
+
+static ad_tensor *map_one(const bl_problem *p, ad_tensor *const *lam, ad_tensor *x) {
+  if (!x) return NULL;
+  for (int k = 0; k < p->n_lam; k++)
+    if (x == p->lam[k]) return lam[k];
+  return x;
+}
+
+void bl__cfg_map(const bl_problem *p, ad_tensor *const *lam, bl_cfg_map *m) {
+  m->cfg = p->opt;
+  m->cfg.lr_var = map_one(p, lam, p->opt.lr_var);
+  m->cfg.momentum_var = map_one(p, lam, p->opt.momentum_var);
+  m->cfg.weight_decay_var = map_one(p, lam, p->opt.weight_decay_var);
+  if (p->opt.lr_vars) {
+    for (int i = 0; i < p->n_w; i++) m->lr_vars[i] = map_one(p, lam, p->opt.lr_vars[i]);
+    m->cfg.lr_vars = m->lr_vars;
+  }
+  if (p->opt.weight_decay_vars) {
+    for (int i = 0; i < p->n_w; i++) m->wd_vars[i] = map_one(p, lam, p->opt.weight_decay_vars[i]);
+    m->cfg.weight_decay_vars = m->wd_vars;
+  }
+}
+
+/* ---------------------------------------------------------------- tensors */
+
+ad_tensor *bl__copy(ad_tape *t, const ad_tensor *x) {
+  if (!x) return ad__fail(t, AD_ERR_NULL, "bl__copy: tensor is NULL");
+  ad_tensor *c = ad_empty(t, x->dtype, x->ndim, x->shape);
+  if (c) memcpy(c->data, x->data, (size_t)x->size * ad_dtype_size(x->dtype));
+  return c;
+}
+
+ad_tensor *bl__leaf(ad_tape *t, const ad_tensor *x) {
+  ad_tensor *c = bl__copy(t, x);
+  if (c) ad_requires_grad(c, 1);
+  return c;
+}
+
+ad_tensor *bl__leaf_view(ad_tape *t, const ad_tensor *x) {
+  ad_tensor *c = ad_detach(t, x);
+  if (c) ad_requires_grad(c, 1);
+  return c;
+}
+
+static ad_status make_list(bl_run *r, int n, ad_tensor *const *src, ad_tensor **out, int kind) {
+  for (int i = 0; i < n; i++) {
+    out[i] = kind == 0   ? bl__copy(r->t, src[i])
+             : kind == 1 ? bl__leaf(r->t, src[i])
+                         : ad_zeros_like(r->t, src[i]);
+    if (!out[i]) return ad_tape_status(r->t);
+  }
+  return AD_OK;
+}
+
+ad_status bl__copy_new(bl_run *r, int n, ad_tensor *const *src, ad_tensor **out) {
+  return make_list(r, n, src, out, 0);
+}
+ad_status bl__leaf_new(bl_run *r, int n, ad_tensor *const *src, ad_tensor **out) {
+  return make_list(r, n, src, out, 1);
+}
+ad_status bl__zeros_new(bl_run *r, int n, ad_tensor *const *like, ad_tensor **out) {
+  return make_list(r, n, like, out, 2);
+}
+
+ad_status bl__w0_copy(bl_run *r, ad_tensor **w) {
+  return bl__leaf_new(r, r->p->n_w, r->p->w0, w);
+}
+
+ad_status bl__write_hg(bl_run *r, ad_tensor *const *g, ad_tensor *const *hg) {
+  for (int k = 0; k < r->p->n_lam; k++) {
+    if (!g[k]) return bl__fail(r, AD_ERR_STATE, "internal: hypergradient %d missing", k);
+    ad_status s = ad_copy_values(hg[k], g[k]);
+    if (s) return bl__nn(r, s);
+  }
+  return AD_OK;
+}
+
+/* ---------------------------------------------------------------- lists as vectors */
+
+double bl__dot(int n, ad_tensor *const *a, ad_tensor *const *b) {
+  double s = 0;
+  for (int i = 0; i < n; i++) {
+    if (!a[i] || !b[i]) continue;
+    const ad_tensor *x = a[i], *y = b[i];
+    int64_t m = x->size < y->size ? x->size : y->size;
+    if (x->dtype == AD_F64 && y->dtype == AD_F64) {
+      const double *p = AD_D(x), *q = AD_D(y);
+      for (int64_t j = 0; j < m; j++) s += p[j] * q[j];
+    } else if (x->dtype == AD_F32 && y->dtype == AD_F32) {
+      const float *p = AD_F(x), *q = AD_F(y);
+      for (int64_t j = 0; j < m; j++) s += (double)p[j] * (double)q[j];
+    } else {
+      for (int64_t j = 0; j < m; j++) s += ad_get(x, j) * ad_get(y, j);
+    }
+  }
+  return s;
+}
+
+double bl__norm(int n, ad_tensor *const *a) {
+  return sqrt(bl__dot(n, a, a));
+}
+
+void bl__axpy(int n, ad_tensor *const *y, double c, ad_tensor *const *x) {
+  for (int i = 0; i < n; i++) {
+    if (!y[i] || !x[i]) continue;
+    int64_t m = y[i]->size < x[i]->size ? y[i]->size : x[i]->size;
+    if (y[i]->dtype == AD_F64 && x[i]->dtype == AD_F64) {
+      double *p = AD_D(y[i]);
+      const double *q = AD_D(x[i]);
+      for (int64_t j = 0; j < m; j++) p[j] += c * q[j];
+    } else if (y[i]->dtype == AD_F32 && x[i]->dtype == AD_F32) {
+      float *p = AD_F(y[i]);
+      const float *q = AD_F(x[i]);
+      float cf = (float)c;
+      for (int64_t j = 0; j < m; j++) p[j] += cf * q[j];
+    } else {
+      for (int64_t j = 0; j < m; j++) ad_set(y[i], j, ad_get(y[i], j) + c * ad_get(x[i], j));
+    }
+  }
+}
+
+void bl__scale(int n, ad_tensor *const *y, double c) {
+  for (int i = 0; i < n; i++) {
+    if (!y[i]) continue;
+    if (y[i]->dtype == AD_F64) {
+      double *p = AD_D(y[i]);
+      for (int64_t j = 0; j < y[i]->size; j++) p[j] *= c;
+    } else {
+      float *p = AD_F(y[i]);
+      float cf = (float)c;
+      for (int64_t j = 0; j < y[i]->size; j++) p[j] *= cf;
+    }
+  }
+}
+
+void bl__zero(int n, ad_tensor *const *y) {
+  for (int i = 0; i < n; i++)
+    if (y[i]) memset(y[i]->data, 0, (size_t)y[i]->size * ad_dtype_size(y[i]->dtype));
+}
+
+void bl__copy_list(int n, ad_tensor *const *dst, ad_tensor *const *src) {
+  for (int i = 0; i < n; i++) {
+    if (!dst[i]) continue;
+    if (!src[i])
+      bl__zero(1, &dst[i]);
+    else
+      ad_copy_values(dst[i], src[i]);
+  }
+}
+
+void bl__lerp(int n, ad_tensor *const *y, ad_tensor *const *a, ad_tensor *const *c, double b) {
+  for (int i = 0; i < n; i++)
+    for (int64_t j = 0; j < y[i]->size; j++)
+      ad_set(y[i], j, (1 - b) * ad_get(a[i], j) + b * ad_get(c[i], j));
+}
+
+ad_tensor *bl__dot_tape(ad_tape *t, int n, ad_tensor *const *a, ad_tensor *const *b) {
+  ad_tensor *s = NULL;
+  for (int i = 0; i < n; i++) {
+    ad_tensor *bi = b[i];
+    if (a[i] && bi && !ad_same_shape(a[i], bi)) bi = ad_reshape(t, bi, a[i]->ndim, a[i]->shape);
+    ad_tensor *d = ad_dot(t, a[i], bi);
+    s = s ? ad_add(t, s, d) : d;
+  }
+  return s;
+}
+
+/* ---------------------------------------------------------------- optimizer state */
+
+ad_status bl__state_new(bl_run *r, nn_opt_state *s) {
+  /* The tape initialiser gives zero buffers in the arena; an in-place state
+   * is the same struct with on_tape = 0 (nn_opt_step writes the buffers). */
+  ad_status st = nn_opt_state_init_tape(r->t, &r->opt.cfg, s, r->p->n_w, r->p->w0);
+  if (st) return bl__nn(r, st);
+  s->on_tape = 0;
+  return AD_OK;
+}
+
+ad_status bl__state_copy(bl_run *r, nn_opt_state *dst, const nn_opt_state *src, int mode) {
+  nn_opt_state d = *src;
+  for (int i = 0; i < src->n; i++) {
+    ad_tensor **bufs[2] = {&d.m[i], &d.v[i]};
+    for (int k = 0; k < 2; k++) {
+      if (!*bufs[k]) continue;
+      *bufs[k] = mode == BL_STATE_LEAF ? bl__leaf(r->t, *bufs[k]) : bl__copy(r->t, *bufs[k]);
+      if (!*bufs[k]) return ad_tape_status(r->t);
+    }
+  }
+  d.on_tape = mode != BL_STATE_INPLACE;
+  *dst = d;
+  return AD_OK;
+}
+
+void bl__state_set(nn_opt_state *dst, const nn_opt_state *src) {
+  dst->step = src->step;
+  for (int i = 0; i < src->n; i++) {
+    if (dst->m[i] && src->m[i]) ad_copy_values(dst->m[i], src->m[i]);
+    if (dst->v[i] && src->v[i]) ad_copy_values(dst->v[i], src->v[i]);
+  }
+}
+
+int bl__state_list(const nn_opt_state *s, ad_tensor **out) {
+  int k = 0;
+  for (int i = 0; i < s->n; i++)
+    if (s->m[i]) out[k++] = s->m[i];
+  for (int i = 0; i < s->n; i++)
+    if (s->v[i]) out[k++] = s->v[i];
+  return k;
+}
+
+/* ---------------------------------------------------------------- the inner trajectory */
+
+ad_status bl__check_loss(bl_run *r, const ad_tensor *L, const char *which, int64_t step) {
+  if (ad_tape_status(r->t) != AD_OK) return ad_tape_status(r->t);
+  if (!L) return bl__fail(r, AD_ERR_NULL, "%s returned NULL at step %lld", which, (long long)step);
+  if (L->size != 1) {
+    char s[96];
+    return bl__fail(r, AD_ERR_SHAPE, "%s returned %s at step %lld; a scalar is needed", which,
+                    ad_shape_str(L, s, sizeof s), (long long)step);
+  }
+  return AD_OK;
+}
+
+ad_status bl__run_inplace(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *cfg,
+                          ad_tensor *const *w, nn_opt_state *s, int64_t from, int64_t to) {
+  const bl_problem *p = r->p;
+  ad_tape *t = r->t;
+  ad_tensor *g[NN_MAX_PARAMS];
+  for (int i = 0; i < p->n_w; i++) ad_requires_grad(w[i], 1);
+  for (int64_t k = from; k < to; k++) {
+    ad_marker m = ad_mark(t);
+    ad_tensor *L = p->train_loss(t, w, lam, k, p->ctx);
+    ad_status st = bl__check_loss(r, L, "train_loss", k);
+    if (!st) st = ad_grad(t, 1, &L, NULL, p->n_w, w, g, 0);
+    if (!st) st = bl__nn(r, nn_opt_step(cfg, s, p->n_w, w, g));
+    ad_rewind(t, m);
+    if (st) return st;
+    r->st.inner_steps++;
+  }
+  return AD_OK;
+}
+
+ad_status bl__step_recorded(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *cfg,
+                            ad_tensor *const *w, nn_opt_state *s, int64_t step, ad_tensor **g_out,
+                            ad_tensor **w_new) {
+  const bl_problem *p = r->p;
+  ad_tape *t = r->t;
+  ad_tensor *g[NN_MAX_PARAMS];
+  ad_tensor *L = p->train_loss(t, w, lam, step, p->ctx);
+  ad_status st = bl__check_loss(r, L, "train_loss", step);
+  /* g = grad_w L_train, recorded: the step's own derivative needs it. */
+  if (!st) st = ad_grad(t, 1, &L, NULL, p->n_w, w, g, AD_GRAD_RECORD);
+  if (!st) st = bl__nn(r, nn_opt_step_diff(t, cfg, s, p->n_w, w, g, w_new));
+  if (st) return st;
+  if (g_out)
+    for (int i = 0; i < p->n_w; i++) g_out[i] = g[i];
+  r->st.inner_steps++;
+  return AD_OK;
+}
+
+ad_status bl__run_recorded(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *cfg,
+                           ad_tensor *const *w_in, nn_opt_state *s, int64_t from, int64_t to,
+                           ad_tensor **w_out) {
+  int n = r->p->n_w;
+  ad_tensor *w[NN_MAX_PARAMS], *wn[NN_MAX_PARAMS];
+  for (int i = 0; i < n; i++) w[i] = w_in[i];
+  for (int64_t k = from; k < to; k++) {
+    ad_status st = bl__step_recorded(r, lam, cfg, w, s, k, NULL, wn);
+    if (st) return st;
+    for (int i = 0; i < n; i++) w[i] = wn[i];
+  }
+  for (int i = 0; i < n; i++) w_out[i] = w[i];
+  return AD_OK;
+}
+
+ad_status bl__step_vjp(bl_run *r, ad_tensor *const *w, const nn_opt_state *s, int64_t step,
+                       ad_tensor *const *a, ad_tensor *const *as, ad_tensor **glam, ad_tensor **gw,
+                       ad_tensor **gs) {
+  const bl_problem *p = r->p;
+  int n = p->n_w, n_lam = p->n_lam;
+  ad_tensor *wl[NN_MAX_PARAMS], *wn[NN_MAX_PARAMS];
+  nn_opt_state s0, s1;
+  ad_status st = bl__leaf_new(r, n, w, wl);
+  if (!st) st = bl__state_copy(r, &s0, s, BL_STATE_LEAF);
+  if (st) return st;
+  s1 = s0;
+  st = bl__step_recorded(r, r->lam, &r->opt.cfg, wl, &s1, step, NULL, wn);
+  if (st) return st;
+  r->st.inner_steps--; /* a re-evaluation, not a step of the trajectory */
+  /* outputs: w_new and the new state's buffers; inputs: lam, w, old state */
+  ad_tensor *outs[NN_MAX_PARAMS + BL_MAX_STATE], *seeds[NN_MAX_PARAMS + BL_MAX_STATE];
+  ad_tensor *ins[2 * NN_MAX_PARAMS + BL_MAX_STATE], *grads[2 * NN_MAX_PARAMS + BL_MAX_STATE];
+  int n_out = 0, n_in = 0;
+  for (int i = 0; i < n; i++) {
+    outs[n_out] = wn[i];
+    seeds[n_out++] = a[i];
+  }
+  int ns = bl__state_list(&s1, outs + n_out);
+  for (int k = 0; k < ns; k++) seeds[n_out + k] = as ? as[k] : NULL;
+  if (as) n_out += ns; /* no cotangent on the state: leave it out */
+  for (int k = 0; k < n_lam; k++) ins[n_in++] = r->lam[k];
+  for (int i = 0; i < n; i++) ins[n_in++] = wl[i];
+  int ns0 = bl__state_list(&s0, ins + n_in);
+  n_in += ns0;
+  /* ad_grad takes seeds or NULL for all: give explicit zeros where a
+   * cotangent is missing. */
+  for (int j = 0; j < n_out; j++)
+    if (!seeds[j] && !(seeds[j] = ad_zeros_like(r->t, outs[j]))) return ad_tape_status(r->t);
+  st = ad_grad(r->t, n_out, outs, seeds, n_in, ins, grads, 0);
+  if (st) return st;
+  r->st.hvps++;
+  if (glam)
+    for (int k = 0; k < n_lam; k++) glam[k] = grads[k];
+  if (gw)
+    for (int i = 0; i < n; i++) gw[i] = grads[n_lam + i];
+  if (gs)
+    for (int k = 0; k < ns0; k++) gs[k] = grads[n_lam + n + k];
+  return AD_OK;
+}
+
+ad_status bl__val_grad(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, double *val,
+                       ad_tensor **gw, ad_tensor **glam) {
+  const bl_problem *p = r->p;
+  ad_tape *t = r->t;
+  ad_tensor *wl[NN_MAX_PARAMS], *ins[2 * NN_MAX_PARAMS], *grads[2 * NN_MAX_PARAMS];
+  /* Detached leaf views: partials at this w, whatever history w carries. */
+  for (int i = 0; i < p->n_w; i++) {
+    wl[i] = bl__leaf_view(t, w[i]);
+    if (!wl[i]) return ad_tape_status(t);
+  }
+  ad_tensor *L = p->val_loss(t, wl, lam, -1, p->ctx);
+  ad_status st = bl__check_loss(r, L, "val_loss", -1);
+  if (st) return st;
+  r->st.val_loss = ad_item(L);
+  if (val) *val = r->st.val_loss;
+  int n_in = 0;
+  if (gw)
+    for (int i = 0; i < p->n_w; i++) ins[n_in++] = wl[i];
+  if (glam)
+    for (int k = 0; k < p->n_lam; k++) ins[n_in++] = lam[k];
+  if (n_in == 0) return AD_OK;
+  st = ad_grad(t, 1, &L, NULL, n_in, ins, grads, 0);
+  if (st) return st;
+  int j = 0;
+  if (gw)
+    for (int i = 0; i < p->n_w; i++) gw[i] = grads[j++];
+  if (glam)
+    for (int k = 0; k < p->n_lam; k++) glam[k] = grads[j++];
+  return AD_OK;
+}
+
+ad_status bl__val_value(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, double *val) {
+  ad_marker m = ad_mark(r->t);
+  ad_tensor *L = r->p->val_loss(r->t, w, lam, -1, r->p->ctx);
+  ad_status st = bl__check_loss(r, L, "val_loss", -1);
+  if (!st) {
+    r->st.val_loss = ad_item(L);
+    if (val) *val = r->st.val_loss;
+  }
+  ad_rewind(r->t, m);
+  return st;
+}
+
+/* ---------------------------------------------------------------- segments */
+
+ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from,
+                             const nn_opt_state *s_from, int64_t from, int64_t to) {
+  ad_tape *t = r->t;
+  int n = r->p->n_w;
+  int64_t len = to - from;
+  ad_tensor *tmp[BL_MAX_STATE];
+  memset(sg, 0, sizeof *sg);
+  sg->from = from;
+  sg->to = to;
+  sg->n_w = n;
+  sg->ns = bl__state_list(s_from, tmp);
+  size_t row = (size_t)(n + sg->ns);
+  sg->marks = ad_arena_alloc(t, sizeof(ad_marker) * (size_t)(len > 0 ? len : 1));
+  sg->in = ad_arena_alloc(t, sizeof(ad_tensor *) * row * (size_t)(len > 0 ? len : 1));
+  sg->out = ad_arena_alloc(t, sizeof(ad_tensor *) * row * (size_t)(len > 0 ? len : 1));
+  if (!sg->marks || !sg->in || !sg->out) return ad_tape_status(t);
+  /* The segment starts from copies: the caller's buffers may move on. */
+  ad_tensor *w[NN_MAX_PARAMS], *wn[NN_MAX_PARAMS];
+  nn_opt_state s;
+  ad_status st = bl__leaf_new(r, n, w_from, w);
+  if (!st) st = bl__state_copy(r, &s, s_from, BL_STATE_LEAF);
+  for (int64_t k = from; k < to && !st; k++) {
+    ad_tensor **in = sg->in + (size_t)(k - from) * row, **out = sg->out + (size_t)(k - from) * row;
+    sg->marks[k - from] = ad_mark(t);
+    for (int i = 0; i < n; i++) in[i] = w[i];
+    bl__state_list(&s, in + n);
+    st = bl__step_recorded(r, r->lam, &r->opt.cfg, w, &s, k, NULL, wn);
+    if (st) break;
+    for (int i = 0; i < n; i++) out[i] = wn[i];
+    bl__state_list(&s, out + n);
+    /* Cut here: the next step starts from leaf views of these values, so
+     * its graph does not reach back into this one (ad_detach). */
+    for (int i = 0; i < n && !st; i++)
+      if (!(w[i] = bl__leaf_view(t, wn[i]))) st = ad_tape_status(t);
+    for (int i = 0; i < s.n && !st; i++) {
+      if (s.m[i] && !(s.m[i] = bl__leaf_view(t, s.m[i]))) st = ad_tape_status(t);
+      if (s.v[i] && !(s.v[i] = bl__leaf_view(t, s.v[i]))) st = ad_tape_status(t);
+    }
+  }
+  if (st) return st;
+  for (int i = 0; i < n; i++) sg->w_end[i] = w[i];
+  sg->s_end = s;
+  return AD_OK;
+}
+
+ad_status bl__segment_reverse(bl_run *r, bl_segment *sg, ad_tensor *const *aw, ad_tensor *const *as,
+                              ad_tensor *const *glam) {
+  ad_tape *t = r->t;
+  int n = sg->n_w, ns = as ? sg->ns : 0, n_lam = r->p->n_lam;
+  size_t row = (size_t)(n + sg->ns);
+  ad_tensor *seeds[NN_MAX_PARAMS + BL_MAX_STATE];
+  ad_tensor *ins[2 * NN_MAX_PARAMS + BL_MAX_STATE], *grads[2 * NN_MAX_PARAMS + BL_MAX_STATE];
+  for (int64_t k = sg->to - 1; k >= sg->from; k--) {
+    ad_tensor **in = sg->in + (size_t)(k - sg->from) * row;
+    ad_tensor **out = sg->out + (size_t)(k - sg->from) * row;
+    /* Seeds are copies: a rule may hand a seed back as an input's gradient
+     * (d(w - c)/dw = I), and the adjoint buffers are overwritten below. */
+    ad_status st = AD_OK;
+    for (int j = 0; j < n + ns && !st; j++)
+      if (!(seeds[j] = bl__copy(t, j < n ? aw[j] : as[j - n]))) st = ad_tape_status(t);
+    int n_in = 0;
+    for (int q = 0; q < n_lam; q++) ins[n_in++] = r->lam[q];
+    for (int j = 0; j < n + ns; j++) ins[n_in++] = in[j];
+    if (!st) st = ad_grad(t, n + ns, out, seeds, n_in, ins, grads, 0);
+    if (st) return st;
+    bl__axpy(n_lam, glam, 1.0, grads);
+    bl__copy_list(n, aw, grads + n_lam);
+    if (ns) bl__copy_list(ns, as, grads + n_lam + n);
+    r->st.hvps++;
+    ad_rewind(t, sg->marks[k - sg->from]);
+  }
+  return AD_OK;
+}

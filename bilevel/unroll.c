@@ -1,0 +1,62 @@
+/* unroll.c — reverse-mode hypergradient through the recorded inner loop.
+ *
+ *   w_{k+1} = Phi_k(w_k, s_k, lam)        k = 0 .. T-1 (any nn/ optimizer)
+ *   dL_val/dlam = dL_val/dlam|_{w_T} + sum_k alpha_{k+1} B_k
+ *   alpha_T = grad_w L_val(w_T),  alpha_k = alpha_{k+1} A_k,
+ *   A_k = dPhi_k/d(w_k, s_k),  B_k = dPhi_k/dlam
+ * (the optimizer state s rides along with w: its adjoint is carried too).
+ *
+ * All T steps are recorded (the backward of each L_train gradient included,
+ * AD_GRAD_RECORD), then walked back one step at a time (bl__segment_*): each
+ * step's graph is freed as soon as its adjoint is taken, so the peak is the
+ * forward tape plus one step's backward rather than both whole tapes.
+ *
+ * Truncated (o->K in 1..T-1): the first T-K steps run in place, and the
+ * recorded part starts from a detached copy of w_{T-K} (stop-gradient), so
+ * only the last K steps' B_k are summed: the K-step truncated hypergradient
+ * of Shaban et al. (2019). K = 0 or K >= T: the full unroll. */
+#include "bl_internal.h"
+
+ad_status bl_unroll(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
+                    bl_stats *st) {
+  bl_run r;
+  ad_status s = bl__begin(&r, "bl_unroll", t, p, o, hg, 0);
+  if (s) return bl__end(&r, s, st);
+  if (r.o.K < 0) return bl__end(&r, bl__fail(&r, AD_ERR_ARG, "K = %lld < 0", (long long)r.o.K), st);
+  int64_t T = p->inner_steps;
+  int64_t start = r.o.K > 0 && r.o.K < T ? T - r.o.K : 0;
+  int n = p->n_w, n_lam = p->n_lam;
+
+  /* Long-lived buffers: w and the state (in place up to `start`), the
+   * adjoints alpha (on w and on the state) and the hypergradient. */
+  ad_tensor *w[NN_MAX_PARAMS], *aw[NN_MAX_PARAMS], *as[BL_MAX_STATE], *glam[NN_MAX_PARAMS];
+  ad_tensor *gw_T[NN_MAX_PARAMS], *glam_T[NN_MAX_PARAMS], *sb[BL_MAX_STATE];
+  nn_opt_state os;
+  s = bl__w0_copy(&r, w);
+  if (!s) s = bl__state_new(&r, &os);
+  int ns = bl__state_list(&os, sb);
+  if (!s) s = bl__zeros_new(&r, n, w, aw);
+  if (!s) s = bl__zeros_new(&r, ns, sb, as);
+  if (!s) s = bl__zeros_new(&r, n_lam, r.lam, glam);
+
+  /* Steps 0 .. start-1 without a tape (truncation). */
+  if (!s) s = bl__run_inplace(&r, r.lam, &r.opt.cfg, w, &os, 0, start);
+
+  /* Steps start .. T-1 recorded, from a copy of w_start: the cut. */
+  bl_segment sg;
+  if (!s) s = bl__segment_record(&r, &sg, w, &os, start, T);
+
+  /* alpha_T = grad_w L_val(w_T); the direct term dL_val/dlam at w_T. */
+  ad_marker m = ad_mark(t);
+  if (!s) s = bl__val_grad(&r, r.lam, sg.w_end, NULL, gw_T, glam_T);
+  if (!s) {
+    bl__copy_list(n, aw, gw_T);
+    bl__copy_list(n_lam, glam, glam_T);
+    ad_rewind(t, m);
+  }
+
+  /* Walk back: glam += alpha_{k+1} B_k, alpha_k = alpha_{k+1} A_k. */
+  if (!s) s = bl__segment_reverse(&r, &sg, aw, as, glam);
+  if (!s) s = bl__write_hg(&r, glam, hg);
+  return bl__end(&r, s, st);
+}

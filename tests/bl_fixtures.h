@@ -1,0 +1,283 @@
+/* bl_fixtures.h — bilevel problems with known answers, shared by the
+ * test_bl_*.c suites: ridge regression (closed-form w* and hypergradient),
+ * a quadratic under gradient descent (closed-form w_T), a tiny f64 MLP, and
+ * the checks every method must pass (errors on bad input, tape left as
+ * found). Header-only (static inline) so each suite stays one file. */
+#ifndef HT_BL_FIXTURES_H
+#define HT_BL_FIXTURES_H
+
+#include "bilevel/bl.h"
+
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#define FX_MAXD 8
+
+/* ---------------------------------------------------------------- small dense algebra */
+
+/* Solves A x = b (n x n, row-major, copied) by Gaussian elimination with
+ * partial pivoting. */
+static inline void fx_solve(int n, const double *A_in, const double *b, double *x) {
+  double A[FX_MAXD * FX_MAXD], y[FX_MAXD];
+  memcpy(A, A_in, sizeof(double) * (size_t)(n * n));
+  memcpy(y, b, sizeof(double) * (size_t)n);
+  for (int c = 0; c < n; c++) {
+    int piv = c;
+    for (int i = c + 1; i < n; i++)
+      if (fabs(A[i * n + c]) > fabs(A[piv * n + c])) piv = i;
+    for (int j = 0; j < n; j++) {
+      double tmp = A[c * n + j];
+      A[c * n + j] = A[piv * n + j];
+      A[piv * n + j] = tmp;
+    }
+    double tmp = y[c];
+    y[c] = y[piv];
+    y[piv] = tmp;
+    for (int i = c + 1; i < n; i++) {
+      double f = A[i * n + c] / A[c * n + c];
+      for (int j = c; j < n; j++) A[i * n + j] -= f * A[c * n + j];
+      y[i] -= f * y[c];
+    }
+  }
+  for (int i = n - 1; i >= 0; i--) {
+    double s = y[i];
+    for (int j = i + 1; j < n; j++) s -= A[i * n + j] * x[j];
+    x[i] = s / A[i * n + i];
+  }
+}
+
+/* max_i |a_i - b_i| / max_i |b_i|: normwise relative error. */
+static inline double fx_rel(int64_t n, const double *a, const double *b) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < n; i++) {
+    if (fabs(a[i] - b[i]) > num) num = fabs(a[i] - b[i]);
+    if (fabs(b[i]) > den) den = fabs(b[i]);
+  }
+  return den > 0 ? num / den : num;
+}
+
+/* The same over lists of tensors (hypergradients). */
+static inline double fx_rel_t(int n, ad_tensor *const *a, ad_tensor *const *b) {
+  double num = 0, den = 0;
+  for (int k = 0; k < n; k++)
+    for (int64_t i = 0; i < a[k]->size; i++) {
+      double x = ad_get(a[k], i), y = ad_get(b[k], i);
+      if (fabs(x - y) > num) num = fabs(x - y);
+      if (fabs(y) > den) den = fabs(y);
+    }
+  return den > 0 ? num / den : num;
+}
+
+static inline ad_tensor *fx_new(ad_dtype dt, int ndim, const int64_t *shape) {
+  ad_tensor *x = NULL;
+  ck_assert_int_eq(ad_tensor_new(&x, dt, ndim, shape), AD_OK);
+  return x;
+}
+
+static inline ad_tape *fx_tape(size_t mb) {
+  ad_tape *t = NULL;
+  ck_assert_int_eq(ad_tape_new(&t, &(ad_tape_opts){.arena_mb = mb, .arena_max_mb = 8 * mb}), AD_OK);
+  return t;
+}
+
+/* ---------------------------------------------------------------- ridge regression */
+/* L_train(w, lam) = 1/(2n) ||X w - y||^2 + 1/2 sum_j lam_j w_j^2
+ * L_val(w)        = 1/(2m) ||Xv w - yv||^2
+ * lam is a scalar (the same for every j) or a [d, 1] tensor (per coordinate).
+ * With A = X^T X / n, c = X^T y / n and Lam = diag(lam):
+ *   w*(lam)      = (A + Lam)^{-1} c
+ *   dL_val/dlam_j = -[(A + Lam)^{-1} grad_w L_val(w*)]_j w*_j,
+ *   grad_w L_val = Xv^T (Xv w - yv) / m
+ * (scalar lam: the sum over j, = -grad L_val^T (A + lam I)^{-1} w*). */
+typedef struct {
+  int n, m, d;
+  double X[64 * FX_MAXD], y[64], Xv[64 * FX_MAXD], yv[64];
+} fx_ridge;
+
+static inline void fx_ridge_make(fx_ridge *rp, int n, int m, int d, uint64_t seed) {
+  ad_rng g;
+  ad_rng_seed(&g, seed);
+  rp->n = n;
+  rp->m = m;
+  rp->d = d;
+  double wt[FX_MAXD];
+  for (int j = 0; j < d; j++) wt[j] = ad_rng_normal(&g);
+  for (int i = 0; i < n; i++) {
+    double s = 0;
+    for (int j = 0; j < d; j++) s += (rp->X[i * d + j] = ad_rng_normal(&g)) * wt[j];
+    rp->y[i] = s + 0.5 * ad_rng_normal(&g);
+  }
+  for (int i = 0; i < m; i++) {
+    double s = 0;
+    for (int j = 0; j < d; j++) s += (rp->Xv[i * d + j] = ad_rng_normal(&g)) * wt[j];
+    rp->yv[i] = s + 0.5 * ad_rng_normal(&g);
+  }
+}
+
+/* lam[0]: the penalty (scalar or [d,1]); lam[1] (if present) is not used by
+ * the loss (the optimizer may use it, e.g. as lr_var). */
+static inline ad_tensor *fx_ridge_train(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam,
+                                        int64_t step, void *ctx) {
+  (void)step;
+  const fx_ridge *rp = ctx;
+  ad_dtype dt = w[0]->dtype;
+  double buf[64 * FX_MAXD];
+  ad_tensor *X, *y;
+  if (dt == AD_F64) {
+    X = ad_const(t, dt, 2, (int64_t[]){rp->n, rp->d}, rp->X);
+    y = ad_const(t, dt, 2, (int64_t[]){rp->n, 1}, rp->y);
+  } else {
+    float *f = (float *)buf;
+    for (int i = 0; i < rp->n * rp->d; i++) f[i] = (float)rp->X[i];
+    X = ad_const(t, dt, 2, (int64_t[]){rp->n, rp->d}, f);
+    for (int i = 0; i < rp->n; i++) f[i] = (float)rp->y[i];
+    y = ad_const(t, dt, 2, (int64_t[]){rp->n, 1}, f);
+  }
+  ad_tensor *res = ad_sub(t, ad_matmul(t, X, w[0], 0, 0), y);
+  ad_tensor *fit = ad_scale(t, ad_dot(t, res, res), 0.5 / rp->n);
+  ad_tensor *pen = ad_scale(t, ad_sum(t, ad_mul(t, lam[0], ad_mul(t, w[0], w[0]))), 0.5);
+  return ad_add(t, fit, pen);
+}
+
+static inline ad_tensor *fx_ridge_val(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam,
+                                      int64_t step, void *ctx) {
+  (void)step;
+  (void)lam;
+  const fx_ridge *rp = ctx;
+  ad_dtype dt = w[0]->dtype;
+  double buf[64 * FX_MAXD];
+  ad_tensor *X, *y;
+  if (dt == AD_F64) {
+    X = ad_const(t, dt, 2, (int64_t[]){rp->m, rp->d}, rp->Xv);
+    y = ad_const(t, dt, 2, (int64_t[]){rp->m, 1}, rp->yv);
+  } else {
+    float *f = (float *)buf;
+    for (int i = 0; i < rp->m * rp->d; i++) f[i] = (float)rp->Xv[i];
+    X = ad_const(t, dt, 2, (int64_t[]){rp->m, rp->d}, f);
+    for (int i = 0; i < rp->m; i++) f[i] = (float)rp->yv[i];
+    y = ad_const(t, dt, 2, (int64_t[]){rp->m, 1}, f);
+  }
+  ad_tensor *res = ad_sub(t, ad_matmul(t, X, w[0], 0, 0), y);
+  return ad_scale(t, ad_dot(t, res, res), 0.5 / rp->m);
+}
+
+/* Closed form: w* and dL_val/dlam (per coordinate, length d). */
+static inline void fx_ridge_exact(const fx_ridge *rp, const double *lam, double *wstar,
+                                  double *hg) {
+  int n = rp->n, d = rp->d, m = rp->m;
+  double A[FX_MAXD * FX_MAXD] = {0}, c[FX_MAXD] = {0}, gv[FX_MAXD] = {0}, z[FX_MAXD];
+  for (int i = 0; i < n; i++)
+    for (int j = 0; j < d; j++) {
+      c[j] += rp->X[i * d + j] * rp->y[i] / n;
+      for (int k = 0; k < d; k++) A[j * d + k] += rp->X[i * d + j] * rp->X[i * d + k] / n;
+    }
+  for (int j = 0; j < d; j++) A[j * d + j] += lam[j];
+  fx_solve(d, A, c, wstar);
+  for (int i = 0; i < m; i++) {
+    double r = -rp->yv[i];
+    for (int j = 0; j < d; j++) r += rp->Xv[i * d + j] * wstar[j];
+    for (int j = 0; j < d; j++) gv[j] += rp->Xv[i * d + j] * r / m;
+  }
+  fx_solve(d, A, gv, z); /* A symmetric: (A^{-1} gv) */
+  for (int j = 0; j < d; j++) hg[j] = -z[j] * wstar[j];
+}
+
+/* ---------------------------------------------------------------- a method's common duties */
+
+static inline ad_tensor *fx_null_loss(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam,
+                                      int64_t step, void *ctx) {
+  (void)t, (void)w, (void)lam, (void)step, (void)ctx;
+  return NULL;
+}
+
+/* Every method must: fail cleanly on a NULL problem, mismatched hg shapes
+ * and (when min_steps > 0) T = 0, and leave the tape as it found it (arena
+ * bytes in use and node count) whether it succeeds or fails. p must be a
+ * valid problem whose lam[0] has more than one element or is a scalar. */
+static inline void fx_check_duties(const char *name, bl_method_fn f, const bl_problem *p_ok,
+                                   const bl_opts *o, ad_tensor *const *hg, int min_steps) {
+  ad_tape *t = fx_tape(16);
+  /* Something already on the tape, to see that it survives. */
+  ad_tensor *x = ad_scalar(t, AD_F64, 2.0);
+  ad_requires_grad(x, 1);
+  ad_tensor *y = ad_mul(t, x, x);
+  ck_assert_ptr_nonnull(y);
+  ad_arena_stats a0, a1;
+  ad_arena_stats_get(t, &a0);
+
+  /* success leaves the tape as found */
+  bl_stats st;
+  ad_status s = f(t, p_ok, o, hg, &st);
+  ck_assert_msg(s == AD_OK, "%s: %s", name, ad_tape_errmsg(t));
+  ad_arena_stats_get(t, &a1);
+  ck_assert_msg(a1.used == a0.used && a1.n_nodes == a0.n_nodes,
+                "%s: tape not restored (used %zu -> %zu, nodes %zu -> %zu)", name, a0.used, a1.used,
+                a0.n_nodes, a1.n_nodes);
+  ck_assert_msg(ad_is_recording(t), "%s: recording not restored", name);
+
+  /* NULL problem, NULL tape, NULL hg */
+  ck_assert_int_eq(f(t, NULL, o, hg, &st), AD_ERR_NULL);
+  ad_tape_clear_error(t);
+  ck_assert_int_eq(f(NULL, p_ok, o, hg, &st), AD_ERR_NULL);
+  ck_assert_int_eq(f(t, p_ok, o, NULL, &st), AD_ERR_NULL);
+  ad_tape_clear_error(t);
+
+  /* hg shaped wrong */
+  ad_tensor *bad = fx_new(AD_F64, 1, (int64_t[]){p_ok->lam[0]->size + 1});
+  ad_tensor *hg_bad[NN_MAX_PARAMS];
+  for (int k = 0; k < p_ok->n_lam; k++) hg_bad[k] = hg[k];
+  hg_bad[0] = bad;
+  double keep = ad_get(hg[0], 0);
+  ck_assert_int_eq(f(t, p_ok, o, hg_bad, &st), AD_ERR_SHAPE);
+  ck_assert_msg(strstr(ad_tape_errmsg(t), "hg[0]") != NULL, "%s: message '%s'", name,
+                ad_tape_errmsg(t));
+  ad_tape_clear_error(t);
+  ad_tensor_free(bad);
+
+  /* missing callback, NULL w0 entry */
+  bl_problem q = *p_ok;
+  q.val_loss = NULL;
+  ck_assert_int_eq(f(t, &q, o, hg, &st), AD_ERR_NULL);
+  ad_tape_clear_error(t);
+  q = *p_ok;
+  ad_tensor *w0[NN_MAX_PARAMS];
+  for (int i = 0; i < q.n_w; i++) w0[i] = p_ok->w0[i];
+  w0[0] = NULL;
+  q.w0 = w0;
+  ck_assert_int_eq(f(t, &q, o, hg, &st), AD_ERR_NULL);
+  ad_tape_clear_error(t);
+  q = *p_ok;
+  q.n_w = 0;
+  ck_assert_int_eq(f(t, &q, o, hg, &st), AD_ERR_ARG);
+  ad_tape_clear_error(t);
+
+  /* T below the minimum / negative */
+  q = *p_ok;
+  q.inner_steps = min_steps > 0 ? 0 : -1;
+  ck_assert_int_eq(f(t, &q, o, hg, &st), AD_ERR_ARG);
+  ad_tape_clear_error(t);
+
+  /* a loss that fails (returns NULL): an error, and the tape rewound */
+  q = *p_ok;
+  q.val_loss = fx_null_loss;
+  ck_assert_int_eq(f(t, &q, o, hg, &st), AD_ERR_NULL);
+  ad_tape_clear_error(t);
+  q = *p_ok;
+  q.train_loss = fx_null_loss;
+  s = f(t, &q, o, hg, &st);
+  ck_assert_msg(s == AD_ERR_NULL || (min_steps == 0 && q.inner_steps == 0), "%s: %d", name, s);
+  ad_tape_clear_error(t);
+  ad_arena_stats_get(t, &a1);
+  ck_assert_msg(a1.used == a0.used && a1.n_nodes == a0.n_nodes, "%s: tape not restored on errors",
+                name);
+  ck_assert_msg(ad_get(hg[0], 0) == keep, "%s: hg written on error", name);
+  /* the earlier recording still differentiates */
+  ad_tensor *dx = NULL;
+  ck_assert_int_eq(ad_grad(t, 1, &y, NULL, 1, &x, &dx, 0), AD_OK);
+  ck_assert_double_eq_tol(ad_item(dx), 4.0, 1e-15);
+  ad_tape_free(t);
+}
+
+#endif
