@@ -55,10 +55,10 @@ typedef struct {
    * (train_reg NULL = 0), e.g. f = the network's logits, l = cross-entropy,
    * R = weight decay. The curvature used is then
    *     G = J^T H_l J + H_R,   J = df/dw,  H_l = d^2 l/df^2,  H_R = d^2 R/dw^2,
-   * which is positive semi-definite whenever l and R are convex. Both
-   * callbacks are evaluated at the inner step index inner_steps. The
+   * which is positive semi-definite whenever l and R are convex (the inner
+   * optimizer's own L2 decay, if any, is added to R by the methods). The
    * methods check that the split adds up to train_loss at w_T and return
-   * AD_ERR_ARG if it does not. */
+   * AD_ERR_ARG if it does not. Evaluated at step index max(T - 1, 0). */
   bl_output_fn train_output;     /* f(w, lam) */
   bl_out_loss_fn train_out_loss; /* l(f, lam) */
   bl_loss_fn train_reg;          /* R(w, lam), or NULL */
@@ -154,9 +154,14 @@ ad_status bl_hyperdistill(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_
  *     H v = grad_w L_val(w_T, lam)
  * and returns  dL_val/dlam|direct - (d^2 L_train / dlam dw) v,
  * the implicit-function-theorem hypergradient; exact when w_T = w*.
- * Defaults: K = 20 (exact: the dimension), tol = 1e-10 relative residual
+ * Defaults: K = 20 (hoag 100; exact: unused), tol = 1e-10 relative residual
  * ||H v - b|| <= tol ||b||, alpha = the inner lr. st->hvps counts
- * curvature products, st->residual is the final ||H v - b||.
+ * curvature products plus one for the mixed partial; st->residual is the
+ * final ||H v - b|| (neumann: NAN, it does not form it).
+ * L_train here includes the inner optimizer's own L2 decay (opt.weight_decay
+ * and its *_var(s)): L_eff = L_train + sum_i (wd_i/2) ||w_i||^2, whose
+ * stationary point the inner run converges to; it is evaluated at step
+ * index max(T - 1, 0), the last batch the inner run saw.
  *   neumann:     v = alpha sum_{j=0}^{K} (I - alpha H)^j b   (K + 1 terms, K products;
  *                converges when 0 < alpha < 2 / lambda_max(H))
  *   fixed_point: v <- v - alpha (H v - b) from v = 0, at most K steps,

@@ -1,0 +1,347 @@
+/* implicit_common.c — the pieces every implicit method shares (see
+ * implicit_internal.h): w_T and the recorded gradient the curvature
+ * products differentiate, the products themselves (Hessian or Gauss-Newton),
+ * the final mixed partial, conjugate gradients, and the run scope of the
+ * meta-learning methods. */
+#include "implicit_internal.h"
+
+#include <math.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------- L_eff */
+
+/* sum_i (wd_i / 2) ||w_i||^2 for the inner optimizer's L2 decay, with wd a
+ * number or a tape variable (scalar, or per parameter shaped like it or of
+ * size 1), chosen as nn/optim.c does. *out = NULL when there is none. */
+static ad_status decay_term(bl_run *r, ad_tensor *const *w, ad_tensor **out) {
+  const nn_opt_cfg *c = &r->opt.cfg;
+  ad_tape *t = r->t;
+  ad_tensor *s = NULL;
+  *out = NULL;
+  for (int i = 0; i < r->p->n_w; i++) {
+    ad_tensor *v = c->weight_decay_vars && c->weight_decay_vars[i] ? c->weight_decay_vars[i]
+                                                                   : c->weight_decay_var;
+    ad_tensor *q;
+    if (v) {
+      if (v->size != 1 && !ad_same_shape(v, w[i])) v = ad_reshape(t, v, w[i]->ndim, w[i]->shape);
+      q = ad_scale(t, ad_dot(t, ad_mul(t, v, w[i]), w[i]), 0.5);
+    } else if (c->weight_decay != 0) {
+      q = ad_scale(t, ad_dot(t, w[i], w[i]), 0.5 * c->weight_decay);
+    } else {
+      continue;
+    }
+    s = s ? ad_add(t, s, q) : q;
+  }
+  *out = s;
+  return ad_tape_status(t);
+}
+
+static ad_status check_opts(bl_run *r) {
+  const bl_opts *o = &r->o;
+  if (o->K < 0 || o->tol < 0 || o->alpha < 0 || o->damping < 0)
+    return bl__fail(r, AD_ERR_ARG, "K (%lld), tol (%g), alpha (%g) and damping (%g) must be >= 0",
+                    (long long)o->K, o->tol, o->alpha, o->damping);
+  if (!isfinite(o->tol) || !isfinite(o->alpha) || !isfinite(o->damping))
+    return bl__fail(r, AD_ERR_ARG, "tol, alpha and damping must be finite");
+  if (o->gauss_newton && (!r->p->train_output || !r->p->train_out_loss))
+    return bl__fail(r, AD_ERR_NULL,
+                    "gauss_newton needs the problem's train_output and train_out_loss "
+                    "callbacks (the split L_train = l(f(w)) + R(w))");
+  return AD_OK;
+}
+
+/* Records grad_w L_eff at m->w (and the Gauss-Newton pieces). */
+static ad_status record_curvature(bl_imp *m) {
+  bl_run *r = m->r;
+  const bl_problem *p = r->p;
+  ad_tape *t = r->t;
+  int n = m->n;
+  ad_tensor *L = p->train_loss(t, m->w, r->lam, m->step, p->ctx);
+  ad_status s = bl__check_loss(r, L, "train_loss", m->step);
+  ad_tensor *D = NULL;
+  if (!s) s = decay_term(r, m->w, &D);
+  if (s) return s;
+  ad_tensor *Leff = D ? ad_add(t, L, D) : L;
+  /* Recorded, so that <g, v> can be differentiated again: by w for the
+   * products, by lam for the mixed partial. */
+  s = ad_grad(t, 1, &Leff, NULL, n, m->w, m->g, AD_GRAD_RECORD);
+  if (s || !m->gn) return s;
+
+  /* Gauss-Newton: l is taken at a leaf copy of the outputs, so grad_f l is
+   * a graph in f alone and H_l z = d/df <grad_f l, z> is one short sweep. */
+  m->f = p->train_output(t, m->w, r->lam, m->step, p->ctx);
+  if (!m->f) {
+    if (ad_tape_status(t)) return ad_tape_status(t);
+    return bl__fail(r, AD_ERR_NULL, "train_output returned NULL");
+  }
+  m->f_leaf = bl__leaf_view(t, m->f);
+  if (!m->f_leaf) return ad_tape_status(t);
+  ad_tensor *l = p->train_out_loss(t, m->f_leaf, r->lam, m->step, p->ctx);
+  s = bl__check_loss(r, l, "train_out_loss", m->step);
+  if (!s) s = ad_grad(t, 1, &l, NULL, 1, &m->f_leaf, &m->gl, AD_GRAD_RECORD);
+  if (s) return s;
+  ad_tensor *R = NULL;
+  if (p->train_reg) {
+    R = p->train_reg(t, m->w, r->lam, m->step, p->ctx);
+    s = bl__check_loss(r, R, "train_reg", m->step);
+    if (s) return s;
+  }
+  if (D) R = R ? ad_add(t, R, D) : D;
+  if (R) {
+    s = ad_grad(t, 1, &R, NULL, n, m->w, m->greg, AD_GRAD_RECORD);
+    if (s) return s;
+  }
+  /* The split must add up to L_train, or G is the curvature of some other
+   * objective and the hypergradient silently wrong. */
+  double a = ad_item(Leff), b = ad_item(l) + (R ? ad_item(R) : 0);
+  double tol = L->dtype == AD_F64 ? 1e-9 : 1e-4;
+  if (!(fabs(a - b) <= tol * (1 + fabs(a))))
+    return bl__fail(r, AD_ERR_ARG,
+                    "gauss_newton: train_out_loss(train_output) + train_reg = %.10g but "
+                    "train_loss = %.10g at w_T; the split must add up to the training loss",
+                    b, a);
+  return AD_OK;
+}
+
+static ad_status imp_init(bl_imp *m, bl_run *r) {
+  memset(m, 0, sizeof *m);
+  m->r = r;
+  m->n = r->p->n_w;
+  m->gn = r->o.gauss_newton != 0;
+  m->damping = r->o.damping;
+  m->step = r->p->inner_steps > 0 ? r->p->inner_steps - 1 : 0;
+  return check_opts(r);
+}
+
+ad_status bl__imp_begin(bl_imp *m, bl_run *r) {
+  ad_status s = imp_init(m, r);
+  nn_opt_state os;
+  if (!s) s = bl__w0_copy(r, m->w);
+  if (!s) s = bl__state_new(r, &os);
+  if (!s) s = bl__run_inplace(r, r->lam, &r->opt.cfg, m->w, &os, 0, r->p->inner_steps);
+  if (!s) s = bl__val_grad(r, r->lam, m->w, NULL, m->b, m->direct);
+  if (!s) s = record_curvature(m);
+  return s;
+}
+
+ad_status bl__imp_at(bl_imp *m, bl_run *r, ad_tensor *const *w) {
+  ad_status s = imp_init(m, r);
+  if (!s) s = bl__leaf_new(r, m->n, w, m->w);
+  if (!s) s = record_curvature(m);
+  return s;
+}
+
+ad_status bl__imp_apply(bl_imp *m, ad_tensor *const *v, ad_tensor *const *out) {
+  bl_run *r = m->r;
+  ad_tape *t = r->t;
+  int n = m->n;
+  ad_tensor *hv[NN_MAX_PARAMS], *hr[NN_MAX_PARAMS];
+  ad_marker mk = ad_mark(t);
+  ad_status s;
+  if (!m->gn) {
+    /* H v = d/dw <grad_w L, v>: the recorded gradient swept back once with
+     * v as its seed (no dot-product nodes needed). */
+    s = ad_grad(t, n, m->g, v, n, m->w, hv, 0);
+  } else {
+    /* G v = J^T (H_l (J v)) + H_R v:  J v forward (ad_jvp), H_l on the
+     * outputs, J^T back by a seeded reverse sweep through f. */
+    ad_tensor *jv = NULL, *hjv = NULL;
+    s = ad_jvp(t, n, m->w, v, 1, &m->f, &jv, 0);
+    if (!s) s = ad_grad(t, 1, &m->gl, &jv, 1, &m->f_leaf, &hjv, 0);
+    if (!s) s = ad_grad(t, 1, &m->f, &hjv, n, m->w, hv, 0);
+    if (!s && m->greg[0]) {
+      s = ad_grad(t, n, m->greg, v, n, m->w, hr, 0);
+      if (!s) bl__axpy(n, hv, 1.0, hr);
+    }
+  }
+  if (!s) {
+    bl__copy_list(n, out, hv);
+    if (m->damping != 0) bl__axpy(n, out, m->damping, v);
+  }
+  ad_rewind(t, mk);
+  if (!s) r->st.hvps++;
+  return s;
+}
+
+ad_status bl__imp_finish(bl_imp *m, ad_tensor *const *v, ad_tensor *const *hg) {
+  bl_run *r = m->r;
+  int n_lam = r->p->n_lam;
+  ad_tensor *mixed[NN_MAX_PARAMS], *res[NN_MAX_PARAMS];
+  /* (d^2 L / dlam dw) v = d/dlam <grad_w L, v>: the same seeded sweep,
+   * differentiated by lam instead of w. */
+  ad_status s = ad_grad(r->t, m->n, m->g, v, n_lam, r->lam, mixed, 0);
+  if (s) return s;
+  r->st.hvps++;
+  s = bl__copy_new(r, n_lam, m->direct, res);
+  if (s) return s;
+  bl__axpy(n_lam, res, -1.0, mixed);
+  return bl__write_hg(r, res, hg);
+}
+
+/* ---------------------------------------------------------------- public product */
+
+ad_status bl_curvature_product(ad_tape *t, const bl_problem *p, const bl_opts *o,
+                               ad_tensor *const *w, ad_tensor *const *v, ad_tensor *const *out) {
+  bl_run r;
+  bl_imp m;
+  /* bl__begin checks an output shaped like lam; this call has none, so it
+   * is handed lam itself (only shapes are looked at, nothing is written). */
+  ad_status s = bl__begin(&r, "bl_curvature_product", t, p, o, p ? p->lam : NULL, 0);
+  for (int i = 0; !s && i < p->n_w; i++) {
+    if (!w || !v || !out || !w[i] || !v[i] || !out[i])
+      s = bl__fail(&r, AD_ERR_NULL, "w, v and out must hold %d tensors", p->n_w);
+    else if (w[i]->size != p->w0[i]->size || v[i]->size != p->w0[i]->size ||
+             out[i]->size != p->w0[i]->size)
+      s = bl__fail(&r, AD_ERR_SHAPE, "w[%d], v[%d] and out[%d] must be shaped like w0[%d]", i, i, i,
+                   i);
+  }
+  ad_tensor *vv[NN_MAX_PARAMS], *res[NN_MAX_PARAMS];
+  if (!s) s = bl__imp_at(&m, &r, w);
+  if (!s) s = bl__copy_new(&r, p->n_w, v, vv);
+  if (!s) s = bl__zeros_new(&r, p->n_w, m.w, res);
+  if (!s) s = bl__imp_apply(&m, vv, res);
+  for (int i = 0; !s && i < p->n_w; i++) s = bl__nn(&r, ad_copy_values(out[i], res[i]));
+  return bl__end(&r, s, NULL);
+}
+
+/* ---------------------------------------------------------------- conjugate gradients */
+
+ad_status bl__cg(ad_tape *t, int n, bl_linop A, void *ctx, ad_tensor *const *b, ad_tensor *const *x,
+                 int64_t K, double tol, int warm, bl_cg_info *info) {
+  ad_tensor *r[NN_MAX_PARAMS], *p[NN_MAX_PARAMS], *Ap[NN_MAX_PARAMS];
+  memset(info, 0, sizeof *info);
+  for (int i = 0; i < n; i++) {
+    r[i] = ad_zeros_like(t, b[i]);
+    p[i] = ad_zeros_like(t, b[i]);
+    Ap[i] = ad_zeros_like(t, b[i]);
+    if (!r[i] || !p[i] || !Ap[i]) return ad_tape_status(t);
+  }
+  info->b_norm = bl__norm(n, b);
+  ad_status s;
+  if (warm) { /* r = b - A x0 */
+    if ((s = A(ctx, x, Ap))) return s;
+    bl__copy_list(n, r, b);
+    bl__axpy(n, r, -1.0, Ap);
+  } else {
+    bl__zero(n, x);
+    bl__copy_list(n, r, b);
+  }
+  bl__copy_list(n, p, r);
+  double rs = bl__dot(n, r, r);
+  for (int64_t k = 0; k < K; k++) {
+    if (sqrt(rs) <= tol * info->b_norm) break;
+    if ((s = A(ctx, p, Ap))) return s;
+    double pAp = bl__dot(n, p, Ap);
+    if (!(pAp > 0)) { /* not positive definite along p: keep x as it is */
+      info->negative_curvature = 1;
+      break;
+    }
+    double a = rs / pAp;
+    bl__axpy(n, x, a, p);
+    bl__axpy(n, r, -a, Ap);
+    double rs_new = bl__dot(n, r, r);
+    bl__scale(n, p, rs_new / rs); /* p = r + (rs_new / rs) p */
+    bl__axpy(n, p, 1.0, r);
+    rs = rs_new;
+    info->iterations++;
+  }
+  info->residual = sqrt(rs);
+  return AD_OK;
+}
+
+static ad_status imp_op(void *ctx, ad_tensor *const *v, ad_tensor *const *out) {
+  return bl__imp_apply(ctx, v, out);
+}
+
+ad_status bl__imp_cg(bl_imp *m, ad_tensor *const *x, int64_t K, double tol, int warm,
+                     bl_cg_info *info) {
+  ad_status s = bl__cg(m->r->t, m->n, imp_op, m, m->b, x, K, tol, warm, info);
+  if (!s) {
+    m->r->st.iterations += info->iterations;
+    m->r->st.residual = info->residual;
+  }
+  return s;
+}
+
+/* ---------------------------------------------------------------- meta-learning */
+
+static ad_status check_meta(bl_meta_run *r, const bl_meta_problem *p, ad_tensor *const *mg,
+                            int64_t min_steps, int need_prox) {
+  bl_run *b = &r->base;
+  if (!p) return bl__fail(b, AD_ERR_NULL, "problem is NULL");
+  if (!p->support_loss || !p->query_loss)
+    return bl__fail(b, AD_ERR_NULL, "support_loss or query_loss callback is NULL");
+  if (p->n_theta <= 0 || p->n_theta > NN_MAX_PARAMS)
+    return bl__fail(b, AD_ERR_ARG, "theta: %d tensors (1..%d allowed)", p->n_theta, NN_MAX_PARAMS);
+  if (!p->theta || !mg) return bl__fail(b, AD_ERR_NULL, "theta or the output is NULL");
+  for (int i = 0; i < p->n_theta; i++) {
+    if (!p->theta[i] || !mg[i])
+      return bl__fail(b, AD_ERR_NULL, "theta[%d] or meta_grad[%d] is NULL", i, i);
+    if (p->theta[i]->dtype != p->theta[0]->dtype)
+      return bl__fail(b, AD_ERR_DTYPE, "theta[%d] is %s but theta[0] is %s", i,
+                      ad_dtype_name(p->theta[i]->dtype), ad_dtype_name(p->theta[0]->dtype));
+    if (!ad_same_shape(mg[i], p->theta[i])) {
+      char a[96], c[96];
+      return bl__fail(b, AD_ERR_SHAPE, "meta_grad[%d] is %s but theta[%d] is %s", i,
+                      ad_shape_str(mg[i], a, sizeof a), i, ad_shape_str(p->theta[i], c, sizeof c));
+    }
+  }
+  if (p->n_tasks <= 0) return bl__fail(b, AD_ERR_ARG, "n_tasks is %d", p->n_tasks);
+  if (!(p->inner_lr > 0) || !isfinite(p->inner_lr))
+    return bl__fail(b, AD_ERR_ARG, "inner_lr is %g; it must be > 0", p->inner_lr);
+  if (p->inner_steps < min_steps)
+    return bl__fail(b, AD_ERR_ARG, "inner_steps is %lld; at least %lld needed",
+                    (long long)p->inner_steps, (long long)min_steps);
+  if (need_prox && (!(p->prox > 0) || !isfinite(p->prox)))
+    return bl__fail(b, AD_ERR_ARG, "prox is %g; iMAML needs prox > 0", p->prox);
+  if (b->o.K < 0 || b->o.tol < 0)
+    return bl__fail(b, AD_ERR_ARG, "K (%lld) and tol (%g) must be >= 0", (long long)b->o.K,
+                    b->o.tol);
+  return AD_OK;
+}
+
+ad_status bl__meta_begin(bl_meta_run *r, const char *who, ad_tape *t, const bl_meta_problem *p,
+                         const bl_opts *o, ad_tensor *const *mg, int64_t min_steps, int need_prox) {
+  memset(r, 0, sizeof *r);
+  bl_run *b = &r->base;
+  b->who = who;
+  b->t = t;
+  b->t0 = bl__now();
+  r->p = p;
+  if (o) b->o = *o;
+  if (!t) return bl__fail(b, AD_ERR_NULL, "tape is NULL");
+  if (ad_tape_status(t) != AD_OK) return ad_tape_status(t);
+  ad_status s = check_meta(r, p, mg, min_steps, need_prox);
+  if (s) return s;
+  ad_arena_stats as;
+  ad_arena_stats_get(t, &as);
+  b->used0 = as.used;
+  b->mark = ad_mark(t);
+  b->recording = ad_set_recording(t, 1);
+  b->begun = 1;
+  ad_arena_reset_peak(t);
+  for (int i = 0; i < p->n_theta; i++) {
+    r->theta[i] = bl__leaf_view(t, p->theta[i]);
+    r->acc[i] = ad_zeros_like(t, p->theta[i]);
+    if (!r->theta[i] || !r->acc[i]) return ad_tape_status(t);
+  }
+  return AD_OK;
+}
+
+ad_status bl__meta_end(bl_meta_run *r, ad_status s, ad_tensor *const *mg, bl_stats *st) {
+  if (!s) {
+    int n = r->p->n_tasks;
+    bl__scale(r->p->n_theta, r->acc, 1.0 / n);
+    for (int i = 0; !s && i < r->p->n_theta; i++)
+      s = bl__nn(&r->base, ad_copy_values(mg[i], r->acc[i]));
+    r->base.st.val_loss = r->loss_sum / n;
+  }
+  return bl__end(&r->base, s, st);
+}
+
+ad_tensor *bl__task_loss(bl_meta_run *r, bl_task_loss_fn f, const char *which,
+                         ad_tensor *const *phi, int task) {
+  ad_tensor *L = f(r->base.t, phi, task, r->p->ctx);
+  if (bl__check_loss(&r->base, L, which, task)) return NULL;
+  return L;
+}

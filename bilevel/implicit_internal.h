@@ -1,0 +1,119 @@
+/* implicit_internal.h — what the implicit methods (neumann.c, cg.c,
+ * fixed_point.c, hoag.c, exact.c) and the meta-learning methods (maml.c,
+ * imaml.c) share, on top of bl_internal.h (bilevel/implicit_common.c).
+ * Not installed.
+ *
+ * An implicit method reads like this (bilevel/cg.c):
+ *
+ *     bl_run r;  bl_imp m;
+ *     ad_status s = bl__begin(&r, "bl_cg", t, p, o, hg, 0);
+ *     if (!s) s = bl__imp_begin(&m, &r);        // w_T, grad_w L_train recorded, b
+ *     ...solve A v = m.b with bl__imp_apply (A = H or G, + damping)...
+ *     if (!s) s = bl__imp_finish(&m, v, hg);   // hg = direct - (d2 L/dlam dw) v
+ *     return bl__end(&r, s, st);
+ *
+ * The training loss the implicit methods see
+ * -------------------------------------------
+ * The inner optimizer adds its own L2 weight decay (nn_opt_cfg
+ * weight_decay / weight_decay_var / weight_decay_vars) to the gradient, so
+ * the point the inner run converges to is a stationary point of
+ *     L_eff(w, lam) = L_train(w, lam) + sum_i (wd_i / 2) ||w_i||^2,
+ * and that is what H, G and the mixed partial are taken of. (For AdamW the
+ * decay is decoupled and this is only an approximation.) L_eff is
+ * evaluated at step index max(T - 1, 0), the last batch the run saw.
+ */
+#ifndef HYPERTAPE_IMPLICIT_INTERNAL_H
+#define HYPERTAPE_IMPLICIT_INTERNAL_H
+
+#include "bl_internal.h"
+
+/* ---------------------------------------------------------------- implicit methods */
+
+typedef struct {
+  bl_run *r;
+  int n;                            /* parameter tensors */
+  int64_t step;                     /* step index L_eff is evaluated at */
+  ad_tensor *w[NN_MAX_PARAMS];      /* w_T: leaves needing a gradient */
+  ad_tensor *g[NN_MAX_PARAMS];      /* grad_w L_eff(w_T), recorded */
+  ad_tensor *b[NN_MAX_PARAMS];      /* grad_w L_val(w_T): the right-hand side */
+  ad_tensor *direct[NN_MAX_PARAMS]; /* dL_val/dlam with w held fixed */
+  double damping;                   /* added to the diagonal */
+  /* Gauss-Newton: G v = J^T (H_l (J v)) + H_R v */
+  int gn;
+  ad_tensor *f;                   /* model outputs f(w_T), recorded */
+  ad_tensor *f_leaf;              /* the same values as a leaf: l is taken there */
+  ad_tensor *gl;                  /* grad_f l at f_leaf, recorded */
+  ad_tensor *greg[NN_MAX_PARAMS]; /* grad_w (R + decay), recorded; NULL: none */
+} bl_imp;
+
+/* Checks the implicit options (K, tol, alpha, damping >= 0; the
+ * Gauss-Newton callbacks when asked for), runs the T inner steps in place
+ * from w0, takes b = grad_w L_val and the direct part at w_T, and records
+ * grad_w L_eff (and the Gauss-Newton pieces) for the products. */
+ad_status bl__imp_begin(bl_imp *m, bl_run *r);
+
+/* The same at given parameter values w (no inner steps, no L_val): what
+ * bl_curvature_product needs. */
+ad_status bl__imp_at(bl_imp *m, bl_run *r, ad_tensor *const *w);
+
+/* out = (H or G) v + damping v. v and out are tensors shaped like w made
+ * before the call (e.g. by bl__zeros_new); they may not alias. Everything
+ * the product records is rewound. Counts one hvp. */
+ad_status bl__imp_apply(bl_imp *m, ad_tensor *const *v, ad_tensor *const *out);
+
+/* hg = direct - (d^2 L_eff / dlam dw) v, written to the caller's tensors.
+ * Counts one hvp (the mixed partial). */
+ad_status bl__imp_finish(bl_imp *m, ad_tensor *const *v, ad_tensor *const *hg);
+
+/* ---------------------------------------------------------------- conjugate gradients */
+
+/* A symmetric positive (semi-)definite operator: out = A v. */
+typedef ad_status (*bl_linop)(void *ctx, ad_tensor *const *v, ad_tensor *const *out);
+
+typedef struct {
+  int64_t iterations; /* CG iterations (operator products, + 1 when warm) */
+  double residual;    /* ||b - A x|| by the recurrence */
+  double b_norm;
+  int negative_curvature; /* stopped because p^T A p <= 0 */
+} bl_cg_info;
+
+/* Solves A x = b by conjugate gradients over lists of n tensors. x holds
+ * the start (used when warm, else zeroed) and receives the solution. Stops
+ * after K iterations or when ||r|| <= tol ||b||; stops early (keeping x) if
+ * p^T A p <= 0, where A is not positive definite. Work vectors live in the
+ * arena (the caller's rewind frees them). */
+ad_status bl__cg(ad_tape *t, int n, bl_linop A, void *ctx, ad_tensor *const *b, ad_tensor *const *x,
+                 int64_t K, double tol, int warm, bl_cg_info *info);
+
+/* bl__cg with A = bl__imp_apply. */
+ad_status bl__imp_cg(bl_imp *m, ad_tensor *const *x, int64_t K, double tol, int warm,
+                     bl_cg_info *info);
+
+/* ---------------------------------------------------------------- meta-learning */
+
+/* The working set of one meta-method call. `base` carries the tape, the
+ * name, the mark and the stats so bl__fail / bl__nn / bl__end apply. */
+typedef struct {
+  bl_run base;
+  const bl_meta_problem *p;
+  ad_tensor *theta[NN_MAX_PARAMS]; /* leaf views of p->theta */
+  ad_tensor *acc[NN_MAX_PARAMS];   /* meta-gradient summed over tasks (arena) */
+  double loss_sum;                 /* query losses summed over tasks */
+} bl_meta_run;
+
+/* Checks t, p (callbacks, theta of one dtype, n_tasks >= 1, inner_lr > 0,
+ * inner_steps >= min_steps, prox > 0 when need_prox), mg (shaped like
+ * theta) and o (K, tol >= 0); marks the arena, turns recording on, makes
+ * the theta views and the zeroed accumulator. Pair with bl__meta_end. */
+ad_status bl__meta_begin(bl_meta_run *r, const char *who, ad_tape *t, const bl_meta_problem *p,
+                         const bl_opts *o, ad_tensor *const *mg, int64_t min_steps, int need_prox);
+
+/* On success writes mg = acc / n_tasks and st->val_loss = mean query loss;
+ * then rewinds and fills st like bl__end. Returns s. */
+ad_status bl__meta_end(bl_meta_run *r, ad_status s, ad_tensor *const *mg, bl_stats *st);
+
+/* Calls a task loss and checks it returned a scalar. */
+ad_tensor *bl__task_loss(bl_meta_run *r, bl_task_loss_fn f, const char *which,
+                         ad_tensor *const *phi, int task);
+
+#endif

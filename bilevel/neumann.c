@@ -1,0 +1,39 @@
+/* neumann.c — implicit hypergradient with a truncated Neumann series
+ * (Lorraine et al. 2020):
+ *   H^{-1} = alpha sum_{j>=0} (I - alpha H)^j     when 0 < alpha < 2/lambda_max,
+ *   v = alpha sum_{j=0}^{K} (I - alpha H)^j b,    b = grad_w L_val(w_T),
+ *   hg = dL_val/dlam|direct - (d^2 L_train / dlam dw) v.
+ * Each term costs one Hessian-vector product: q <- q - alpha H q, v += q.
+ * The error after K terms is alpha sum_{j>K} (I - alpha H)^j b, which shrinks
+ * like (1 - alpha mu)^K (mu the smallest eigenvalue): slow for
+ * ill-conditioned H, and it is the same iterate as K steps of the inner SGD's
+ * own linearisation. No residual is computed (st->residual = NAN). */
+#include "implicit_internal.h"
+
+#include <math.h>
+
+ad_status bl_neumann(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
+                     bl_stats *st) {
+  bl_run r;
+  bl_imp m;
+  ad_tensor *v[NN_MAX_PARAMS], *q[NN_MAX_PARAMS], *hq[NN_MAX_PARAMS];
+  ad_status s = bl__begin(&r, "bl_neumann", t, p, o, hg, 0);
+  if (!s) s = bl__imp_begin(&m, &r);
+  if (!s) s = bl__copy_new(&r, m.n, m.b, v); /* v = q = b: the j = 0 term */
+  if (!s) s = bl__copy_new(&r, m.n, m.b, q);
+  if (!s) s = bl__zeros_new(&r, m.n, m.w, hq);
+  if (!s) {
+    double alpha = BL_OPT(&r, alpha, bl__lr(&r.opt.cfg));
+    int64_t K = BL_OPT(&r, K, 20);
+    for (int64_t j = 1; j <= K && !s; j++) {
+      s = bl__imp_apply(&m, q, hq);
+      bl__axpy(m.n, q, -alpha, hq); /* q = (I - alpha H)^j b */
+      bl__axpy(m.n, v, 1.0, q);
+      r.st.iterations++;
+    }
+    bl__scale(m.n, v, alpha);
+    r.st.residual = NAN;
+  }
+  if (!s) s = bl__imp_finish(&m, v, hg);
+  return bl__end(&r, s, st);
+}
