@@ -226,6 +226,19 @@ ad_status bl__step_vjp(bl_run *r, ad_tensor *const *w, const nn_opt_state *s, in
                        ad_tensor *const *a, ad_tensor *const *as, ad_tensor **glam, ad_tensor **gw,
                        ad_tensor **gs);
 
+/* DrMAD's backward (bilevel/drmad.c; HyperDistill estimates its theta with
+ * it): walks steps k = t_end-1 .. 0 back along the straight line from
+ * (w0, s0) to (w_end, s_end) instead of the true trajectory,
+ *   w_k ~ (1 - k/t_end) w0 + (k/t_end) w_end  (the state's buffers alike,
+ *   its step count k),
+ * carrying the adjoints (aw: in alpha at w_end, out the adjoint at w0; the
+ * state's adjoint starts at zero) and accumulating glam += alpha_{k+1} B_k.
+ * Allocates its buffers in the arena (freed by the caller's rewind); each
+ * step is rewound. Counts one hvp per step. */
+ad_status bl__drmad_reverse(bl_run *r, ad_tensor *const *w0, const nn_opt_state *s0,
+                            ad_tensor *const *w_end, const nn_opt_state *s_end, int64_t t_end,
+                            ad_tensor *const *aw, ad_tensor *const *glam);
+
 /* L_val at w (step -1) with its value in *val (may be NULL) and, not
  * recorded, its partial gradients at fixed w: gw (shaped like w) and glam
  * (shaped like lam); either may be NULL. w is read through detached leaf

@@ -415,12 +415,15 @@ ad_status bl__step_vjp(bl_run *r, ad_tensor *const *w, const nn_opt_state *s, in
   ad_tensor *outs[NN_MAX_PARAMS + BL_MAX_STATE], *seeds[NN_MAX_PARAMS + BL_MAX_STATE];
   ad_tensor *ins[2 * NN_MAX_PARAMS + BL_MAX_STATE], *grads[2 * NN_MAX_PARAMS + BL_MAX_STATE];
   int n_out = 0, n_in = 0;
+  /* Seeds are copies: a rule may hand a seed back as an input's gradient
+   * (d(w - c)/dw = I), and callers overwrite their cotangent buffers with
+   * the results. */
   for (int i = 0; i < n; i++) {
     outs[n_out] = wn[i];
-    seeds[n_out++] = a[i];
+    seeds[n_out++] = a[i] ? bl__copy(r->t, a[i]) : NULL;
   }
   int ns = bl__state_list(&s1, outs + n_out);
-  for (int k = 0; k < ns; k++) seeds[n_out + k] = as ? as[k] : NULL;
+  for (int k = 0; k < ns; k++) seeds[n_out + k] = as && as[k] ? bl__copy(r->t, as[k]) : NULL;
   if (as) n_out += ns; /* no cotangent on the state: leave it out */
   for (int k = 0; k < n_lam; k++) ins[n_in++] = r->lam[k];
   for (int i = 0; i < n; i++) ins[n_in++] = wl[i];

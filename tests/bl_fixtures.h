@@ -84,15 +84,17 @@ static inline ad_tape *fx_tape(size_t mb) {
 
 /* ---------------------------------------------------------------- ridge regression */
 /* L_train(w, lam) = 1/(2n) ||X w - y||^2 + 1/2 sum_j lam_j w_j^2
- * L_val(w)        = 1/(2m) ||Xv w - yv||^2
+ * L_val(w)        = 1/(2m) ||Xv w - yv||^2  (+ 1/2 sum_j lam_j w_j^2 with val_pen,
+ *                   as in the tutorial's weight-decay problem: a direct term)
  * lam is a scalar (the same for every j) or a [d, 1] tensor (per coordinate).
  * With A = X^T X / n, c = X^T y / n and Lam = diag(lam):
  *   w*(lam)      = (A + Lam)^{-1} c
- *   dL_val/dlam_j = -[(A + Lam)^{-1} grad_w L_val(w*)]_j w*_j,
- *   grad_w L_val = Xv^T (Xv w - yv) / m
+ *   dL_val/dlam_j = [1/2 w*_j^2] - [(A + Lam)^{-1} grad_w L_val(w*)]_j w*_j,
+ *   grad_w L_val = Xv^T (Xv w - yv) / m  [+ Lam w]   ([..]: with val_pen)
  * (scalar lam: the sum over j, = -grad L_val^T (A + lam I)^{-1} w*). */
 typedef struct {
   int n, m, d;
+  int val_pen; /* L_val also carries the penalty 1/2 sum_j lam_j w_j^2 */
   double X[64 * FX_MAXD], y[64], Xv[64 * FX_MAXD], yv[64];
 } fx_ridge;
 
@@ -144,7 +146,6 @@ static inline ad_tensor *fx_ridge_train(ad_tape *t, ad_tensor *const *w, ad_tens
 static inline ad_tensor *fx_ridge_val(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam,
                                       int64_t step, void *ctx) {
   (void)step;
-  (void)lam;
   const fx_ridge *rp = ctx;
   ad_dtype dt = w[0]->dtype;
   double buf[64 * FX_MAXD];
@@ -160,7 +161,9 @@ static inline ad_tensor *fx_ridge_val(ad_tape *t, ad_tensor *const *w, ad_tensor
     y = ad_const(t, dt, 2, (int64_t[]){rp->m, 1}, f);
   }
   ad_tensor *res = ad_sub(t, ad_matmul(t, X, w[0], 0, 0), y);
-  return ad_scale(t, ad_dot(t, res, res), 0.5 / rp->m);
+  ad_tensor *fit = ad_scale(t, ad_dot(t, res, res), 0.5 / rp->m);
+  if (!rp->val_pen) return fit;
+  return ad_add(t, fit, ad_scale(t, ad_sum(t, ad_mul(t, lam[0], ad_mul(t, w[0], w[0]))), 0.5));
 }
 
 /* Closed form: w* and dL_val/dlam (per coordinate, length d). */
@@ -180,8 +183,199 @@ static inline void fx_ridge_exact(const fx_ridge *rp, const double *lam, double 
     for (int j = 0; j < d; j++) r += rp->Xv[i * d + j] * wstar[j];
     for (int j = 0; j < d; j++) gv[j] += rp->Xv[i * d + j] * r / m;
   }
+  if (rp->val_pen)
+    for (int j = 0; j < d; j++) gv[j] += lam[j] * wstar[j];
   fx_solve(d, A, gv, z); /* A symmetric: (A^{-1} gv) */
-  for (int j = 0; j < d; j++) hg[j] = -z[j] * wstar[j];
+  for (int j = 0; j < d; j++)
+    hg[j] = -z[j] * wstar[j] + (rp->val_pen ? 0.5 * wstar[j] * wstar[j] : 0);
+}
+
+/* A ridge problem ready to pass to a method: SGD with learning rate lr,
+ * T steps, w0 fixed, lam scalar (0.3) or per coordinate (0.2 + 0.15 j). */
+typedef struct {
+  fx_ridge rp;
+  ad_tensor *w0[1], *lam[1], *hg[1];
+  bl_problem p;
+  double lam_v[FX_MAXD];
+} fx_rcase;
+
+/* per_coord: lam is [d,1] with different values; else a scalar. */
+static inline void fx_rcase_setup(fx_rcase *c, int per_coord, int64_t T, double lr) {
+  memset(c, 0, sizeof *c);
+  fx_ridge_make(&c->rp, 40, 30, 5, 7);
+  int d = c->rp.d;
+  c->w0[0] = fx_new(AD_F64, 2, (int64_t[]){d, 1});
+  for (int j = 0; j < d; j++) ad_set(c->w0[0], j, 0.1 * (j - 2));
+  if (per_coord) {
+    c->lam[0] = fx_new(AD_F64, 2, (int64_t[]){d, 1});
+    c->hg[0] = fx_new(AD_F64, 2, (int64_t[]){d, 1});
+    for (int j = 0; j < d; j++) ad_set(c->lam[0], j, c->lam_v[j] = 0.2 + 0.15 * j);
+  } else {
+    c->lam[0] = fx_new(AD_F64, 0, NULL);
+    c->hg[0] = fx_new(AD_F64, 0, NULL);
+    ad_set(c->lam[0], 0, 0.3);
+    for (int j = 0; j < d; j++) c->lam_v[j] = 0.3;
+  }
+  c->p = (bl_problem){.n_w = 1,
+                      .w0 = c->w0,
+                      .n_lam = 1,
+                      .lam = c->lam,
+                      .train_loss = fx_ridge_train,
+                      .val_loss = fx_ridge_val,
+                      .ctx = &c->rp,
+                      .opt = {.kind = NN_OPT_SGD, .lr = lr},
+                      .inner_steps = T};
+}
+
+static inline void fx_rcase_free(fx_rcase *c) {
+  ad_tensor_free(c->w0[0]);
+  ad_tensor_free(c->lam[0]);
+  ad_tensor_free(c->hg[0]);
+}
+
+static inline void fx_rcase_exact(fx_rcase *c, double *hg_out) {
+  double ws[FX_MAXD], hj[FX_MAXD];
+  fx_ridge_exact(&c->rp, c->lam_v, ws, hj);
+  if (c->lam[0]->size == 1) {
+    hg_out[0] = 0;
+    for (int j = 0; j < c->rp.d; j++) hg_out[0] += hj[j];
+  } else {
+    for (int j = 0; j < c->rp.d; j++) hg_out[j] = hj[j];
+  }
+}
+
+/* ---------------------------------------------------------------- tiny MLP */
+/* 4 -> 6 (tanh) -> 3, cross-entropy, f64; 12 training and 10 validation
+ * examples. Hyperparameters by case:
+ *   0: SGD, log learning rate in the loss: L_train = exp(lam) CE (lr 1)
+ *   1: SGD, per-parameter weight decay (weight_decay_vars = lam)
+ *   2: momentum 0.9, per-parameter weight decay
+ *   3: Adam, learning rate lr_var = lam[0] and per-parameter weight decay
+ *      lam[1..3]
+ * fx_mlp_run gives L_val(w_T(lam)) with the in-place optimizer and no
+ * bilevel code: the reference for finite differences. */
+#define FX_MN 12
+#define FX_MV 10
+typedef struct {
+  double X[FX_MN * 4], Xv[FX_MV * 4];
+  int32_t y[FX_MN], yv[FX_MV];
+  int kind;
+} fx_mlp_data;
+
+static inline ad_tensor *fx_mlp_logits(ad_tape *t, ad_tensor *const *w, const double *X, int n) {
+  ad_tensor *x = ad_const(t, AD_F64, 2, (int64_t[]){n, 4}, X);
+  ad_tensor *h = ad_tanh(t, ad_add_rowvec(t, ad_matmul(t, x, w[0], 0, 1), w[1]));
+  return ad_matmul(t, h, w[2], 0, 1);
+}
+
+static inline ad_tensor *fx_mlp_train(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam,
+                                      int64_t step, void *ctx) {
+  (void)step;
+  const fx_mlp_data *d = ctx;
+  ad_tensor *L = ad_cross_entropy(t, fx_mlp_logits(t, w, d->X, FX_MN), d->y, FX_MN);
+  return d->kind == 0 ? ad_mul(t, ad_exp(t, lam[0]), L) : L;
+}
+
+static inline ad_tensor *fx_mlp_val(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam,
+                                    int64_t step, void *ctx) {
+  (void)step, (void)lam;
+  const fx_mlp_data *d = ctx;
+  return ad_cross_entropy(t, fx_mlp_logits(t, w, d->Xv, FX_MV), d->yv, FX_MV);
+}
+
+typedef struct {
+  fx_mlp_data d;
+  ad_tensor *w0[3], *lam[4], *hg[4];
+  int n_lam;
+  bl_problem p;
+} fx_mlp;
+
+static inline void fx_mlp_setup(fx_mlp *c, int kind, int64_t T) {
+  memset(c, 0, sizeof *c);
+  ad_rng g;
+  ad_rng_seed(&g, 11);
+  c->d.kind = kind;
+  for (int i = 0; i < FX_MN * 4; i++) c->d.X[i] = ad_rng_normal(&g);
+  for (int i = 0; i < FX_MV * 4; i++) c->d.Xv[i] = ad_rng_normal(&g);
+  for (int i = 0; i < FX_MN; i++) c->d.y[i] = (int32_t)ad_rng_below(&g, 3);
+  for (int i = 0; i < FX_MV; i++) c->d.yv[i] = (int32_t)ad_rng_below(&g, 3);
+  const int64_t shapes[3][2] = {{6, 4}, {6, 1}, {3, 6}};
+  const int nd[3] = {2, 1, 2};
+  for (int i = 0; i < 3; i++) {
+    c->w0[i] = fx_new(AD_F64, nd[i], shapes[i]);
+    ad_tensor_fill_normal(c->w0[i], &g, 0.0, 0.5);
+  }
+  nn_opt_cfg cfg = {.kind = NN_OPT_SGD, .lr = 0.5};
+  if (kind == 0) {
+    c->n_lam = 1;
+    c->lam[0] = fx_new(AD_F64, 0, NULL);
+    ad_set(c->lam[0], 0, log(0.5));
+    cfg.lr = 1.0;
+  } else {
+    int off = kind == 3;
+    c->n_lam = 3 + off;
+    if (off) {
+      c->lam[0] = fx_new(AD_F64, 0, NULL);
+      ad_set(c->lam[0], 0, 0.05);
+    }
+    for (int i = 0; i < 3; i++) {
+      c->lam[off + i] = fx_new(AD_F64, nd[i], shapes[i]);
+      ad_tensor_fill_uniform(c->lam[off + i], &g, 0.01, 0.2);
+    }
+    cfg.weight_decay_vars = c->lam + off;
+    if (kind == 2) {
+      cfg.kind = NN_OPT_MOMENTUM;
+      cfg.momentum = 0.9;
+      cfg.lr = 0.1;
+    }
+    if (kind == 3) {
+      cfg.kind = NN_OPT_ADAM;
+      cfg.lr_var = c->lam[0];
+    }
+  }
+  for (int k = 0; k < c->n_lam; k++) c->hg[k] = fx_new(AD_F64, c->lam[k]->ndim, c->lam[k]->shape);
+  c->p = (bl_problem){.n_w = 3,
+                      .w0 = c->w0,
+                      .n_lam = c->n_lam,
+                      .lam = c->lam,
+                      .train_loss = fx_mlp_train,
+                      .val_loss = fx_mlp_val,
+                      .ctx = &c->d,
+                      .opt = cfg,
+                      .inner_steps = T};
+}
+
+static inline void fx_mlp_free(fx_mlp *c) {
+  for (int i = 0; i < 3; i++) ad_tensor_free(c->w0[i]);
+  for (int k = 0; k < c->n_lam; k++) {
+    ad_tensor_free(c->lam[k]);
+    ad_tensor_free(c->hg[k]);
+  }
+}
+
+/* L_val(w_T(lam)) with the in-place optimizer (no bilevel code involved). */
+static inline double fx_mlp_run(fx_mlp *c, ad_tape *t) {
+  ad_tensor *w[3];
+  for (int i = 0; i < 3; i++) {
+    ck_assert_int_eq(ad_tensor_from(&w[i], AD_F64, c->w0[i]->ndim, c->w0[i]->shape, c->w0[i]->data),
+                     AD_OK);
+    ad_requires_grad(w[i], 1);
+  }
+  nn_opt_state os;
+  ck_assert_int_eq(nn_opt_state_init(&c->p.opt, &os, 3, w), AD_OK);
+  for (int64_t k = 0; k < c->p.inner_steps; k++) {
+    ad_marker m = ad_mark(t);
+    ad_tensor *L = fx_mlp_train(t, w, c->lam, k, &c->d), *g[3];
+    ck_assert_int_eq(ad_grad(t, 1, &L, NULL, 3, w, g, 0), AD_OK);
+    ck_assert_int_eq(nn_opt_step(&c->p.opt, &os, 3, w, g), AD_OK);
+    ad_rewind(t, m);
+  }
+  ad_marker m = ad_mark(t);
+  double v = ad_item(fx_mlp_val(t, w, c->lam, -1, &c->d));
+  ad_rewind(t, m);
+  nn_opt_state_free(&os);
+  for (int i = 0; i < 3; i++) ad_tensor_free(w[i]);
+  return v;
 }
 
 /* ---------------------------------------------------------------- a method's common duties */

@@ -10,58 +10,6 @@
 
 /* ---------------------------------------------------------------- ridge */
 
-typedef struct {
-  fx_ridge rp;
-  ad_tensor *w0[1], *lam[1], *hg[1];
-  bl_problem p;
-  double lam_v[FX_MAXD];
-} ridge_case;
-
-/* per_coord: lam is [d,1] with different values; else a scalar. */
-static void ridge_setup(ridge_case *c, int per_coord, int64_t T, double lr) {
-  memset(c, 0, sizeof *c);
-  fx_ridge_make(&c->rp, 40, 30, 5, 7);
-  int d = c->rp.d;
-  c->w0[0] = fx_new(AD_F64, 2, (int64_t[]){d, 1});
-  for (int j = 0; j < d; j++) ad_set(c->w0[0], j, 0.1 * (j - 2));
-  if (per_coord) {
-    c->lam[0] = fx_new(AD_F64, 2, (int64_t[]){d, 1});
-    c->hg[0] = fx_new(AD_F64, 2, (int64_t[]){d, 1});
-    for (int j = 0; j < d; j++) ad_set(c->lam[0], j, c->lam_v[j] = 0.2 + 0.15 * j);
-  } else {
-    c->lam[0] = fx_new(AD_F64, 0, NULL);
-    c->hg[0] = fx_new(AD_F64, 0, NULL);
-    ad_set(c->lam[0], 0, 0.3);
-    for (int j = 0; j < d; j++) c->lam_v[j] = 0.3;
-  }
-  c->p = (bl_problem){.n_w = 1,
-                      .w0 = c->w0,
-                      .n_lam = 1,
-                      .lam = c->lam,
-                      .train_loss = fx_ridge_train,
-                      .val_loss = fx_ridge_val,
-                      .ctx = &c->rp,
-                      .opt = {.kind = NN_OPT_SGD, .lr = lr},
-                      .inner_steps = T};
-}
-
-static void ridge_free(ridge_case *c) {
-  ad_tensor_free(c->w0[0]);
-  ad_tensor_free(c->lam[0]);
-  ad_tensor_free(c->hg[0]);
-}
-
-static void ridge_exact_hg(ridge_case *c, double *hg_out) {
-  double ws[FX_MAXD], hj[FX_MAXD];
-  fx_ridge_exact(&c->rp, c->lam_v, ws, hj);
-  if (c->lam[0]->size == 1) {
-    hg_out[0] = 0;
-    for (int j = 0; j < c->rp.d; j++) hg_out[0] += hj[j];
-  } else {
-    for (int j = 0; j < c->rp.d; j++) hg_out[j] = hj[j];
-  }
-}
-
 static void get_vals(const ad_tensor *x, double *out) {
   for (int64_t i = 0; i < x->size; i++) out[i] = ad_get(x, i);
 }
@@ -69,15 +17,17 @@ static void get_vals(const ad_tensor *x, double *out) {
 /* unroll (T = 200, lr 0.5: w_T = w* to ~1e-20) matches the closed form
  * within 1e-4 relative; forward equals unroll to 1e-10 and checkpointed
  * equals unroll to 1e-12 on the same trajectory; checkpointing needs less
- * arena than the full unroll. Scalar and per-coordinate lam. */
+ * arena than the full unroll. Scalar and per-coordinate lam, with and
+ * without the penalty in L_val (a direct term). */
 START_TEST(test_ridge_closed_form) {
-  for (int per = 0; per < 2; per++) {
-    ridge_case c;
-    ridge_setup(&c, per, 200, 0.5);
+  for (int per = 0; per < 4; per++) {
+    fx_rcase c;
+    fx_rcase_setup(&c, per & 1, 200, 0.5);
+    c.rp.val_pen = per >> 1;
     ad_tape *t = fx_tape(32);
     int64_t P = c.lam[0]->size;
     double exact[FX_MAXD], hu[FX_MAXD], hf[FX_MAXD], hc[FX_MAXD];
-    ridge_exact_hg(&c, exact);
+    fx_rcase_exact(&c, exact);
     bl_stats su, sf, sc;
     ck_assert_msg(bl_unroll(t, &c.p, NULL, c.hg, &su) == AD_OK, "%s", ad_tape_errmsg(t));
     get_vals(c.hg[0], hu);
@@ -86,11 +36,11 @@ START_TEST(test_ridge_closed_form) {
     ck_assert_msg(bl_checkpointed(t, &c.p, NULL, c.hg, &sc) == AD_OK, "%s", ad_tape_errmsg(t));
     get_vals(c.hg[0], hc);
     double e_u = fx_rel(P, hu, exact), e_f = fx_rel(P, hf, hu), e_c = fx_rel(P, hc, hu);
-    printf("ridge (%s lam): unroll vs closed form %.2e, forward vs unroll %.2e, "
+    printf("ridge (%s lam%s): unroll vs closed form %.2e, forward vs unroll %.2e, "
            "checkpointed vs unroll %.2e; peak arena unroll %zu B, checkpointed %zu B, "
            "forward %zu B\n",
-           per ? "per-coordinate" : "scalar", e_u, e_f, e_c, su.peak_arena_bytes,
-           sc.peak_arena_bytes, sf.peak_arena_bytes);
+           (per & 1) ? "per-coordinate" : "scalar", (per >> 1) ? ", penalty in L_val too" : "", e_u,
+           e_f, e_c, su.peak_arena_bytes, sc.peak_arena_bytes, sf.peak_arena_bytes);
     ck_assert_msg(e_u < 1e-4, "unroll vs closed form %g", e_u);   /* bound 1e-4 */
     ck_assert_msg(e_f < 1e-10, "forward vs unroll %g", e_f);      /* bound 1e-10 */
     ck_assert_msg(e_c < 1e-12, "checkpointed vs unroll %g", e_c); /* bound 1e-12 */
@@ -100,7 +50,7 @@ START_TEST(test_ridge_closed_form) {
     ck_assert_int_eq(sf.hvps, 200 * P);
     ck_assert(fabs(su.val_loss - sc.val_loss) < 1e-12);
     ad_tape_free(t);
-    ridge_free(&c);
+    fx_rcase_free(&c);
   }
 }
 END_TEST
@@ -110,8 +60,8 @@ END_TEST
  * -lr <grad_w L_val(w_T), w_{T-1}> (scalar lam; dPhi/dlam = -lr w_{T-1}).
  * Both to 1e-12 relative. */
 START_TEST(test_truncated) {
-  ridge_case c;
-  ridge_setup(&c, 0, 12, 0.3);
+  fx_rcase c;
+  fx_rcase_setup(&c, 0, 12, 0.3);
   ad_tape *t = fx_tape(16);
   double full, trunc_all, k1;
   ck_assert_int_eq(bl_unroll(t, &c.p, NULL, c.hg, NULL), AD_OK);
@@ -149,7 +99,7 @@ START_TEST(test_truncated) {
   ck_assert(fabs(k1 - by_hand) <= 1e-12 * fabs(by_hand));  /* bound 1e-12 */
   ck_assert_int_eq(bl_unroll(t, &c.p, &(bl_opts){.K = -1}, c.hg, NULL), AD_ERR_ARG);
   ad_tape_free(t);
-  ridge_free(&c);
+  fx_rcase_free(&c);
 }
 END_TEST
 
@@ -266,146 +216,15 @@ START_TEST(test_quadratic_gd_closed_form) {
 END_TEST
 
 /* ---------------------------------------------------------------- tiny MLP */
-/* 4 -> 6 (tanh) -> 3, cross-entropy, f64; 12 training and 10 validation
- * examples. Hyperparameters by case:
- *   0: SGD, log learning rate in the loss: L_train = exp(lam) CE (lr 1)
- *   1: SGD, per-parameter weight decay (weight_decay_vars = lam)
- *   2: momentum 0.9, per-parameter weight decay
- *   3: Adam, learning rate lr_var = lam[0] and per-parameter weight decay
- *      lam[1..3]
- * unroll, forward (cases 0 and 3: few directions... all cases here) and
- * checkpointed vs central differences of L_val(w_T(lam)) computed with the
- * in-place optimizer: 1e-6 relative (normwise over all hyperparameters). */
-#define MN 12
-#define MV 10
-typedef struct {
-  double X[MN * 4], Xv[MV * 4];
-  int32_t y[MN], yv[MV];
-  int kind;
-} mlp_data;
-
-static ad_tensor *mlp_logits(ad_tape *t, ad_tensor *const *w, const double *X, int n) {
-  ad_tensor *x = ad_const(t, AD_F64, 2, (int64_t[]){n, 4}, X);
-  ad_tensor *h = ad_tanh(t, ad_add_rowvec(t, ad_matmul(t, x, w[0], 0, 1), w[1]));
-  return ad_matmul(t, h, w[2], 0, 1);
-}
-
-static ad_tensor *mlp_train(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam, int64_t step,
-                            void *ctx) {
-  (void)step;
-  const mlp_data *d = ctx;
-  ad_tensor *L = ad_cross_entropy(t, mlp_logits(t, w, d->X, MN), d->y, MN);
-  return d->kind == 0 ? ad_mul(t, ad_exp(t, lam[0]), L) : L;
-}
-
-static ad_tensor *mlp_val(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam, int64_t step,
-                          void *ctx) {
-  (void)step, (void)lam;
-  const mlp_data *d = ctx;
-  return ad_cross_entropy(t, mlp_logits(t, w, d->Xv, MV), d->yv, MV);
-}
-
-typedef struct {
-  mlp_data d;
-  ad_tensor *w0[3], *lam[4], *hg[4];
-  int n_lam;
-  bl_problem p;
-} mlp_case;
-
-static void mlp_setup(mlp_case *c, int kind, int64_t T) {
-  memset(c, 0, sizeof *c);
-  ad_rng g;
-  ad_rng_seed(&g, 11);
-  c->d.kind = kind;
-  for (int i = 0; i < MN * 4; i++) c->d.X[i] = ad_rng_normal(&g);
-  for (int i = 0; i < MV * 4; i++) c->d.Xv[i] = ad_rng_normal(&g);
-  for (int i = 0; i < MN; i++) c->d.y[i] = (int32_t)ad_rng_below(&g, 3);
-  for (int i = 0; i < MV; i++) c->d.yv[i] = (int32_t)ad_rng_below(&g, 3);
-  const int64_t shapes[3][2] = {{6, 4}, {6, 1}, {3, 6}};
-  const int nd[3] = {2, 1, 2};
-  for (int i = 0; i < 3; i++) {
-    c->w0[i] = fx_new(AD_F64, nd[i], shapes[i]);
-    ad_tensor_fill_normal(c->w0[i], &g, 0.0, 0.5);
-  }
-  nn_opt_cfg cfg = {.kind = NN_OPT_SGD, .lr = 0.5};
-  if (kind == 0) {
-    c->n_lam = 1;
-    c->lam[0] = fx_new(AD_F64, 0, NULL);
-    ad_set(c->lam[0], 0, log(0.5));
-    cfg.lr = 1.0;
-  } else {
-    int off = kind == 3;
-    c->n_lam = 3 + off;
-    if (off) {
-      c->lam[0] = fx_new(AD_F64, 0, NULL);
-      ad_set(c->lam[0], 0, 0.05);
-    }
-    for (int i = 0; i < 3; i++) {
-      c->lam[off + i] = fx_new(AD_F64, nd[i], shapes[i]);
-      ad_tensor_fill_uniform(c->lam[off + i], &g, 0.01, 0.2);
-    }
-    cfg.weight_decay_vars = c->lam + off;
-    if (kind == 2) {
-      cfg.kind = NN_OPT_MOMENTUM;
-      cfg.momentum = 0.9;
-      cfg.lr = 0.1;
-    }
-    if (kind == 3) {
-      cfg.kind = NN_OPT_ADAM;
-      cfg.lr_var = c->lam[0];
-    }
-  }
-  for (int k = 0; k < c->n_lam; k++) c->hg[k] = fx_new(AD_F64, c->lam[k]->ndim, c->lam[k]->shape);
-  c->p = (bl_problem){.n_w = 3,
-                      .w0 = c->w0,
-                      .n_lam = c->n_lam,
-                      .lam = c->lam,
-                      .train_loss = mlp_train,
-                      .val_loss = mlp_val,
-                      .ctx = &c->d,
-                      .opt = cfg,
-                      .inner_steps = T};
-}
-
-static void mlp_free(mlp_case *c) {
-  for (int i = 0; i < 3; i++) ad_tensor_free(c->w0[i]);
-  for (int k = 0; k < c->n_lam; k++) {
-    ad_tensor_free(c->lam[k]);
-    ad_tensor_free(c->hg[k]);
-  }
-}
-
-/* L_val(w_T(lam)) with the in-place optimizer (no bilevel code involved). */
-static double mlp_run(mlp_case *c, ad_tape *t) {
-  ad_tensor *w[3];
-  for (int i = 0; i < 3; i++) {
-    ck_assert_int_eq(ad_tensor_from(&w[i], AD_F64, c->w0[i]->ndim, c->w0[i]->shape, c->w0[i]->data),
-                     AD_OK);
-    ad_requires_grad(w[i], 1);
-  }
-  nn_opt_state os;
-  ck_assert_int_eq(nn_opt_state_init(&c->p.opt, &os, 3, w), AD_OK);
-  for (int64_t k = 0; k < c->p.inner_steps; k++) {
-    ad_marker m = ad_mark(t);
-    ad_tensor *L = mlp_train(t, w, c->lam, k, &c->d), *g[3];
-    ck_assert_int_eq(ad_grad(t, 1, &L, NULL, 3, w, g, 0), AD_OK);
-    ck_assert_int_eq(nn_opt_step(&c->p.opt, &os, 3, w, g), AD_OK);
-    ad_rewind(t, m);
-  }
-  ad_marker m = ad_mark(t);
-  double v = ad_item(mlp_val(t, w, c->lam, -1, &c->d));
-  ad_rewind(t, m);
-  nn_opt_state_free(&os);
-  for (int i = 0; i < 3; i++) ad_tensor_free(w[i]);
-  return v;
-}
-
+/* unroll, forward and checkpointed vs central differences (h = 1e-6) of
+ * L_val(w_T(lam)) computed with the in-place optimizer (fx_mlp_run): 1e-6
+ * relative, normwise over all hyperparameters. Cases: see fx_mlp_setup. */
 START_TEST(test_mlp_finite_differences) {
   int kind = _i;
   const char *names[4] = {"SGD, log-lr", "SGD, per-parameter wd", "momentum, per-parameter wd",
                           "Adam, lr + per-parameter wd"};
-  mlp_case c;
-  mlp_setup(&c, kind, 8);
+  fx_mlp c;
+  fx_mlp_setup(&c, kind, 8);
   ad_tape *t = fx_tape(16);
   /* central differences, h = 1e-6 */
   double fd[128], num = 0, den = 0;
@@ -414,9 +233,9 @@ START_TEST(test_mlp_finite_differences) {
     for (int64_t e = 0; e < c.lam[k]->size; e++) {
       double v = ad_get(c.lam[k], e), h = 1e-6;
       ad_set(c.lam[k], e, v + h);
-      double fp = mlp_run(&c, t);
+      double fp = fx_mlp_run(&c, t);
       ad_set(c.lam[k], e, v - h);
-      double fm = mlp_run(&c, t);
+      double fm = fx_mlp_run(&c, t);
       ad_set(c.lam[k], e, v);
       fd[P++] = (fp - fm) / (2 * h);
     }
@@ -437,26 +256,26 @@ START_TEST(test_mlp_finite_differences) {
     ck_assert_msg(num <= 1e-6 * den, "%s %s: %g", names[kind], mn[q], num / den); /* bound 1e-6 */
   }
   ad_tape_free(t);
-  mlp_free(&c);
+  fx_mlp_free(&c);
 }
 END_TEST
 
 /* ---------------------------------------------------------------- duties */
 
 START_TEST(test_duties) {
-  ridge_case c;
-  ridge_setup(&c, 1, 5, 0.3);
+  fx_rcase c;
+  fx_rcase_setup(&c, 1, 5, 0.3);
   fx_check_duties("bl_unroll", bl_unroll, &c.p, NULL, c.hg, 0);
   fx_check_duties("bl_unroll K=2", bl_unroll, &c.p, &(bl_opts){.K = 2}, c.hg, 0);
   fx_check_duties("bl_forward", bl_forward, &c.p, NULL, c.hg, 0);
   fx_check_duties("bl_checkpointed", bl_checkpointed, &c.p, NULL, c.hg, 0);
-  ridge_free(&c);
+  fx_rcase_free(&c);
   /* with optimizer state (Adam): the state's buffers are rewound too */
-  mlp_case m;
-  mlp_setup(&m, 3, 3);
+  fx_mlp m;
+  fx_mlp_setup(&m, 3, 3);
   fx_check_duties("bl_unroll adam", bl_unroll, &m.p, NULL, m.hg, 0);
   fx_check_duties("bl_checkpointed adam", bl_checkpointed, &m.p, NULL, m.hg, 0);
-  mlp_free(&m);
+  fx_mlp_free(&m);
 }
 END_TEST
 
