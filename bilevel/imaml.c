@@ -1,0 +1,96 @@
+/* imaml.c — implicit MAML (Rajeswaran et al. 2019).
+ *
+ * Each task adapts by solving a proximal problem anchored at theta,
+ *   phi_i = argmin_phi  L_support,i(phi) + (lambda/2) ||phi - theta||^2,
+ * here by inner_steps gradient steps from phi = theta (step inner_lr). At the
+ * solution grad L_support(phi_i) + lambda (phi_i - theta) = 0;
+ * differentiating in theta (implicit function theorem) gives
+ *   d phi_i / d theta = (I + H_i / lambda)^{-1},   H_i = Hessian of L_support,i at phi_i,
+ * so the task's meta-gradient is the solution x of
+ *   (I + H_i / lambda) x = grad L_query,i(phi_i),
+ * found by CG with Hessian-vector products (o->K, default 20; o->tol,
+ * default 1e-10). Nothing of the inner path is recorded: memory does not
+ * grow with inner_steps, and the answer depends only on phi_i, not on how
+ * it was reached (exact when the inner problem is solved exactly). */
+#include "implicit_internal.h"
+
+typedef struct {
+  ad_tape *t;
+  bl_meta_run *r;
+  int n;
+  ad_tensor **phi, **g; /* phi* (leaves) and grad L_support recorded there */
+  double prox;
+} task_op;
+
+/* out = v + H v / lambda */
+static ad_status prox_op(void *ctx, ad_tensor *const *v, ad_tensor *const *out) {
+  task_op *a = ctx;
+  ad_tensor *hv[NN_MAX_PARAMS];
+  ad_marker mk = ad_mark(a->t);
+  ad_status s = ad_grad(a->t, a->n, a->g, v, a->n, a->phi, hv, 0);
+  if (!s) {
+    bl__copy_list(a->n, out, v);
+    bl__axpy(a->n, out, 1.0 / a->prox, hv);
+    a->r->base.st.hvps++;
+  }
+  ad_rewind(a->t, mk);
+  return s;
+}
+
+/* phi <- phi - alpha (grad L_support(phi) + lambda (phi - theta)), in place. */
+static ad_status inner_solve(bl_meta_run *r, int task, ad_tensor *const *phi) {
+  const bl_meta_problem *p = r->p;
+  ad_tape *t = r->base.t;
+  int n = p->n_theta;
+  ad_tensor *g[NN_MAX_PARAMS];
+  for (int64_t k = 0; k < p->inner_steps; k++) {
+    ad_marker mk = ad_mark(t);
+    ad_tensor *L = bl__task_loss(r, p->support_loss, "support_loss", phi, task);
+    ad_status s = L ? ad_grad(t, 1, &L, NULL, n, phi, g, 0) : ad_tape_status(t);
+    if (!s) {
+      bl__axpy(n, g, p->prox, phi);       /* g + lambda phi */
+      bl__axpy(n, g, -p->prox, r->theta); /*   - lambda theta */
+      bl__axpy(n, phi, -p->inner_lr, g);
+    }
+    ad_rewind(t, mk);
+    if (s) return s;
+    r->base.st.inner_steps++;
+  }
+  return AD_OK;
+}
+
+ad_status bl_imaml(ad_tape *t, const bl_meta_problem *p, const bl_opts *o,
+                   ad_tensor *const *meta_grad, bl_stats *st) {
+  bl_meta_run r;
+  ad_status s = bl__meta_begin(&r, "bl_imaml", t, p, o, meta_grad, 0, 1);
+  int n = s ? 0 : p->n_theta;
+  int64_t K = s ? 0 : BL_OPT(&r.base, K, 20);
+  double tol = s ? 0 : BL_OPT(&r.base, tol, 1e-10);
+  ad_tensor *phi[NN_MAX_PARAMS], *g[NN_MAX_PARAMS], *gq[NN_MAX_PARAMS], *x[NN_MAX_PARAMS];
+  for (int task = 0; !s && task < p->n_tasks; task++) {
+    ad_marker mk = ad_mark(t);
+    s = bl__leaf_new(&r.base, n, r.theta, phi);
+    if (!s) s = inner_solve(&r, task, phi);
+    /* grad L_query at phi*, then grad L_support recorded for the products. */
+    ad_tensor *Lq = s ? NULL : bl__task_loss(&r, p->query_loss, "query_loss", phi, task);
+    if (!s && !Lq) s = ad_tape_status(t);
+    if (!s) s = ad_grad(t, 1, &Lq, NULL, n, phi, gq, 0);
+    ad_tensor *Ls = s ? NULL : bl__task_loss(&r, p->support_loss, "support_loss", phi, task);
+    if (!s && !Ls) s = ad_tape_status(t);
+    if (!s) s = ad_grad(t, 1, &Ls, NULL, n, phi, g, AD_GRAD_RECORD);
+    if (!s) s = bl__zeros_new(&r.base, n, phi, x);
+    if (!s) {
+      task_op a = {t, &r, n, phi, g, p->prox};
+      bl_cg_info info;
+      s = bl__cg(t, n, prox_op, &a, gq, x, K, tol, 0, &info);
+      r.base.st.iterations += info.iterations;
+      if (info.residual > r.base.st.residual) r.base.st.residual = info.residual;
+    }
+    if (!s) {
+      bl__axpy(n, r.acc, 1.0, x);
+      r.loss_sum += ad_item(Lq);
+    }
+    ad_rewind(t, mk);
+  }
+  return bl__meta_end(&r, s, meta_grad, st);
+}
