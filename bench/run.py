@@ -24,11 +24,16 @@ What it does to keep the comparison fair:
 - pins threads on both sides: HYPERTAPE_THREADS / --threads for ours;
   OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS and
   torch.set_num_threads for the twin;
-- at more than one thread the twin runs with OMP_WAIT_POLICY=passive: torch's
-  OpenMP pool otherwise spins on the cores OpenBLAS's pthreads need (on 2
-  cores grad_mlp took 5.7 ms instead of 0.83 ms). Ours keeps the default
-  (active), which is faster for BLIS's own OpenMP threads. Each side gets
-  its better setting; --torch-wait-policy default turns this off.
+- at more than one thread, torch's OpenMP pool and OpenBLAS's pthreads fight
+  over the cores (2 cores, both at 2 threads, default spin-waiting: grad_mlp
+  5.7 ms instead of 0.83 ms). So the twin is run in two configurations and
+  the faster one is kept per run: (a) torch.set_num_threads(N),
+  OMP_NUM_THREADS=N, OMP_WAIT_POLICY=passive; (b) torch.set_num_threads(1),
+  OMP_NUM_THREADS=1, OpenBLAS at N threads. (b) mirrors ours: elementwise
+  work on one thread (at these sizes torch would not split it anyway), N
+  threads inside each GEMM. Ours keeps OpenMP's default (active) wait
+  policy, which is faster for BLIS's own threads. The JSON field
+  torch_config says which configuration won.
 
 Adding a workload: bench/bench_NAME.c (prints the JSON line, see
 bench_util.h) and a function in torch_twins.py registered as NAME. A
@@ -104,22 +109,40 @@ def cpu_model():
 
 
 def build(build_dir, targets):
+    """Configures a Release build with only the benches on and builds each
+    target on its own, so one that does not compile costs only its row.
+    Returns the targets that built."""
     log("# building %s in %s" % (", ".join(targets), build_dir))
     sh(["cmake", "-S", ROOT, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
         "-DHYPERTAPE_BENCH=ON", "-DHYPERTAPE_TESTS=OFF", "-DHYPERTAPE_EXAMPLES=OFF"])
-    sh(["cmake", "--build", build_dir, "-j2", "--target"] + targets)
+    ok = []
+    for t in targets:
+        r = sh(["cmake", "--build", build_dir, "-j2", "--target", t], check=False)
+        if r.returncode == 0:
+            ok.append(t)
+        else:
+            log("# %s does not build; skipped:\n%s" % (t, (r.stdout + r.stderr)[-1500:]))
+    return ok
 
 
-def twin_env(threads, wait_policy):
-    env = dict(os.environ)
-    env.pop("OPENBLAS_CORETYPE", None)
-    env.pop("OPENBLAS_L2_SIZE", None)
-    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[k] = str(threads)
-    env.pop("OMP_WAIT_POLICY", None)
-    if threads > 1 and wait_policy != "default":
-        env["OMP_WAIT_POLICY"] = wait_policy
-    return env
+def twin_configs(threads):
+    """(label, intraop threads, environment) for each way the twin is run."""
+    def env(omp, wait):
+        e = dict(os.environ)
+        e.pop("OPENBLAS_CORETYPE", None)
+        e.pop("OPENBLAS_L2_SIZE", None)
+        e.pop("OMP_WAIT_POLICY", None)
+        for k in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            e[k] = str(threads)
+        e["OMP_NUM_THREADS"] = str(omp)
+        if wait:
+            e["OMP_WAIT_POLICY"] = wait
+        return e
+
+    if threads == 1:
+        return [("intraop1", 1, env(1, None))]
+    return [("intraop%d+passive" % threads, threads, env(threads, "passive")),
+            ("intraop1+blas%d" % threads, 1, env(1, None))]
 
 
 def ours_env(threads):
@@ -150,8 +173,6 @@ def main():
     ap.add_argument("--build-dir", default=os.path.join(ROOT, "build-bench"))
     ap.add_argument("--no-build", action="store_true", help="use the binaries already built")
     ap.add_argument("--no-install", action="store_true", help="never apt-get install")
-    ap.add_argument("--torch-wait-policy", default="passive",
-                    help="OMP_WAIT_POLICY for the twin at >1 thread (passive|active|default)")
     args = ap.parse_args()
     threads_list = [int(t) for t in args.threads.split(",") if t.strip()]
 
@@ -169,15 +190,19 @@ def main():
     if not args.no_build:
         build(args.build_dir, ["bench_" + n for n in names])
     bindir = os.path.join(args.build_dir, "bench")
+    missing = [n for n in names if not os.access(os.path.join(bindir, "bench_" + n), os.X_OK)]
+    if missing:
+        log("# no binary for %s in %s; skipped" % (", ".join(missing), bindir))
+        names = [n for n in names if n not in missing]
 
     openblas = ensure_openblas(not args.no_install)
     torch_ok = sh([PY, "-c", "import torch"], check=False).returncode == 0
     blas = {}
     if torch_ok:
-        r = sh([PY, TWINS, "--blas-info"], env=twin_env(1, "default"), check=False)
+        r = sh([PY, TWINS, "--blas-info"], env=twin_configs(1)[0][2], check=False)
         blas = last_json(r.stdout) if r.returncode == 0 else {"summary": "? " + r.stderr[-200:]}
 
-    rows, kernel_line = [], None
+    rows, kernel_line, failed = [], None, []
     for threads in threads_list:
         for name in names:
             ours_runs, torch_runs = [], []
@@ -189,17 +214,22 @@ def main():
                         "--iters", str(args.iters), "--warmup", str(args.warmup)],
                        env=ours_env(threads), check=False)
                 if r.returncode != 0:
-                    log("bench_%s failed (%d):\n%s" % (name, r.returncode, r.stderr))
-                    return 1
+                    log("# bench_%s failed (%d); its row is left out:\n%s"
+                        % (name, r.returncode, r.stderr[-2000:]))
+                    break
                 ours_runs.append(last_json(r.stdout))
-                if torch_ok and name in twins:
+                for label, intraop, env in (twin_configs(threads) if torch_ok and name in twins
+                                            else []):
                     t = sh([PY, TWINS, "--workload", name, "--threads", str(threads),
-                            "--iters", str(args.iters), "--warmup", str(args.warmup)],
-                           env=twin_env(threads, args.torch_wait_policy), check=False)
+                            "--intraop", str(intraop), "--iters", str(args.iters),
+                            "--warmup", str(args.warmup)], env=env, check=False)
                     if t.returncode == 0:
-                        torch_runs.append(last_json(t.stdout))
+                        torch_runs.append(dict(last_json(t.stdout), config=label))
                     else:
-                        log("twin %s failed:\n%s" % (name, t.stderr[-2000:]))
+                        log("twin %s (%s) failed:\n%s" % (name, label, t.stderr[-2000:]))
+            if not ours_runs:
+                failed.append(name)
+                continue
             ours = min(ours_runs, key=lambda j: j["ours_ms"])
             floor_ms = min(j["floor_ms"] for j in ours_runs)
             if kernel_line is None:
@@ -210,25 +240,29 @@ def main():
                    "kernel": ours.get("kernel"), "torch_blas": blas.get("summary"),
                    "iters": args.iters, "repeat": len(ours_runs)}
             if torch_runs:
-                row["torch_ms"] = min(j["torch_ms"] for j in torch_runs)
+                best = min(torch_runs, key=lambda j: j["torch_ms"])
+                row["torch_ms"] = best["torch_ms"]
                 row["torch_floor_ms"] = min(j["torch_floor_ms"] for j in torch_runs)
                 row["ratio"] = round(row["ours_ms"] / row["torch_ms"], 3)
+                row["torch_config"] = best["config"]
             rows.append(row)
             if args.json:
                 print(json.dumps(row), flush=True)
 
     if args.json:
-        return 0
+        return 1 if failed else 0
     print("hypertape bench  cpu: %s  (%d cores online)" % (cpu_model(), os.cpu_count() or 0))
     print("ours : BLIS %s" % (kernel_line or "?"))
     print("torch: %s; libopenblas0-pthread %s; libblas.so.3 -> %s" % (
         blas.get("summary", "torch not importable with " + PY), openblas, blas_alternative()))
-    print("       torch libs: %s; OMP_WAIT_POLICY at >1 thread: %s" % (
-        ", ".join(blas.get("libs", [])) or "-", args.torch_wait_policy))
+    print("       torch libs: %s" % (", ".join(blas.get("libs", [])) or "-"))
+    print("       at >1 thread the faster of: intraop N + OMP_WAIT_POLICY=passive, "
+          "intraop 1 + OpenBLAS N")
     print("per program run: median of %d iterations after %d warmup; lowest of %d runs; "
           "ratio = ours/torch" % (args.iters, args.warmup, max(1, args.repeat)))
-    hdr = "%-12s %3s %10s %10s %8s %10s %10s %7s" % (
-        "workload", "thr", "ours_ms", "floor_ms", "ours/fl", "torch_ms", "t_floor", "ratio")
+    hdr = "%-12s %3s %10s %10s %8s %10s %10s %7s  %s" % (
+        "workload", "thr", "ours_ms", "floor_ms", "ours/fl", "torch_ms", "t_floor", "ratio",
+        "torch config")
     print(hdr)
     print("-" * len(hdr))
 
@@ -236,11 +270,14 @@ def main():
         return fmt % v if v is not None else "%10s" % "n/a"
 
     for r in rows:
-        print("%-12s %3d %s %s %8.3f %s %s %s" % (
+        print("%-12s %3d %s %s %8.3f %s %s %s  %s" % (
             r["workload"], r["threads"], f(r["ours_ms"]), f(r["floor_ms"]), r["ours_over_floor"],
             f(r["torch_ms"]), f(r["torch_floor_ms"]),
-            ("%7.3f" % r["ratio"]) if r["ratio"] is not None else "    n/a"))
-    return 0
+            ("%7.3f" % r["ratio"]) if r["ratio"] is not None else "    n/a",
+            r.get("torch_config", "")))
+    if failed:
+        print("failed: %s (see stderr)" % ", ".join(sorted(set(failed))))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ Prints one JSON line: {"workload", "threads", "iters", "torch_ms",
 bench's floor, through torch.mm, so BLIS and OpenBLAS can be compared
 directly.
 
-Thread pinning: run it with OMP_NUM_THREADS / OPENBLAS_NUM_THREADS set to the
-same N (bench/run.py does); torch.set_num_threads(N) is called here too.
+Thread pinning: OPENBLAS_NUM_THREADS sets the threads inside each GEMM;
+torch.set_num_threads(--intraop, default --threads) those of torch's own
+OpenMP pool (bench/run.py sets both, see there).
 
 Adding a workload: write bench/bench_NAME.c and a function here decorated
 with @workload("NAME") that returns (step, floor) callables."""
@@ -138,6 +139,60 @@ def hvp_mlp():
     return step, _floor(torch, MLP_HVP_GEMMS)
 
 
+# --------------------------------------------------------------- CNN (bench/bench_train_step_cnn.c)
+CB, SIDE, C1, C2, COUT = 64, 28, 16, 32, 10
+CFLAT = C2 * 7 * 7
+
+
+def _cnn_data(torch):
+    """examples/mnist_cnn.c's net: Kaiming-normal weights ([out, in, kh, kw]
+    and [out, in], as nn_params holds them), zero biases, U[0,1) images,
+    uniform labels."""
+    g = torch.Generator().manual_seed(42)
+    x = torch.rand(CB, 1, SIDE, SIDE, generator=g)
+    w1 = (torch.randn(C1, 1, 3, 3, generator=g) * math.sqrt(2.0 / 9)).requires_grad_()
+    b1 = torch.zeros(C1, requires_grad=True)
+    w2 = (torch.randn(C2, C1, 3, 3, generator=g) * math.sqrt(2.0 / (C1 * 9))).requires_grad_()
+    b2 = torch.zeros(C2, requires_grad=True)
+    wf = (torch.randn(COUT, CFLAT, generator=g) * math.sqrt(1.0 / CFLAT)).requires_grad_()
+    bf = torch.zeros(COUT, requires_grad=True)
+    y = torch.randint(0, COUT, (CB,), generator=g)
+    return x, [w1, b1, w2, b2, wf, bf], y
+
+
+# The GEMMs of bench_train_step_cnn.c's floor: per image for the convs
+# (im2col + one GEMM per image, as nn_conv2d issues them), once for the fc.
+CNN_GEMMS = (
+    [(C1, 784, 9, 0, 0), (C2, 196, C1 * 9, 0, 0)] * CB
+    + [(CB, COUT, CFLAT, 0, 1), (COUT, CFLAT, CB, 1, 0), (CB, CFLAT, COUT, 0, 0)]
+    + [(C1 * 9, 196, C2, 1, 0), (C2, C1 * 9, 196, 0, 1), (C1, 9, 784, 0, 1)] * CB
+)
+
+
+@workload("train_step_cnn")
+def train_step_cnn():
+    import torch
+
+    F = torch.nn.functional
+    x, params, y = _cnn_data(torch)
+    w1, b1, w2, b2, wf, bf = params
+    grad = torch.autograd.grad
+    lr = 0.01
+
+    def step():
+        # One SGD step: forward, gradients of the six parameters, in-place
+        # update (what nn_opt_step does), as in the C bench.
+        h = F.max_pool2d(F.relu(F.conv2d(x, w1, b1, padding=1)), 2)
+        h = F.max_pool2d(F.relu(F.conv2d(h, w2, b2, padding=1)), 2)
+        loss = F.cross_entropy(F.linear(h.flatten(1), wf, bf), y)
+        gs = grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, gs):
+                p.sub_(lr * g)
+
+    return step, _floor(torch, CNN_GEMMS)
+
+
 # --------------------------------------------------------------- harness
 
 
@@ -206,6 +261,9 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--intraop", type=int, default=0,
+                    help="torch.set_num_threads value (default: --threads); the BLAS "
+                    "threads come from OPENBLAS_NUM_THREADS")
     ap.add_argument("--list", action="store_true", help="print the workload names")
     ap.add_argument("--blas-info", action="store_true", help="print which BLAS torch uses")
     args = ap.parse_args()
@@ -214,7 +272,7 @@ def main():
         return 0
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.intraop or args.threads)
     if args.blas_info:
         print(json.dumps(blas_info()))
         return 0
