@@ -193,6 +193,13 @@ def train_step_cnn():
     return step, _floor(torch, CNN_GEMMS)
 
 
+# --------------------------------------------------------------- twins in their own files
+# bench/twins_implicit.py: neumann_K20, cg_K20, maml_sinusoid.
+import twins_implicit  # noqa: E402  (bench/ is sys.path[0] when this file runs)
+
+twins_implicit.register(workload)
+
+
 # --------------------------------------------------------------- harness
 
 

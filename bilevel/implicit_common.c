@@ -10,29 +10,38 @@
 
 /* ---------------------------------------------------------------- L_eff */
 
-/* sum_i (wd_i / 2) ||w_i||^2 for the inner optimizer's L2 decay, with wd a
- * number or a tape variable (scalar, or per parameter shaped like it or of
- * size 1), chosen as nn/optim.c does. *out = NULL when there is none. */
-static ad_status decay_term(bl_run *r, ad_tensor *const *w, ad_tensor **out) {
-  const nn_opt_cfg *c = &r->opt.cfg;
+/* The inner optimizer's L2 decay, as nn/optim.c picks it: a tape variable
+ * (per parameter, shaped like it or of size 1, else the scalar one) or the
+ * number cfg.weight_decay. */
+static ad_tensor *decay_var(const bl_run *r, int i, double *c) {
+  const nn_opt_cfg *cfg = &r->opt.cfg;
+  *c = cfg->weight_decay;
+  return cfg->weight_decay_vars && cfg->weight_decay_vars[i] ? cfg->weight_decay_vars[i]
+                                                             : cfg->weight_decay_var;
+}
+
+/* g_i <- g_i + wd_i w_i (recorded): the gradient of sum_i (wd_i/2) ||w_i||^2
+ * written down directly rather than differentiated, so the products see
+ * one multiply per parameter (H: wd v; mixed partial: w v) instead of the
+ * backward of a dot product. *any says whether there was one. */
+static ad_status add_decay(bl_run *r, ad_tensor *const *w, ad_tensor **g, int *any) {
   ad_tape *t = r->t;
-  ad_tensor *s = NULL;
-  *out = NULL;
+  *any = 0;
   for (int i = 0; i < r->p->n_w; i++) {
-    ad_tensor *v = c->weight_decay_vars && c->weight_decay_vars[i] ? c->weight_decay_vars[i]
-                                                                   : c->weight_decay_var;
-    ad_tensor *q;
+    double c;
+    ad_tensor *v = decay_var(r, i, &c), *d;
     if (v) {
       if (v->size != 1 && !ad_same_shape(v, w[i])) v = ad_reshape(t, v, w[i]->ndim, w[i]->shape);
-      q = ad_scale(t, ad_dot(t, ad_mul(t, v, w[i]), w[i]), 0.5);
-    } else if (c->weight_decay != 0) {
-      q = ad_scale(t, ad_dot(t, w[i], w[i]), 0.5 * c->weight_decay);
+      d = ad_mul(t, v, w[i]);
+    } else if (c != 0) {
+      d = ad_scale(t, w[i], c);
     } else {
       continue;
     }
-    s = s ? ad_add(t, s, q) : q;
+    if (!d) return ad_tape_status(t);
+    g[i] = g[i] ? ad_add(t, g[i], d) : d;
+    *any = 1;
   }
-  *out = s;
   return ad_tape_status(t);
 }
 
@@ -55,16 +64,13 @@ static ad_status record_curvature(bl_imp *m) {
   bl_run *r = m->r;
   const bl_problem *p = r->p;
   ad_tape *t = r->t;
-  int n = m->n;
+  int n = m->n, any;
   ad_tensor *L = p->train_loss(t, m->w, r->lam, m->step, p->ctx);
   ad_status s = bl__check_loss(r, L, "train_loss", m->step);
-  ad_tensor *D = NULL;
-  if (!s) s = decay_term(r, m->w, &D);
-  if (s) return s;
-  ad_tensor *Leff = D ? ad_add(t, L, D) : L;
   /* Recorded, so that <g, v> can be differentiated again: by w for the
    * products, by lam for the mixed partial. */
-  s = ad_grad(t, 1, &Leff, NULL, n, m->w, m->g, AD_GRAD_RECORD);
+  if (!s) s = ad_grad(t, 1, &L, NULL, n, m->w, m->g, AD_GRAD_RECORD);
+  if (!s) s = add_decay(r, m->w, m->g, &any);
   if (s || !m->gn) return s;
 
   /* Gauss-Newton: l is taken at a leaf copy of the outputs, so grad_f l is
@@ -84,16 +90,16 @@ static ad_status record_curvature(bl_imp *m) {
   if (p->train_reg) {
     R = p->train_reg(t, m->w, r->lam, m->step, p->ctx);
     s = bl__check_loss(r, R, "train_reg", m->step);
+    if (!s) s = ad_grad(t, 1, &R, NULL, n, m->w, m->greg, AD_GRAD_RECORD);
     if (s) return s;
   }
-  if (D) R = R ? ad_add(t, R, D) : D;
-  if (R) {
-    s = ad_grad(t, 1, &R, NULL, n, m->w, m->greg, AD_GRAD_RECORD);
-    if (s) return s;
-  }
+  if (any && (s = add_decay(r, m->w, m->greg, &any))) return s;
+  if (R || any) /* G's second part: zeros (no history) where R and decay miss w_i */
+    for (int i = 0; i < n; i++)
+      if (!m->greg[i] && !(m->greg[i] = ad_zeros_like(t, m->w[i]))) return ad_tape_status(t);
   /* The split must add up to L_train, or G is the curvature of some other
    * objective and the hypergradient silently wrong. */
-  double a = ad_item(Leff), b = ad_item(l) + (R ? ad_item(R) : 0);
+  double a = ad_item(L), b = ad_item(l) + (R ? ad_item(R) : 0);
   double tol = L->dtype == AD_F64 ? 1e-9 : 1e-4;
   if (!(fabs(a - b) <= tol * (1 + fabs(a))))
     return bl__fail(r, AD_ERR_ARG,

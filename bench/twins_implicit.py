@@ -1,0 +1,193 @@
+"""PyTorch twins of bench_neumann_K20.c, bench_cg_K20.c (bench/implicit_bench.h)
+and bench_maml_sinusoid.c: the same shapes, distributions, algebra and
+order of operations, written the way a PyTorch user would (torch.autograd.grad
+with create_graph=True once, grad_outputs per product; functional MAML).
+
+bench/torch_twins.py calls register(workload) so these appear next to its
+own twins; run one with
+
+    /usr/bin/python3 bench/torch_twins.py --workload neumann_K20 --threads 1
+"""
+
+import math
+
+# --------------------------------------------------------------- implicit (implicit_bench.h)
+B, V, IN, H, OUT, K = 128, 512, 784, 200, 10, 20
+
+# The GEMMs of implicit_bench.h's ib_floor: L_val's gradient at 512,
+# L_train's at 128, and 8 per product for the backward through the
+# recorded gradient.
+def _grad_gemms(n):
+    return [(n, H, IN, 0, 0), (n, OUT, H, 0, 0), (H, OUT, n, 1, 0), (n, H, OUT, 0, 1),
+            (IN, H, n, 1, 0)]
+
+
+SECOND_GEMMS = [(B, H, IN, 0, 0), (B, H, OUT, 0, 1), (B, OUT, H, 0, 0), (B, OUT, H, 0, 0),
+                (H, OUT, B, 1, 0), (H, OUT, B, 1, 0), (B, H, OUT, 0, 1), (IN, H, B, 1, 0)]
+IMPLICIT_GEMMS = _grad_gemms(V) + _grad_gemms(B) + SECOND_GEMMS * K
+
+
+def _floor(torch, shapes):
+    bufs = []
+    for m, n, k, ta, tb in shapes:
+        a = torch.randn(k, m).t() if ta else torch.randn(m, k)
+        b = torch.randn(n, k).t() if tb else torch.randn(k, n)
+        bufs.append((a, b, torch.empty(m, n)))
+    mm = torch.mm
+
+    def floor():
+        for a, b, c in bufs:
+            mm(a, b, out=c)
+
+    return floor
+
+
+def _implicit_data(torch):
+    """As ib_init: N(0,1) inputs, He-initialised W (layout [in, out]),
+    uniform labels, lam ~ U[1e-4, 1e-3] shaped like W."""
+    g = torch.Generator().manual_seed(42)
+    x = torch.randn(B, IN, generator=g)
+    xv = torch.randn(V, IN, generator=g)
+    y = torch.randint(0, OUT, (B,), generator=g)
+    yv = torch.randint(0, OUT, (V,), generator=g)
+    w1 = (torch.randn(IN, H, generator=g) * math.sqrt(2.0 / IN)).requires_grad_()
+    w2 = (torch.randn(H, OUT, generator=g) * math.sqrt(2.0 / H)).requires_grad_()
+    l1 = (torch.rand(IN, H, generator=g) * 9e-4 + 1e-4).requires_grad_()
+    l2 = (torch.rand(H, OUT, generator=g) * 9e-4 + 1e-4).requires_grad_()
+    return x, xv, y, yv, (w1, w2), (l1, l2)
+
+
+def _nll(torch, x, w, y):
+    F = torch.nn.functional
+    return F.nll_loss(F.log_softmax(torch.relu(x @ w[0]) @ w[1], dim=1), y)
+
+
+def _implicit(method):
+    import torch
+
+    x, xv, y, yv, w, lam = _implicit_data(torch)
+    grad = torch.autograd.grad
+    alpha, damping = 0.1, 1.0
+
+    def setup():
+        # b = grad_w L_val (lam does not enter L_val: its direct part is 0),
+        # g = grad_w L_eff recorded, L_eff = L_train + sum lam/2 w^2.
+        b = grad(_nll(torch, xv, w, yv), w)
+        lt = _nll(torch, x, w, y) + 0.5 * ((lam[0] * w[0] * w[0]).sum() +
+                                           (lam[1] * w[1] * w[1]).sum())
+        g = grad(lt, w, create_graph=True)
+        return b, g
+
+    def hvp(g, v):
+        return grad(g, w, grad_outputs=v, retain_graph=True)
+
+    def finish(g, v):
+        mixed = grad(g, lam, grad_outputs=v)
+        return [-m for m in mixed]
+
+    def neumann():
+        b, g = setup()
+        with torch.no_grad():
+            q = [bi.clone() for bi in b]
+            v = [bi.clone() for bi in b]
+        for _ in range(K):
+            hq = hvp(g, q)
+            with torch.no_grad():
+                for qi, hi, vi in zip(q, hq, v):
+                    qi.add_(hi, alpha=-alpha)
+                    vi.add_(qi)
+        with torch.no_grad():
+            for vi in v:
+                vi.mul_(alpha)
+        return finish(g, v)
+
+    def dot(a, b):
+        return sum(float((ai * bi).sum()) for ai, bi in zip(a, b))
+
+    def cg():
+        b, g = setup()
+        with torch.no_grad():
+            v = [torch.zeros_like(bi) for bi in b]
+            r = [bi.clone() for bi in b]
+            p = [bi.clone() for bi in b]
+            rs = dot(r, r)
+        for _ in range(K):
+            ap = hvp(g, p)
+            with torch.no_grad():
+                for api, pi in zip(ap, p):
+                    api.add_(pi, alpha=damping)
+                a = rs / dot(p, ap)
+                for vi, ri, pi, api in zip(v, r, p, ap):
+                    vi.add_(pi, alpha=a)
+                    ri.add_(api, alpha=-a)
+                rs_new = dot(r, r)
+                for pi, ri in zip(p, r):
+                    pi.mul_(rs_new / rs).add_(ri)
+                rs = rs_new
+        return finish(g, v)
+
+    step = neumann if method == "neumann" else cg
+    return step, _floor(torch, IMPLICIT_GEMMS)
+
+
+# --------------------------------------------------------------- MAML (bench_maml_sinusoid.c)
+MT, MK, MH = 25, 10, 40
+
+
+def _maml_gemms():
+    k, h = MK, MH
+    one_pass = [(k, h, 1, 0, 0), (k, h, h, 0, 0), (k, 1, h, 0, 0), (h, 1, k, 1, 0),
+                (k, h, 1, 0, 1), (h, h, k, 1, 0), (k, h, h, 0, 1), (1, h, k, 1, 0)]
+    second = [(k, 1, h, 0, 0), (k, h, 1, 0, 0), (k, 1, h, 0, 0), (1, h, k, 1, 0),
+              (k, h, h, 0, 0), (k, h, h, 0, 1), (k, h, h, 0, 0), (h, h, k, 1, 0),
+              (k, h, 1, 0, 0),
+              (h, 1, k, 1, 0), (k, h, 1, 0, 1), (h, h, k, 1, 0), (k, h, h, 0, 1),
+              (1, h, k, 1, 0)]
+    return (one_pass * 2 + second) * MT
+
+
+def maml_sinusoid():
+    import torch
+
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(42)
+    # Tasks as ds_sine_task_*: amplitude U[0.1, 5], phase U[0, pi], x U[-5, 5].
+    tasks = []
+    for _ in range(MT):
+        amp = 0.1 + 4.9 * float(torch.rand(1, generator=g))
+        ph = math.pi * float(torch.rand(1, generator=g))
+        xs = torch.rand(MK, 1, generator=g) * 10 - 5
+        xq = torch.rand(MK, 1, generator=g) * 10 - 5
+        tasks.append((xs, amp * torch.sin(xs + ph), xq, amp * torch.sin(xq + ph)))
+    shapes = [(1, MH), (MH,), (MH, MH), (MH,), (MH, 1), (1,)]
+    theta = []
+    for s in shapes:
+        if len(s) == 2:
+            bound = 1.0 / math.sqrt(s[0])
+            theta.append(((torch.rand(*s, generator=g) * 2 - 1) * bound).requires_grad_())
+        else:
+            theta.append(torch.zeros(*s, requires_grad=True))
+    alpha = 0.01
+    grad = torch.autograd.grad
+
+    def net(p, x):
+        h = torch.relu(x @ p[0] + p[1])
+        h = torch.relu(h @ p[2] + p[3])
+        return h @ p[4] + p[5]
+
+    def step():
+        total = 0.0
+        for xs, ys, xq, yq in tasks:
+            gs = grad(F.mse_loss(net(theta, xs), ys), theta, create_graph=True)
+            phi = [p - alpha * gi for p, gi in zip(theta, gs)]
+            total = total + F.mse_loss(net(phi, xq), yq)
+        grad(total / MT, theta)
+
+    return step, _floor(torch, _maml_gemms())
+
+
+def register(workload):
+    """Adds the twins to bench/torch_twins.py's table."""
+    workload("neumann_K20")(lambda: _implicit("neumann"))
+    workload("cg_K20")(lambda: _implicit("cg"))
+    workload("maml_sinusoid")(maml_sinusoid)
