@@ -248,34 +248,46 @@ ad_status bl__val_grad(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, do
                        ad_tensor **gw, ad_tensor **glam);
 
 /* A recorded stretch of the trajectory, steps from..to-1, walked back one
- * step at a time. Each step is recorded from detached leaf views of its
- * input (w_k, s_k), so the steps are separate graphs joined only through
- * the values: reverse mode then takes one step's VJP, copies the adjoint
- * into long-lived buffers and rewinds that step's graph and backward, and
- * the peak is the segment's forward tape plus one step's backward.
+ * chunk of steps at a time. The steps are recorded in chunks of `chunk`
+ * steps; each chunk starts from detached leaf views of its input (w, s), so
+ * chunks are separate graphs joined only through the values. Reverse mode
+ * then takes one chunk's VJP (one ad_grad), copies the adjoints into
+ * long-lived buffers and rewinds that chunk's graph and backward: the peak
+ * is the segment's forward tape plus one chunk's backward.
+ * Why chunks and not single steps: an ad_grad call scans the whole tape
+ * (stamping forward from its first node, sweeping back to it), so T calls
+ * cost O(T^2) node visits; T / chunk calls cost O(T^2 / chunk). chunk <= 0
+ * picks ceil(sqrt(to - from)): O(T^1.5) visits and sqrt(T) steps of
+ * backward held at once.
  *   record:  from values (w_from, s_from) — copied, so in-place buffers may
  *            change afterwards — records the steps with r->lam / r->opt;
  *            w_end / s_end are leaf views of w_to and the state after it.
  *   reverse: with adjoints aw (on w_to) and as (on s_end's buffers, a list
  *            matching bl__state_list; ignored for stateless optimizers),
- *            for k = to-1 .. from:
- *              glam += aw dPhi_k/dlam + as dS_k/dlam
- *              (aw, as) <- (aw dPhi_k/dw + as dS_k/dw, aw dPhi_k/ds + as dS_k/ds)
- *            and rewinds each step. On return aw, as are the adjoints at
- *            (w_from, s_from); everything the record made after its own
- *            bookkeeping is rewound (rewind to a mark taken before the
- *            record to free that too). Counts one hvp per step. */
+ *            for each chunk from the last, with Phi_c its steps composed:
+ *              glam += aw dPhi_c/dlam + as dS_c/dlam
+ *              (aw, as) <- (aw dPhi_c/dw + as dS_c/dw, aw dPhi_c/ds + as dS_c/ds)
+ *            and rewinds the chunk. On return aw, as are the adjoints at
+ *            (w_from, s_from) — unless sg->skip_start_adjoint is set, in
+ *            which case the first chunk's VJP is taken for lam only (the
+ *            backward through step `from`'s L_train gradient, which only
+ *            leads to w_from, is skipped) and aw, as are left meaningless.
+ *            Everything the record made after its own bookkeeping is
+ *            rewound (rewind to a mark taken before the record to free that
+ *            too). Counts one hvp per step. */
 typedef struct {
-  int64_t from, to;
-  int n_w, ns;           /* parameters, state buffers */
-  ad_marker *marks;      /* [to-from]: before step k */
-  ad_tensor **in, **out; /* [to-from][n_w + ns]: step k's leaves and outputs */
+  int64_t from, to, chunk, n_chunks;
+  int n_w, ns;            /* parameters, state buffers */
+  int skip_start_adjoint; /* set by the caller: no adjoint needed at w_from */
+  ad_marker *marks;       /* [n_chunks]: before chunk c */
+  ad_tensor **in, **out;  /* [n_chunks][n_w + ns]: chunk c's leaves and outputs */
   ad_tensor *w_end[NN_MAX_PARAMS];
   nn_opt_state s_end;
+  ad_tensor *spare[NN_MAX_PARAMS + BL_MAX_STATE]; /* second adjoint buffer */
 } bl_segment;
 
 ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from,
-                             const nn_opt_state *s_from, int64_t from, int64_t to);
+                             const nn_opt_state *s_from, int64_t from, int64_t to, int64_t chunk);
 ad_status bl__segment_reverse(bl_run *r, bl_segment *sg, ad_tensor *const *aw, ad_tensor *const *as,
                               ad_tensor *const *glam);
 

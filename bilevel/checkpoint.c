@@ -63,7 +63,8 @@ ad_status bl_checkpointed(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_
   for (int64_t j = n_seg - 1; j >= 0 && !s; j--) {
     int64_t end = (j + 1) * C < T ? (j + 1) * C : T;
     bl_segment sg;
-    s = bl__segment_record(&r, &sg, ck_w + j * n, &ck_s[j], j * C, end);
+    s = bl__segment_record(&r, &sg, ck_w + j * n, &ck_s[j], j * C, end, 0);
+    sg.skip_start_adjoint = j == 0; /* no adjoint needed at w_0 */
     if (!s) s = bl__segment_reverse(&r, &sg, aw, as, glam);
     ad_rewind(t, m);
   }

@@ -491,37 +491,49 @@ ad_status bl__val_value(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, d
 /* ---------------------------------------------------------------- segments */
 
 ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from,
-                             const nn_opt_state *s_from, int64_t from, int64_t to) {
+                             const nn_opt_state *s_from, int64_t from, int64_t to, int64_t chunk) {
   ad_tape *t = r->t;
   int n = r->p->n_w;
   int64_t len = to - from;
   ad_tensor *tmp[BL_MAX_STATE];
   memset(sg, 0, sizeof *sg);
+  if (chunk <= 0) chunk = (int64_t)ceil(sqrt((double)len));
+  if (chunk < 1) chunk = 1;
   sg->from = from;
   sg->to = to;
+  sg->chunk = chunk;
+  sg->n_chunks = (len + chunk - 1) / chunk;
   sg->n_w = n;
   sg->ns = bl__state_list(s_from, tmp);
-  size_t row = (size_t)(n + sg->ns);
-  sg->marks = ad_arena_alloc(t, sizeof(ad_marker) * (size_t)(len > 0 ? len : 1));
-  sg->in = ad_arena_alloc(t, sizeof(ad_tensor *) * row * (size_t)(len > 0 ? len : 1));
-  sg->out = ad_arena_alloc(t, sizeof(ad_tensor *) * row * (size_t)(len > 0 ? len : 1));
+  size_t row = (size_t)(n + sg->ns), nc = (size_t)(sg->n_chunks > 0 ? sg->n_chunks : 1);
+  sg->marks = ad_arena_alloc(t, sizeof(ad_marker) * nc);
+  sg->in = ad_arena_alloc(t, sizeof(ad_tensor *) * row * nc);
+  sg->out = ad_arena_alloc(t, sizeof(ad_tensor *) * row * nc);
   if (!sg->marks || !sg->in || !sg->out) return ad_tape_status(t);
   /* The segment starts from copies: the caller's buffers may move on. */
   ad_tensor *w[NN_MAX_PARAMS], *wn[NN_MAX_PARAMS];
   nn_opt_state s;
   ad_status st = bl__leaf_new(r, n, w_from, w);
   if (!st) st = bl__state_copy(r, &s, s_from, BL_STATE_LEAF);
+  if (!st) st = bl__zeros_new(r, n, w_from, sg->spare);
+  if (!st) st = bl__zeros_new(r, sg->ns, tmp, sg->spare + n);
   for (int64_t k = from; k < to && !st; k++) {
-    ad_tensor **in = sg->in + (size_t)(k - from) * row, **out = sg->out + (size_t)(k - from) * row;
-    sg->marks[k - from] = ad_mark(t);
-    for (int i = 0; i < n; i++) in[i] = w[i];
-    bl__state_list(&s, in + n);
+    int64_t c = (k - from) / chunk;
+    ad_tensor **in = sg->in + (size_t)c * row, **out = sg->out + (size_t)c * row;
+    if ((k - from) % chunk == 0) { /* a chunk starts: remember where, and its leaves */
+      sg->marks[c] = ad_mark(t);
+      for (int i = 0; i < n; i++) in[i] = w[i];
+      bl__state_list(&s, in + n);
+    }
     st = bl__step_recorded(r, r->lam, &r->opt.cfg, w, &s, k, NULL, wn);
     if (st) break;
+    for (int i = 0; i < n; i++) w[i] = wn[i];
+    if ((k - from) % chunk != chunk - 1 && k != to - 1) continue;
+    /* A chunk ends: its outputs, then the cut — the next chunk starts from
+     * leaf views of these values, so its graph does not reach back into
+     * this one (ad_detach). */
     for (int i = 0; i < n; i++) out[i] = wn[i];
     bl__state_list(&s, out + n);
-    /* Cut here: the next step starts from leaf views of these values, so
-     * its graph does not reach back into this one (ad_detach). */
     for (int i = 0; i < n && !st; i++)
       if (!(w[i] = bl__leaf_view(t, wn[i]))) st = ad_tape_status(t);
     for (int i = 0; i < s.n && !st; i++) {
@@ -538,28 +550,44 @@ ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from
 ad_status bl__segment_reverse(bl_run *r, bl_segment *sg, ad_tensor *const *aw, ad_tensor *const *as,
                               ad_tensor *const *glam) {
   ad_tape *t = r->t;
-  int n = sg->n_w, ns = as ? sg->ns : 0, n_lam = r->p->n_lam;
+  int n = sg->n_w, ns = as ? sg->ns : 0, n_lam = r->p->n_lam, nv = n + ns;
   size_t row = (size_t)(n + sg->ns);
-  ad_tensor *seeds[NN_MAX_PARAMS + BL_MAX_STATE];
+  /* Adjoints are double-buffered (the other buffer is sg->spare): a rule
+   * may hand its seed back as an input's gradient (d(w - c)/dw = I), so
+   * results go to the buffer that is not the seed. */
+  ad_tensor *cur[NN_MAX_PARAMS + BL_MAX_STATE], *nxt[NN_MAX_PARAMS + BL_MAX_STATE];
   ad_tensor *ins[2 * NN_MAX_PARAMS + BL_MAX_STATE], *grads[2 * NN_MAX_PARAMS + BL_MAX_STATE];
-  for (int64_t k = sg->to - 1; k >= sg->from; k--) {
-    ad_tensor **in = sg->in + (size_t)(k - sg->from) * row;
-    ad_tensor **out = sg->out + (size_t)(k - sg->from) * row;
-    /* Seeds are copies: a rule may hand a seed back as an input's gradient
-     * (d(w - c)/dw = I), and the adjoint buffers are overwritten below. */
-    ad_status st = AD_OK;
-    for (int j = 0; j < n + ns && !st; j++)
-      if (!(seeds[j] = bl__copy(t, j < n ? aw[j] : as[j - n]))) st = ad_tape_status(t);
+  for (int j = 0; j < nv; j++) {
+    cur[j] = j < n ? aw[j] : as[j - n];
+    nxt[j] = sg->spare[j];
+  }
+  ad_status st = AD_OK;
+  for (int64_t c = sg->n_chunks - 1; c >= 0 && !st; c--) {
+    ad_tensor **in = sg->in + (size_t)c * row, **out = sg->out + (size_t)c * row;
+    int first = c == 0 && sg->skip_start_adjoint;
     int n_in = 0;
     for (int q = 0; q < n_lam; q++) ins[n_in++] = r->lam[q];
-    for (int j = 0; j < n + ns; j++) ins[n_in++] = in[j];
-    if (!st) st = ad_grad(t, n + ns, out, seeds, n_in, ins, grads, 0);
-    if (st) return st;
+    if (!first)
+      for (int j = 0; j < nv; j++) ins[n_in++] = in[j];
+    st = ad_grad(t, nv, out, cur, n_in, ins, grads, 0);
+    if (st) break;
     bl__axpy(n_lam, glam, 1.0, grads);
-    bl__copy_list(n, aw, grads + n_lam);
-    if (ns) bl__copy_list(ns, as, grads + n_lam + n);
-    r->st.hvps++;
-    ad_rewind(t, sg->marks[k - sg->from]);
+    if (!first) {
+      bl__copy_list(nv, nxt, grads + n_lam);
+      for (int j = 0; j < nv; j++) {
+        ad_tensor *tmp = cur[j];
+        cur[j] = nxt[j];
+        nxt[j] = tmp;
+      }
+    }
+    int64_t k0 = sg->from + c * sg->chunk, k1 = k0 + sg->chunk < sg->to ? k0 + sg->chunk : sg->to;
+    r->st.hvps += k1 - k0;
+    ad_rewind(t, sg->marks[c]);
   }
-  return AD_OK;
+  /* The adjoints end in the caller's buffers. */
+  for (int j = 0; j < nv && !st; j++) {
+    ad_tensor *dst = j < n ? aw[j] : as[j - n];
+    if (cur[j] != dst) ad_copy_values(dst, cur[j]);
+  }
+  return st;
 }

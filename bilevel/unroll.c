@@ -7,9 +7,11 @@
  * (the optimizer state s rides along with w: its adjoint is carried too).
  *
  * All T steps are recorded (the backward of each L_train gradient included,
- * AD_GRAD_RECORD), then walked back one step at a time (bl__segment_*): each
- * step's graph is freed as soon as its adjoint is taken, so the peak is the
- * forward tape plus one step's backward rather than both whole tapes.
+ * AD_GRAD_RECORD), then walked back a chunk of ~sqrt(T) steps at a time
+ * (bl__segment_*): each chunk's graph is freed as soon as its adjoint is
+ * taken, so the peak is the forward tape plus one chunk's backward rather
+ * than both whole tapes. Step 0's backward through its L_train gradient
+ * leads only to w_0 and is skipped.
  *
  * Truncated (o->K in 1..T-1): the first T-K steps run in place, and the
  * recorded part starts from a detached copy of w_{T-K} (stop-gradient), so
@@ -44,7 +46,8 @@ ad_status bl_unroll(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor
 
   /* Steps start .. T-1 recorded, from a copy of w_start: the cut. */
   bl_segment sg;
-  if (!s) s = bl__segment_record(&r, &sg, w, &os, start, T);
+  if (!s) s = bl__segment_record(&r, &sg, w, &os, start, T, 0);
+  sg.skip_start_adjoint = 1; /* nothing is differentiated before the start */
 
   /* alpha_T = grad_w L_val(w_T); the direct term dL_val/dlam at w_T. */
   ad_marker m = ad_mark(t);
