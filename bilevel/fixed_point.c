@@ -8,6 +8,8 @@
  * ||r|| <= tol ||b|| and reports the residual. One product per step. */
 #include "implicit_internal.h"
 
+#include <math.h>
+
 ad_status bl_fixed_point(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                          bl_stats *st) {
   bl_run r;
@@ -28,9 +30,8 @@ ad_status bl_fixed_point(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_t
     for (int64_t k = 0; k < K && !s; k++) {
       s = bl__imp_apply(&m, v, res); /* res = H v */
       if (s) break;
-      bl__scale(m.n, res, -1.0);
-      bl__axpy(m.n, res, 1.0, m.b); /* res = b - H v */
-      r.st.residual = bl__norm(m.n, res);
+      bl__imp_lincomb(m.n, res, 1.0, m.b, -1.0, res); /* res = b - H v */
+      r.st.residual = sqrt(bl__imp_dot(m.n, res, res));
       if (r.st.residual <= tol * bn) break;
       bl__axpy(m.n, v, alpha, res);
       r.st.iterations++;

@@ -29,8 +29,7 @@ static ad_status prox_op(void *ctx, ad_tensor *const *v, ad_tensor *const *out) 
   ad_marker mk = ad_mark(a->t);
   ad_status s = ad_grad(a->t, a->n, a->g, v, a->n, a->phi, hv, 0);
   if (!s) {
-    bl__copy_list(a->n, out, v);
-    bl__axpy(a->n, out, 1.0 / a->prox, hv);
+    bl__imp_lincomb(a->n, out, 1.0, v, 1.0 / a->prox, hv);
     a->r->base.st.hvps++;
   }
   ad_rewind(a->t, mk);

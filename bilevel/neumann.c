@@ -27,8 +27,8 @@ ad_status bl_neumann(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tenso
     int64_t K = BL_OPT(&r, K, 20);
     for (int64_t j = 1; j <= K && !s; j++) {
       s = bl__imp_apply(&m, q, hq);
-      bl__axpy(m.n, q, -alpha, hq); /* q = (I - alpha H)^j b */
-      bl__axpy(m.n, v, 1.0, q);
+      bl__imp_lincomb(m.n, q, 1.0, q, -alpha, hq); /* q = (I - alpha H)^j b */
+      bl__imp_lincomb(m.n, v, 1.0, v, 1.0, q);
       r.st.iterations++;
     }
     bl__scale(m.n, v, alpha);
