@@ -26,6 +26,7 @@ enum { IN = 784, HIDDEN = 200, OUT = 10, BATCH = 32 };
 typedef struct {
   const char *data; /* NULL = the embedded subset */
   int epochs, threads;
+  int64_t limit; /* use only the first `limit` train and test examples (0 = all) */
   uint64_t seed;
   double lr;
 } options;
@@ -42,8 +43,9 @@ static int parse(int argc, char **argv, options *o) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
     char *end = NULL;
     if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
-      printf("usage: %s [--data DIR] [--epochs N] [--seed S] [--threads N] [--lr LR]\n"
-             "  --data DIR   MNIST or Fashion-MNIST IDX files (default: the embedded subset)\n",
+      printf("usage: %s [--data DIR] [--epochs N] [--seed S] [--threads N] [--lr LR] [--limit N]\n"
+             "  --data DIR   MNIST or Fashion-MNIST IDX files (default: the embedded subset)\n"
+             "  --limit N    only the first N train and test examples (quick runs, valgrind)\n",
              argv[0]);
       return 1;
     }
@@ -65,6 +67,10 @@ static int parse(int argc, char **argv, options *o) {
       long n = strtol(v, &end, 10);
       if (*end || n < 1 || n > 256) goto bad;
       o->threads = (int)n;
+    } else if (strcmp(a, "--limit") == 0) {
+      long long n = strtoll(v, &end, 10);
+      if (*end || n < 0) goto bad;
+      o->limit = n;
     } else if (strcmp(a, "--lr") == 0) {
       o->lr = strtod(v, &end);
       if (*end || !(o->lr > 0)) goto bad;
@@ -112,8 +118,9 @@ int main(int argc, char **argv) {
   ad_tensor *xb = NULL;
   nn_opt_state st = {0};
   int status = 1;
-  if (ds_mnist_load(&train, o.data, "train", NULL) != AD_OK ||
-      ds_mnist_load(&test, o.data, "test", NULL) != AD_OK) {
+  const ds_mnist_opts lim = {.limit = o.limit};
+  if (ds_mnist_load(&train, o.data, "train", &lim) != AD_OK ||
+      ds_mnist_load(&test, o.data, "test", &lim) != AD_OK) {
     fprintf(stderr, "mnist_mlp: %s\n", ds_errmsg());
     goto out;
   }

@@ -44,6 +44,24 @@ static void valid_q(const conv_geom *g, int64_t s, int64_t *q0, int64_t *q1) {
   *q1 = b;
 }
 
+/* "Same"-width convolutions at stride 1 (Q == W: the 3x3 pad 1 kind) get a
+ * faster path: every col row (c, r, s) is the input plane shifted by
+ * (r - pad) rows and (s - pad) columns, so it is ONE contiguous copy of the
+ * plane followed by zeroing the |s - pad| columns that wrapped around from
+ * the neighbouring row (and the rows that fell off the top or bottom).
+ * col2im_same adds the plane back in one contiguous pass after zeroing the
+ * same wrapped columns in col (its own workspace). */
+static int is_same_width(const conv_geom *g) {
+  return g->st == 1 && g->q == g->w;
+}
+
+/* Rows of the col plane whose input row p + dr lies inside [0, H). */
+static void valid_p(const conv_geom *g, int64_t dr, int64_t *p0, int64_t *p1) {
+  int64_t a = dr < 0 ? -dr : 0, b = g->h - dr < g->p ? g->h - dr : g->p;
+  *p0 = a;
+  *p1 = b > a ? b : a;
+}
+
 #define DEF_KERNELS(T, SFX)                                                                        \
   static void im2col_##SFX(const T *x, T *col, const conv_geom *g) {                               \
     const int64_t H = g->h, W = g->w, P = g->p, Q = g->q, st = g->st;                              \
@@ -56,16 +74,13 @@ static void valid_q(const conv_geom *g, int64_t s, int64_t *q0, int64_t *q1) {
           for (int64_t p = 0; p < P; p++, dst += Q) {                                              \
             int64_t ih = p * st + r - g->pad;                                                      \
             if (ih < 0 || ih >= H) {                                                               \
-              memset(dst, 0, sizeof(T) * (size_t)Q);                                               \
+              for (int64_t q = 0; q < Q; q++) dst[q] = 0;                                          \
               continue;                                                                            \
             }                                                                                      \
             const T *row = x + (c * H + ih) * W; /* iw = q*st + s - pad */                         \
             const int64_t off = s - g->pad;                                                        \
             for (int64_t q = 0; q < q0; q++) dst[q] = 0;                                           \
-            if (st == 1)                                                                           \
-              memcpy(dst + q0, row + q0 + off, sizeof(T) * (size_t)(q1 - q0));                     \
-            else                                                                                   \
-              for (int64_t q = q0; q < q1; q++) dst[q] = row[q * st + off];                        \
+            for (int64_t q = q0; q < q1; q++) dst[q] = row[q * st + off];                          \
             for (int64_t q = q1; q < Q; q++) dst[q] = 0;                                           \
           }                                                                                        \
         }                                                                                          \
@@ -84,11 +99,55 @@ static void valid_q(const conv_geom *g, int64_t s, int64_t *q0, int64_t *q1) {
             if (ih < 0 || ih >= H) continue;                                                       \
             T *row = x + (c * H + ih) * W;                                                         \
             const int64_t off = s - g->pad;                                                        \
-            if (st == 1)                                                                           \
-              for (int64_t q = q0; q < q1; q++) row[q + off] += src[q];                            \
-            else                                                                                   \
-              for (int64_t q = q0; q < q1; q++) row[q * st + off] += src[q];                       \
+            for (int64_t q = q0; q < q1; q++) row[q * st + off] += src[q];                         \
           }                                                                                        \
+        }                                                                                          \
+  }                                                                                                \
+  /* col [C*R*S, P*W] from x_n [C, H, W], stride 1, Q == W. */                                     \
+  static void im2col_same_##SFX(const T *x, T *col, const conv_geom *g) {                          \
+    const int64_t H = g->h, W = g->w, P = g->p;                                                    \
+    for (int64_t c = 0; c < g->c; c++)                                                             \
+      for (int64_t r = 0; r < g->r; r++)                                                           \
+        for (int64_t s = 0; s < g->s; s++) {                                                       \
+          T *dst = col + ((c * g->r + r) * g->s + s) * P * W;                                      \
+          const T *plane = x + c * H * W;                                                          \
+          const int64_t dr = r - g->pad, off = s - g->pad;                                         \
+          int64_t p0, p1;                                                                          \
+          valid_p(g, dr, &p0, &p1);                                                                \
+          for (int64_t i = 0; i < p0 * W; i++) dst[i] = 0;                                         \
+          for (int64_t i = p1 * W; i < P * W; i++) dst[i] = 0;                                     \
+          if (p1 == p0) continue;                                                                  \
+          /* dst[p*W + q] = plane[(p + dr)*W + q + off] for p in [p0, p1), all q */                \
+          int64_t sb = (p0 + dr) * W + off, len = (p1 - p0) * W;                                   \
+          int64_t lo = sb < 0 ? -sb : 0, hi = sb + len > H * W ? sb + len - H * W : 0;             \
+          memcpy(dst + p0 * W + lo, plane + sb + lo, sizeof(T) * (size_t)(len - lo - hi));         \
+          for (int64_t p = p0; p < p1; p++) { /* columns that wrapped around */                    \
+            for (int64_t q = 0; q < -off; q++) dst[p * W + q] = 0;                                 \
+            for (int64_t q = W - off; q < W; q++) dst[p * W + q] = 0;                              \
+          }                                                                                        \
+        }                                                                                          \
+  }                                                                                                \
+  /* x_n += col2im(col), stride 1, Q == W; zeroes col's wrapped columns. */                        \
+  static void col2im_same_##SFX(T *col, T *x, const conv_geom *g) {                                \
+    const int64_t H = g->h, W = g->w, P = g->p;                                                    \
+    for (int64_t c = 0; c < g->c; c++)                                                             \
+      for (int64_t r = 0; r < g->r; r++)                                                           \
+        for (int64_t s = 0; s < g->s; s++) {                                                       \
+          T *src = col + ((c * g->r + r) * g->s + s) * P * W;                                      \
+          T *plane = x + c * H * W;                                                                \
+          const int64_t dr = r - g->pad, off = s - g->pad;                                         \
+          int64_t p0, p1;                                                                          \
+          valid_p(g, dr, &p0, &p1);                                                                \
+          if (p1 == p0) continue;                                                                  \
+          for (int64_t p = p0; p < p1; p++) {                                                      \
+            for (int64_t q = 0; q < -off; q++) src[p * W + q] = 0;                                 \
+            for (int64_t q = W - off; q < W; q++) src[p * W + q] = 0;                              \
+          }                                                                                        \
+          int64_t sb = (p0 + dr) * W + off, len = (p1 - p0) * W;                                   \
+          int64_t lo = sb < 0 ? -sb : 0, hi = sb + len > H * W ? sb + len - H * W : 0;             \
+          T *d = plane + sb + lo;                                                                  \
+          const T *a = src + p0 * W + lo;                                                          \
+          for (int64_t i = 0; i < len - lo - hi; i++) d[i] += a[i];                                \
         }                                                                                          \
   }
 
@@ -110,17 +169,25 @@ static void gemm(ad_dtype dt, int ta, int tb, int64_t m, int64_t n, int64_t k, c
 }
 
 static void im2col(ad_dtype dt, const void *x, void *col, const conv_geom *g) {
+  int same = is_same_width(g);
   if (dt == AD_F32)
-    im2col_f32(x, col, g);
+    (same ? im2col_same_f32 : im2col_f32)(x, col, g);
   else
-    im2col_f64(x, col, g);
+    (same ? im2col_same_f64 : im2col_f64)(x, col, g);
 }
 
-static void col2im(ad_dtype dt, const void *col, void *x, const conv_geom *g) {
-  if (dt == AD_F32)
-    col2im_f32(col, x, g);
-  else
-    col2im_f64(col, x, g);
+/* col is the caller's workspace: the same-width path zeroes parts of it. */
+static void col2im(ad_dtype dt, void *col, void *x, const conv_geom *g) {
+  if (!is_same_width(g)) {
+    if (dt == AD_F32)
+      col2im_f32(col, x, g);
+    else
+      col2im_f64(col, x, g);
+  } else if (dt == AD_F32) {
+    col2im_same_f32(col, x, g);
+  } else {
+    col2im_same_f64(col, x, g);
+  }
 }
 
 /* y [N, K, P, Q] = conv(x, w) (+ b per channel). */
@@ -164,13 +231,15 @@ static int conv_bwd_input(ad_tape *t, const conv_geom *g, const ad_tensor *gy, c
   int pw = is_pointwise(g);
   void *col = pw ? NULL : ad_arena_alloc(t, (size_t)(crs * pq) * es);
   if (!pw && !col) return 0;
-  if (!pw) memset(gx->data, 0, (size_t)gx->size * es);
   for (int64_t n = 0; n < g->n; n++) {
     const char *gn = (const char *)gy->data + (size_t)(n * g->k * pq) * es;
     char *xn = (char *)gx->data + (size_t)(n * chw) * es;
     /* colg [CRS, PQ] = W^T [CRS, K] G_n [K, PQ]; pointwise: straight into gx_n */
     gemm(dt, 1, 0, crs, pq, g->k, w->data, crs, gn, pq, 0.0, pw ? xn : col, pq);
-    if (!pw) col2im(dt, col, xn, g);
+    if (!pw) { /* zeroed per image, so the adds that follow find it in cache */
+      memset(xn, 0, (size_t)chw * es);
+      col2im(dt, col, xn, g);
+    }
   }
   return 1;
 }
@@ -238,6 +307,75 @@ static int dims4(ad_tape *t, const char *op, const char *what, const ad_tensor *
   return 0;
 }
 
+/* ------------------------------------------------------------------ bias gradient */
+/* The bias gradient db[k] = sum_{n,p,q} G[n,k,p,q] and its adjoint, the
+ * per-channel broadcast, as a pair of fused ops (each the other's rule):
+ * one pass over G instead of two strided axis reductions. */
+
+static ad_tensor *channel_expand(ad_tape *t, ad_tensor *v, const conv_geom *g);
+
+static void vjp_channel_sum(ad_tape *t, const ad_node *nd, ad_tensor *h, ad_tensor **gin,
+                            const int *need) {
+  if (need[0]) gin[0] = channel_expand(t, h, nd->a.extra);
+}
+static const ad_op_def OP_CHANNEL_SUM = {"conv2d_bias_grad", vjp_channel_sum, attr_conv};
+
+/* db [K] = sum over n and the P*Q positions of G [N, K, P, Q]. */
+static ad_tensor *channel_sum(ad_tape *t, ad_tensor *G, const conv_geom *g) {
+  ad_tensor *db = ad__alloc(t, G->dtype, 1, &g->k, 1);
+  if (!db) return NULL;
+  int64_t pq = g->p * g->q;
+  for (int64_t n = 0; n < g->n; n++)
+    for (int64_t k = 0; k < g->k; k++) {
+      int64_t off = (n * g->k + k) * pq;
+      if (G->dtype == AD_F32) {
+        const float *x = AD_F(G) + off;
+        float part[8] = {0}, s = 0; /* eight partial sums: vectorizes */
+        int64_t i = 0;
+        for (; i + 8 <= pq; i += 8)
+          for (int j = 0; j < 8; j++) part[j] += x[i + j];
+        for (; i < pq; i++) s += x[i];
+        for (int j = 0; j < 8; j++) s += part[j];
+        AD_F(db)[k] += s;
+      } else {
+        const double *x = AD_D(G) + off;
+        double s = 0;
+        for (int64_t i = 0; i < pq; i++) s += x[i];
+        AD_D(db)[k] += s;
+      }
+    }
+  ad_node *nd = ad__record(t, &OP_CHANNEL_SUM, db, 1, &G);
+  if (nd) nd->a.extra = (void *)g; /* the forward node's geometry */
+  return ad__done(t, db, "conv2d_bias_grad");
+}
+
+static void vjp_channel_expand(ad_tape *t, const ad_node *nd, ad_tensor *h, ad_tensor **gin,
+                               const int *need) {
+  if (need[0]) gin[0] = channel_sum(t, h, nd->a.extra);
+}
+static const ad_op_def OP_CHANNEL_EXPAND = {"conv2d_bias_expand", vjp_channel_expand, attr_conv};
+
+/* [N, K, P, Q] holding v[k] on every position of channel k. */
+static ad_tensor *channel_expand(ad_tape *t, ad_tensor *v, const conv_geom *g) {
+  int64_t shape[4] = {g->n, g->k, g->p, g->q}, pq = g->p * g->q;
+  ad_tensor *y = ad__alloc(t, v->dtype, 4, shape, 0);
+  if (!y) return NULL;
+  for (int64_t n = 0; n < g->n; n++)
+    for (int64_t k = 0; k < g->k; k++) {
+      int64_t off = (n * g->k + k) * pq;
+      if (v->dtype == AD_F32) {
+        float c = AD_F(v)[k], *row = AD_F(y) + off;
+        for (int64_t i = 0; i < pq; i++) row[i] = c;
+      } else {
+        double c = AD_D(v)[k], *row = AD_D(y) + off;
+        for (int64_t i = 0; i < pq; i++) row[i] = c;
+      }
+    }
+  ad_node *nd = ad__record(t, &OP_CHANNEL_EXPAND, y, 1, &v);
+  if (nd) nd->a.extra = (void *)g;
+  return ad__done(t, y, "conv2d_bias_expand");
+}
+
 /* ------------------------------------------------------------------ conv2d */
 
 static ad_tensor *conv2d_geom(ad_tape *t, ad_tensor *x, ad_tensor *w, ad_tensor *b,
@@ -251,11 +389,7 @@ static void vjp_conv2d(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor **
   ad_tensor *x = nd->in[0], *w = nd->in[1];
   if (need[0]) gin[0] = nn_conv2d_backward_input(t, G, w, g->h, g->w, (int)g->st, (int)g->pad);
   if (need[1]) gin[1] = nn_conv2d_backward_weight(t, x, G, g->r, g->s, (int)g->st, (int)g->pad);
-  if (nd->n_in > 2 && need[2]) {
-    int64_t shape[3] = {g->n, g->k, g->p * g->q};
-    ad_tensor *s = ad_sum_axis(t, ad_reshape(t, G, 3, shape), 2, 0); /* [N, K] */
-    gin[2] = ad_sum_axis(t, s, 0, 0);                                /* [K] */
-  }
+  if (nd->n_in > 2 && need[2]) gin[2] = channel_sum(t, G, g);
 }
 static const ad_op_def OP_CONV2D = {"conv2d", vjp_conv2d, attr_conv};
 

@@ -80,24 +80,53 @@ static const pool_geom *keep_geom(ad_tape *t, ad_node *nd, const pool_geom *g) {
 
 #define DEF_KERNELS(T, SFX)                                                                        \
   /* y [N, C, P, Q] = max over windows of x [N, C, H, W]; idx (may be NULL)                        \
-   * gets the flat index of the first maximum (NaN wins, as in the core). */                       \
+   * gets the flat index of the first maximum (NaN wins, as in the core).                          \
+   * The compares are written as selects so they compile to branch-free                            \
+   * code: on real data the max is unpredictable and branches mispredict. */                       \
   static void maxpool_##SFX(const pool_geom *g, const T *x, T *y, int32_t *idx) {                  \
-    int64_t hw = g->h * g->w, pq = g->p * g->q;                                                    \
+    const int64_t W = g->w, hw = g->h * g->w, pq = g->p * g->q;                                    \
+    const int fast2 = g->k == 2 && g->st == 2 && g->pad == 0;                                      \
     for (int64_t nc = 0; nc < g->n * g->c; nc++) {                                                 \
       const T *xp = x + nc * hw;                                                                   \
-      for (int64_t p = 0; p < g->p; p++)                                                           \
+      T *yp = y + nc * pq;                                                                         \
+      int32_t *ip = idx ? idx + nc * pq : NULL;                                                    \
+      for (int64_t p = 0; p < g->p; p++) {                                                         \
+        if (fast2) { /* 2x2 windows, stride 2: rows 2p and 2p+1, as a tree: */                     \
+          const T *a = xp + 2 * p * W, *b = a + W; /* max(a0, a1) vs max(b0, b1) */                \
+          T *yr = yp + p * g->q;                                                                   \
+          int32_t *ir = ip ? ip + p * g->q : NULL;                                                 \
+          const int32_t base = (int32_t)(nc * hw + 2 * p * W);                                     \
+          int nan = 0;                                                                             \
+          for (int64_t q = 0; q < g->q; q++) {                                                     \
+            const T a0 = a[2 * q], a1 = a[2 * q + 1], b0 = b[2 * q], b1 = b[2 * q + 1];            \
+            const T ma = a1 > a0 ? a1 : a0, mb = b1 > b0 ? b1 : b0;                                \
+            yr[q] = mb > ma ? mb : ma; /* ties go to the first (top) row */                        \
+            nan |= (a0 != a0) | (a1 != a1) | (b0 != b0) | (b1 != b1);                              \
+          }                                                                                        \
+          if (ir) /* the index by arithmetic on the compares: no branch to mispredict */           \
+            for (int64_t q = 0; q < g->q; q++) {                                                   \
+              const T a0 = a[2 * q], a1 = a[2 * q + 1], b0 = b[2 * q], b1 = b[2 * q + 1];          \
+              const int32_t ia = a1 > a0, ib = b1 > b0;                                            \
+              const T ma = ia ? a1 : a0, mb = ib ? b1 : b0;                                        \
+              const int32_t bot = mb > ma;                                                         \
+              ir[q] = base + (int32_t)(2 * q) + ia + bot * ((int32_t)W + ib - ia);                 \
+            }                                                                                      \
+          if (!nan) continue; /* else redo the row the general way, NaN winning */                 \
+        }                                                                                          \
         for (int64_t q = 0; q < g->q; q++) {                                                       \
           WINDOW(g, p, q);                                                                         \
-          int64_t best = h0 * g->w + w0;                                                           \
+          int64_t best = h0 * W + w0;                                                              \
           T m = xp[best];                                                                          \
           for (int64_t i = h0; i < h1; i++)                                                        \
             for (int64_t j = w0; j < w1; j++) {                                                    \
-              T v = xp[i * g->w + j];                                                              \
-              if (v > m || (v != v && m == m)) m = v, best = i * g->w + j;                         \
+              T v = xp[i * W + j];                                                                 \
+              int take = v > m || (v != v && m == m);                                              \
+              m = take ? v : m, best = take ? i * W + j : best;                                    \
             }                                                                                      \
-          y[nc * pq + p * g->q + q] = m;                                                           \
-          if (idx) idx[nc * pq + p * g->q + q] = (int32_t)(nc * hw + best);                        \
+          yp[p * g->q + q] = m;                                                                    \
+          if (ip) ip[p * g->q + q] = (int32_t)(nc * hw + best);                                    \
         }                                                                                          \
+      }                                                                                            \
     }                                                                                              \
   }                                                                                                \
   /* y [N, C, P, Q] = sum over windows of x / k^2 */                                               \
@@ -136,6 +165,27 @@ static const pool_geom *keep_geom(ad_tape *t, ad_node *nd, const pool_geom *g) {
     memset(x, 0, sizeof(T) * (size_t)nx);                                                          \
     for (int64_t i = 0; i < n; i++) x[idx[i]] += y[i];                                             \
   }                                                                                                \
+  /* The same for 2x2 windows at stride 2 that tile x: every input element                         \
+   * is written once (g at the argmax, 0 elsewhere), one streaming pass                            \
+   * instead of a memset and scattered adds. Rows/columns past the last                            \
+   * window (odd H or W) are zeroed. */                                                            \
+  static void scatter2_##SFX(const pool_geom *g, const int32_t *idx, const T *y, T *x) {           \
+    const int64_t W = g->w, hw = g->h * g->w, pq = g->p * g->q;                                    \
+    for (int64_t nc = 0; nc < g->n * g->c; nc++) {                                                 \
+      T *xp = x + nc * hw;                                                                         \
+      for (int64_t p = 0; p < g->p; p++) {                                                         \
+        T *a = xp + 2 * p * W, *b = a + W;                                                         \
+        const T *yr = y + nc * pq + p * g->q;                                                      \
+        const int32_t *ir = idx + nc * pq + p * g->q;                                              \
+        for (int64_t q = 0; q < g->q; q++) { /* zero the window, then store g at the argmax */     \
+          a[2 * q] = a[2 * q + 1] = b[2 * q] = b[2 * q + 1] = 0;                                   \
+          xp[ir[q] - nc * hw] = yr[q];                                                             \
+        }                                                                                          \
+        for (int64_t j = 2 * g->q; j < W; j++) a[j] = b[j] = 0;                                    \
+      }                                                                                            \
+      for (int64_t i = 2 * g->p * W; i < hw; i++) xp[i] = 0;                                       \
+    }                                                                                              \
+  }                                                                                                \
   static void gather_##SFX(const int32_t *idx, int64_t n, const T *x, T *y) {                      \
     for (int64_t i = 0; i < n; i++) y[i] = x[idx[i]];                                              \
   }
@@ -167,10 +217,17 @@ static ad_tensor *pool_scatter(ad_tape *t, ad_tensor *gy, const pool_geom *g) {
   int64_t shape[4] = {g->n, g->c, g->h, g->w};
   ad_tensor *gx = ad__alloc(t, gy->dtype, 4, shape, 0);
   if (!gx) return NULL;
-  if (gy->dtype == AD_F32)
-    scatter_f32(g->idx, gy->size, AD_F(gy), AD_F(gx), gx->size);
-  else
+  int tiled2 = g->k == 2 && g->st == 2 && g->pad == 0;
+  if (gy->dtype == AD_F32) {
+    if (tiled2)
+      scatter2_f32(g, g->idx, AD_F(gy), AD_F(gx));
+    else
+      scatter_f32(g->idx, gy->size, AD_F(gy), AD_F(gx), gx->size);
+  } else if (tiled2) {
+    scatter2_f64(g, g->idx, AD_D(gy), AD_D(gx));
+  } else {
     scatter_f64(g->idx, gy->size, AD_D(gy), AD_D(gx), gx->size);
+  }
   ad_node *nd = ad__record(t, &OP_POOL_SCATTER, gx, 1, &gy);
   if (nd) nd->a.extra = (void *)g; /* the geometry lives as long as the forward node */
   return ad__done(t, gx, "max_pool2d_backward");

@@ -430,20 +430,20 @@ static double conv_ref(const ad_tensor *x, const ad_tensor *w, const ad_tensor *
 }
 
 /* conv2d equals the direct sum in f64 (1e-12) and f32 (1e-4) for several
- * geometries (padding larger than needed, stride 3, 1x1, non-square), and
+ * geometries (padding larger than needed, stride 3, 1x1, non-square, the
+ * same-width fast path with more output rows than input rows), and
  * the three ops are exact adjoints: <G, conv(x, w)> = <bwd_input(G, w), x>
  * = <bwd_weight(x, G), w> to 1e-10 relative. */
 START_TEST(test_conv_values) {
-  const int geo[5][9] = {/* N C H W K R S stride pad */
-                         {2, 3, 7, 6, 4, 3, 3, 1, 1},
-                         {1, 2, 8, 8, 3, 5, 5, 1, 2},
-                         {2, 2, 9, 7, 3, 3, 2, 3, 2},
-                         {3, 4, 5, 5, 2, 1, 1, 1, 0},
-                         {1, 1, 6, 6, 2, 4, 4, 2, 0}};
+  const int geo[6][9] = {
+      /* N C H W K R S stride pad */
+      {2, 3, 7, 6, 4, 3, 3, 1, 1}, {1, 2, 8, 8, 3, 5, 5, 1, 2},
+      {2, 2, 9, 7, 3, 3, 2, 3, 2}, {3, 4, 5, 5, 2, 1, 1, 1, 0},
+      {1, 1, 6, 6, 2, 4, 4, 2, 0}, {2, 2, 5, 6, 3, 1, 3, 1, 1}}; /* same width, 7 output rows */
   ad_tape *t = tape();
   ad_rng r;
   ad_rng_seed(&r, 21);
-  for (int gi = 0; gi < 5; gi++) {
+  for (int gi = 0; gi < 6; gi++) {
     const int *g = geo[gi];
     ad_tensor *x = ad_randn(t, AD_F64, 4, S(g[0], g[1], g[2], g[3]), &r);
     ad_tensor *w = ad_randn(t, AD_F64, 4, S(g[4], g[1], g[5], g[6]), &r);
