@@ -180,6 +180,45 @@ START_TEST(test_ridge_neumann_fixed_point) {
 }
 END_TEST
 
+START_TEST(test_ridge_f32) {
+  /* The same ridge problem in f32 (w0 = w* rounded to f32, T = 0): exact,
+   * cg (K = dim) and neumann (K = 200) against the f64 closed form. Bound
+   * 1e-4: f32 rounding (~6e-8) times the condition number (< 10) times the
+   * products' depth, with room. */
+  ridge_case c;
+  ridge_setup(&c, 1, 0);
+  ad_tensor *w0 = fx_new(AD_F32, 2, (int64_t[]){c.rp.d, 1});
+  ad_tensor *lam = fx_new(AD_F32, 2, (int64_t[]){c.rp.d, 1});
+  ad_tensor *hg = fx_new(AD_F32, 2, (int64_t[]){c.rp.d, 1});
+  ad_copy_values(w0, c.w0[0]);
+  ad_copy_values(lam, c.lam[0]);
+  bl_problem p = c.p;
+  p.w0 = &w0;
+  p.lam = &lam;
+  ad_tape *t = fx_tape(16);
+  struct {
+    const char *name;
+    bl_method_fn f;
+    bl_opts o;
+  } ms[] = {{"exact", bl_exact, {0}},
+            {"cg", bl_cg, {.K = 5, .tol = 1e-300}},
+            {"neumann", bl_neumann, {.K = 200}}};
+  for (int i = 0; i < 3; i++) {
+    ck_assert_msg(ms[i].f(t, &p, &ms[i].o, &hg, NULL) == AD_OK, "%s", ad_tape_errmsg(t));
+    double got[FX_MAXD];
+    for (int j = 0; j < c.rp.d; j++) got[j] = ad_get(hg, j);
+    double e = fx_rel(c.rp.d, got, c.exact);
+    printf("ridge f32 %-8s rel err %.2e (bound 1e-4)\n", ms[i].name, e);
+    ck_assert(e <= 1e-4);
+  }
+  ad_tensor_free(w0);
+  ad_tensor_free(lam);
+  ad_tensor_free(hg);
+  ridge_free(&c);
+  ad_tape_free(t);
+}
+END_TEST
+
 START_TEST(test_ridge_gauss_newton) {
   /* Least squares in a model linear in w: G = J^T H_l J + H_R = H exactly,
    * so the GN hypergradient is the exact one. Bound 1e-8 vs the closed form
@@ -543,6 +582,16 @@ START_TEST(test_mlp_methods_vs_exact) {
            cases[i].bound, (long long)st.hvps);
     ck_assert(e <= cases[i].bound);
   }
+  /* Gauss-Newton with the decay applied by the optimizer (the methods add
+   * it to G themselves, there is no train_reg): cg with K = dim agrees with
+   * the dense GN solve. Bound 1e-6. */
+  ck_assert_int_eq(bl_exact(t, &c.p, &(bl_opts){.gauss_newton = 1}, c.hg, &st), AD_OK);
+  for (int k = 0; k < 4; k++) ad_copy_values(ex[k], c.hg[k]);
+  ck_assert_int_eq(bl_cg(t, &c.p, &(bl_opts){.gauss_newton = 1, .K = 25, .tol = 1e-300}, c.hg, &st),
+                   AD_OK);
+  double egn = fx_rel_t(4, c.hg, ex);
+  printf("mlp gauss-newton cg vs dense GN: rel err %.2e (bound 1e-6)\n", egn);
+  ck_assert(egn <= 1e-6);
   for (int k = 0; k < 4; k++) ad_tensor_free(ex[k]);
   mlp_free(&c);
   ad_tape_free(t);
@@ -803,6 +852,7 @@ static Suite *implicit_suite(void) {
   tcase_add_test(tc, test_ridge_exact);
   tcase_add_test(tc, test_ridge_cg);
   tcase_add_test(tc, test_ridge_neumann_fixed_point);
+  tcase_add_test(tc, test_ridge_f32);
   tcase_add_test(tc, test_ridge_gauss_newton);
   tcase_add_test(tc, test_hoag_warm_start);
   tcase_add_test(tc, test_mlp_exact_vs_finite_differences);
