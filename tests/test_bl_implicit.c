@@ -824,6 +824,47 @@ START_TEST(test_duties) {
 }
 END_TEST
 
+START_TEST(test_curvature_product_input) {
+  /* bl_curvature_product: H v on ridge is (X^T X/n + diag(lam)) v exactly
+   * (bound 1e-12), and bad input is an error with the tape as found. */
+  ridge_case c;
+  ridge_setup(&c, 1, 0);
+  int d = c.rp.d;
+  ad_tensor *v = fx_new(AD_F64, 2, (int64_t[]){d, 1}), *out = fx_new(AD_F64, 2, (int64_t[]){d, 1});
+  ad_tensor *bad = fx_new(AD_F64, 1, (int64_t[]){d + 1});
+  for (int j = 0; j < d; j++) ad_set(v, j, 1.0 + j);
+  ad_tape *t = fx_tape(16);
+  ad_arena_stats a0, a1;
+  ad_arena_stats_get(t, &a0);
+  ck_assert_int_eq(bl_curvature_product(t, &c.p, NULL, c.w0, &v, &out), AD_OK);
+  double want[FX_MAXD], got[FX_MAXD];
+  for (int j = 0; j < d; j++) {
+    want[j] = c.lam_v[j] * (1.0 + j);
+    for (int k = 0; k < d; k++) {
+      double a = 0;
+      for (int i = 0; i < c.rp.n; i++) a += c.rp.X[i * d + j] * c.rp.X[i * d + k] / c.rp.n;
+      want[j] += a * (1.0 + k);
+    }
+    got[j] = ad_get(out, j);
+  }
+  ck_assert(fx_rel(d, got, want) <= 1e-12);
+  ck_assert_int_eq(bl_curvature_product(t, &c.p, NULL, c.w0, &bad, &out), AD_ERR_SHAPE);
+  ad_tape_clear_error(t);
+  ck_assert_int_eq(bl_curvature_product(t, &c.p, NULL, NULL, &v, &out), AD_ERR_NULL);
+  ad_tape_clear_error(t);
+  ck_assert_int_eq(bl_curvature_product(t, NULL, NULL, c.w0, &v, &out), AD_ERR_NULL);
+  ad_tape_clear_error(t);
+  ck_assert_int_eq(bl_curvature_product(NULL, &c.p, NULL, c.w0, &v, &out), AD_ERR_NULL);
+  ad_arena_stats_get(t, &a1);
+  ck_assert(a1.used == a0.used && a1.n_nodes == a0.n_nodes);
+  ad_tensor_free(v);
+  ad_tensor_free(out);
+  ad_tensor_free(bad);
+  ridge_free(&c);
+  ad_tape_free(t);
+}
+END_TEST
+
 static ad_tensor *zero_train(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam, int64_t step,
                              void *ctx) {
   (void)lam, (void)step, (void)ctx;
@@ -860,6 +901,7 @@ static Suite *implicit_suite(void) {
   tcase_add_test(tc, test_gauss_newton_product);
   tcase_add_test(tc, test_duties);
   tcase_add_test(tc, test_exact_singular);
+  tcase_add_test(tc, test_curvature_product_input);
   suite_add_tcase(s, tc);
   return s;
 }
