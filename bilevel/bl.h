@@ -189,9 +189,10 @@ ad_status bl_sama(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *
                   bl_stats *st);
 
 /* The curvature product the implicit methods use, at the given w (and
- * lam): out[i] = ((H or G) + o->damping I) v, H = d^2 L_train/dw^2 at
- * step p->inner_steps (G with o->gauss_newton). out are caller tensors
- * shaped like w. For teaching and checking; leaves the tape as found. */
+ * lam): out[i] = ((H or G) + o->damping I) v, H = d^2 L_eff/dw^2 (L_eff
+ * as above, at step index max(T - 1, 0); G with o->gauss_newton). w, v and
+ * out are caller tensors shaped like w0; no inner steps are run. For
+ * teaching and checking; leaves the tape as found. */
 ad_status bl_curvature_product(ad_tape *t, const bl_problem *p, const bl_opts *o,
                                ad_tensor *const *w, ad_tensor *const *v, ad_tensor *const *out);
 
@@ -212,7 +213,7 @@ typedef struct {
   bl_task_loss_fn query_loss;   /* L_query,i(phi): outer loss */
   void *ctx;
   double inner_lr;     /* alpha (> 0) */
-  int64_t inner_steps; /* k (>= 1; iMAML: steps solving its proximal problem) */
+  int64_t inner_steps; /* k (>= 1; iMAML >= 0: steps solving its proximal problem) */
   double prox;         /* iMAML: lambda of the proximal term (> 0) */
 } bl_meta_problem;
 
@@ -227,7 +228,10 @@ typedef struct {
  *   imaml:  phi_i ~ argmin L_support,i(phi) + (prox/2) ||phi - theta||^2 by
  *           inner_steps gradient steps from theta; meta-gradient of each
  *           task (I + H_i / prox)^{-1} grad L_query,i(phi_i) by CG
- *           (o->K default 20, o->tol default 1e-10). */
+ *           (o->K default 20, o->tol default 1e-10).
+ * st->inner_steps counts adaptation steps over all tasks; st->hvps the
+ * iMAML products (0 for maml: its second-order work is inside the reverse
+ * sweep); st->iterations and st->residual (the worst task's) iMAML's CG. */
 typedef ad_status (*bl_meta_method_fn)(ad_tape *t, const bl_meta_problem *p, const bl_opts *o,
                                        ad_tensor *const *meta_grad, bl_stats *st);
 ad_status bl_maml(ad_tape *t, const bl_meta_problem *p, const bl_opts *o,
