@@ -63,7 +63,8 @@ static void valid_p(const conv_geom *g, int64_t dr, int64_t *p0, int64_t *p1) {
 }
 
 #define DEF_KERNELS(T, SFX)                                                                        \
-  static void im2col_##SFX(const T *x, T *col, const conv_geom *g) {                               \
+  static void im2col_##SFX(const T *x, T *col, const conv_geom *g, int first) {                    \
+    (void)first;                                                                                   \
     const int64_t H = g->h, W = g->w, P = g->p, Q = g->q, st = g->st;                              \
     for (int64_t c = 0; c < g->c; c++)                                                             \
       for (int64_t r = 0; r < g->r; r++)                                                           \
@@ -103,8 +104,10 @@ static void valid_p(const conv_geom *g, int64_t dr, int64_t *p0, int64_t *p1) {
           }                                                                                        \
         }                                                                                          \
   }                                                                                                \
-  /* col [C*R*S, P*W] from x_n [C, H, W], stride 1, Q == W. */                                     \
-  static void im2col_same_##SFX(const T *x, T *col, const conv_geom *g) {                          \
+  /* col [C*R*S, P*W] from x_n [C, H, W], stride 1, Q == W. The rows that                          \
+   * fall off the top or bottom are the same for every image: zeroed only                          \
+   * for the first image of an op (first = 1); col is reused for the rest. */                      \
+  static void im2col_same_##SFX(const T *x, T *col, const conv_geom *g, int first) {               \
     const int64_t H = g->h, W = g->w, P = g->p;                                                    \
     for (int64_t c = 0; c < g->c; c++)                                                             \
       for (int64_t r = 0; r < g->r; r++)                                                           \
@@ -114,8 +117,10 @@ static void valid_p(const conv_geom *g, int64_t dr, int64_t *p0, int64_t *p1) {
           const int64_t dr = r - g->pad, off = s - g->pad;                                         \
           int64_t p0, p1;                                                                          \
           valid_p(g, dr, &p0, &p1);                                                                \
-          for (int64_t i = 0; i < p0 * W; i++) dst[i] = 0;                                         \
-          for (int64_t i = p1 * W; i < P * W; i++) dst[i] = 0;                                     \
+          if (first) {                                                                             \
+            for (int64_t i = 0; i < p0 * W; i++) dst[i] = 0;                                       \
+            for (int64_t i = p1 * W; i < P * W; i++) dst[i] = 0;                                   \
+          }                                                                                        \
           if (p1 == p0) continue;                                                                  \
           /* dst[p*W + q] = plane[(p + dr)*W + q + off] for p in [p0, p1), all q */                \
           int64_t sb = (p0 + dr) * W + off, len = (p1 - p0) * W;                                   \
@@ -168,12 +173,13 @@ static void gemm(ad_dtype dt, int ta, int tb, int64_t m, int64_t n, int64_t k, c
     ad_gemm_f64(ta, tb, m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc);
 }
 
-static void im2col(ad_dtype dt, const void *x, void *col, const conv_geom *g) {
+/* first: this is the op's first image into this col workspace. */
+static void im2col(ad_dtype dt, const void *x, void *col, const conv_geom *g, int first) {
   int same = is_same_width(g);
   if (dt == AD_F32)
-    (same ? im2col_same_f32 : im2col_f32)(x, col, g);
+    (same ? im2col_same_f32 : im2col_f32)(x, col, g, first);
   else
-    (same ? im2col_same_f64 : im2col_f64)(x, col, g);
+    (same ? im2col_same_f64 : im2col_f64)(x, col, g, first);
 }
 
 /* col is the caller's workspace: the same-width path zeroes parts of it. */
@@ -202,7 +208,7 @@ static int conv_forward(ad_tape *t, const conv_geom *g, const ad_tensor *x, cons
   for (int64_t n = 0; n < g->n; n++) {
     const char *xn = (const char *)x->data + (size_t)(n * chw) * es;
     char *yn = (char *)y->data + (size_t)(n * g->k * pq) * es;
-    if (!pw) im2col(dt, xn, col, g);
+    if (!pw) im2col(dt, xn, col, g, n == 0);
     double beta = 0.0;
     if (b) { /* start from the bias, and let the GEMM add W col onto it */
       for (int64_t k = 0; k < g->k; k++) {
@@ -256,7 +262,7 @@ static int conv_bwd_weight(ad_tape *t, const conv_geom *g, const ad_tensor *x, c
   for (int64_t n = 0; n < g->n; n++) {
     const char *xn = (const char *)x->data + (size_t)(n * chw) * es;
     const char *gn = (const char *)gy->data + (size_t)(n * g->k * pq) * es;
-    if (!pw) im2col(dt, xn, col, g);
+    if (!pw) im2col(dt, xn, col, g, n == 0);
     gemm(dt, 0, 1, g->k, crs, pq, gn, pq, pw ? xn : col, pq, n == 0 ? 0.0 : 1.0, gw->data, crs);
   }
   return 1;
