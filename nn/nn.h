@@ -133,11 +133,11 @@ ad_tensor *nn_layer_norm(ad_tape *t, ad_tensor *x, ad_tensor *gamma, ad_tensor *
  * loop, so unrolled inner steps never leak into evaluation statistics. */
 typedef struct {
   int64_t channels;
-  double momentum;     /* running = (1 - momentum) running + momentum batch */
-  double eps;          /* added to the variance */
-  ad_tensor *mean;     /* [C], starts at 0 */
-  ad_tensor *var;      /* [C], unbiased batch variances, starts at 1 */
-  int64_t n_updates;   /* times NN_BN_UPDATE changed the statistics */
+  double momentum;   /* running = (1 - momentum) running + momentum batch */
+  double eps;        /* added to the variance */
+  ad_tensor *mean;   /* [C], starts at 0 */
+  ad_tensor *var;    /* [C], unbiased batch variances, starts at 1 */
+  int64_t n_updates; /* times NN_BN_UPDATE changed the statistics */
 } nn_bn_state;
 
 /* Makes the state: mean 0, var 1; momentum 0 means 0.1, eps 0 means 1e-5.
@@ -188,8 +188,7 @@ ad_tensor *nn_leaky_relu_backward(ad_tape *t, ad_tensor *g, ad_tensor *x, double
  * [0, C), copied. */
 ad_tensor *nn_nll_each(ad_tape *t, ad_tensor *logp, const int32_t *labels, int64_t n);
 /* Cross-entropy of each row of logits [N, C] with its label: [N]. */
-ad_tensor *nn_cross_entropy_each(ad_tape *t, ad_tensor *logits, const int32_t *labels,
-                                 int64_t n);
+ad_tensor *nn_cross_entropy_each(ad_tape *t, ad_tensor *logits, const int32_t *labels, int64_t n);
 /* Mean over all but the first axis of (a - b)^2: [N]. a and b have the same
  * size and first axis N. */
 ad_tensor *nn_mse_each(ad_tape *t, ad_tensor *a, ad_tensor *b);
