@@ -47,7 +47,8 @@ struct ad_node {
   ad_tensor *out;
   ad_attrs a;
   ad_node *prev, *next;
-  size_t id;
+  size_t id;     /* creation order: increasing ids are a topological order */
+  unsigned mark; /* scratch stamp used by ad_grad's graph walk */
 };
 
 /* Tensor flags. */
@@ -90,6 +91,10 @@ ad_tensor *ad__done(ad_tape *t, ad_tensor *out, const char *op);
 int ad__recording(const ad_tape *t);
 ad_node *ad__first_node(const ad_tape *t);
 ad_node *ad__last_node(const ad_tape *t);
+/* Per-tape scratch arrays of node pointers (slot 0 or 1), grown as needed and
+ * kept for the tape's life, so repeated ad_grad calls allocate nothing.
+ * Returns NULL (and records AD_ERR_NOMEM) if it cannot grow to n. */
+ad_node **ad__node_buf(ad_tape *t, int slot, size_t n);
 /* Marks an arena tensor as a leaf needing a gradient (internal: jvp dummies). */
 void ad__make_leaf(ad_tensor *x);
 

@@ -3,6 +3,7 @@
  * and forward mode. */
 #include "ad_internal.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 /* Stamps tell which tensors belong to the current ad_grad call. A counter
@@ -30,30 +31,69 @@ static void accumulate(ad_tape *t, ad_tensor *x, ad_tensor *g) {
   x->scratch = x->scratch ? ad_add(t, x->scratch, g) : g;
 }
 
-/* Forward sweep: stamp every node output that depends on a stamped tensor.
- * Returns the number of stamped node outputs. */
-static size_t stamp_forward(ad_tape *t, unsigned gen, ad_node *stop) {
-  size_t k = 0;
-  for (ad_node *n = ad__first_node(t); n; n = n->next) {
+static int by_id(const void *a, const void *b) {
+  size_t x = (*(ad_node *const *)a)->id, y = (*(ad_node *const *)b)->id;
+  return (x > y) - (x < y);
+}
+
+/* The part of the tape a gradient call needs: the nodes reachable backward
+ * from the outputs, skipping those older than `min_id` (when every input
+ * was made by a node, nothing older can depend on an input). Walking the
+ * graph instead of the whole tape keeps a per-step ad_grad in a long
+ * recorded loop O(step), not O(tape). Returns the nodes in increasing id
+ * (a topological order) in scratch slot 0, and their count; -1 on error. */
+static ptrdiff_t reachable(ad_tape *t, int n_out, ad_tensor *const *outputs, size_t min_id,
+                           unsigned gen) {
+  size_t n_seen = 0, n_stack = 0;
+  ad_node **seen = ad__node_buf(t, 0, 64), **stack = ad__node_buf(t, 1, 64);
+  if (!seen || !stack) return -1;
+  for (int j = 0; j < n_out; j++) {
+    ad_node *n = outputs[j]->node;
+    if (n && n->mark != gen && n->id >= min_id) {
+      n->mark = gen;
+      stack[n_stack++] = n;
+    }
+    while (n_stack > 0) {
+      ad_node *cur = stack[--n_stack];
+      if (!(seen = ad__node_buf(t, 0, n_seen + 1))) return -1;
+      seen[n_seen++] = cur;
+      if (!(stack = ad__node_buf(t, 1, n_stack + (size_t)cur->n_in))) return -1;
+      for (int i = 0; i < cur->n_in; i++) {
+        ad_node *p = cur->in[i]->node;
+        if (p && p->mark != gen && p->id >= min_id) {
+          p->mark = gen;
+          stack[n_stack++] = p;
+        }
+      }
+    }
+  }
+  qsort(seen, n_seen, sizeof *seen, by_id);
+  return (ptrdiff_t)n_seen;
+}
+
+/* Stamps, in topological order, every reachable node output that depends
+ * on a stamped tensor (the inputs were stamped by the caller). */
+static void stamp_dependents(ad_node **nodes, ptrdiff_t count, unsigned gen) {
+  for (ptrdiff_t k = 0; k < count; k++) {
+    ad_node *n = nodes[k];
     for (int i = 0; i < n->n_in; i++) {
       if (n->in[i]->gen == gen) {
         n->out->gen = gen;
         n->out->scratch = NULL;
-        k++;
         break;
       }
     }
-    if (n == stop) break;
   }
-  return k;
 }
 
-/* Backward sweep from `last` to the first node, applying each rule whose
- * output is stamped and has a gradient. */
-static void sweep_backward(ad_tape *t, unsigned gen, ad_node *last) {
+/* Backward sweep in decreasing id, applying each rule whose output is
+ * stamped and has a gradient. `nodes` is scratch slot 0; rules may record
+ * new nodes but never call ad_grad, so the slot stays ours. */
+static void sweep_backward(ad_tape *t, unsigned gen, ad_node **nodes, ptrdiff_t count) {
   ad_tensor *gin_inline[AD_NODE_MAX_INLINE];
   int need_inline[AD_NODE_MAX_INLINE];
-  for (ad_node *n = last; n; n = n->prev) {
+  for (ptrdiff_t k = count - 1; k >= 0; k--) {
+    ad_node *n = nodes[k];
     ad_tensor *out = n->out;
     if (out->gen != gen || !out->scratch) continue;
     ad_tensor **gin = gin_inline;
@@ -80,10 +120,12 @@ static void sweep_backward(ad_tape *t, unsigned gen, ad_node *last) {
   }
 }
 
-/* Common part of ad_grad and ad_backward. */
+/* Common part of ad_grad and ad_backward: the inputs are stamped `gen` and
+ * `nodes` holds the walk from reachable(). */
 static ad_status run_backward(ad_tape *t, int n_out, ad_tensor *const *outputs,
-                              ad_tensor *const *seeds, unsigned gen, int record) {
-  ad_node *last = ad__last_node(t);
+                              ad_tensor *const *seeds, unsigned gen, ad_node **nodes,
+                              ptrdiff_t count, int record) {
+  stamp_dependents(nodes, count, gen);
   int prev = ad_set_recording(t, record);
   for (int j = 0; j < n_out; j++) {
     ad_tensor *y = outputs[j];
@@ -98,7 +140,7 @@ static ad_status run_backward(ad_tape *t, int n_out, ad_tensor *const *outputs,
     }
     accumulate(t, y, s);
   }
-  if (ad_tape_status(t) == AD_OK) sweep_backward(t, gen, last);
+  if (ad_tape_status(t) == AD_OK) sweep_backward(t, gen, nodes, count);
   ad_set_recording(t, prev);
   return ad_tape_status(t);
 }
@@ -124,12 +166,18 @@ ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *c
       return ad_tape_status(t);
     }
   unsigned gen = next_gen();
+  size_t min_id = SIZE_MAX;
   for (int i = 0; i < n_in; i++) {
     inputs[i]->gen = gen;
     inputs[i]->scratch = NULL;
+    size_t id = inputs[i]->node ? inputs[i]->node->id : 0;
+    if (id < min_id) min_id = id;
   }
-  stamp_forward(t, gen, NULL);
-  if (run_backward(t, n_out, outputs, seeds, gen, (flags & AD_GRAD_RECORD) != 0) != AD_OK)
+  ptrdiff_t count = reachable(t, n_out, outputs, min_id, gen);
+  if (count < 0) return ad_tape_status(t);
+  ad_node **nodes = ad__node_buf(t, 0, (size_t)count);
+  if (run_backward(t, n_out, outputs, seeds, gen, nodes, count, (flags & AD_GRAD_RECORD) != 0) !=
+      AD_OK)
     return ad_tape_status(t);
   for (int i = 0; i < n_in; i++) {
     ad_tensor *x = inputs[i];
@@ -160,22 +208,26 @@ ad_status ad_backward(ad_tape *t, ad_tensor *loss, ad_tensor *seed) {
   }
   if (ad_tape_status(t) != AD_OK) return ad_tape_status(t);
   unsigned gen = next_gen();
-  /* Stamp every leaf that needs a gradient and feeds a node. */
-  for (ad_node *n = ad__first_node(t); n; n = n->next)
-    for (int i = 0; i < n->n_in; i++) {
-      ad_tensor *x = n->in[i];
+  /* Stamp every leaf that needs a gradient and feeds a node the loss
+   * reaches; slot 0 holds those nodes after the walk. */
+  ptrdiff_t count = reachable(t, 1, &loss, 0, gen);
+  if (count < 0) return ad_tape_status(t);
+  ad_node **nodes = ad__node_buf(t, 0, (size_t)count);
+  for (ptrdiff_t k = 0; k < count; k++)
+    for (int i = 0; i < nodes[k]->n_in; i++) {
+      ad_tensor *x = nodes[k]->in[i];
       if (!x->node && (x->flags & AD_FLAG_REQ) && x->gen != gen) {
         x->gen = gen;
         x->scratch = NULL;
       }
     }
-  stamp_forward(t, gen, NULL);
   ad_tensor *seeds[1] = {seed};
-  if (run_backward(t, 1, &loss, seeds, gen, 0) != AD_OK) return ad_tape_status(t);
-  /* Move leaf gradients into their heap ->grad. */
-  for (ad_node *n = ad__first_node(t); n; n = n->next)
-    for (int i = 0; i < n->n_in; i++) {
-      ad_tensor *x = n->in[i];
+  if (run_backward(t, 1, &loss, seeds, gen, nodes, count, 0) != AD_OK) return ad_tape_status(t);
+  /* Move leaf gradients into their heap ->grad (the walk is still in slot
+   * 0: the backward sweep recorded nothing and walked nothing). */
+  for (ptrdiff_t k = 0; k < count; k++)
+    for (int i = 0; i < nodes[k]->n_in; i++) {
+      ad_tensor *x = nodes[k]->in[i];
       if (x->node || x->gen != gen) continue;
       x->gen = 0;
       ad_tensor *g = x->scratch;

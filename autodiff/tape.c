@@ -22,6 +22,8 @@ struct ad_tape {
   int record, nan_guard;
   ad_status status;
   char msg[768];
+  ad_node **nbuf[2]; /* scratch for ad_grad's graph walk */
+  size_t nbuf_cap[2];
 };
 
 static _Thread_local ad_status last_status;
@@ -119,6 +121,8 @@ ad_status ad_tape_new(ad_tape **out, const ad_tape_opts *opts) {
 void ad_tape_free(ad_tape *t) {
   if (!t) return;
   for (size_t i = 0; i < t->n_chunks; i++) free(t->chunk[i]);
+  free(t->nbuf[0]);
+  free(t->nbuf[1]);
   free(t);
 }
 
@@ -301,4 +305,19 @@ ad_tensor *ad__done(ad_tape *t, ad_tensor *out, const char *op) {
     }
   }
   return out;
+}
+
+ad_node **ad__node_buf(ad_tape *t, int slot, size_t n) {
+  if (n > t->nbuf_cap[slot]) {
+    size_t cap = t->nbuf_cap[slot] ? t->nbuf_cap[slot] : 256;
+    while (cap < n) cap *= 2;
+    ad_node **b = realloc(t->nbuf[slot], cap * sizeof *b);
+    if (!b) {
+      ad__fail(t, AD_ERR_NOMEM, "ad_grad: cannot grow the graph-walk buffer to %zu nodes", n);
+      return NULL;
+    }
+    t->nbuf[slot] = b;
+    t->nbuf_cap[slot] = cap;
+  }
+  return t->nbuf[slot];
 }
