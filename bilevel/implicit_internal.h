@@ -1,7 +1,8 @@
 /* implicit_internal.h — what the implicit methods (neumann.c, cg.c,
  * fixed_point.c, hoag.c, exact.c) and the meta-learning methods (maml.c,
- * imaml.c) share, on top of bl_internal.h (bilevel/implicit_common.c).
- * Not installed.
+ * imaml.c) share, on top of bl_internal.h: the curvature products
+ * (implicit_common.c), list algebra and CG (linsolve.c), and the meta
+ * methods' run scope (meta_common.c). Not installed.
  *
  * An implicit method reads like this (bilevel/cg.c):
  *

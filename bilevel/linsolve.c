@@ -1,0 +1,131 @@
+/* linsolve.c — the implicit solvers' linear algebra over lists of tensors:
+ * one-pass, vectorizable dot / linear combination / CG update, and
+ * conjugate gradients against any symmetric operator (bl_linop). Used by
+ * cg.c and hoag.c (A = H or G) and imaml.c (A = I + H / lambda). */
+#include "implicit_internal.h"
+
+#include <math.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------- solver vector algebra */
+
+enum { LANES = 16, FLUSH = 4096 };
+
+static double dot_f32(const float *a, const float *b, int64_t n) {
+  double total = 0;
+  for (int64_t s = 0; s < n; s += FLUSH) {
+    int64_t e = s + FLUSH < n ? s + FLUSH : n, j = s;
+    float acc[LANES] = {0};
+    for (; j + LANES <= e; j += LANES)
+      for (int l = 0; l < LANES; l++) acc[l] += a[j + l] * b[j + l];
+    for (; j < e; j++) acc[0] += a[j] * b[j];
+    for (int l = 0; l < LANES; l++) total += acc[l];
+  }
+  return total;
+}
+
+static double dot_f64(const double *a, const double *b, int64_t n) {
+  double acc[8] = {0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; l++) acc[l] += a[j + l] * b[j + l];
+  for (; j < n; j++) acc[0] += a[j] * b[j];
+  double total = 0;
+  for (int l = 0; l < 8; l++) total += acc[l];
+  return total;
+}
+
+double bl__imp_dot(int n, ad_tensor *const *a, ad_tensor *const *b) {
+  double s = 0;
+  for (int i = 0; i < n; i++) {
+    if (a[i]->dtype == AD_F32 && b[i]->dtype == AD_F32)
+      s += dot_f32(AD_F(a[i]), AD_F(b[i]), a[i]->size);
+    else if (a[i]->dtype == AD_F64 && b[i]->dtype == AD_F64)
+      s += dot_f64(AD_D(a[i]), AD_D(b[i]), a[i]->size);
+    else
+      s += bl__dot(1, &a[i], &b[i]);
+  }
+  return s;
+}
+
+void bl__imp_lincomb(int n, ad_tensor *const *out, double a, ad_tensor *const *x, double b,
+                     ad_tensor *const *y) {
+  for (int i = 0; i < n; i++) {
+    int64_t m = out[i]->size;
+    if (out[i]->dtype == AD_F32 && x[i]->dtype == AD_F32 && y[i]->dtype == AD_F32) {
+      float *o = AD_F(out[i]), fa = (float)a, fb = (float)b;
+      const float *xp = AD_F(x[i]), *yp = AD_F(y[i]);
+      for (int64_t j = 0; j < m; j++) o[j] = fa * xp[j] + fb * yp[j];
+    } else if (out[i]->dtype == AD_F64 && x[i]->dtype == AD_F64 && y[i]->dtype == AD_F64) {
+      double *o = AD_D(out[i]);
+      const double *xp = AD_D(x[i]), *yp = AD_D(y[i]);
+      for (int64_t j = 0; j < m; j++) o[j] = a * xp[j] + b * yp[j];
+    } else {
+      for (int64_t j = 0; j < m; j++) ad_set(out[i], j, a * ad_get(x[i], j) + b * ad_get(y[i], j));
+    }
+  }
+}
+
+double bl__imp_cg_step(int n, ad_tensor *const *x, ad_tensor *const *r, ad_tensor *const *p,
+                       ad_tensor *const *Ap, double a) {
+  double rr = 0;
+  for (int i = 0; i < n; i++) {
+    int64_t m = x[i]->size;
+    if (x[i]->dtype == AD_F32 && r[i]->dtype == AD_F32 && p[i]->dtype == AD_F32 &&
+        Ap[i]->dtype == AD_F32) {
+      float *xp = AD_F(x[i]), *rp = AD_F(r[i]), fa = (float)a;
+      const float *pp = AD_F(p[i]), *ap = AD_F(Ap[i]);
+      for (int64_t j = 0; j < m; j++) {
+        xp[j] += fa * pp[j];
+        rp[j] -= fa * ap[j];
+      }
+      rr += dot_f32(rp, rp, m);
+    } else {
+      bl__axpy(1, &x[i], a, &p[i]);
+      bl__axpy(1, &r[i], -a, &Ap[i]);
+      rr += bl__imp_dot(1, &r[i], &r[i]);
+    }
+  }
+  return rr;
+}
+
+/* ---------------------------------------------------------------- conjugate gradients */
+
+ad_status bl__cg(ad_tape *t, int n, bl_linop A, void *ctx, ad_tensor *const *b, ad_tensor *const *x,
+                 int64_t K, double tol, int warm, bl_cg_info *info) {
+  ad_tensor *r[NN_MAX_PARAMS], *p[NN_MAX_PARAMS], *Ap[NN_MAX_PARAMS];
+  memset(info, 0, sizeof *info);
+  for (int i = 0; i < n; i++) {
+    r[i] = ad_zeros_like(t, b[i]);
+    p[i] = ad_zeros_like(t, b[i]);
+    Ap[i] = ad_zeros_like(t, b[i]);
+    if (!r[i] || !p[i] || !Ap[i]) return ad_tape_status(t);
+  }
+  info->b_norm = sqrt(bl__imp_dot(n, b, b));
+  ad_status s;
+  if (warm) { /* r = b - A x0 */
+    if ((s = A(ctx, x, Ap))) return s;
+    bl__imp_lincomb(n, r, 1.0, b, -1.0, Ap);
+  } else {
+    bl__zero(n, x);
+    bl__copy_list(n, r, b);
+  }
+  bl__copy_list(n, p, r);
+  double rs = bl__imp_dot(n, r, r);
+  for (int64_t k = 0; k < K; k++) {
+    if (sqrt(rs) <= tol * info->b_norm) break;
+    if ((s = A(ctx, p, Ap))) return s;
+    double pAp = bl__imp_dot(n, p, Ap);
+    if (!(pAp > 0)) { /* not positive definite along p: keep x as it is */
+      info->negative_curvature = 1;
+      break;
+    }
+    double a = rs / pAp;
+    double rs_new = bl__imp_cg_step(n, x, r, p, Ap, a); /* x += a p, r -= a Ap */
+    bl__imp_lincomb(n, p, 1.0, r, rs_new / rs, p);      /* p = r + (rs_new / rs) p */
+    rs = rs_new;
+    info->iterations++;
+  }
+  info->residual = sqrt(rs);
+  return AD_OK;
+}
