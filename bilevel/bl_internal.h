@@ -256,9 +256,10 @@ ad_status bl__val_grad(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, do
  * is the segment's forward tape plus one chunk's backward.
  * Why chunks and not single steps: an ad_grad call scans the whole tape
  * (stamping forward from its first node, sweeping back to it), so T calls
- * cost O(T^2) node visits; T / chunk calls cost O(T^2 / chunk). chunk <= 0
- * picks ceil(sqrt(to - from)): O(T^1.5) visits and sqrt(T) steps of
- * backward held at once.
+ * cost O(T^2) node visits, cache misses mostly. chunk <= 0 picks
+ * ceil((to - from) / BL_SEGMENT_CHUNKS): at most that many calls, so the
+ * scans stay linear in T, while the backward held at once is at most
+ * 1/BL_SEGMENT_CHUNKS of the forward tape.
  *   record:  from values (w_from, s_from) — copied, so in-place buffers may
  *            change afterwards — records the steps with r->lam / r->opt;
  *            w_end / s_end are leaf views of w_to and the state after it.
@@ -275,6 +276,8 @@ ad_status bl__val_grad(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, do
  *            Everything the record made after its own bookkeeping is
  *            rewound (rewind to a mark taken before the record to free that
  *            too). Counts one hvp per step. */
+#define BL_SEGMENT_CHUNKS 16
+
 typedef struct {
   int64_t from, to, chunk, n_chunks;
   int n_w, ns;            /* parameters, state buffers */

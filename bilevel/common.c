@@ -497,7 +497,7 @@ ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from
   int64_t len = to - from;
   ad_tensor *tmp[BL_MAX_STATE];
   memset(sg, 0, sizeof *sg);
-  if (chunk <= 0) chunk = (int64_t)ceil(sqrt((double)len));
+  if (chunk <= 0) chunk = (len + BL_SEGMENT_CHUNKS - 1) / BL_SEGMENT_CHUNKS;
   if (chunk < 1) chunk = 1;
   sg->from = from;
   sg->to = to;
