@@ -199,6 +199,11 @@ import twins_implicit  # noqa: E402  (bench/ is sys.path[0] when this file runs)
 
 twins_implicit.register(workload)
 
+# bench/twins_unroll.py: unroll_T10, unroll_T50, unroll_T200.
+import twins_unroll  # noqa: E402
+
+twins_unroll.register(workload)
+
 
 # --------------------------------------------------------------- harness
 
@@ -288,12 +293,16 @@ def main():
               file=sys.stderr)
         return 2
     step, floor = WORKLOADS[args.workload]()
-    torch_ms, floor_ms = time_pair(step, floor, args.iters, args.warmup)
+    # A slow workload may cap its iterations (step.max_iters / max_warmup,
+    # as its C bench does); the JSON reports the count used.
+    iters = min(args.iters, getattr(step, "max_iters", args.iters))
+    warmup = min(args.warmup, getattr(step, "max_warmup", args.warmup))
+    torch_ms, floor_ms = time_pair(step, floor, iters, warmup)
     print(json.dumps({
         "workload": args.workload,
         "threads": args.threads,
         "torch_threads": torch.get_num_threads(),
-        "iters": args.iters,
+        "iters": iters,
         "torch_ms": round(torch_ms, 4),
         "torch_floor_ms": round(floor_ms, 4),
         "torch_blas": blas_info()["summary"],
