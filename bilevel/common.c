@@ -273,9 +273,21 @@ void bl__copy_list(int n, ad_tensor *const *dst, ad_tensor *const *src) {
 }
 
 void bl__lerp(int n, ad_tensor *const *y, ad_tensor *const *a, ad_tensor *const *c, double b) {
-  for (int i = 0; i < n; i++)
-    for (int64_t j = 0; j < y[i]->size; j++)
-      ad_set(y[i], j, (1 - b) * ad_get(a[i], j) + b * ad_get(c[i], j));
+  for (int i = 0; i < n; i++) {
+    int64_t m = y[i]->size;
+    if (y[i]->dtype == AD_F32 && a[i]->dtype == AD_F32 && c[i]->dtype == AD_F32) {
+      float *Y = AD_F(y[i]), fb = (float)b, fa = (float)(1 - b);
+      const float *A = AD_F(a[i]), *C = AD_F(c[i]);
+      for (int64_t j = 0; j < m; j++) Y[j] = fa * A[j] + fb * C[j];
+    } else if (y[i]->dtype == AD_F64 && a[i]->dtype == AD_F64 && c[i]->dtype == AD_F64) {
+      double *Y = AD_D(y[i]);
+      const double *A = AD_D(a[i]), *C = AD_D(c[i]);
+      for (int64_t j = 0; j < m; j++) Y[j] = (1 - b) * A[j] + b * C[j];
+    } else {
+      for (int64_t j = 0; j < m; j++)
+        ad_set(y[i], j, (1 - b) * ad_get(a[i], j) + b * ad_get(c[i], j));
+    }
+  }
 }
 
 ad_tensor *bl__dot_tape(ad_tape *t, int n, ad_tensor *const *a, ad_tensor *const *b) {

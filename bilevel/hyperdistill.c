@@ -15,7 +15,8 @@
  * Online, theta is refreshed every o->distill_every steps (default T: once,
  * at the end); the hypergradient returned after T steps is
  *   g = dL_val/dlam |_{w_T} + theta N_T alpha_T B(w*_T)
- * with the latest theta. o->gamma in (0, 1], default 0.9. Needs T >= 1. */
+ * with the latest theta (theta = 1 before the first fit, i.e. when
+ * distill_every > T). o->gamma in (0, 1], default 0.9. Needs T >= 1. */
 #include "bl_internal.h"
 
 #include <math.h>

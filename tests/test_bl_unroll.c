@@ -98,6 +98,16 @@ START_TEST(test_truncated) {
   ck_assert(fabs(trunc_all - full) <= 1e-12 * fabs(full)); /* bound 1e-12 */
   ck_assert(fabs(k1 - by_hand) <= 1e-12 * fabs(by_hand));  /* bound 1e-12 */
   ck_assert_int_eq(bl_unroll(t, &c.p, &(bl_opts){.K = -1}, c.hg, NULL), AD_ERR_ARG);
+  ad_tape_clear_error(t);
+  /* T = 0: only the direct term at w_0, as bl_fo gives it (exactly) */
+  c.rp.val_pen = 1;
+  c.p.inner_steps = 0;
+  ck_assert_int_eq(bl_unroll(t, &c.p, NULL, c.hg, NULL), AD_OK);
+  double u0 = ad_item(c.hg[0]);
+  ck_assert_int_eq(bl_fo(t, &c.p, NULL, c.hg, NULL), AD_OK);
+  ck_assert(u0 == ad_item(c.hg[0]) && u0 != 0);
+  ck_assert_int_eq(bl_forward(t, &c.p, NULL, c.hg, NULL), AD_OK);
+  ck_assert(u0 == ad_item(c.hg[0]));
   ad_tape_free(t);
   fx_rcase_free(&c);
 }
