@@ -491,7 +491,8 @@ END_TEST
 
 /* Pooling values against the definition: max over the clipped window and
  * its sum / k^2; the max-pool gradient lands on each window's maximum
- * (exactly g there, 0 elsewhere, for non-overlapping windows). */
+ * (exactly g there, 0 elsewhere, for non-overlapping windows, including
+ * the row no window covers); NaN propagates. */
 START_TEST(test_pool_values) {
   ad_tape *t = tape();
   ad_rng r;
@@ -538,6 +539,17 @@ START_TEST(test_pool_values) {
   }
   ck_assert_ptr_null(nn_max_pool2d(t, x, 2, 2, 2));
   ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+  ad_tape_clear_error(t);
+  /* A NaN in a window is that window's max (as the core's max_axis does),
+   * on the 2x2 fast path and the general one, in f32 and f64. */
+  for (int dt = 0; dt < 2; dt++) {
+    ad_tensor *z = ad_zeros(t, dt ? AD_F64 : AD_F32, 4, S(1, 1, 4, 4));
+    ad_set(z, 5, NAN); /* row 1, column 1 */
+    ad_set(z, 4, 3.0);
+    ad_tensor *m2 = nn_max_pool2d(t, z, 2, 2, 0), *m3 = nn_max_pool2d(t, z, 3, 1, 0);
+    ck_assert(isnan(ad_get(m2, 0)) && ad_get(m2, 1) == 0 && ad_get(m2, 2) == 0);
+    ck_assert(isnan(ad_get(m3, 0)) && isnan(ad_get(m3, 1)) && isnan(ad_get(m3, 2)));
+  }
   ad_tensor_free(x);
   ad_tape_free(t);
 }
