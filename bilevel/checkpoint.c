@@ -28,7 +28,7 @@ ad_status bl_checkpointed(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_
 
   ad_tensor *w[NN_MAX_PARAMS], *aw[NN_MAX_PARAMS], *as[BL_MAX_STATE], *glam[NN_MAX_PARAMS];
   ad_tensor *sb[BL_MAX_STATE];
-  nn_opt_state os;
+  nn_opt_state os = {0};
   s = bl__w0_copy(&r, w);
   if (!s) s = bl__state_new(&r, &os);
   int ns = bl__state_list(&os, sb);
@@ -62,7 +62,7 @@ ad_status bl_checkpointed(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_
   /* Backward, last segment first: recompute it on the tape, walk it back. */
   for (int64_t j = n_seg - 1; j >= 0 && !s; j--) {
     int64_t end = (j + 1) * C < T ? (j + 1) * C : T;
-    bl_segment sg;
+    bl_segment sg = {0};
     s = bl__segment_record(&r, &sg, ck_w + j * n, &ck_s[j], j * C, end, 0);
     sg.skip_start_adjoint = j == 0; /* no adjoint needed at w_0 */
     if (!s) s = bl__segment_reverse(&r, &sg, aw, as, glam);

@@ -415,7 +415,7 @@ ad_status bl__step_vjp(bl_run *r, ad_tensor *const *w, const nn_opt_state *s, in
   const bl_problem *p = r->p;
   int n = p->n_w, n_lam = p->n_lam;
   ad_tensor *wl[NN_MAX_PARAMS], *wn[NN_MAX_PARAMS];
-  nn_opt_state s0, s1;
+  nn_opt_state s0 = {0}, s1 = {0};
   ad_status st = bl__leaf_new(r, n, w, wl);
   if (!st) st = bl__state_copy(r, &s0, s, BL_STATE_LEAF);
   if (st) return st;
@@ -524,7 +524,7 @@ ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from
   if (!sg->marks || !sg->in || !sg->out) return ad_tape_status(t);
   /* The segment starts from copies: the caller's buffers may move on. */
   ad_tensor *w[NN_MAX_PARAMS], *wn[NN_MAX_PARAMS];
-  nn_opt_state s;
+  nn_opt_state s = {0};
   ad_status st = bl__leaf_new(r, n, w_from, w);
   if (!st) st = bl__state_copy(r, &s, s_from, BL_STATE_LEAF);
   if (!st) st = bl__zeros_new(r, n, w_from, sg->spare);

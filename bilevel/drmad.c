@@ -19,7 +19,7 @@ ad_status bl__drmad_reverse(bl_run *r, ad_tensor *const *w0, const nn_opt_state 
   int n = r->p->n_w, n_lam = r->p->n_lam;
   ad_tensor *wk[NN_MAX_PARAMS], *as[BL_MAX_STATE], *b0[BL_MAX_STATE], *b1[BL_MAX_STATE];
   ad_tensor *bk[BL_MAX_STATE];
-  nn_opt_state sk;
+  nn_opt_state sk = {0};
   ad_status s = bl__copy_new(r, n, w_end, wk);
   if (!s) s = bl__state_copy(r, &sk, s_end, BL_STATE_INPLACE);
   int ns = bl__state_list(s_end, b1);
@@ -52,7 +52,7 @@ ad_status bl_drmad(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor 
   if (s) return bl__end(&r, s, st);
   int n = p->n_w, n_lam = p->n_lam;
   ad_tensor *w[NN_MAX_PARAMS], *aw[NN_MAX_PARAMS], *glam[NN_MAX_PARAMS];
-  nn_opt_state os, os0;
+  nn_opt_state os = {0}, os0 = {0};
   /* forward in place: only w_0 (p->w0), s_0 (zeros) and w_T, s_T are kept */
   s = bl__w0_copy(&r, w);
   if (!s) s = bl__state_new(&r, &os);

@@ -86,7 +86,7 @@ ad_status bl_hyperdistill(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_
   int n = p->n_w, n_lam = p->n_lam;
   ad_tensor *w[NN_MAX_PARAMS], *w_ema[NN_MAX_PARAMS], *h[NN_MAX_PARAMS], *alpha[NN_MAX_PARAMS];
   ad_tensor *glam[NN_MAX_PARAMS], *sb[BL_MAX_STATE], *eb[BL_MAX_STATE];
-  nn_opt_state os, os0, s_ema;
+  nn_opt_state os = {0}, os0 = {0}, s_ema = {0};
   s = bl__w0_copy(&r, w);
   if (!s) s = bl__state_new(&r, &os);
   if (!s) s = bl__state_new(&r, &os0);

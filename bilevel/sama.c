@@ -48,7 +48,7 @@ ad_status bl_sama(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *
   int64_t T = p->inner_steps;
   ad_tensor *w[NN_MAX_PARAMS], *q[NN_MAX_PARAMS], *glam[NN_MAX_PARAMS], *wt[NN_MAX_PARAMS];
   ad_tensor *gp[NN_MAX_PARAMS], *gm[NN_MAX_PARAMS];
-  nn_opt_state os;
+  nn_opt_state os = {0};
   s = bl__w0_copy(&r, w);
   if (!s) s = bl__state_new(&r, &os);
   if (!s) s = bl__zeros_new(&r, n, w, q);
@@ -63,7 +63,7 @@ ad_status bl_sama(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *
   ad_marker m = ad_mark(t);
   ad_tensor *g[NN_MAX_PARAMS], *gl[NN_MAX_PARAMS], *wc[NN_MAX_PARAMS], *wT[NN_MAX_PARAMS];
   ad_tensor *alpha[NN_MAX_PARAMS], *gd[NN_MAX_PARAMS], *Pa[NN_MAX_PARAMS];
-  nn_opt_state sl;
+  nn_opt_state sl = {0};
   ad_tensor *L = s ? NULL : p->train_loss(t, w, r.lam, T - 1, p->ctx);
   if (!s) s = bl__check_loss(&r, L, "train_loss", T - 1);
   if (!s) s = ad_grad(t, 1, &L, NULL, n, w, g, 0);

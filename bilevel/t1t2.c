@@ -42,7 +42,7 @@ ad_status bl_t1t2(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *
   int64_t T = p->inner_steps;
   ad_tensor *w[NN_MAX_PARAMS], *w_prev[NN_MAX_PARAMS], *gw[NN_MAX_PARAMS], *glam[NN_MAX_PARAMS];
   ad_tensor *aB[NN_MAX_PARAMS];
-  nn_opt_state os, os_prev;
+  nn_opt_state os = {0}, os_prev = {0};
   /* T1: the training steps, keeping (w_{T-1}, s_{T-1}). */
   s = bl__w0_copy(&r, w);
   if (!s) s = bl__state_new(&r, &os);
@@ -60,7 +60,7 @@ ad_status bl_t1t2(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *
   } else {
     /* T2 by central differences of the step in each coordinate of lam. */
     ad_tensor *lam_p[NN_MAX_PARAMS], *wt[NN_MAX_PARAMS];
-    nn_opt_state stt;
+    nn_opt_state stt = {0};
     double u = p->w0[0]->dtype == AD_F64 ? DBL_EPSILON : FLT_EPSILON;
     double eps = r.o.eps > 0 ? r.o.eps : cbrt(u);
     s = bl__copy_new(&r, n_lam, p->lam, lam_p);

@@ -33,7 +33,7 @@ ad_status bl_unroll(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor
    * adjoints alpha (on w and on the state) and the hypergradient. */
   ad_tensor *w[NN_MAX_PARAMS], *aw[NN_MAX_PARAMS], *as[BL_MAX_STATE], *glam[NN_MAX_PARAMS];
   ad_tensor *gw_T[NN_MAX_PARAMS], *glam_T[NN_MAX_PARAMS], *sb[BL_MAX_STATE];
-  nn_opt_state os;
+  nn_opt_state os = {0};
   s = bl__w0_copy(&r, w);
   if (!s) s = bl__state_new(&r, &os);
   int ns = bl__state_list(&os, sb);
@@ -45,7 +45,7 @@ ad_status bl_unroll(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor
   if (!s) s = bl__run_inplace(&r, r.lam, &r.opt.cfg, w, &os, 0, start);
 
   /* Steps start .. T-1 recorded, from a copy of w_start: the cut. */
-  bl_segment sg;
+  bl_segment sg = {0};
   if (!s) s = bl__segment_record(&r, &sg, w, &os, start, T, 0);
   sg.skip_start_adjoint = 1; /* nothing is differentiated before the start */
 

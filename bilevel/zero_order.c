@@ -34,7 +34,7 @@ ad_status bl_zero_order(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_te
   /* lam_p = lam + sign sigma u, and its optimizer config; fresh w and state
    * for each run. */
   ad_tensor *lam_p[NN_MAX_PARAMS], *u[NN_MAX_PARAMS], *glam[NN_MAX_PARAMS], *w[NN_MAX_PARAMS];
-  nn_opt_state os, os0;
+  nn_opt_state os = {0}, os0 = {0};
   bl_cfg_map cm;
   s = bl__copy_new(&r, n_lam, p->lam, lam_p);
   if (!s) s = bl__zeros_new(&r, n_lam, p->lam, u);
