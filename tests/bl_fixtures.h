@@ -380,6 +380,14 @@ static inline double fx_mlp_run(fx_mlp *c, ad_tape *t) {
 
 /* ---------------------------------------------------------------- a method's common duties */
 
+/* The problem's own training loss, failing (NULL) at step 2: an error in
+ * the middle of a trajectory. */
+static bl_loss_fn fx_inner_train;
+static inline ad_tensor *fx_fail_at_2(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam,
+                                      int64_t step, void *ctx) {
+  return step == 2 ? NULL : fx_inner_train(t, w, lam, step, ctx);
+}
+
 static inline ad_tensor *fx_null_loss(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam,
                                       int64_t step, void *ctx) {
   (void)t, (void)w, (void)lam, (void)step, (void)ctx;
@@ -463,6 +471,14 @@ static inline void fx_check_duties(const char *name, bl_method_fn f, const bl_pr
   s = f(t, &q, o, hg, &st);
   ck_assert_msg(s == AD_ERR_NULL || (min_steps == 0 && q.inner_steps == 0), "%s: %d", name, s);
   ad_tape_clear_error(t);
+  if (p_ok->inner_steps > 2) {
+    fx_inner_train = p_ok->train_loss;
+    q.train_loss = fx_fail_at_2;
+    ck_assert_msg(f(t, &q, o, hg, &st) == AD_ERR_NULL, "%s: failure at step 2 not reported", name);
+    ck_assert_msg(strstr(ad_tape_errmsg(t), "step 2") != NULL, "%s: message '%s'", name,
+                  ad_tape_errmsg(t));
+    ad_tape_clear_error(t);
+  }
   ad_arena_stats_get(t, &a1);
   ck_assert_msg(a1.used == a0.used && a1.n_nodes == a0.n_nodes, "%s: tape not restored on errors",
                 name);
