@@ -55,6 +55,12 @@ static int is_same_width(const conv_geom *g) {
   return g->st == 1 && g->q == g->w;
 }
 
+/* Same width and height with an odd filter centred by the padding: tap
+ * (pad, pad) reads the input plane unshifted. */
+static int has_centre_tap(const conv_geom *g) {
+  return is_same_width(g) && g->p == g->h && g->r == 2 * g->pad + 1;
+}
+
 /* Rows of the col plane whose input row p + dr lies inside [0, H). */
 static void valid_p(const conv_geom *g, int64_t dr, int64_t *p0, int64_t *p1) {
   int64_t a = dr < 0 ? -dr : 0, b = g->h - dr < g->p ? g->h - dr : g->p;
@@ -126,34 +132,44 @@ static void valid_p(const conv_geom *g, int64_t dr, int64_t *p0, int64_t *p1) {
           int64_t sb = (p0 + dr) * W + off, len = (p1 - p0) * W;                                   \
           int64_t lo = sb < 0 ? -sb : 0, hi = sb + len > H * W ? sb + len - H * W : 0;             \
           memcpy(dst + p0 * W + lo, plane + sb + lo, sizeof(T) * (size_t)(len - lo - hi));         \
-          for (int64_t p = p0; p < p1; p++) { /* columns that wrapped around */                    \
-            for (int64_t q = 0; q < -off; q++) dst[p * W + q] = 0;                                 \
-            for (int64_t q = W - off; q < W; q++) dst[p * W + q] = 0;                              \
-          }                                                                                        \
+          /* the columns that wrapped around; p innermost (strided), so this                       \
+           * is a few stores, not a memset call per row */                                         \
+          for (int64_t q = 0; q < -off; q++)                                                       \
+            for (int64_t p = p0; p < p1; p++) dst[p * W + q] = 0;                                  \
+          for (int64_t q = W - off; q < W; q++)                                                    \
+            for (int64_t p = p0; p < p1; p++) dst[p * W + q] = 0;                                  \
         }                                                                                          \
   }                                                                                                \
-  /* x_n += col2im(col), stride 1, Q == W; zeroes col's wrapped columns. */                        \
+  /* x_n += col2im(col), stride 1, Q == W; zeroes col's wrapped columns.                           \
+   * With a centre tap (has_centre_tap) x_n need not be zeroed first: the                          \
+   * centre tap covers the whole plane unshifted and is copied, not added. */                      \
   static void col2im_same_##SFX(T *col, T *x, const conv_geom *g) {                                \
     const int64_t H = g->h, W = g->w, P = g->p;                                                    \
-    for (int64_t c = 0; c < g->c; c++)                                                             \
+    const int centre = has_centre_tap(g);                                                          \
+    for (int64_t c = 0; c < g->c; c++) {                                                           \
+      if (centre)                                                                                  \
+        memcpy(x + c * H * W, col + ((c * g->r + g->pad) * g->s + g->pad) * P * W,                 \
+               sizeof(T) * (size_t)(H * W));                                                       \
       for (int64_t r = 0; r < g->r; r++)                                                           \
         for (int64_t s = 0; s < g->s; s++) {                                                       \
+          if (centre && r == g->pad && s == g->pad) continue;                                      \
           T *src = col + ((c * g->r + r) * g->s + s) * P * W;                                      \
           T *plane = x + c * H * W;                                                                \
           const int64_t dr = r - g->pad, off = s - g->pad;                                         \
           int64_t p0, p1;                                                                          \
           valid_p(g, dr, &p0, &p1);                                                                \
           if (p1 == p0) continue;                                                                  \
-          for (int64_t p = p0; p < p1; p++) {                                                      \
-            for (int64_t q = 0; q < -off; q++) src[p * W + q] = 0;                                 \
-            for (int64_t q = W - off; q < W; q++) src[p * W + q] = 0;                              \
-          }                                                                                        \
+          for (int64_t q = 0; q < -off; q++)                                                       \
+            for (int64_t p = p0; p < p1; p++) src[p * W + q] = 0;                                  \
+          for (int64_t q = W - off; q < W; q++)                                                    \
+            for (int64_t p = p0; p < p1; p++) src[p * W + q] = 0;                                  \
           int64_t sb = (p0 + dr) * W + off, len = (p1 - p0) * W;                                   \
           int64_t lo = sb < 0 ? -sb : 0, hi = sb + len > H * W ? sb + len - H * W : 0;             \
           T *d = plane + sb + lo;                                                                  \
           const T *a = src + p0 * W + lo;                                                          \
           for (int64_t i = 0; i < len - lo - hi; i++) d[i] += a[i];                                \
         }                                                                                          \
+    }                                                                                              \
   }
 
 DEF_KERNELS(float, f32)
@@ -243,7 +259,7 @@ static int conv_bwd_input(ad_tape *t, const conv_geom *g, const ad_tensor *gy, c
     /* colg [CRS, PQ] = W^T [CRS, K] G_n [K, PQ]; pointwise: straight into gx_n */
     gemm(dt, 1, 0, crs, pq, g->k, w->data, crs, gn, pq, 0.0, pw ? xn : col, pq);
     if (!pw) { /* zeroed per image, so the adds that follow find it in cache */
-      memset(xn, 0, (size_t)chw * es);
+      if (!has_centre_tap(g)) memset(xn, 0, (size_t)chw * es);
       col2im(dt, col, xn, g);
     }
   }

@@ -97,20 +97,24 @@ static const pool_geom *keep_geom(ad_tape *t, ad_node *nd, const pool_geom *g) {
           int32_t *ir = ip ? ip + p * g->q : NULL;                                                 \
           const int32_t base = (int32_t)(nc * hw + 2 * p * W);                                     \
           int nan = 0;                                                                             \
-          for (int64_t q = 0; q < g->q; q++) {                                                     \
-            const T a0 = a[2 * q], a1 = a[2 * q + 1], b0 = b[2 * q], b1 = b[2 * q + 1];            \
-            const T ma = a1 > a0 ? a1 : a0, mb = b1 > b0 ? b1 : b0;                                \
-            yr[q] = mb > ma ? mb : ma; /* ties go to the first (top) row */                        \
-            nan |= (a0 != a0) | (a1 != a1) | (b0 != b0) | (b1 != b1);                              \
-          }                                                                                        \
-          if (ir) /* the index by arithmetic on the compares: no branch to mispredict */           \
+          if (!ir) {                                                                               \
+            for (int64_t q = 0; q < g->q; q++) {                                                   \
+              const T a0 = a[2 * q], a1 = a[2 * q + 1], b0 = b[2 * q], b1 = b[2 * q + 1];          \
+              const T ma = a1 > a0 ? a1 : a0, mb = b1 > b0 ? b1 : b0;                              \
+              yr[q] = mb > ma ? mb : ma; /* ties go to the first (top) row */                      \
+              nan |= (a0 != a0) | (a1 != a1) | (b0 != b0) | (b1 != b1);                            \
+            }                                                                                      \
+          } else { /* the index by arithmetic on the compares: no branch to mispredict */          \
             for (int64_t q = 0; q < g->q; q++) {                                                   \
               const T a0 = a[2 * q], a1 = a[2 * q + 1], b0 = b[2 * q], b1 = b[2 * q + 1];          \
               const int32_t ia = a1 > a0, ib = b1 > b0;                                            \
-              const T ma = ia ? a1 : a0, mb = ib ? b1 : b0;                                        \
+              const T ma = a1 > a0 ? a1 : a0, mb = b1 > b0 ? b1 : b0;                              \
               const int32_t bot = mb > ma;                                                         \
+              yr[q] = mb > ma ? mb : ma;                                                           \
               ir[q] = base + (int32_t)(2 * q) + ia + bot * ((int32_t)W + ib - ia);                 \
+              nan |= (a0 != a0) | (a1 != a1) | (b0 != b0) | (b1 != b1);                            \
             }                                                                                      \
+          }                                                                                        \
           if (!nan) continue; /* else redo the row the general way, NaN winning */                 \
         }                                                                                          \
         for (int64_t q = 0; q < g->q; q++) {                                                       \
