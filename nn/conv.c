@@ -258,7 +258,8 @@ static int conv_bwd_input(ad_tape *t, const conv_geom *g, const ad_tensor *gy, c
     char *xn = (char *)gx->data + (size_t)(n * chw) * es;
     /* colg [CRS, PQ] = W^T [CRS, K] G_n [K, PQ]; pointwise: straight into gx_n */
     gemm(dt, 1, 0, crs, pq, g->k, w->data, crs, gn, pq, 0.0, pw ? xn : col, pq);
-    if (!pw) { /* zeroed per image, so the adds that follow find it in cache */
+    if (!pw) { /* gx_n zeroed per image (hot in cache for the adds), unless
+                * the centre tap's copy in col2im covers it anyway */
       if (!has_centre_tap(g)) memset(xn, 0, (size_t)chw * es);
       col2im(dt, col, xn, g);
     }
