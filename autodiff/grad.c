@@ -160,11 +160,23 @@ ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *c
       ad__fail(t, AD_ERR_NULL, "ad_grad: output %d is NULL", j);
       return ad_tape_status(t);
     }
-  for (int i = 0; i < n_in; i++)
+  for (int i = 0; i < n_in; i++) {
     if (!inputs[i]) {
       ad__fail(t, AD_ERR_NULL, "ad_grad: input %d is NULL", i);
       return ad_tape_status(t);
     }
+    /* Ops record only for inputs that need a gradient: a plain leaf would
+     * silently get a zero (or partial) gradient, so say so instead. */
+    if (!ad_needs_grad(inputs[i])) {
+      char sh[96];
+      ad__fail(t, AD_ERR_GRAD,
+               "ad_grad: input %d (%s%s%s) does not require a gradient: call "
+               "ad_requires_grad(x, 1) before recording the ops that use it",
+               i, inputs[i]->name ? inputs[i]->name : "", inputs[i]->name ? " " : "",
+               ad_shape_str(inputs[i], sh, sizeof sh));
+      return ad_tape_status(t);
+    }
+  }
   unsigned gen = next_gen();
   size_t min_id = SIZE_MAX;
   for (int i = 0; i < n_in; i++) {

@@ -162,6 +162,7 @@ START_TEST(test_per_param_lr) {
   ad_tensor *w0[NP], *lr[NP];
   make_w(w0);
   for (int i = 0; i < NP; i++) {
+    ad_requires_grad(w0[i], 1);
     ck_assert_int_eq(ad_tensor_new(&lr[i], AD_F64, w0[i]->ndim, w0[i]->shape), AD_OK);
     for (int64_t j = 0; j < lr[i]->size; j++) ad_set(lr[i], j, 0.03 + 0.01 * (double)j);
     ad_requires_grad(lr[i], 1);

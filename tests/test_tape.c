@@ -270,6 +270,13 @@ START_TEST(test_unreachable) {
   ck_assert_double_eq(ad_get(g[1], 1), 0.0);
   ck_assert_int_eq(ad_grad(t, 1, &f, NULL, 2, in, g, AD_GRAD_STRICT), AD_ERR_GRAD);
   ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "input 1"));
+  ad_tape_clear_error(t);
+  /* A leaf that never asked for a gradient had none of its uses recorded:
+   * an error, not a silent zero. */
+  ad_tensor *plain = ad_full(t, AD_F64, 1, S(3), 1.0);
+  ad_tensor *f2 = ad_sum(t, ad_mul(t, plain, x));
+  ck_assert_int_eq(ad_grad(t, 1, &f2, NULL, 1, &plain, g, 0), AD_ERR_GRAD);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "ad_requires_grad"));
   ad_tape_free(t);
 }
 END_TEST
