@@ -220,7 +220,10 @@ ad_tensor *ad_ones_like(ad_tape *t, const ad_tensor *x);
 ad_tensor *ad_randn(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, ad_rng *r);
 ad_tensor *ad_rand_uniform(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape,
                            ad_rng *r, double lo, double hi);
-/* A copy of x's values in the arena with no history (stop-gradient). */
+/* x's values with no history (stop-gradient): gradients do not flow through
+ * the result. For a tensor made on a tape this is a view sharing its data
+ * (free); for a heap tensor (a parameter that may later change in place) it
+ * is a copy of the values as they are now. */
 ad_tensor *ad_detach(ad_tape *t, const ad_tensor *x);
 
 /* ------------------------------------------------------------------ ops */

@@ -266,10 +266,20 @@ ad_tensor *ad_rand_uniform(ad_tape *t, ad_dtype dt, int ndim, const int64_t *sha
 }
 
 ad_tensor *ad_detach(ad_tape *t, const ad_tensor *x) {
-  if (!t) return NULL;
+  if (!t) {
+    ad__set_last(AD_ERR_NULL, "ad_detach: tape is NULL");
+    return NULL;
+  }
   if (!x) return ad__fail(t, AD_ERR_NULL, "ad_detach: x is NULL");
-  /* A view without history: the values are immutable once made, so sharing
-   * the data is safe and costs nothing. */
+  /* Arena tensors are never written after the op that made them, so a view
+   * without history shares their data safely and costs nothing. A heap
+   * tensor (a parameter) may be updated in place later: copy it, so the
+   * detached value is the value now. */
+  if (x->flags & AD_FLAG_HEAP) {
+    ad_tensor *c = ad__alloc(t, x->dtype, x->ndim, x->shape, 0);
+    if (c) memcpy(c->data, x->data, (size_t)x->size * ad_dtype_size(x->dtype));
+    return c;
+  }
   return ad__view(t, x, x->ndim, x->shape);
 }
 

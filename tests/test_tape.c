@@ -294,6 +294,14 @@ START_TEST(test_backward_and_detach) {
     ck_assert_int_eq(ad_backward(t, f, NULL), AD_OK);
     ad_rewind(t, m);
   }
+  /* detaching a heap tensor snapshots it: later in-place updates of the
+   * parameter do not change the detached value */
+  ad_tensor *snap = ad_detach(t, x);
+  ad_set(x, 0, 99.0);
+  ck_assert_double_eq(ad_item(snap), 1.5);
+  ad_set(x, 0, 1.5);
+  ck_assert_ptr_null(ad_detach(NULL, x));
+  ck_assert_ptr_nonnull(strstr(ad_last_error(), "ad_detach: tape is NULL"));
   ck_assert_ptr_nonnull(x->grad);
   ck_assert_double_eq(ad_get(x->grad, 0), 3.0);  /* 2 calls x 1.5 */
   ck_assert_double_eq(ad_get(x->grad, 1), -4.0); /* 2 calls x -2 */
