@@ -30,7 +30,8 @@ enum { SIDE = 28, C1 = 16, C2 = 32, OUT = 10, BATCH = 64, EVAL_CHUNK = 250 };
 #define FLAT (C2 * (SIDE / 4) * (SIDE / 4))
 
 typedef struct {
-  const char *data; /* NULL = the embedded subset */
+  const char *data;        /* NULL = the embedded subset */
+  const char *load, *save; /* parameter files (nn_params_load / nn_params_save), or NULL */
   int epochs, threads;
   int64_t limit; /* use only the first `limit` train and test examples (0 = all) */
   uint64_t seed;
@@ -50,8 +51,11 @@ static int parse(int argc, char **argv, options *o) {
     char *end = NULL;
     if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
       printf("usage: %s [--data DIR] [--epochs N] [--seed S] [--threads N] [--lr LR] [--limit N]\n"
+             "       [--load FILE] [--save FILE]\n"
              "  --data DIR   MNIST or Fashion-MNIST IDX files (default: the embedded subset)\n"
-             "  --limit N    only the first N train and test examples (quick runs, valgrind)\n",
+             "  --limit N    only the first N train and test examples (quick runs, valgrind)\n"
+             "  --load FILE  start from parameters saved by --save (--epochs 0: evaluate only)\n"
+             "  --save FILE  write the trained parameters (atomically, checksummed)\n",
              argv[0]);
       return 1;
     }
@@ -64,7 +68,7 @@ static int parse(int argc, char **argv, options *o) {
       o->data = v;
     } else if (strcmp(a, "--epochs") == 0) {
       long n = strtol(v, &end, 10);
-      if (*end || n < 1 || n > 10000) goto bad;
+      if (*end || n < 0 || n > 10000) goto bad;
       o->epochs = (int)n;
     } else if (strcmp(a, "--seed") == 0) {
       o->seed = strtoull(v, &end, 10);
@@ -73,6 +77,10 @@ static int parse(int argc, char **argv, options *o) {
       long n = strtol(v, &end, 10);
       if (*end || n < 1 || n > 256) goto bad;
       o->threads = (int)n;
+    } else if (strcmp(a, "--load") == 0) {
+      o->load = v;
+    } else if (strcmp(a, "--save") == 0) {
+      o->save = v;
     } else if (strcmp(a, "--limit") == 0) {
       long long n = strtoll(v, &end, 10);
       if (*end || n < 0) goto bad;
@@ -176,6 +184,10 @@ int main(int argc, char **argv) {
     fprintf(stderr, "mnist_cnn: %s\n", ad_last_error());
     goto out;
   }
+  if (o.load && nn_params_load(p, o.load) != AD_OK) {
+    fprintf(stderr, "mnist_cnn: %s\n", ad_last_error());
+    goto out;
+  }
   ad_tensor *const *w = nn_params_list(p);
   nn_opt_cfg cfg = {.kind = NN_OPT_MOMENTUM, .lr = o.lr, .momentum = o.momentum};
   if (nn_opt_state_init(&cfg, &st, 6, w) != AD_OK ||
@@ -219,6 +231,17 @@ int main(int argc, char **argv) {
     printf("epoch %2d/%d  lr %.4f  train_loss %.4f  test_accuracy %.4f  %.2f s\n", epoch, o.epochs,
            cfg.lr, loss_sum / (double)steps, acc, now_s() - t0);
     fflush(stdout);
+  }
+  if (o.epochs == 0 && !evaluate(tape, p, test, &acc)) {
+    fprintf(stderr, "mnist_cnn: evaluation failed: %s\n", ad_tape_errmsg(tape));
+    goto out;
+  }
+  if (o.save) {
+    if (nn_params_save(p, o.save) != AD_OK) {
+      fprintf(stderr, "mnist_cnn: %s\n", ad_last_error());
+      goto out;
+    }
+    printf("saved %lld parameters to %s\n", (long long)nn_params_numel(p), o.save);
   }
   printf("summary: test_accuracy=%.4f epochs=%d seconds=%.2f\n", acc, o.epochs, now_s() - t0);
   status = 0;

@@ -9,7 +9,9 @@
  *   - each step records the forward pass on the tape, takes ad_grad, lets
  *     nn_opt_step update the weights in place, then ad_rewind drops every
  *     tensor of the step: after the first step nothing is allocated;
- *   - evaluation runs with recording off (values only).
+ *   - evaluation runs with recording off (values only);
+ *   - --save / --load write and read the whole parameter set as one
+ *     versioned, checksummed file (nn_params_save / nn_params_load).
  * Ends with one line: summary: test_accuracy=0.xxxx epochs=N seconds=S */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include "autodiff/ad.h"
@@ -24,7 +26,8 @@
 enum { IN = 784, HIDDEN = 200, OUT = 10, BATCH = 32 };
 
 typedef struct {
-  const char *data; /* NULL = the embedded subset */
+  const char *data;        /* NULL = the embedded subset */
+  const char *load, *save; /* parameter files (nn_params_load / nn_params_save), or NULL */
   int epochs, threads;
   int64_t limit; /* use only the first `limit` train and test examples (0 = all) */
   uint64_t seed;
@@ -44,8 +47,11 @@ static int parse(int argc, char **argv, options *o) {
     char *end = NULL;
     if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
       printf("usage: %s [--data DIR] [--epochs N] [--seed S] [--threads N] [--lr LR] [--limit N]\n"
+             "       [--load FILE] [--save FILE]\n"
              "  --data DIR   MNIST or Fashion-MNIST IDX files (default: the embedded subset)\n"
-             "  --limit N    only the first N train and test examples (quick runs, valgrind)\n",
+             "  --limit N    only the first N train and test examples (quick runs, valgrind)\n"
+             "  --load FILE  start from parameters saved by --save (--epochs 0: evaluate only)\n"
+             "  --save FILE  write the trained parameters (atomically, checksummed)\n",
              argv[0]);
       return 1;
     }
@@ -58,7 +64,7 @@ static int parse(int argc, char **argv, options *o) {
       o->data = v;
     } else if (strcmp(a, "--epochs") == 0) {
       long n = strtol(v, &end, 10);
-      if (*end || n < 1 || n > 10000) goto bad;
+      if (*end || n < 0 || n > 10000) goto bad;
       o->epochs = (int)n;
     } else if (strcmp(a, "--seed") == 0) {
       o->seed = strtoull(v, &end, 10);
@@ -67,6 +73,10 @@ static int parse(int argc, char **argv, options *o) {
       long n = strtol(v, &end, 10);
       if (*end || n < 1 || n > 256) goto bad;
       o->threads = (int)n;
+    } else if (strcmp(a, "--load") == 0) {
+      o->load = v;
+    } else if (strcmp(a, "--save") == 0) {
+      o->save = v;
     } else if (strcmp(a, "--limit") == 0) {
       long long n = strtoll(v, &end, 10);
       if (*end || n < 0) goto bad;
@@ -103,6 +113,18 @@ static double accuracy(const ad_tensor *logits, const int32_t *labels) {
     hits += best == labels[i];
   }
   return (double)hits / (double)n;
+}
+
+/* Test accuracy, values only (recording off): one forward over the whole
+ * test set, then everything it allocated is rewound. */
+static int evaluate(ad_tape *t, const nn_params *p, const ds_dataset *test, double *acc) {
+  ad_marker m = ad_mark(t);
+  int prev = ad_set_recording(t, 0);
+  ad_tensor *logits = forward(t, p, test->x);
+  ad_set_recording(t, prev);
+  if (logits) *acc = accuracy(logits, test->labels);
+  ad_rewind(t, m);
+  return logits != NULL;
 }
 
 int main(int argc, char **argv) {
@@ -146,6 +168,10 @@ int main(int argc, char **argv) {
     fprintf(stderr, "mnist_mlp: %s\n", ad_last_error());
     goto out;
   }
+  if (o.load && nn_params_load(p, o.load) != AD_OK) {
+    fprintf(stderr, "mnist_mlp: %s\n", ad_last_error());
+    goto out;
+  }
   ad_tensor *const *w = nn_params_list(p);
   nn_opt_cfg cfg = {.kind = NN_OPT_SGD, .lr = o.lr};
   if (nn_opt_state_init(&cfg, &st, 4, w) != AD_OK ||
@@ -181,18 +207,24 @@ int main(int argc, char **argv) {
       ad_rewind(tape, start); /* everything of this step is gone */
     } while (!b.epoch_end);
 
-    int prev = ad_set_recording(tape, 0);
-    ad_tensor *logits = forward(tape, p, test->x);
-    ad_set_recording(tape, prev);
-    if (!logits) {
+    if (!evaluate(tape, p, test, &acc)) {
       fprintf(stderr, "mnist_mlp: evaluation failed: %s\n", ad_tape_errmsg(tape));
       goto out;
     }
-    acc = accuracy(logits, test->labels);
-    ad_rewind(tape, start);
     printf("epoch %2d/%d  train_loss %.4f  test_accuracy %.4f  %.2f s\n", epoch, o.epochs,
            loss_sum / (double)steps, acc, now_s() - t0);
     fflush(stdout);
+  }
+  if (o.epochs == 0 && !evaluate(tape, p, test, &acc)) {
+    fprintf(stderr, "mnist_mlp: evaluation failed: %s\n", ad_tape_errmsg(tape));
+    goto out;
+  }
+  if (o.save) {
+    if (nn_params_save(p, o.save) != AD_OK) {
+      fprintf(stderr, "mnist_mlp: %s\n", ad_last_error());
+      goto out;
+    }
+    printf("saved %lld parameters to %s\n", (long long)nn_params_numel(p), o.save);
   }
   printf("summary: test_accuracy=%.4f epochs=%d seconds=%.2f\n", acc, o.epochs, now_s() - t0);
   status = 0;
