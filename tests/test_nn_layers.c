@@ -436,15 +436,16 @@ static double conv_ref(const ad_tensor *x, const ad_tensor *w, const ad_tensor *
  * the three ops are exact adjoints: <G, conv(x, w)> = <bwd_input(G, w), x>
  * = <bwd_weight(x, G), w> to 1e-10 relative. */
 START_TEST(test_conv_values) {
-  const int geo[6][9] = {
-      /* N C H W K R S stride pad */
-      {2, 3, 7, 6, 4, 3, 3, 1, 1}, {1, 2, 8, 8, 3, 5, 5, 1, 2},
-      {2, 2, 9, 7, 3, 3, 2, 3, 2}, {3, 4, 5, 5, 2, 1, 1, 1, 0},
-      {1, 1, 6, 6, 2, 4, 4, 2, 0}, {2, 2, 5, 6, 3, 1, 3, 1, 1}}; /* same width, 7 output rows */
+  /* N C H W K R S stride pad; the last two take the same-width path with
+   * 7 and 5 output rows for 5 and 7 input rows */
+  const int geo[7][9] = {{2, 3, 7, 6, 4, 3, 3, 1, 1}, {1, 2, 8, 8, 3, 5, 5, 1, 2},
+                         {2, 2, 9, 7, 3, 3, 2, 3, 2}, {3, 4, 5, 5, 2, 1, 1, 1, 0},
+                         {1, 1, 6, 6, 2, 4, 4, 2, 0}, {2, 2, 5, 6, 3, 1, 3, 1, 1},
+                         {1, 2, 7, 6, 2, 5, 3, 1, 1}};
   ad_tape *t = tape();
   ad_rng r;
   ad_rng_seed(&r, 21);
-  for (int gi = 0; gi < 6; gi++) {
+  for (int gi = 0; gi < 7; gi++) {
     const int *g = geo[gi];
     /* Poison the arena (all-ones bytes: NaN in f32 and f64) so that any
      * workspace element the kernels forget to write shows up as a NaN. */
