@@ -4,6 +4,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Under AddressSanitizer the arena's free space is poisoned, so a kernel
+ * that writes past its tensor (or reads a rewound one) is caught even
+ * though the arena is one big allocation. */
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define POISON(p, n) ((void)(p), (void)(n))
+#define UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 #define AD_ALIGN 64
 #define AD_MAX_CHUNKS 64
 
@@ -106,6 +118,7 @@ ad_status ad_tape_new(ad_tape **out, const ad_tape_opts *opts) {
     free(t);
     return ad__set_last(AD_ERR_NOMEM, "ad_tape_new: cannot reserve %zu MiB arena", o.arena_mb);
   }
+  POISON(t->chunk[0], cap);
   t->chunk_cap[0] = cap;
   t->n_chunks = 1;
   t->capacity = cap;
@@ -120,7 +133,10 @@ ad_status ad_tape_new(ad_tape **out, const ad_tape_opts *opts) {
 
 void ad_tape_free(ad_tape *t) {
   if (!t) return;
-  for (size_t i = 0; i < t->n_chunks; i++) free(t->chunk[i]);
+  for (size_t i = 0; i < t->n_chunks; i++) {
+    UNPOISON(t->chunk[i], t->chunk_cap[i]);
+    free(t->chunk[i]);
+  }
   free(t->nbuf[0]);
   free(t->nbuf[1]);
   free(t);
@@ -193,6 +209,7 @@ void *ad_arena_alloc(ad_tape *t, size_t bytes) {
       ad__fail(t, AD_ERR_NOMEM, "arena: malloc of %zu bytes failed", cap);
       return NULL;
     }
+    POISON(c, cap);
     t->chunk[t->n_chunks] = c;
     t->chunk_cap[t->n_chunks] = cap;
     t->n_chunks++;
@@ -203,6 +220,7 @@ void *ad_arena_alloc(ad_tape *t, size_t bytes) {
     t->off = 0;
   }
   void *p = t->chunk[t->cur] + t->off;
+  UNPOISON(p, bytes);
   t->off += need;
   t->used += need;
   if (t->used > t->peak) t->peak = t->used;
@@ -222,6 +240,11 @@ ad_marker ad_mark(ad_tape *t) {
 
 void ad_rewind(ad_tape *t, ad_marker m) {
   if (!t || m.chunk >= t->n_chunks || m.used > t->used) return;
+  /* Everything after the mark is free again: poison it (chunks past the
+   * mark's are poisoned whole). */
+  POISON(t->chunk[m.chunk] + m.offset, t->chunk_cap[m.chunk] - m.offset);
+  for (size_t c = m.chunk + 1; c <= t->cur && c < t->n_chunks; c++)
+    POISON(t->chunk[c], t->chunk_cap[c]);
   t->cur = m.chunk;
   t->off = m.offset;
   t->used = m.used;

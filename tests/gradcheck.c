@@ -85,7 +85,10 @@ double gc_check(const char *name, gc_fn f, int n, ad_tensor *const *in, void *ct
     ad_tape_free(t);
     return INFINITY;
   }
-  int64_t ny = y0->size;
+  /* Keep the output's shape: y0 dies with the reset. */
+  int64_t ny = y0->size, yshape[AD_MAX_DIMS];
+  int yndim = y0->ndim;
+  for (int d = 0; d < AD_MAX_DIMS; d++) yshape[d] = y0->shape[d];
   ad_tape_reset(t);
   double r[4096], ga[4096], gp[4096], gm[4096], v[4096], yp[4096], ym[4096];
   if (nx > 4096 || ny > 4096) {
@@ -95,7 +98,7 @@ double gc_check(const char *name, gc_fn f, int n, ad_tensor *const *in, void *ct
   }
   for (int64_t i = 0; i < ny; i++) r[i] = ad_rng_normal(&rng);
   ad_tensor *rt = NULL;
-  ad_tensor_new(&rt, AD_F64, y0->ndim, y0->shape);
+  ad_tensor_new(&rt, AD_F64, yndim, yshape);
   for (int64_t i = 0; i < ny; i++) ad_set(rt, i, r[i]);
   double worst = 0;
   const char *worst_what = "";
