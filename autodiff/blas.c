@@ -338,16 +338,23 @@ int ad_blas_threads(void) {
   return atomic_load(&g_threads);
 }
 
+/* Products below this many multiply-adds run on one thread (see make_rntm). */
+#define SMALL_THREADED 262144.0
+
 /* Runtime object for one call. BLIS's small/unpacked ("sup") path picks a
  * dot-product kernel when A is row-stored and B column-stored (row-major
  * C = A B^T), which is 2-5x slower than packing B first when n is not tiny
  * (Zen 4, 1 thread: 128x200x10 31.6 us unpacked, 7.1 us with B packed;
  * 784x200x10 188 us vs 37 us). With n or m tiny the unpacked kernel wins
  * (128x10x784: 22 us vs 47 us), hence the size guard. */
-static void make_rntm(rntm_t *rn, int trans_a, int trans_b, int64_t m, int64_t n) {
+static void make_rntm(rntm_t *rn, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k) {
   rntm_t init = BLIS_RNTM_INITIALIZER;
   *rn = init;
-  bli_rntm_set_num_threads(atomic_load(&g_threads), rn);
+  /* Below ~64^3 multiply-adds a second thread costs more in start-up and
+   * synchronisation than it saves (mnist_mlp's 32x784x200 steps ran 20x
+   * slower at 2 threads on a loaded 2-core machine). */
+  int threads = (double)m * (double)n * (double)k < SMALL_THREADED ? 1 : atomic_load(&g_threads);
+  bli_rntm_set_num_threads(threads, rn);
   if (!trans_a && trans_b && m >= 32 && n >= 32) bli_rntm_set_pack_b(TRUE, rn);
 }
 
@@ -376,7 +383,7 @@ void ad_gemm_f32(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, floa
     return;
   }
   rntm_t rn;
-  make_rntm(&rn, trans_a, trans_b, m, n);
+  make_rntm(&rn, trans_a, trans_b, m, n, k);
   /* BLIS takes non-const pointers but does not write A or B. */
   bli_sgemm_ex(BLIS_NO_TRANSPOSE, BLIS_NO_TRANSPOSE, m, n, k, &alpha, (float *)a, trans_a ? 1 : lda,
                trans_a ? lda : 1, (float *)b, trans_b ? 1 : ldb, trans_b ? ldb : 1, &beta, c, ldc,
@@ -394,7 +401,7 @@ void ad_gemm_f64(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, doub
     return;
   }
   rntm_t rn;
-  make_rntm(&rn, trans_a, trans_b, m, n);
+  make_rntm(&rn, trans_a, trans_b, m, n, k);
   bli_dgemm_ex(BLIS_NO_TRANSPOSE, BLIS_NO_TRANSPOSE, m, n, k, &alpha, (double *)a,
                trans_a ? 1 : lda, trans_a ? lda : 1, (double *)b, trans_b ? 1 : ldb,
                trans_b ? ldb : 1, &beta, c, ldc, 1, g_cntx, &rn);
