@@ -114,9 +114,9 @@ static void sweep_backward(ad_tape *t, unsigned gen, ad_node **nodes, ptrdiff_t 
     if (ad_tape_status(t) != AD_OK) return;
     for (int i = 0; i < n->n_in; i++)
       if (need[i] && gin[i]) accumulate(t, n->in[i], gin[i]);
-    /* The slot is no longer needed: a recorded backward that is swept
-     * again later starts clean. */
-    out->scratch = NULL;
+    /* out->scratch stays: out may itself be one of the inputs asked for
+     * (z = y x with y = x^2, inputs {x, y}). A later call starts clean
+     * because stamping resets the slots it will read. */
   }
 }
 

@@ -312,6 +312,20 @@ START_TEST(test_backward_and_detach) {
 }
 END_TEST
 
+/* Inputs may depend on each other: with y = x^2 and z = y x, asking for
+ * (x, y) gives the total dz/dx = 3x^2 and the partial dz/dy = x (exact). */
+START_TEST(test_nested_inputs) {
+  ad_tape *t = new_tape(1);
+  ad_tensor *x = ad_scalar(t, AD_F64, 3.0);
+  ad_requires_grad(x, 1);
+  ad_tensor *y = ad_mul(t, x, x), *z = ad_mul(t, y, x), *in[2] = {x, y}, *g[2];
+  ck_assert_int_eq(ad_grad(t, 1, &z, NULL, 2, in, g, 0), AD_OK);
+  ck_assert_double_eq(ad_item(g[0]), 27.0);
+  ck_assert_double_eq(ad_item(g[1]), 3.0);
+  ad_tape_free(t);
+}
+END_TEST
+
 /* The mixed partial d/dlam (grad_w f . v) for f = lam * sum(w^3):
  * grad_w f = 3 lam w^2, so the answer is 3 sum(w^2 v). */
 START_TEST(test_mixed_partial) {
@@ -423,6 +437,7 @@ int main(void) {
   tcase_add_test(tc, test_bad_input);
   tcase_add_test(tc, test_unreachable);
   tcase_add_test(tc, test_backward_and_detach);
+  tcase_add_test(tc, test_nested_inputs);
   tcase_add_test(tc, test_mixed_partial);
   tcase_add_test(tc, test_jvp_multi);
   tcase_add_test(tc, test_print_and_dot);
