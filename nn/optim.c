@@ -154,6 +154,57 @@ static hval pick(double c, const ad_tensor *scalar_var, ad_tensor *const *vars, 
   return h;
 }
 
+/* One parameter's in-place update, typed, reading hyperparameters that are
+ * numbers, scalar variables or per-element variables through pointers with
+ * stride 0 or 1 (a variable of another dtype is read through ad_get). The
+ * arithmetic is in double and mirrors the differentiable step op for op
+ * (mhat = m * (1/c1), ...), so in f64 both modes agree to the last bit. */
+#define DEF_UPDATE(T, S)                                                                           \
+  static void update_##S(nn_opt_kind kind, const hyper *h, double mu, double c1, double c2,        \
+                         hval lr, hval wd, ad_tensor *wt, const ad_tensor *gt, ad_tensor *mt,      \
+                         ad_tensor *vt) {                                                          \
+    T *W = (T *)wt->data, *M = mt ? (T *)mt->data : NULL, *V = vt ? (T *)vt->data : NULL;          \
+    const T *G = (const T *)gt->data;                                                              \
+    const T *LR = lr.v && lr.v->dtype == wt->dtype ? (const T *)lr.v->data : NULL;                 \
+    const T *WD = wd.v && wd.v->dtype == wt->dtype ? (const T *)wd.v->data : NULL;                 \
+    int64_t slr = lr.v && lr.v->size > 1, swd = wd.v && wd.v->size > 1;                            \
+    double ic1 = 1 / c1, ic2 = 1 / c2;                                                             \
+    for (int64_t j = 0; j < wt->size; j++) {                                                       \
+      double a = LR ? (double)LR[j * slr] : hget(lr, j);                                           \
+      double d = WD ? (double)WD[j * swd] : hget(wd, j);                                           \
+      double wj = W[j], gj = G[j], mj = M ? M[j] : 0, vj = V ? V[j] : 0, step = 0;                 \
+      if (kind != NN_OPT_ADAMW) gj += d * wj;                                                      \
+      switch (kind) {                                                                              \
+      case NN_OPT_SGD:                                                                             \
+        step = gj;                                                                                 \
+        break;                                                                                     \
+      case NN_OPT_MOMENTUM:                                                                        \
+        step = mj = mu * mj + gj;                                                                  \
+        break;                                                                                     \
+      case NN_OPT_NESTEROV:                                                                        \
+        mj = mu * mj + gj;                                                                         \
+        step = gj + mu * mj;                                                                       \
+        break;                                                                                     \
+      case NN_OPT_ADAM:                                                                            \
+      case NN_OPT_ADAMW:                                                                           \
+        mj = h->b1 * mj + (1 - h->b1) * gj;                                                        \
+        vj = h->b2 * vj + (1 - h->b2) * (gj * gj);                                                 \
+        step = (mj * ic1) / (sqrt(vj * ic2) + h->eps);                                             \
+        if (kind == NN_OPT_ADAMW) step += d * wj;                                                  \
+        break;                                                                                     \
+      case NN_OPT_RMSPROP:                                                                         \
+        vj = h->alpha * vj + (1 - h->alpha) * (gj * gj);                                           \
+        step = gj / (sqrt(vj) + h->eps);                                                           \
+        break;                                                                                     \
+      }                                                                                            \
+      W[j] = (T)(wj - a * step);                                                                   \
+      if (M) M[j] = (T)mj;                                                                         \
+      if (V) V[j] = (T)vj;                                                                         \
+    }                                                                                              \
+  }
+DEF_UPDATE(float, f32)
+DEF_UPDATE(double, f64)
+
 ad_status nn_opt_step(const nn_opt_cfg *cfg, nn_opt_state *s, int n, ad_tensor *const *w,
                       ad_tensor *const *g) {
   ad_status st = check_cfg(NULL, "nn_opt_step", cfg, n, w, g);
@@ -181,37 +232,10 @@ ad_status nn_opt_step(const nn_opt_cfg *cfg, nn_opt_state *s, int n, ad_tensor *
       continue;
     }
     ad_tensor *m = s ? s->m[i] : NULL, *v = s ? s->v[i] : NULL;
-    for (int64_t j = 0; j < w[i]->size; j++) {
-      double wj = ad_get(w[i], j), gj = ad_get(g[i], j), a = hget(lr, j), d = hget(wd, j);
-      if (cfg->kind != NN_OPT_ADAMW) gj += d * wj;
-      double mj = m ? ad_get(m, j) : 0, vj = v ? ad_get(v, j) : 0, step = 0;
-      switch (cfg->kind) {
-      case NN_OPT_SGD:
-        step = gj;
-        break;
-      case NN_OPT_MOMENTUM:
-        step = mj = mu * mj + gj;
-        break;
-      case NN_OPT_NESTEROV:
-        mj = mu * mj + gj;
-        step = gj + mu * mj;
-        break;
-      case NN_OPT_ADAM:
-      case NN_OPT_ADAMW:
-        mj = h.b1 * mj + (1 - h.b1) * gj;
-        vj = h.b2 * vj + (1 - h.b2) * gj * gj;
-        step = (mj / c1) / (sqrt(vj / c2) + h.eps);
-        if (cfg->kind == NN_OPT_ADAMW) step += d * wj;
-        break;
-      case NN_OPT_RMSPROP:
-        vj = h.alpha * vj + (1 - h.alpha) * gj * gj;
-        step = gj / (sqrt(vj) + h.eps);
-        break;
-      }
-      ad_set(w[i], j, wj - a * step);
-      if (m) ad_set(m, j, mj);
-      if (v) ad_set(v, j, vj);
-    }
+    if (w[i]->dtype == AD_F32)
+      update_f32(cfg->kind, &h, mu, c1, c2, lr, wd, w[i], g[i], m, v);
+    else
+      update_f64(cfg->kind, &h, mu, c1, c2, lr, wd, w[i], g[i], m, v);
   }
   return AD_OK;
 }
@@ -233,6 +257,83 @@ static ad_tensor *safe_sqrt(ad_tape *t, ad_tensor *x) {
   for (int64_t i = 0; i < x->size; i++) ad_set(mask, i, ad_get(x, i) > 0);
   ad_tensor *one = ad_scalar(t, x->dtype, 1.0), *zero = ad_scalar(t, x->dtype, 0.0);
   return ad_where(t, mask, ad_sqrt(t, ad_where(t, mask, x, one)), zero);
+}
+
+/* ---- the fused SGD step:  w' = w - a (g + d w),  a = lr, d = weight decay
+ * (numbers, or tape variables of size 1 or shaped like w). Its rule:
+ *   dw = G (1 - a d)      dg = -a G
+ *   da = -sum? (g + d w) G        dd = -sum? a w G
+ * ("sum?" where the variable is a broadcast scalar), written with public ops
+ * so the step can be differentiated twice (unrolled hypergradients do). */
+static ad_tensor *scale_by(ad_tape *t, ad_tensor *var, double c, ad_tensor *x) {
+  return var ? ad_mul(t, var, x) : ad_scale(t, x, c);
+}
+static ad_tensor *sum_to(ad_tape *t, ad_tensor *x, const ad_tensor *like) {
+  return x && like->size != x->size ? ad_reshape(t, ad_sum(t, x), like->ndim, like->shape) : x;
+}
+/* The node keeps a = a.c and d = *(double *)a.extra; a.ta / a.tb say whether
+ * inputs 2 / 3 (the variables) are present; absent ones are NULL slots. */
+static void vjp_sgd(ad_tape *t, const ad_node *n, ad_tensor *G, ad_tensor **gin, const int *need) {
+  ad_tensor *w = n->in[0], *g = n->in[1];
+  ad_tensor *av = n->a.ta ? n->in[2] : NULL, *dv = n->a.tb ? n->in[n->a.ta ? 3 : 2] : NULL;
+  double a = n->a.c, d = *(const double *)n->a.extra;
+  int ia = n->a.ta ? 2 : -1, id = n->a.tb ? (n->a.ta ? 3 : 2) : -1;
+  if (need[0]) {
+    gin[0] = !av && !dv ? ad_scale(t, G, 1 - a * d)
+                        : ad_sub(t, G, scale_by(t, av, a, scale_by(t, dv, d, G)));
+  }
+  if (need[1]) gin[1] = ad_neg(t, scale_by(t, av, a, G));
+  if (ia >= 0 && need[ia])
+    gin[ia] = sum_to(t, ad_neg(t, ad_mul(t, ad_add(t, g, scale_by(t, dv, d, w)), G)), av);
+  if (id >= 0 && need[id]) gin[id] = sum_to(t, ad_neg(t, scale_by(t, av, a, ad_mul(t, w, G))), dv);
+}
+static const ad_op_def OP_SGD = {"sgd_step", vjp_sgd, NULL};
+
+#define DEF_SGD_FWD(T, S)                                                                          \
+  static void sgd_fwd_##S(const ad_tensor *w, const ad_tensor *g, const ad_tensor *av, double a,   \
+                          const ad_tensor *dv, double d, ad_tensor *out) {                         \
+    const T *W = (const T *)w->data, *Gr = (const T *)g->data;                                     \
+    T *O = (T *)out->data;                                                                         \
+    if (!av && !dv) {                                                                              \
+      T ta = (T)a, td = (T)(1 - a * d);                                                            \
+      for (int64_t j = 0; j < w->size; j++) O[j] = td * W[j] - ta * Gr[j];                         \
+      return;                                                                                      \
+    }                                                                                              \
+    const T *A = av ? (const T *)av->data : NULL, *D = dv ? (const T *)dv->data : NULL;            \
+    int64_t sa = av && av->size > 1, sd = dv && dv->size > 1;                                      \
+    for (int64_t j = 0; j < w->size; j++) {                                                        \
+      T aj = A ? A[j * sa] : (T)a, dj = D ? D[j * sd] : (T)d;                                      \
+      O[j] = W[j] - aj * (Gr[j] + dj * W[j]);                                                      \
+    }                                                                                              \
+  }
+DEF_SGD_FWD(float, f32)
+DEF_SGD_FWD(double, f64)
+
+static ad_tensor *sgd_update(ad_tape *t, ad_tensor *w, ad_tensor *g, hval lr, hval wd) {
+  ad_tensor *av = (ad_tensor *)lr.v, *dv = (ad_tensor *)wd.v;
+  if ((av && av->dtype != w->dtype) || (dv && dv->dtype != w->dtype))
+    return ad__fail(t, AD_ERR_DTYPE, "nn_opt_step_diff: hyperparameter variables must be %s",
+                    ad_dtype_name(w->dtype));
+  ad_tensor *out = ad_empty(t, w->dtype, w->ndim, w->shape);
+  double *dstore = ad_arena_alloc(t, sizeof(double));
+  if (!out || !dstore) return NULL;
+  *dstore = wd.c;
+  if (w->dtype == AD_F32)
+    sgd_fwd_f32(w, g, av, lr.c, dv, wd.c, out);
+  else
+    sgd_fwd_f64(w, g, av, lr.c, dv, wd.c, out);
+  ad_tensor *in[4] = {w, g, NULL, NULL};
+  int k = 2;
+  if (av) in[k++] = av;
+  if (dv) in[k++] = dv;
+  ad_node *nd = ad__record(t, &OP_SGD, out, k, in);
+  if (nd) {
+    nd->a.c = lr.c;
+    nd->a.extra = dstore;
+    nd->a.ta = av != NULL;
+    nd->a.tb = dv != NULL;
+  }
+  return ad__done(t, out, "sgd_step");
 }
 
 ad_status nn_opt_step_diff(ad_tape *t, const nn_opt_cfg *cfg, nn_opt_state *s, int n,
@@ -259,6 +360,11 @@ ad_status nn_opt_step_diff(ad_tape *t, const nn_opt_cfg *cfg, nn_opt_state *s, i
     hval wd = pick(h.wd, cfg->weight_decay_var, cfg->weight_decay_vars, i);
     ad_tensor *gi = g[i];
     if (!ad_same_shape(gi, w[i])) gi = ad_reshape(t, gi, w[i]->ndim, w[i]->shape);
+    if (cfg->kind == NN_OPT_SGD) {
+      /* One fused op: a recorded unroll keeps w' only, not wd*w and g+wd*w. */
+      w_new[i] = sgd_update(t, w[i], gi, lr, wd);
+      continue;
+    }
     int has_wd = wd.v || wd.c != 0;
     if (has_wd && cfg->kind != NN_OPT_ADAMW) gi = ad_add(t, gi, times(t, wd, w[i]));
     ad_tensor *step = NULL;
