@@ -16,13 +16,13 @@
  * online HPO. Ends with one line:
  *   summary: method=M val_loss_first=A val_loss_last=B test_accuracy=C seconds=S */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
+#include "example_util.h"
 #include "hypertape.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 enum { IN = 784, HIDDEN = 200, OUT = 10, BATCH = 128, VAL_BATCH = 512 };
 
@@ -30,12 +30,6 @@ typedef struct {
   const ds_dataset *train, *val;
   int64_t offset; /* first training batch of the current outer iteration */
 } data_ctx;
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* Cross-entropy of the MLP on rows [start, start + n) of a data set. */
 static ad_tensor *ce(ad_tape *t, ad_tensor *const *w, const ds_dataset *d, int64_t start,
@@ -73,13 +67,7 @@ static double accuracy(ad_tape *t, ad_tensor *const *w, const ds_dataset *d) {
     ad_marker m = ad_mark(t);
     ad_tensor *x = ad_const(t, AD_F32, 2, (int64_t[]){n, IN}, ((const float *)d->x->data) + s * IN);
     ad_tensor *lg = ad_matmul(t, ad_relu(t, ad_matmul(t, x, w[0], 0, 0)), w[1], 0, 0);
-    for (int64_t i = 0; lg && i < n; i++) {
-      int best = 0;
-      for (int k = 1; k < OUT; k++)
-        if (((const float *)lg->data)[i * OUT + k] > ((const float *)lg->data)[i * OUT + best])
-          best = k;
-      right += best == d->labels[s + i];
-    }
+    if (lg) right += ex_hits(lg, d->labels + s);
     ad_rewind(t, m);
   }
   ad_set_recording(t, prev);
@@ -198,7 +186,7 @@ int main(int argc, char **argv) {
   printf("hpo_mnist: %lld train / %lld val / %lld test digits, method %s, T = %lld, GEMM %s\n",
          (long long)train->n, (long long)val->n, (long long)test->n, method, (long long)inner,
          ad_blas_kernel());
-  double t0 = now_s(), first = NAN, last = NAN;
+  double t0 = ex_now_s(), first = NAN, last = NAN;
   for (int it = 0; it < outer; it++) {
     bl_stats st;
     if (fn(tape, &p, &(bl_opts){0}, hg, &st) != AD_OK) {
@@ -228,12 +216,12 @@ int main(int argc, char **argv) {
     ctx.offset += inner;
     if (it % 5 == 0 || it == outer - 1)
       printf("outer %3d  val_loss(w_T) %.4f  mean decay %.2e  peak arena %.1f MB  %.2f s\n", it,
-             st.val_loss, lam_mean, (double)st.peak_arena_bytes / 1048576.0, now_s() - t0);
+             st.val_loss, lam_mean, (double)st.peak_arena_bytes / 1048576.0, ex_now_s() - t0);
   }
   double acc = accuracy(tape, w, test);
   printf("summary: method=%s val_loss_first=%.4f val_loss_last=%.4f test_accuracy=%.4f "
          "seconds=%.2f\n",
-         method, first, last, acc, now_s() - t0);
+         method, first, last, acc, ex_now_s() - t0);
   nn_opt_state_free(&outer_state);
   for (int i = 0; i < 2; i++) {
     ad_tensor_free(w[i]);

@@ -19,86 +19,13 @@
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include "autodiff/ad.h"
 #include "datasets/ds.h"
+#include "example_util.h"
 #include "nn/nn.h"
 
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
 
 enum { SIDE = 28, C1 = 16, C2 = 32, OUT = 10, BATCH = 64, EVAL_CHUNK = 250 };
 #define FLAT (C2 * (SIDE / 4) * (SIDE / 4))
-
-typedef struct {
-  const char *data;        /* NULL = the embedded subset */
-  const char *load, *save; /* parameter files (nn_params_load / nn_params_save), or NULL */
-  int epochs, threads;
-  int64_t limit; /* use only the first `limit` train and test examples (0 = all) */
-  uint64_t seed;
-  double lr, momentum;
-} options;
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int parse(int argc, char **argv, options *o) {
-  *o = (options){.epochs = 6, .threads = 1, .seed = 1, .lr = 0.05, .momentum = 0.9};
-  for (int i = 1; i < argc; i++) {
-    const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-    char *end = NULL;
-    if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
-      printf("usage: %s [--data DIR] [--epochs N] [--seed S] [--threads N] [--lr LR] [--limit N]\n"
-             "       [--load FILE] [--save FILE]\n"
-             "  --data DIR   MNIST or Fashion-MNIST IDX files (default: the embedded subset)\n"
-             "  --limit N    only the first N train and test examples (quick runs, valgrind)\n"
-             "  --load FILE  start from parameters saved by --save (--epochs 0: evaluate only)\n"
-             "  --save FILE  write the trained parameters (atomically, checksummed)\n",
-             argv[0]);
-      return 1;
-    }
-    if (!v) {
-      fprintf(stderr, "%s: %s needs a value (try --help)\n", argv[0], a);
-      return -1;
-    }
-    i++;
-    if (strcmp(a, "--data") == 0) {
-      o->data = v;
-    } else if (strcmp(a, "--epochs") == 0) {
-      long n = strtol(v, &end, 10);
-      if (*end || n < 0 || n > 10000) goto bad;
-      o->epochs = (int)n;
-    } else if (strcmp(a, "--seed") == 0) {
-      o->seed = strtoull(v, &end, 10);
-      if (*end) goto bad;
-    } else if (strcmp(a, "--threads") == 0) {
-      long n = strtol(v, &end, 10);
-      if (*end || n < 1 || n > 256) goto bad;
-      o->threads = (int)n;
-    } else if (strcmp(a, "--load") == 0) {
-      o->load = v;
-    } else if (strcmp(a, "--save") == 0) {
-      o->save = v;
-    } else if (strcmp(a, "--limit") == 0) {
-      long long n = strtoll(v, &end, 10);
-      if (*end || n < 0) goto bad;
-      o->limit = n;
-    } else if (strcmp(a, "--lr") == 0) {
-      o->lr = strtod(v, &end);
-      if (*end || !(o->lr > 0)) goto bad;
-    } else {
-      fprintf(stderr, "%s: unknown option %s (try --help)\n", argv[0], a);
-      return -1;
-    }
-    continue;
-  bad:
-    fprintf(stderr, "%s: bad value '%s' for %s\n", argv[0], v, a);
-    return -1;
-  }
-  return 0;
-}
 
 /* logits [N, 10] from images x [N, 784] */
 static ad_tensor *forward(ad_tape *t, const nn_params *p, ad_tensor *x) {
@@ -109,19 +36,6 @@ static ad_tensor *forward(ad_tape *t, const nn_params *p, ad_tensor *x) {
   h = ad_relu(t, nn_conv2d(t, h, nn_params_get(p, "conv2.w"), nn_params_get(p, "conv2.b"), 1, 1));
   h = nn_max_pool2d(t, h, 2, 2, 0); /* [N, 32, 7, 7] */
   return nn_linear(t, nn_flatten(t, h), nn_params_get(p, "fc.w"), nn_params_get(p, "fc.b"));
-}
-
-/* Number of rows whose largest logit is the label. */
-static int64_t hits(const ad_tensor *logits, const int32_t *labels) {
-  int64_t n = logits->shape[0], c = logits->shape[1], k = 0;
-  const float *z = logits->data;
-  for (int64_t i = 0; i < n; i++) {
-    int64_t best = 0;
-    for (int64_t j = 1; j < c; j++)
-      if (z[i * c + j] > z[i * c + best]) best = j;
-    k += best == labels[i];
-  }
-  return k;
 }
 
 /* Test accuracy, values only, in chunks so the activations stay small. */
@@ -135,7 +49,7 @@ static int evaluate(ad_tape *t, const nn_params *p, const ds_dataset *test, doub
     ad_tensor *x = ad_const(t, AD_F32, 2, shape, (const float *)test->x->data + i * test->dim);
     ad_tensor *logits = x ? forward(t, p, x) : NULL;
     if (!logits) break;
-    right += hits(logits, test->labels + i);
+    right += ex_hits(logits, test->labels + i);
     ad_rewind(t, m);
   }
   ad_set_recording(t, prev);
@@ -145,8 +59,9 @@ static int evaluate(ad_tape *t, const nn_params *p, const ds_dataset *test, doub
 }
 
 int main(int argc, char **argv) {
-  options o;
-  int rc = parse(argc, argv, &o);
+  ex_options o = {.epochs = 6, .threads = 1, .seed = 1, .lr = 0.05};
+  const double momentum = 0.9;
+  int rc = ex_parse(argc, argv, &o);
   if (rc) return rc > 0 ? 0 : 2;
   ad_blas_set_threads(o.threads);
 
@@ -157,19 +72,10 @@ int main(int argc, char **argv) {
   ad_tensor *xb = NULL;
   nn_opt_state st = {0};
   int status = 1;
-  const ds_mnist_opts lim = {.limit = o.limit};
-  if (ds_mnist_load(&train, o.data, "train", &lim) != AD_OK ||
-      ds_mnist_load(&test, o.data, "test", &lim) != AD_OK) {
-    fprintf(stderr, "mnist_cnn: %s\n", ds_errmsg());
-    goto out;
-  }
-  if (train->dim != SIDE * SIDE || test->dim != SIDE * SIDE) {
-    fprintf(stderr, "mnist_cnn: expected 28x28 images, got %lld features\n", (long long)train->dim);
-    goto out;
-  }
+  if (ex_load_mnist("mnist_cnn", &o, &train, &test) != 0) goto out;
   printf("mnist_cnn: %lld train / %lld test digits, conv%d-pool-conv%d-pool-fc%d, SGD lr %g "
          "momentum %g, batch %d, BLIS %s\n",
-         (long long)train->n, (long long)test->n, C1, C2, OUT, o.lr, o.momentum, BATCH,
+         (long long)train->n, (long long)test->n, C1, C2, OUT, o.lr, momentum, BATCH,
          ad_blas_kernel());
 
   const nn_param_spec specs[6] = {{"conv1.w", 4, {C1, 1, 3, 3}},  {"conv1.b", 1, {C1}},
@@ -189,7 +95,7 @@ int main(int argc, char **argv) {
     goto out;
   }
   ad_tensor *const *w = nn_params_list(p);
-  nn_opt_cfg cfg = {.kind = NN_OPT_MOMENTUM, .lr = o.lr, .momentum = o.momentum};
+  nn_opt_cfg cfg = {.kind = NN_OPT_MOMENTUM, .lr = o.lr, .momentum = momentum};
   if (nn_opt_state_init(&cfg, &st, 6, w) != AD_OK ||
       ad_tape_new(&tape, &(ad_tape_opts){.arena_mb = 64, .arena_max_mb = 256}) != AD_OK ||
       ds_iter_new(&it, train->x, train->labels, NULL,
@@ -200,7 +106,7 @@ int main(int argc, char **argv) {
   }
 
   int32_t yb[BATCH];
-  double t0 = now_s(), acc = 0;
+  double t0 = ex_now_s(), acc = 0;
   ad_marker start = ad_mark(tape);
   for (int epoch = 1; epoch <= o.epochs; epoch++) {
     /* Step decay: the last third of the epochs at a tenth of the rate. */
@@ -229,7 +135,7 @@ int main(int argc, char **argv) {
       goto out;
     }
     printf("epoch %2d/%d  lr %.4f  train_loss %.4f  test_accuracy %.4f  %.2f s\n", epoch, o.epochs,
-           cfg.lr, loss_sum / (double)steps, acc, now_s() - t0);
+           cfg.lr, loss_sum / (double)steps, acc, ex_now_s() - t0);
     fflush(stdout);
   }
   if (o.epochs == 0 && !evaluate(tape, p, test, &acc)) {
@@ -243,7 +149,7 @@ int main(int argc, char **argv) {
     }
     printf("saved %lld parameters to %s\n", (long long)nn_params_numel(p), o.save);
   }
-  printf("summary: test_accuracy=%.4f epochs=%d seconds=%.2f\n", acc, o.epochs, now_s() - t0);
+  printf("summary: test_accuracy=%.4f epochs=%d seconds=%.2f\n", acc, o.epochs, ex_now_s() - t0);
   status = 0;
 out:
   ad_tensor_free(xb);
