@@ -42,7 +42,8 @@ def workload(name):
 
 
 # --------------------------------------------------------------- MLP (bench/mlp.h)
-B, IN, H, OUT = 128, 784, 200, 10
+from twins_mlp import B, H, IN, OUT, SECOND_GEMMS, grad_gemms, nll  # noqa: E402
+from twins_mlp import floor as _floor  # noqa: E402
 
 
 def _mlp_data(torch):
@@ -59,52 +60,9 @@ def _mlp_data(torch):
     return x, w1, w2, y, v1, v2
 
 
-def _mlp_loss(torch, x, w1, w2, y):
-    F = torch.nn.functional
-    return F.nll_loss(F.log_softmax(torch.relu(x @ w1) @ w2, dim=1), y)
-
-
-def _mm_buffers(torch, shapes):
-    """Inputs for the floor GEMMs: (m, n, k, trans_a, trans_b) -> (A, B, C)
-    with op(A) m x k and op(B) k x n given as transposed views when asked,
-    exactly like the row-major strides the C side passes to BLIS."""
-    out = []
-    for m, n, k, ta, tb in shapes:
-        a = torch.randn(k, m).t() if ta else torch.randn(m, k)
-        b = torch.randn(n, k).t() if tb else torch.randn(k, n)
-        out.append((a, b, torch.empty(m, n)))
-    return out
-
-
 # The GEMMs of bench/mlp.h's mlp_floor_grad and mlp_floor_hvp.
-MLP_GRAD_GEMMS = [
-    (B, H, IN, 0, 0),  # H = X W1
-    (B, OUT, H, 0, 0),  # Z = A W2
-    (H, OUT, B, 1, 0),  # dW2 = A^T G
-    (B, H, OUT, 0, 1),  # dA = G W2^T
-    (IN, H, B, 1, 0),  # dW1 = X^T dH
-]
-MLP_HVP_GEMMS = MLP_GRAD_GEMMS + [
-    (B, H, IN, 0, 0),  # X V1
-    (B, H, OUT, 0, 1),  # G V2^T
-    (B, OUT, H, 0, 0),  # A V2
-    (B, OUT, H, 0, 0),  # bdA W2
-    (H, OUT, B, 1, 0),  # bdA^T G
-    (H, OUT, B, 1, 0),  # A^T bZ
-    (B, H, OUT, 0, 1),  # bZ W2^T
-    (IN, H, B, 1, 0),  # X^T bH
-]
-
-
-def _floor(torch, shapes):
-    bufs = _mm_buffers(torch, shapes)
-    mm = torch.mm
-
-    def floor():
-        for a, b, c in bufs:
-            mm(a, b, out=c)
-
-    return floor
+MLP_GRAD_GEMMS = grad_gemms(B)
+MLP_HVP_GEMMS = MLP_GRAD_GEMMS + SECOND_GEMMS
 
 
 @workload("grad_mlp")
@@ -115,7 +73,7 @@ def grad_mlp():
     grad = torch.autograd.grad
 
     def step():
-        loss = _mlp_loss(torch, x, w1, w2, y)
+        loss = nll(torch, x, (w1, w2), y)
         grad(loss, (w1, w2))
 
     return step, _floor(torch, MLP_GRAD_GEMMS)
@@ -131,7 +89,7 @@ def hvp_mlp():
     def step():
         # Double backward: the gradient recorded (create_graph), dotted with
         # v, differentiated again, as ad_hvp does on the tape.
-        loss = _mlp_loss(torch, x, w1, w2, y)
+        loss = nll(torch, x, (w1, w2), y)
         g1, g2 = grad(loss, (w1, w2), create_graph=True)
         s = (g1 * v1).sum() + (g2 * v2).sum()
         grad(s, (w1, w2))

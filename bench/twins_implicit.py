@@ -11,35 +11,16 @@ own twins; run one with
 
 import math
 
+from twins_mlp import B, IN, OUT, SECOND_GEMMS, V, grad_gemms, nll, weights_and_decay
+from twins_mlp import floor as _floor
+
 # --------------------------------------------------------------- implicit (implicit_bench.h)
-B, V, IN, H, OUT, K = 128, 512, 784, 200, 10, 20
+K = 20
 
 # The GEMMs of implicit_bench.h's ib_floor: L_val's gradient at 512,
 # L_train's at 128, and 8 per product for the backward through the
 # recorded gradient.
-def _grad_gemms(n):
-    return [(n, H, IN, 0, 0), (n, OUT, H, 0, 0), (H, OUT, n, 1, 0), (n, H, OUT, 0, 1),
-            (IN, H, n, 1, 0)]
-
-
-SECOND_GEMMS = [(B, H, IN, 0, 0), (B, H, OUT, 0, 1), (B, OUT, H, 0, 0), (B, OUT, H, 0, 0),
-                (H, OUT, B, 1, 0), (H, OUT, B, 1, 0), (B, H, OUT, 0, 1), (IN, H, B, 1, 0)]
-IMPLICIT_GEMMS = _grad_gemms(V) + _grad_gemms(B) + SECOND_GEMMS * K
-
-
-def _floor(torch, shapes):
-    bufs = []
-    for m, n, k, ta, tb in shapes:
-        a = torch.randn(k, m).t() if ta else torch.randn(m, k)
-        b = torch.randn(n, k).t() if tb else torch.randn(k, n)
-        bufs.append((a, b, torch.empty(m, n)))
-    mm = torch.mm
-
-    def floor():
-        for a, b, c in bufs:
-            mm(a, b, out=c)
-
-    return floor
+IMPLICIT_GEMMS = grad_gemms(V) + grad_gemms(B) + SECOND_GEMMS * K
 
 
 def _implicit_data(torch):
@@ -50,16 +31,8 @@ def _implicit_data(torch):
     xv = torch.randn(V, IN, generator=g)
     y = torch.randint(0, OUT, (B,), generator=g)
     yv = torch.randint(0, OUT, (V,), generator=g)
-    w1 = (torch.randn(IN, H, generator=g) * math.sqrt(2.0 / IN)).requires_grad_()
-    w2 = (torch.randn(H, OUT, generator=g) * math.sqrt(2.0 / H)).requires_grad_()
-    l1 = (torch.rand(IN, H, generator=g) * 9e-4 + 1e-4).requires_grad_()
-    l2 = (torch.rand(H, OUT, generator=g) * 9e-4 + 1e-4).requires_grad_()
-    return x, xv, y, yv, (w1, w2), (l1, l2)
-
-
-def _nll(torch, x, w, y):
-    F = torch.nn.functional
-    return F.nll_loss(F.log_softmax(torch.relu(x @ w[0]) @ w[1], dim=1), y)
+    w, lam = weights_and_decay(torch, g)
+    return x, xv, y, yv, w, lam
 
 
 def _implicit(method):
@@ -72,8 +45,8 @@ def _implicit(method):
     def setup():
         # b = grad_w L_val (lam does not enter L_val: its direct part is 0),
         # g = grad_w L_eff recorded, L_eff = L_train + sum lam/2 w^2.
-        b = grad(_nll(torch, xv, w, yv), w)
-        lt = _nll(torch, x, w, y) + 0.5 * ((lam[0] * w[0] * w[0]).sum() +
+        b = grad(nll(torch, xv, w, yv), w)
+        lt = nll(torch, x, w, y) + 0.5 * ((lam[0] * w[0] * w[0]).sum() +
                                            (lam[1] * w[1] * w[1]).sum())
         g = grad(lt, w, create_graph=True)
         return b, g

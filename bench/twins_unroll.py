@@ -27,44 +27,23 @@ measures of PyTorch's peak, each from one hypergradient in a fresh process:
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
 import sys
 
-B, V, IN, H, OUT, NB, LR = 128, 512, 784, 200, 10, 8, 0.1
+from twins_mlp import B, IN, OUT, SECOND_GEMMS, V, grad_gemms, weights_and_decay
+from twins_mlp import floor as _floor
+from twins_mlp import nll as _loss
 
-
-def _grad_gemms(n):
-    return [(n, H, IN, 0, 0), (n, OUT, H, 0, 0), (H, OUT, n, 1, 0), (n, H, OUT, 0, 1),
-            (IN, H, n, 1, 0)]
-
-
-SECOND_GEMMS = [(B, H, IN, 0, 0), (B, H, OUT, 0, 1), (B, OUT, H, 0, 0), (B, OUT, H, 0, 0),
-                (H, OUT, B, 1, 0), (H, OUT, B, 1, 0), (B, H, OUT, 0, 1), (IN, H, B, 1, 0)]
+NB, LR = 8, 0.1
 
 
 def unroll_gemms(T):
     """unroll_bench.h's ub_floor: per step the 5 GEMMs of loss + gradient,
     for every step but the first the 8 of the backward through that
     gradient, and L_val's gradient at 512."""
-    return _grad_gemms(B) * T + SECOND_GEMMS * (T - 1) + _grad_gemms(V)
-
-
-def _floor(torch, shapes):
-    bufs = []
-    for m, n, k, ta, tb in shapes:
-        a = torch.randn(k, m).t() if ta else torch.randn(m, k)
-        b = torch.randn(n, k).t() if tb else torch.randn(k, n)
-        bufs.append((a, b, torch.empty(m, n)))
-    mm = torch.mm
-
-    def floor():
-        for a, b, c in bufs:
-            mm(a, b, out=c)
-
-    return floor
+    return grad_gemms(B) * T + SECOND_GEMMS * (T - 1) + grad_gemms(V)
 
 
 def _data(torch):
@@ -76,16 +55,8 @@ def _data(torch):
     ys = [torch.randint(0, OUT, (B,), generator=g) for _ in range(NB)]
     xv = torch.randn(V, IN, generator=g)
     yv = torch.randint(0, OUT, (V,), generator=g)
-    w1 = (torch.randn(IN, H, generator=g) * math.sqrt(2.0 / IN)).requires_grad_()
-    w2 = (torch.randn(H, OUT, generator=g) * math.sqrt(2.0 / H)).requires_grad_()
-    l1 = (torch.rand(IN, H, generator=g) * 9e-4 + 1e-4).requires_grad_()
-    l2 = (torch.rand(H, OUT, generator=g) * 9e-4 + 1e-4).requires_grad_()
-    return xs, ys, xv, yv, (w1, w2), (l1, l2)
-
-
-def _loss(torch, x, w, y):
-    F = torch.nn.functional
-    return F.nll_loss(F.log_softmax(torch.relu(x @ w[0]) @ w[1], dim=1), y)
+    w, lam = weights_and_decay(torch, g)
+    return xs, ys, xv, yv, w, lam
 
 
 def make_step(T):
