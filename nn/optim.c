@@ -278,14 +278,25 @@ static void vjp_sgd(ad_tape *t, const ad_node *n, ad_tensor *G, ad_tensor **gin,
   ad_tensor *av = n->a.ta ? n->in[2] : NULL, *dv = n->a.tb ? n->in[n->a.ta ? 3 : 2] : NULL;
   double a = n->a.c, d = *(const double *)n->a.extra;
   int ia = n->a.ta ? 2 : -1, id = n->a.tb ? (n->a.ta ? 3 : 2) : -1;
+  /* With a number for a (the common case) each product is one pass: axpy
+   * and scale fold the constant in. */
   if (need[0]) {
-    gin[0] = !av && !dv ? ad_scale(t, G, 1 - a * d)
-                        : ad_sub(t, G, scale_by(t, av, a, scale_by(t, dv, d, G)));
+    if (!av && !dv)
+      gin[0] = ad_scale(t, G, 1 - a * d);
+    else if (!av)
+      gin[0] = ad_axpy(t, G, -a, ad_mul(t, dv, G));
+    else
+      gin[0] = ad_sub(t, G, ad_mul(t, av, scale_by(t, dv, d, G)));
   }
-  if (need[1]) gin[1] = ad_neg(t, scale_by(t, av, a, G));
-  if (ia >= 0 && need[ia])
-    gin[ia] = sum_to(t, ad_neg(t, ad_mul(t, ad_add(t, g, scale_by(t, dv, d, w)), G)), av);
-  if (id >= 0 && need[id]) gin[id] = sum_to(t, ad_neg(t, scale_by(t, av, a, ad_mul(t, w, G))), dv);
+  if (need[1]) gin[1] = av ? ad_neg(t, ad_mul(t, av, G)) : ad_scale(t, G, -a);
+  if (ia >= 0 && need[ia]) {
+    ad_tensor *step = dv ? ad_add(t, g, ad_mul(t, dv, w)) : ad_axpy(t, g, d, w);
+    gin[ia] = sum_to(t, ad_neg(t, ad_mul(t, step, G)), av);
+  }
+  if (id >= 0 && need[id]) {
+    ad_tensor *wg = ad_mul(t, w, G);
+    gin[id] = sum_to(t, av ? ad_neg(t, ad_mul(t, av, wg)) : ad_scale(t, wg, -a), dv);
+  }
 }
 static const ad_op_def OP_SGD = {"sgd_step", vjp_sgd, NULL};
 
