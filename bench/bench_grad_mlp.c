@@ -19,40 +19,18 @@ static void floor_gemms(void *ctx) {
   mlp_floor_grad(ctx);
 }
 
-int main(int argc, char **argv) {
-  bu_opts o;
-  int rc = bu_parse(argc, argv, &o);
-  if (rc) return rc > 0 ? 0 : 2;
-  mlp_problem p;
-  if (mlp_init(&p, 42) != 0) {
-    fprintf(stderr, "bench_grad_mlp: setup failed: %s\n", ad_last_error());
-    mlp_free(&p);
-    return 1;
-  }
-  bu_header("grad_mlp", &o);
-
-  /* One checked step first: a failing op must not be timed as a fast one. */
-  ad_marker m = ad_mark(p.tape);
-  ad_tensor *loss = mlp_loss(&p);
+/* One gradient, checked: the loss and both gradients finite. */
+static int checked_step(mlp_problem *p, const char *prog) {
+  ad_tensor *loss = mlp_loss(p);
   ad_tensor *g[2] = {NULL, NULL};
-  ad_grad(p.tape, 1, &loss, NULL, 2, p.w, g, 0);
-  if (bu_tape_failed(p.tape, "bench_grad_mlp") || !mlp_finite(loss) || !mlp_finite(g[0]) ||
-      !mlp_finite(g[1])) {
-    fprintf(stderr, "bench_grad_mlp: the checked step failed or is not finite\n");
-    mlp_free(&p);
+  ad_grad(p->tape, 1, &loss, NULL, 2, p->w, g, 0);
+  if (bu_tape_failed(p->tape, prog) || !mlp_finite(loss) || !mlp_finite(g[0]) || !mlp_finite(g[1]))
     return 1;
-  }
   fprintf(stderr, "# loss %.6f  |dW1|_1 %.6f\n", ad_item(loss),
-          ad_item(ad_sum(p.tape, ad_abs(p.tape, g[0]))));
-  ad_rewind(p.tape, m);
-
-  double ours_ms = 0, floor_ms = 0;
-  if (bu_time_pair(ours, floor_gemms, &p, &o, &ours_ms, &floor_ms) != 0 ||
-      bu_tape_failed(p.tape, "bench_grad_mlp")) {
-    mlp_free(&p);
-    return 1;
-  }
-  bu_report("grad_mlp", &o, ours_ms, floor_ms);
-  mlp_free(&p);
+          ad_item(ad_sum(p->tape, ad_abs(p->tape, g[0]))));
   return 0;
+}
+
+int main(int argc, char **argv) {
+  return mlp_bench_main(argc, argv, "bench_grad_mlp", "grad_mlp", ours, floor_gemms, checked_step);
 }

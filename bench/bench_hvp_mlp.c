@@ -19,39 +19,19 @@ static void floor_gemms(void *ctx) {
   mlp_floor_hvp(ctx);
 }
 
-int main(int argc, char **argv) {
-  bu_opts o;
-  int rc = bu_parse(argc, argv, &o);
-  if (rc) return rc > 0 ? 0 : 2;
-  mlp_problem p;
-  if (mlp_init(&p, 42) != 0) {
-    fprintf(stderr, "bench_hvp_mlp: setup failed: %s\n", ad_last_error());
-    mlp_free(&p);
-    return 1;
-  }
-  bu_header("hvp_mlp", &o);
-
-  ad_marker m = ad_mark(p.tape);
-  ad_tensor *loss = mlp_loss(&p);
+/* One HVP, checked: the loss and both products finite. */
+static int checked_step(mlp_problem *p, const char *prog) {
+  ad_tensor *loss = mlp_loss(p);
   ad_tensor *hv[2] = {NULL, NULL};
-  ad_hvp(p.tape, loss, 2, p.w, p.v, hv, 0);
-  if (bu_tape_failed(p.tape, "bench_hvp_mlp") || !mlp_finite(loss) || !mlp_finite(hv[0]) ||
-      !mlp_finite(hv[1])) {
-    fprintf(stderr, "bench_hvp_mlp: the checked step failed or is not finite\n");
-    mlp_free(&p);
+  ad_hvp(p->tape, loss, 2, p->w, p->v, hv, 0);
+  if (bu_tape_failed(p->tape, prog) || !mlp_finite(loss) || !mlp_finite(hv[0]) ||
+      !mlp_finite(hv[1]))
     return 1;
-  }
   fprintf(stderr, "# loss %.6f  v.Hv %.6f\n", ad_item(loss),
-          ad_item(ad_dot(p.tape, hv[0], p.v[0])) + ad_item(ad_dot(p.tape, hv[1], p.v[1])));
-  ad_rewind(p.tape, m);
-
-  double ours_ms = 0, floor_ms = 0;
-  if (bu_time_pair(ours, floor_gemms, &p, &o, &ours_ms, &floor_ms) != 0 ||
-      bu_tape_failed(p.tape, "bench_hvp_mlp")) {
-    mlp_free(&p);
-    return 1;
-  }
-  bu_report("hvp_mlp", &o, ours_ms, floor_ms);
-  mlp_free(&p);
+          ad_item(ad_dot(p->tape, hv[0], p->v[0])) + ad_item(ad_dot(p->tape, hv[1], p->v[1])));
   return 0;
+}
+
+int main(int argc, char **argv) {
+  return mlp_bench_main(argc, argv, "bench_hvp_mlp", "hvp_mlp", ours, floor_gemms, checked_step);
 }

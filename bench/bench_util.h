@@ -133,17 +133,33 @@ static inline void bu_json_str(FILE *f, const char *s) {
   fputc('"', f);
 }
 
-/* The result line bench/run.py reads. */
-static inline void bu_report(const char *workload, const bu_opts *o, double ours_ms,
-                             double floor_ms) {
-  printf("{\"workload\": \"%s\", \"threads\": %d, \"iters\": %d, \"ours_ms\": %.4f, "
-         "\"floor_ms\": %.4f, \"kernel\": ",
-         workload, o->threads, o->iters, ours_ms, floor_ms);
+/* The rest of the result line, from "kernel" on. */
+static inline void bu_report_kernel(void) {
+  printf("\"kernel\": ");
   bu_json_str(stdout, ad_blas_kernel());
   printf(", \"kernel_reason\": ");
   bu_json_str(stdout, ad_blas_reason());
   printf("}\n");
   fflush(stdout);
+}
+
+/* The result line bench/run.py reads. */
+static inline void bu_report(const char *workload, const bu_opts *o, double ours_ms,
+                             double floor_ms) {
+  printf("{\"workload\": \"%s\", \"threads\": %d, \"iters\": %d, \"ours_ms\": %.4f, "
+         "\"floor_ms\": %.4f, ",
+         workload, o->threads, o->iters, ours_ms, floor_ms);
+  bu_report_kernel();
+}
+
+/* bu_report's line with one more field, the memory: peak_arena_bytes
+ * (bl_stats: the arena high-water mark of one hypergradient). */
+static inline void bu_report_peak(const char *workload, const bu_opts *o, double ours_ms,
+                                  double floor_ms, size_t peak) {
+  printf("{\"workload\": \"%s\", \"threads\": %d, \"iters\": %d, \"ours_ms\": %.4f, "
+         "\"floor_ms\": %.4f, \"peak_arena_bytes\": %zu, ",
+         workload, o->threads, o->iters, ours_ms, floor_ms, peak);
+  bu_report_kernel();
 }
 
 /* Prints the tape's error and returns 1 if an op failed. */

@@ -24,10 +24,11 @@
 
 #include "bench_util.h"
 #include "bilevel/bl.h"
+#include "hg_mlp.h"
 
 #include <math.h>
 
-enum { IB_B = 128, IB_V = 512, IB_IN = 784, IB_H = 200, IB_OUT = 10, IB_K = 20 };
+enum { IB_B = HG_B, IB_V = HG_V, IB_IN = MLP_IN, IB_OUT = MLP_OUT, IB_K = 20 };
 
 typedef struct {
   ad_tape *tape;
@@ -37,25 +38,20 @@ typedef struct {
   bl_opts o;
   bl_method_fn method;
   bl_stats st;
-  float *buf[8]; /* floor scratch */
+  float *buf[HG_NBUF]; /* floor scratch (hg_mlp.h) */
 } ib_problem;
 
-static ad_tensor *ib_loss(ad_tape *t, ad_tensor *x, ad_tensor *const *w, const int32_t *y,
-                          int64_t n) {
-  ad_tensor *a = ad_relu(t, ad_matmul(t, x, w[0], 0, 0));
-  return ad_nll(t, ad_log_softmax(t, ad_matmul(t, a, w[1], 0, 0), 1), y, n);
-}
 static ad_tensor *ib_train(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam, int64_t step,
                            void *ctx) {
   (void)lam, (void)step;
   ib_problem *u = ctx;
-  return ib_loss(t, u->x, w, u->y, IB_B);
+  return mlp_nll(t, u->x, w, u->y, IB_B);
 }
 static ad_tensor *ib_val(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam, int64_t step,
                          void *ctx) {
   (void)lam, (void)step;
   ib_problem *u = ctx;
-  return ib_loss(t, u->xv, w, u->yv, IB_V);
+  return mlp_nll(t, u->xv, w, u->yv, IB_V);
 }
 
 static void ib_free(ib_problem *u) {
@@ -67,7 +63,7 @@ static void ib_free(ib_problem *u) {
     ad_tensor_free(u->lam[i]);
     ad_tensor_free(u->hg[i]);
   }
-  for (int i = 0; i < 8; i++) free(u->buf[i]);
+  hg_floor_free(u->buf);
 }
 
 /* Data as bench/twins_implicit.py makes it is not bit-identical (different
@@ -76,8 +72,7 @@ static int ib_init(ib_problem *u) {
   *u = (ib_problem){0};
   ad_rng r;
   ad_rng_seed(&r, 42);
-  const int64_t sx[2] = {IB_B, IB_IN}, sv[2] = {IB_V, IB_IN}, s1[2] = {IB_IN, IB_H},
-                s2[2] = {IB_H, IB_OUT};
+  const int64_t sx[2] = {IB_B, IB_IN}, sv[2] = {IB_V, IB_IN};
   if (ad_tape_new(&u->tape, &(ad_tape_opts){.arena_mb = 64, .arena_max_mb = 256}) != AD_OK ||
       ad_tensor_new(&u->x, AD_F32, 2, sx) != AD_OK || ad_tensor_new(&u->xv, AD_F32, 2, sv) != AD_OK)
     return -1;
@@ -85,15 +80,7 @@ static int ib_init(ib_problem *u) {
   ad_tensor_fill_normal(u->xv, &r, 0.0, 1.0);
   for (int j = 0; j < IB_B; j++) u->y[j] = (int32_t)ad_rng_below(&r, IB_OUT);
   for (int j = 0; j < IB_V; j++) u->yv[j] = (int32_t)ad_rng_below(&r, IB_OUT);
-  const int64_t *sh[2] = {s1, s2};
-  for (int i = 0; i < 2; i++) {
-    if (ad_tensor_new(&u->w0[i], AD_F32, 2, sh[i]) != AD_OK ||
-        ad_tensor_new(&u->lam[i], AD_F32, 2, sh[i]) != AD_OK ||
-        ad_tensor_new(&u->hg[i], AD_F32, 2, sh[i]) != AD_OK)
-      return -1;
-    ad_tensor_fill_normal(u->w0[i], &r, 0.0, sqrt(2.0 / (double)sh[i][0]));
-    ad_tensor_fill_uniform(u->lam[i], &r, 1e-4, 1e-3);
-  }
+  if (hg_weights_init(u->w0, u->lam, u->hg, &r) != 0) return -1;
   u->p = (bl_problem){.n_w = 2,
                       .w0 = u->w0,
                       .n_lam = 2,
@@ -103,14 +90,7 @@ static int ib_init(ib_problem *u) {
                       .ctx = u,
                       .opt = {.kind = NN_OPT_SGD, .lr = 0.1, .weight_decay_vars = u->lam},
                       .inner_steps = 0};
-  const size_t sizes[8] = {(size_t)IB_V * IB_H,  (size_t)IB_V * IB_OUT, (size_t)IB_V * IB_H,
-                           (size_t)IB_IN * IB_H, (size_t)IB_H * IB_OUT, (size_t)IB_IN * IB_H,
-                           (size_t)IB_V * IB_H,  (size_t)IB_V * IB_OUT};
-  for (int i = 0; i < 8; i++) {
-    u->buf[i] = malloc(sizes[i] * sizeof(float));
-    if (!u->buf[i]) return -1;
-    for (size_t j = 0; j < sizes[i]; j++) u->buf[i][j] = (float)(0.01 * ad_rng_normal(&r));
-  }
+  if (hg_floor_alloc(u->buf, &r) != 0) return -1;
   return 0;
 }
 
@@ -119,38 +99,11 @@ static void ib_ours(void *ctx) {
   u->method(u->tape, &u->p, &u->o, u->hg, &u->st);
 }
 
-/* The GEMMs of forward + gradient on n rows (X [n, 784]). */
-static void ib_floor_grad(ib_problem *u, const float *x, int64_t n) {
-  const float *w1 = u->w0[0]->data, *w2 = u->w0[1]->data;
-  float *h = u->buf[0], *z = u->buf[1], *da = u->buf[2], *dw1 = u->buf[3], *dw2 = u->buf[4];
-  ad_gemm_f32(0, 0, n, IB_H, IB_IN, 1, x, IB_IN, w1, IB_H, 0, h, IB_H);      /* H = X W1 */
-  ad_gemm_f32(0, 0, n, IB_OUT, IB_H, 1, h, IB_H, w2, IB_OUT, 0, z, IB_OUT);  /* Z = A W2 */
-  ad_gemm_f32(1, 0, IB_H, IB_OUT, n, 1, h, IB_H, z, IB_OUT, 0, dw2, IB_OUT); /* dW2 = A^T G */
-  ad_gemm_f32(0, 1, n, IB_H, IB_OUT, 1, z, IB_OUT, w2, IB_OUT, 0, da, IB_H); /* dA = G W2^T */
-  ad_gemm_f32(1, 0, IB_IN, IB_H, n, 1, x, IB_IN, da, IB_H, 0, dw1, IB_H);    /* dW1 = X^T dH */
-}
-
-/* The 8 GEMMs of one backward through the recorded gradient (batch 128). */
-static void ib_floor_second(ib_problem *u, const float *x) {
-  const float *w2 = u->w0[1]->data, *v1 = u->buf[5], *v2 = u->buf[4];
-  float *h = u->buf[0], *z = u->buf[1], *da = u->buf[2], *bh = u->buf[6], *bz = u->buf[7];
-  float *dw1 = u->buf[3], *dw2 = u->buf[4];
-  const int64_t n = IB_B;
-  ad_gemm_f32(0, 0, n, IB_H, IB_IN, 1, x, IB_IN, v1, IB_H, 0, bh, IB_H);      /* X V1 */
-  ad_gemm_f32(0, 1, n, IB_H, IB_OUT, 1, z, IB_OUT, v2, IB_OUT, 0, da, IB_H);  /* G V2^T */
-  ad_gemm_f32(0, 0, n, IB_OUT, IB_H, 1, h, IB_H, v2, IB_OUT, 0, bz, IB_OUT);  /* A V2 */
-  ad_gemm_f32(0, 0, n, IB_OUT, IB_H, 1, da, IB_H, w2, IB_OUT, 0, z, IB_OUT);  /* bdA W2 */
-  ad_gemm_f32(1, 0, IB_H, IB_OUT, n, 1, da, IB_H, z, IB_OUT, 0, dw2, IB_OUT); /* bdA^T G */
-  ad_gemm_f32(1, 0, IB_H, IB_OUT, n, 1, h, IB_H, bz, IB_OUT, 0, dw2, IB_OUT); /* A^T bZ */
-  ad_gemm_f32(0, 1, n, IB_H, IB_OUT, 1, bz, IB_OUT, w2, IB_OUT, 0, da, IB_H); /* bZ W2^T */
-  ad_gemm_f32(1, 0, IB_IN, IB_H, n, 1, x, IB_IN, bh, IB_H, 0, dw1, IB_H);     /* X^T bH */
-}
-
 static void ib_floor(void *ctx) {
   ib_problem *u = ctx;
-  ib_floor_grad(u, u->xv->data, IB_V);
-  ib_floor_grad(u, u->x->data, IB_B);
-  for (int k = 0; k < IB_K; k++) ib_floor_second(u, u->x->data);
+  hg_floor_grad(u->buf, u->w0, u->xv->data, IB_V);
+  hg_floor_grad(u->buf, u->w0, u->x->data, IB_B);
+  for (int k = 0; k < IB_K; k++) hg_floor_second(u->buf, u->w0, u->x->data);
 }
 
 static int ib_main(int argc, char **argv, bl_method_fn method, bl_opts opts, const char *name) {
@@ -189,13 +142,7 @@ static int ib_main(int argc, char **argv, bl_method_fn method, bl_opts opts, con
     ib_free(&u);
     return 1;
   }
-  printf("{\"workload\": \"%s\", \"threads\": %d, \"iters\": %d, \"ours_ms\": %.4f, "
-         "\"floor_ms\": %.4f, \"peak_arena_bytes\": %zu, \"kernel\": ",
-         name, o.threads, o.iters, ours_ms, floor_ms, peak);
-  bu_json_str(stdout, ad_blas_kernel());
-  printf(", \"kernel_reason\": ");
-  bu_json_str(stdout, ad_blas_reason());
-  printf("}\n");
+  bu_report_peak(name, &o, ours_ms, floor_ms, peak);
   ib_free(&u);
   return 0;
 }

@@ -10,6 +10,7 @@
 #define HT_BENCH_MLP_H
 
 #include "autodiff/ad.h"
+#include "bench_util.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -80,12 +81,17 @@ static inline int mlp_init(mlp_problem *p, uint64_t seed) {
              : -1;
 }
 
-/* The loss on the tape: nll(log_softmax(relu(X W1) W2)). */
+/* nll(log_softmax(relu(X W1) W2)) on the n rows of x, on the tape; also
+ * the loss of the hypergradient benches (hg_mlp.h). */
+static inline ad_tensor *mlp_nll(ad_tape *t, ad_tensor *x, ad_tensor *const *w, const int32_t *y,
+                                 int64_t n) {
+  ad_tensor *a = ad_relu(t, ad_matmul(t, x, w[0], 0, 0));
+  return ad_nll(t, ad_log_softmax(t, ad_matmul(t, a, w[1], 0, 0), 1), y, n);
+}
+
+/* The loss on the tape at the problem's batch. */
 static inline ad_tensor *mlp_loss(mlp_problem *p) {
-  ad_tape *t = p->tape;
-  ad_tensor *a = ad_relu(t, ad_matmul(t, p->x, p->w[0], 0, 0));
-  ad_tensor *logp = ad_log_softmax(t, ad_matmul(t, a, p->w[1], 0, 0), 1);
-  return ad_nll(t, logp, p->labels, MLP_B);
+  return mlp_nll(p->tape, p->x, p->w, p->labels, MLP_B);
 }
 
 static inline float *mlp_f(ad_tensor *t) {
@@ -133,6 +139,44 @@ static inline int mlp_finite(const ad_tensor *t) {
   for (int64_t i = 0; i < t->size; i++)
     if (!isfinite(ad_get(t, i))) return 0;
   return 1;
+}
+
+/* The whole program of bench_grad_mlp and bench_hvp_mlp: options, the
+ * problem (seed 42), one checked step (checked_step runs it on the tape,
+ * prints its "#" line and returns 0, or returns nonzero if an op failed or
+ * a result is not finite: a failing op must not be timed as a fast one),
+ * then ours against floor_fn and the JSON line. Returns the exit code. */
+static inline int mlp_bench_main(int argc, char **argv, const char *prog, const char *workload,
+                                 bu_fn ours, bu_fn floor_fn,
+                                 int (*checked_step)(mlp_problem *p, const char *prog)) {
+  bu_opts o;
+  int rc = bu_parse(argc, argv, &o);
+  if (rc) return rc > 0 ? 0 : 2;
+  mlp_problem p;
+  if (mlp_init(&p, 42) != 0) {
+    fprintf(stderr, "%s: setup failed: %s\n", prog, ad_last_error());
+    mlp_free(&p);
+    return 1;
+  }
+  bu_header(workload, &o);
+
+  ad_marker m = ad_mark(p.tape);
+  if (checked_step(&p, prog) != 0) {
+    fprintf(stderr, "%s: the checked step failed or is not finite\n", prog);
+    mlp_free(&p);
+    return 1;
+  }
+  ad_rewind(p.tape, m);
+
+  double ours_ms = 0, floor_ms = 0;
+  if (bu_time_pair(ours, floor_fn, &p, &o, &ours_ms, &floor_ms) != 0 ||
+      bu_tape_failed(p.tape, prog)) {
+    mlp_free(&p);
+    return 1;
+  }
+  bu_report(workload, &o, ours_ms, floor_ms);
+  mlp_free(&p);
+  return 0;
 }
 
 #endif

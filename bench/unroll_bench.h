@@ -28,10 +28,11 @@
 
 #include "bench_util.h"
 #include "bilevel/bl.h"
+#include "hg_mlp.h"
 
 #include <math.h>
 
-enum { UB_B = 128, UB_V = 512, UB_IN = 784, UB_H = 200, UB_OUT = 10, UB_NB = 8 };
+enum { UB_B = HG_B, UB_V = HG_V, UB_IN = MLP_IN, UB_OUT = MLP_OUT, UB_NB = 8 };
 
 typedef struct {
   ad_tape *tape;
@@ -39,27 +40,21 @@ typedef struct {
   int32_t y[UB_NB][UB_B], yv[UB_V];
   bl_problem p;
   bl_stats st;
-  float *buf[8]; /* floor scratch */
+  float *buf[HG_NBUF]; /* floor scratch (hg_mlp.h) */
 } ub_problem;
-
-static ad_tensor *ub_loss(ad_tape *t, ad_tensor *x, ad_tensor *const *w, const int32_t *y,
-                          int64_t n) {
-  ad_tensor *a = ad_relu(t, ad_matmul(t, x, w[0], 0, 0));
-  return ad_nll(t, ad_log_softmax(t, ad_matmul(t, a, w[1], 0, 0), 1), y, n);
-}
 
 static ad_tensor *ub_train(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam, int64_t step,
                            void *ctx) {
   (void)lam;
   ub_problem *u = ctx;
-  return ub_loss(t, u->x[step % UB_NB], w, u->y[step % UB_NB], UB_B);
+  return mlp_nll(t, u->x[step % UB_NB], w, u->y[step % UB_NB], UB_B);
 }
 
 static ad_tensor *ub_val(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam, int64_t step,
                          void *ctx) {
   (void)lam, (void)step;
   ub_problem *u = ctx;
-  return ub_loss(t, u->xv, w, u->yv, UB_V);
+  return mlp_nll(t, u->xv, w, u->yv, UB_V);
 }
 
 static void ub_free(ub_problem *u) {
@@ -71,15 +66,14 @@ static void ub_free(ub_problem *u) {
     ad_tensor_free(u->lam[i]);
     ad_tensor_free(u->hg[i]);
   }
-  for (int i = 0; i < 8; i++) free(u->buf[i]);
+  hg_floor_free(u->buf);
 }
 
 static int ub_init(ub_problem *u, int64_t T) {
   *u = (ub_problem){0};
   ad_rng r;
   ad_rng_seed(&r, 42);
-  const int64_t sx[2] = {UB_B, UB_IN}, sv[2] = {UB_V, UB_IN}, s1[2] = {UB_IN, UB_H},
-                s2[2] = {UB_H, UB_OUT};
+  const int64_t sx[2] = {UB_B, UB_IN}, sv[2] = {UB_V, UB_IN};
   /* Arena: the recorded trajectory grows with T (about 3 MB per step). */
   size_t mb = (size_t)(64 + 4 * T);
   if (ad_tape_new(&u->tape, &(ad_tape_opts){.arena_mb = mb, .arena_max_mb = 2 * mb}) != AD_OK)
@@ -92,15 +86,7 @@ static int ub_init(ub_problem *u, int64_t T) {
   if (ad_tensor_new(&u->xv, AD_F32, 2, sv) != AD_OK) return -1;
   ad_tensor_fill_normal(u->xv, &r, 0.0, 1.0);
   for (int j = 0; j < UB_V; j++) u->yv[j] = (int32_t)ad_rng_below(&r, UB_OUT);
-  const int64_t *sh[2] = {s1, s2};
-  for (int i = 0; i < 2; i++) {
-    if (ad_tensor_new(&u->w0[i], AD_F32, 2, sh[i]) != AD_OK ||
-        ad_tensor_new(&u->lam[i], AD_F32, 2, sh[i]) != AD_OK ||
-        ad_tensor_new(&u->hg[i], AD_F32, 2, sh[i]) != AD_OK)
-      return -1;
-    ad_tensor_fill_normal(u->w0[i], &r, 0.0, sqrt(2.0 / (double)sh[i][0]));
-    ad_tensor_fill_uniform(u->lam[i], &r, 1e-4, 1e-3);
-  }
+  if (hg_weights_init(u->w0, u->lam, u->hg, &r) != 0) return -1;
   u->p = (bl_problem){.n_w = 2,
                       .w0 = u->w0,
                       .n_lam = 2,
@@ -110,14 +96,7 @@ static int ub_init(ub_problem *u, int64_t T) {
                       .ctx = u,
                       .opt = {.kind = NN_OPT_SGD, .lr = 0.1, .weight_decay_vars = u->lam},
                       .inner_steps = T};
-  const size_t sizes[8] = {(size_t)UB_V * UB_H,  (size_t)UB_V * UB_OUT, (size_t)UB_V * UB_H,
-                           (size_t)UB_IN * UB_H, (size_t)UB_H * UB_OUT, (size_t)UB_IN * UB_H,
-                           (size_t)UB_V * UB_H,  (size_t)UB_V * UB_OUT};
-  for (int i = 0; i < 8; i++) {
-    u->buf[i] = malloc(sizes[i] * sizeof(float));
-    if (!u->buf[i]) return -1;
-    for (size_t j = 0; j < sizes[i]; j++) u->buf[i][j] = (float)(0.01 * ad_rng_normal(&r));
-  }
+  if (hg_floor_alloc(u->buf, &r) != 0) return -1;
   return 0;
 }
 
@@ -126,41 +105,14 @@ static void ub_ours(void *ctx) {
   bl_unroll(u->tape, &u->p, NULL, u->hg, &u->st);
 }
 
-/* The GEMMs of forward + gradient on n rows (X [n, 784]). */
-static void ub_floor_grad(ub_problem *u, const float *x, int64_t n) {
-  const float *w1 = u->w0[0]->data, *w2 = u->w0[1]->data;
-  float *h = u->buf[0], *z = u->buf[1], *da = u->buf[2], *dw1 = u->buf[3], *dw2 = u->buf[4];
-  ad_gemm_f32(0, 0, n, UB_H, UB_IN, 1, x, UB_IN, w1, UB_H, 0, h, UB_H);      /* H = X W1 */
-  ad_gemm_f32(0, 0, n, UB_OUT, UB_H, 1, h, UB_H, w2, UB_OUT, 0, z, UB_OUT);  /* Z = A W2 */
-  ad_gemm_f32(1, 0, UB_H, UB_OUT, n, 1, h, UB_H, z, UB_OUT, 0, dw2, UB_OUT); /* dW2 = A^T G */
-  ad_gemm_f32(0, 1, n, UB_H, UB_OUT, 1, z, UB_OUT, w2, UB_OUT, 0, da, UB_H); /* dA = G W2^T */
-  ad_gemm_f32(1, 0, UB_IN, UB_H, n, 1, x, UB_IN, da, UB_H, 0, dw1, UB_H);    /* dW1 = X^T dH */
-}
-
-/* The 8 GEMMs of the backward through one recorded gradient (batch 128). */
-static void ub_floor_second(ub_problem *u, const float *x) {
-  const float *w2 = u->w0[1]->data, *v1 = u->buf[5], *v2 = u->buf[4];
-  float *h = u->buf[0], *z = u->buf[1], *da = u->buf[2], *bh = u->buf[6], *bz = u->buf[7];
-  float *dw1 = u->buf[3], *dw2 = u->buf[4];
-  const int64_t n = UB_B;
-  ad_gemm_f32(0, 0, n, UB_H, UB_IN, 1, x, UB_IN, v1, UB_H, 0, bh, UB_H);      /* X bdW1 */
-  ad_gemm_f32(0, 1, n, UB_H, UB_OUT, 1, z, UB_OUT, v2, UB_OUT, 0, da, UB_H);  /* G bdW2^T */
-  ad_gemm_f32(0, 0, n, UB_OUT, UB_H, 1, h, UB_H, v2, UB_OUT, 0, bz, UB_OUT);  /* A bdW2 */
-  ad_gemm_f32(0, 0, n, UB_OUT, UB_H, 1, da, UB_H, w2, UB_OUT, 0, z, UB_OUT);  /* bdA W2 */
-  ad_gemm_f32(1, 0, UB_H, UB_OUT, n, 1, da, UB_H, z, UB_OUT, 0, dw2, UB_OUT); /* bdA^T G */
-  ad_gemm_f32(1, 0, UB_H, UB_OUT, n, 1, h, UB_H, bz, UB_OUT, 0, dw2, UB_OUT); /* A^T bZ */
-  ad_gemm_f32(0, 1, n, UB_H, UB_OUT, 1, bz, UB_OUT, w2, UB_OUT, 0, da, UB_H); /* bZ W2^T */
-  ad_gemm_f32(1, 0, UB_IN, UB_H, n, 1, x, UB_IN, bh, UB_H, 0, dw1, UB_H);     /* X^T bH */
-}
-
 static void ub_floor(void *ctx) {
   ub_problem *u = ctx;
   for (int64_t k = 0; k < u->p.inner_steps; k++) {
     const float *x = u->x[k % UB_NB]->data;
-    ub_floor_grad(u, x, UB_B);
-    if (k > 0) ub_floor_second(u, x); /* step 0: w_0 is not differentiated */
+    hg_floor_grad(u->buf, u->w0, x, UB_B);
+    if (k > 0) hg_floor_second(u->buf, u->w0, x); /* step 0: w_0 is not differentiated */
   }
-  ub_floor_grad(u, u->xv->data, UB_V);
+  hg_floor_grad(u->buf, u->w0, u->xv->data, UB_V);
 }
 
 static int ub_main(int argc, char **argv, int64_t T, const char *name) {
@@ -194,14 +146,7 @@ static int ub_main(int argc, char **argv, int64_t T, const char *name) {
     ub_free(&u);
     return 1;
   }
-  /* bu_report's line with one more field, the memory. */
-  printf("{\"workload\": \"%s\", \"threads\": %d, \"iters\": %d, \"ours_ms\": %.4f, "
-         "\"floor_ms\": %.4f, \"peak_arena_bytes\": %zu, \"kernel\": ",
-         name, o.threads, o.iters, ours_ms, floor_ms, peak);
-  bu_json_str(stdout, ad_blas_kernel());
-  printf(", \"kernel_reason\": ");
-  bu_json_str(stdout, ad_blas_reason());
-  printf("}\n");
+  bu_report_peak(name, &o, ours_ms, floor_ms, peak);
   ub_free(&u);
   return 0;
 }
