@@ -3,6 +3,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 ad_tensor *gc_leaf(int ndim, const int64_t *shape, ad_rng *r, double offset, double margin) {
@@ -202,4 +203,27 @@ done:
   ad_tensor_free(rt);
   ad_tape_free(t);
   return worst;
+}
+
+double gc_check_case(const gc_case *c, uint64_t seed, char *report, size_t len) {
+  ad_rng r;
+  ad_rng_seed(&r, seed);
+  ad_tensor *in[4] = {0};
+  for (int i = 0; i < c->n; i++) {
+    in[i] = gc_leaf(c->ndim[i], c->shape[i], &r, c->offset[i], c->margin[i]);
+    ck_assert_ptr_nonnull(in[i]);
+  }
+  double worst =
+      gc_check(c->name, c->f, c->n, in, NULL, (gc_opts){.no_hvp = c->no_hvp}, report, len);
+  fprintf(stderr, "%s\n", report);
+  for (int i = 0; i < c->n; i++) ad_tensor_free(in[i]);
+  return worst;
+}
+
+int gc_run_suite(Suite *s) {
+  SRunner *sr = srunner_create(s);
+  srunner_run_all(sr, CK_NORMAL);
+  int failed = srunner_ntests_failed(sr);
+  srunner_free(sr);
+  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -6,6 +6,8 @@
 #define HT_GRADCHECK_H
 #include "autodiff/ad.h"
 
+#include <check.h>
+
 /* Builds an output (any shape) from the inputs on the tape. */
 typedef ad_tensor *(*gc_fn)(ad_tape *t, ad_tensor *const *in, void *ctx);
 
@@ -27,5 +29,28 @@ double gc_check(const char *name, gc_fn f, int n, ad_tensor *const *in, void *ct
 /* Makes an f64 heap leaf of the given shape filled from N(0,1) shifted by
  * `offset`, values pushed at least `margin` away from 0 (for kinks). */
 ad_tensor *gc_leaf(int ndim, const int64_t *shape, ad_rng *r, double offset, double margin);
+
+/* One row of a gradcheck table (test_ops.c, test_nn_layers.c): f on n
+ * inputs, input i of shape shape[i][0..ndim[i]) drawn by gc_leaf with
+ * offset[i] and margin[i]. */
+typedef struct {
+  const char *name;
+  gc_fn f;
+  int n;
+  int ndim[4];
+  int64_t shape[4][4];
+  double offset[4], margin[4];
+  int no_hvp;
+} gc_case;
+
+/* Makes the case's inputs from an rng seeded with `seed` (asserting each
+ * was made), runs gc_check on them (ctx NULL), prints the report line to
+ * stderr and frees the inputs. Returns the worst error, for the caller to
+ * assert its bound on. Call from inside a Check test. */
+double gc_check_case(const gc_case *c, uint64_t seed, char *report, size_t len);
+
+/* Runs the suite with srunner (CK_NORMAL) and frees it; returns the exit
+ * code for main: EXIT_SUCCESS when no test failed, EXIT_FAILURE otherwise. */
+int gc_run_suite(Suite *s);
 
 #endif

@@ -4,6 +4,7 @@
  * where it is exact, and (drmad, hyperdistill) its measured error against
  * the unroll on ridge regression. Bounds are stated beside each assert. */
 #include "bl_fixtures.h"
+#include "gradcheck.h"
 
 #include <stdlib.h>
 
@@ -238,9 +239,5 @@ int main(void) {
   tcase_add_test(tc, test_drmad_hyperdistill);
   tcase_add_test(tc, test_duties);
   suite_add_tcase(s, tc);
-  SRunner *sr = srunner_create(s);
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+  return gc_run_suite(s);
 }

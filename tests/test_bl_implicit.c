@@ -8,6 +8,7 @@
  *   - errors on bad input, and the tape left as found.
  * Each assertion states its bound beside it. */
 #include "bl_fixtures.h"
+#include "gradcheck.h"
 
 #include <check.h>
 #include <math.h>
@@ -907,9 +908,5 @@ static Suite *implicit_suite(void) {
 }
 
 int main(void) {
-  SRunner *sr = srunner_create(implicit_suite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+  return gc_run_suite(implicit_suite());
 }

@@ -9,6 +9,7 @@
  * Each assertion states its bound beside it. */
 #include "bilevel/bl.h"
 #include "datasets/ds.h"
+#include "gradcheck.h"
 
 #include <check.h>
 #include <math.h>
@@ -498,9 +499,5 @@ static Suite *meta_suite(void) {
 }
 
 int main(void) {
-  SRunner *sr = srunner_create(meta_suite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+  return gc_run_suite(meta_suite());
 }

@@ -5,6 +5,7 @@
  * Adam inner optimizers. Each assert states its bound; the measured error
  * is printed. */
 #include "bl_fixtures.h"
+#include "gradcheck.h"
 
 #include <stdlib.h>
 
@@ -299,9 +300,5 @@ int main(void) {
   tcase_add_loop_test(tc, test_mlp_finite_differences, 0, 4);
   tcase_add_test(tc, test_duties);
   suite_add_tcase(s, tc);
-  SRunner *sr = srunner_create(s);
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+  return gc_run_suite(s);
 }

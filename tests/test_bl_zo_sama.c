@@ -4,6 +4,7 @@
  * variance across seeds is far below the naive estimator's. sama: equals
  * its definition computed by hand (Adam's preconditioner written out). */
 #include "bl_fixtures.h"
+#include "gradcheck.h"
 
 #include <stdlib.h>
 
@@ -193,9 +194,5 @@ int main(void) {
   tcase_add_test(tc, test_sama_by_hand);
   tcase_add_test(tc, test_duties);
   suite_add_tcase(s, tc);
-  SRunner *sr = srunner_create(s);
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+  return gc_run_suite(s);
 }

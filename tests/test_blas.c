@@ -7,6 +7,7 @@
  * CK_FORK=no they are left out. */
 #define _POSIX_C_SOURCE 200809L
 #include "autodiff/ad.h"
+#include "gradcheck.h"
 
 #include <check.h>
 #include <math.h>
@@ -281,9 +282,5 @@ int main(void) {
   SRunner *probe = srunner_create(suite_create("probe"));
   int forking = srunner_fork_status(probe) != CK_NOFORK;
   srunner_free(probe);
-  SRunner *sr = srunner_create(blas_suite(forking));
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+  return gc_run_suite(blas_suite(forking));
 }

@@ -4,6 +4,7 @@
  * allocation-free steady state. */
 #define _POSIX_C_SOURCE 200809L /* mkdtemp, setenv */
 #include "datasets/ds.h"
+#include "gradcheck.h"
 
 #include <check.h>
 #include <math.h>
@@ -1176,9 +1177,5 @@ static Suite *datasets_suite(void) {
 }
 
 int main(void) {
-  SRunner *sr = srunner_create(datasets_suite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed != 0;
+  return gc_run_suite(datasets_suite());
 }

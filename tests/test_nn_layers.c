@@ -14,16 +14,6 @@
 
 static const int32_t LABELS[6] = {2, 0, 3, 1, 3, 0};
 
-typedef struct {
-  const char *name;
-  gc_fn f;
-  int n;
-  int ndim[4];
-  int64_t shape[4][4];
-  double offset[4], margin[4];
-  int no_hvp;
-} layer_case;
-
 #define IN(x) ((void)ctx, (x))
 
 /* ---------------------------------------------------------------- activations */
@@ -175,7 +165,7 @@ static ad_tensor *f_bn_eval(ad_tape *t, ad_tensor *const *x, void *ctx) {
 
 #define C1(N, F, D, ...)                                                                           \
   { N, F, 1, {D}, {{__VA_ARGS__}}, {0}, {0}, 0 }
-static const layer_case CASES[] = {
+static const gc_case CASES[] = {
     C1("gelu", f_gelu, 2, 3, 4),
     {"gelu_backward", f_gelu_bw, 2, {2, 2}, {{3, 4}, {3, 4}}, {0, 0}, {0, 0}, 0},
     {"leaky_relu", f_leaky, 1, {2}, {{3, 4}}, {0}, {0.05}, 0},
@@ -231,22 +221,9 @@ static const layer_case CASES[] = {
 #define N_CASES ((int)(sizeof CASES / sizeof CASES[0]))
 
 START_TEST(test_layer_gradcheck) {
-  const layer_case *c = &CASES[_i];
-  ad_rng r;
-  ad_rng_seed(&r, 1000 + (uint64_t)_i);
-  ad_tensor *in[4] = {0};
-  for (int i = 0; i < c->n; i++) {
-    int64_t shape[4];
-    for (int d = 0; d < 4; d++) shape[d] = c->shape[i][d];
-    in[i] = gc_leaf(c->ndim[i], shape, &r, c->offset[i], c->margin[i]);
-    ck_assert_ptr_nonnull(in[i]);
-  }
   char rep[512];
-  double worst =
-      gc_check(c->name, c->f, c->n, in, NULL, (gc_opts){.no_hvp = c->no_hvp}, rep, sizeof rep);
-  fprintf(stderr, "%s\n", rep);
+  double worst = gc_check_case(&CASES[_i], 1000 + (uint64_t)_i, rep, sizeof rep);
   ck_assert_msg(worst <= 1e-6, "%s", rep); /* bound: 1e-6 relative, f64 */
-  for (int i = 0; i < c->n; i++) ad_tensor_free(in[i]);
 }
 END_TEST
 
@@ -745,9 +722,5 @@ Suite *nn_layers_suite(void) {
 }
 
 int main(void) {
-  SRunner *sr = srunner_create(nn_layers_suite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+  return gc_run_suite(nn_layers_suite());
 }

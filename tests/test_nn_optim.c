@@ -291,9 +291,5 @@ int main(void) {
   tcase_add_loop_test(tc, test_sgd_op_gradcheck, 0, 4);
   tcase_add_test(tc, test_bad_input);
   suite_add_tcase(s, tc);
-  SRunner *sr = srunner_create(s);
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+  return gc_run_suite(s);
 }

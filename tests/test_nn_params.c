@@ -430,9 +430,5 @@ Suite *nn_params_suite(void) {
 }
 
 int main(void) {
-  SRunner *sr = srunner_create(nn_params_suite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+  return gc_run_suite(nn_params_suite());
 }

@@ -11,17 +11,6 @@
 
 static const int32_t LABELS[6] = {2, 0, 3, 1, 3, 0};
 
-/* Each case: a name, the function, and how to make its inputs. */
-typedef struct {
-  const char *name;
-  gc_fn f;
-  int n;
-  int ndim[3];
-  int64_t shape[3][4];
-  double offset[3], margin[3];
-  int no_hvp;
-} op_case;
-
 #define IN(x) ((void)ctx, (x))
 static ad_tensor *f_add(ad_tape *t, ad_tensor *const *x, void *ctx) {
   return IN(ad_add(t, x[0], x[1]));
@@ -204,7 +193,7 @@ static ad_tensor *f_mlp(ad_tape *t, ad_tensor *const *x, void *ctx) {
 
 #define C1(N, F, D, ...)                                                                           \
   { N, F, 1, {D}, {{__VA_ARGS__}}, {0}, {0}, 0 }
-static const op_case CASES[] = {
+static const gc_case CASES[] = {
     {"add", f_add, 2, {2, 2}, {{3, 4}, {3, 4}}, {0, 0}, {0, 0}, 0},
     {"add_broadcast", f_add_bcast, 2, {2, 0}, {{3, 4}, {1}}, {0, 0}, {0, 0}, 0},
     {"sub", f_sub, 2, {2, 2}, {{3, 4}, {3, 4}}, {0, 0}, {0, 0}, 0},
@@ -264,22 +253,9 @@ static const op_case CASES[] = {
 #define N_CASES ((int)(sizeof CASES / sizeof CASES[0]))
 
 START_TEST(test_op_gradcheck) {
-  const op_case *c = &CASES[_i];
-  ad_rng r;
-  ad_rng_seed(&r, 42 + (uint64_t)_i);
-  ad_tensor *in[3] = {0};
-  for (int i = 0; i < c->n; i++) {
-    int64_t shape[4];
-    for (int d = 0; d < 4; d++) shape[d] = c->shape[i][d];
-    in[i] = gc_leaf(c->ndim[i], shape, &r, c->offset[i], c->margin[i]);
-    ck_assert_ptr_nonnull(in[i]);
-  }
   char rep[512];
-  double worst =
-      gc_check(c->name, c->f, c->n, in, NULL, (gc_opts){.no_hvp = c->no_hvp}, rep, sizeof rep);
-  fprintf(stderr, "%s\n", rep);
+  double worst = gc_check_case(&CASES[_i], 42 + (uint64_t)_i, rep, sizeof rep);
   ck_assert_msg(worst <= 1e-6, "%s", rep);
-  for (int i = 0; i < c->n; i++) ad_tensor_free(in[i]);
 }
 END_TEST
 
@@ -313,9 +289,5 @@ Suite *ops_suite(void) {
 }
 
 int main(void) {
-  SRunner *sr = srunner_create(ops_suite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+  return gc_run_suite(ops_suite());
 }

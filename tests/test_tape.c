@@ -4,6 +4,7 @@
  * arena marks and growth, bad input, strictness, accumulation, detach,
  * printing, the NaN guard. */
 #include "autodiff/ad.h"
+#include "gradcheck.h"
 
 #include <check.h>
 #include <math.h>
@@ -444,9 +445,5 @@ int main(void) {
   tcase_add_test(tc, test_nan_guard);
   tcase_add_test(tc, test_rng_documented);
   suite_add_tcase(s, tc);
-  SRunner *sr = srunner_create(s);
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+  return gc_run_suite(s);
 }
