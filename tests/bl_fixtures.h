@@ -118,52 +118,49 @@ static inline void fx_ridge_make(fx_ridge *rp, int n, int m, int d, uint64_t see
   }
 }
 
+/* 0.5/rows ||X w[0] - y||^2 with X [rows, d] and y [rows] given in f64,
+ * made constants of w[0]'s dtype. */
+static inline ad_tensor *fx_ridge_fit(ad_tape *t, ad_tensor *const *w, int rows, int d,
+                                      const double *Xs, const double *ys) {
+  ad_dtype dt = w[0]->dtype;
+  double buf[64 * FX_MAXD];
+  ad_tensor *X, *y;
+  if (dt == AD_F64) {
+    X = ad_const(t, dt, 2, (int64_t[]){rows, d}, Xs);
+    y = ad_const(t, dt, 2, (int64_t[]){rows, 1}, ys);
+  } else {
+    float *f = (float *)buf;
+    for (int i = 0; i < rows * d; i++) f[i] = (float)Xs[i];
+    X = ad_const(t, dt, 2, (int64_t[]){rows, d}, f);
+    for (int i = 0; i < rows; i++) f[i] = (float)ys[i];
+    y = ad_const(t, dt, 2, (int64_t[]){rows, 1}, f);
+  }
+  ad_tensor *res = ad_sub(t, ad_matmul(t, X, w[0], 0, 0), y);
+  return ad_scale(t, ad_dot(t, res, res), 0.5 / rows);
+}
+
+/* 1/2 sum lam[0] * w[0]^2 */
+static inline ad_tensor *fx_ridge_pen(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam) {
+  return ad_scale(t, ad_sum(t, ad_mul(t, lam[0], ad_mul(t, w[0], w[0]))), 0.5);
+}
+
 /* lam[0]: the penalty (scalar or [d,1]); lam[1] (if present) is not used by
  * the loss (the optimizer may use it, e.g. as lr_var). */
 static inline ad_tensor *fx_ridge_train(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam,
                                         int64_t step, void *ctx) {
   (void)step;
   const fx_ridge *rp = ctx;
-  ad_dtype dt = w[0]->dtype;
-  double buf[64 * FX_MAXD];
-  ad_tensor *X, *y;
-  if (dt == AD_F64) {
-    X = ad_const(t, dt, 2, (int64_t[]){rp->n, rp->d}, rp->X);
-    y = ad_const(t, dt, 2, (int64_t[]){rp->n, 1}, rp->y);
-  } else {
-    float *f = (float *)buf;
-    for (int i = 0; i < rp->n * rp->d; i++) f[i] = (float)rp->X[i];
-    X = ad_const(t, dt, 2, (int64_t[]){rp->n, rp->d}, f);
-    for (int i = 0; i < rp->n; i++) f[i] = (float)rp->y[i];
-    y = ad_const(t, dt, 2, (int64_t[]){rp->n, 1}, f);
-  }
-  ad_tensor *res = ad_sub(t, ad_matmul(t, X, w[0], 0, 0), y);
-  ad_tensor *fit = ad_scale(t, ad_dot(t, res, res), 0.5 / rp->n);
-  ad_tensor *pen = ad_scale(t, ad_sum(t, ad_mul(t, lam[0], ad_mul(t, w[0], w[0]))), 0.5);
-  return ad_add(t, fit, pen);
+  ad_tensor *fit = fx_ridge_fit(t, w, rp->n, rp->d, rp->X, rp->y);
+  return ad_add(t, fit, fx_ridge_pen(t, w, lam));
 }
 
 static inline ad_tensor *fx_ridge_val(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam,
                                       int64_t step, void *ctx) {
   (void)step;
   const fx_ridge *rp = ctx;
-  ad_dtype dt = w[0]->dtype;
-  double buf[64 * FX_MAXD];
-  ad_tensor *X, *y;
-  if (dt == AD_F64) {
-    X = ad_const(t, dt, 2, (int64_t[]){rp->m, rp->d}, rp->Xv);
-    y = ad_const(t, dt, 2, (int64_t[]){rp->m, 1}, rp->yv);
-  } else {
-    float *f = (float *)buf;
-    for (int i = 0; i < rp->m * rp->d; i++) f[i] = (float)rp->Xv[i];
-    X = ad_const(t, dt, 2, (int64_t[]){rp->m, rp->d}, f);
-    for (int i = 0; i < rp->m; i++) f[i] = (float)rp->yv[i];
-    y = ad_const(t, dt, 2, (int64_t[]){rp->m, 1}, f);
-  }
-  ad_tensor *res = ad_sub(t, ad_matmul(t, X, w[0], 0, 0), y);
-  ad_tensor *fit = ad_scale(t, ad_dot(t, res, res), 0.5 / rp->m);
+  ad_tensor *fit = fx_ridge_fit(t, w, rp->m, rp->d, rp->Xv, rp->yv);
   if (!rp->val_pen) return fit;
-  return ad_add(t, fit, ad_scale(t, ad_sum(t, ad_mul(t, lam[0], ad_mul(t, w[0], w[0]))), 0.5));
+  return ad_add(t, fit, fx_ridge_pen(t, w, lam));
 }
 
 /* Closed form: w* and dL_val/dlam (per coordinate, length d). */
