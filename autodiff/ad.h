@@ -85,17 +85,17 @@ struct ad_tape;
  * through the API. `data` holds `size` elements of `dtype`. */
 typedef struct ad_tensor {
   ad_dtype dtype;
-  int ndim;                     /* 0 (scalar) .. AD_MAX_DIMS */
-  int64_t shape[AD_MAX_DIMS];   /* unused dims are 1 */
-  int64_t size;                 /* product of shape[0..ndim) */
+  int ndim;                   /* 0 (scalar) .. AD_MAX_DIMS */
+  int64_t shape[AD_MAX_DIMS]; /* unused dims are 1 */
+  int64_t size;               /* product of shape[0..ndim) */
   void *data;
-  struct ad_tensor *grad;       /* leaves: gradient accumulated by ad_backward */
+  struct ad_tensor *grad; /* leaves: gradient accumulated by ad_backward */
   /* internal */
-  struct ad_node *node;         /* op that produced it; NULL for leaves/constants */
+  struct ad_node *node; /* op that produced it; NULL for leaves/constants */
   unsigned flags;
-  unsigned gen;                 /* scratch stamp used by ad_grad */
-  struct ad_tensor *scratch;    /* scratch gradient slot used by ad_grad */
-  const char *name;             /* optional, for printing */
+  unsigned gen;              /* scratch stamp used by ad_grad */
+  struct ad_tensor *scratch; /* scratch gradient slot used by ad_grad */
+  const char *name;          /* optional, for printing */
 } ad_tensor;
 
 /* Bytes of one element of the dtype (4 or 8). */
@@ -109,8 +109,7 @@ const char *ad_dtype_name(ad_dtype dt);
 ad_status ad_tensor_new(ad_tensor **out, ad_dtype dt, int ndim, const int64_t *shape);
 ad_status ad_tensor_from(ad_tensor **out, ad_dtype dt, int ndim, const int64_t *shape,
                          const void *data);
-ad_status ad_tensor_wrap(ad_tensor **out, ad_dtype dt, int ndim, const int64_t *shape,
-                         void *data);
+ad_status ad_tensor_wrap(ad_tensor **out, ad_dtype dt, int ndim, const int64_t *shape, void *data);
 /* Frees the tensor, its owned data and its ->grad. Accepts NULL. */
 void ad_tensor_free(ad_tensor *t);
 
@@ -141,14 +140,14 @@ const char *ad_shape_str(const ad_tensor *t, char *buf, size_t len);
  * is correctly rounded (glibc's is). */
 typedef struct {
   uint64_t s[4];
-  double spare;   /* polar method yields normals in pairs */
+  double spare; /* polar method yields normals in pairs */
   int has_spare;
 } ad_rng;
 
 void ad_rng_seed(ad_rng *r, uint64_t seed);
 uint64_t ad_rng_next(ad_rng *r);
-double ad_rng_uniform(ad_rng *r);            /* [0, 1), 53 bits */
-double ad_rng_normal(ad_rng *r);             /* N(0, 1) */
+double ad_rng_uniform(ad_rng *r);             /* [0, 1), 53 bits */
+double ad_rng_normal(ad_rng *r);              /* N(0, 1) */
 uint64_t ad_rng_below(ad_rng *r, uint64_t n); /* uniform in [0, n), unbiased */
 void ad_tensor_fill_normal(ad_tensor *t, ad_rng *r, double mean, double std);
 void ad_tensor_fill_uniform(ad_tensor *t, ad_rng *r, double lo, double hi);
@@ -191,12 +190,12 @@ void ad_rewind(ad_tape *t, ad_marker m);
 void ad_tape_reset(ad_tape *t);
 
 typedef struct {
-  size_t used;       /* bytes in use now */
-  size_t peak;       /* high-water mark since creation or ad_arena_reset_peak */
-  size_t capacity;   /* bytes reserved from the system */
-  size_t n_chunks;   /* chunks reserved */
-  size_t n_grows;    /* times the arena asked the system for memory */
-  size_t n_nodes;    /* nodes on the tape now */
+  size_t used;     /* bytes in use now */
+  size_t peak;     /* high-water mark since creation or ad_arena_reset_peak */
+  size_t capacity; /* bytes reserved from the system */
+  size_t n_chunks; /* chunks reserved */
+  size_t n_grows;  /* times the arena asked the system for memory */
+  size_t n_nodes;  /* nodes on the tape now */
 } ad_arena_stats;
 void ad_arena_stats_get(const ad_tape *t, ad_arena_stats *s);
 void ad_arena_reset_peak(ad_tape *t);
@@ -213,13 +212,12 @@ ad_tensor *ad_zeros(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape);
 ad_tensor *ad_full(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, double v);
 ad_tensor *ad_ones(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape);
 ad_tensor *ad_scalar(ad_tape *t, ad_dtype dt, double v);
-ad_tensor *ad_const(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape,
-                    const void *data);
+ad_tensor *ad_const(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, const void *data);
 ad_tensor *ad_zeros_like(ad_tape *t, const ad_tensor *x);
 ad_tensor *ad_ones_like(ad_tape *t, const ad_tensor *x);
 ad_tensor *ad_randn(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, ad_rng *r);
-ad_tensor *ad_rand_uniform(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape,
-                           ad_rng *r, double lo, double hi);
+ad_tensor *ad_rand_uniform(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, ad_rng *r,
+                           double lo, double hi);
 /* x's values with no history (stop-gradient): gradients do not flow through
  * the result. For a tensor made on a tape this is a view sharing its data
  * (free); for a heap tensor (a parameter that may later change in place) it
@@ -265,7 +263,7 @@ ad_tensor *ad_reshape(ad_tape *t, ad_tensor *x, int ndim, const int64_t *shape);
 ad_tensor *ad_add_rowvec(ad_tape *t, ad_tensor *x, ad_tensor *b);
 
 /* Reductions. Axis reductions drop the axis (keepdim = 0) or keep it as 1. */
-ad_tensor *ad_sum(ad_tape *t, ad_tensor *x);  /* scalar (ndim 0) */
+ad_tensor *ad_sum(ad_tape *t, ad_tensor *x); /* scalar (ndim 0) */
 ad_tensor *ad_mean(ad_tape *t, ad_tensor *x);
 ad_tensor *ad_sum_axis(ad_tape *t, ad_tensor *x, int axis, int keepdim);
 ad_tensor *ad_mean_axis(ad_tape *t, ad_tensor *x, int axis, int keepdim);
@@ -281,8 +279,7 @@ ad_tensor *ad_log_softmax(ad_tape *t, ad_tensor *x, int axis);
 
 /* Losses. labels: N integers in [0, C), copied into the arena. */
 ad_tensor *ad_nll(ad_tape *t, ad_tensor *logp, const int32_t *labels, int64_t n);
-ad_tensor *ad_cross_entropy(ad_tape *t, ad_tensor *logits, const int32_t *labels,
-                            int64_t n);
+ad_tensor *ad_cross_entropy(ad_tape *t, ad_tensor *logits, const int32_t *labels, int64_t n);
 ad_tensor *ad_mse(ad_tape *t, ad_tensor *a, ad_tensor *b); /* mean((a-b)^2) */
 ad_tensor *ad_dot(ad_tape *t, ad_tensor *a, ad_tensor *b); /* sum(a*b), scalar */
 
@@ -304,9 +301,8 @@ enum {
  * seeds may be NULL (ones). An input the outputs do not depend on gets zeros
  * (or AD_ERR_GRAD with AD_GRAD_STRICT). Gradients are arena tensors; with
  * AD_GRAD_RECORD they carry history and can be differentiated again. */
-ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs,
-                  ad_tensor *const *seeds, int n_in, ad_tensor *const *inputs,
-                  ad_tensor **grads_out, unsigned flags);
+ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *const *seeds,
+                  int n_in, ad_tensor *const *inputs, ad_tensor **grads_out, unsigned flags);
 
 /* Accumulating reverse mode: adds d loss / d leaf into leaf->grad (a heap
  * tensor made on first use) for every leaf with ad_requires_grad set that
@@ -314,20 +310,19 @@ ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs,
 ad_status ad_backward(ad_tape *t, ad_tensor *loss, ad_tensor *seed);
 
 /* Hessian-vector product: hv[i] = sum_j d^2 f / dw_i dw_j v[j]. f scalar. */
-ad_status ad_hvp(ad_tape *t, ad_tensor *f, int n, ad_tensor *const *w,
-                 ad_tensor *const *v, ad_tensor **hv_out, unsigned flags);
+ad_status ad_hvp(ad_tape *t, ad_tensor *f, int n, ad_tensor *const *w, ad_tensor *const *v,
+                 ad_tensor **hv_out, unsigned flags);
 
 /* Mixed partial: out[k] = d/d lam_k ( sum_i grad_{w_i} f . v_i ). */
 ad_status ad_mixed_partial(ad_tape *t, ad_tensor *f, int n_w, ad_tensor *const *w,
-                           ad_tensor *const *v, int n_lam, ad_tensor *const *lam,
-                           ad_tensor **out, unsigned flags);
+                           ad_tensor *const *v, int n_lam, ad_tensor *const *lam, ad_tensor **out,
+                           unsigned flags);
 
 /* Forward mode: tangents_out[j] = sum_i d outputs[j] / d inputs[i] . tangents[i].
  * Computed on the recorded graph by the double-VJP construction (see
  * autodiff/jvp.c for why). */
-ad_status ad_jvp(ad_tape *t, int n_in, ad_tensor *const *inputs,
-                 ad_tensor *const *tangents, int n_out, ad_tensor *const *outputs,
-                 ad_tensor **tangents_out, unsigned flags);
+ad_status ad_jvp(ad_tape *t, int n_in, ad_tensor *const *inputs, ad_tensor *const *tangents,
+                 int n_out, ad_tensor *const *outputs, ad_tensor **tangents_out, unsigned flags);
 
 /* ------------------------------------------------------------------ teaching view */
 
@@ -352,11 +347,11 @@ int ad_blas_threads(void);
  * C = alpha op(A) op(B) + beta C, op(A) m x k, op(B) k x n, lda/ldb/ldc are
  * row strides of the stored (untransposed) arrays. */
 void ad_gemm_f32(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-                 const float *a, int64_t lda, const float *b, int64_t ldb, float beta,
-                 float *c, int64_t ldc);
+                 const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c,
+                 int64_t ldc);
 void ad_gemm_f64(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, double alpha,
-                 const double *a, int64_t lda, const double *b, int64_t ldb, double beta,
-                 double *c, int64_t ldc);
+                 const double *a, int64_t lda, const double *b, int64_t ldb, double beta, double *c,
+                 int64_t ldc);
 
 #ifdef __cplusplus
 }

@@ -25,12 +25,12 @@ extern "C" {
 /* ------------------------------------------------------------------ optimizers */
 
 typedef enum {
-  NN_OPT_SGD = 0,   /* w -= lr (g + wd w) */
-  NN_OPT_MOMENTUM,  /* heavy ball: m = mu m + g;  w -= lr m */
-  NN_OPT_NESTEROV,  /* m = mu m + g;  w -= lr (g + mu m) */
-  NN_OPT_ADAM,      /* bias-corrected moments; wd as L2 added to g */
-  NN_OPT_ADAMW,     /* Adam with decoupled decay: w -= lr (update + wd w) */
-  NN_OPT_RMSPROP    /* v = a v + (1-a) g^2;  w -= lr g / (sqrt(v) + eps) */
+  NN_OPT_SGD = 0,  /* w -= lr (g + wd w) */
+  NN_OPT_MOMENTUM, /* heavy ball: m = mu m + g;  w -= lr m */
+  NN_OPT_NESTEROV, /* m = mu m + g;  w -= lr (g + mu m) */
+  NN_OPT_ADAM,     /* bias-corrected moments; wd as L2 added to g */
+  NN_OPT_ADAMW,    /* Adam with decoupled decay: w -= lr (update + wd w) */
+  NN_OPT_RMSPROP   /* v = a v + (1-a) g^2;  w -= lr g / (sqrt(v) + eps) */
 } nn_opt_kind;
 
 /* Zero fields take the defaults named. The *_var fields, when set, replace
