@@ -198,6 +198,13 @@ ad_status bl__check_loss(bl_run *r, const ad_tensor *L, const char *which, int64
 ad_status bl__run_inplace(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *cfg,
                           ad_tensor *const *w, nn_opt_state *s, int64_t from, int64_t to);
 
+/* The inner run of the last-step methods (one_step, t1t2): T steps in place
+ * from w0 into fresh buffers w / *os, keeping the input of the last step
+ * (w_prev = w_{T-1}, *os_prev = s_{T-1}) and the validation gradients at
+ * w_T (gw, glam: arena tensors, as bl__val_grad). Needs T >= 1. */
+ad_status bl__run_keep_last(bl_run *r, ad_tensor **w, ad_tensor **w_prev, nn_opt_state *os,
+                            nn_opt_state *os_prev, ad_tensor **gw, ad_tensor **glam);
+
 /* Recorded: from w_in (leaves or tensors with history) and a tape state s
  * (advanced in place to the state after the last step), records steps
  * from..to-1 (the gradient with AD_GRAD_RECORD, nn_opt_step_diff) and sets

@@ -603,3 +603,16 @@ ad_status bl__segment_reverse(bl_run *r, bl_segment *sg, ad_tensor *const *aw, a
   }
   return st;
 }
+
+ad_status bl__run_keep_last(bl_run *r, ad_tensor **w, ad_tensor **w_prev, nn_opt_state *os,
+                            nn_opt_state *os_prev, ad_tensor **gw, ad_tensor **glam) {
+  int64_t T = r->p->inner_steps;
+  ad_status s = bl__w0_copy(r, w);
+  if (!s) s = bl__state_new(r, os);
+  if (!s) s = bl__run_inplace(r, r->lam, &r->opt.cfg, w, os, 0, T - 1);
+  if (!s) s = bl__copy_new(r, r->p->n_w, w, w_prev);
+  if (!s) s = bl__state_copy(r, os_prev, os, BL_STATE_INPLACE);
+  if (!s) s = bl__run_inplace(r, r->lam, &r->opt.cfg, w, os, T - 1, T);
+  if (!s) s = bl__val_grad(r, r->lam, w, NULL, gw, glam);
+  return s;
+}

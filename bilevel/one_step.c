@@ -12,20 +12,14 @@ ad_status bl_one_step(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tens
   bl_run r;
   ad_status s = bl__begin(&r, "bl_one_step", t, p, o, hg, 1);
   if (s) return bl__end(&r, s, st);
-  int n = p->n_w, n_lam = p->n_lam;
+  int n_lam = p->n_lam;
   int64_t T = p->inner_steps;
   ad_tensor *w[NN_MAX_PARAMS], *w_prev[NN_MAX_PARAMS], *gw[NN_MAX_PARAMS], *glam[NN_MAX_PARAMS];
   ad_tensor *aB[NN_MAX_PARAMS];
   nn_opt_state os = {0}, os_prev = {0};
-  /* w_{T-1}, s_{T-1} kept; one more step in place gives w_T. */
-  s = bl__w0_copy(&r, w);
-  if (!s) s = bl__state_new(&r, &os);
-  if (!s) s = bl__run_inplace(&r, r.lam, &r.opt.cfg, w, &os, 0, T - 1);
-  if (!s) s = bl__copy_new(&r, n, w, w_prev);
-  if (!s) s = bl__state_copy(&r, &os_prev, &os, BL_STATE_INPLACE);
-  if (!s) s = bl__run_inplace(&r, r.lam, &r.opt.cfg, w, &os, T - 1, T);
-  /* alpha_T and the direct term at w_T */
-  if (!s) s = bl__val_grad(&r, r.lam, w, NULL, gw, glam);
+  /* w_{T-1}, s_{T-1} kept; one more step in place gives w_T; alpha_T and
+   * the direct term at w_T. */
+  s = bl__run_keep_last(&r, w, w_prev, &os, &os_prev, gw, glam);
   /* alpha_T B_T: VJP of the step w_{T-1} -> w_T with cotangent alpha_T */
   if (!s) s = bl__step_vjp(&r, w_prev, &os_prev, T - 1, gw, NULL, aB, NULL, NULL);
   if (!s) {

@@ -44,13 +44,7 @@ ad_status bl_t1t2(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *
   ad_tensor *aB[NN_MAX_PARAMS];
   nn_opt_state os = {0}, os_prev = {0};
   /* T1: the training steps, keeping (w_{T-1}, s_{T-1}). */
-  s = bl__w0_copy(&r, w);
-  if (!s) s = bl__state_new(&r, &os);
-  if (!s) s = bl__run_inplace(&r, r.lam, &r.opt.cfg, w, &os, 0, T - 1);
-  if (!s) s = bl__copy_new(&r, n, w, w_prev);
-  if (!s) s = bl__state_copy(&r, &os_prev, &os, BL_STATE_INPLACE);
-  if (!s) s = bl__run_inplace(&r, r.lam, &r.opt.cfg, w, &os, T - 1, T);
-  if (!s) s = bl__val_grad(&r, r.lam, w, NULL, gw, glam);
+  s = bl__run_keep_last(&r, w, w_prev, &os, &os_prev, gw, glam);
   if (s) return bl__end(&r, s, st);
 
   if (!r.o.darts_fd) {
