@@ -10,6 +10,8 @@
  *     ad_tensor *g[n], *w1[n];
  *     ad_grad(tape, 1, &loss, NULL, n, w, g, AD_GRAD_RECORD);
  *     nn_opt_step_diff(tape, &cfg, &st, n, w, g, w1);      // w1 = w - lr*g
+ *
+ * (tests/test_header_examples.c runs this, and bl.h's example.)
  */
 #ifndef HYPERTAPE_NN_H
 #define HYPERTAPE_NN_H
