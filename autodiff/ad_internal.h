@@ -73,6 +73,13 @@ int ad__check(ad_tape *t, const char *op, int n, ad_tensor *const *xs);
 int ad__check_binary(ad_tape *t, const char *op, const ad_tensor *a, const ad_tensor *b);
 int ad__axis(ad_tape *t, const char *op, const ad_tensor *x, int axis);
 
+/* Labels against log-probabilities [N, C]: checks shape and range (the
+ * message names `op`), and records a node whose a.extra is the constant
+ * onehot(labels) when out needs a gradient. Both return 1 when fine. */
+int ad__check_labels(ad_tape *t, const char *op, ad_tensor *logp, const int32_t *labels, int64_t n);
+int ad__record_labelled(ad_tape *t, const ad_op_def *op, ad_tensor *out, ad_tensor *logp,
+                        const int32_t *labels, int64_t n);
+
 /* ---- allocation */
 ad_tensor *ad__alloc(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, int zero);
 /* A tensor struct in the arena sharing `data` (views: reshape, detach). */

@@ -4,6 +4,44 @@
 
 #include <string.h>
 
+/* Shared by every op that takes integer labels against log-probabilities
+ * [N, C] (here and nn/losses.c). */
+int ad__check_labels(ad_tape *t, const char *op, ad_tensor *logp, const int32_t *labels,
+                     int64_t n) {
+  if (!ad__check(t, op, 1, &logp)) return 0;
+  if (!labels) {
+    ad__fail(t, AD_ERR_NULL, "%s: labels is NULL", op);
+    return 0;
+  }
+  if (logp->ndim != 2 || logp->shape[0] != n) {
+    char s[96];
+    ad__fail(t, AD_ERR_SHAPE, "%s: log-probabilities %s do not fit %lld labels", op,
+             ad_shape_str(logp, s, sizeof s), (long long)n);
+    return 0;
+  }
+  int64_t c = logp->shape[1];
+  for (int64_t i = 0; i < n; i++)
+    if (labels[i] < 0 || labels[i] >= c) {
+      ad__fail(t, AD_ERR_ARG, "%s: label %lld is %d, outside [0, %lld)", op, (long long)i,
+               labels[i], (long long)c);
+      return 0;
+    }
+  return 1;
+}
+
+int ad__record_labelled(ad_tape *t, const ad_op_def *op, ad_tensor *out, ad_tensor *logp,
+                        const int32_t *labels, int64_t n) {
+  if (!ad__recording(t) || !ad_needs_grad(logp)) return 1;
+  /* The rules' constant: onehot(labels), kept on the node. */
+  ad_tensor *onehot = ad_zeros_like(t, logp);
+  if (!onehot) return 0;
+  int64_t c = logp->shape[1];
+  for (int64_t i = 0; i < n; i++) ad_set(onehot, i * c + labels[i], 1.0);
+  ad_node *nd = ad__record(t, op, out, 1, &logp);
+  if (nd) nd->a.extra = onehot;
+  return 1;
+}
+
 /* nll = -(1/N) sum_i logp[i, y_i]:  d logp = -(g/N) onehot(y). The onehot is
  * a constant kept on the node, so the rule is one mul (linear in g). */
 static void vjp_nll(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin, const int *need) {
@@ -14,31 +52,14 @@ static void vjp_nll(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
 static const ad_op_def OP_NLL = {"nll", vjp_nll, NULL};
 
 ad_tensor *ad_nll(ad_tape *t, ad_tensor *logp, const int32_t *labels, int64_t n) {
-  if (!ad__check(t, "ad_nll", 1, &logp)) return NULL;
-  if (!labels) return ad__fail(t, AD_ERR_NULL, "ad_nll: labels is NULL");
-  if (logp->ndim != 2 || logp->shape[0] != n) {
-    char s[96];
-    return ad__fail(t, AD_ERR_SHAPE, "ad_nll: log-probabilities %s do not fit %lld labels",
-                    ad_shape_str(logp, s, sizeof s), (long long)n);
-  }
+  if (!ad__check_labels(t, "ad_nll", logp, labels, n)) return NULL;
   int64_t c = logp->shape[1];
-  for (int64_t i = 0; i < n; i++)
-    if (labels[i] < 0 || labels[i] >= c)
-      return ad__fail(t, AD_ERR_ARG, "ad_nll: label %lld is %d, outside [0, %lld)", (long long)i,
-                      labels[i], (long long)c);
   ad_tensor *out = ad__alloc(t, logp->dtype, 0, NULL, 0);
   if (!out) return NULL;
   double s = 0;
   for (int64_t i = 0; i < n; i++) s -= ad_get(logp, i * c + labels[i]);
   ad_set(out, 0, s / (double)n);
-  int rec = ad__recording(t) && ad_needs_grad(logp);
-  if (rec) {
-    ad_tensor *onehot = ad_zeros_like(t, logp);
-    if (!onehot) return NULL;
-    for (int64_t i = 0; i < n; i++) ad_set(onehot, i * c + labels[i], 1.0);
-    ad_node *nd = ad__record(t, &OP_NLL, out, 1, &logp);
-    if (nd) nd->a.extra = onehot;
-  }
+  if (!ad__record_labelled(t, &OP_NLL, out, logp, labels, n)) return NULL;
   return ad__done(t, out, "nll");
 }
 

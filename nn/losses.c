@@ -19,18 +19,8 @@ static void vjp_nll_each(ad_tape *t, const ad_node *n, ad_tensor *h, ad_tensor *
 static const ad_op_def OP_NLL_EACH = {"nll_each", vjp_nll_each, NULL};
 
 ad_tensor *nn_nll_each(ad_tape *t, ad_tensor *logp, const int32_t *labels, int64_t n) {
-  if (!ad__check(t, "nn_nll_each", 1, &logp)) return NULL;
-  if (!labels) return ad__fail(t, AD_ERR_NULL, "nn_nll_each: labels is NULL");
-  if (logp->ndim != 2 || logp->shape[0] != n) {
-    char s[96];
-    return ad__fail(t, AD_ERR_SHAPE, "nn_nll_each: log-probabilities %s do not fit %lld labels",
-                    ad_shape_str(logp, s, sizeof s), (long long)n);
-  }
+  if (!ad__check_labels(t, "nn_nll_each", logp, labels, n)) return NULL;
   int64_t c = logp->shape[1];
-  for (int64_t i = 0; i < n; i++)
-    if (labels[i] < 0 || labels[i] >= c)
-      return ad__fail(t, AD_ERR_ARG, "nn_nll_each: label %lld is %d, outside [0, %lld)",
-                      (long long)i, labels[i], (long long)c);
   ad_tensor *out = ad__alloc(t, logp->dtype, 1, &n, 0);
   if (!out) return NULL;
   if (logp->dtype == AD_F32) {
@@ -42,13 +32,7 @@ ad_tensor *nn_nll_each(ad_tape *t, ad_tensor *logp, const int32_t *labels, int64
     double *Y = AD_D(out);
     for (int64_t i = 0; i < n; i++) Y[i] = -L[i * c + labels[i]];
   }
-  if (ad__recording(t) && ad_needs_grad(logp)) {
-    ad_tensor *onehot = ad_zeros_like(t, logp);
-    if (!onehot) return NULL;
-    for (int64_t i = 0; i < n; i++) ad_set(onehot, i * c + labels[i], 1.0);
-    ad_node *nd = ad__record(t, &OP_NLL_EACH, out, 1, &logp);
-    if (nd) nd->a.extra = onehot;
-  }
+  if (!ad__record_labelled(t, &OP_NLL_EACH, out, logp, labels, n)) return NULL;
   return ad__done(t, out, "nll_each");
 }
 
