@@ -97,7 +97,6 @@ ad_tensor *ad__done(ad_tape *t, ad_tensor *out, const char *op);
 
 int ad__recording(const ad_tape *t);
 ad_node *ad__first_node(const ad_tape *t);
-ad_node *ad__last_node(const ad_tape *t);
 /* Per-tape scratch arrays of node pointers (slot 0 or 1), grown as needed and
  * kept for the tape's life, so repeated ad_grad calls allocate nothing.
  * Returns NULL (and records AD_ERR_NOMEM) if it cannot grow to n. */

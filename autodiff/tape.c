@@ -313,9 +313,6 @@ ad_node *ad__record(ad_tape *t, const ad_op_def *op, ad_tensor *out, int n_in,
 ad_node *ad__first_node(const ad_tape *t) {
   return t->first;
 }
-ad_node *ad__last_node(const ad_tape *t) {
-  return t->last;
-}
 
 ad_tensor *ad__done(ad_tape *t, ad_tensor *out, const char *op) {
   if (!out || !t->nan_guard) return out;
