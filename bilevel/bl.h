@@ -39,6 +39,38 @@ typedef ad_tensor *(*bl_output_fn)(ad_tape *t, ad_tensor *const *w, ad_tensor *c
 typedef ad_tensor *(*bl_out_loss_fn)(ad_tape *t, ad_tensor *out, ad_tensor *const *lam,
                                      int64_t step, void *ctx);
 
+/* ------------------------------------------------------------------ the inner step
+ * Any inner update rule, written by the user with public ops so it records on
+ * the tape like everything else:
+ *     (w_t, s_t, g_t, lam, t)  ->  (w_{t+1}, s_{t+1})
+ * w, g: n_w tensors (g = grad_w L_train(w_t, lam), weight decay of a library
+ * optimizer already folded in by the provider); state: n_w * slots tensors,
+ * slot k of parameter i at index k * n_w + i, each shaped like w[i] and zero at
+ * step 0; lam: the problem's hyperparameters (the method's leaf views: read
+ * them through this argument, never through pointers saved elsewhere, or the
+ * hypergradient does not reach them); step: the 0-based step index t.
+ * The rule fills w_new[0..n_w) and state_new[0..n_w*slots) with tensors made
+ * by public ops from its inputs (it may return an input unchanged) and returns
+ * AD_OK, or an error it has recorded on the tape. It must not modify its
+ * inputs: the methods call it with recording on (to differentiate through it)
+ * and off (to run it fast), and call it again at the same point. */
+typedef ad_status (*bl_step_fn)(ad_tape *t, int n_w, ad_tensor *const *w,
+                                ad_tensor *const *state, ad_tensor *const *g,
+                                ad_tensor *const *lam, int64_t step, void *ctx,
+                                ad_tensor **w_new, ad_tensor **state_new);
+
+/* A step: the rule, its state size and its context. fn NULL = no user step
+ * (the problem's nn_opt_cfg is used: the library's optimizers are providers
+ * of this same interface). */
+typedef struct {
+  bl_step_fn fn;
+  int slots;        /* state buffers per parameter, 0..BL_STEP_MAX_SLOTS */
+  void *ctx;        /* passed to fn */
+  const char *name; /* for messages and logs; NULL = "user step" */
+} bl_step;
+
+#define BL_STEP_MAX_SLOTS 2
+
 typedef struct {
   int n_w;
   ad_tensor *const *w0; /* inner parameters at the start; never modified */
@@ -48,6 +80,7 @@ typedef struct {
   bl_loss_fn val_loss;   /* L_val(w, lam) */
   void *ctx;
   nn_opt_cfg opt;      /* inner optimizer; its *_var fields may point into lam */
+  bl_step step;        /* user inner step; when step.fn is set it replaces opt */
   int64_t inner_steps; /* T */
   /* Optional split used only by the Gauss-Newton option of the implicit
    * methods (bl_opts.gauss_newton): L_train(w, lam) must equal
