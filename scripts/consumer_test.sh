@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The library as a user gets it: install to a temporary prefix from a copy
 # of the source, delete that copy and its build tree, then build
-# tests/consumer/main.c against the prefix four ways (pkg-config shared,
+# tests/consumer/main.c against the prefix five ways (pkg-config shared,
 # pkg-config --static, fully static, find_package(hypertape) shared and
-# static) and run each: it loads the embedded MNIST with
+# static; and consumer/cxx from a C++-only project) and run each: it loads the embedded MNIST with
 # ds_mnist_load(NULL, ...), so the data must come from the prefix, and checks
 # a gradient against finite differences. Then the prefix is moved and the
 # shared build must still find its library's data. Used by .ci/run.
@@ -14,6 +14,8 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 prefix=$work/prefix
 unset HYPERTAPE_DATA
+
+"$src/scripts/deps.sh" g++ # the C++-only consumer below
 
 step() { echo "consumer_test: $*"; }
 fail() {
@@ -84,6 +86,14 @@ for kind in OFF ON; do
   run "find_package(hypertape) $([ $kind = ON ] && echo static || echo shared)" \
     "cmake_$kind/consumer" "$prefix"
 done
+
+# 4b. A C++-only CMake project (no C compiler enabled) linking the static
+#     library: the headers' extern "C" and libblis.a's OpenMP from CXX.
+cmake -S consumer/cxx -B cmake_cxx -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
+cmake --build cmake_cxx >/dev/null
+out=$(cmake_cxx/consumer_cxx 2>&1) || fail "C++ consumer: $out"
+grep -q '^consumer-cxx: ok$' <<<"$out" || fail "C++ consumer: $out"
+step "find_package(hypertape) from C++, static: ok"
 
 # 5. HYPERTAPE_DATA wins, and a wrong one is an error naming it.
 out=$(HYPERTAPE_DATA=$work/nowhere ./static 2>&1) && fail "HYPERTAPE_DATA=nowhere was ignored: $out"
