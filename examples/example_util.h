@@ -25,7 +25,12 @@
  *     ex_set_threads(threads);
  *
  * The help line and the bounds are named (.help =, .min =): a table entry
- * lists only what it needs, the rest is zero.
+ * lists only what it needs, the rest is zero. A string from a fixed set and
+ * a flag without a value:
+ *
+ *     {"--method", EX_STR, &method, "M", .help = "hypergradient method",
+ *      .choices = (const char *const[]){"unroll", "cg", NULL}},
+ *     {"--quiet", EX_FLAG, &quiet, NULL, .help = "no progress lines"},
  *
  * ex_parse_args accepts "--name value" and "--name=value". --help (or -h)
  * prints the usage and every option with its default on stdout and exits 0.
@@ -41,7 +46,7 @@
  * EX_DOUBLE double (finite only), EX_STR const char * (points into argv),
  * EX_FLAG int (no value; set to 1). Bounds: min <= value <= max, with
  * gt_min = 1 making it min < value; min == max == 0 means no bound beyond
- * the type's range. --help shows a default only when it lies in the
+ * the type's range (so "> 0, no upper bound" needs a max, e.g. 1e300). --help shows a default only when it lies in the
  * accepted range, so an out-of-range initial value (threads = 0) can mean
  * "not given".
  *
