@@ -258,7 +258,9 @@ typedef ad_tensor *(*bl_task_loss_fn)(ad_tape *t, ad_tensor *const *params, int 
  * (any kind works: momentum with per-element rates, Adam, ...). Learnable
  * rates may take either sign: Meta-SGD learns the update's direction as well
  * as its size, so only NaN/Inf is refused there; the scalar inner_lr and the
- * optimizer's number lr must be finite and > 0 / >= 0. */
+ * optimizer's number lr must be finite and > 0 / >= 0. Without a user step
+ * every lam[k] must be one of opt's variables (else AD_ERR_ARG: its
+ * meta-gradient would silently be zero). */
 typedef struct {
   int n_theta;
   ad_tensor *const *theta; /* meta-parameters (heap); never modified */

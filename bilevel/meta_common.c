@@ -118,6 +118,17 @@ static ad_status check_opt(bl_meta_run *r, const nn_opt_cfg *c, int imaml) {
   return AD_OK;
 }
 
+/* Whether opt's variables read x. */
+static int opt_reads(const nn_opt_cfg *c, int n, const ad_tensor *x) {
+  if (!c) return 0;
+  if (c->lr_var == x || c->momentum_var == x || c->weight_decay_var == x) return 1;
+  for (int i = 0; i < n; i++)
+    if ((c->lr_vars && c->lr_vars[i] == x) ||
+        (c->weight_decay_vars && c->weight_decay_vars[i] == x))
+      return 1;
+  return 0;
+}
+
 static ad_status check_adaptation(bl_meta_run *r, int imaml) {
   bl_run *b = &r->base;
   const bl_meta_problem *p = r->p;
@@ -140,6 +151,20 @@ static ad_status check_adaptation(bl_meta_run *r, int imaml) {
     return AD_OK;
   }
   return check_opt(r, p->opt, imaml);
+}
+
+static ad_status check_lam_read(bl_meta_run *r) {
+  bl_run *b = &r->base;
+  const bl_meta_problem *p = r->p;
+  /* Without a user step only opt's variables can read lam: a tensor they
+   * do not point at would silently get a zero meta-gradient. */
+  for (int k = 0; !p->step.fn && k < p->n_lam; k++)
+    if (!opt_reads(p->opt, p->n_theta, p->lam[k]))
+      return bl__fail(b, AD_ERR_ARG,
+                      "lam[%d] is read by nothing: without a user step only opt's *_var / "
+                      "*_vars fields can point at it, and none does",
+                      k);
+  return AD_OK;
 }
 
 static ad_status check_lam(bl_meta_run *r, ad_tensor *const *mg, int imaml) {
@@ -201,6 +226,7 @@ static ad_status check_meta(bl_meta_run *r, const bl_meta_problem *p, ad_tensor 
   if (p->n_tasks <= 0) return bl__fail(b, AD_ERR_ARG, "n_tasks is %d", p->n_tasks);
   ad_status s = check_lam(r, mg, imaml);
   if (!s) s = check_adaptation(r, imaml);
+  if (!s) s = check_lam_read(r);
   if (s) return s;
   if (p->inner_steps < min_steps)
     return bl__fail(b, AD_ERR_ARG, "inner_steps is %lld; at least %lld needed",

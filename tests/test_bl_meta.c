@@ -653,6 +653,15 @@ static void spd(ad_rng *r, double *M, double shift) {
     }
 }
 
+/* w - lr g with lr a number in ctx: a user step with no hyperparameters. */
+static ad_status ctx_sgd_step(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *state,
+                              ad_tensor *const *g, ad_tensor *const *lam, int64_t step, void *ctx,
+                              ad_tensor **w_new, ad_tensor **state_new) {
+  (void)state, (void)lam, (void)step, (void)state_new;
+  for (int i = 0; i < n; i++) w_new[i] = ad_axpy(t, w[i], -*(const double *)ctx, g[i]);
+  return ad_tape_status(t);
+}
+
 START_TEST(test_imaml_quadratic_closed_form) {
   /* Inner problem solved to rounding (2000 steps of size 1/(L + lam) on a
    * strongly convex quadratic), CG with K = d: the meta-gradient equals the
@@ -723,6 +732,16 @@ START_TEST(test_imaml_quadratic_closed_form) {
   double e2 = rel_err(1, mg, ex);
   printf("imaml with K=2 CG steps: rel err %.2e (expected > 1e-6)\n", e2);
   ck_assert(e2 > 1e-6);
+  /* The same through a user step (plain gradient steps, the rate in ctx). */
+  bl_meta_problem pu = p;
+  double lr_ctx = p.inner_lr;
+  pu.inner_lr = 0;
+  pu.step = (bl_step){.fn = ctx_sgd_step, .ctx = &lr_ctx};
+  ck_assert_msg(bl_imaml(t, &pu, &(bl_opts){.K = QD, .tol = 1e-300}, mg, &st) == AD_OK, "%s",
+                ad_tape_errmsg(t));
+  double e4 = rel_err(1, mg, ex);
+  printf("imaml, user step: rel err %.2e (bound 1e-8)\n", e4);
+  ck_assert(e4 <= 1e-8);
   /* The fixed point does not depend on the rule that reaches it: heavy-ball
    * adaptation (momentum 0.5, same step) gives the closed form too, 1e-8. */
   nn_opt_cfg hb = {.kind = NN_OPT_MOMENTUM, .lr = p.inner_lr, .momentum = 0.5};
@@ -892,7 +911,7 @@ START_TEST(test_adaptation_bad_input) {
                         .lam = rate,
                         .inner_steps = 2,
                         .prox = 1.0};
-  enum { NB = 14 };
+  enum { NB = 16 };
   struct {
     bl_meta_problem p;
     bl_meta_method_fn f;
@@ -922,6 +941,11 @@ START_TEST(test_adaptation_bad_input) {
   bad[12].f = bl_imaml, bad[12].want = AD_ERR_ARG, bad[12].says = "fixed point";
   bad[13].p.opt = &decay, bad[13].p.n_lam = 0, bad[13].f = bl_imaml;
   bad[13].want = AD_ERR_ARG, bad[13].says = "weight decay";
+  nn_opt_cfg plain_momentum = {.kind = NN_OPT_MOMENTUM, .lr = 0.01};
+  bad[14].p.opt = &plain_momentum, bad[14].want = AD_ERR_ARG,
+  bad[14].says = "lam[0] is read by nothing";
+  bad[15].p.opt = NULL, bad[15].p.inner_lr = 0.01, bad[15].f = bl_fomaml;
+  bad[15].want = AD_ERR_ARG, bad[15].says = "lam[0] is read by nothing";
   ad_tape *t = new_tape();
   ad_arena_stats a0, a1;
   ad_arena_stats_get(t, &a0);
