@@ -359,8 +359,8 @@ void ad_gemm_f64(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, doub
  * records on the tape like a built-in one, so ad_grad differentiates
  * through it, and because the rule is made of recorded ops, ad_grad with
  * AD_GRAD_RECORD, ad_hvp, ad_mixed_partial and ad_jvp work through it too.
- * A smooth |x| (autodiff/custom_op.c has the whole contract; the tests
- * tests/test_custom_op.c run this):
+ * A smooth |x| (tests/test_custom_op.c runs this op, with its unused
+ * parameters cast to void; autodiff/custom_op.c says how it is recorded):
  *
  *     static ad_status sabs_fwd(ad_tape *t, int n, ad_tensor *const *in, ad_tensor *out,
  *                               const void *attrs) {           // out = sqrt(x^2 + eps)
