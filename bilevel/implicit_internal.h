@@ -108,6 +108,12 @@ ad_status bl__imp_cg(bl_imp *m, ad_tensor *const *x, int64_t K, double tol, int 
 
 /* ---------------------------------------------------------------- meta-learning */
 
+/* The library optimizer as a meta adaptation step (meta_common.c). */
+typedef struct {
+  bl_cfg_map map;     /* *p->opt with its variables pointing at the lam views */
+  int uses_m, uses_v; /* the state buffers it keeps (slots m, then v) */
+} bl_meta_opt;
+
 /* The working set of one meta-method call. `base` carries the tape, the
  * name, the mark and the stats so bl__fail / bl__nn / bl__end apply.
  * The adaptation is always a bl_step (`step`): the user's, or a provider
@@ -122,7 +128,7 @@ typedef struct {
   int n_meta;                        /* n_theta + n_lam: the meta-parameters */
   double loss_sum;                   /* query losses summed over tasks */
   bl_step step;                      /* the adaptation rule */
-  bl_cfg_map opt;                    /* *p->opt pointing at lam above (when opt is set) */
+  bl_meta_opt opt;                   /* *p->opt as a step (when opt is set) */
   double lr;                         /* plain SGD: p->inner_lr */
 } bl_meta_run;
 

@@ -22,25 +22,17 @@ static ad_status sgd_provider(ad_tape *t, int n, ad_tensor *const *w, ad_tensor 
   return AD_OK;
 }
 
-/* Which state buffers an nn optimizer keeps: m (momentum, Adam's first
- * moment) and v (Adam's second moment, RMSprop's average). */
-static int opt_uses_m(nn_opt_kind k) {
-  return k == NN_OPT_MOMENTUM || k == NN_OPT_NESTEROV || k == NN_OPT_ADAM || k == NN_OPT_ADAMW;
-}
-static int opt_uses_v(nn_opt_kind k) {
-  return k == NN_OPT_ADAM || k == NN_OPT_ADAMW || k == NN_OPT_RMSPROP;
-}
-
-/* A library optimizer (ctx: its nn_opt_cfg, variables already pointing at
- * the method's lam views): the state list is m (slot 0, if used) then v,
- * handed to nn_opt_step_diff as a tape state at step count `step`, so
- * Adam's bias correction sees k = step + 1 as in a plain run. */
+/* A library optimizer (ctx: the run's bl_meta_opt: its nn_opt_cfg, with
+ * variables already pointing at the method's lam views, and which buffers
+ * it keeps): the state list is m (slot 0, if kept) then v, handed to
+ * nn_opt_step_diff as a tape state at step count `step`, so Adam's bias
+ * correction sees k = step + 1 as in a plain run. */
 static ad_status opt_provider(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *state,
                               ad_tensor *const *g, ad_tensor *const *lam, int64_t step, void *ctx,
                               ad_tensor **w_new, ad_tensor **state_new) {
   (void)lam;
-  const nn_opt_cfg *cfg = ctx;
-  int um = opt_uses_m(cfg->kind), uv = opt_uses_v(cfg->kind);
+  const bl_meta_opt *o = ctx;
+  int um = o->uses_m, uv = o->uses_v;
   nn_opt_state s;
   memset(&s, 0, sizeof s);
   s.n = n;
@@ -50,7 +42,7 @@ static ad_status opt_provider(ad_tape *t, int n, ad_tensor *const *w, ad_tensor 
     if (um) s.m[i] = state[i];
     if (uv) s.v[i] = state[um * n + i];
   }
-  ad_status st = nn_opt_step_diff(t, cfg, &s, n, w, g, w_new);
+  ad_status st = nn_opt_step_diff(t, &o->map.cfg, &s, n, w, g, w_new);
   if (st) return st;
   for (int i = 0; i < n; i++) {
     if (um) state_new[i] = s.m[i];
@@ -241,24 +233,32 @@ static ad_status check_meta(bl_meta_run *r, const bl_meta_problem *p, ad_tensor 
 
 /* ---------------------------------------------------------------- run scope */
 
-/* r->step: the user's rule, or the provider for opt / plain SGD. */
-static void resolve_step(bl_meta_run *r) {
+/* r->step: the user's rule, or the provider for opt / plain SGD. Which
+ * buffers the optimizer keeps is asked of nn itself (the state it makes),
+ * so a new optimizer kind needs nothing here. */
+static ad_status resolve_step(bl_meta_run *r) {
   const bl_meta_problem *p = r->p;
   if (p->step.fn) {
     r->step = p->step;
     if (!r->step.name) r->step.name = "user step";
-    return;
+    return AD_OK;
   }
   if (p->opt) {
     /* bl__cfg_map's view of a problem: the same mapping rule as bl_problem. */
     bl_problem q = {.n_w = p->n_theta, .n_lam = p->n_lam, .lam = p->lam, .opt = *p->opt};
-    bl__cfg_map(&q, r->lam, &r->opt);
-    int slots = opt_uses_m(p->opt->kind) + opt_uses_v(p->opt->kind);
-    r->step = (bl_step){opt_provider, slots, &r->opt.cfg, "opt"};
-    return;
+    bl__cfg_map(&q, r->lam, &r->opt.map);
+    nn_opt_state s;
+    ad_status st = bl__nn(
+        &r->base, nn_opt_state_init_tape(r->base.t, &r->opt.map.cfg, &s, p->n_theta, r->theta));
+    if (st) return st;
+    r->opt.uses_m = s.m[0] != NULL;
+    r->opt.uses_v = s.v[0] != NULL;
+    r->step = (bl_step){opt_provider, r->opt.uses_m + r->opt.uses_v, &r->opt, "opt"};
+    return AD_OK;
   }
   r->lr = p->inner_lr;
   r->step = (bl_step){sgd_provider, 0, &r->lr, "plain SGD"};
+  return AD_OK;
 }
 
 ad_status bl__meta_begin(bl_meta_run *r, const char *who, ad_tape *t, const bl_meta_problem *p,
@@ -292,8 +292,7 @@ ad_status bl__meta_begin(bl_meta_run *r, const char *who, ad_tape *t, const bl_m
     r->acc[p->n_theta + k] = ad_zeros_like(t, p->lam[k]);
     if (!r->lam[k] || !r->acc[p->n_theta + k]) return ad_tape_status(t);
   }
-  resolve_step(r);
-  return AD_OK;
+  return resolve_step(r);
 }
 
 ad_status bl__meta_end(bl_meta_run *r, ad_status s, ad_tensor *const *mg, bl_stats *st) {
