@@ -8,9 +8,10 @@
  *   - any adaptation step: the library's heavy-ball optimizer (3 steps) and
  *     a user bl_step with learnable lr and momentum (MAML against central
  *     differences of a hand-written adaptation); Meta-SGD per-element rates
- *     (their meta-gradient against central differences); multi-step FOMAML
+ *     (their meta-gradient against central differences); Adam and RMSprop
+ *     adaptation (the state list's second slot); multi-step FOMAML
  *     with rates and momentum against its definition; iMAML's fixed point
- *     reached by heavy ball;
+ *     reached by heavy ball and by a user step;
  *   - errors on bad input, and the tape left as found.
  * Each assertion states its bound beside it. */
 #include "bilevel/bl.h"
@@ -377,6 +378,64 @@ START_TEST(test_maml_momentum_three_steps) {
   ck_assert_int_eq(st.inner_steps, NT * 3);
   list_free(NP, th);
   list_free(NP, mg);
+  list_free(NP, fd);
+  sine_free(&s);
+  ad_tape_free(t);
+}
+END_TEST
+
+typedef struct {
+  ad_tape *t;
+  bl_meta_problem *p;
+  ad_tensor **mg;
+} maml_ctx;
+static double maml_value(void *ctx) {
+  maml_ctx *c = ctx;
+  bl_stats st;
+  ck_assert_int_eq(bl_maml(c->t, c->p, NULL, c->mg, &st), AD_OK);
+  return st.val_loss;
+}
+
+START_TEST(test_maml_adam_rmsprop) {
+  /* Adaptation by Adam (state slots m and v) and RMSprop (v only), 2 steps,
+   * lr 0.01 / 0.002: bl_maml's meta-gradient against central differences (step
+   * 1e-5) of its own meta-loss value, 1e-6 relative, f64. This covers the
+   * state list's second slot. */
+  sine_tasks s;
+  sine_make(&s, 59);
+  ad_tensor *th[NP], *mg[NP], *scratch[NP], *fd[NP];
+  theta_make(th, 20);
+  like(NP, th, mg);
+  like(NP, th, scratch);
+  like(NP, th, fd);
+  ad_tape *t = new_tape();
+  nn_opt_kind kinds[2] = {NN_OPT_ADAM, NN_OPT_RMSPROP};
+  for (int m = 0; m < 2; m++) {
+    /* RMSprop's first step is about lr * 10 * sign(g) per element; at lr
+     * 0.01 the meta-loss has third derivatives large enough that the
+     * differences' O(h^2) error reaches 6e-7 at h = 1e-5 (it falls 10x per
+     * 3x smaller h: truncation, not the rule), so lr 0.002 here. */
+    nn_opt_cfg opt = {.kind = kinds[m], .lr = m ? 0.002 : 0.01};
+    bl_meta_problem p = {.n_theta = NP,
+                         .theta = th,
+                         .n_tasks = NT,
+                         .support_loss = sine_support,
+                         .query_loss = sine_query,
+                         .ctx = &s,
+                         .opt = &opt,
+                         .inner_steps = 2};
+    bl_stats st;
+    ck_assert_msg(bl_maml(t, &p, NULL, mg, &st) == AD_OK, "%s", ad_tape_errmsg(t));
+    maml_ctx c = {t, &p, scratch};
+    central_fd(NP, th, fd, maml_value, &c, 1e-5);
+    double err = rel_err(NP, mg, fd);
+    printf("maml, %s adaptation, 2 steps, vs finite differences: rel err %.2e (bound 1e-6)\n",
+           m ? "rmsprop" : "adam", err);
+    ck_assert(err <= 1e-6);
+  }
+  list_free(NP, th);
+  list_free(NP, mg);
+  list_free(NP, scratch);
   list_free(NP, fd);
   sine_free(&s);
   ad_tape_free(t);
@@ -992,6 +1051,7 @@ static Suite *meta_suite(void) {
   tcase_add_test(tc, test_maml_finite_differences);
   tcase_add_test(tc, test_fomaml_is_maml_minus_second_order);
   tcase_add_test(tc, test_maml_momentum_three_steps);
+  tcase_add_test(tc, test_maml_adam_rmsprop);
   tcase_add_test(tc, test_maml_user_step);
   tcase_add_test(tc, test_meta_sgd_rates);
   tcase_add_test(tc, test_fomaml_multistep_definition);
