@@ -353,6 +353,99 @@ void ad_gemm_f64(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, doub
                  const double *a, int64_t lda, const double *b, int64_t ldb, double beta, double *c,
                  int64_t ldc);
 
+/* ------------------------------------------------------------------ user ops
+ * An op defined outside autodiff/: a forward that computes the output's
+ * values, and a derivative rule written with the public ops above. The op
+ * records on the tape like a built-in one, so ad_grad differentiates
+ * through it, and because the rule is made of recorded ops, ad_grad with
+ * AD_GRAD_RECORD, ad_hvp, ad_mixed_partial and ad_jvp work through it too.
+ * A smooth |x| (tests/test_custom_op.c runs this op, with its unused
+ * parameters cast to void; autodiff/custom_op.c says how it is recorded):
+ *
+ *     static ad_status sabs_fwd(ad_tape *t, int n, ad_tensor *const *in, ad_tensor *out,
+ *                               const void *attrs) {           // out = sqrt(x^2 + eps)
+ *       double eps = *(const double *)attrs;
+ *       for (int64_t i = 0; i < out->size; i++) {
+ *         double x = ad_get(in[0], i);
+ *         ad_set(out, i, sqrt(x * x + eps));
+ *       }
+ *       return AD_OK;
+ *     }
+ *     static ad_status sabs_vjp(ad_tape *t, int n, ad_tensor *const *in, ad_tensor *out,
+ *                               ad_tensor *g, const int *need, ad_tensor **gin,
+ *                               const void *attrs) {           // d/dx = x / y
+ *       gin[0] = ad_mul(t, g, ad_div(t, in[0], out));
+ *       return ad_tape_status(t);
+ *     }
+ *     static const ad_custom_op SABS = {.name = "smooth_abs", .forward = sabs_fwd,
+ *                                       .vjp = sabs_vjp};
+ *     double eps = 1e-3;
+ *     ad_tensor *y = ad_custom(tape, &SABS, 1, &x, &eps, sizeof eps);
+ */
+
+/* Output shape from the inputs: set *ndim (0..AD_MAX_DIMS) and shape[0..ndim).
+ * Return AD_OK, or an error (see ad_custom_fail) when the inputs do not fit. */
+typedef ad_status (*ad_custom_shape_fn)(ad_tape *t, int n_in, ad_tensor *const *in,
+                                        const void *attrs, int *ndim, int64_t *shape);
+
+/* Fills out (made by ad_custom: the shape above, in[0]'s dtype, contents
+ * undefined) from the inputs. Plain loops over ->data / ad_get, any user
+ * code (a library call, a message exchange), or public ops for temporaries
+ * copied in with ad_copy_values: recording is off while it runs. It must
+ * not modify the inputs, and, as it may run inside a derivative rule (one
+ * that applies this op), not call ad_grad / ad_hvp / ad_jvp. Returns AD_OK
+ * or an error status. */
+typedef ad_status (*ad_custom_forward_fn)(ad_tape *t, int n_in, ad_tensor *const *in,
+                                          ad_tensor *out, const void *attrs);
+
+/* The derivative rule (VJP). g is d loss / d out (shaped like out). For
+ * every i with need[i] set, store in gin[i] d loss / d in[i] = g^T d out /
+ * d in[i], shaped like in[i] and of its dtype, or leave it NULL for zero.
+ * Build gin only with public ops (ad_custom included: an op may use itself,
+ * as an allreduce does) from g, in and out: they are recorded when the
+ * caller asked for a recorded backward, which is what makes second
+ * derivatives work; values read out into plain loops are constants to the
+ * next derivative. It must not call ad_grad / ad_hvp / ad_jvp (the sweep
+ * that runs it is under way) nor modify g, in or out. Returns AD_OK or an
+ * error status. */
+typedef ad_status (*ad_custom_vjp_fn)(ad_tape *t, int n_in, ad_tensor *const *in, ad_tensor *out,
+                                      ad_tensor *g, const int *need, ad_tensor **gin,
+                                      const void *attrs);
+
+/* A user op's definition. ad_custom copies it (and the name) onto the
+ * tape, so it may live on the stack; the functions must stay callable while
+ * the tape holds nodes of the op. */
+typedef struct {
+  const char *name;             /* shown by ad_tape_print / ad_tape_dot and in errors */
+  ad_custom_forward_fn forward; /* required */
+  ad_custom_vjp_fn vjp;         /* required */
+  ad_custom_shape_fn shape;     /* NULL: the output is shaped like in[0] */
+  /* Optional: the attributes as text for ad_tape_print ("eps=0.001"). */
+  void (*describe)(const void *attrs, char *buf, size_t len);
+} ad_custom_op;
+
+/* Applies a user op to n_in >= 1 inputs of one dtype; returns the output
+ * (an arena tensor, recorded when an input needs a gradient) or NULL with
+ * the error on the tape: AD_ERR_NULL for a missing definition, name,
+ * forward, rule or input; the callbacks' own errors otherwise, with the
+ * op's name in the message. attrs: the op's attributes, handed to every
+ * callback. With attrs_size > 0 they are copied onto the tape (kept by the
+ * node for the rule, so a stack struct will do); with attrs_size 0 the
+ * pointer itself is kept (a context that must outlive the tape's use of
+ * the node, e.g. a communicator; NULL is fine). A rule that returns a
+ * gradient of the wrong shape or dtype makes ad_grad fail with AD_ERR_SHAPE
+ * naming the op and the input. */
+ad_tensor *ad_custom(ad_tape *t, const ad_custom_op *op, int n_in, ad_tensor *const *in,
+                     const void *attrs, size_t attrs_size);
+
+/* For user ops' callbacks: records an error on the tape (the first one
+ * sticks, as with the library's own) with a printf-style message and
+ * returns s, so a callback can `return ad_custom_fail(t, AD_ERR_ARG, ...)`. */
+#if defined(__GNUC__)
+__attribute__((format(printf, 3, 4)))
+#endif
+ad_status ad_custom_fail(ad_tape *t, ad_status s, const char *fmt, ...);
+
 #ifdef __cplusplus
 }
 #endif

@@ -240,9 +240,32 @@ ad_status bl_curvature_product(ad_tape *t, const bl_problem *p, const bl_opts *o
 typedef ad_tensor *(*bl_task_loss_fn)(ad_tape *t, ad_tensor *const *params, int task, void *ctx);
 
 /* Meta-learning over tasks (MAML family):
- *   phi_i = Adapt_i(theta)   (inner_steps SGD steps on the support loss)
+ *   phi_i = Adapt_i(theta, lam)   (inner_steps steps of a step rule on the
+ *                                  support loss, from phi = theta)
  *   meta-loss = (1/n_tasks) sum_i L_query,i(phi_i)
- * and the methods return d meta-loss / d theta. */
+ * and the methods return d meta-loss / d theta and d meta-loss / d lam.
+ *
+ * The adaptation step, one of (setting both step.fn and opt is an
+ * AD_ERR_ARG):
+ *   - step.fn set: a user step (bl_step_fn above) with g = grad L_support,
+ *     its lam argument the views of this problem's lam, its state zero at
+ *     the start of every task and `step` the 0-based adaptation step;
+ *   - opt set: a library optimizer, whose *_var / *_vars fields may point
+ *     at tensors of lam (those are then learned, as in bl_problem);
+ *   - neither: plain SGD, phi <- phi - inner_lr g (what callers written
+ *     before the step interface get). inner_lr is read only here (and must
+ *     be 0 with opt or step: give the step size there).
+ * Meta-SGD (Li et al. 2017): a learnable learning rate per parameter
+ * element, met with the optimizer's own per-parameter variables:
+ *     ad_tensor *alpha[NP];           // shaped like theta[i] (or size 1)
+ *     p.opt = &(nn_opt_cfg){.kind = NN_OPT_SGD, .lr_vars = alpha};
+ *     p.n_lam = NP, p.lam = alpha;    // meta_grad[NP + i] = d meta-loss / d alpha[i]
+ * (any kind works: momentum with per-element rates, Adam, ...). Learnable
+ * rates may take either sign: Meta-SGD learns the update's direction as well
+ * as its size, so only NaN/Inf is refused there; the scalar inner_lr and the
+ * optimizer's number lr must be finite and > 0 / >= 0. Without a user step
+ * every lam[k] must be one of opt's variables (else AD_ERR_ARG: its
+ * meta-gradient would silently be zero). */
 typedef struct {
   int n_theta;
   ad_tensor *const *theta; /* meta-parameters (heap); never modified */
@@ -250,23 +273,46 @@ typedef struct {
   bl_task_loss_fn support_loss; /* L_support,i(phi): inner (adaptation) loss */
   bl_task_loss_fn query_loss;   /* L_query,i(phi): outer loss */
   void *ctx;
-  double inner_lr;     /* alpha (> 0) */
-  int64_t inner_steps; /* k (>= 1; iMAML >= 0: steps solving its proximal problem) */
-  double prox;         /* iMAML: lambda of the proximal term (> 0) */
+  double inner_lr;       /* alpha of the plain-SGD adaptation (> 0); 0 with opt or step */
+  int64_t inner_steps;   /* k (>= 1; iMAML >= 0: steps solving its proximal problem) */
+  double prox;           /* iMAML: lambda of the proximal term (> 0) */
+  const nn_opt_cfg *opt; /* adaptation optimizer; NULL = plain SGD at inner_lr */
+  bl_step step;          /* user adaptation step; when step.fn is set it adapts */
+  int n_lam;             /* adaptation hyperparameters, 0..NN_MAX_PARAMS */
+  ad_tensor *const *lam; /* (heap; never modified) learned with theta: the user
+                          * step's lam, or what opt's variables point at */
 } bl_meta_problem;
 
-/* Every meta method: fills meta_grad[k] (caller's heap tensors shaped like
- * theta[k]) and st (if not NULL; st->val_loss = the mean query loss), and
- * leaves the tape as found. Returns AD_OK or the error (meta_grad then
- * untouched). (bilevel/maml.c, imaml.c)
- *   maml:   phi = theta - alpha sum grad L_support, differentiated through
- *           (second order: the backward pass of each inner step is recorded)
- *   fomaml: the same with the inner gradients detached: d meta-loss/d theta
- *           becomes the mean of grad L_query(phi_i)
+/* Every meta method: fills meta_grad[k] (caller's heap tensors, n_theta +
+ * n_lam of them: meta_grad[k] shaped like theta[k], then meta_grad[n_theta
+ * + j] shaped like lam[j]) and st (if not NULL; st->val_loss = the mean
+ * query loss), and leaves the tape as found. Returns AD_OK or the error
+ * (meta_grad then untouched). (bilevel/maml.c, imaml.c)
+ *   maml:   the adaptation differentiated through (second order: the
+ *           backward pass of each inner gradient is recorded), so both
+ *           outputs are the exact derivatives of the meta-loss.
+ *   fomaml: first order in the adaptation: every inner gradient
+ *           grad L_support(phi_s) is held constant (a stop-gradient) and
+ *           everything else is differentiated exactly. For SGD, momentum
+ *           and Adam without weight decay dphi/dtheta is then I and the
+ *           theta output the mean of grad L_query(phi_i). The lam output is
+ *           that same first-order derivative, not zero: for Meta-SGD rates
+ *           alpha (SGD) it is -mean_i grad L_query,i(phi_i) * sum_s g_i,s
+ *           (elementwise; summed over elements for a size-1 rate), g_i,s
+ *           the inner gradients; with momentum sum_s m_i,s+1 replaces
+ *           sum_s g_i,s. It drops the same Hessian terms as the theta part.
  *   imaml:  phi_i ~ argmin L_support,i(phi) + (prox/2) ||phi - theta||^2 by
- *           inner_steps gradient steps from theta; meta-gradient of each
+ *           inner_steps steps of the adaptation step (its g the gradient of
+ *           that proximal objective) from theta; meta-gradient of each
  *           task (I + H_i / prox)^{-1} grad L_query,i(phi_i) by CG
- *           (o->K default 20, o->tol default 1e-10).
+ *           (o->K default 20, o->tol default 1e-10). The answer is taken at
+ *           the fixed point, which does not depend on the step that reached
+ *           it (any step whose fixed points are the zeros of g), so
+ *           Meta-SGD and every other step hyperparameter would get a
+ *           meta-gradient of exactly 0 there: imaml refuses n_lam > 0
+ *           (AD_ERR_ARG, use maml or fomaml), and refuses an optimizer
+ *           with weight decay (it moves the fixed point; put the
+ *           regulariser into support_loss instead).
  * st->inner_steps counts adaptation steps over all tasks; st->hvps the
  * iMAML products (0 for maml: its second-order work is inside the reverse
  * sweep); st->iterations and st->residual (the worst task's) iMAML's CG. */

@@ -2,7 +2,8 @@
  *
  * Each task adapts by solving a proximal problem anchored at theta,
  *   phi_i = argmin_phi  L_support,i(phi) + (lambda/2) ||phi - theta||^2,
- * here by inner_steps gradient steps from phi = theta (step inner_lr). At the
+ * here by inner_steps steps of the adaptation rule (plain SGD at inner_lr,
+ * the optimizer opt, or a user step) from phi = theta. At the
  * solution grad L_support(phi_i) + lambda (phi_i - theta) = 0;
  * differentiating in theta (implicit function theorem) gives
  *   d phi_i / d theta = (I + H_i / lambda)^{-1},   H_i = Hessian of L_support,i at phi_i,
@@ -36,26 +37,38 @@ static ad_status prox_op(void *ctx, ad_tensor *const *v, ad_tensor *const *out) 
   return s;
 }
 
-/* phi <- phi - alpha (grad L_support(phi) + lambda (phi - theta)), in place. */
+/* The proximal solve: inner_steps steps of the adaptation rule with
+ *   g = grad L_support(phi) + lambda (phi - theta),
+ * in place and unrecorded (each step rewound), from phi = theta and a zero
+ * state. Any rule whose fixed points are the zeros of g (SGD, momentum,
+ * Adam, a user's descent rule) ends at the same phi*, which is all the
+ * meta-gradient below depends on. */
 static ad_status inner_solve(bl_meta_run *r, int task, ad_tensor *const *phi) {
   const bl_meta_problem *p = r->p;
   ad_tape *t = r->base.t;
-  int n = p->n_theta;
-  ad_tensor *g[NN_MAX_PARAMS];
-  for (int64_t k = 0; k < p->inner_steps; k++) {
+  int n = p->n_theta, ns = r->step.slots * n;
+  ad_tensor *g[NN_MAX_PARAMS], *state[BL_STEP_MAX_SLOTS * NN_MAX_PARAMS];
+  ad_tensor *phi_new[NN_MAX_PARAMS], *state_new[BL_STEP_MAX_SLOTS * NN_MAX_PARAMS];
+  ad_status s = bl__meta_state_new(r, state);
+  for (int64_t k = 0; !s && k < p->inner_steps; k++) {
     ad_marker mk = ad_mark(t);
     ad_tensor *L = bl__task_loss(r, p->support_loss, "support_loss", phi, task);
-    ad_status s = L ? ad_grad(t, 1, &L, NULL, n, phi, g, 0) : ad_tape_status(t);
+    s = L ? ad_grad(t, 1, &L, NULL, n, phi, g, 0) : ad_tape_status(t);
     if (!s) {
       bl__axpy(n, g, p->prox, phi);       /* g + lambda phi */
       bl__axpy(n, g, -p->prox, r->theta); /*   - lambda theta */
-      bl__axpy(n, phi, -p->inner_lr, g);
+      int rec = ad_set_recording(t, 0);   /* values only: nothing differentiates the path */
+      s = bl__meta_step(r, phi, state, g, k, phi_new, state_new);
+      ad_set_recording(t, rec);
+    }
+    if (!s) {
+      bl__copy_list(n, phi, phi_new);
+      bl__copy_list(ns, state, state_new);
     }
     ad_rewind(t, mk);
-    if (s) return s;
-    r->base.st.inner_steps++;
+    if (!s) r->base.st.inner_steps++;
   }
-  return AD_OK;
+  return s;
 }
 
 ad_status bl_imaml(ad_tape *t, const bl_meta_problem *p, const bl_opts *o,

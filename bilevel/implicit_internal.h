@@ -108,22 +108,40 @@ ad_status bl__imp_cg(bl_imp *m, ad_tensor *const *x, int64_t K, double tol, int 
 
 /* ---------------------------------------------------------------- meta-learning */
 
+/* The library optimizer as a meta adaptation step (meta_common.c). */
+typedef struct {
+  bl_cfg_map map;     /* *p->opt with its variables pointing at the lam views */
+  int uses_m, uses_v; /* the state buffers it keeps (slots m, then v) */
+} bl_meta_opt;
+
 /* The working set of one meta-method call. `base` carries the tape, the
- * name, the mark and the stats so bl__fail / bl__nn / bl__end apply. */
+ * name, the mark and the stats so bl__fail / bl__nn / bl__end apply.
+ * The adaptation is always a bl_step (`step`): the user's, or a provider
+ * for the library optimizer (opt) or plain SGD (lr), so maml.c and imaml.c
+ * have one path whatever the rule. */
 typedef struct {
   bl_run base;
   const bl_meta_problem *p;
-  ad_tensor *theta[NN_MAX_PARAMS]; /* leaf views of p->theta */
-  ad_tensor *acc[NN_MAX_PARAMS];   /* meta-gradient summed over tasks (arena) */
-  double loss_sum;                 /* query losses summed over tasks */
+  ad_tensor *theta[NN_MAX_PARAMS];   /* leaf views of p->theta */
+  ad_tensor *lam[NN_MAX_PARAMS];     /* leaf views of p->lam */
+  ad_tensor *acc[2 * NN_MAX_PARAMS]; /* meta-gradient (theta, then lam) summed over tasks */
+  int n_meta;                        /* n_theta + n_lam: the meta-parameters */
+  double loss_sum;                   /* query losses summed over tasks */
+  bl_step step;                      /* the adaptation rule */
+  bl_meta_opt opt;                   /* *p->opt as a step (when opt is set) */
+  double lr;                         /* plain SGD: p->inner_lr */
 } bl_meta_run;
 
-/* Checks t, p (callbacks, theta of one dtype, n_tasks >= 1, inner_lr > 0,
- * inner_steps >= min_steps, prox > 0 when need_prox), mg (shaped like
- * theta) and o (K, tol >= 0); marks the arena, turns recording on, makes
- * the theta views and the zeroed accumulator. Pair with bl__meta_end. */
+/* Checks t, p (callbacks, theta and lam of one dtype, n_tasks >= 1, the
+ * adaptation: inner_lr > 0 for plain SGD, else 0 and exactly one of opt /
+ * step.fn, their numbers and variables finite and shaped to fit;
+ * inner_steps >= min_steps; for iMAML (imaml set) prox > 0, no lam and no
+ * optimizer weight decay), mg (n_theta + n_lam tensors shaped like theta,
+ * lam) and o (K, tol >= 0); marks the arena, turns recording on, makes the
+ * theta and lam views, the zeroed accumulators and the step. Pair with
+ * bl__meta_end. */
 ad_status bl__meta_begin(bl_meta_run *r, const char *who, ad_tape *t, const bl_meta_problem *p,
-                         const bl_opts *o, ad_tensor *const *mg, int64_t min_steps, int need_prox);
+                         const bl_opts *o, ad_tensor *const *mg, int64_t min_steps, int imaml);
 
 /* On success writes mg = acc / n_tasks and st->val_loss = mean query loss;
  * then rewinds and fills st like bl__end. Returns s. */
@@ -132,5 +150,16 @@ ad_status bl__meta_end(bl_meta_run *r, ad_status s, ad_tensor *const *mg, bl_sta
 /* Calls a task loss and checks it returned a scalar. */
 ad_tensor *bl__task_loss(bl_meta_run *r, bl_task_loss_fn f, const char *which,
                          ad_tensor *const *phi, int task);
+
+/* A task's adaptation state: slots * n_theta zero tensors shaped like
+ * theta (slot k of parameter i at k * n_theta + i), in the arena. */
+ad_status bl__meta_state_new(bl_meta_run *r, ad_tensor **state);
+
+/* One adaptation step through r->step, at the current recording setting:
+ * (phi, state, g) -> (phi_new, state_new) at step index k, lam = r->lam.
+ * Checks what the rule returned (non-NULL, shaped like phi, one dtype) and
+ * names the rule in the error. */
+ad_status bl__meta_step(bl_meta_run *r, ad_tensor *const *phi, ad_tensor *const *state,
+                        ad_tensor *const *g, int64_t k, ad_tensor **phi_new, ad_tensor **state_new);
 
 #endif

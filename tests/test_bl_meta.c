@@ -5,6 +5,13 @@
  *     from Hessian-vector products;
  *   - iMAML on quadratic tasks against the closed form
  *     (I + H/lambda)^{-1} grad L_query(phi*);
+ *   - any adaptation step: the library's heavy-ball optimizer (3 steps) and
+ *     a user bl_step with learnable lr and momentum (MAML against central
+ *     differences of a hand-written adaptation); Meta-SGD per-element rates
+ *     (their meta-gradient against central differences); Adam and RMSprop
+ *     adaptation (the state list's second slot); multi-step FOMAML
+ *     with rates and momentum against its definition; iMAML's fixed point
+ *     reached by heavy ball and by a user step;
  *   - errors on bad input, and the tape left as found.
  * Each assertion states its bound beside it. */
 #include "bilevel/bl.h"
@@ -38,6 +45,14 @@ static double rel_err(int n, ad_tensor *const *a, ad_tensor *const *b) {
       den = fmax(den, fabs(ad_get(b[k], i)));
     }
   return den > 0 ? num / den : num;
+}
+
+/* 1 when some element of the list is nonzero */
+static int any_nonzero(int n, ad_tensor *const *a) {
+  for (int k = 0; k < n; k++)
+    for (int64_t i = 0; i < a[k]->size; i++)
+      if (ad_get(a[k], i) != 0) return 1;
+  return 0;
 }
 
 /* ---------------------------------------------------------------- sinusoid tasks */
@@ -249,6 +264,387 @@ START_TEST(test_fomaml_is_maml_minus_second_order) {
 }
 END_TEST
 
+/* ---------------------------------------------------------------- any adaptation step */
+
+/* One task's adaptation by hand, no bilevel library: k heavy-ball steps
+ *   m <- mu m + g,  phi <- phi - a * m   (mu = 0: plain SGD)
+ * with a the scalar `alpha`, or element e of rate[j] when rate is given
+ * (rate[j] of size 1 or shaped like theta[j]: Meta-SGD). Returns
+ * L_query(phi_k); q (if given) receives grad L_query(phi_k) and msum (if
+ * given) sum_s m_{s+1}, both heap lists shaped like theta. */
+static double ref_task(ad_tape *t, ad_tensor *const *theta, sine_tasks *s, int task, double alpha,
+                       ad_tensor *const *rate, double mu, int k, ad_tensor *const *q,
+                       ad_tensor *const *msum) {
+  ad_marker mk = ad_mark(t);
+  ad_tensor *phi[NP], *m[NP], *g[NP];
+  for (int j = 0; j < NP; j++) {
+    phi[j] = ad_const(t, AD_F64, theta[j]->ndim, theta[j]->shape, theta[j]->data);
+    m[j] = ad_zeros_like(t, theta[j]);
+    ad_requires_grad(phi[j], 1);
+    if (msum)
+      for (int64_t e = 0; e < msum[j]->size; e++) ad_set(msum[j], e, 0);
+  }
+  for (int step = 0; step < k; step++) {
+    ad_tensor *L = sine_support(t, phi, task, s);
+    ck_assert_int_eq(ad_grad(t, 1, &L, NULL, NP, phi, g, 0), AD_OK);
+    for (int j = 0; j < NP; j++)
+      for (int64_t e = 0; e < phi[j]->size; e++) {
+        double a = rate ? ad_get(rate[j], rate[j]->size == 1 ? 0 : e) : alpha;
+        double mj = mu * ad_get(m[j], e) + ad_get(g[j], e);
+        ad_set(m[j], e, mj);
+        ad_set(phi[j], e, ad_get(phi[j], e) - a * mj);
+        if (msum) ad_set(msum[j], e, ad_get(msum[j], e) + mj);
+      }
+  }
+  ad_tensor *Lq = sine_query(t, phi, task, s);
+  double v = ad_item(Lq);
+  if (q) {
+    ad_tensor *gq[NP];
+    ck_assert_int_eq(ad_grad(t, 1, &Lq, NULL, NP, phi, gq, 0), AD_OK);
+    for (int j = 0; j < NP; j++) ck_assert_int_eq(ad_copy_values(q[j], gq[j]), AD_OK);
+  }
+  ad_rewind(t, mk);
+  return v;
+}
+
+static double ref_meta(ad_tape *t, ad_tensor *const *theta, sine_tasks *s, double alpha,
+                       ad_tensor *const *rate, double mu, int k) {
+  double sum = 0;
+  for (int i = 0; i < NT; i++) sum += ref_task(t, theta, s, i, alpha, rate, mu, k, NULL, NULL);
+  return sum / NT;
+}
+
+/* Central differences (step h) of f over every element of the tensors
+ * x[0..n), written into fd. f reads the tensors' current values. */
+typedef double (*scalar_fn)(void *ctx);
+static void central_fd(int n, ad_tensor *const *x, ad_tensor *const *fd, scalar_fn f, void *ctx,
+                       double h) {
+  for (int j = 0; j < n; j++)
+    for (int64_t e = 0; e < x[j]->size; e++) {
+      double v = ad_get(x[j], e);
+      ad_set(x[j], e, v + h);
+      double fp = f(ctx);
+      ad_set(x[j], e, v - h);
+      double fm = f(ctx);
+      ad_set(x[j], e, v);
+      ad_set(fd[j], e, (fp - fm) / (2 * h));
+    }
+}
+
+typedef struct {
+  ad_tape *t;
+  ad_tensor **theta, **rate, *lr, *mu; /* rate: Meta-SGD; lr, mu: size-1 tensors (or NULL) */
+  sine_tasks *s;
+  double alpha, mom;
+  int k;
+} ref_ctx;
+static double ref_eval(void *ctx) {
+  ref_ctx *c = ctx;
+  return ref_meta(c->t, c->theta, c->s, c->lr ? ad_item(c->lr) : c->alpha, c->rate,
+                  c->mu ? ad_item(c->mu) : c->mom, c->k);
+}
+
+START_TEST(test_maml_momentum_three_steps) {
+  /* The adaptation is the library's heavy-ball optimizer (lr 0.03,
+   * momentum 0.8), 3 steps. bl_maml's meta-loss equals the hand-written
+   * adaptation's (1e-12) and its meta-gradient matches central differences
+   * (step 1e-5) of that meta-loss: 1e-6 relative (max-norm), f64. */
+  sine_tasks s;
+  sine_make(&s, 41);
+  ad_tensor *th[NP], *mg[NP], *fd[NP];
+  theta_make(th, 12);
+  like(NP, th, mg);
+  like(NP, th, fd);
+  ad_tape *t = new_tape();
+  nn_opt_cfg opt = {.kind = NN_OPT_MOMENTUM, .lr = 0.03, .momentum = 0.8};
+  bl_meta_problem p = {.n_theta = NP,
+                       .theta = th,
+                       .n_tasks = NT,
+                       .support_loss = sine_support,
+                       .query_loss = sine_query,
+                       .ctx = &s,
+                       .opt = &opt,
+                       .inner_steps = 3};
+  bl_stats st;
+  ck_assert_msg(bl_maml(t, &p, NULL, mg, &st) == AD_OK, "%s", ad_tape_errmsg(t));
+  ref_ctx c = {.t = t, .theta = th, .s = &s, .alpha = 0.03, .mom = 0.8, .k = 3};
+  double f0 = ref_eval(&c);
+  ck_assert(fabs(st.val_loss - f0) <= 1e-12 * (1 + f0));
+  central_fd(NP, th, fd, ref_eval, &c, 1e-5);
+  double err = rel_err(NP, mg, fd);
+  printf("maml, momentum adaptation, 3 steps, vs finite differences: rel err %.2e (bound 1e-6)\n",
+         err);
+  ck_assert(err <= 1e-6);
+  ck_assert_int_eq(st.inner_steps, NT * 3);
+  list_free(NP, th);
+  list_free(NP, mg);
+  list_free(NP, fd);
+  sine_free(&s);
+  ad_tape_free(t);
+}
+END_TEST
+
+typedef struct {
+  ad_tape *t;
+  bl_meta_problem *p;
+  ad_tensor **mg;
+} maml_ctx;
+static double maml_value(void *ctx) {
+  maml_ctx *c = ctx;
+  bl_stats st;
+  ck_assert_int_eq(bl_maml(c->t, c->p, NULL, c->mg, &st), AD_OK);
+  return st.val_loss;
+}
+
+START_TEST(test_maml_adam_rmsprop) {
+  /* Adaptation by Adam (state slots m and v) and RMSprop (v only), 2 steps,
+   * lr 0.01 / 0.002: bl_maml's meta-gradient against central differences (step
+   * 1e-5) of its own meta-loss value, 1e-6 relative, f64. This covers the
+   * state list's second slot. */
+  sine_tasks s;
+  sine_make(&s, 59);
+  ad_tensor *th[NP], *mg[NP], *scratch[NP], *fd[NP];
+  theta_make(th, 20);
+  like(NP, th, mg);
+  like(NP, th, scratch);
+  like(NP, th, fd);
+  ad_tape *t = new_tape();
+  nn_opt_kind kinds[2] = {NN_OPT_ADAM, NN_OPT_RMSPROP};
+  for (int m = 0; m < 2; m++) {
+    /* RMSprop's first step is about lr * 10 * sign(g) per element; at lr
+     * 0.01 the meta-loss has third derivatives large enough that the
+     * differences' O(h^2) error reaches 6e-7 at h = 1e-5 (it falls 10x per
+     * 3x smaller h: truncation, not the rule), so lr 0.002 here. */
+    nn_opt_cfg opt = {.kind = kinds[m], .lr = m ? 0.002 : 0.01};
+    bl_meta_problem p = {.n_theta = NP,
+                         .theta = th,
+                         .n_tasks = NT,
+                         .support_loss = sine_support,
+                         .query_loss = sine_query,
+                         .ctx = &s,
+                         .opt = &opt,
+                         .inner_steps = 2};
+    bl_stats st;
+    ck_assert_msg(bl_maml(t, &p, NULL, mg, &st) == AD_OK, "%s", ad_tape_errmsg(t));
+    maml_ctx c = {t, &p, scratch};
+    central_fd(NP, th, fd, maml_value, &c, 1e-5);
+    double err = rel_err(NP, mg, fd);
+    printf("maml, %s adaptation, 2 steps, vs finite differences: rel err %.2e (bound 1e-6)\n",
+           m ? "rmsprop" : "adam", err);
+    ck_assert(err <= 1e-6);
+  }
+  list_free(NP, th);
+  list_free(NP, mg);
+  list_free(NP, scratch);
+  list_free(NP, fd);
+  sine_free(&s);
+  ad_tape_free(t);
+}
+END_TEST
+
+/* A user step: heavy ball with a learnable rate lam[0] and momentum lam[1]
+ * (size-1 tensors), written with public ops:  m' = mu m + g,  w' = w - lr m'. */
+static ad_status user_heavy_ball(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *state,
+                                 ad_tensor *const *g, ad_tensor *const *lam, int64_t step,
+                                 void *ctx, ad_tensor **w_new, ad_tensor **state_new) {
+  (void)step;
+  int *calls = ctx;
+  (*calls)++;
+  for (int i = 0; i < n; i++) {
+    /* tensor first: the product takes its shape (a [1] parameter stays [1]) */
+    state_new[i] = ad_add(t, ad_mul(t, state[i], lam[1]), g[i]);
+    w_new[i] = ad_sub(t, w[i], ad_mul(t, state_new[i], lam[0]));
+  }
+  return ad_tape_status(t);
+}
+
+START_TEST(test_maml_user_step) {
+  /* The same heavy-ball adaptation as a user bl_step whose lr and momentum
+   * are adaptation hyperparameters (lam). Bounds: meta-loss and
+   * d/d theta equal the library optimizer's at the same numbers to 1e-12;
+   * d/d theta and d/d (lr, mu) match central differences (step 1e-5) of
+   * the hand-written meta-loss to 1e-6 relative, f64. */
+  sine_tasks s;
+  sine_make(&s, 43);
+  ad_tensor *th[NP], *mg[NP + 2], *lib[NP], *fd[NP + 2];
+  theta_make(th, 14);
+  like(NP, th, mg);
+  like(NP, th, lib);
+  like(NP, th, fd);
+  ad_tensor *lam[2] = {new_tensor(0, NULL), new_tensor(0, NULL)};
+  ad_set(lam[0], 0, 0.04);
+  ad_set(lam[1], 0, 0.7);
+  like(2, lam, mg + NP);
+  like(2, lam, fd + NP);
+  ad_tape *t = new_tape();
+  int calls = 0;
+  bl_meta_problem p = {.n_theta = NP,
+                       .theta = th,
+                       .n_tasks = NT,
+                       .support_loss = sine_support,
+                       .query_loss = sine_query,
+                       .ctx = &s,
+                       .step = {.fn = user_heavy_ball, .slots = 1, .ctx = &calls, .name = "hb"},
+                       .n_lam = 2,
+                       .lam = lam,
+                       .inner_steps = 3};
+  bl_stats st;
+  ck_assert_msg(bl_maml(t, &p, NULL, mg, &st) == AD_OK, "%s", ad_tape_errmsg(t));
+  ck_assert_int_eq(calls, NT * 3);
+  double user_loss = st.val_loss;
+  nn_opt_cfg opt = {.kind = NN_OPT_MOMENTUM, .lr = 0.04, .momentum = 0.7};
+  bl_meta_problem q = p;
+  q.step = (bl_step){0};
+  q.opt = &opt;
+  q.n_lam = 0;
+  q.lam = NULL;
+  ck_assert_msg(bl_maml(t, &q, NULL, lib, &st) == AD_OK, "%s", ad_tape_errmsg(t));
+  double e_lib = rel_err(NP, mg, lib);
+  ck_assert(fabs(user_loss - st.val_loss) <= 1e-12 * (1 + st.val_loss));
+  ref_ctx c = {.t = t, .theta = th, .lr = lam[0], .mu = lam[1], .s = &s, .k = 3};
+  central_fd(NP, th, fd, ref_eval, &c, 1e-5);
+  central_fd(2, lam, fd + NP, ref_eval, &c, 1e-5);
+  double e_th = rel_err(NP, mg, fd), e_lam = rel_err(2, mg + NP, fd + NP);
+  printf("maml, user heavy-ball step: vs NN_OPT_MOMENTUM %.2e (bound 1e-12); vs finite "
+         "differences theta %.2e, (lr, mu) %.2e (bound 1e-6); d/dlr %.4f d/dmu %.4f\n",
+         e_lib, e_th, e_lam, ad_get(mg[NP], 0), ad_get(mg[NP + 1], 0));
+  ck_assert(e_lib <= 1e-12);
+  ck_assert(e_th <= 1e-6);
+  ck_assert(e_lam <= 1e-6);
+  ck_assert(fabs(ad_get(mg[NP], 0)) > 1e-3); /* the hyperparameters matter here */
+  list_free(NP, th);
+  list_free(NP + 2, mg);
+  list_free(NP, lib);
+  list_free(NP + 2, fd);
+  list_free(2, lam);
+  sine_free(&s);
+  ad_tape_free(t);
+}
+END_TEST
+
+/* Meta-SGD rates: one per element of each theta[j], except theta[2] (W2)
+ * which gets a single size-1 rate, drawn in [0.02, 0.08]. */
+static void rates_make(ad_tensor **rate, ad_tensor *const *th, uint64_t seed) {
+  ad_rng r;
+  ad_rng_seed(&r, seed);
+  for (int j = 0; j < NP; j++) {
+    rate[j] = j == 2 ? new_tensor(0, NULL) : new_tensor(th[j]->ndim, th[j]->shape);
+    ad_tensor_fill_uniform(rate[j], &r, 0.02, 0.08);
+  }
+}
+
+START_TEST(test_meta_sgd_rates) {
+  /* Meta-SGD: SGD adaptation (2 steps) with a learnable rate per element
+   * (opt.lr_vars pointing at lam). d meta-loss / d theta and d / d rates
+   * against central differences (step 1e-5) of the hand-written meta-loss,
+   * 1e-6 relative, f64; the meta-loss itself to 1e-12. */
+  sine_tasks s;
+  sine_make(&s, 47);
+  ad_tensor *th[NP], *rate[NP], *mg[2 * NP], *fd[2 * NP];
+  theta_make(th, 16);
+  rates_make(rate, th, 3);
+  like(NP, th, mg);
+  like(NP, rate, mg + NP);
+  like(NP, th, fd);
+  like(NP, rate, fd + NP);
+  ad_tape *t = new_tape();
+  nn_opt_cfg opt = {.kind = NN_OPT_SGD, .lr_vars = rate};
+  bl_meta_problem p = {.n_theta = NP,
+                       .theta = th,
+                       .n_tasks = NT,
+                       .support_loss = sine_support,
+                       .query_loss = sine_query,
+                       .ctx = &s,
+                       .opt = &opt,
+                       .n_lam = NP,
+                       .lam = rate,
+                       .inner_steps = 2};
+  bl_stats st;
+  ck_assert_msg(bl_maml(t, &p, NULL, mg, &st) == AD_OK, "%s", ad_tape_errmsg(t));
+  ref_ctx c = {.t = t, .theta = th, .rate = rate, .s = &s, .k = 2};
+  double f0 = ref_eval(&c);
+  ck_assert(fabs(st.val_loss - f0) <= 1e-12 * (1 + f0));
+  central_fd(NP, th, fd, ref_eval, &c, 1e-5);
+  central_fd(NP, rate, fd + NP, ref_eval, &c, 1e-5);
+  double e_th = rel_err(NP, mg, fd), e_rate = rel_err(NP, mg + NP, fd + NP);
+  printf("meta-sgd (maml, per-element rates): vs finite differences theta %.2e, rates %.2e "
+         "(bound 1e-6)\n",
+         e_th, e_rate);
+  ck_assert(e_th <= 1e-6);
+  ck_assert(e_rate <= 1e-6);
+  ck_assert(any_nonzero(NP, mg + NP));
+  list_free(NP, th);
+  list_free(NP, rate);
+  list_free(2 * NP, mg);
+  list_free(2 * NP, fd);
+  sine_free(&s);
+  ad_tape_free(t);
+}
+END_TEST
+
+START_TEST(test_fomaml_multistep_definition) {
+  /* FOMAML with Meta-SGD rates and heavy-ball adaptation (mu 0.6), 3 steps,
+   * against its definition (inner gradients held constant):
+   *   d/d theta = mean_i q_i,   d/d rate = -mean_i q_i * sum_s m_i,s+1
+   * (summed over elements for the size-1 rate), q_i = grad L_query,i(phi_i)
+   * and m the momentum buffers of the hand-written adaptation. 1e-12. */
+  sine_tasks s;
+  sine_make(&s, 53);
+  ad_tensor *th[NP], *rate[NP], *mg[2 * NP], *ex[2 * NP], *q[NP], *ms[NP];
+  theta_make(th, 18);
+  rates_make(rate, th, 5);
+  like(NP, th, mg);
+  like(NP, rate, mg + NP);
+  like(NP, th, ex);
+  like(NP, rate, ex + NP);
+  like(NP, th, q);
+  like(NP, th, ms);
+  ad_tape *t = new_tape();
+  nn_opt_cfg opt = {.kind = NN_OPT_MOMENTUM, .momentum = 0.6, .lr_vars = rate};
+  bl_meta_problem p = {.n_theta = NP,
+                       .theta = th,
+                       .n_tasks = NT,
+                       .support_loss = sine_support,
+                       .query_loss = sine_query,
+                       .ctx = &s,
+                       .opt = &opt,
+                       .n_lam = NP,
+                       .lam = rate,
+                       .inner_steps = 3};
+  bl_stats st;
+  ck_assert_msg(bl_fomaml(t, &p, NULL, mg, &st) == AD_OK, "%s", ad_tape_errmsg(t));
+  double loss = 0;
+  for (int i = 0; i < NT; i++) {
+    loss += ref_task(t, th, &s, i, 0, rate, 0.6, 3, q, ms) / NT;
+    for (int j = 0; j < NP; j++)
+      for (int64_t e = 0; e < th[j]->size; e++) {
+        double qe = ad_get(q[j], e) / NT, d = -qe * ad_get(ms[j], e);
+        ad_set(ex[j], e, ad_get(ex[j], e) + qe);
+        int64_t er = rate[j]->size == 1 ? 0 : e;
+        ad_set(ex[NP + j], er, ad_get(ex[NP + j], er) + d);
+      }
+  }
+  double e_th = rel_err(NP, mg, ex), e_rate = rel_err(NP, mg + NP, ex + NP);
+  printf("fomaml (meta-sgd + momentum, 3 steps) vs its definition: theta %.2e, rates %.2e "
+         "(bound 1e-12)\n",
+         e_th, e_rate);
+  ck_assert(fabs(st.val_loss - loss) <= 1e-12 * (1 + loss));
+  ck_assert(e_th <= 1e-12);
+  ck_assert(e_rate <= 1e-12);
+  /* and it is not MAML: the dropped second-order terms are visible */
+  ck_assert_int_eq(bl_maml(t, &p, NULL, ex, &st), AD_OK);
+  ck_assert(rel_err(2 * NP, mg, ex) > 1e-3);
+  list_free(NP, th);
+  list_free(NP, rate);
+  list_free(2 * NP, mg);
+  list_free(2 * NP, ex);
+  list_free(NP, q);
+  list_free(NP, ms);
+  sine_free(&s);
+  ad_tape_free(t);
+}
+END_TEST
+
 /* ---------------------------------------------------------------- iMAML on quadratics */
 /* Task i: L_support(phi) = 1/2 (phi - c_i)^T A_i (phi - c_i),
  *         L_query(phi)   = 1/2 (phi - d_i)^T B_i (phi - d_i),
@@ -314,6 +710,15 @@ static void spd(ad_rng *r, double *M, double shift) {
       for (int k = 0; k < QD; k++) s += G[k * QD + i] * G[k * QD + j];
       M[i * QD + j] = s;
     }
+}
+
+/* w - lr g with lr a number in ctx: a user step with no hyperparameters. */
+static ad_status ctx_sgd_step(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *state,
+                              ad_tensor *const *g, ad_tensor *const *lam, int64_t step, void *ctx,
+                              ad_tensor **w_new, ad_tensor **state_new) {
+  (void)state, (void)lam, (void)step, (void)state_new;
+  for (int i = 0; i < n; i++) w_new[i] = ad_axpy(t, w[i], -*(const double *)ctx, g[i]);
+  return ad_tape_status(t);
 }
 
 START_TEST(test_imaml_quadratic_closed_form) {
@@ -386,6 +791,27 @@ START_TEST(test_imaml_quadratic_closed_form) {
   double e2 = rel_err(1, mg, ex);
   printf("imaml with K=2 CG steps: rel err %.2e (expected > 1e-6)\n", e2);
   ck_assert(e2 > 1e-6);
+  /* The same through a user step (plain gradient steps, the rate in ctx). */
+  bl_meta_problem pu = p;
+  double lr_ctx = p.inner_lr;
+  pu.inner_lr = 0;
+  pu.step = (bl_step){.fn = ctx_sgd_step, .ctx = &lr_ctx};
+  ck_assert_msg(bl_imaml(t, &pu, &(bl_opts){.K = QD, .tol = 1e-300}, mg, &st) == AD_OK, "%s",
+                ad_tape_errmsg(t));
+  double e4 = rel_err(1, mg, ex);
+  printf("imaml, user step: rel err %.2e (bound 1e-8)\n", e4);
+  ck_assert(e4 <= 1e-8);
+  /* The fixed point does not depend on the rule that reaches it: heavy-ball
+   * adaptation (momentum 0.5, same step) gives the closed form too, 1e-8. */
+  nn_opt_cfg hb = {.kind = NN_OPT_MOMENTUM, .lr = p.inner_lr, .momentum = 0.5};
+  bl_meta_problem pm = p;
+  pm.inner_lr = 0;
+  pm.opt = &hb;
+  ck_assert_msg(bl_imaml(t, &pm, &(bl_opts){.K = QD, .tol = 1e-300}, mg, &st) == AD_OK, "%s",
+                ad_tape_errmsg(t));
+  double e3 = rel_err(1, mg, ex);
+  printf("imaml, heavy-ball adaptation: rel err %.2e (bound 1e-8)\n", e3);
+  ck_assert(e3 <= 1e-8);
   list_free(1, th);
   list_free(1, mg);
   list_free(1, ex);
@@ -486,14 +912,152 @@ START_TEST(test_duties) {
 }
 END_TEST
 
+/* Returns a [3] tensor for every parameter: the wrong shape. */
+static ad_status bad_shape_step(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *state,
+                                ad_tensor *const *g, ad_tensor *const *lam, int64_t step, void *ctx,
+                                ad_tensor **w_new, ad_tensor **state_new) {
+  (void)w, (void)state, (void)g, (void)lam, (void)step, (void)ctx, (void)state_new;
+  for (int i = 0; i < n; i++) w_new[i] = ad_zeros(t, AD_F64, 1, (int64_t[]){3});
+  return AD_OK;
+}
+/* Forgets w_new[1]. */
+static ad_status missing_step(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *state,
+                              ad_tensor *const *g, ad_tensor *const *lam, int64_t step, void *ctx,
+                              ad_tensor **w_new, ad_tensor **state_new) {
+  (void)t, (void)state, (void)g, (void)lam, (void)step, (void)ctx, (void)state_new;
+  for (int i = 0; i < n; i++) w_new[i] = i == 1 ? NULL : w[i];
+  return AD_OK;
+}
+/* Fails without recording why. */
+static ad_status silent_fail_step(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *state,
+                                  ad_tensor *const *g, ad_tensor *const *lam, int64_t step,
+                                  void *ctx, ad_tensor **w_new, ad_tensor **state_new) {
+  (void)t, (void)n, (void)w, (void)state, (void)g, (void)lam, (void)step, (void)ctx, (void)w_new,
+      (void)state_new;
+  return AD_ERR_STATE;
+}
+
+START_TEST(test_adaptation_bad_input) {
+  /* Each bad adaptation setting is refused with its status and a message
+   * naming the field; the tape is left as found and meta_grad untouched. */
+  sine_tasks s;
+  sine_make(&s, 7);
+  ad_tensor *th[NP], *rate[NP], *mg[2 * NP];
+  theta_make(th, 2);
+  rates_make(rate, th, 9);
+  like(NP, th, mg);
+  like(NP, rate, mg + NP);
+  ad_tensor *wrong = new_tensor(1, (int64_t[]){5}), *nan_rate = new_tensor(0, NULL);
+  ad_set(nan_rate, 0, NAN);
+  ad_tensor *rate_bad_shape[NP], *rate_nan[NP];
+  for (int j = 0; j < NP; j++) rate_bad_shape[j] = rate_nan[j] = rate[j];
+  rate_bad_shape[3] = wrong;
+  rate_nan[1] = nan_rate;
+  nn_opt_cfg sgd_rates = {.kind = NN_OPT_SGD, .lr_vars = rate};
+  nn_opt_cfg bad_shape = {.kind = NN_OPT_SGD, .lr_vars = rate_bad_shape};
+  nn_opt_cfg bad_nan = {.kind = NN_OPT_SGD, .lr_vars = rate_nan};
+  nn_opt_cfg neg_lr = {.kind = NN_OPT_MOMENTUM, .lr = -0.1};
+  nn_opt_cfg nan_lr = {.kind = NN_OPT_MOMENTUM, .lr = NAN};
+  nn_opt_cfg decay = {.kind = NN_OPT_SGD, .lr = 0.01, .weight_decay = 0.1};
+  bl_meta_problem ok = {.n_theta = NP,
+                        .theta = th,
+                        .n_tasks = NT,
+                        .support_loss = sine_support,
+                        .query_loss = sine_query,
+                        .ctx = &s,
+                        .opt = &sgd_rates,
+                        .n_lam = NP,
+                        .lam = rate,
+                        .inner_steps = 2,
+                        .prox = 1.0};
+  enum { NB = 16 };
+  struct {
+    bl_meta_problem p;
+    bl_meta_method_fn f;
+    ad_status want;
+    const char *says; /* a piece of the message */
+  } bad[NB];
+  for (int i = 0; i < NB; i++) bad[i].p = ok, bad[i].f = bl_maml;
+  bad[0].p.opt = NULL, bad[0].p.n_lam = 0, bad[0].p.inner_lr = NAN;
+  bad[0].want = AD_ERR_ARG, bad[0].says = "inner_lr is nan";
+  bad[1].p.opt = NULL, bad[1].p.n_lam = 0, bad[1].p.inner_lr = -0.5, bad[1].f = bl_fomaml;
+  bad[1].want = AD_ERR_ARG, bad[1].says = "inner_lr is -0.5";
+  bad[2].p.inner_lr = 0.1, bad[2].want = AD_ERR_ARG, bad[2].says = "inner_lr must be 0";
+  bad[3].p.opt = &bad_shape, bad[3].want = AD_ERR_SHAPE, bad[3].says = "opt->lr_vars[3] is [5]";
+  bad[4].p.opt = &bad_nan, bad[4].want = AD_ERR_ARG, bad[4].says = "opt->lr_vars[1] element 0";
+  bad[5].p.opt = &neg_lr, bad[5].p.n_lam = 0, bad[5].want = AD_ERR_ARG, bad[5].says = "opt->lr";
+  bad[6].p.opt = &nan_lr, bad[6].p.n_lam = 0, bad[6].want = AD_ERR_ARG, bad[6].says = "opt->lr";
+  bad[7].p.step = (bl_step){.fn = bad_shape_step}, bad[7].want = AD_ERR_ARG;
+  bad[7].says = "both step.fn and opt";
+  bad[8].p.opt = NULL, bad[8].p.step = (bl_step){.fn = bad_shape_step, .name = "mine"};
+  bad[8].want = AD_ERR_SHAPE, bad[8].says = "mine returned w_new[0] [3]";
+  bad[9].p.opt = NULL, bad[9].p.step = (bl_step){.fn = missing_step};
+  bad[9].want = AD_ERR_NULL, bad[9].says = "user step returned no w_new[1]";
+  bad[10].p.opt = NULL, bad[10].p.step = (bl_step){.fn = silent_fail_step, .slots = 3};
+  bad[10].want = AD_ERR_ARG, bad[10].says = "step.slots is 3";
+  bad[11].p.opt = NULL, bad[11].p.step = (bl_step){.fn = silent_fail_step, .name = "quiet"};
+  bad[11].want = AD_ERR_STATE, bad[11].says = "quiet failed at step 0";
+  bad[12].f = bl_imaml, bad[12].want = AD_ERR_ARG, bad[12].says = "fixed point";
+  bad[13].p.opt = &decay, bad[13].p.n_lam = 0, bad[13].f = bl_imaml;
+  bad[13].want = AD_ERR_ARG, bad[13].says = "weight decay";
+  nn_opt_cfg plain_momentum = {.kind = NN_OPT_MOMENTUM, .lr = 0.01};
+  bad[14].p.opt = &plain_momentum, bad[14].want = AD_ERR_ARG,
+  bad[14].says = "lam[0] is read by nothing";
+  bad[15].p.opt = NULL, bad[15].p.inner_lr = 0.01, bad[15].f = bl_fomaml;
+  bad[15].want = AD_ERR_ARG, bad[15].says = "lam[0] is read by nothing";
+  ad_tape *t = new_tape();
+  ad_arena_stats a0, a1;
+  ad_arena_stats_get(t, &a0);
+  for (int j = 0; j < 2 * NP; j++) ad_set(mg[j], 0, 42.0);
+  bl_stats st;
+  for (int i = 0; i < NB; i++) {
+    ad_status got = bad[i].f(t, &bad[i].p, NULL, mg, &st);
+    ck_assert_msg(got == bad[i].want && strstr(ad_tape_errmsg(t), bad[i].says),
+                  "bad case %d: got %s (%s), wanted %s with \"%s\"", i, ad_status_str(got),
+                  ad_tape_errmsg(t), ad_status_str(bad[i].want), bad[i].says);
+    printf("bad case %2d: %s\n", i, ad_tape_errmsg(t));
+    ad_tape_clear_error(t);
+  }
+  /* meta_grad for a rate shaped wrong */
+  ad_tensor *mg_bad[2 * NP];
+  for (int j = 0; j < 2 * NP; j++) mg_bad[j] = mg[j];
+  mg_bad[NP] = wrong;
+  ck_assert_int_eq(bl_maml(t, &ok, NULL, mg_bad, &st), AD_ERR_SHAPE);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "meta_grad[6]"));
+  ad_tape_clear_error(t);
+  ad_arena_stats_get(t, &a1);
+  ck_assert(a1.used == a0.used && a1.n_nodes == a0.n_nodes);
+  for (int j = 0; j < 2 * NP; j++) ck_assert(ad_get(mg[j], 0) == 42.0);
+  /* the good problem runs, and negative rates are allowed (Meta-SGD learns
+   * directions): same numbers as the hand-written adaptation */
+  ad_set(rate[0], 0, -0.03);
+  ck_assert_msg(bl_maml(t, &ok, NULL, mg, &st) == AD_OK, "%s", ad_tape_errmsg(t));
+  double f0 = ref_meta(t, th, &s, 0, rate, 0, 2);
+  ck_assert(fabs(st.val_loss - f0) <= 1e-12 * (1 + f0));
+  ad_tape_free(t);
+  list_free(NP, th);
+  list_free(NP, rate);
+  list_free(2 * NP, mg);
+  ad_tensor_free(wrong);
+  ad_tensor_free(nan_rate);
+  sine_free(&s);
+}
+END_TEST
+
 static Suite *meta_suite(void) {
   Suite *s = suite_create("bl_meta");
   TCase *tc = tcase_create("meta");
   tcase_set_timeout(tc, 600);
   tcase_add_test(tc, test_maml_finite_differences);
   tcase_add_test(tc, test_fomaml_is_maml_minus_second_order);
+  tcase_add_test(tc, test_maml_momentum_three_steps);
+  tcase_add_test(tc, test_maml_adam_rmsprop);
+  tcase_add_test(tc, test_maml_user_step);
+  tcase_add_test(tc, test_meta_sgd_rates);
+  tcase_add_test(tc, test_fomaml_multistep_definition);
   tcase_add_test(tc, test_imaml_quadratic_closed_form);
   tcase_add_test(tc, test_duties);
+  tcase_add_test(tc, test_adaptation_bad_input);
   suite_add_tcase(s, tc);
   return s;
 }
