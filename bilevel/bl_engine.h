@@ -234,7 +234,8 @@ ad_status bl_engine_add(bl_engine *e, const bl_level *l, int *id);
  *   NN_MAX_PARAMS tensors on either side;
  * - a loss that records an error or returns a non-scalar when evaluated
  *   once at the current values (shape mismatches surface here).
- * On success the iterators are made and the optimizer states zeroed. */
+ * On success the iterators are made and the optimizer states zeroed. Once
+ * per engine: after a failed build, make a new one. */
 ad_status bl_engine_build(bl_engine *e);
 
 /* One engine step / n of them with validation, early stopping and logging

@@ -111,7 +111,7 @@ typedef struct {
 struct bl_engine {
   bl_engine_opts o;
   ad_tape *t;
-  int n, built, add_failed;
+  int n, built, add_failed, build_tried;
   level lv[BL_ENGINE_MAX_LEVELS];
   int order[BL_ENGINE_MAX_LEVELS]; /* a topological order, lowest first */
   ad_status status;
@@ -526,6 +526,11 @@ ad_status bl_engine_build(bl_engine *e) {
   if (e->add_failed)
     return efail(e, AD_ERR_STATE, "bl_engine_build: a bl_engine_add call failed before");
   if (e->built) return efail(e, AD_ERR_STATE, "bl_engine_build: already built");
+  /* A failed build has made states and links; starting over is cleaner
+   * than undoing them. */
+  if (e->build_tried)
+    return efail(e, AD_ERR_STATE, "bl_engine_build: a build failed before; make a new engine");
+  e->build_tried = 1;
   if (e->n == 0) return efail(e, AD_ERR_ARG, "bl_engine_build: no levels");
   for (int i = 0; i < e->n; i++)
     for (int j = 0; j < i; j++)
@@ -1236,6 +1241,7 @@ ad_status bl_engine_save(bl_engine *e, const char *path) {
     free(b.p);
     return s;
   }
+  fchmod(fd, 0644); /* mkstemp makes 0600; a state file is not secret */
   size_t off = 0;
   int ok = 1, err = 0;
   while (ok && off < b.n) {

@@ -41,10 +41,9 @@ static ad_tensor *hpo_loss(ad_tape *t, const bl_vars *v, void *ctx) {
 
 START_TEST(test_header_example) {
   ad_tensor *w = heap(1, (double[]){0.0}), *lam = heap(1, (double[]){0.5});
-  FILE *quiet = tmpfile();
-  /* As in bl_engine.h (progress lines to a file here, not stdout). */
+  /* As in bl_engine.h. */
   bl_engine *e = NULL;
-  bl_engine_new(&e, &(bl_engine_opts){.log_every = 10, .progress = quiet});
+  bl_engine_new(&e, &(bl_engine_opts){.log_every = 10});
   nn_opt_cfg sgd = {.kind = NN_OPT_SGD, .lr = 0.1}, adam = {.kind = NN_OPT_ADAM, .lr = 1e-2};
   bl_engine_add(
       e,
@@ -88,7 +87,6 @@ START_TEST(test_header_example) {
   /* It learned: lam moved from 0.5 toward the optimum lam = 1 (w* = 1). */
   ck_assert(ad_item(lam) > 0.9 && ad_item(lam) < 1.1);
   bl_engine_free(e);
-  fclose(quiet);
   ad_tensor_free(w);
   ad_tensor_free(lam);
 }
@@ -827,6 +825,117 @@ START_TEST(test_user_step_top) {
 }
 END_TEST
 
+/* ================================================================ a DAG: one level over two
+ * L1: (w1 - 2)^2 + lam w1^2,  L2: (w2 + 1)^2 + 2 lam w2^2  (SGD 0.1, 4 steps each)
+ * U:  (w1 - 1)^2 + (w2 + 0.3)^2 + 0.1 lam^2, with a direct term, by unroll over
+ * both. The engine sums the two edges and keeps the direct term once:
+ * compared with central differences of the plain-C program, 1e-7. */
+enum { D1 = 0, D2 = 1, DU = 2 };
+static ad_tensor *dag_l1(ad_tape *t, const bl_vars *v, void *ctx) {
+  (void)ctx;
+  ad_tensor *w = v->p[D1][0], *d = ad_add_scalar(t, w, -2.0);
+  return ad_add(t, ad_dot(t, d, d), ad_dot(t, ad_mul(t, v->p[DU][0], w), w));
+}
+static ad_tensor *dag_l2(ad_tape *t, const bl_vars *v, void *ctx) {
+  (void)ctx;
+  ad_tensor *w = v->p[D2][0], *d = ad_add_scalar(t, w, 1.0);
+  return ad_add(t, ad_dot(t, d, d), ad_scale(t, ad_dot(t, ad_mul(t, v->p[DU][0], w), w), 2.0));
+}
+static ad_tensor *dag_u(ad_tape *t, const bl_vars *v, void *ctx) {
+  (void)ctx;
+  ad_tensor *a = ad_add_scalar(t, v->p[D1][0], -1.0), *b = ad_add_scalar(t, v->p[D2][0], 0.3);
+  ad_tensor *lam = v->p[DU][0];
+  return ad_add(t, ad_add(t, ad_dot(t, a, a), ad_dot(t, b, b)),
+                ad_scale(t, ad_dot(t, lam, lam), 0.1));
+}
+static double dag_ref(double lam) {
+  double w1 = 0.5, w2 = 0.2;
+  for (int k = 0; k < 4; k++) {
+    w1 -= 0.1 * (2 * (w1 - 2) + 2 * lam * w1);
+    w2 -= 0.1 * (2 * (w2 + 1) + 4 * lam * w2);
+  }
+  return (w1 - 1) * (w1 - 1) + (w2 + 0.3) * (w2 + 0.3) + 0.1 * lam * lam;
+}
+
+START_TEST(test_dag_two_lowers) {
+  ad_tensor *w1 = heap(1, (double[]){0.5}), *w2 = heap(1, (double[]){0.2});
+  ad_tensor *lam = heap(1, (double[]){0.3}), *hg = heap(1, (double[]){0});
+  nn_opt_cfg sgd = {.kind = NN_OPT_SGD, .lr = 0.1};
+  bl_engine *e = NULL;
+  ck_assert_int_eq(bl_engine_new(&e, NULL), AD_OK);
+  bl_engine_add(
+      e, &(bl_level){.name = "l1", .n = 1, .params = &w1, .loss = dag_l1, .opt = &sgd, .steps = 4},
+      NULL);
+  bl_engine_add(
+      e, &(bl_level){.name = "l2", .n = 1, .params = &w2, .loss = dag_l2, .opt = &sgd, .steps = 4},
+      NULL);
+  bl_engine_add(e,
+                &(bl_level){.name = "u",
+                            .n = 1,
+                            .params = &lam,
+                            .loss = dag_u,
+                            .opt = &sgd,
+                            .n_deps = 2,
+                            .deps = {{.level = "l1"}, {.level = "l2", .method = BL_FORWARD}}},
+                NULL);
+  ck_assert_msg(bl_engine_build(e) == AD_OK, "%s", bl_engine_errmsg(e));
+  ck_assert_int_eq(bl_engine_hypergrad(e, DU, &hg, NULL), AD_OK);
+  double h = 1e-5, fd = (dag_ref(0.3 + h) - dag_ref(0.3 - h)) / (2 * h);
+  fprintf(stderr, "dag: hg %.15g fd %.15g\n", ad_item(hg), fd);
+  ck_assert(rel(ad_item(hg), fd) < 1e-7);
+  ck_assert_int_eq(bl_engine_step(e), AD_OK);
+  ck_assert_int_eq(bl_engine_level_steps(e, D1), 4);
+  ck_assert_int_eq(bl_engine_level_steps(e, D2), 4);
+  bl_engine_free(e);
+  ad_tensor_free(w1);
+  ad_tensor_free(w2);
+  ad_tensor_free(lam);
+  ad_tensor_free(hg);
+}
+END_TEST
+
+/* ================================================================ a schedule, an nn_params set
+ * One level, loss sum (w - 3)^2 over an nn_params set of two tensors, SGD
+ * lr 0.1 * 1/(1 + k): w_{k+1} = w_k - 0.2 (w_k - 3) / (1 + k), by hand. */
+static double inv_decay(int64_t k, void *ctx) {
+  (void)ctx;
+  return 1.0 / (1.0 + (double)k);
+}
+static ad_tensor *sched_loss(ad_tape *t, const bl_vars *v, void *ctx) {
+  (void)ctx;
+  ad_tensor *a = ad_add_scalar(t, v->p[0][0], -3.0), *b = ad_add_scalar(t, v->p[0][1], -3.0);
+  return ad_add(t, ad_dot(t, a, a), ad_dot(t, b, b));
+}
+
+START_TEST(test_schedule_and_set) {
+  nn_params *set = NULL;
+  nn_param_spec sp[2] = {{"a", 1, {2}}, {"b", 0, {0}}};
+  ck_assert_int_eq(nn_params_new(&set, AD_F64, 2, sp), AD_OK);
+  nn_opt_cfg sgd = {.kind = NN_OPT_SGD, .lr = 0.1};
+  bl_engine *e = NULL;
+  ck_assert_int_eq(bl_engine_new(&e, NULL), AD_OK);
+  ck_assert_int_eq(bl_engine_add(e,
+                                 &(bl_level){.name = "fit",
+                                             .set = set,
+                                             .loss = sched_loss,
+                                             .opt = &sgd,
+                                             .steps = 3,
+                                             .schedule = inv_decay},
+                                 NULL),
+                   AD_OK);
+  ck_assert_msg(bl_engine_build(e) == AD_OK, "%s", bl_engine_errmsg(e));
+  ck_assert_int_eq(bl_engine_run(e, 2, NULL), AD_OK);
+  double w = 0;
+  for (int k = 0; k < 6; k++) w -= 0.1 / (1.0 + k) * 2 * (w - 3);
+  for (int i = 0; i < 3; i++)
+    ck_assert_msg(rel(ad_get(nn_params_values(set), i), w) < 1e-14, "%d: %.17g vs %.17g", i,
+                  ad_get(nn_params_values(set), i), w);
+  ck_assert_int_eq(bl_engine_level_steps(e, 0), 6);
+  bl_engine_free(e);
+  nn_params_free(set);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("bl_engine");
   TCase *tc = tcase_create("engine");
@@ -839,6 +948,8 @@ int main(void) {
   tcase_add_test(tc, test_resume_bit_identical);
   tcase_add_test(tc, test_corrupt_state);
   tcase_add_test(tc, test_user_step_top);
+  tcase_add_test(tc, test_dag_two_lowers);
+  tcase_add_test(tc, test_schedule_and_set);
   suite_add_tcase(s, tc);
   return gc_run_suite(s);
 }
