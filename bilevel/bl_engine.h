@@ -230,8 +230,10 @@ ad_status bl_engine_add(bl_engine *e, const bl_level *l, int *id);
  *   Hessian), an implicit method (neumann, cg, fixed_point, hoag, exact,
  *   sama) when the upper level's parameters are the lower one's optimizer
  *   settings (at w* they have no effect: the answer would be 0),
- *   gauss_newton (a level has no output/loss split), more than
- *   NN_MAX_PARAMS tensors on either side;
+ *   gauss_newton (a level has no output/loss split), neumann over a
+ *   user step without opts.alpha, more than NN_MAX_PARAMS tensors;
+ * - a user step on a level with two or more levels above it (its lam
+ *   argument, the parameters of the level above, would be ambiguous);
  * - a loss that records an error or returns a non-scalar when evaluated
  *   once at the current values (shape mismatches surface here).
  * On success the iterators are made and the optimizer states zeroed. Once

@@ -386,6 +386,13 @@ static ad_status check_level(bl_engine *e, int id) {
       if (ad_tensor_new(&L->us[j], w->dtype, w->ndim, w->shape))
         return efail(e, AD_ERR_NOMEM, "bl_engine_build: level '%s': out of memory", nm);
     }
+    /* The step's own initial state, written in place (zeros otherwise). */
+    if (l->step.init && l->step.slots > 0) {
+      ad_marker m = ad_mark(e->t);
+      ad_status s = l->step.init(e->t, L->n, L->params, L->us, l->step.ctx);
+      ad_rewind(e->t, m);
+      if (s) return efrom(e, s, "bl_engine_build: step init");
+    }
   }
   for (int i = 0; i < L->n; i++) {
     const ad_tensor *w = L->params[i];
@@ -453,12 +460,16 @@ static ad_status check_edge(bl_engine *e, int u, int d) {
                  "bl_engine_build: level '%s' over '%s': gauss_newton needs the lower loss split "
                  "into outputs and an output loss, which a level does not have",
                  U->name, L->name);
-  if (L->user)
+  if (L->user && m == BL_NEUMANN && dep->opts.alpha == 0)
     return efail(e, AD_ERR_ARG,
-                 "bl_engine_build: level '%s' over '%s': '%s' has a user step, which bl_%s does "
-                 "not take yet (bl_problem.step is not threaded through the methods); use a "
-                 "library optimizer there",
-                 U->name, L->name, L->name, mn);
+                 "bl_engine_build: level '%s' over '%s': neumann needs opts.alpha with a user "
+                 "step ('%s''s step has no learning rate to default to)",
+                 U->name, L->name, L->name);
+  if (L->user && L->n_up > 1)
+    return efail(e, AD_ERR_ARG,
+                 "bl_engine_build: level '%s' has a user step and %d levels above it: which "
+                 "level's parameters its lam argument holds would depend on the edge",
+                 L->name, L->n_up);
   if (dep->force) return AD_OK;
   int64_t P = numel(U->n, U->params), N = numel(L->n, L->params);
   if (m == BL_FORWARD && P > FORWARD_MAX_HYPER)
@@ -1153,7 +1164,10 @@ static int state_list(level *L, ad_tensor **out) {
   if (L->user) {
     for (int i = 0; i < L->l.step.slots * L->n; i++) out[k++] = L->us[i];
   } else {
-    k = bl__state_list(&L->os, out);
+    for (int i = 0; i < L->os.n; i++)
+      if (L->os.m[i]) out[k++] = L->os.m[i];
+    for (int i = 0; i < L->os.n; i++)
+      if (L->os.v[i]) out[k++] = L->os.v[i];
   }
   return k;
 }

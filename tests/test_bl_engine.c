@@ -825,6 +825,52 @@ START_TEST(test_user_step_top) {
 }
 END_TEST
 
+/* The same heavy ball as the lower level's step, through unroll and cg
+ * edges: equal to NN_OPT_MOMENTUM (lr 1e-2, mu 0.9) to 1e-14 after 10
+ * engine steps (the methods run the user step; the engine applies it in
+ * place and saves its state). */
+START_TEST(test_user_step_lower) {
+  const bl_method ms[2] = {BL_UNROLL, BL_CG};
+  for (int mi = 0; mi < 2; mi++) {
+    ad_tensor *w[2], *lam[2];
+    bl_engine *e[2];
+    nn_opt_cfg mom = {.kind = NN_OPT_MOMENTUM, .lr = 1e-2}, sgd = {.kind = NN_OPT_SGD, .lr = 0.05};
+    for (int k = 0; k < 2; k++) {
+      w[k] = heap(1, (double[]){0.0});
+      lam[k] = heap(1, (double[]){0.5});
+      ck_assert_int_eq(bl_engine_new(&e[k], NULL), AD_OK);
+      bl_level lo = {.name = "cls", .n = 1, .params = &w[k], .loss = cls_loss, .steps = 6};
+      if (k == 0)
+        lo.opt = &mom;
+      else
+        lo.step = (bl_step){.fn = heavy_ball, .slots = 1, .name = "heavy ball"};
+      bl_engine_add(e[k], &lo, NULL);
+      bl_engine_add(e[k],
+                    &(bl_level){.name = "hpo",
+                                .n = 1,
+                                .params = &lam[k],
+                                .loss = hpo_loss,
+                                .opt = &sgd,
+                                .n_deps = 1,
+                                .deps = {{.level = "cls", .method = ms[mi]}}},
+                    NULL);
+      ck_assert_msg(bl_engine_build(e[k]) == AD_OK, "%s", bl_engine_errmsg(e[k]));
+      ck_assert_msg(bl_engine_run(e[k], 10, NULL) == AD_OK, "%s", bl_engine_errmsg(e[k]));
+    }
+    fprintf(stderr, "user step below (%s): lam %.17g vs %.17g\n", bl_method_name(ms[mi]),
+            ad_item(lam[0]), ad_item(lam[1]));
+    ck_assert(ad_item(lam[0]) != 0.5);
+    ck_assert(rel(ad_item(lam[0]), ad_item(lam[1])) < 1e-14);
+    ck_assert(rel(ad_item(w[0]), ad_item(w[1])) < 1e-14);
+    for (int k = 0; k < 2; k++) {
+      bl_engine_free(e[k]);
+      ad_tensor_free(w[k]);
+      ad_tensor_free(lam[k]);
+    }
+  }
+}
+END_TEST
+
 /* ================================================================ a DAG: one level over two
  * L1: (w1 - 2)^2 + lam w1^2,  L2: (w2 + 1)^2 + 2 lam w2^2  (SGD 0.1, 4 steps each)
  * U:  (w1 - 1)^2 + (w2 + 0.3)^2 + 0.1 lam^2, with a direct term, by unroll over
@@ -948,6 +994,7 @@ int main(void) {
   tcase_add_test(tc, test_resume_bit_identical);
   tcase_add_test(tc, test_corrupt_state);
   tcase_add_test(tc, test_user_step_top);
+  tcase_add_test(tc, test_user_step_lower);
   tcase_add_test(tc, test_dag_two_lowers);
   tcase_add_test(tc, test_schedule_and_set);
   suite_add_tcase(s, tc);
