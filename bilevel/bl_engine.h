@@ -17,9 +17,12 @@
  *     bl_engine_run(e, 100, NULL);                 // 100 hpo steps, 500 cls steps
  *     bl_engine_free(e);
  *
- * where a loss reads every level's parameters through the view it is given:
- *     ad_tensor *cls_loss(ad_tape *t, const bl_vars *v, void *ctx)
- *       { ... v->p[CLS][0] (w), v->p[HPO][0] (lam) ... }
+ * where a loss reads every level's parameters through the view it is given
+ * (the test's: cls (w - 2)^2 + lam w^2, hpo (w - 1)^2; lam goes to 1):
+ *     ad_tensor *cls_loss(ad_tape *t, const bl_vars *v, void *ctx) {
+ *       ad_tensor *w = v->p[CLS][0], *lam = v->p[HPO][0], *d = ad_add_scalar(t, w, -2.0);
+ *       return ad_add(t, ad_dot(t, d, d), ad_dot(t, ad_mul(t, lam, w), w));
+ *     }
  * (tests/test_bl_engine.c, test_header_example, builds and runs exactly this.)
  *
  * The model
@@ -163,7 +166,8 @@ typedef struct bl_level {
   bl_level_loss_fn loss;
   void *ctx; /* passed to loss */
   /* the step: a library optimizer (its *_var fields may point at the
-   * parameters of a level above) or a user step (step.fn set) */
+   * parameters of a level above) or a user step (step.fn set; its lam
+   * argument is the parameters of the level above, NULL for a top level) */
   const nn_opt_cfg *opt;
   bl_step step;
   /* batches: drawn from data by an iterator the engine owns (NULL: none) */
@@ -270,7 +274,9 @@ ad_tape *bl_engine_tape(bl_engine *e);                     /* for validation cal
  * version, length, checksum, names, dtypes and shapes against this
  * engine's levels) before changing anything: AD_ERR_FORMAT for a corrupt,
  * truncated or foreign file, the engine untouched. load_bytes does the
- * same on a buffer (the fuzz target's entry). After build only. */
+ * same on a buffer (the fuzz target's entry). After build only. Not in the
+ * file: what the caller owns (a bl_opts.hoag state, ctx contents), so a
+ * HOAG warm start restarts cold after a resume. */
 ad_status bl_engine_save(bl_engine *e, const char *path);
 ad_status bl_engine_load(bl_engine *e, const char *path);
 ad_status bl_engine_load_bytes(bl_engine *e, const void *bytes, size_t len);

@@ -982,6 +982,60 @@ START_TEST(test_schedule_and_set) {
 }
 END_TEST
 
+/* Calls out of order or with NULLs: statuses and messages, no crash. */
+START_TEST(test_bad_calls) {
+  ck_assert_int_eq(bl_engine_new(NULL, NULL), AD_ERR_NULL);
+  ck_assert_int_eq(bl_engine_add(NULL, NULL, NULL), AD_ERR_NULL);
+  ck_assert_int_eq(bl_engine_build(NULL), AD_ERR_NULL);
+  ck_assert_int_eq(bl_engine_step(NULL), AD_ERR_NULL);
+  bl_engine_free(NULL);
+  bl_engine *e = NULL;
+  ck_assert_int_eq(bl_engine_new(&e, &(bl_engine_opts){.patience = -1}), AD_ERR_ARG);
+  ck_assert_ptr_null(e);
+  ck_assert_int_eq(bl_engine_new(&e, NULL), AD_OK);
+  ck_assert_int_eq(bl_engine_step(e), AD_ERR_STATE);
+  ck_assert_ptr_nonnull(strstr(bl_engine_errmsg(e), "bl_engine_build first"));
+  ck_assert_int_eq(bl_engine_save(e, "/tmp/x"), AD_ERR_STATE);
+  ck_assert_int_eq(bl_engine_add(e, NULL, NULL), AD_ERR_NULL);
+  ck_assert_int_eq(bl_engine_build(e), AD_ERR_STATE); /* an add failed */
+  bl_engine_free(e);
+  ad_tensor *w = heap(1, (double[]){0.0}), *lam = heap(1, (double[]){0.5});
+  nn_opt_cfg sgd = {.kind = NN_OPT_SGD, .lr = 0.1};
+  ck_assert_int_eq(bl_engine_new(&e, NULL), AD_OK);
+  int id = -5;
+  ck_assert_int_eq(
+      bl_engine_add(
+          e, &(bl_level){.name = "cls", .n = 1, .params = &w, .loss = cls_loss, .opt = &sgd}, &id),
+      AD_OK);
+  ck_assert_int_eq(id, 0);
+  ck_assert_int_eq(bl_engine_add(e,
+                                 &(bl_level){.name = "hpo",
+                                             .n = 1,
+                                             .params = &lam,
+                                             .loss = hpo_loss,
+                                             .opt = &sgd,
+                                             .n_deps = 1,
+                                             .deps = {{.level = "cls"}}},
+                                 &id),
+                   AD_OK);
+  ck_assert_int_eq(bl_engine_build(e), AD_OK);
+  ck_assert_int_eq(bl_engine_build(e), AD_ERR_STATE);
+  ck_assert_int_eq(bl_engine_add(e, &(bl_level){.name = "late"}, NULL), AD_ERR_STATE);
+  ck_assert_int_eq(bl_engine_hypergrad(e, 7, &lam, NULL), AD_ERR_ARG);
+  ad_tensor *wrong = heap(2, (double[]){0, 0});
+  ck_assert_int_eq(bl_engine_hypergrad(e, 1, &wrong, NULL), AD_ERR_SHAPE);
+  ck_assert_int_eq(bl_engine_run(e, -1, NULL), AD_ERR_ARG);
+  ck_assert_int_eq(bl_engine_find(e, "hpo"), 1);
+  ck_assert_int_eq(bl_engine_find(e, "none"), -1);
+  ck_assert_int_eq(bl_engine_run(e, 2, NULL), AD_OK); /* still usable */
+  ck_assert_str_eq(bl_engine_errmsg(e), "");
+  bl_engine_free(e);
+  ad_tensor_free(w);
+  ad_tensor_free(lam);
+  ad_tensor_free(wrong);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("bl_engine");
   TCase *tc = tcase_create("engine");
@@ -997,6 +1051,7 @@ int main(void) {
   tcase_add_test(tc, test_user_step_lower);
   tcase_add_test(tc, test_dag_two_lowers);
   tcase_add_test(tc, test_schedule_and_set);
+  tcase_add_test(tc, test_bad_calls);
   suite_add_tcase(s, tc);
   return gc_run_suite(s);
 }
