@@ -927,7 +927,14 @@ static ad_status one_step(bl_engine *e, int u) {
   ad_status s = compute_grad(e, u, &value);
   if (s) return s;
   U->last_loss = value;
-  if (U->l.n_deps) e->hg_norm = bl__norm(U->n, U->hg);
+  double norm = bl__norm(U->n, U->hg);
+  if (U->l.n_deps) e->hg_norm = norm;
+  /* Never a silent NaN: stop before it reaches the parameters. */
+  if (!isfinite(value) || !isfinite(norm))
+    return efail(e, AD_ERR_NUMERIC,
+                 "level '%s': step %lld: its loss is %g and its %sgradient's norm %g; the "
+                 "parameters are left as they were",
+                 U->name, (long long)U->count, value, U->l.n_deps ? "hyper" : "", norm);
   s = apply_step(e, u);
   if (s) return s;
   for (int d = 0; d < U->l.n_deps && !s; d++) s = advance_call(e, U->dep[d]);

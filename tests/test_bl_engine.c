@@ -1036,6 +1036,52 @@ START_TEST(test_bad_calls) {
 }
 END_TEST
 
+/* A loss that turns NaN: the step stops with AD_ERR_NUMERIC naming the
+ * level, and the parameters keep their last finite values. */
+static int poison;
+static ad_tensor *nan_loss(ad_tape *t, const bl_vars *v, void *ctx) {
+  /* cls_loss when there is a level above, else (w - 1)^2 */
+  ad_tensor *L = v->p[HPO] ? cls_loss(t, v, ctx) : hpo_loss(t, v, ctx);
+  return poison ? ad_scale(t, L, NAN) : L;
+}
+
+START_TEST(test_nan_stops) {
+  ad_tensor *w = heap(1, (double[]){0.0}), *lam = heap(1, (double[]){0.5});
+  nn_opt_cfg sgd = {.kind = NN_OPT_SGD, .lr = 0.1};
+  for (int top = 0; top < 2; top++) {
+    bl_engine *e = NULL;
+    poison = 0;
+    ck_assert_int_eq(bl_engine_new(&e, NULL), AD_OK);
+    bl_engine_add(
+        e,
+        &(bl_level){.name = "cls", .n = 1, .params = &w, .loss = nan_loss, .opt = &sgd, .steps = 2},
+        NULL);
+    if (top)
+      bl_engine_add(e,
+                    &(bl_level){.name = "hpo",
+                                .n = 1,
+                                .params = &lam,
+                                .loss = hpo_loss,
+                                .opt = &sgd,
+                                .n_deps = 1,
+                                .deps = {{.level = "cls"}}},
+                    NULL);
+    ck_assert_int_eq(bl_engine_build(e), AD_OK);
+    ck_assert_int_eq(bl_engine_run(e, 2, NULL), AD_OK);
+    double w1 = ad_item(w), l1 = ad_item(lam);
+    poison = 1;
+    ck_assert_int_eq(bl_engine_step(e), AD_ERR_NUMERIC);
+    fprintf(stderr, "nan: %s\n", bl_engine_errmsg(e));
+    ck_assert_ptr_nonnull(strstr(bl_engine_errmsg(e), "cls"));
+    ck_assert_double_eq(ad_item(w), w1);
+    ck_assert_double_eq(ad_item(lam), l1);
+    bl_engine_free(e);
+  }
+  ad_tensor_free(w);
+  ad_tensor_free(lam);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("bl_engine");
   TCase *tc = tcase_create("engine");
@@ -1052,6 +1098,7 @@ int main(void) {
   tcase_add_test(tc, test_dag_two_lowers);
   tcase_add_test(tc, test_schedule_and_set);
   tcase_add_test(tc, test_bad_calls);
+  tcase_add_test(tc, test_nan_stops);
   suite_add_tcase(s, tc);
   return gc_run_suite(s);
 }
