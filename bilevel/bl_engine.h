@@ -274,7 +274,9 @@ ad_tape *bl_engine_tape(bl_engine *e);                     /* for validation cal
  * version, length, checksum, names, dtypes and shapes against this
  * engine's levels) before changing anything: AD_ERR_FORMAT for a corrupt,
  * truncated or foreign file, the engine untouched. load_bytes does the
- * same on a buffer (the fuzz target's entry). After build only. Not in the
+ * same on a buffer (the fuzz target's entry). Iterators are restored by
+ * replaying their draws from a reset (the file holds the count, not the
+ * batches; ds.h has no iterator state to save). After build only. Not in the
  * file: what the caller owns (a bl_opts.hoag state, ctx contents), so a
  * HOAG warm start restarts cold after a resume. */
 ad_status bl_engine_save(bl_engine *e, const char *path);
