@@ -669,7 +669,7 @@ typedef struct {
 static void map_cfg(const bl_engine *e, const level *L, const bl_vars *v, double lr_mult,
                     cfg_view *c) {
   c->cfg = L->opt;
-  if (lr_mult != 1.0) c->cfg.lr = (L->opt.lr != 0 ? L->opt.lr : 0.01) * lr_mult;
+  if (lr_mult != 1.0) c->cfg.lr = bl__lr(&L->opt) * lr_mult;
   c->cfg.lr_var = map_var(e, v, L->opt.lr_var);
   c->cfg.momentum_var = map_var(e, v, L->opt.momentum_var);
   c->cfg.weight_decay_var = map_var(e, v, L->opt.weight_decay_var);
@@ -880,7 +880,7 @@ static ad_status apply_step(bl_engine *e, int u) {
   if (!U->user) {
     nn_opt_cfg c = U->opt;
     double mult = lr_mult(U);
-    if (U->l.schedule) c.lr = (U->opt.lr != 0 ? U->opt.lr : 0.01) * mult;
+    if (U->l.schedule) c.lr = bl__lr(&U->opt) * mult;
     s = nn_opt_step(&c, &U->os, U->n, U->params, U->hg);
     if (s) return efail(e, s, "level '%s': step: %s", U->name, ad_last_error());
   } else {
