@@ -253,11 +253,11 @@ static ad_status resolve_step(bl_meta_run *r) {
     if (st) return st;
     r->opt.uses_m = s.m[0] != NULL;
     r->opt.uses_v = s.v[0] != NULL;
-    r->step = (bl_step){opt_provider, r->opt.uses_m + r->opt.uses_v, &r->opt, "opt"};
+    r->step = (bl_step){.fn = opt_provider, .slots = r->opt.uses_m + r->opt.uses_v, .ctx = &r->opt, .name = "opt"};
     return AD_OK;
   }
   r->lr = p->inner_lr;
-  r->step = (bl_step){sgd_provider, 0, &r->lr, "plain SGD"};
+  r->step = (bl_step){.fn = sgd_provider, .slots = 0, .ctx = &r->lr, .name = "plain SGD"};
   return AD_OK;
 }
 
