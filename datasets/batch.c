@@ -91,13 +91,16 @@ void ds_iter_free(ds_iter *it) {
 
 int64_t ds_iter_batches_per_epoch(const ds_iter *it) {
   if (!it) return 0;
-  return it->o.keep_last ? (it->n + it->o.batch - 1) / it->o.batch : it->n / it->o.batch;
+  /* ceil(n / batch) without forming n + batch - 1, which wraps for a huge batch */
+  int64_t full = it->n / it->o.batch;
+  return it->o.keep_last && it->n % it->o.batch ? full + 1 : full;
 }
 
 /* A batch buffer must be [batch, ...] with per elements per example. */
 static ad_status check_buf(const char *what, const ad_tensor *t, int64_t batch, int64_t per) {
+  int64_t want;
   if (t->data && ds_dtype_ok(t->dtype) && t->ndim >= 1 && t->shape[0] == batch &&
-      t->size == batch * per)
+      !ds_mul_overflow(batch, per, &want) && t->size == want)
     return AD_OK;
   char a[64];
   return ds_fail(AD_ERR_SHAPE,

@@ -24,8 +24,12 @@ static int is_blank(char c) {
 
 static ad_status push(csv_state *st, double v) {
   if (st->n == st->cap) {
-    int64_t ncap = st->cap ? 2 * st->cap : 1024;
-    double *nv = realloc(st->vals, (size_t)ncap * sizeof *nv);
+    int64_t ncap = 1024, bytes;
+    if (st->cap && ds_mul_overflow(st->cap, 2, &ncap))
+      return ds_fail(AD_ERR_NOMEM, "%s: too many values", st->name);
+    if (ds_mul_overflow(ncap, (int64_t)sizeof *st->vals, &bytes) || (uint64_t)bytes > SIZE_MAX)
+      return ds_fail(AD_ERR_NOMEM, "%s: too many values", st->name);
+    double *nv = realloc(st->vals, (size_t)bytes);
     if (!nv) return ds_fail(AD_ERR_NOMEM, "%s: out of memory", st->name);
     st->vals = nv;
     st->cap = ncap;
@@ -202,8 +206,8 @@ ad_status ds_csv_read(ad_tensor **out, const char *path, const ds_csv_opts *opts
   size_t n = 0, cap = 0;
   for (;;) {
     if (n == cap) {
-      size_t ncap = cap ? 2 * cap : 1 << 16;
-      char *nb = realloc(buf, ncap);
+      size_t ncap = 1 << 16;
+      char *nb = cap && __builtin_mul_overflow(cap, 2, &ncap) ? NULL : realloc(buf, ncap);
       if (!nb) {
         free(buf);
         fclose(f);

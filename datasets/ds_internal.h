@@ -27,6 +27,28 @@ ad_status ds_tensor_new(ad_tensor **out, ad_dtype dt, int ndim, const int64_t *s
 /* 1 if dt is a dtype the tensors know. */
 int ds_dtype_ok(ad_dtype dt);
 
+/* Checked size arithmetic, the builtins' convention: returns 1 (and leaves
+ * *r unspecified) when a * b or a + b does not fit an int64_t, else 0 with
+ * the result in *r. Every size, count and byte computation on values that
+ * come from a file or a caller goes through these, so a huge dimension is
+ * an error message instead of a wrapped product and a short buffer. (Kept
+ * to the ds_ prefix until the autodiff core has a shared one.) */
+static inline int ds_mul_overflow(int64_t a, int64_t b, int64_t *r) {
+  return __builtin_mul_overflow(a, b, r);
+}
+static inline int ds_add_overflow(int64_t a, int64_t b, int64_t *r) {
+  return __builtin_add_overflow(a, b, r);
+}
+/* Product of n sizes, each >= 0, times esize (pass 1 for a count): 1 on
+ * overflow, else 0 with the product in *r. */
+static inline int ds_prod_overflow(int n, const int64_t *dims, int64_t esize, int64_t *r) {
+  int64_t p = esize;
+  for (int i = 0; i < n; i++)
+    if (ds_mul_overflow(p, dims[i], &p)) return 1;
+  *r = p;
+  return 0;
+}
+
 /* Element i of a heap tensor as double, and back: the generators' loops are
  * short, and these skip the checks ad_get/ad_set make per call. */
 static inline double ds_at(const ad_tensor *t, int64_t i) {

@@ -199,7 +199,6 @@ static ad_status read_header(idx_src *s, ds_idx *a) {
         AD_ERR_FORMAT,
         "%s: truncated IDX header: magic 0x%08x announces %d dims (%d bytes), found %lld", s->path,
         magic, a->ndim, 4 * a->ndim, (long long)got);
-  a->count = 1;
   size_t esize = ds_idx_type_size(a->type);
   for (int i = 0; i < DS_IDX_MAX_DIMS; i++) a->dims[i] = 1;
   for (int i = 0; i < a->ndim; i++) {
@@ -207,11 +206,12 @@ static ad_status read_header(idx_src *s, ds_idx *a) {
     if (a->dims[i] == 0)
       return ds_fail(AD_ERR_FORMAT, "%s: IDX dimension %d is 0; expected a positive size", s->path,
                      i);
-    /* Dims are < 2^32 each; stop before the byte count can overflow. */
-    if (a->count > INT64_MAX / (int64_t)esize / a->dims[i])
-      return ds_fail(AD_ERR_FORMAT, "%s: IDX dims overflow a 64-bit byte count", s->path);
-    a->count *= a->dims[i];
   }
+  /* Dims are < 2^32 each; four of them can overflow the byte count. */
+  int64_t bytes;
+  if (ds_prod_overflow(a->ndim, a->dims, (int64_t)esize, &bytes))
+    return ds_fail(AD_ERR_FORMAT, "%s: IDX dims overflow a 64-bit byte count", s->path);
+  a->count = bytes / (int64_t)esize;
   return AD_OK;
 }
 
@@ -312,13 +312,17 @@ ad_status ds_idx_write(const char *path, ds_idx_type type, int ndim, const int64
     return ds_fail(AD_ERR_ARG, "%s: unknown IDX type code 0x%02x", path, (unsigned)type);
   if (ndim < 1 || ndim > DS_IDX_MAX_DIMS)
     return ds_fail(AD_ERR_ARG, "%s: %d dims; IDX here takes 1..%d", path, ndim, DS_IDX_MAX_DIMS);
-  int64_t count = 1;
-  for (int i = 0; i < ndim; i++) {
+  for (int i = 0; i < ndim; i++)
     if (dims[i] < 1 || dims[i] > (int64_t)UINT32_MAX)
       return ds_fail(AD_ERR_ARG, "%s: dim %d is %lld; IDX dims are 1..2^32-1", path, i,
                      (long long)dims[i]);
-    count *= dims[i];
+  int64_t bytes;
+  if (ds_prod_overflow(ndim, dims, (int64_t)esize, &bytes)) {
+    char ds[160];
+    return ds_fail(AD_ERR_ARG, "ds_idx_write: %s: dims %s of %s overflow a 64-bit byte count", path,
+                   dims_str(ds, sizeof ds, ndim, dims), ds_idx_type_name(type));
   }
+  int64_t count = bytes / (int64_t)esize;
 
   idx_dst d = {NULL, NULL};
   if (gzip) {

@@ -16,6 +16,10 @@ static ad_status make_linear(ds_dataset **out, double **z, const char *fn, const
   if (o->n < 1 || o->dim < 1 || !(o->noise >= 0) || !isfinite(o->bias) || !ds_dtype_ok(o->dtype))
     return ds_fail(AD_ERR_ARG, "%s: bad options (n %lld, dim %lld, noise %g, dtype %d)", fn,
                    (long long)o->n, (long long)o->dim, o->noise, (int)o->dtype);
+  int64_t nd;
+  if (ds_mul_overflow(o->n, o->dim, &nd) || ds_mul_overflow(nd, 8, &nd))
+    return ds_fail(AD_ERR_ARG, "%s: n %lld x dim %lld overflows 64 bits", fn, (long long)o->n,
+                   (long long)o->dim);
   ds_dataset *d = calloc(1, sizeof *d);
   if (!d) return ds_fail(AD_ERR_NOMEM, "%s: out of memory", fn);
   d->n = o->n;

@@ -22,6 +22,7 @@
 #include "nn.h"
 
 #include "autodiff/ad_internal.h"
+#include "nn_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -316,11 +317,14 @@ static ad_status parse(const unsigned char *b, size_t len, const char *path, par
         return FMT("nn_params_load: %s: tensor %d has dimension %d of size %lld", path, i, d,
                    (long long)v);
       ps->shape[i][d] = v;
-      k *= v;
-      if (k > ((int64_t)1 << 40)) return FMT("nn_params_load: %s: tensor %d too large", path, i);
+      /* Each dim is <= 2^40, so two of them can already wrap an int64. */
+      if (nn__mul_overflow(k, v, &k) || k > ((int64_t)1 << 40))
+        return FMT("nn_params_load: %s: tensor %d has more than 2^40 elements (dimension %d of "
+                   "size %lld)",
+                   path, i, d, (long long)v);
     }
-    numel += k;
-    if (numel > ((int64_t)1 << 40)) return FMT("nn_params_load: %s: tensors too large", path);
+    if (nn__add_overflow(numel, k, &numel) || numel > ((int64_t)1 << 40))
+      return FMT("nn_params_load: %s: the tensors hold more than 2^40 elements", path);
   }
   ps->dt = ps->dtype[0];
   ps->numel = numel;

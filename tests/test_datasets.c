@@ -525,6 +525,29 @@ START_TEST(test_idx_io_errors) {
 }
 END_TEST
 
+/* Sizes that overflow (issue 9): dims {4e9, 4e9, 4e9} are each a valid IDX
+ * dim but their product wraps an int64; the write is AD_ERR_ARG naming the
+ * dims before any byte is read from data or written (it segfaulted), and
+ * no file appears. On reading, three 0xffffffff u8 dims overflow too. */
+START_TEST(test_idx_sizes_overflow) {
+  uint8_t d = 7;
+  const int64_t big = 4000000000LL;
+  ck_assert_int_eq(ds_idx_write(tpath("a.idx"), DS_IDX_U8, 3, (int64_t[]){big, big, big}, &d, 0),
+                   AD_ERR_ARG);
+  ck_assert_msg_has("ds_idx_write");
+  ck_assert_msg_has("4000000000 x 4000000000 x 4000000000");
+  ck_assert_msg_has("overflow");
+  ck_assert_int_eq(access(tpath("a.idx"), F_OK), -1);
+  ck_assert_int_eq(ds_idx_write(tpath("a.idx"), DS_IDX_F64, 2, (int64_t[]){big, big}, &d, 1),
+                   AD_ERR_ARG); /* 1.28e20 bytes: the byte count overflows, not the count */
+  ck_assert_msg_has("overflow");
+  unsigned char h[] = {0,    0,    8,    3,    0xff, 0xff, 0xff, 0xff, 0xff,
+                       0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0};
+  ck_assert_int_eq(read_raw(h, sizeof h), AD_ERR_FORMAT);
+  ck_assert_msg_has("overflow");
+}
+END_TEST
+
 /* ------------------------------------------------------------------ CSV */
 
 static ad_status csv(const char *text, const ds_csv_opts *o, ad_tensor **t) {
@@ -1115,6 +1138,23 @@ START_TEST(test_iter_bad_args) {
   ck_assert_int_eq(ds_iter_new(&it, d.x, NULL, NULL, &(ds_iter_opts){.batch = 4}), AD_OK);
   ck_assert_int_eq(ds_iter_next(it, xb, lb, NULL, NULL), AD_ERR_ARG); /* no labels */
   ds_iter_free(it);
+  /* A batch near INT64_MAX: ceil(20 / batch) is 1, with no n + batch - 1
+   * wrapping, and a buffer check that does not form batch * per. */
+  ck_assert_int_eq(
+      ds_iter_new(&it, d.x, NULL, NULL, &(ds_iter_opts){.batch = INT64_MAX, .keep_last = 1}),
+      AD_OK);
+  ck_assert_int_eq(ds_iter_batches_per_epoch(it), 1);
+  ck_assert_int_eq(ds_iter_next(it, xb, NULL, NULL, NULL), AD_ERR_SHAPE);
+  ds_iter_free(it);
+  /* n x dim past 2^63 is an argument error, not a wrapped allocation. */
+  ad_rng r;
+  ad_rng_seed(&r, 1);
+  ds_dataset *big = (ds_dataset *)&big;
+  ck_assert_int_eq(ds_linear_regression(
+                       &big, &(ds_linear_opts){.n = (int64_t)1 << 40, .dim = (int64_t)1 << 40}, &r),
+                   AD_ERR_ARG);
+  ck_assert_ptr_null(big);
+  ck_assert_msg_has("overflow");
   ad_tensor_free(xb);
   ad_tensor_free(wrong);
   ad_tensor_free(short_y);
@@ -1149,6 +1189,7 @@ static Suite *datasets_suite(void) {
   tcase_add_test(tc, test_idx_rejects_trailing_garbage);
   tcase_add_test(tc, test_idx_rejects_truncated_gzip);
   tcase_add_test(tc, test_idx_io_errors);
+  tcase_add_test(tc, test_idx_sizes_overflow);
   suite_add_tcase(s, tc);
 
   tc = tcase_create("csv");

@@ -367,6 +367,63 @@ START_TEST(test_layer_errors) {
 }
 END_TEST
 
+/* Geometry that overflows (issue 9): pad 2^30 made 2 * pad overflow an
+ * int in conv2d and pool; pad INT_MAX and an input height near INT64_MAX
+ * (the backward ops take it from the caller) overflow 64-bit sizes. Each
+ * is an error on the tape naming the op, never a wrapped size or a
+ * sanitizer report; h = 0 is a shape error. */
+START_TEST(test_conv_pool_sizes_overflow) {
+  ad_tape *t = tape();
+  ad_tensor *x = ad_zeros(t, AD_F32, 4, S(1, 1, 4, 4)), *w = ad_zeros(t, AD_F32, 4, S(1, 1, 3, 3));
+  const int pads[2] = {1 << 30, INT32_MAX};
+  for (int i = 0; i < 2; i++) {
+    ck_assert_ptr_null(nn_conv2d(t, x, w, NULL, 1, pads[i]));
+    ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+    ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "nn_conv2d"));
+    ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "overflow"));
+    ad_tape_clear_error(t);
+    ck_assert_ptr_null(nn_max_pool2d(t, x, 3, 1, pads[i]));
+    ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "nn_max_pool2d"));
+    ad_tape_clear_error(t);
+    ck_assert_ptr_null(nn_avg_pool2d(t, x, 3, 1, pads[i]));
+    ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+    ad_tape_clear_error(t);
+  }
+  /* a kernel as large as an int with a pad half of it is legal: 4 + 2 pad
+   * - k = 3, so a 4x4 output, every window clipped to the whole input, so
+   * every output is the global maximum */
+  ad_set(x, 5, 3.0);
+  ad_tensor *m = nn_max_pool2d(t, x, INT32_MAX, 1, INT32_MAX / 2);
+  ck_assert_ptr_nonnull(m);
+  ck_assert_int_eq(m->shape[2], 4);
+  ck_assert_int_eq(m->shape[3], 4);
+  for (int64_t i = 0; i < m->size; i++) ck_assert(ad_get(m, i) == 3.0);
+  ad_set(x, 5, 0.0);
+  ad_tensor *g = ad_zeros(t, AD_F32, 4, S(1, 1, 2, 2));
+  ck_assert_ptr_null(nn_conv2d_backward_input(t, g, w, INT64_MAX, 4, 1, 1));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "overflow"));
+  ad_tape_clear_error(t);
+  ck_assert_ptr_null(nn_conv2d_backward_input(t, g, w, INT64_MAX / 2, INT64_MAX / 2, 1, 0));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "overflow"));
+  ad_tape_clear_error(t);
+  ck_assert_ptr_null(nn_conv2d_backward_input(t, g, w, 0, 4, 1, 1));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "at least 1x1"));
+  ad_tape_clear_error(t);
+  ck_assert_ptr_null(nn_conv2d_backward_weight(t, x, g, INT64_MAX, 3, 1, 1));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ad_tape_clear_error(t);
+  /* the same calls at sane sizes still work: 4x4, 3x3, pad 1 -> 4x4 */
+  ad_tensor *y = nn_conv2d(t, x, w, NULL, 1, 1);
+  ck_assert_ptr_nonnull(y);
+  ck_assert_int_eq(y->shape[2], 4);
+  ad_tape_free(t);
+}
+END_TEST
+
 /* The unrolled-HPO function through the CNN (see f_cnn_hpo): gradient =
  * hypergradient, HVP = third derivative, JVP; all within 1e-6 of finite
  * differences. */
@@ -711,6 +768,7 @@ Suite *nn_layers_suite(void) {
   tcase_add_test(tv, test_per_example_means);
   tcase_add_test(tv, test_dropout_stats);
   tcase_add_test(tv, test_layer_errors);
+  tcase_add_test(tv, test_conv_pool_sizes_overflow);
   tcase_add_test(tv, test_cnn_unrolled_hpo);
   tcase_add_test(tv, test_conv_values);
   tcase_add_test(tv, test_pool_values);
