@@ -161,6 +161,14 @@ ad_status ds_csv_parse(ad_tensor **out, const char *text, size_t len, const char
     const char *nl = memchr(p, '\n', (size_t)(end - p));
     const char *le = nl ? nl : end;
     line++;
+    /* A NUL cannot be part of a number, and strtod would stop at it and
+     * accept the field's first half: reject it where it is. */
+    const char *nul = memchr(p, '\0', (size_t)(le - p));
+    if (nul) {
+      s = ds_fail(AD_ERR_FORMAT, "%s:%lld: NUL byte at column %lld: not a text CSV file", name,
+                  (long long)line, (long long)(nul - p + 1));
+      break;
+    }
     const char *lend = (le > p && le[-1] == '\r') ? le - 1 : le;
     const char *t = p;
     while (t < lend && (is_blank(*t))) t++;
