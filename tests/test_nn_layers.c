@@ -424,6 +424,76 @@ START_TEST(test_conv_pool_sizes_overflow) {
 }
 END_TEST
 
+/* Non-finite and degenerate hyperparameters (issue 9) are AD_ERR_ARG with
+ * the function and the value in the message, uniformly: batch-norm
+ * momentum and eps (at init, and in a state edited afterwards, which then
+ * stays unchanged), leaky-ReLU slope (NaN, Inf, and 1e300, which is Inf in
+ * f32), layer-norm eps, dropout p. */
+START_TEST(test_nonfinite_hyperparameters) {
+  const double nan = NAN, inf = INFINITY;
+  nn_bn_state st;
+  const double bad_m[4] = {nan, inf, -0.1, 1.5}, bad_e[3] = {nan, inf, -1.0};
+  for (int i = 0; i < 4; i++) {
+    ck_assert_int_eq(nn_bn_state_init(&st, AD_F64, 3, bad_m[i], 0), AD_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(ad_last_error(), "nn_bn_state_init"));
+    ck_assert_ptr_null(st.mean);
+  }
+  ck_assert_ptr_nonnull(strstr(ad_last_error(), "momentum 1.5"));
+  for (int i = 0; i < 3; i++) {
+    ck_assert_int_eq(nn_bn_state_init(&st, AD_F64, 3, 0.1, bad_e[i]), AD_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(ad_last_error(), i == 0   ? "eps nan"
+                                                  : i == 1 ? "eps inf"
+                                                           : "eps -1"));
+  }
+  ck_assert_int_eq(nn_bn_state_init(&st, AD_F64, 3, 1.0, 0), AD_OK); /* momentum 1 is legal */
+  ad_tape *t = tape();
+  ad_rng r;
+  ad_rng_seed(&r, 3);
+  ad_tensor *x = ad_randn(t, AD_F64, 2, S(8, 3), &r);
+  st.eps = nan;
+  ck_assert_ptr_null(nn_batch_norm(t, x, NULL, NULL, &st, NN_BN_EVAL));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "nn_batch_norm: state eps nan"));
+  ad_tape_clear_error(t);
+  st.eps = 1e-5;
+  st.momentum = nan;
+  ck_assert_ptr_null(nn_batch_norm(t, x, NULL, NULL, &st, NN_BN_TRAIN | NN_BN_UPDATE));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "momentum nan"));
+  ad_tape_clear_error(t);
+  for (int c = 0; c < 3; c++) {
+    ck_assert(ad_get(st.mean, c) == 0.0);
+    ck_assert(ad_get(st.var, c) == 1.0);
+  }
+  ck_assert_int_eq(st.n_updates, 0);
+  /* TRAIN alone does not use the momentum: still fine */
+  ck_assert_ptr_nonnull(nn_batch_norm(t, x, NULL, NULL, &st, NN_BN_TRAIN));
+  nn_bn_state_free(&st);
+
+  ad_tensor *x32 = ad_randn(t, AD_F32, 1, S(6), &r), *g32 = ad_ones(t, AD_F32, 1, S(6));
+  const double bad_slope[3] = {nan, -inf, 1e300};
+  for (int i = 0; i < 3; i++) {
+    ck_assert_ptr_null(nn_leaky_relu(t, x32, bad_slope[i]));
+    ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "nn_leaky_relu: slope"));
+    ad_tape_clear_error(t);
+    ck_assert_ptr_null(nn_leaky_relu_backward(t, g32, x32, bad_slope[i]));
+    ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "nn_leaky_relu_backward: slope"));
+    ad_tape_clear_error(t);
+  }
+  ck_assert_ptr_nonnull(nn_leaky_relu(t, x, 1e300)); /* finite in f64 */
+  ck_assert_ptr_null(nn_layer_norm(t, x, NULL, NULL, inf));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "nn_layer_norm: eps inf"));
+  ad_tape_clear_error(t);
+  ck_assert_ptr_null(nn_dropout(t, x, nan, &r, 1));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "nn_dropout: p = nan"));
+  ad_tape_free(t);
+}
+END_TEST
+
 /* The unrolled-HPO function through the CNN (see f_cnn_hpo): gradient =
  * hypergradient, HVP = third derivative, JVP; all within 1e-6 of finite
  * differences. */
@@ -769,6 +839,7 @@ Suite *nn_layers_suite(void) {
   tcase_add_test(tv, test_dropout_stats);
   tcase_add_test(tv, test_layer_errors);
   tcase_add_test(tv, test_conv_pool_sizes_overflow);
+  tcase_add_test(tv, test_nonfinite_hyperparameters);
   tcase_add_test(tv, test_cnn_unrolled_hpo);
   tcase_add_test(tv, test_conv_values);
   tcase_add_test(tv, test_pool_values);
