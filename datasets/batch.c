@@ -46,7 +46,7 @@ static int64_t rows_of(const ad_tensor *t) {
 
 ad_status ds_iter_new(ds_iter **out, const ad_tensor *x, const int32_t *labels, const ad_tensor *y,
                       const ds_iter_opts *opts) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!out) return ds_fail(AD_ERR_NULL, "ds_iter_new: out is NULL");
   *out = NULL;
   if (!x || !x->data || !opts) return ds_fail(AD_ERR_NULL, "ds_iter_new: x or opts is NULL");
@@ -117,7 +117,7 @@ static void copy_row(ad_tensor *dst, int64_t dst_row, const ad_tensor *src, int6
 }
 
 ad_status ds_iter_next(ds_iter *it, ad_tensor *xb, int32_t *lb, ad_tensor *yb, ds_batch *b) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!it || !xb) return ds_fail(AD_ERR_NULL, "ds_iter_next: iterator or x buffer is NULL");
   int64_t B = it->o.batch;
   ad_status s = check_buf("x", xb, B, it->x_per);

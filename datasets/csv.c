@@ -143,7 +143,7 @@ static int looks_like_header(const csv_state *st, const char *p, const char *end
 
 ad_status ds_csv_parse(ad_tensor **out, const char *text, size_t len, const char *name,
                        const ds_csv_opts *opts) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!out) return ds_fail(AD_ERR_NULL, "ds_csv_parse: out is NULL");
   *out = NULL;
   if (!text && len) return ds_fail(AD_ERR_NULL, "ds_csv_parse: text is NULL");
@@ -204,7 +204,7 @@ ad_status ds_csv_parse(ad_tensor **out, const char *text, size_t len, const char
 }
 
 ad_status ds_csv_read(ad_tensor **out, const char *path, const ds_csv_opts *opts) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!out) return ds_fail(AD_ERR_NULL, "ds_csv_read: out is NULL");
   *out = NULL;
   if (!path) return ds_fail(AD_ERR_NULL, "ds_csv_read: path is NULL");
@@ -235,6 +235,7 @@ ad_status ds_csv_read(ad_tensor **out, const char *path, const ds_csv_opts *opts
     return ds_fail(AD_ERR_IO, "%s: read error", path);
   }
   ad_status s = ds_csv_parse(out, buf, n, path, opts);
+  ds_resume("ds_csv_read");
   free(buf);
   return s;
 }

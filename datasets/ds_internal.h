@@ -11,12 +11,21 @@
 #endif
 
 /* Records a message for ds_errmsg() and returns s, so a failure reads
- * `return ds_fail(AD_ERR_IO, "%s: cannot open", path);`. */
+ * `return ds_fail(AD_ERR_IO, "%s: cannot open", path);`. The message is
+ * prefixed with the public function being run ("ds_idx_read: t.idx:
+ * cannot open"), unless it starts with that name already, so every message
+ * names the call that failed. */
 ad_status ds_fail(ad_status s, const char *fmt, ...) DS_PRINTF(2, 3);
 
-/* Clears the message: called on entry by every fallible public function,
- * so ds_errmsg() is "" after a success. */
-void ds_clear_error(void);
+/* Called on entry by every fallible public function as
+ * ds_enter(__func__): clears the message, so ds_errmsg() is "" after a
+ * success, and names the function for ds_fail's prefix. */
+void ds_enter(const char *fn);
+
+/* After a public function called another (ds_mnist_load -> ds_idx_read):
+ * names fn again for later failures, and prefixes a message the inner call
+ * left with fn too ("ds_mnist_load: ds_idx_read: ..."). */
+void ds_resume(const char *fn);
 
 /* Copies n elements between raw buffers of the two dtypes (f32/f64). */
 void ds_convert(void *dst, ad_dtype dt_dst, const void *src, ad_dtype dt_src, int64_t n);

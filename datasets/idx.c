@@ -338,7 +338,7 @@ static ad_status read_data(idx_src *s, ds_idx *a) {
 }
 
 ad_status ds_idx_read(ds_idx **out, const char *path) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!out) return ds_fail(AD_ERR_NULL, "ds_idx_read: out is NULL");
   *out = NULL;
   if (!path) return ds_fail(AD_ERR_NULL, "ds_idx_read: path is NULL");
@@ -394,7 +394,7 @@ static void sync_dir(const char *path) {
 
 ad_status ds_idx_write(const char *path, ds_idx_type type, int ndim, const int64_t *dims,
                        const void *data, int gzip) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!path || !dims || !data) return ds_fail(AD_ERR_NULL, "ds_idx_write: NULL argument");
   size_t esize = ds_idx_type_size(type);
   if (esize == 0)
