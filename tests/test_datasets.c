@@ -639,6 +639,23 @@ START_TEST(test_idx_gzip_trailing_garbage) {
   memset(b + n, 0, 16);
   ck_assert_int_eq(read_raw(b, n + 16), AD_ERR_FORMAT);
   ck_assert_msg_has("16 bytes of trailing garbage");
+  /* The input the gzip fuzz target flagged (its harness cut the stream's
+   * 2 last trailer bytes and appended 2 zero bytes: a valid stream after
+   * all, so it was the harness that was wrong). As meant, the whole member
+   * of an i32 [2] IDX followed by two zero bytes must be rejected. */
+  static const unsigned char i32x2[16] = {0,    0,    0x0c, 1, 0,    0,    0, 2,
+                                          0x3f, 0xc0, 0,    0, 0xbe, 0x80, 0, 0};
+  gzFile gi = gzopen(tpath("a.idx"), "wb6");
+  ck_assert_int_eq(gzwrite(gi, i32x2, 16), 16);
+  gzclose(gi);
+  size_t ni;
+  unsigned char *mi = read_bytes(tpath("a.idx"), &ni);
+  ck_assert_int_eq(read_raw(mi, ni), AD_OK);
+  mi = realloc(mi, ni + 2);
+  mi[ni] = mi[ni + 1] = 0;
+  ck_assert_int_eq(read_raw(mi, ni + 2), AD_ERR_FORMAT);
+  ck_assert_msg_has("2 bytes of trailing garbage");
+  free(mi);
   /* a plain file with one extra byte, for comparison */
   unsigned char p[sizeof good_idx + 1];
   memcpy(p, good_idx, sizeof good_idx);

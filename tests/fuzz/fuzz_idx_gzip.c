@@ -41,7 +41,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n) {
     z.next_out = buf;
     z.avail_out = (uInt)cap;
     if (deflate(&z, Z_FINISH) != Z_STREAM_END) abort();
-    len = cap - z.avail_out - tail;
+    len = cap - z.avail_out;
     deflateEnd(&z);
     memcpy(buf + len, rest + m - tail, tail);
     len += tail;
