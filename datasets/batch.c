@@ -46,7 +46,7 @@ static int64_t rows_of(const ad_tensor *t) {
 
 ad_status ds_iter_new(ds_iter **out, const ad_tensor *x, const int32_t *labels, const ad_tensor *y,
                       const ds_iter_opts *opts) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!out) return ds_fail(AD_ERR_NULL, "ds_iter_new: out is NULL");
   *out = NULL;
   if (!x || !x->data || !opts) return ds_fail(AD_ERR_NULL, "ds_iter_new: x or opts is NULL");
@@ -91,13 +91,16 @@ void ds_iter_free(ds_iter *it) {
 
 int64_t ds_iter_batches_per_epoch(const ds_iter *it) {
   if (!it) return 0;
-  return it->o.keep_last ? (it->n + it->o.batch - 1) / it->o.batch : it->n / it->o.batch;
+  /* ceil(n / batch) without forming n + batch - 1, which wraps for a huge batch */
+  int64_t full = it->n / it->o.batch;
+  return it->o.keep_last && it->n % it->o.batch ? full + 1 : full;
 }
 
 /* A batch buffer must be [batch, ...] with per elements per example. */
 static ad_status check_buf(const char *what, const ad_tensor *t, int64_t batch, int64_t per) {
+  int64_t want;
   if (t->data && ds_dtype_ok(t->dtype) && t->ndim >= 1 && t->shape[0] == batch &&
-      t->size == batch * per)
+      !ds_mul_overflow(batch, per, &want) && t->size == want)
     return AD_OK;
   char a[64];
   return ds_fail(AD_ERR_SHAPE,
@@ -114,7 +117,7 @@ static void copy_row(ad_tensor *dst, int64_t dst_row, const ad_tensor *src, int6
 }
 
 ad_status ds_iter_next(ds_iter *it, ad_tensor *xb, int32_t *lb, ad_tensor *yb, ds_batch *b) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!it || !xb) return ds_fail(AD_ERR_NULL, "ds_iter_next: iterator or x buffer is NULL");
   int64_t B = it->o.batch;
   ad_status s = check_buf("x", xb, B, it->x_per);

@@ -8,7 +8,7 @@
 
 ad_status ds_corrupt_labels(int32_t *labels, int64_t n, int n_classes, double frac, ad_rng *r,
                             uint8_t *flipped, int64_t *n_flipped) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (n_flipped) *n_flipped = 0;
   if (!labels || !r) return ds_fail(AD_ERR_NULL, "ds_corrupt_labels: NULL argument");
   if (n < 0 || n_classes < 2 || !(frac >= 0 && frac <= 1))

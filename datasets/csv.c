@@ -24,8 +24,12 @@ static int is_blank(char c) {
 
 static ad_status push(csv_state *st, double v) {
   if (st->n == st->cap) {
-    int64_t ncap = st->cap ? 2 * st->cap : 1024;
-    double *nv = realloc(st->vals, (size_t)ncap * sizeof *nv);
+    int64_t ncap = 1024, bytes;
+    if (st->cap && ds_mul_overflow(st->cap, 2, &ncap))
+      return ds_fail(AD_ERR_NOMEM, "%s: too many values", st->name);
+    if (ds_mul_overflow(ncap, (int64_t)sizeof *st->vals, &bytes) || (uint64_t)bytes > SIZE_MAX)
+      return ds_fail(AD_ERR_NOMEM, "%s: too many values", st->name);
+    double *nv = realloc(st->vals, (size_t)bytes);
     if (!nv) return ds_fail(AD_ERR_NOMEM, "%s: out of memory", st->name);
     st->vals = nv;
     st->cap = ncap;
@@ -139,7 +143,7 @@ static int looks_like_header(const csv_state *st, const char *p, const char *end
 
 ad_status ds_csv_parse(ad_tensor **out, const char *text, size_t len, const char *name,
                        const ds_csv_opts *opts) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!out) return ds_fail(AD_ERR_NULL, "ds_csv_parse: out is NULL");
   *out = NULL;
   if (!text && len) return ds_fail(AD_ERR_NULL, "ds_csv_parse: text is NULL");
@@ -157,6 +161,14 @@ ad_status ds_csv_parse(ad_tensor **out, const char *text, size_t len, const char
     const char *nl = memchr(p, '\n', (size_t)(end - p));
     const char *le = nl ? nl : end;
     line++;
+    /* A NUL cannot be part of a number, and strtod would stop at it and
+     * accept the field's first half: reject it where it is. */
+    const char *nul = memchr(p, '\0', (size_t)(le - p));
+    if (nul) {
+      s = ds_fail(AD_ERR_FORMAT, "%s:%lld: NUL byte at column %lld: not a text CSV file", name,
+                  (long long)line, (long long)(nul - p + 1));
+      break;
+    }
     const char *lend = (le > p && le[-1] == '\r') ? le - 1 : le;
     const char *t = p;
     while (t < lend && (is_blank(*t))) t++;
@@ -192,7 +204,7 @@ ad_status ds_csv_parse(ad_tensor **out, const char *text, size_t len, const char
 }
 
 ad_status ds_csv_read(ad_tensor **out, const char *path, const ds_csv_opts *opts) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!out) return ds_fail(AD_ERR_NULL, "ds_csv_read: out is NULL");
   *out = NULL;
   if (!path) return ds_fail(AD_ERR_NULL, "ds_csv_read: path is NULL");
@@ -202,8 +214,8 @@ ad_status ds_csv_read(ad_tensor **out, const char *path, const ds_csv_opts *opts
   size_t n = 0, cap = 0;
   for (;;) {
     if (n == cap) {
-      size_t ncap = cap ? 2 * cap : 1 << 16;
-      char *nb = realloc(buf, ncap);
+      size_t ncap = 1 << 16;
+      char *nb = cap && __builtin_mul_overflow(cap, 2, &ncap) ? NULL : realloc(buf, ncap);
       if (!nb) {
         free(buf);
         fclose(f);
@@ -223,6 +235,7 @@ ad_status ds_csv_read(ad_tensor **out, const char *path, const ds_csv_opts *opts
     return ds_fail(AD_ERR_IO, "%s: read error", path);
   }
   ad_status s = ds_csv_parse(out, buf, n, path, opts);
+  ds_resume("ds_csv_read");
   free(buf);
   return s;
 }

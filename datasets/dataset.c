@@ -28,13 +28,17 @@ static ad_status slice_rows(ad_tensor **out, const ad_tensor *t, int64_t start, 
 }
 
 ad_status ds_dataset_slice(ds_dataset **out, const ds_dataset *d, int64_t start, int64_t count) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!out) return ds_fail(AD_ERR_NULL, "ds_dataset_slice: out is NULL");
   *out = NULL;
   if (!d || !d->x) return ds_fail(AD_ERR_NULL, "ds_dataset_slice: data set is NULL");
+  int64_t end;
+  if (ds_add_overflow(start, count, &end)) /* the message must not form start + count */
+    return ds_fail(AD_ERR_ARG, "ds_dataset_slice: start %lld + count %lld overflows 64 bits",
+                   (long long)start, (long long)count);
   if (start < 0 || count < 1 || start > d->n - count)
     return ds_fail(AD_ERR_ARG, "ds_dataset_slice: rows [%lld, %lld) are not inside [0, %lld)",
-                   (long long)start, (long long)(start + count), (long long)d->n);
+                   (long long)start, (long long)end, (long long)d->n);
   ds_dataset *r = calloc(1, sizeof *r);
   if (!r) return ds_fail(AD_ERR_NOMEM, "ds_dataset_slice: out of memory");
   *r = *d;

@@ -106,9 +106,11 @@ const char *ds_idx_type_name(ds_idx_type t);
 /* Reads an IDX file, plain or gzip (told apart by the gzip magic 1f 8b).
  * Checks the magic (two zero bytes, a known type code, 1..8 dims), that
  * each dim is positive, and that the (decompressed) length is exactly header
- * + count * element size: a truncated file, a corrupt gzip stream and
- * trailing bytes are AD_ERR_FORMAT with a message naming the file, what was
- * expected and what was found. A missing/unreadable file is AD_ERR_IO.
+ * + count * element size: a truncated file, a corrupt gzip stream,
+ * trailing bytes (after the data, or after the gzip stream: further gzip
+ * members are read as one stream) and dims whose byte count overflows 64
+ * bits are AD_ERR_FORMAT with a message naming the file, what was expected
+ * and what was found. A missing/unreadable file is AD_ERR_IO.
  * *out is owned by the caller (ds_idx_free). */
 ad_status ds_idx_read(ds_idx **out, const char *path);
 
@@ -117,8 +119,11 @@ void ds_idx_free(ds_idx *a);
 
 /* Writes count = prod(dims) elements of `type` from data (native order) as
  * an IDX file, gzip-compressed when gzip is nonzero (no name, no timestamp,
- * so the bytes are reproducible). AD_ERR_ARG for a bad type or dims,
- * AD_ERR_IO when the file cannot be written. */
+ * so the bytes are reproducible). Atomic: written to a temporary file in
+ * path's directory, fsync'ed and renamed over path, so a failure (or a
+ * crash) leaves an existing file as it was and no temporary behind.
+ * AD_ERR_ARG for a bad type or dims (also when their byte count overflows
+ * 64 bits), AD_ERR_IO when the file cannot be written. */
 ad_status ds_idx_write(const char *path, ds_idx_type type, int ndim, const int64_t *dims,
                        const void *data, int gzip);
 
@@ -172,7 +177,8 @@ typedef struct {
  * lines are skipped; CRLF is accepted. Every row must have the same number
  * of fields. A bad field is AD_ERR_FORMAT with "path:line:field:" (both
  * counted from 1) and the field's text; a row with the wrong number of
- * fields, or no data rows, is AD_ERR_FORMAT; an unreadable file AD_ERR_IO.
+ * fields, a NUL byte anywhere, or no data rows, is AD_ERR_FORMAT; an
+ * unreadable file AD_ERR_IO.
  * opts may be NULL. */
 ad_status ds_csv_read(ad_tensor **out, const char *path, const ds_csv_opts *opts);
 

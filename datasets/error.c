@@ -4,6 +4,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 
 /* One message per thread, like errno: loaders may run on worker threads. */
 static _Thread_local char ds_msg[512];
@@ -12,8 +13,35 @@ const char *ds_errmsg(void) {
   return ds_msg;
 }
 
-void ds_clear_error(void) {
+/* The public function now running on this thread (a string literal). */
+static _Thread_local const char *ds_fn;
+
+void ds_enter(const char *fn) {
   ds_msg[0] = '\0';
+  ds_fn = fn;
+}
+
+/* 1 when ds_msg already starts with "fn:". */
+static int named(const char *fn) {
+  size_t n = strlen(fn);
+  return strncmp(ds_msg, fn, n) == 0 && ds_msg[n] == ':';
+}
+
+/* ds_msg = "fn: " ds_msg, cut to fit. */
+static void prefix(const char *fn) {
+  size_t n = strlen(fn) + 2, len = strlen(ds_msg);
+  if (n >= sizeof ds_msg) return;
+  if (len > sizeof ds_msg - 1 - n) len = sizeof ds_msg - 1 - n;
+  memmove(ds_msg + n, ds_msg, len);
+  ds_msg[n + len] = '\0';
+  memcpy(ds_msg, fn, n - 2);
+  ds_msg[n - 2] = ':';
+  ds_msg[n - 1] = ' ';
+}
+
+void ds_resume(const char *fn) {
+  ds_fn = fn;
+  if (ds_msg[0] && !named(fn)) prefix(fn);
 }
 
 ad_status ds_fail(ad_status s, const char *fmt, ...) {
@@ -21,6 +49,7 @@ ad_status ds_fail(ad_status s, const char *fmt, ...) {
   va_start(ap, fmt);
   vsnprintf(ds_msg, sizeof ds_msg, fmt, ap);
   va_end(ap);
+  if (ds_fn && !named(ds_fn)) prefix(ds_fn);
   return s;
 }
 

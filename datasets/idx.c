@@ -4,11 +4,16 @@
  * prod(dims) elements of TYPE. The reader insists the file ends exactly
  * after the data: MNIST files have no padding, so extra bytes mean a wrong
  * or damaged file, and saying so beats training on shifted pixels. */
+#define _POSIX_C_SOURCE 200809L /* mkstemp, fsync, fdopen, dup */
+
 #include "datasets/ds_internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <zlib.h>
 
 size_t ds_idx_type_size(ds_idx_type t) {
@@ -62,80 +67,145 @@ static const char *dims_str(char *buf, size_t len, int ndim, const int64_t *dims
 
 /* ------------------------------------------------------------------ reading */
 
-/* Plain and gzip files behind one read call. zlib's gzread could read both
- * transparently, but knowing which we have lets messages say "gzip stream"
- * where that is the problem. */
+/* Plain and gzip files behind one read call. The gzip side runs zlib's
+ * inflate on the file itself rather than gzread, for two reasons: messages
+ * can say "gzip stream" where that is the problem, and gzread silently
+ * ignores whatever follows the last gzip member, while a plain file with
+ * one byte too many is rejected: the same damage must get the same answer,
+ * so bytes after the stream (other than a further gzip member, as `cat
+ * a.gz b.gz` makes) are a format error here. */
 typedef struct {
   const char *path;
   FILE *f;
-  gzFile g;
-  ad_status err; /* why the last src_read returned -1 */
+  int gz;            /* 1: inflate f's bytes; 0: read them as they are */
+  int z_live;        /* inflateInit2 succeeded (inflateEnd owed) */
+  int z_done;        /* the last member ended and nothing follows */
+  z_stream z;        /* gz: the inflate state, fed from in[] */
+  unsigned char *in; /* gz: compressed bytes read from f */
+  ad_status err;     /* why the last src_read returned -1 */
 } idx_src;
 
-/* Reads up to n bytes; returns how many (< n only at end of data), or -1
- * on an error, with s->err and the message set. */
-static int64_t src_read(idx_src *s, void *buf, int64_t n) {
+enum { SRC_IN = 1 << 16 };
+
+/* Refills in[] keeping the z.avail_in bytes not consumed yet (moved to the
+ * front). Returns the bytes added (0 at end of file) or -1 on a read error. */
+static int64_t gz_fill(idx_src *s) {
+  if (s->z.avail_in > 0 && s->z.next_in != s->in) memmove(s->in, s->z.next_in, s->z.avail_in);
+  s->z.next_in = s->in;
+  size_t r = fread(s->in + s->z.avail_in, 1, SRC_IN - s->z.avail_in, s->f);
+  if (r == 0 && ferror(s->f)) {
+    s->err = ds_fail(AD_ERR_IO, "%s: read error: %s", s->path, strerror(errno));
+    return -1;
+  }
+  s->z.avail_in += (uInt)r;
+  return (int64_t)r;
+}
+
+/* After a member's end: another member (magic 1f 8b) starts a new inflate;
+ * end of file ends the data; anything else is trailing garbage. Returns 0
+ * to go on, 1 at the clean end, -1 on an error. */
+static int gz_after_member(idx_src *s) {
+  while (s->z.avail_in < 2) {
+    int64_t r = gz_fill(s);
+    if (r < 0) return -1;
+    if (r == 0) break;
+  }
+  if (s->z.avail_in == 0) {
+    s->z_done = 1;
+    return 1;
+  }
+  if (s->z.avail_in >= 2 && s->z.next_in[0] == 0x1f && s->z.next_in[1] == 0x8b) {
+    inflateReset(&s->z);
+    return 0;
+  }
+  int64_t trailing = s->z.avail_in;
+  unsigned char junk[4096];
+  size_t r;
+  while ((r = fread(junk, 1, sizeof junk, s->f)) > 0) trailing += (int64_t)r;
+  s->err = ds_fail(AD_ERR_FORMAT,
+                   "%s: %lld bytes of trailing garbage after the gzip stream (expected the file "
+                   "to end with the stream)",
+                   s->path, (long long)trailing);
+  return -1;
+}
+
+/* Up to n decompressed bytes into buf. */
+static int64_t gz_read(idx_src *s, unsigned char *buf, int64_t n) {
   int64_t got = 0;
-  while (got < n) {
+  while (got < n && !s->z_done) {
     int64_t want = n - got;
-    if (want > (1 << 30)) want = 1 << 30; /* gzread takes an unsigned int */
-    if (s->g) {
-      int r = gzread(s->g, (char *)buf + got, (unsigned)want);
-      if (r < 0) {
-        int err = 0;
-        const char *m = gzerror(s->g, &err);
-        s->err = ds_fail(AD_ERR_FORMAT, "%s: corrupt gzip stream: %s", s->path, m);
+    if (want > (1 << 30)) want = 1 << 30; /* z_stream counts are unsigned int */
+    s->z.next_out = buf + got;
+    s->z.avail_out = (uInt)want;
+    if (s->z.avail_in == 0) {
+      int64_t r = gz_fill(s);
+      if (r < 0) return -1;
+      if (r == 0) {
+        s->err = ds_fail(AD_ERR_FORMAT,
+                         "%s: corrupt or truncated gzip stream: unexpected end of file", s->path);
         return -1;
       }
-      if (r == 0) break;
-      got += r;
-    } else {
-      size_t r = fread((char *)buf + got, 1, (size_t)want, s->f);
-      got += (int64_t)r;
-      if (r < (size_t)want) {
-        if (ferror(s->f)) {
-          s->err = ds_fail(AD_ERR_IO, "%s: read error: %s", s->path, strerror(errno));
-          return -1;
-        }
-        break;
-      }
     }
-  }
-  /* A gzip stream cut short decompresses what it has and then reports
-   * Z_BUF_ERROR ("unexpected end of file") rather than failing the read. */
-  if (s->g && got < n) {
-    int err = 0;
-    const char *m = gzerror(s->g, &err);
-    if (err != Z_OK && err != Z_STREAM_END) {
-      s->err = ds_fail(AD_ERR_FORMAT, "%s: corrupt or truncated gzip stream: %s", s->path, m);
+    int ret = inflate(&s->z, Z_NO_FLUSH);
+    got += want - (int64_t)s->z.avail_out;
+    if (ret == Z_STREAM_END) {
+      if (gz_after_member(s) < 0) return -1;
+    } else if (ret == Z_MEM_ERROR) {
+      s->err = ds_fail(AD_ERR_NOMEM, "%s: out of memory in inflate", s->path);
+      return -1;
+    } else if (ret != Z_OK && !(ret == Z_BUF_ERROR && s->z.avail_in == 0)) {
+      /* (Z_BUF_ERROR with input left would mean no progress: never loop on it) */
+      s->err = ds_fail(AD_ERR_FORMAT, "%s: corrupt gzip stream: %s", s->path,
+                       s->z.msg ? s->z.msg : "inflate failed");
       return -1;
     }
   }
   return got;
 }
 
+/* Reads up to n bytes; returns how many (< n only at end of data), or -1
+ * on an error, with s->err and the message set. */
+static int64_t src_read(idx_src *s, void *buf, int64_t n) {
+  if (s->gz) return gz_read(s, buf, n);
+  int64_t got = 0;
+  while (got < n) {
+    int64_t want = n - got;
+    if (want > (1 << 30)) want = 1 << 30;
+    size_t r = fread((char *)buf + got, 1, (size_t)want, s->f);
+    got += (int64_t)r;
+    if (r < (size_t)want) {
+      if (ferror(s->f)) {
+        s->err = ds_fail(AD_ERR_IO, "%s: read error: %s", s->path, strerror(errno));
+        return -1;
+      }
+      break;
+    }
+  }
+  return got;
+}
+
 static void src_close(idx_src *s) {
-  if (s->g) gzclose(s->g);
+  if (s->z_live) inflateEnd(&s->z);
+  free(s->in);
   if (s->f) fclose(s->f);
 }
 
 static ad_status src_open(idx_src *s, const char *path) {
+  memset(s, 0, sizeof *s);
   s->path = path;
-  s->g = NULL;
-  s->err = AD_OK;
   s->f = fopen(path, "rb");
   if (!s->f) return ds_fail(AD_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
   unsigned char m[2] = {0, 0};
   size_t r = fread(m, 1, 2, s->f);
-  if (r == 2 && m[0] == 0x1f && m[1] == 0x8b) {
-    fclose(s->f);
-    s->f = NULL;
-    s->g = gzopen(path, "rb");
-    if (!s->g) return ds_fail(AD_ERR_IO, "%s: cannot open gzip stream", path);
-    gzbuffer(s->g, 1 << 17);
-    return AD_OK;
-  }
   rewind(s->f);
+  if (r == 2 && m[0] == 0x1f && m[1] == 0x8b) {
+    s->gz = 1;
+    if (!(s->in = malloc(SRC_IN))) return ds_fail(AD_ERR_NOMEM, "%s: out of memory", path);
+    /* 16 + MAX_WBITS: a gzip wrapper (header, CRC-32 and length checked) */
+    if (inflateInit2(&s->z, 16 + MAX_WBITS) != Z_OK)
+      return ds_fail(AD_ERR_NOMEM, "%s: cannot start inflate", path);
+    s->z_live = 1;
+  }
   return AD_OK;
 }
 
@@ -199,7 +269,6 @@ static ad_status read_header(idx_src *s, ds_idx *a) {
         AD_ERR_FORMAT,
         "%s: truncated IDX header: magic 0x%08x announces %d dims (%d bytes), found %lld", s->path,
         magic, a->ndim, 4 * a->ndim, (long long)got);
-  a->count = 1;
   size_t esize = ds_idx_type_size(a->type);
   for (int i = 0; i < DS_IDX_MAX_DIMS; i++) a->dims[i] = 1;
   for (int i = 0; i < a->ndim; i++) {
@@ -207,11 +276,12 @@ static ad_status read_header(idx_src *s, ds_idx *a) {
     if (a->dims[i] == 0)
       return ds_fail(AD_ERR_FORMAT, "%s: IDX dimension %d is 0; expected a positive size", s->path,
                      i);
-    /* Dims are < 2^32 each; stop before the byte count can overflow. */
-    if (a->count > INT64_MAX / (int64_t)esize / a->dims[i])
-      return ds_fail(AD_ERR_FORMAT, "%s: IDX dims overflow a 64-bit byte count", s->path);
-    a->count *= a->dims[i];
   }
+  /* Dims are < 2^32 each; four of them can overflow the byte count. */
+  int64_t bytes;
+  if (ds_prod_overflow(a->ndim, a->dims, (int64_t)esize, &bytes))
+    return ds_fail(AD_ERR_FORMAT, "%s: IDX dims overflow a 64-bit byte count", s->path);
+  a->count = bytes / (int64_t)esize;
   return AD_OK;
 }
 
@@ -268,7 +338,7 @@ static ad_status read_data(idx_src *s, ds_idx *a) {
 }
 
 ad_status ds_idx_read(ds_idx **out, const char *path) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!out) return ds_fail(AD_ERR_NULL, "ds_idx_read: out is NULL");
   *out = NULL;
   if (!path) return ds_fail(AD_ERR_NULL, "ds_idx_read: path is NULL");
@@ -303,39 +373,83 @@ static void put_be(unsigned char *b, uint64_t v, size_t n) {
   for (size_t i = 0; i < n; i++) b[i] = (unsigned char)(v >> (8 * (n - 1 - i)));
 }
 
+/* fsyncs the directory holding path, so the rename itself is durable.
+ * Best effort: the data file was synced already. */
+static void sync_dir(const char *path) {
+  const char *slash = strrchr(path, '/');
+  char dir[4096] = ".";
+  if (slash == path) {
+    strcpy(dir, "/");
+  } else if (slash) {
+    size_t n = (size_t)(slash - path);
+    if (n >= sizeof dir) return;
+    memcpy(dir, path, n);
+    dir[n] = 0;
+  }
+  int fd = open(dir, O_RDONLY);
+  if (fd < 0) return;
+  fsync(fd);
+  close(fd);
+}
+
 ad_status ds_idx_write(const char *path, ds_idx_type type, int ndim, const int64_t *dims,
                        const void *data, int gzip) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!path || !dims || !data) return ds_fail(AD_ERR_NULL, "ds_idx_write: NULL argument");
   size_t esize = ds_idx_type_size(type);
   if (esize == 0)
     return ds_fail(AD_ERR_ARG, "%s: unknown IDX type code 0x%02x", path, (unsigned)type);
   if (ndim < 1 || ndim > DS_IDX_MAX_DIMS)
     return ds_fail(AD_ERR_ARG, "%s: %d dims; IDX here takes 1..%d", path, ndim, DS_IDX_MAX_DIMS);
-  int64_t count = 1;
-  for (int i = 0; i < ndim; i++) {
+  for (int i = 0; i < ndim; i++)
     if (dims[i] < 1 || dims[i] > (int64_t)UINT32_MAX)
       return ds_fail(AD_ERR_ARG, "%s: dim %d is %lld; IDX dims are 1..2^32-1", path, i,
                      (long long)dims[i]);
-    count *= dims[i];
+  int64_t bytes;
+  if (ds_prod_overflow(ndim, dims, (int64_t)esize, &bytes)) {
+    char ds[160];
+    return ds_fail(AD_ERR_ARG, "ds_idx_write: %s: dims %s of %s overflow a 64-bit byte count", path,
+                   dims_str(ds, sizeof ds, ndim, dims), ds_idx_type_name(type));
   }
+  int64_t count = bytes / (int64_t)esize;
 
+  /* Atomic, like nn_params_save: the bytes go to a temporary file next to
+   * path, are fsync'ed, and the temporary is renamed over path. A failure
+   * at any step removes the temporary and leaves an existing file as it
+   * was (writing in place and removing on failure lost the old file). */
+  size_t plen = strlen(path);
+  char *tmp = malloc(plen + 12);
+  if (!tmp) return ds_fail(AD_ERR_NOMEM, "ds_idx_write: %s: out of memory", path);
+  memcpy(tmp, path, plen);
+  memcpy(tmp + plen, ".tmp.XXXXXX", 12);
+  int fd = mkstemp(tmp);
+  if (fd < 0) {
+    ad_status st = ds_fail(AD_ERR_IO, "ds_idx_write: %s: cannot create a temporary file %s: %s",
+                           path, tmp, strerror(errno));
+    free(tmp);
+    return st;
+  }
+  fchmod(fd, 0644); /* mkstemp makes 0600; a data file is not secret */
   idx_dst d = {NULL, NULL};
   if (gzip) {
-    /* zlib writes mtime 0 and no file name: the same input gives the same bytes. */
-    d.g = gzopen(path, "wb9");
-    if (!d.g) return ds_fail(AD_ERR_IO, "%s: cannot create: %s", path, strerror(errno));
+    /* zlib writes mtime 0 and no file name: the same input gives the same
+     * bytes. It gets a duplicate descriptor, so fd stays open for fsync
+     * after gzclose has flushed the stream's end. */
+    int fd2 = dup(fd);
+    d.g = fd2 >= 0 ? gzdopen(fd2, "wb9") : NULL;
+    if (!d.g && fd2 >= 0) close(fd2);
   } else {
-    d.f = fopen(path, "wb");
-    if (!d.f) return ds_fail(AD_ERR_IO, "%s: cannot create: %s", path, strerror(errno));
+    d.f = fdopen(fd, "wb");
+    if (d.f) fd = -1; /* owned by d.f now */
   }
+  int ok = d.g || d.f, err = ok ? 0 : errno;
 
   unsigned char head[4 + 4 * DS_IDX_MAX_DIMS];
   head[0] = head[1] = 0;
   head[2] = (unsigned char)type;
   head[3] = (unsigned char)ndim;
   for (int i = 0; i < ndim; i++) put_be(head + 4 + 4 * i, (uint64_t)dims[i], 4);
-  int ok = dst_write(&d, head, 4 + 4 * (size_t)ndim);
+  if (ok) ok = dst_write(&d, head, 4 + 4 * (size_t)ndim);
 
   /* Data through a small buffer, each element turned big-endian. */
   unsigned char buf[1 << 16];
@@ -362,10 +476,25 @@ ad_status ds_idx_write(const char *path, ds_idx_type type, int ndim, const int64
     }
     ok = dst_write(&d, buf, (size_t)m * esize);
   }
-  int closed = d.g ? gzclose(d.g) == Z_OK : fclose(d.f) == 0;
-  if (!ok || !closed) {
-    remove(path);
-    return ds_fail(AD_ERR_IO, "%s: write failed: %s", path, strerror(errno));
+  if (!ok && !err) err = errno;
+  if (d.g) {
+    if (gzclose(d.g) != Z_OK && ok) ok = 0, err = errno;
+    if (ok && fsync(fd) != 0) ok = 0, err = errno;
+  } else if (d.f) {
+    if (ok && (fflush(d.f) != 0 || fsync(fileno(d.f)) != 0)) ok = 0, err = errno;
+    if (fclose(d.f) != 0 && ok) ok = 0, err = errno;
   }
-  return AD_OK;
+  if (fd >= 0) close(fd);
+  if (ok && rename(tmp, path) != 0) ok = 0, err = errno;
+  ad_status st = AD_OK;
+  if (!ok) {
+    unlink(tmp);
+    st = ds_fail(AD_ERR_IO,
+                 "ds_idx_write: %s: write failed: %s (the old file, if any, is unchanged)", path,
+                 strerror(err ? err : EIO));
+  } else {
+    sync_dir(path);
+  }
+  free(tmp);
+  return st;
 }

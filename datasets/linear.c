@@ -13,9 +13,18 @@ static ad_status make_linear(ds_dataset **out, double **z, const char *fn, const
   *out = NULL;
   *z = NULL;
   if (!o || !r) return ds_fail(AD_ERR_NULL, "%s: NULL argument", fn);
-  if (o->n < 1 || o->dim < 1 || !(o->noise >= 0) || !isfinite(o->bias) || !ds_dtype_ok(o->dtype))
+  if (o->n < 1 || o->dim < 1 || !(o->noise >= 0) || !isfinite(o->noise) || !isfinite(o->bias) ||
+      !ds_dtype_ok(o->dtype))
     return ds_fail(AD_ERR_ARG, "%s: bad options (n %lld, dim %lld, noise %g, dtype %d)", fn,
                    (long long)o->n, (long long)o->dim, o->noise, (int)o->dtype);
+  int64_t nd;
+  if (ds_mul_overflow(o->n, o->dim, &nd) || ds_mul_overflow(nd, 8, &nd))
+    return ds_fail(AD_ERR_ARG, "%s: n %lld x dim %lld overflows 64 bits", fn, (long long)o->n,
+                   (long long)o->dim);
+  for (int64_t j = 0; o->w && j < o->dim; j++)
+    if (!isfinite(o->w[j]))
+      return ds_fail(AD_ERR_ARG, "%s: w[%lld] is %g; the weights must be finite", fn, (long long)j,
+                     o->w[j]);
   ds_dataset *d = calloc(1, sizeof *d);
   if (!d) return ds_fail(AD_ERR_NOMEM, "%s: out of memory", fn);
   d->n = o->n;
@@ -46,7 +55,7 @@ static ad_status make_linear(ds_dataset **out, double **z, const char *fn, const
 }
 
 ad_status ds_linear_regression(ds_dataset **out, const ds_linear_opts *opts, ad_rng *r) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!out) return ds_fail(AD_ERR_NULL, "ds_linear_regression: out is NULL");
   double *z = NULL;
   ad_status s = make_linear(out, &z, "ds_linear_regression", opts, r);
@@ -57,7 +66,7 @@ ad_status ds_linear_regression(ds_dataset **out, const ds_linear_opts *opts, ad_
 }
 
 ad_status ds_logistic_regression(ds_dataset **out, const ds_linear_opts *opts, ad_rng *r) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!out) return ds_fail(AD_ERR_NULL, "ds_logistic_regression: out is NULL");
   double *z = NULL;
   ad_status s = make_linear(out, &z, "ds_logistic_regression", opts, r);

@@ -43,12 +43,18 @@ static ad_status read_pair(ds_idx **img, ds_idx **lab, const char *dir, const ch
   *img = *lab = NULL;
   ad_status s = find_file(&ipath, dir, prefix, "images", "idx3");
   if (s == AD_OK) s = find_file(&lpath, dir, prefix, "labels", "idx1");
-  if (s == AD_OK) s = ds_idx_read(img, ipath);
+  if (s == AD_OK) {
+    s = ds_idx_read(img, ipath);
+    ds_resume("ds_mnist_load");
+  }
   if (s == AD_OK && ((*img)->type != DS_IDX_U8 || (*img)->ndim != 3))
     s = ds_fail(AD_ERR_FORMAT,
                 "%s: expected u8 images [N, rows, cols] (magic 0x00000803), found %s with %d dims",
                 ipath, ds_idx_type_name((*img)->type), (*img)->ndim);
-  if (s == AD_OK) s = ds_idx_read(lab, lpath);
+  if (s == AD_OK) {
+    s = ds_idx_read(lab, lpath);
+    ds_resume("ds_mnist_load");
+  }
   if (s == AD_OK && ((*lab)->type != DS_IDX_U8 || (*lab)->ndim != 1))
     s = ds_fail(AD_ERR_FORMAT,
                 "%s: expected u8 labels [N] (magic 0x00000801), found %s with %d dims", lpath,
@@ -77,7 +83,7 @@ static ad_status read_pair(ds_idx **img, ds_idx **lab, const char *dir, const ch
 
 ad_status ds_mnist_load(ds_dataset **out, const char *dir, const char *split,
                         const ds_mnist_opts *opts) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!out) return ds_fail(AD_ERR_NULL, "ds_mnist_load: out is NULL");
   *out = NULL;
   if (!split) return ds_fail(AD_ERR_NULL, "ds_mnist_load: split is NULL");

@@ -8,7 +8,7 @@
 static const double ds_pi = 3.14159265358979323846;
 
 ad_status ds_two_moons(ds_dataset **out, int64_t n, double noise, ad_dtype dt, ad_rng *r) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!out) return ds_fail(AD_ERR_NULL, "ds_two_moons: out is NULL");
   *out = NULL;
   if (!r) return ds_fail(AD_ERR_NULL, "ds_two_moons: rng is NULL");

@@ -9,7 +9,7 @@
 static const double ds_pi = 3.14159265358979323846;
 
 ad_status ds_sine_task_sample(ds_sine_task *task, ad_rng *r) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!task || !r) return ds_fail(AD_ERR_NULL, "ds_sine_task_sample: NULL argument");
   task->amplitude = DS_SINE_AMP_MIN + (DS_SINE_AMP_MAX - DS_SINE_AMP_MIN) * ad_rng_uniform(r);
   task->phase = ds_pi * ad_rng_uniform(r);
@@ -20,6 +20,9 @@ static ad_status check_xy(const char *fn, const ds_sine_task *task, const ad_ten
                           const ad_tensor *y) {
   if (!task || !x || !y || !x->data || !y->data)
     return ds_fail(AD_ERR_NULL, "%s: NULL argument", fn);
+  if (!isfinite(task->amplitude) || !isfinite(task->phase))
+    return ds_fail(AD_ERR_ARG, "%s: task amplitude %g and phase %g must be finite", fn,
+                   task->amplitude, task->phase);
   if (!ds_dtype_ok(x->dtype) || !ds_dtype_ok(y->dtype))
     return ds_fail(AD_ERR_DTYPE, "%s: x and y must be f32 or f64", fn);
   if (x->size != y->size) {
@@ -31,7 +34,7 @@ static ad_status check_xy(const char *fn, const ds_sine_task *task, const ad_ten
 }
 
 ad_status ds_sine_task_points(const ds_sine_task *task, ad_rng *r, ad_tensor *x, ad_tensor *y) {
-  ds_clear_error();
+  ds_enter(__func__);
   if (!r) return ds_fail(AD_ERR_NULL, "ds_sine_task_points: rng is NULL");
   ad_status s = check_xy("ds_sine_task_points", task, x, y);
   if (s != AD_OK) return s;
@@ -45,7 +48,7 @@ ad_status ds_sine_task_points(const ds_sine_task *task, ad_rng *r, ad_tensor *x,
 }
 
 ad_status ds_sine_task_eval(const ds_sine_task *task, const ad_tensor *x, ad_tensor *y) {
-  ds_clear_error();
+  ds_enter(__func__);
   ad_status s = check_xy("ds_sine_task_eval", task, x, y);
   if (s != AD_OK) return s;
   for (int64_t i = 0; i < x->size; i++)

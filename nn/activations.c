@@ -125,8 +125,17 @@ static void vjp_leaky(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gi
 }
 static const ad_op_def OP_LEAKY = {"leaky_relu", vjp_leaky, attr_slope};
 
+/* A slope must be a finite number in the dtype it is used in: a NaN or Inf
+ * slope would turn every negative input into NaN or Inf with no error. */
+static int slope_ok(ad_tape *t, const char *op, double slope, ad_dtype dt) {
+  if (isfinite(slope) && (dt != AD_F32 || isfinite((float)slope))) return 1;
+  ad__fail(t, AD_ERR_ARG, "%s: slope %g must be finite (in %s)", op, slope, ad_dtype_name(dt));
+  return 0;
+}
+
 ad_tensor *nn_leaky_relu(ad_tape *t, ad_tensor *x, double slope) {
   if (!ad__check(t, "nn_leaky_relu", 1, &x)) return NULL;
+  if (!slope_ok(t, "nn_leaky_relu", slope, x->dtype)) return NULL;
   ad_tensor *out = ad__like(t, x);
   if (!out) return NULL;
   if (x->dtype == AD_F32) {
@@ -149,6 +158,9 @@ static void vjp_leaky_backward(ad_tape *t, const ad_node *n, ad_tensor *h, ad_te
 static const ad_op_def OP_LEAKY_BACKWARD = {"leaky_relu_backward", vjp_leaky_backward, attr_slope};
 
 ad_tensor *nn_leaky_relu_backward(ad_tape *t, ad_tensor *g, ad_tensor *x, double slope) {
+  ad_tensor *in[2] = {g, x};
+  if (!ad__check(t, "nn_leaky_relu_backward", 2, in)) return NULL;
+  if (!slope_ok(t, "nn_leaky_relu_backward", slope, x->dtype)) return NULL;
   ad_tensor *out = backward_out(t, "nn_leaky_relu_backward", g, x);
   if (!out) return NULL;
   if (x->dtype == AD_F32) {
@@ -157,7 +169,6 @@ ad_tensor *nn_leaky_relu_backward(ad_tape *t, ad_tensor *g, ad_tensor *x, double
   } else {
     LOOP2(out, g, x, v > 0 ? u : slope * u);
   }
-  ad_tensor *in[2] = {g, x};
   ad_node *n = ad__record(t, &OP_LEAKY_BACKWARD, out, 2, in);
   if (n) n->a.c = slope;
   return ad__done(t, out, "leaky_relu_backward");

@@ -17,6 +17,7 @@
 #include "nn.h"
 
 #include "autodiff/ad_internal.h"
+#include "nn_internal.h"
 
 #include <string.h>
 
@@ -299,15 +300,44 @@ static int make_geom(ad_tape *t, const char *op, conv_geom *g, int64_t n, int64_
     ad__fail(t, AD_ERR_ARG, "%s: stride %d must be >= 1 and pad %d >= 0", op, stride, pad);
     return 0;
   }
+  if (h < 1 || w < 1) { /* the backward ops take h and w from the caller */
+    ad__fail(t, AD_ERR_SHAPE, "%s: input size %lldx%lld must be at least 1x1", op, (long long)h,
+             (long long)w);
+    return 0;
+  }
   g->n = n, g->c = c, g->h = h, g->w = w, g->k = k, g->r = r, g->s = s;
   g->st = stride, g->pad = pad;
-  if (h + 2 * pad < r || w + 2 * pad < s) {
+  /* The padded sizes in 64 bits, checked: 2 * pad overflows an int for a
+   * pad past 2^30, and h comes from the caller in the backward ops. */
+  int64_t hp, wp;
+  if (nn__add_overflow(h, 2 * (int64_t)pad, &hp) || nn__add_overflow(w, 2 * (int64_t)pad, &wp)) {
+    ad__fail(t, AD_ERR_SHAPE, "%s: a %lldx%lld input padded by %d overflows 64 bits", op,
+             (long long)h, (long long)w, pad);
+    return 0;
+  }
+  if (hp < r || wp < s) {
     ad__fail(t, AD_ERR_SHAPE, "%s: a %lldx%lld filter does not fit a %lldx%lld input padded by %d",
              op, (long long)r, (long long)s, (long long)h, (long long)w, pad);
     return 0;
   }
-  g->p = (h + 2 * pad - r) / stride + 1;
-  g->q = (w + 2 * pad - s) / stride + 1;
+  g->p = (hp - r) / stride + 1;
+  g->q = (wp - s) / stride + 1;
+  /* Every size the kernels form, checked once here so none of them can
+   * wrap: the output [N, K, P, Q], the input [N, C, H, W], the im2col
+   * workspace [C*R*S, P*Q] in bytes. */
+  int64_t pq, nkpq, chw, nchw, crs, col;
+  if (nn__mul_overflow(g->p, g->q, &pq) || nn__mul_overflow(pq, k, &nkpq) ||
+      nn__mul_overflow(nkpq, n, &nkpq) || nn__mul_overflow(h, w, &chw) ||
+      nn__mul_overflow(chw, c, &chw) || nn__mul_overflow(chw, n, &nchw) ||
+      nn__mul_overflow(c, r, &crs) || nn__mul_overflow(crs, s, &crs) ||
+      nn__mul_overflow(crs, pq, &col) || nn__mul_overflow(col, 8, &col)) {
+    ad__fail(t, AD_ERR_SHAPE,
+             "%s: sizes overflow 64 bits (input %lldx%lldx%lldx%lld, filter %lldx%lldx%lld, "
+             "output %lldx%lld)",
+             op, (long long)n, (long long)c, (long long)h, (long long)w, (long long)k, (long long)r,
+             (long long)s, (long long)g->p, (long long)g->q);
+    return 0;
+  }
   return 1;
 }
 

@@ -43,6 +43,8 @@ ad_tensor *nn_cross_entropy_each(ad_tape *t, ad_tensor *logits, const int32_t *l
     return ad__fail(t, AD_ERR_SHAPE, "nn_cross_entropy_each: logits must be [N, C], got %s",
                     ad_shape_str(logits, s, sizeof s));
   }
+  /* Checked here too, so the message names the function the user called. */
+  if (!ad__check_labels(t, "nn_cross_entropy_each", logits, labels, n)) return NULL;
   return nn_nll_each(t, ad_log_softmax(t, logits, 1), labels, n);
 }
 

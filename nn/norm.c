@@ -11,6 +11,7 @@
 
 #include "autodiff/ad_internal.h"
 
+#include <math.h>
 #include <string.h>
 
 /* ------------------------------------------------------------------ layer norm */
@@ -29,7 +30,8 @@ ad_tensor *nn_layer_norm(ad_tape *t, ad_tensor *x, ad_tensor *gamma, ad_tensor *
                     beta ? ad_shape_str(beta, sb, sizeof sb) : "none", (long long)d,
                     ad_shape_str(x, sx, sizeof sx));
   }
-  if (!(eps > 0)) return ad__fail(t, AD_ERR_ARG, "nn_layer_norm: eps %g must be > 0", eps);
+  if (!(eps > 0) || !isfinite(eps))
+    return ad__fail(t, AD_ERR_ARG, "nn_layer_norm: eps %g must be finite and > 0", eps);
   int64_t shape[2] = {m, d};
   ad_tensor *x2 = ad_reshape(t, x, 2, shape);
   ad_tensor *mu = ad_mean_axis(t, x2, 1, 1);                        /* [M, 1] */
@@ -51,9 +53,11 @@ ad_status nn_bn_state_init(nn_bn_state *s, ad_dtype dt, int64_t channels, double
                            double eps) {
   if (!s) return ad__set_last(AD_ERR_NULL, "nn_bn_state_init: s is NULL");
   memset(s, 0, sizeof *s);
-  if (channels < 1 || momentum < 0 || momentum > 1 || eps < 0)
+  /* Written so NaN fails: every comparison with NaN is false. */
+  if (channels < 1 || !(momentum >= 0 && momentum <= 1) || !(eps >= 0 && isfinite(eps)))
     return ad__set_last(AD_ERR_ARG,
-                        "nn_bn_state_init: channels %lld, momentum %g (in [0, 1]), eps %g (>= 0)",
+                        "nn_bn_state_init: channels %lld (>= 1), momentum %g (in [0, 1]), eps %g "
+                        "(finite, >= 0)",
                         (long long)channels, momentum, eps);
   s->channels = channels;
   s->momentum = momentum == 0 ? 0.1 : momentum;
@@ -142,6 +146,11 @@ ad_tensor *nn_batch_norm(ad_tape *t, ad_tensor *x, ad_tensor *gamma, ad_tensor *
   if (train && n * l < 2)
     return ad__fail(t, AD_ERR_SHAPE, "%s: batch statistics need more than one value per channel",
                     op);
+  /* The state is a plain struct the caller may have edited since init. */
+  if (s && s->mean && (!(s->eps > 0) || !isfinite(s->eps)))
+    return ad__fail(t, AD_ERR_ARG, "%s: state eps %g must be finite and > 0", op, s->eps);
+  if (update && !(s->momentum >= 0 && s->momentum <= 1))
+    return ad__fail(t, AD_ERR_ARG, "%s: state momentum %g must be in [0, 1]", op, s->momentum);
   double eps = s && s->mean ? s->eps : 1e-5;
   int64_t shape3[3] = {n, c, l};
   ad_tensor *x3 = ad_reshape(t, x, 3, shape3);

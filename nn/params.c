@@ -5,6 +5,7 @@
 #include "nn.h"
 
 #include "autodiff/ad_internal.h"
+#include "nn_internal.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -55,11 +56,11 @@ ad_status nn_params_new(nn_params **out, ad_dtype dt, int n, const nn_param_spec
       if (s->shape[d] <= 0 || s->shape[d] > ((int64_t)1 << 40))
         return ad__set_last(AD_ERR_SHAPE, "nn_params_new: '%s': dimension %d is %lld", s->name, d,
                             (long long)s->shape[d]);
-      k *= s->shape[d];
+      if (nn__mul_overflow(k, s->shape[d], &k) || k > ((int64_t)1 << 40))
+        return ad__set_last(AD_ERR_SHAPE, "nn_params_new: '%s': more than 2^40 elements", s->name);
     }
-    total += k;
-    if (total > ((int64_t)1 << 40))
-      return ad__set_last(AD_ERR_SHAPE, "nn_params_new: too many elements");
+    if (nn__add_overflow(total, k, &total) || total > ((int64_t)1 << 40))
+      return ad__set_last(AD_ERR_SHAPE, "nn_params_new: more than 2^40 elements in all");
   }
   nn_params *p = calloc(1, sizeof *p);
   if (!p) return ad__set_last(AD_ERR_NOMEM, "nn_params_new: out of memory");

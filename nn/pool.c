@@ -13,6 +13,7 @@
 #include "nn.h"
 
 #include "autodiff/ad_internal.h"
+#include "nn_internal.h"
 
 #include <float.h>
 #include <string.h>
@@ -38,7 +39,7 @@ static int make_geom(ad_tape *t, const char *op, const ad_tensor *x, int k, int 
     ad__fail(t, AD_ERR_SHAPE, "%s: x must be 4-D (NCHW), got %s", op, ad_shape_str(x, s, sizeof s));
     return 0;
   }
-  if (k < 1 || stride < 1 || pad < 0 || 2 * pad > k) {
+  if (k < 1 || stride < 1 || pad < 0 || pad > k / 2) { /* not 2 * pad: it overflows an int */
     ad__fail(t, AD_ERR_ARG,
              "%s: kernel %d, stride %d, pad %d (need k, stride >= 1, 0 <= pad <= k/2)", op, k,
              stride, pad);
@@ -47,14 +48,17 @@ static int make_geom(ad_tape *t, const char *op, const ad_tensor *x, int k, int 
   memset(g, 0, sizeof *g);
   g->n = x->shape[0], g->c = x->shape[1], g->h = x->shape[2], g->w = x->shape[3];
   g->k = k, g->st = stride, g->pad = pad;
-  if (g->h + 2 * pad < k || g->w + 2 * pad < k) {
+  /* pad <= k / 2 here, so 2 * pad fits an int; h + 2 * pad is 64-bit. */
+  int64_t hp, wp;
+  if (nn__add_overflow(g->h, 2 * (int64_t)pad, &hp) ||
+      nn__add_overflow(g->w, 2 * (int64_t)pad, &wp) || hp < k || wp < k) {
     char s[96];
     ad__fail(t, AD_ERR_SHAPE, "%s: a %dx%d window does not fit %s padded by %d", op, k, k,
              ad_shape_str(x, s, sizeof s), pad);
     return 0;
   }
-  g->p = (g->h + 2 * pad - k) / stride + 1;
-  g->q = (g->w + 2 * pad - k) / stride + 1;
+  g->p = (hp - k) / stride + 1;
+  g->q = (wp - k) / stride + 1;
   return 1;
 }
 

@@ -22,6 +22,7 @@
 #include "nn.h"
 
 #include "autodiff/ad_internal.h"
+#include "nn_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -231,12 +232,11 @@ typedef struct {
   int dt;                    /* the one dtype of every tensor */
 } parsed;
 
-static ad_status read_all(const char *path, unsigned char **out, size_t *len) {
+static ad_status read_all(const char *fn, const char *path, unsigned char **out, size_t *len) {
   *out = NULL;
   *len = 0;
   FILE *f = fopen(path, "rb");
-  if (!f)
-    return ad__set_last(AD_ERR_IO, "nn_params_load: cannot open %s: %s", path, strerror(errno));
+  if (!f) return ad__set_last(AD_ERR_IO, "%s: cannot open %s: %s", fn, path, strerror(errno));
   size_t cap = 1 << 16, n = 0;
   unsigned char *b = malloc(cap);
   while (b) {
@@ -253,10 +253,10 @@ static ad_status read_all(const char *path, unsigned char **out, size_t *len) {
   }
   int bad = ferror(f);
   fclose(f);
-  if (!b) return ad__set_last(AD_ERR_NOMEM, "nn_params_load: %s: out of memory", path);
+  if (!b) return ad__set_last(AD_ERR_NOMEM, "%s: %s: out of memory", fn, path);
   if (bad) {
     free(b);
-    return ad__set_last(AD_ERR_IO, "nn_params_load: error reading %s", path);
+    return ad__set_last(AD_ERR_IO, "%s: error reading %s", fn, path);
   }
   *out = b;
   *len = n;
@@ -266,23 +266,23 @@ static ad_status read_all(const char *path, unsigned char **out, size_t *len) {
 #define FMT(...) ad__set_last(AD_ERR_FORMAT, __VA_ARGS__)
 
 /* Checks everything that can be checked without the destination. */
-static ad_status parse(const unsigned char *b, size_t len, const char *path, parsed *ps) {
+static ad_status parse(const char *fn, const unsigned char *b, size_t len, const char *path,
+                       parsed *ps) {
   memset(ps, 0, sizeof *ps);
   if (len < 16 + 4)
-    return FMT("nn_params_load: %s: truncated: %zu bytes, a parameter file has at least 20", path,
-               len);
+    return FMT("%s: %s: truncated: %zu bytes, a parameter file has at least 20", fn, path, len);
   if (memcmp(b, MAGIC, sizeof MAGIC) != 0)
-    return FMT("nn_params_load: %s: not a hypertape parameter file (bad magic)", path);
+    return FMT("%s: %s: not a hypertape parameter file (bad magic)", fn, path);
   uint32_t version = (uint32_t)get_le(b + 8, 4);
   uint32_t stored = (uint32_t)get_le(b + len - 4, 4);
   uint32_t crc = (uint32_t)crc_update(crc32(0L, Z_NULL, 0), b, len - 4);
   if (version != NN_PARAMS_FILE_VERSION)
-    return FMT("nn_params_load: %s: file format version %u, this build reads version %d%s", path,
-               version, NN_PARAMS_FILE_VERSION,
+    return FMT("%s: %s: file format version %u, this build reads version %d%s", fn, path, version,
+               NN_PARAMS_FILE_VERSION,
                stored != crc ? " (and the checksum does not match: the file may be corrupt)" : "");
   uint32_t n = (uint32_t)get_le(b + 12, 4);
   if (n < 1 || n > NN_MAX_PARAMS)
-    return FMT("nn_params_load: %s: header says %u tensors, allowed 1..%d", path, n, NN_MAX_PARAMS);
+    return FMT("%s: %s: header says %u tensors, allowed 1..%d", fn, path, n, NN_MAX_PARAMS);
   ps->n = (int)n;
   size_t at = 16, end = len - 4;
   int64_t numel = 0;
@@ -291,8 +291,8 @@ static ad_status parse(const unsigned char *b, size_t len, const char *path, par
     int nl = (int)get_le(b + at, 2);
     at += 2;
     if (nl < 1 || nl >= NN_NAME_MAX)
-      return FMT("nn_params_load: %s: tensor %d has a name of %d bytes (allowed 1..%d)", path, i,
-                 nl, NN_NAME_MAX - 1);
+      return FMT("%s: %s: tensor %d has a name of %d bytes (allowed 1..%d)", fn, path, i, nl,
+                 NN_NAME_MAX - 1);
     if (at + (size_t)nl + 2 > end) goto truncated;
     ps->name[i] = b + at;
     ps->name_len[i] = nl;
@@ -301,11 +301,11 @@ static ad_status parse(const unsigned char *b, size_t len, const char *path, par
     ps->ndim[i] = b[at + 1];
     at += 2;
     if (ps->dtype[i] != AD_F32 && ps->dtype[i] != AD_F64)
-      return FMT("nn_params_load: %s: tensor %d has unknown dtype code %d", path, i, ps->dtype[i]);
+      return FMT("%s: %s: tensor %d has unknown dtype code %d", fn, path, i, ps->dtype[i]);
     if (ps->dtype[i] != ps->dtype[0])
-      return FMT("nn_params_load: %s: tensors 0 and %d differ in dtype", path, i);
+      return FMT("%s: %s: tensors 0 and %d differ in dtype", fn, path, i);
     if (ps->ndim[i] > AD_MAX_DIMS)
-      return FMT("nn_params_load: %s: tensor %d has %d dims (at most %d)", path, i, ps->ndim[i],
+      return FMT("%s: %s: tensor %d has %d dims (at most %d)", fn, path, i, ps->ndim[i],
                  AD_MAX_DIMS);
     if (at + 8 * (size_t)ps->ndim[i] > end) goto truncated;
     int64_t k = 1;
@@ -313,29 +313,31 @@ static ad_status parse(const unsigned char *b, size_t len, const char *path, par
       int64_t v = (int64_t)get_le(b + at, 8);
       at += 8;
       if (v <= 0 || v > ((int64_t)1 << 40))
-        return FMT("nn_params_load: %s: tensor %d has dimension %d of size %lld", path, i, d,
-                   (long long)v);
+        return FMT("%s: %s: tensor %d has dimension %d of size %lld", fn, path, i, d, (long long)v);
       ps->shape[i][d] = v;
-      k *= v;
-      if (k > ((int64_t)1 << 40)) return FMT("nn_params_load: %s: tensor %d too large", path, i);
+      /* Each dim is <= 2^40, so two of them can already wrap an int64. */
+      if (nn__mul_overflow(k, v, &k) || k > ((int64_t)1 << 40))
+        return FMT("%s: %s: tensor %d has more than 2^40 elements (dimension %d of "
+                   "size %lld)",
+                   fn, path, i, d, (long long)v);
     }
-    numel += k;
-    if (numel > ((int64_t)1 << 40)) return FMT("nn_params_load: %s: tensors too large", path);
+    if (nn__add_overflow(numel, k, &numel) || numel > ((int64_t)1 << 40))
+      return FMT("%s: %s: the tensors hold more than 2^40 elements", fn, path);
   }
   ps->dt = ps->dtype[0];
   ps->numel = numel;
   ps->data = b + at;
   size_t want = at + (size_t)numel * ad_dtype_size((ad_dtype)ps->dt) + 4;
   if (want != len)
-    return FMT("nn_params_load: %s: %s: the header describes %zu bytes, the file has %zu", path,
+    return FMT("%s: %s: %s: the header describes %zu bytes, the file has %zu", fn, path,
                len < want ? "truncated" : "trailing bytes", want, len);
   if (stored != crc)
-    return FMT("nn_params_load: %s: checksum mismatch (stored %08x, computed %08x): the file is "
+    return FMT("%s: %s: checksum mismatch (stored %08x, computed %08x): the file is "
                "corrupt",
-               path, stored, crc);
+               fn, path, stored, crc);
   return AD_OK;
 truncated:
-  return FMT("nn_params_load: %s: truncated inside the tensor table (%zu bytes)", path, len);
+  return FMT("%s: %s: truncated inside the tensor table (%zu bytes)", fn, path, len);
 }
 
 /* Copies the checked data into p's value block. */
@@ -354,13 +356,14 @@ static void shape_text(char *buf, size_t len, int dt, int ndim, const int64_t *s
 }
 
 ad_status nn_params_load(nn_params *p, const char *path) {
+  static const char FN[] = "nn_params_load";
   if (!p || !path) return ad__set_last(AD_ERR_NULL, "nn_params_load: NULL argument");
   unsigned char *b = NULL;
   size_t len = 0;
-  ad_status s = read_all(path, &b, &len);
+  ad_status s = read_all(FN, path, &b, &len);
   if (s != AD_OK) return s;
   parsed ps;
-  s = parse(b, len, path, &ps);
+  s = parse(FN, b, len, path, &ps);
   if (s == AD_OK && ps.n != nn_params_count(p))
     s = FMT("nn_params_load: %s holds %d tensors, the destination has %d", path, ps.n,
             nn_params_count(p));
@@ -386,15 +389,16 @@ ad_status nn_params_load(nn_params *p, const char *path) {
 }
 
 ad_status nn_params_load_new(nn_params **out, const char *path) {
+  static const char FN[] = "nn_params_load_new";
   if (!out) return ad__set_last(AD_ERR_NULL, "nn_params_load_new: out is NULL");
   *out = NULL;
   if (!path) return ad__set_last(AD_ERR_NULL, "nn_params_load_new: path is NULL");
   unsigned char *b = NULL;
   size_t len = 0;
-  ad_status s = read_all(path, &b, &len);
+  ad_status s = read_all(FN, path, &b, &len);
   if (s != AD_OK) return s;
   parsed ps;
-  s = parse(b, len, path, &ps);
+  s = parse(FN, b, len, path, &ps);
   if (s == AD_OK) {
     char names[NN_MAX_PARAMS][NN_NAME_MAX];
     nn_param_spec specs[NN_MAX_PARAMS];

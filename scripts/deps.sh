@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what hypertape needs on Debian (bookworm): a C compiler, CMake,
 # BLIS, Check, zlib. Extra package names may be passed as arguments.
-# Does nothing when everything is already installed.
+# Does nothing when everything is already installed. The fuzz stage
+# (scripts/fuzz.sh, from .ci/run) passes: clang libclang-rt-14-dev.
 set -euo pipefail
 pkgs=(gcc make cmake pkg-config libblis-dev check zlib1g-dev "$@")
 missing=()

@@ -7,7 +7,10 @@
 #include "gradcheck.h"
 
 #include <check.h>
+#include <dirent.h>
 #include <math.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -525,6 +528,167 @@ START_TEST(test_idx_io_errors) {
 }
 END_TEST
 
+/* Sizes that overflow (issue 9): dims {4e9, 4e9, 4e9} are each a valid IDX
+ * dim but their product wraps an int64; the write is AD_ERR_ARG naming the
+ * dims before any byte is read from data or written (it segfaulted), and
+ * no file appears. On reading, three 0xffffffff u8 dims overflow too. */
+START_TEST(test_idx_sizes_overflow) {
+  uint8_t d = 7;
+  const int64_t big = 4000000000LL;
+  ck_assert_int_eq(ds_idx_write(tpath("a.idx"), DS_IDX_U8, 3, (int64_t[]){big, big, big}, &d, 0),
+                   AD_ERR_ARG);
+  ck_assert_msg_has("ds_idx_write");
+  ck_assert_msg_has("4000000000 x 4000000000 x 4000000000");
+  ck_assert_msg_has("overflow");
+  ck_assert_int_eq(access(tpath("a.idx"), F_OK), -1);
+  ck_assert_int_eq(ds_idx_write(tpath("a.idx"), DS_IDX_F64, 2, (int64_t[]){big, big}, &d, 1),
+                   AD_ERR_ARG); /* 1.28e20 bytes: the byte count overflows, not the count */
+  ck_assert_msg_has("overflow");
+  unsigned char h[] = {0,    0,    8,    3,    0xff, 0xff, 0xff, 0xff, 0xff,
+                       0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0};
+  ck_assert_int_eq(read_raw(h, sizeof h), AD_ERR_FORMAT);
+  ck_assert_msg_has("overflow");
+}
+END_TEST
+
+/* Entries of tmpdir other than . and .. */
+static int count_entries(void) {
+  DIR *d = opendir(tmpdir);
+  ck_assert_ptr_nonnull(d);
+  int n = 0;
+  struct dirent *e;
+  while ((e = readdir(d)))
+    if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) n++;
+  closedir(d);
+  return n;
+}
+
+/* ds_idx_write over an existing file that fails midway (issue 9): the
+ * failure is injected with RLIMIT_FSIZE (8 KiB; SIGXFSZ ignored, so the
+ * write returns EFBIG), a real short write at any data size beyond the
+ * limit. Plain and gzip: AD_ERR_IO, the old file byte-identical, no
+ * temporary left (one entry in the directory); then with the limit lifted
+ * the same write replaces the file and reads back. */
+START_TEST(test_idx_write_atomic) {
+  enum { N = 100000 };
+  uint8_t *big = malloc(N);
+  ad_rng r;
+  ad_rng_seed(&r, 5);
+  for (int i = 0; i < N; i++) big[i] = (uint8_t)ad_rng_below(&r, 256); /* incompressible */
+  ck_assert_int_eq(ds_idx_write(tpath("a.idx"), DS_IDX_U8, 2, (int64_t[]){2, 3}, good_idx + 12, 0),
+                   AD_OK);
+  size_t n0;
+  unsigned char *before = read_bytes(tpath("a.idx"), &n0);
+  ck_assert_uint_eq(n0, sizeof good_idx);
+  ck_assert(memcmp(before, good_idx, n0) == 0);
+  struct rlimit old, lim;
+  ck_assert_int_eq(getrlimit(RLIMIT_FSIZE, &old), 0);
+  lim = old;
+  lim.rlim_cur = 8192;
+  signal(SIGXFSZ, SIG_IGN);
+  for (int gz = 0; gz < 2; gz++) {
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    ck_assert_int_eq(ds_idx_write(tpath("a.idx"), DS_IDX_U8, 1, (int64_t[]){N}, big, gz),
+                     AD_ERR_IO);
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &old), 0);
+    ck_assert_msg_has("ds_idx_write");
+    ck_assert_msg_has("unchanged");
+    size_t n1;
+    unsigned char *after = read_bytes(tpath("a.idx"), &n1);
+    ck_assert_uint_eq(n1, n0);
+    ck_assert(memcmp(after, before, n0) == 0);
+    free(after);
+    ck_assert_int_eq(count_entries(), 1);
+  }
+  for (int gz = 0; gz < 2; gz++) {
+    ck_assert_int_eq(ds_idx_write(tpath("a.idx"), DS_IDX_U8, 1, (int64_t[]){N}, big, gz), AD_OK);
+    ck_assert_int_eq(count_entries(), 1);
+    ds_idx *a = NULL;
+    ck_assert_int_eq(ds_idx_read(&a, tpath("a.idx")), AD_OK);
+    ck_assert_int_eq(a->count, N);
+    ck_assert(memcmp(a->data, big, N) == 0);
+    ds_idx_free(a);
+  }
+  /* a directory that does not exist: no temporary can be made */
+  ck_assert_int_eq(ds_idx_write("/nonexistent/x.idx", DS_IDX_U8, 1, (int64_t[]){1}, big, 0),
+                   AD_ERR_IO);
+  ck_assert_msg_has("temporary");
+  free(before);
+  free(big);
+}
+END_TEST
+
+/* gzip: bytes after the stream are a format error like bytes after a plain
+ * file's data (zlib's gzread ignored them): one extra byte, a word of
+ * garbage, a run of zeros. Two members (gzip's concatenation) are one
+ * stream and read fine. */
+START_TEST(test_idx_gzip_trailing_garbage) {
+  ck_assert_int_eq(ds_idx_write(tpath("a.idx"), DS_IDX_U8, 2, (int64_t[]){2, 3}, good_idx + 12, 1),
+                   AD_OK);
+  size_t n;
+  unsigned char *gz = read_bytes(tpath("a.idx"), &n);
+  ck_assert_int_eq(read_raw(gz, n), AD_OK);
+  unsigned char *b = malloc(n + 16);
+  memcpy(b, gz, n);
+  b[n] = 'x';
+  ck_assert_int_eq(read_raw(b, n + 1), AD_ERR_FORMAT);
+  ck_assert_msg_has("1 bytes of trailing garbage after the gzip stream");
+  memcpy(b + n, "garbage", 7);
+  ck_assert_int_eq(read_raw(b, n + 7), AD_ERR_FORMAT);
+  ck_assert_msg_has("7 bytes of trailing garbage");
+  memset(b + n, 0, 16);
+  ck_assert_int_eq(read_raw(b, n + 16), AD_ERR_FORMAT);
+  ck_assert_msg_has("16 bytes of trailing garbage");
+  /* The input the gzip fuzz target flagged (its harness cut the stream's
+   * 2 last trailer bytes and appended 2 zero bytes: a valid stream after
+   * all, so it was the harness that was wrong). As meant, the whole member
+   * of an i32 [2] IDX followed by two zero bytes must be rejected. */
+  static const unsigned char i32x2[16] = {0,    0,    0x0c, 1, 0,    0,    0, 2,
+                                          0x3f, 0xc0, 0,    0, 0xbe, 0x80, 0, 0};
+  gzFile gi = gzopen(tpath("a.idx"), "wb6");
+  ck_assert_int_eq(gzwrite(gi, i32x2, 16), 16);
+  gzclose(gi);
+  size_t ni;
+  unsigned char *mi = read_bytes(tpath("a.idx"), &ni);
+  ck_assert_int_eq(read_raw(mi, ni), AD_OK);
+  mi = realloc(mi, ni + 2);
+  mi[ni] = mi[ni + 1] = 0;
+  ck_assert_int_eq(read_raw(mi, ni + 2), AD_ERR_FORMAT);
+  ck_assert_msg_has("2 bytes of trailing garbage");
+  free(mi);
+  /* a plain file with one extra byte, for comparison */
+  unsigned char p[sizeof good_idx + 1];
+  memcpy(p, good_idx, sizeof good_idx);
+  p[sizeof good_idx] = 'x';
+  ck_assert_int_eq(read_raw(p, sizeof p), AD_ERR_FORMAT);
+  ck_assert_msg_has("1 bytes of trailing data");
+  /* two members: the header in one, the data in the next */
+  gzFile g = gzopen(tpath("a.idx"), "wb");
+  ck_assert_int_eq(gzwrite(g, good_idx, 12), 12);
+  gzclose(g);
+  unsigned char *m1 = read_bytes(tpath("a.idx"), &n);
+  g = gzopen(tpath("a.idx"), "wb");
+  ck_assert_int_eq(gzwrite(g, good_idx + 12, 6), 6);
+  gzclose(g);
+  size_t n2;
+  unsigned char *m2 = read_bytes(tpath("a.idx"), &n2);
+  unsigned char *both = malloc(n + n2);
+  memcpy(both, m1, n);
+  memcpy(both + n, m2, n2);
+  write_bytes(tpath("c.idx"), both, n + n2);
+  ds_idx *a = NULL;
+  ck_assert_msg(ds_idx_read(&a, tpath("c.idx")) == AD_OK, "%s", ds_errmsg());
+  ck_assert_int_eq(a->count, 6);
+  ck_assert(memcmp(a->data, good_idx + 12, 6) == 0);
+  ds_idx_free(a);
+  free(both);
+  free(m1);
+  free(m2);
+  free(b);
+  free(gz);
+}
+END_TEST
+
 /* ------------------------------------------------------------------ CSV */
 
 static ad_status csv(const char *text, const ds_csv_opts *o, ad_tensor **t) {
@@ -601,6 +765,31 @@ START_TEST(test_csv_bad) {
   ck_assert_int_eq(csv("1e999\n", &(ds_csv_opts){.dtype = AD_F64}, &t), AD_ERR_FORMAT);
   ck_assert_msg_has("out of f64 range");
   ck_assert_int_eq(csv("1\n", &(ds_csv_opts){.header = 2}, &t), AD_ERR_ARG);
+}
+END_TEST
+
+/* An embedded NUL is a format error naming the line and column (strtod
+ * stopped at it, so "3\0" + "99" read as 3): in a field, at a line's end,
+ * in a header, and through ds_csv_read. */
+START_TEST(test_csv_nul) {
+  static const char a[] = "1,2\n3,4\00099\n";
+  ad_tensor *t = (ad_tensor *)&t;
+  ck_assert_int_eq(ds_csv_parse(&t, a, sizeof a - 1, "t.csv", NULL), AD_ERR_FORMAT);
+  ck_assert_ptr_null(t);
+  ck_assert_msg_has("t.csv:2: NUL byte at column 4");
+  static const char b[] = "1,2\n3,4\0\n";
+  ck_assert_int_eq(ds_csv_parse(&t, b, sizeof b - 1, "t.csv", NULL), AD_ERR_FORMAT);
+  ck_assert_msg_has("t.csv:2: NUL byte");
+  static const char c[] = "x\0,y\n1,2\n";
+  ck_assert_int_eq(ds_csv_parse(&t, c, sizeof c - 1, "t.csv", NULL), AD_ERR_FORMAT);
+  ck_assert_msg_has("t.csv:1: NUL byte at column 2");
+  write_bytes(tpath("a.csv"), a, sizeof a - 1);
+  ck_assert_int_eq(ds_csv_read(&t, tpath("a.csv"), NULL), AD_ERR_FORMAT);
+  ck_assert_msg_has("NUL byte");
+  /* the same text without the NUL is fine */
+  ck_assert_int_eq(ds_csv_parse(&t, a, 7, "t.csv", NULL), AD_OK);
+  ck_assert_int_eq(t->shape[0], 2);
+  ad_tensor_free(t);
 }
 END_TEST
 
@@ -1115,6 +1304,23 @@ START_TEST(test_iter_bad_args) {
   ck_assert_int_eq(ds_iter_new(&it, d.x, NULL, NULL, &(ds_iter_opts){.batch = 4}), AD_OK);
   ck_assert_int_eq(ds_iter_next(it, xb, lb, NULL, NULL), AD_ERR_ARG); /* no labels */
   ds_iter_free(it);
+  /* A batch near INT64_MAX: ceil(20 / batch) is 1, with no n + batch - 1
+   * wrapping, and a buffer check that does not form batch * per. */
+  ck_assert_int_eq(
+      ds_iter_new(&it, d.x, NULL, NULL, &(ds_iter_opts){.batch = INT64_MAX, .keep_last = 1}),
+      AD_OK);
+  ck_assert_int_eq(ds_iter_batches_per_epoch(it), 1);
+  ck_assert_int_eq(ds_iter_next(it, xb, NULL, NULL, NULL), AD_ERR_SHAPE);
+  ds_iter_free(it);
+  /* n x dim past 2^63 is an argument error, not a wrapped allocation. */
+  ad_rng r;
+  ad_rng_seed(&r, 1);
+  ds_dataset *big = (ds_dataset *)&big;
+  ck_assert_int_eq(ds_linear_regression(
+                       &big, &(ds_linear_opts){.n = (int64_t)1 << 40, .dim = (int64_t)1 << 40}, &r),
+                   AD_ERR_ARG);
+  ck_assert_ptr_null(big);
+  ck_assert_msg_has("overflow");
   ad_tensor_free(xb);
   ad_tensor_free(wrong);
   ad_tensor_free(short_y);
@@ -1149,12 +1355,16 @@ static Suite *datasets_suite(void) {
   tcase_add_test(tc, test_idx_rejects_trailing_garbage);
   tcase_add_test(tc, test_idx_rejects_truncated_gzip);
   tcase_add_test(tc, test_idx_io_errors);
+  tcase_add_test(tc, test_idx_sizes_overflow);
+  tcase_add_test(tc, test_idx_write_atomic);
+  tcase_add_test(tc, test_idx_gzip_trailing_garbage);
   suite_add_tcase(s, tc);
 
   tc = tcase_create("csv");
   tcase_add_checked_fixture(tc, make_tmpdir, remove_tmpdir);
   tcase_add_test(tc, test_csv_good);
   tcase_add_test(tc, test_csv_bad);
+  tcase_add_test(tc, test_csv_nul);
   tcase_add_test(tc, test_csv_file);
   suite_add_tcase(s, tc);
 

@@ -367,6 +367,133 @@ START_TEST(test_layer_errors) {
 }
 END_TEST
 
+/* Geometry that overflows (issue 9): pad 2^30 made 2 * pad overflow an
+ * int in conv2d and pool; pad INT_MAX and an input height near INT64_MAX
+ * (the backward ops take it from the caller) overflow 64-bit sizes. Each
+ * is an error on the tape naming the op, never a wrapped size or a
+ * sanitizer report; h = 0 is a shape error. */
+START_TEST(test_conv_pool_sizes_overflow) {
+  ad_tape *t = tape();
+  ad_tensor *x = ad_zeros(t, AD_F32, 4, S(1, 1, 4, 4)), *w = ad_zeros(t, AD_F32, 4, S(1, 1, 3, 3));
+  const int pads[2] = {1 << 30, INT32_MAX};
+  for (int i = 0; i < 2; i++) {
+    ck_assert_ptr_null(nn_conv2d(t, x, w, NULL, 1, pads[i]));
+    ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+    ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "nn_conv2d"));
+    ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "overflow"));
+    ad_tape_clear_error(t);
+    ck_assert_ptr_null(nn_max_pool2d(t, x, 3, 1, pads[i]));
+    ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "nn_max_pool2d"));
+    ad_tape_clear_error(t);
+    ck_assert_ptr_null(nn_avg_pool2d(t, x, 3, 1, pads[i]));
+    ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+    ad_tape_clear_error(t);
+  }
+  /* a kernel as large as an int with a pad half of it is legal: 4 + 2 pad
+   * - k = 3, so a 4x4 output, every window clipped to the whole input, so
+   * every output is the global maximum */
+  ad_set(x, 5, 3.0);
+  ad_tensor *m = nn_max_pool2d(t, x, INT32_MAX, 1, INT32_MAX / 2);
+  ck_assert_ptr_nonnull(m);
+  ck_assert_int_eq(m->shape[2], 4);
+  ck_assert_int_eq(m->shape[3], 4);
+  for (int64_t i = 0; i < m->size; i++) ck_assert(ad_get(m, i) == 3.0);
+  ad_set(x, 5, 0.0);
+  ad_tensor *g = ad_zeros(t, AD_F32, 4, S(1, 1, 2, 2));
+  ck_assert_ptr_null(nn_conv2d_backward_input(t, g, w, INT64_MAX, 4, 1, 1));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "overflow"));
+  ad_tape_clear_error(t);
+  ck_assert_ptr_null(nn_conv2d_backward_input(t, g, w, INT64_MAX / 2, INT64_MAX / 2, 1, 0));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "overflow"));
+  ad_tape_clear_error(t);
+  ck_assert_ptr_null(nn_conv2d_backward_input(t, g, w, 0, 4, 1, 1));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "at least 1x1"));
+  ad_tape_clear_error(t);
+  ck_assert_ptr_null(nn_conv2d_backward_weight(t, x, g, INT64_MAX, 3, 1, 1));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ad_tape_clear_error(t);
+  /* the same calls at sane sizes still work: 4x4, 3x3, pad 1 -> 4x4 */
+  ad_tensor *y = nn_conv2d(t, x, w, NULL, 1, 1);
+  ck_assert_ptr_nonnull(y);
+  ck_assert_int_eq(y->shape[2], 4);
+  ad_tape_free(t);
+}
+END_TEST
+
+/* Non-finite and degenerate hyperparameters (issue 9) are AD_ERR_ARG with
+ * the function and the value in the message, uniformly: batch-norm
+ * momentum and eps (at init, and in a state edited afterwards, which then
+ * stays unchanged), leaky-ReLU slope (NaN, Inf, and 1e300, which is Inf in
+ * f32), layer-norm eps, dropout p. */
+START_TEST(test_nonfinite_hyperparameters) {
+  const double nan = NAN, inf = INFINITY;
+  nn_bn_state st;
+  const double bad_m[4] = {nan, inf, -0.1, 1.5}, bad_e[3] = {nan, inf, -1.0};
+  for (int i = 0; i < 4; i++) {
+    ck_assert_int_eq(nn_bn_state_init(&st, AD_F64, 3, bad_m[i], 0), AD_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(ad_last_error(), "nn_bn_state_init"));
+    ck_assert_ptr_null(st.mean);
+  }
+  ck_assert_ptr_nonnull(strstr(ad_last_error(), "momentum 1.5"));
+  for (int i = 0; i < 3; i++) {
+    ck_assert_int_eq(nn_bn_state_init(&st, AD_F64, 3, 0.1, bad_e[i]), AD_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(ad_last_error(), i == 0   ? "eps nan"
+                                                  : i == 1 ? "eps inf"
+                                                           : "eps -1"));
+  }
+  ck_assert_int_eq(nn_bn_state_init(&st, AD_F64, 3, 1.0, 0), AD_OK); /* momentum 1 is legal */
+  ad_tape *t = tape();
+  ad_rng r;
+  ad_rng_seed(&r, 3);
+  ad_tensor *x = ad_randn(t, AD_F64, 2, S(8, 3), &r);
+  st.eps = nan;
+  ck_assert_ptr_null(nn_batch_norm(t, x, NULL, NULL, &st, NN_BN_EVAL));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "nn_batch_norm: state eps nan"));
+  ad_tape_clear_error(t);
+  st.eps = 1e-5;
+  st.momentum = nan;
+  ck_assert_ptr_null(nn_batch_norm(t, x, NULL, NULL, &st, NN_BN_TRAIN | NN_BN_UPDATE));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "momentum nan"));
+  ad_tape_clear_error(t);
+  for (int c = 0; c < 3; c++) {
+    ck_assert(ad_get(st.mean, c) == 0.0);
+    ck_assert(ad_get(st.var, c) == 1.0);
+  }
+  ck_assert_int_eq(st.n_updates, 0);
+  /* TRAIN alone does not use the momentum: still fine */
+  ck_assert_ptr_nonnull(nn_batch_norm(t, x, NULL, NULL, &st, NN_BN_TRAIN));
+  nn_bn_state_free(&st);
+
+  ad_tensor *x32 = ad_randn(t, AD_F32, 1, S(6), &r), *g32 = ad_ones(t, AD_F32, 1, S(6));
+  const double bad_slope[3] = {nan, -inf, 1e300};
+  for (int i = 0; i < 3; i++) {
+    ck_assert_ptr_null(nn_leaky_relu(t, x32, bad_slope[i]));
+    ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "nn_leaky_relu: slope"));
+    ad_tape_clear_error(t);
+    ck_assert_ptr_null(nn_leaky_relu_backward(t, g32, x32, bad_slope[i]));
+    ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "nn_leaky_relu_backward: slope"));
+    ad_tape_clear_error(t);
+  }
+  ck_assert_ptr_nonnull(nn_leaky_relu(t, x, 1e300)); /* finite in f64 */
+  ck_assert_ptr_null(nn_layer_norm(t, x, NULL, NULL, inf));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "nn_layer_norm: eps inf"));
+  ad_tape_clear_error(t);
+  ck_assert_ptr_null(nn_dropout(t, x, nan, &r, 1));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+  ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "nn_dropout: p = nan"));
+  ad_tape_free(t);
+}
+END_TEST
+
 /* The unrolled-HPO function through the CNN (see f_cnn_hpo): gradient =
  * hypergradient, HVP = third derivative, JVP; all within 1e-6 of finite
  * differences. */
@@ -711,6 +838,8 @@ Suite *nn_layers_suite(void) {
   tcase_add_test(tv, test_per_example_means);
   tcase_add_test(tv, test_dropout_stats);
   tcase_add_test(tv, test_layer_errors);
+  tcase_add_test(tv, test_conv_pool_sizes_overflow);
+  tcase_add_test(tv, test_nonfinite_hyperparameters);
   tcase_add_test(tv, test_cnn_unrolled_hpo);
   tcase_add_test(tv, test_conv_values);
   tcase_add_test(tv, test_pool_values);

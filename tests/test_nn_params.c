@@ -393,6 +393,43 @@ START_TEST(test_load_rejects) {
 }
 END_TEST
 
+/* Sizes that overflow (issue 9): a 41-byte file whose one tensor has dims
+ * [2^40, 2^24] (each dim within the per-dim bound, the product 2^64 wraps
+ * to 0) is a format error naming the size, not "cannot allocate 0
+ * elements"; both loaders say so; nn_params_new with the same shape, or
+ * with 2^39 + 2^39 + 2^39 elements in all, is AD_ERR_SHAPE. */
+START_TEST(test_sizes_overflow) {
+  make_dir();
+  char path[400];
+  snprintf(path, sizeof path, "%s/huge.htp", dir);
+  unsigned char b[41] = {'H', 'T', 'P', 'A', 'R', 'A', 'M', 'S', 1,           0, 0,
+                         0,   1,   0,   0,   0,   1,   0,   'w', 0 /* f32 */, 2 /* ndim */};
+  int64_t dims[2] = {(int64_t)1 << 40, (int64_t)1 << 24};
+  for (int d = 0; d < 2; d++)
+    for (int i = 0; i < 8; i++) b[21 + 8 * d + i] = (unsigned char)((uint64_t)dims[d] >> (8 * i));
+  fix_crc(b, sizeof b);
+  spit(path, b, sizeof b);
+  nn_params *dst = make_set(AD_F32, 1);
+  expect_rejected(dst, path, "more than 2^40 elements");
+  nn_params *q = (nn_params *)1;
+  ck_assert_int_eq(nn_params_load_new(&q, path), AD_ERR_FORMAT);
+  ck_assert_ptr_null(q);
+  ck_assert_ptr_nonnull(strstr(ad_last_error(), "more than 2^40 elements"));
+  ck_assert_ptr_null(strstr(ad_last_error(), "allocate"));
+  nn_params_free(dst);
+
+  nn_param_spec huge[1] = {{"w", 2, {(int64_t)1 << 40, (int64_t)1 << 24}}};
+  ck_assert_int_eq(nn_params_new(&q, AD_F32, 1, huge), AD_ERR_SHAPE);
+  ck_assert_ptr_null(q);
+  ck_assert_ptr_nonnull(strstr(ad_last_error(), "more than 2^40"));
+  nn_param_spec three[3] = {
+      {"a", 1, {(int64_t)1 << 39}}, {"b", 1, {(int64_t)1 << 39}}, {"c", 1, {(int64_t)1 << 39}}};
+  ck_assert_int_eq(nn_params_new(&q, AD_F32, 3, three), AD_ERR_SHAPE);
+  ck_assert_ptr_nonnull(strstr(ad_last_error(), "in all"));
+  remove_dir();
+}
+END_TEST
+
 /* A save that cannot complete (the destination is a directory, so the
  * final rename fails) returns AD_ERR_IO, removes its temporary, and leaves
  * the directory as it was. */
@@ -425,6 +462,7 @@ Suite *nn_params_suite(void) {
   tcase_add_test(tc, test_save_load_round_trip);
   tcase_add_test(tc, test_load_rejects);
   tcase_add_test(tc, test_save_failure_cleans_up);
+  tcase_add_test(tc, test_sizes_overflow);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -1,0 +1,872 @@
+/* test_bad_input.c — every public ds_ and nn_ function (optimizers aside:
+ * tests/test_nn_optim.c) called with each kind of bad input that applies:
+ * NULL, wrong shape, wrong dtype, empty, too many dims, negative and
+ * overflowing sizes, out-of-range labels and indices, non-finite values.
+ * Each call must return the documented status with a message that names
+ * the function (and, where the case says, the offending value), must not
+ * crash or trip a sanitizer, and must leave the caller's data as it was.
+ *
+ * Table-driven so other modules can add rows: a case is a function that
+ * makes the call on a fresh fixture (bi_env) and returns the status it got;
+ * the row says which function it calls, the kind of bad input, where the
+ * message is (tape, ad_last_error, ds_errmsg), the status documented for
+ * it, and a substring the message must hold besides the function's name.
+ * The suite prints one line per case that fails and a summary: cases,
+ * outcomes, and counts per kind. */
+#define _POSIX_C_SOURCE 200809L   /* mkdtemp */
+#include "autodiff/ad_internal.h" /* ad__set_last, to clear the last error between cases */
+#include "datasets/ds.h"
+#include "gradcheck.h"
+#include "nn/nn.h"
+
+#include <check.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#define S(...) ((const int64_t[]){__VA_ARGS__})
+
+/* ------------------------------------------------------------------ fixture */
+
+/* What every case starts from: a fresh tape and a few well-formed inputs,
+ * so each case gets exactly one thing wrong. */
+typedef struct {
+  ad_tape *t;
+  ad_rng r;
+  ad_tensor *x24, *w34, *b3, *x24f; /* f64 [2,4], [3,4], [3]; f32 [2,4] */
+  ad_tensor *img, *filt;            /* f64 [2,3,5,5], [4,3,3,3] */
+  ad_tensor *logits;                /* f64 [4,3] */
+  int32_t labels[4];                /* in [0, 3) */
+  nn_bn_state bn;                   /* 3 channels, f64 */
+  nn_params *p;                     /* "w" [3,4], "b" [3], f64 */
+  ad_tensor *hx;                    /* heap f64 [10, 2], for ds_ */
+  int32_t hl[10];                   /* heap labels in [0, 2) */
+  char dir[64];                     /* a scratch directory */
+  int modified;                     /* set by a case that finds its input changed */
+} bi_env;
+
+static void env_init(bi_env *e) {
+  memset(e, 0, sizeof *e);
+  ck_assert_int_eq(ad_tape_new(&e->t, &(ad_tape_opts){.arena_mb = 8}), AD_OK);
+  ad_rng_seed(&e->r, 42);
+  e->x24 = ad_randn(e->t, AD_F64, 2, S(2, 4), &e->r);
+  e->w34 = ad_randn(e->t, AD_F64, 2, S(3, 4), &e->r);
+  e->b3 = ad_randn(e->t, AD_F64, 1, S(3), &e->r);
+  e->x24f = ad_randn(e->t, AD_F32, 2, S(2, 4), &e->r);
+  e->img = ad_randn(e->t, AD_F64, 4, S(2, 3, 5, 5), &e->r);
+  e->filt = ad_randn(e->t, AD_F64, 4, S(4, 3, 3, 3), &e->r);
+  e->logits = ad_randn(e->t, AD_F64, 2, S(4, 3), &e->r);
+  ck_assert_int_eq(ad_tape_status(e->t), AD_OK);
+  const int32_t l[4] = {0, 2, 1, 2};
+  memcpy(e->labels, l, sizeof l);
+  ck_assert_int_eq(nn_bn_state_init(&e->bn, AD_F64, 3, 0.1, 1e-5), AD_OK);
+  nn_param_spec specs[2] = {{"w", 2, {3, 4}}, {"b", 1, {3}}};
+  ck_assert_int_eq(nn_params_new(&e->p, AD_F64, 2, specs), AD_OK);
+  ck_assert_int_eq(ad_tensor_new(&e->hx, AD_F64, 2, S(10, 2)), AD_OK);
+  for (int i = 0; i < 20; i++) ad_set(e->hx, i, i * 0.5);
+  for (int i = 0; i < 10; i++) e->hl[i] = i % 2;
+  strcpy(e->dir, "/tmp/ht_bad_XXXXXX");
+  ck_assert_ptr_nonnull(mkdtemp(e->dir));
+  ad__set_last(AD_OK, "%s", ""); /* a stale message must not satisfy a case */
+}
+
+static void env_free(bi_env *e) {
+  char cmd[128];
+  snprintf(cmd, sizeof cmd, "rm -rf %s", e->dir);
+  ck_assert_int_eq(system(cmd), 0);
+  ad_tensor_free(e->hx);
+  nn_params_free(e->p);
+  nn_bn_state_free(&e->bn);
+  ad_tape_free(e->t);
+}
+
+static const char *epath(bi_env *e, const char *name) {
+  static char p[128];
+  snprintf(p, sizeof p, "%s/%s", e->dir, name);
+  return p;
+}
+
+static void write_file(const char *path, const void *b, size_t n) {
+  FILE *f = fopen(path, "wb");
+  ck_assert_ptr_nonnull(f);
+  ck_assert_uint_eq(fwrite(b, 1, n, f), n);
+  fclose(f);
+}
+
+/* A tape op's verdict: NULL with the error on the tape. A non-NULL result
+ * with the tape still clean is "accepted" (AD_OK); a non-NULL result with an
+ * error recorded is inconsistent and reported as AD_ERR_STATE. */
+static ad_status on_tape(bi_env *e, const ad_tensor *y) {
+  ad_status s = ad_tape_status(e->t);
+  if (y && s != AD_OK) return AD_ERR_STATE;
+  return s;
+}
+
+/* ------------------------------------------------------------------ cases */
+
+typedef enum { BI_TAPE, BI_LAST, BI_DS } bi_chan; /* where the message is */
+
+typedef struct {
+  const char *fn;   /* the public function called */
+  const char *kind; /* kind of bad input */
+  bi_chan chan;
+  ad_status want;     /* the documented status */
+  const char *needle; /* must be in the message besides fn (or NULL) */
+  ad_status (*run)(bi_env *e);
+} bi_case;
+
+#define T(id, expr)                                                                                \
+  static ad_status id(bi_env *e) {                                                                 \
+    ad_tape *t = e->t;                                                                             \
+    (void)t;                                                                                       \
+    return on_tape(e, (expr));                                                                     \
+  }
+#define ST(id, expr)                                                                               \
+  static ad_status id(bi_env *e) {                                                                 \
+    (void)e;                                                                                       \
+    return (expr);                                                                                 \
+  }
+
+/* nn layers (on the tape) */
+T(linear_null, nn_linear(t, NULL, e->w34, NULL))
+T(linear_shape, nn_linear(t, e->x24, ad_zeros(t, AD_F64, 2, S(3, 5)), NULL))
+T(linear_bias, nn_linear(t, e->x24, e->w34, ad_zeros(t, AD_F64, 1, S(4))))
+T(linear_dtype, nn_linear(t, e->x24f, e->w34, NULL))
+T(linear_1d, nn_linear(t, ad_zeros(t, AD_F64, 1, S(4)), e->w34, NULL))
+static ad_status linear_notape(bi_env *e) {
+  return nn_linear(NULL, e->x24, e->w34, NULL) ? AD_OK : AD_ERR_NULL; /* no tape: ad_last_error */
+}
+T(flatten_null, nn_flatten(t, NULL))
+T(flatten_scalar, nn_flatten(t, ad_scalar(t, AD_F64, 1.0)))
+T(dropout_nan, nn_dropout(t, e->x24, NAN, &e->r, 1))
+T(dropout_one, nn_dropout(t, e->x24, 1.0, &e->r, 1))
+T(dropout_neg, nn_dropout(t, e->x24, -0.1, &e->r, 1))
+T(dropout_norng, nn_dropout(t, e->x24, 0.5, NULL, 1))
+T(conv_null, nn_conv2d(t, e->img, NULL, NULL, 1, 0))
+T(conv_2d, nn_conv2d(t, e->x24, e->filt, NULL, 1, 0))
+T(conv_channels, nn_conv2d(t, e->img, ad_zeros(t, AD_F64, 4, S(4, 2, 3, 3)), NULL, 1, 0))
+T(conv_dtype, nn_conv2d(t, e->img, ad_zeros(t, AD_F32, 4, S(4, 3, 3, 3)), NULL, 1, 0))
+T(conv_bias, nn_conv2d(t, e->img, e->filt, e->b3, 1, 0))
+T(conv_stride0, nn_conv2d(t, e->img, e->filt, NULL, 0, 0))
+T(conv_padneg, nn_conv2d(t, e->img, e->filt, NULL, 1, -1))
+T(conv_padhuge, nn_conv2d(t, e->img, e->filt, NULL, 1, INT32_MAX))
+T(conv_toobig, nn_conv2d(t, e->img, ad_zeros(t, AD_F64, 4, S(4, 3, 7, 7)), NULL, 1, 0))
+T(convbi_hneg,
+  nn_conv2d_backward_input(t, ad_zeros(t, AD_F64, 4, S(2, 4, 3, 3)), e->filt, -3, 5, 1, 0))
+T(convbi_hhuge,
+  nn_conv2d_backward_input(t, ad_zeros(t, AD_F64, 4, S(2, 4, 3, 3)), e->filt, INT64_MAX, 5, 1, 1))
+T(convbi_gshape,
+  nn_conv2d_backward_input(t, ad_zeros(t, AD_F64, 4, S(2, 4, 2, 3)), e->filt, 5, 5, 1, 0))
+T(convbi_null, nn_conv2d_backward_input(t, NULL, e->filt, 5, 5, 1, 0))
+T(convbw_r0,
+  nn_conv2d_backward_weight(t, e->img, ad_zeros(t, AD_F64, 4, S(2, 4, 3, 3)), 0, 3, 1, 0))
+T(convbw_rhuge,
+  nn_conv2d_backward_weight(t, e->img, ad_zeros(t, AD_F64, 4, S(2, 4, 3, 3)), INT64_MAX, 3, 1, 0))
+T(convbw_null, nn_conv2d_backward_weight(t, e->img, NULL, 3, 3, 1, 0))
+T(maxpool_null, nn_max_pool2d(t, NULL, 2, 2, 0))
+T(maxpool_2d, nn_max_pool2d(t, e->x24, 2, 2, 0))
+T(maxpool_k0, nn_max_pool2d(t, e->img, 0, 1, 0))
+T(maxpool_strideneg, nn_max_pool2d(t, e->img, 2, -1, 0))
+T(maxpool_padbig, nn_max_pool2d(t, e->img, 2, 2, 2))
+T(maxpool_padhuge, nn_max_pool2d(t, e->img, 3, 1, INT32_MAX))
+T(maxpool_window, nn_max_pool2d(t, e->img, 9, 1, 0))
+T(avgpool_null, nn_avg_pool2d(t, NULL, 2, 2, 0))
+T(avgpool_k0, nn_avg_pool2d(t, e->img, 0, 1, 0))
+T(avgpool_padhuge, nn_avg_pool2d(t, e->img, 3, 1, INT32_MAX))
+T(avgpool_window, nn_avg_pool2d(t, e->img, 6, 1, 0))
+T(ln_null, nn_layer_norm(t, NULL, NULL, NULL, 1e-5))
+T(ln_scalar, nn_layer_norm(t, ad_scalar(t, AD_F64, 1), NULL, NULL, 1e-5))
+T(ln_gamma, nn_layer_norm(t, e->x24, e->b3, NULL, 1e-5))
+T(ln_gamma_dtype, nn_layer_norm(t, e->x24, ad_ones(t, AD_F32, 1, S(4)), NULL, 1e-5))
+T(ln_eps0, nn_layer_norm(t, e->x24, NULL, NULL, 0))
+T(ln_epsnan, nn_layer_norm(t, e->x24, NULL, NULL, NAN))
+T(ln_epsinf, nn_layer_norm(t, e->x24, NULL, NULL, INFINITY))
+T(bn_null, nn_batch_norm(t, NULL, NULL, NULL, &e->bn, NN_BN_EVAL))
+T(bn_3d, nn_batch_norm(t, ad_zeros(t, AD_F64, 3, S(4, 3, 2)), NULL, NULL, &e->bn, NN_BN_EVAL))
+T(bn_mode, nn_batch_norm(t, e->logits, NULL, NULL, &e->bn, 8u))
+T(bn_update_only, nn_batch_norm(t, e->logits, NULL, NULL, &e->bn, NN_BN_UPDATE))
+T(bn_eval_nostate, nn_batch_norm(t, e->logits, NULL, NULL, NULL, NN_BN_EVAL))
+T(bn_channels, nn_batch_norm(t, e->x24, NULL, NULL, &e->bn, NN_BN_EVAL))
+T(bn_state_dtype, nn_batch_norm(t, ad_zeros(t, AD_F32, 2, S(4, 3)), NULL, NULL, &e->bn, NN_BN_EVAL))
+T(bn_gamma, nn_batch_norm(t, e->logits, ad_ones(t, AD_F64, 1, S(4)), NULL, &e->bn, NN_BN_EVAL))
+T(bn_batch1, nn_batch_norm(t, ad_zeros(t, AD_F64, 2, S(1, 3)), NULL, NULL, NULL, NN_BN_TRAIN))
+static ad_status bn_eps_nan(bi_env *e) {
+  e->bn.eps = NAN;
+  return on_tape(e, nn_batch_norm(e->t, e->logits, NULL, NULL, &e->bn, NN_BN_EVAL));
+}
+static ad_status bn_momentum_nan(bi_env *e) {
+  e->bn.momentum = NAN;
+  ad_status s =
+      on_tape(e, nn_batch_norm(e->t, e->logits, NULL, NULL, &e->bn, NN_BN_TRAIN | NN_BN_UPDATE));
+  for (int c = 0; c < 3; c++)
+    if (ad_get(e->bn.mean, c) != 0.0 || ad_get(e->bn.var, c) != 1.0) e->modified = 1;
+  return s;
+}
+T(gelu_null, nn_gelu(t, NULL))
+T(gelubw_shape, nn_gelu_backward(t, e->x24, e->w34))
+T(gelubw_dtype, nn_gelu_backward(t, e->x24f, e->x24))
+T(leaky_null, nn_leaky_relu(t, NULL, 0.1))
+T(leaky_nan, nn_leaky_relu(t, e->x24, NAN))
+T(leaky_inf, nn_leaky_relu(t, e->x24, INFINITY))
+T(leaky_f32_inf, nn_leaky_relu(t, e->x24f, 1e300))
+T(leakybw_shape, nn_leaky_relu_backward(t, e->x24, e->w34, 0.1))
+T(leakybw_nan, nn_leaky_relu_backward(t, e->x24, e->x24, NAN))
+
+/* nn losses (on the tape) */
+T(nll_null_labels, nn_nll_each(t, e->logits, NULL, 4))
+T(nll_label_high, nn_nll_each(t, e->logits, ((const int32_t[]){0, 3, 1, 2}), 4))
+T(nll_label_neg, nn_nll_each(t, e->logits, ((const int32_t[]){0, -1, 1, 2}), 4))
+T(nll_count, nn_nll_each(t, e->logits, e->labels, 3))
+T(nll_count_neg, nn_nll_each(t, e->logits, e->labels, -4))
+T(nll_1d, nn_nll_each(t, e->b3, e->labels, 3))
+T(ce_1d, nn_cross_entropy_each(t, e->b3, e->labels, 3))
+T(ce_label, nn_cross_entropy_each(t, e->logits, ((const int32_t[]){0, 1, 7, 2}), 4))
+T(ce_null, nn_cross_entropy_each(t, NULL, e->labels, 4))
+T(mse_shape, nn_mse_each(t, e->x24, e->w34))
+T(mse_null, nn_mse_each(t, e->x24, NULL))
+T(mse_dtype, nn_mse_each(t, e->x24, e->x24f))
+T(bce_shape, nn_bce_with_logits(t, e->x24, e->w34))
+T(bce_each_shape, nn_bce_with_logits_each(t, e->x24, e->b3))
+T(bce_null, nn_bce_with_logits(t, NULL, e->x24))
+T(pack_n0, nn_pack(t, 0, &e->x24))
+T(pack_toomany, nn_pack(t, NN_MAX_PARAMS + 1, &e->x24))
+T(pack_null, nn_pack(t, 2, ((ad_tensor *const[]){e->x24, NULL})))
+static ad_status unpack_size(bi_env *e) {
+  ad_tensor *out[2];
+  ad_tensor *like[2] = {e->x24, e->b3};
+  return nn_unpack(e->t, ad_zeros(e->t, AD_F64, 1, S(10)), 2, like, out);
+}
+static ad_status unpack_null(bi_env *e) {
+  ad_tensor *out[1];
+  return nn_unpack(e->t, NULL, 1, &e->x24, out);
+}
+
+/* nn state, parameter sets, init, files (ad_last_error) */
+ST(bnst_null, nn_bn_state_init(NULL, AD_F64, 3, 0.1, 1e-5))
+static ad_status bnst_run(double momentum, double eps, int64_t c) {
+  nn_bn_state s;
+  ad_status st = nn_bn_state_init(&s, AD_F64, c, momentum, eps);
+  if (st == AD_OK) nn_bn_state_free(&s);
+  return st;
+}
+ST(bnst_channels0, bnst_run(0.1, 1e-5, 0))
+ST(bnst_channels_neg, bnst_run(0.1, 1e-5, -2))
+ST(bnst_momentum_nan, bnst_run(NAN, 1e-5, 3))
+ST(bnst_momentum_big, bnst_run(2.0, 1e-5, 3))
+ST(bnst_eps_inf, bnst_run(0.1, INFINITY, 3))
+ST(bnst_eps_neg, bnst_run(0.1, -1.0, 3))
+ST(bnclone_null, nn_bn_state_clone(&(nn_bn_state){0}, NULL))
+static ad_status bncopy_channels(bi_env *e) {
+  nn_bn_state s;
+  ck_assert_int_eq(nn_bn_state_init(&s, AD_F64, 4, 0, 0), AD_OK);
+  ad_set(s.mean, 0, 9.0);
+  ad_status st = nn_bn_state_copy(&e->bn, &s);
+  if (ad_get(e->bn.mean, 0) != 0.0) e->modified = 1;
+  nn_bn_state_free(&s);
+  return st;
+}
+ST(params_out_null, nn_params_new(NULL, AD_F32, 1, ((nn_param_spec[]){{"a", 1, {2}}})))
+static ad_status params_run(ad_dtype dt, int n, const nn_param_spec *specs) {
+  nn_params *p = (nn_params *)&p;
+  ad_status s = nn_params_new(&p, dt, n, specs);
+  if (s != AD_OK && p) return AD_ERR_STATE; /* *out must be NULL */
+  nn_params_free(p);
+  return s;
+}
+ST(params_specs_null, params_run(AD_F32, 1, NULL))
+ST(params_n0, params_run(AD_F32, 0, ((nn_param_spec[]){{"a", 1, {2}}})))
+ST(params_n_big, params_run(AD_F32, NN_MAX_PARAMS + 1, ((nn_param_spec[]){{"a", 1, {2}}})))
+ST(params_dtype, params_run((ad_dtype)7, 1, ((nn_param_spec[]){{"a", 1, {2}}})))
+ST(params_ndim5, params_run(AD_F32, 1, ((nn_param_spec[]){{"a", 5, {2, 2, 2, 2}}})))
+ST(params_dim0, params_run(AD_F32, 1, ((nn_param_spec[]){{"a", 2, {2, 0}}})))
+ST(params_dimneg, params_run(AD_F32, 1, ((nn_param_spec[]){{"a", 1, {-3}}})))
+ST(params_overflow,
+   params_run(AD_F32, 1, ((nn_param_spec[]){{"a", 2, {(int64_t)1 << 40, (int64_t)1 << 24}}})))
+ST(params_dup, params_run(AD_F32, 2, ((nn_param_spec[]){{"a", 1, {2}}, {"a", 1, {2}}})))
+ST(params_noname, params_run(AD_F32, 1, ((nn_param_spec[]){{"", 1, {2}}})))
+ST(params_nullname, params_run(AD_F32, 1, ((nn_param_spec[]){{NULL, 1, {2}}})))
+static ad_status pcopy_layout(bi_env *e) {
+  nn_params *q = NULL;
+  ck_assert_int_eq(nn_params_new(&q, AD_F64, 1, ((nn_param_spec[]){{"w", 1, {15}}})), AD_OK);
+  ad_set(nn_params_values(q), 0, 5.0);
+  ad_status s = nn_params_copy(e->p, q);
+  if (ad_get(nn_params_values(e->p), 0) != 0.0) e->modified = 1;
+  nn_params_free(q);
+  return s;
+}
+ST(pcopy_null, nn_params_copy(e->p, NULL))
+static ad_status pclone_null(bi_env *e) {
+  (void)e;
+  nn_params *q = (nn_params *)&q;
+  ad_status s = nn_params_clone(&q, NULL);
+  return s != AD_OK && q ? AD_ERR_STATE : s;
+}
+static ad_status ptovec_size(bi_env *e) {
+  ad_tensor *v = NULL;
+  ck_assert_int_eq(ad_tensor_new(&v, AD_F64, 1, S(14)), AD_OK);
+  ad_status s = nn_params_to_vector(e->p, v);
+  ad_tensor_free(v);
+  return s;
+}
+static ad_status pfromvec_size(bi_env *e) {
+  ad_tensor *v = NULL;
+  ck_assert_int_eq(ad_tensor_new(&v, AD_F64, 2, S(4, 4)), AD_OK);
+  ad_set(v, 0, 3.0);
+  ad_status s = nn_params_from_vector(e->p, v);
+  if (ad_get(nn_params_values(e->p), 0) != 0.0) e->modified = 1;
+  ad_tensor_free(v);
+  return s;
+}
+ST(ptovec_null, nn_params_to_vector(e->p, NULL))
+ST(fans_null, nn_init_fans(NULL, NULL, NULL))
+ST(fans_1d, nn_init_fans(nn_params_get(e->p, "b"), NULL, NULL))
+ST(kaiming_norng, nn_init_kaiming(nn_params_get(e->p, "w"), NULL, NN_INIT_NORMAL, 0))
+ST(kaiming_nan, nn_init_kaiming(nn_params_get(e->p, "w"), &e->r, NN_INIT_NORMAL, NAN))
+ST(kaiming_dist, nn_init_kaiming(nn_params_get(e->p, "w"), &e->r, (nn_init_dist)5, 0))
+ST(xavier_inf, nn_init_xavier(nn_params_get(e->p, "w"), &e->r, NN_INIT_UNIFORM, INFINITY))
+ST(xavier_1d, nn_init_xavier(nn_params_get(e->p, "b"), &e->r, NN_INIT_UNIFORM, 1))
+ST(constant_null, nn_init_constant(NULL, 1.0))
+ST(constant_nan, nn_init_constant(nn_params_get(e->p, "b"), NAN))
+ST(save_null, nn_params_save(NULL, epath(e, "p.htp")))
+ST(save_nodir, nn_params_save(e->p, epath(e, "no/such/p.htp")))
+ST(load_null, nn_params_load(e->p, NULL))
+ST(load_missing, nn_params_load(e->p, epath(e, "none.htp")))
+static ad_status load_empty(bi_env *e) {
+  write_file(epath(e, "empty.htp"), "", 0);
+  return nn_params_load(e->p, epath(e, "empty.htp"));
+}
+static ad_status load_garbage(bi_env *e) {
+  static const char g[] = "HTPARAMS\x01\0\0\0\xff\xff\xff\xff garbage"; /* 2^32-1 tensors */
+  write_file(epath(e, "g.htp"), g, sizeof g - 1);
+  return nn_params_load(e->p, epath(e, "g.htp"));
+}
+static ad_status loadnew_null(bi_env *e) {
+  return nn_params_load_new(NULL, epath(e, "p.htp"));
+}
+static ad_status loadnew_overflow(bi_env *e) {
+  /* one tensor "w" f32 [2^40, 2^24]: the element count wraps */
+  unsigned char b[41] = {'H', 'T', 'P', 'A', 'R', 'A', 'M', 'S', 1, 0, 0,
+                         0,   1,   0,   0,   0,   1,   0,   'w', 0, 2};
+  b[21 + 5] = 1; /* 2^40 little-endian: byte 5 */
+  b[29 + 3] = 1; /* 2^24: byte 3 */
+  uLong crc = crc32(crc32(0L, Z_NULL, 0), b, 37);
+  for (int i = 0; i < 4; i++) b[37 + i] = (unsigned char)(crc >> (8 * i));
+  write_file(epath(e, "o.htp"), b, sizeof b);
+  nn_params *q = (nn_params *)&q;
+  ad_status s = nn_params_load_new(&q, epath(e, "o.htp"));
+  return s != AD_OK && q ? AD_ERR_STATE : s;
+}
+
+/* datasets (ds_errmsg) */
+static ds_dataset *small_set(bi_env *e) {
+  ds_dataset *d = NULL;
+  ck_assert_int_eq(ds_two_moons(&d, 10, 0.1, AD_F64, &e->r), AD_OK);
+  return d;
+}
+static ad_status slice_run(bi_env *e, int64_t start, int64_t count, int null_out) {
+  ds_dataset *d = small_set(e), *out = (ds_dataset *)&out;
+  ad_status s = ds_dataset_slice(null_out ? NULL : &out, d, start, count);
+  if (s != AD_OK && !null_out && out) s = AD_ERR_STATE;
+  if (s == AD_OK) ds_dataset_free(out);
+  ds_dataset_free(d);
+  return s;
+}
+ST(slice_null_out, slice_run(e, 0, 1, 1))
+ST(slice_null_d, ds_dataset_slice(&(ds_dataset *){NULL}, NULL, 0, 1))
+ST(slice_neg, slice_run(e, -1, 2, 0))
+ST(slice_empty, slice_run(e, 0, 0, 0))
+ST(slice_past, slice_run(e, 5, 6, 0))
+ST(slice_overflow, slice_run(e, INT64_MAX, 2, 0))
+static ad_status idx_read_run(bi_env *e, const char *path) {
+  (void)e;
+  ds_idx *a = (ds_idx *)&a;
+  ad_status s = ds_idx_read(&a, path);
+  if (s != AD_OK && a) return AD_ERR_STATE;
+  ds_idx_free(a);
+  return s;
+}
+ST(idxr_null_out, ds_idx_read(NULL, "x"))
+ST(idxr_null_path, idx_read_run(e, NULL))
+ST(idxr_missing, idx_read_run(e, epath(e, "none.idx")))
+static ad_status idxr_empty(bi_env *e) {
+  write_file(epath(e, "e.idx"), "", 0);
+  return idx_read_run(e, epath(e, "e.idx"));
+}
+static ad_status idxr_dims_overflow(bi_env *e) {
+  const unsigned char h[] = {0, 0, 0x0e, 2, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+  write_file(epath(e, "o.idx"), h, sizeof h);
+  return idx_read_run(e, epath(e, "o.idx"));
+}
+static ad_status idxr_ndim9(bi_env *e) {
+  const unsigned char h[] = {0, 0, 0x08, 9, 0, 0, 0, 1};
+  write_file(epath(e, "n.idx"), h, sizeof h);
+  return idx_read_run(e, epath(e, "n.idx"));
+}
+static const uint8_t BYTES[4] = {1, 2, 3, 4};
+ST(idxw_null, ds_idx_write(epath(e, "w.idx"), DS_IDX_U8, 1, S(4), NULL, 0))
+ST(idxw_type, ds_idx_write(epath(e, "w.idx"), (ds_idx_type)0x0a, 1, S(4), BYTES, 0))
+ST(idxw_ndim0, ds_idx_write(epath(e, "w.idx"), DS_IDX_U8, 0, S(4), BYTES, 0))
+ST(idxw_ndim9, ds_idx_write(epath(e, "w.idx"), DS_IDX_U8, 9, S(1, 1, 1, 1), BYTES, 0))
+ST(idxw_dim0, ds_idx_write(epath(e, "w.idx"), DS_IDX_U8, 2, S(0, 4), BYTES, 0))
+ST(idxw_dimneg, ds_idx_write(epath(e, "w.idx"), DS_IDX_U8, 1, S(-4), BYTES, 0))
+ST(idxw_dim2p32, ds_idx_write(epath(e, "w.idx"), DS_IDX_U8, 1, S((int64_t)1 << 32), BYTES, 0))
+ST(idxw_overflow,
+   ds_idx_write(epath(e, "w.idx"), DS_IDX_U8, 3, S(4000000000, 4000000000, 4000000000), BYTES, 0))
+ST(idxw_nodir, ds_idx_write(epath(e, "no/w.idx"), DS_IDX_U8, 1, S(4), BYTES, 1))
+static ad_status mnist_run(const char *dir, const char *split, const ds_mnist_opts *o) {
+  ds_dataset *d = (ds_dataset *)&d;
+  ad_status s = ds_mnist_load(&d, dir, split, o);
+  if (s != AD_OK && d) return AD_ERR_STATE;
+  ds_dataset_free(d);
+  return s;
+}
+ST(mnist_null_out, ds_mnist_load(NULL, NULL, "train", NULL))
+ST(mnist_split, mnist_run(NULL, "validation", NULL))
+ST(mnist_split_null, mnist_run(NULL, NULL, NULL))
+ST(mnist_dir, mnist_run(epath(e, "nothing"), "train", NULL))
+ST(mnist_limit, mnist_run(NULL, "test", &(ds_mnist_opts){.limit = -1}))
+ST(mnist_dtype, mnist_run(NULL, "test", &(ds_mnist_opts){.dtype = (ad_dtype)9}))
+static ad_status mnist_bad_label(bi_env *e) {
+  /* 1 image of 2x2 and a label 10: out of the digit range */
+  const unsigned char img[] = {0, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 2, 1, 2, 3, 4};
+  const unsigned char lab[] = {0, 0, 8, 1, 0, 0, 0, 1, 10};
+  write_file(epath(e, "train-images-idx3-ubyte"), img, sizeof img);
+  write_file(epath(e, "train-labels-idx1-ubyte"), lab, sizeof lab);
+  return mnist_run(e->dir, "train", NULL);
+}
+static ad_status csv_run(const char *text, size_t len, const ds_csv_opts *o) {
+  ad_tensor *t = (ad_tensor *)&t;
+  ad_status s = ds_csv_parse(&t, text, len, "t.csv", o);
+  if (s != AD_OK && t) return AD_ERR_STATE;
+  ad_tensor_free(t);
+  return s;
+}
+ST(csvr_null, ds_csv_read(NULL, "x.csv", NULL))
+ST(csvr_path_null, ds_csv_read(&(ad_tensor *){NULL}, NULL, NULL))
+ST(csvr_missing, ds_csv_read(&(ad_tensor *){NULL}, epath(e, "none.csv"), NULL))
+ST(csvp_null_out, ds_csv_parse(NULL, "1\n", 2, "t.csv", NULL))
+ST(csvp_null_text, csv_run(NULL, 4, NULL))
+ST(csvp_empty, csv_run("", 0, NULL))
+ST(csvp_header_only, csv_run("a,b\n", 4, NULL))
+ST(csvp_nul, csv_run("1,2\n3,\0"
+                     "4\n",
+                     8, NULL))
+ST(csvp_ragged, csv_run("1,2\n3\n", 6, NULL))
+ST(csvp_field, csv_run("1,2\n3,x\n", 8, NULL))
+ST(csvp_range, csv_run("1e39\n", 5, NULL))
+ST(csvp_delim, csv_run("1\n", 2, &(ds_csv_opts){.delim = '"'}))
+ST(csvp_dtype, csv_run("1\n", 2, &(ds_csv_opts){.dtype = (ad_dtype)3}))
+ST(csvp_header_mode, csv_run("1\n", 2, &(ds_csv_opts){.header = 5}))
+ST(sine_sample_null, ds_sine_task_sample(NULL, &e->r))
+ST(sine_sample_norng, ds_sine_task_sample(&(ds_sine_task){0}, NULL))
+static ad_status sine_points_run(bi_env *e, ds_sine_task task, int64_t nx, int64_t ny) {
+  ad_tensor *x = NULL, *y = NULL;
+  ck_assert_int_eq(ad_tensor_new(&x, AD_F64, 1, &nx), AD_OK);
+  ck_assert_int_eq(ad_tensor_new(&y, AD_F64, 1, &ny), AD_OK);
+  ad_status s = ds_sine_task_points(&task, &e->r, x, y);
+  ad_tensor_free(x);
+  ad_tensor_free(y);
+  return s;
+}
+ST(sine_points_size, sine_points_run(e, (ds_sine_task){1, 0}, 5, 4))
+ST(sine_points_nan, sine_points_run(e, (ds_sine_task){NAN, 0}, 5, 5))
+ST(sine_points_null, ds_sine_task_points(NULL, &e->r, e->hx, e->hx))
+ST(sine_eval_inf, ds_sine_task_eval(&(ds_sine_task){1, INFINITY}, e->hx, e->hx))
+ST(sine_eval_null, ds_sine_task_eval(&(ds_sine_task){1, 0}, NULL, e->hx))
+static ad_status linreg_run(bi_env *e, ds_linear_opts o, int logistic) {
+  ds_dataset *d = (ds_dataset *)&d;
+  ad_status s =
+      logistic ? ds_logistic_regression(&d, &o, &e->r) : ds_linear_regression(&d, &o, &e->r);
+  if (s != AD_OK && d) return AD_ERR_STATE;
+  ds_dataset_free(d);
+  return s;
+}
+ST(linreg_null, ds_linear_regression(&(ds_dataset *){NULL}, NULL, &e->r))
+ST(linreg_norng,
+   ds_linear_regression(&(ds_dataset *){NULL}, &(ds_linear_opts){.n = 2, .dim = 2}, NULL))
+ST(linreg_n0, linreg_run(e, (ds_linear_opts){.n = 0, .dim = 2}, 0))
+ST(linreg_dimneg, linreg_run(e, (ds_linear_opts){.n = 4, .dim = -2}, 0))
+ST(linreg_noise_nan, linreg_run(e, (ds_linear_opts){.n = 4, .dim = 2, .noise = NAN}, 0))
+ST(linreg_noise_inf, linreg_run(e, (ds_linear_opts){.n = 4, .dim = 2, .noise = INFINITY}, 0))
+ST(linreg_noise_neg, linreg_run(e, (ds_linear_opts){.n = 4, .dim = 2, .noise = -1}, 0))
+ST(linreg_bias_inf, linreg_run(e, (ds_linear_opts){.n = 4, .dim = 2, .bias = -INFINITY}, 0))
+ST(linreg_w_nan,
+   linreg_run(e, (ds_linear_opts){.n = 4, .dim = 2, .w = (const double[]){1, NAN}}, 0))
+ST(linreg_overflow,
+   linreg_run(e, (ds_linear_opts){.n = (int64_t)1 << 40, .dim = (int64_t)1 << 40}, 0))
+ST(linreg_dtype, linreg_run(e, (ds_linear_opts){.n = 4, .dim = 2, .dtype = (ad_dtype)4}, 0))
+ST(logreg_n0, linreg_run(e, (ds_linear_opts){.n = 0, .dim = 2}, 1))
+ST(logreg_w_inf,
+   linreg_run(e, (ds_linear_opts){.n = 4, .dim = 2, .w = (const double[]){INFINITY, 1}}, 1))
+ST(logreg_null_out, ds_logistic_regression(NULL, &(ds_linear_opts){.n = 2, .dim = 2}, &e->r))
+static ad_status moons_run(bi_env *e, int64_t n, double noise, ad_dtype dt, ad_rng *r) {
+  (void)e;
+  ds_dataset *d = (ds_dataset *)&d;
+  ad_status s = ds_two_moons(&d, n, noise, dt, r);
+  if (s != AD_OK && d) return AD_ERR_STATE;
+  ds_dataset_free(d);
+  return s;
+}
+ST(moons_n1, moons_run(e, 1, 0.1, AD_F64, &e->r))
+ST(moons_nneg, moons_run(e, -10, 0.1, AD_F64, &e->r))
+ST(moons_noise_nan, moons_run(e, 10, NAN, AD_F64, &e->r))
+ST(moons_noise_inf, moons_run(e, 10, INFINITY, AD_F64, &e->r))
+ST(moons_norng, moons_run(e, 10, 0.1, AD_F64, NULL))
+ST(moons_dtype, moons_run(e, 10, 0.1, (ad_dtype)6, &e->r))
+ST(moons_null_out, ds_two_moons(NULL, 10, 0.1, AD_F64, &e->r))
+static ad_status corrupt_run(bi_env *e, int64_t n, int nc, double frac, int bad_label) {
+  int32_t l[10];
+  memcpy(l, e->hl, sizeof l);
+  if (bad_label) l[7] = 2;
+  int32_t before[10];
+  memcpy(before, l, sizeof l);
+  int64_t nf = -1;
+  ad_status s = ds_corrupt_labels(l, n, nc, frac, &e->r, NULL, &nf);
+  if (s != AD_OK && (memcmp(before, l, sizeof l) != 0 || nf != 0)) e->modified = 1;
+  return s;
+}
+ST(corrupt_null, ds_corrupt_labels(NULL, 10, 2, 0.5, &e->r, NULL, NULL))
+ST(corrupt_frac_nan, corrupt_run(e, 10, 2, NAN, 0))
+ST(corrupt_frac_big, corrupt_run(e, 10, 2, 1.5, 0))
+ST(corrupt_classes, corrupt_run(e, 10, 1, 0.5, 0))
+ST(corrupt_nneg, corrupt_run(e, -1, 2, 0.5, 0))
+ST(corrupt_label, corrupt_run(e, 10, 2, 0.5, 1))
+static ad_status iter_run(bi_env *e, const ad_tensor *x, const ad_tensor *y, ds_iter_opts o) {
+  (void)e;
+  ds_iter *it = (ds_iter *)&it;
+  ad_status s = ds_iter_new(&it, x, NULL, y, &o);
+  if (s != AD_OK && it) return AD_ERR_STATE;
+  ds_iter_free(it);
+  return s;
+}
+ST(iter_null_x, iter_run(e, NULL, NULL, (ds_iter_opts){.batch = 2}))
+ST(iter_null_opts, ds_iter_new(&(ds_iter *){NULL}, e->hx, NULL, NULL, NULL))
+ST(iter_batch0, iter_run(e, e->hx, NULL, (ds_iter_opts){.batch = 0}))
+ST(iter_batchneg, iter_run(e, e->hx, NULL, (ds_iter_opts){.batch = -5}))
+ST(iter_batch_big, iter_run(e, e->hx, NULL, (ds_iter_opts){.batch = 11}))
+ST(iter_y_rows, iter_run(e, e->hx, e->b3, (ds_iter_opts){.batch = 2}))
+ST(iter_scalar, iter_run(e, ad_scalar(e->t, AD_F64, 1), NULL, (ds_iter_opts){.batch = 1}))
+static ad_status itnext_run(bi_env *e, int64_t rows, int64_t cols, int with_y, int with_labels) {
+  ds_iter *it = NULL;
+  ck_assert_int_eq(ds_iter_new(&it, e->hx, NULL, NULL, &(ds_iter_opts){.batch = 2}), AD_OK);
+  ad_tensor *xb = NULL;
+  ck_assert_int_eq(ad_tensor_new(&xb, AD_F64, 2, ((int64_t[]){rows, cols})), AD_OK);
+  int32_t lb[8];
+  ad_status s = ds_iter_next(it, xb, with_labels ? lb : NULL, with_y ? xb : NULL, NULL);
+  ad_tensor_free(xb);
+  ds_iter_free(it);
+  return s;
+}
+ST(itnext_null, ds_iter_next(NULL, e->hx, NULL, NULL, NULL))
+ST(itnext_rows, itnext_run(e, 3, 2, 0, 0))
+ST(itnext_cols, itnext_run(e, 2, 3, 0, 0))
+ST(itnext_y, itnext_run(e, 2, 2, 1, 0))
+ST(itnext_labels, itnext_run(e, 2, 2, 0, 1))
+
+/* The table. Rows for other modules go at the end in the same form. */
+#define A AD_ERR_ARG
+#define N AD_ERR_NULL
+#define SH AD_ERR_SHAPE
+#define DT AD_ERR_DTYPE
+#define F AD_ERR_FORMAT
+#define IO AD_ERR_IO
+static const bi_case CASES[] = {
+    {"nn_linear", "NULL", BI_TAPE, N, "NULL", linear_null},
+    {"nn_linear", "shape", BI_TAPE, SH, "[3, 5]", linear_shape},
+    {"nn_linear", "shape", BI_TAPE, SH, "b [4]", linear_bias},
+    {"nn_linear", "dtype", BI_TAPE, DT, NULL, linear_dtype},
+    {"nn_linear", "shape", BI_TAPE, SH, NULL, linear_1d},
+    {"nn_linear", "NULL", BI_LAST, N, "tape", linear_notape},
+    {"nn_flatten", "NULL", BI_TAPE, N, NULL, flatten_null},
+    {"nn_flatten", "shape", BI_TAPE, SH, NULL, flatten_scalar},
+    {"nn_dropout", "non-finite", BI_TAPE, A, "nan", dropout_nan},
+    {"nn_dropout", "range", BI_TAPE, A, "p = 1", dropout_one},
+    {"nn_dropout", "negative", BI_TAPE, A, "-0.1", dropout_neg},
+    {"nn_dropout", "NULL", BI_TAPE, N, "rng", dropout_norng},
+    {"nn_conv2d", "NULL", BI_TAPE, N, NULL, conv_null},
+    {"nn_conv2d", "shape", BI_TAPE, SH, "4-D", conv_2d},
+    {"nn_conv2d", "shape", BI_TAPE, SH, "[4, 2, 3, 3]", conv_channels},
+    {"nn_conv2d", "dtype", BI_TAPE, DT, NULL, conv_dtype},
+    {"nn_conv2d", "shape", BI_TAPE, SH, "b [3]", conv_bias},
+    {"nn_conv2d", "range", BI_TAPE, A, "stride 0", conv_stride0},
+    {"nn_conv2d", "negative", BI_TAPE, A, "pad -1", conv_padneg},
+    {"nn_conv2d", "overflow", BI_TAPE, SH, "overflow", conv_padhuge},
+    {"nn_conv2d", "shape", BI_TAPE, SH, "7x7", conv_toobig},
+    {"nn_conv2d_backward_input", "negative", BI_TAPE, SH, "-3", convbi_hneg},
+    {"nn_conv2d_backward_input", "overflow", BI_TAPE, SH, "overflow", convbi_hhuge},
+    {"nn_conv2d_backward_input", "shape", BI_TAPE, SH, "[2, 4, 2, 3]", convbi_gshape},
+    {"nn_conv2d_backward_input", "NULL", BI_TAPE, N, NULL, convbi_null},
+    {"nn_conv2d_backward_weight", "range", BI_TAPE, A, "0x3", convbw_r0},
+    {"nn_conv2d_backward_weight", "overflow", BI_TAPE, SH, NULL, convbw_rhuge},
+    {"nn_conv2d_backward_weight", "NULL", BI_TAPE, N, NULL, convbw_null},
+    {"nn_max_pool2d", "NULL", BI_TAPE, N, NULL, maxpool_null},
+    {"nn_max_pool2d", "shape", BI_TAPE, SH, "4-D", maxpool_2d},
+    {"nn_max_pool2d", "range", BI_TAPE, A, "kernel 0", maxpool_k0},
+    {"nn_max_pool2d", "negative", BI_TAPE, A, "stride -1", maxpool_strideneg},
+    {"nn_max_pool2d", "range", BI_TAPE, A, "pad 2", maxpool_padbig},
+    {"nn_max_pool2d", "overflow", BI_TAPE, A, "pad 2147483647", maxpool_padhuge},
+    {"nn_max_pool2d", "shape", BI_TAPE, SH, "9x9", maxpool_window},
+    {"nn_avg_pool2d", "NULL", BI_TAPE, N, NULL, avgpool_null},
+    {"nn_avg_pool2d", "range", BI_TAPE, A, "kernel 0", avgpool_k0},
+    {"nn_avg_pool2d", "overflow", BI_TAPE, A, "pad 2147483647", avgpool_padhuge},
+    {"nn_avg_pool2d", "shape", BI_TAPE, SH, "6x6", avgpool_window},
+    {"nn_layer_norm", "NULL", BI_TAPE, N, NULL, ln_null},
+    {"nn_layer_norm", "shape", BI_TAPE, SH, "scalar", ln_scalar},
+    {"nn_layer_norm", "shape", BI_TAPE, SH, "[3]", ln_gamma},
+    {"nn_layer_norm", "dtype", BI_TAPE, SH, NULL, ln_gamma_dtype},
+    {"nn_layer_norm", "range", BI_TAPE, A, "eps 0", ln_eps0},
+    {"nn_layer_norm", "non-finite", BI_TAPE, A, "eps nan", ln_epsnan},
+    {"nn_layer_norm", "non-finite", BI_TAPE, A, "eps inf", ln_epsinf},
+    {"nn_batch_norm", "NULL", BI_TAPE, N, NULL, bn_null},
+    {"nn_batch_norm", "shape", BI_TAPE, SH, "[4, 3, 2]", bn_3d},
+    {"nn_batch_norm", "range", BI_TAPE, A, "0x8", bn_mode},
+    {"nn_batch_norm", "range", BI_TAPE, A, "NN_BN_TRAIN", bn_update_only},
+    {"nn_batch_norm", "NULL", BI_TAPE, N, "state", bn_eval_nostate},
+    {"nn_batch_norm", "shape", BI_TAPE, SH, "3 f64 channels, x has 4", bn_channels},
+    {"nn_batch_norm", "dtype", BI_TAPE, SH, "f32", bn_state_dtype},
+    {"nn_batch_norm", "shape", BI_TAPE, SH, "[3]", bn_gamma},
+    {"nn_batch_norm", "empty", BI_TAPE, SH, "more than one value", bn_batch1},
+    {"nn_batch_norm", "non-finite", BI_TAPE, A, "eps nan", bn_eps_nan},
+    {"nn_batch_norm", "non-finite", BI_TAPE, A, "momentum nan", bn_momentum_nan},
+    {"nn_gelu", "NULL", BI_TAPE, N, NULL, gelu_null},
+    {"nn_gelu_backward", "shape", BI_TAPE, SH, "[3, 4]", gelubw_shape},
+    {"nn_gelu_backward", "dtype", BI_TAPE, DT, NULL, gelubw_dtype},
+    {"nn_leaky_relu", "NULL", BI_TAPE, N, NULL, leaky_null},
+    {"nn_leaky_relu", "non-finite", BI_TAPE, A, "slope nan", leaky_nan},
+    {"nn_leaky_relu", "non-finite", BI_TAPE, A, "slope inf", leaky_inf},
+    {"nn_leaky_relu", "non-finite", BI_TAPE, A, "f32", leaky_f32_inf},
+    {"nn_leaky_relu_backward", "shape", BI_TAPE, SH, NULL, leakybw_shape},
+    {"nn_leaky_relu_backward", "non-finite", BI_TAPE, A, "slope nan", leakybw_nan},
+    {"nn_nll_each", "NULL", BI_TAPE, N, NULL, nll_null_labels},
+    {"nn_nll_each", "label range", BI_TAPE, A, "3", nll_label_high},
+    {"nn_nll_each", "label range", BI_TAPE, A, "-1", nll_label_neg},
+    {"nn_nll_each", "shape", BI_TAPE, SH, NULL, nll_count},
+    {"nn_nll_each", "negative", BI_TAPE, SH, "-4", nll_count_neg},
+    {"nn_nll_each", "shape", BI_TAPE, SH, NULL, nll_1d},
+    {"nn_cross_entropy_each", "shape", BI_TAPE, SH, "[N, C]", ce_1d},
+    {"nn_cross_entropy_each", "label range", BI_TAPE, A, "7", ce_label},
+    {"nn_cross_entropy_each", "NULL", BI_TAPE, N, NULL, ce_null},
+    {"nn_mse_each", "shape", BI_TAPE, SH, "[3, 4]", mse_shape},
+    {"nn_mse_each", "NULL", BI_TAPE, N, NULL, mse_null},
+    {"nn_mse_each", "dtype", BI_TAPE, DT, NULL, mse_dtype},
+    {"nn_bce_with_logits", "shape", BI_TAPE, SH, "[3, 4]", bce_shape},
+    {"nn_bce_with_logits_each", "shape", BI_TAPE, SH, "[3]", bce_each_shape},
+    {"nn_bce_with_logits", "NULL", BI_TAPE, N, NULL, bce_null},
+    {"nn_pack", "empty", BI_TAPE, A, "got 0", pack_n0},
+    {"nn_pack", "range", BI_TAPE, A, "got 65", pack_toomany},
+    {"nn_pack", "NULL", BI_TAPE, N, NULL, pack_null},
+    {"nn_unpack", "shape", BI_TAPE, SH, NULL, unpack_size},
+    {"nn_unpack", "NULL", BI_TAPE, N, NULL, unpack_null},
+    {"nn_bn_state_init", "NULL", BI_LAST, N, NULL, bnst_null},
+    {"nn_bn_state_init", "empty", BI_LAST, A, "channels 0", bnst_channels0},
+    {"nn_bn_state_init", "negative", BI_LAST, A, "channels -2", bnst_channels_neg},
+    {"nn_bn_state_init", "non-finite", BI_LAST, A, "momentum nan", bnst_momentum_nan},
+    {"nn_bn_state_init", "range", BI_LAST, A, "momentum 2", bnst_momentum_big},
+    {"nn_bn_state_init", "non-finite", BI_LAST, A, "eps inf", bnst_eps_inf},
+    {"nn_bn_state_init", "negative", BI_LAST, A, "eps -1", bnst_eps_neg},
+    {"nn_bn_state_clone", "NULL", BI_LAST, N, NULL, bnclone_null},
+    {"nn_bn_state_copy", "shape", BI_LAST, SH, "4 channels into 3", bncopy_channels},
+    {"nn_params_new", "NULL", BI_LAST, N, NULL, params_out_null},
+    {"nn_params_new", "NULL", BI_LAST, N, NULL, params_specs_null},
+    {"nn_params_new", "empty", BI_LAST, A, "got 0", params_n0},
+    {"nn_params_new", "range", BI_LAST, A, "got 65", params_n_big},
+    {"nn_params_new", "dtype", BI_LAST, DT, "dtype 7", params_dtype},
+    {"nn_params_new", "ndim > 4", BI_LAST, SH, "ndim 5", params_ndim5},
+    {"nn_params_new", "empty", BI_LAST, SH, "dimension 1 is 0", params_dim0},
+    {"nn_params_new", "negative", BI_LAST, SH, "-3", params_dimneg},
+    {"nn_params_new", "overflow", BI_LAST, SH, "2^40", params_overflow},
+    {"nn_params_new", "range", BI_LAST, A, "twice", params_dup},
+    {"nn_params_new", "empty", BI_LAST, A, "name", params_noname},
+    {"nn_params_new", "NULL", BI_LAST, A, "name", params_nullname},
+    {"nn_params_copy", "shape", BI_LAST, SH, NULL, pcopy_layout},
+    {"nn_params_copy", "NULL", BI_LAST, N, NULL, pcopy_null},
+    {"nn_params_clone", "NULL", BI_LAST, N, NULL, pclone_null},
+    {"nn_params_to_vector", "shape", BI_LAST, SH, "14", ptovec_size},
+    {"nn_params_to_vector", "NULL", BI_LAST, N, NULL, ptovec_null},
+    {"nn_params_from_vector", "shape", BI_LAST, SH, "16", pfromvec_size},
+    {"nn_init_fans", "NULL", BI_LAST, N, NULL, fans_null},
+    {"nn_init_fans", "shape", BI_LAST, SH, "[3]", fans_1d},
+    {"nn_init_kaiming", "NULL", BI_LAST, N, "rng", kaiming_norng},
+    {"nn_init_kaiming", "non-finite", BI_LAST, A, "nan", kaiming_nan},
+    {"nn_init_kaiming", "range", BI_LAST, A, "distribution 5", kaiming_dist},
+    {"nn_init_xavier", "non-finite", BI_LAST, A, "inf", xavier_inf},
+    {"nn_init_xavier", "shape", BI_LAST, SH, NULL, xavier_1d},
+    {"nn_init_constant", "NULL", BI_LAST, N, NULL, constant_null},
+    {"nn_init_constant", "non-finite", BI_LAST, A, "nan", constant_nan},
+    {"nn_params_save", "NULL", BI_LAST, N, NULL, save_null},
+    {"nn_params_save", "file", BI_LAST, IO, "no/such", save_nodir},
+    {"nn_params_load", "NULL", BI_LAST, N, NULL, load_null},
+    {"nn_params_load", "file", BI_LAST, IO, "none.htp", load_missing},
+    {"nn_params_load", "empty", BI_LAST, F, "truncated", load_empty},
+    {"nn_params_load", "file", BI_LAST, F, NULL, load_garbage},
+    {"nn_params_load_new", "NULL", BI_LAST, N, NULL, loadnew_null},
+    {"nn_params_load_new", "overflow", BI_LAST, F, "2^40", loadnew_overflow},
+    {"ds_dataset_slice", "NULL", BI_DS, N, NULL, slice_null_out},
+    {"ds_dataset_slice", "NULL", BI_DS, N, NULL, slice_null_d},
+    {"ds_dataset_slice", "negative", BI_DS, A, "[-1, 1)", slice_neg},
+    {"ds_dataset_slice", "empty", BI_DS, A, NULL, slice_empty},
+    {"ds_dataset_slice", "index range", BI_DS, A, "[5, 11)", slice_past},
+    {"ds_dataset_slice", "overflow", BI_DS, A, NULL, slice_overflow},
+    {"ds_idx_read", "NULL", BI_DS, N, NULL, idxr_null_out},
+    {"ds_idx_read", "NULL", BI_DS, N, NULL, idxr_null_path},
+    {"ds_idx_read", "file", BI_DS, IO, "none.idx", idxr_missing},
+    {"ds_idx_read", "empty", BI_DS, F, "0 bytes", idxr_empty},
+    {"ds_idx_read", "overflow", BI_DS, F, "overflow", idxr_dims_overflow},
+    {"ds_idx_read", "ndim > 4", BI_DS, F, "0x00000809", idxr_ndim9},
+    {"ds_idx_write", "NULL", BI_DS, N, NULL, idxw_null},
+    {"ds_idx_write", "dtype", BI_DS, A, "0x0a", idxw_type},
+    {"ds_idx_write", "empty", BI_DS, A, "0 dims", idxw_ndim0},
+    {"ds_idx_write", "ndim > 4", BI_DS, A, "9 dims", idxw_ndim9},
+    {"ds_idx_write", "empty", BI_DS, A, "dim 0 is 0", idxw_dim0},
+    {"ds_idx_write", "negative", BI_DS, A, "-4", idxw_dimneg},
+    {"ds_idx_write", "range", BI_DS, A, "4294967296", idxw_dim2p32},
+    {"ds_idx_write", "overflow", BI_DS, A, "overflow", idxw_overflow},
+    {"ds_idx_write", "file", BI_DS, IO, "no/w.idx", idxw_nodir},
+    {"ds_mnist_load", "NULL", BI_DS, N, NULL, mnist_null_out},
+    {"ds_mnist_load", "range", BI_DS, A, "validation", mnist_split},
+    {"ds_mnist_load", "NULL", BI_DS, N, "split", mnist_split_null},
+    {"ds_mnist_load", "file", BI_DS, IO, "tried", mnist_dir},
+    {"ds_mnist_load", "negative", BI_DS, A, "-1", mnist_limit},
+    {"ds_mnist_load", "dtype", BI_DS, A, NULL, mnist_dtype},
+    {"ds_mnist_load", "label range", BI_DS, F, "label 0 is 10", mnist_bad_label},
+    {"ds_csv_read", "NULL", BI_DS, N, NULL, csvr_null},
+    {"ds_csv_read", "NULL", BI_DS, N, NULL, csvr_path_null},
+    {"ds_csv_read", "file", BI_DS, IO, "none.csv", csvr_missing},
+    {"ds_csv_parse", "NULL", BI_DS, N, NULL, csvp_null_out},
+    {"ds_csv_parse", "NULL", BI_DS, N, "text", csvp_null_text},
+    {"ds_csv_parse", "empty", BI_DS, F, "no data rows", csvp_empty},
+    {"ds_csv_parse", "empty", BI_DS, F, "no data rows", csvp_header_only},
+    {"ds_csv_parse", "file", BI_DS, F, "NUL byte", csvp_nul},
+    {"ds_csv_parse", "shape", BI_DS, F, "1 fields, expected 2", csvp_ragged},
+    {"ds_csv_parse", "file", BI_DS, F, "\"x\"", csvp_field},
+    {"ds_csv_parse", "non-finite", BI_DS, F, "out of f32 range", csvp_range},
+    {"ds_csv_parse", "range", BI_DS, A, NULL, csvp_delim},
+    {"ds_csv_parse", "dtype", BI_DS, A, NULL, csvp_dtype},
+    {"ds_csv_parse", "range", BI_DS, A, NULL, csvp_header_mode},
+    {"ds_sine_task_sample", "NULL", BI_DS, N, NULL, sine_sample_null},
+    {"ds_sine_task_sample", "NULL", BI_DS, N, NULL, sine_sample_norng},
+    {"ds_sine_task_points", "shape", BI_DS, SH, "[5]", sine_points_size},
+    {"ds_sine_task_points", "non-finite", BI_DS, A, "nan", sine_points_nan},
+    {"ds_sine_task_points", "NULL", BI_DS, N, NULL, sine_points_null},
+    {"ds_sine_task_eval", "non-finite", BI_DS, A, "inf", sine_eval_inf},
+    {"ds_sine_task_eval", "NULL", BI_DS, N, NULL, sine_eval_null},
+    {"ds_linear_regression", "NULL", BI_DS, N, NULL, linreg_null},
+    {"ds_linear_regression", "NULL", BI_DS, N, NULL, linreg_norng},
+    {"ds_linear_regression", "empty", BI_DS, A, "n 0", linreg_n0},
+    {"ds_linear_regression", "negative", BI_DS, A, "dim -2", linreg_dimneg},
+    {"ds_linear_regression", "non-finite", BI_DS, A, "noise nan", linreg_noise_nan},
+    {"ds_linear_regression", "non-finite", BI_DS, A, "noise inf", linreg_noise_inf},
+    {"ds_linear_regression", "negative", BI_DS, A, "noise -1", linreg_noise_neg},
+    {"ds_linear_regression", "non-finite", BI_DS, A, NULL, linreg_bias_inf},
+    {"ds_linear_regression", "non-finite", BI_DS, A, "w[1] is nan", linreg_w_nan},
+    {"ds_linear_regression", "overflow", BI_DS, A, "overflow", linreg_overflow},
+    {"ds_linear_regression", "dtype", BI_DS, A, "dtype 4", linreg_dtype},
+    {"ds_logistic_regression", "empty", BI_DS, A, "n 0", logreg_n0},
+    {"ds_logistic_regression", "non-finite", BI_DS, A, "w[0] is inf", logreg_w_inf},
+    {"ds_logistic_regression", "NULL", BI_DS, N, NULL, logreg_null_out},
+    {"ds_two_moons", "empty", BI_DS, A, "n 1", moons_n1},
+    {"ds_two_moons", "negative", BI_DS, A, "n -10", moons_nneg},
+    {"ds_two_moons", "non-finite", BI_DS, A, "noise nan", moons_noise_nan},
+    {"ds_two_moons", "non-finite", BI_DS, A, "noise inf", moons_noise_inf},
+    {"ds_two_moons", "NULL", BI_DS, N, "rng", moons_norng},
+    {"ds_two_moons", "dtype", BI_DS, A, "dtype 6", moons_dtype},
+    {"ds_two_moons", "NULL", BI_DS, N, NULL, moons_null_out},
+    {"ds_corrupt_labels", "NULL", BI_DS, N, NULL, corrupt_null},
+    {"ds_corrupt_labels", "non-finite", BI_DS, A, "frac nan", corrupt_frac_nan},
+    {"ds_corrupt_labels", "range", BI_DS, A, "frac 1.5", corrupt_frac_big},
+    {"ds_corrupt_labels", "range", BI_DS, A, "n_classes 1", corrupt_classes},
+    {"ds_corrupt_labels", "negative", BI_DS, A, "n -1", corrupt_nneg},
+    {"ds_corrupt_labels", "label range", BI_DS, A, "label 7 is 2", corrupt_label},
+    {"ds_iter_new", "NULL", BI_DS, N, NULL, iter_null_x},
+    {"ds_iter_new", "NULL", BI_DS, N, NULL, iter_null_opts},
+    {"ds_iter_new", "empty", BI_DS, A, "batch 0", iter_batch0},
+    {"ds_iter_new", "negative", BI_DS, A, "batch -5", iter_batchneg},
+    {"ds_iter_new", "range", BI_DS, A, "batch 11", iter_batch_big},
+    {"ds_iter_new", "shape", BI_DS, SH, "[3]", iter_y_rows},
+    {"ds_iter_new", "shape", BI_DS, A, NULL, iter_scalar},
+    {"ds_iter_next", "NULL", BI_DS, N, NULL, itnext_null},
+    {"ds_iter_next", "shape", BI_DS, SH, "[3, 2]", itnext_rows},
+    {"ds_iter_next", "shape", BI_DS, SH, "[2, 3]", itnext_cols},
+    {"ds_iter_next", "NULL", BI_DS, A, "y buffer", itnext_y},
+    {"ds_iter_next", "NULL", BI_DS, A, "label buffer", itnext_labels},
+};
+#define N_CASES ((int)(sizeof CASES / sizeof CASES[0]))
+
+/* ------------------------------------------------------------------ runner */
+
+typedef enum { OK, WRONG_STATUS, ACCEPTED, UNNAMED, NO_VALUE, MODIFIED, N_OUTCOMES } bi_outcome;
+static const char *const OUTCOME[N_OUTCOMES] = {
+    "documented status and message", "another status",          "accepted silently (AD_OK)",
+    "message lacks the function",    "message lacks the value", "input modified"};
+
+static const char *message(const bi_env *e, bi_chan c) {
+  if (c == BI_TAPE) return ad_tape_errmsg(e->t);
+  if (c == BI_DS) return ds_errmsg();
+  return ad_last_error();
+}
+
+START_TEST(test_bad_input_table) {
+  int count[N_OUTCOMES] = {0};
+  const char *kinds[32];
+  int kind_n[32] = {0}, n_kinds = 0;
+  for (int i = 0; i < N_CASES; i++) {
+    const bi_case *c = &CASES[i];
+    bi_env e;
+    env_init(&e);
+    ad_status got = c->run(&e);
+    const char *msg = message(&e, c->chan);
+    bi_outcome o = OK;
+    if (got == AD_OK)
+      o = ACCEPTED;
+    else if (got != c->want)
+      o = WRONG_STATUS;
+    else if (!strstr(msg, c->fn))
+      o = UNNAMED;
+    else if (c->needle && !strstr(msg, c->needle))
+      o = NO_VALUE;
+    else if (e.modified)
+      o = MODIFIED;
+    count[o]++;
+    if (o != OK)
+      printf("bad input FAIL %s (%s): %s; want %s, got %s: \"%s\"\n", c->fn, c->kind, OUTCOME[o],
+             ad_status_str(c->want), ad_status_str(got), msg);
+    int k = 0;
+    while (k < n_kinds && strcmp(kinds[k], c->kind)) k++;
+    if (k == n_kinds && n_kinds < 32) kinds[n_kinds++] = c->kind;
+    if (k < 32) kind_n[k]++;
+    env_free(&e);
+  }
+  int nfn = 0;
+  for (int i = 0; i < N_CASES; i++) {
+    int seen = 0;
+    for (int j = 0; j < i && !seen; j++) seen = strcmp(CASES[i].fn, CASES[j].fn) == 0;
+    nfn += !seen;
+  }
+  printf("bad input: %d cases over %d public ds_/nn_ functions:", N_CASES, nfn);
+  for (int o = 0; o < N_OUTCOMES; o++)
+    printf(" %d %s%s", count[o], OUTCOME[o], o + 1 < N_OUTCOMES ? "," : "\n");
+  printf("bad input: by kind:");
+  for (int k = 0; k < n_kinds; k++)
+    printf(" %s %d%s", kinds[k], kind_n[k], k + 1 < n_kinds ? "," : "\n");
+  fflush(stdout); /* Check's forked child does not flush on exit */
+  ck_assert_msg(count[OK] == N_CASES, "%d of %d bad-input cases did not give the documented error",
+                N_CASES - count[OK], N_CASES);
+}
+END_TEST
+
+static Suite *bad_input_suite(void) {
+  Suite *s = suite_create("bad_input");
+  TCase *tc = tcase_create("table");
+  tcase_set_timeout(tc, 300);
+  tcase_add_test(tc, test_bad_input_table);
+  suite_add_tcase(s, tc);
+  return s;
+}
+
+int main(void) {
+  return gc_run_suite(bad_input_suite());
+}
