@@ -258,10 +258,14 @@ static ad_status rev_init(bl_run *r, rev *v) {
     if (s) return s;
     for (int64_t j = 0; j < sz; j++) {
       double x = ldexp(ad_get(p->w0[i], j), REV_K);
-      if (!isfinite(x) || fabs(x) >= (double)REV_LIM)
-        return bl__fail(r, isfinite(x) ? AD_ERR_ARG : AD_ERR_NUMERIC,
-                        "w0[%d] element %lld is %g: %s", i, (long long)j, ad_get(p->w0[i], j),
-                        isfinite(x) ? "outside the fixed-point range |w| < 2^21" : "not finite");
+      if (!isfinite(x))
+        return bl__fail(r, AD_ERR_NUMERIC, "w0[%d] element %lld is %g: not finite", i, (long long)j,
+                        ad_get(p->w0[i], j));
+      if (fabs(x) >= (double)REV_LIM)
+        return bl__fail(r, AD_ERR_ARG,
+                        "w0[%d] element %lld is %g: outside the fixed-point range "
+                        "|w| < 2^%d",
+                        i, (long long)j, ad_get(p->w0[i], j), 61 - REV_K);
       v->W[o + j] = llrint(x);
     }
   }
