@@ -433,14 +433,16 @@ ad_status bl_reversible(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_te
 /* Test hook (tests/test_bl_reversible.c; no header): runs T steps forward
  * and T back with no hypergradient, and copies out the integers: the
  * encoded w_0, (W_T, M_T) and the reconstructed (W_0, M_0) (any may be
- * NULL; each holds sum_i w0[i]->size elements) and the buffer's peak heap
- * bytes over the whole fixed-point state. */
+ * NULL; each holds sum_i w0[i]->size elements), the peak heap bytes of
+ * the whole fixed-point state, and the buffer's size in bits at w_T. */
 ad_status bl__reversible_roundtrip(ad_tape *t, const bl_problem *p, ad_tensor *const *hg,
                                    int64_t *w_start, int64_t *w_end, int64_t *m_end,
-                                   int64_t *w_back, int64_t *m_back, size_t *heap_peak);
+                                   int64_t *w_back, int64_t *m_back, size_t *heap_peak,
+                                   double *info_bits);
 ad_status bl__reversible_roundtrip(ad_tape *t, const bl_problem *p, ad_tensor *const *hg,
                                    int64_t *w_start, int64_t *w_end, int64_t *m_end,
-                                   int64_t *w_back, int64_t *m_back, size_t *heap_peak) {
+                                   int64_t *w_back, int64_t *m_back, size_t *heap_peak,
+                                   double *info_bits) {
   bl_run r;
   rev v = {0};
   ad_tensor *w[NN_MAX_PARAMS];
@@ -452,6 +454,14 @@ ad_status bl__reversible_roundtrip(ad_tape *t, const bl_problem *p, ad_tensor *c
   if (!s) s = rev_forward(&r, &v, w);
   if (!s && w_end) memcpy(w_end, v.W, z);
   if (!s && m_end) memcpy(m_end, v.M, z);
+  if (!s && info_bits) {
+    /* the buffer's size in bits: the integers' bit lengths summed */
+    double bits = 0;
+    for (int64_t e = 0; e < v.n; e++)
+      if (v.B[e].len)
+        bits += 64.0 * (v.B[e].len - 1) + (64 - __builtin_clzll(v.B[e].d[v.B[e].len - 1]));
+    *info_bits = bits;
+  }
   for (int64_t k = p && !s ? p->inner_steps - 1 : -1; k >= 0 && !s; k--) s = rev_back(&r, &v, w, k);
   if (!s && w_back) memcpy(w_back, v.W, z);
   if (!s && m_back) memcpy(m_back, v.M, z);

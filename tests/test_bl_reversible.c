@@ -12,7 +12,8 @@
 /* The test hook in reversible.c (no header: not part of the API). */
 ad_status bl__reversible_roundtrip(ad_tape *t, const bl_problem *p, ad_tensor *const *hg,
                                    int64_t *w_start, int64_t *w_end, int64_t *m_end,
-                                   int64_t *w_back, int64_t *m_back, size_t *heap_peak);
+                                   int64_t *w_back, int64_t *m_back, size_t *heap_peak,
+                                   double *info_bits);
 
 /* Ridge regression under heavy-ball momentum (mu 0.9, lr 0.1), lam the
  * scalar penalty. */
@@ -61,7 +62,8 @@ START_TEST(test_roundtrip_bit_exact) {
     int64_t *w0 = a, *wT = a + n, *mT = a + 2 * n, *wb = a + 3 * n, *mb = a + 4 * n;
     ad_tape *t = fx_tape(16);
     size_t heap = 0;
-    ad_status s = bl__reversible_roundtrip(t, p, hg, w0, wT, mT, wb, mb, &heap);
+    double bits = 0;
+    ad_status s = bl__reversible_roundtrip(t, p, hg, w0, wT, mT, wb, mb, &heap, &bits);
     ck_assert_msg(s == AD_OK, "%s", ad_tape_errmsg(t));
     int64_t bad = 0, moved = 0, mnz = 0;
     for (int64_t e = 0; e < n; e++) {
@@ -77,6 +79,13 @@ START_TEST(test_roundtrip_bit_exact) {
     ck_assert_int_eq(bad, 0);              /* bit-exact: integer equality */
     ck_assert(moved > ((int64_t)1 << 30)); /* moved by > 1e-3 */
     ck_assert_int_gt(mnz, 0);
+    /* The buffer holds what mu destroys, -log2(mu) bits per element and
+     * step, give or take the first push (b <= 62 bits, before anything can
+     * be popped) and a bit of rounding per element. */
+    double mu = which == 1 ? 0.8 : 0.9, want = (double)n * (double)p->inner_steps * -log2(mu);
+    printf("roundtrip case %d: information buffer %.0f bits, -log2(mu) n T = %.0f\n", which, bits,
+           want);
+    ck_assert(bits >= want - 4.0 * n && bits <= want + 64.0 * n);
     free(a);
     ad_tape_free(t);
     if (which == 0)
