@@ -47,10 +47,14 @@
  * a / 2^62 (relative error <= 2^-62 / mu).
  *
  * Memory: the arena holds w, m, the adjoints and one step's VJP; the heap
- * holds W, M, per-element lr and wd (32 bytes per element) and the buffer,
- * which grows by about -log2(mu) T bits per element (0.152 T for mu = 0.9:
- * 19 bytes per element at T = 1000, plus one limb's rounding). Their peak
- * is added to st->peak_arena_bytes, so the figure bounds the whole call.
+ * holds W, M, per-element lr and wd and the buffers' headers (48 bytes per
+ * element) and the buffers, which grow by about -log2(mu) T bits per
+ * element (0.152 T for mu = 0.9: 19 bytes per element at T = 1000), plus
+ * the first step's push of b <= 62 bits (nothing to pop yet), in 64-bit
+ * limbs of doubling capacity. Their peak is added to
+ * st->peak_arena_bytes, so the figure bounds the whole call. Each buffer
+ * operation walks its integer, so a step costs O(T / 400) limb operations
+ * per element: negligible beside the VJP up to T ~ 10^5.
  * The training loss is evaluated three times per step (forward, the
  * reversal's g_t, the VJP): it must return the same value each time. */
 #include "bl_internal.h"
