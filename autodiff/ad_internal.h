@@ -66,6 +66,8 @@ ad_tensor *ad__fail(ad_tape *t, ad_status s, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /* Thread-local last error, for calls without a tape. */
 ad_status ad__set_last(ad_status s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Status of that last error (AD_OK if none). */
+ad_status ad__last_status(void);
 
 /* Checks tape and inputs for NULL and equal dtypes. Returns 1 when fine. */
 int ad__check(ad_tape *t, const char *op, int n, ad_tensor *const *xs);
@@ -103,6 +105,65 @@ ad_node *ad__first_node(const ad_tape *t);
 ad_node **ad__node_buf(ad_tape *t, int slot, size_t n);
 /* Marks an arena tensor as a leaf needing a gradient (internal: jvp dummies). */
 void ad__make_leaf(ad_tensor *x);
+
+/* ---- checked arithmetic
+ * Every size, offset and bound computed from what a caller passed goes
+ * through these (here, in nn/ and in datasets/): signed overflow is
+ * undefined and size_t wraps silently, so a check like `start + len > n`
+ * with start + len past INT64_MAX passes and the copy that follows runs
+ * out of bounds. Each returns 1 and stores the exact result, or returns 0
+ * (storing nothing) when the result does not fit. */
+static inline int ad__add_i64(int64_t a, int64_t b, int64_t *r) {
+  int64_t v;
+  if (__builtin_add_overflow(a, b, &v)) return 0;
+  *r = v;
+  return 1;
+}
+static inline int ad__mul_i64(int64_t a, int64_t b, int64_t *r) {
+  int64_t v;
+  if (__builtin_mul_overflow(a, b, &v)) return 0;
+  *r = v;
+  return 1;
+}
+static inline int ad__add_size(size_t a, size_t b, size_t *r) {
+  size_t v;
+  if (__builtin_add_overflow(a, b, &v)) return 0;
+  *r = v;
+  return 1;
+}
+static inline int ad__mul_size(size_t a, size_t b, size_t *r) {
+  size_t v;
+  if (__builtin_mul_overflow(a, b, &v)) return 0;
+  *r = v;
+  return 1;
+}
+/* 1 when [start, start + len) lies inside [0, n), decided without forming
+ * start + len (which may not fit). */
+static inline int ad__range_ok(int64_t start, int64_t len, int64_t n) {
+  return start >= 0 && len >= 0 && n >= 0 && start <= n && len <= n - start;
+}
+
+/* Largest element count of one tensor (2^40): far past any arena, and small
+ * enough that every byte count and element offset of a valid tensor fits
+ * in int64_t and size_t with room to spare. */
+#define AD_MAX_NUMEL ((int64_t)1 << 40)
+
+/* Element count of a shape: 1 with *n set when every dimension is >= 1 and
+ * the product is at most AD_MAX_NUMEL; 0 otherwise (overflow included). */
+static inline int ad__numel_ok(int ndim, const int64_t *shape, int64_t *n) {
+  int64_t p = 1;
+  for (int i = 0; i < ndim; i++)
+    if (shape[i] < 1 || !ad__mul_i64(p, shape[i], &p) || p > AD_MAX_NUMEL) return 0;
+  *n = p;
+  return 1;
+}
+/* Bytes of n elements of es bytes each. */
+static inline int ad__bytes_ok(int64_t n, size_t es, size_t *bytes) {
+  return n >= 0 && ad__mul_size((size_t)n, es, bytes);
+}
+
+/* "[4294967296, 4294967296]" for a raw shape (not yet a tensor) into buf. */
+const char *ad__dims_str(int ndim, const int64_t *shape, char *buf, size_t len);
 
 /* Shape helpers. */
 int64_t ad__numel(int ndim, const int64_t *shape);

@@ -41,7 +41,14 @@ ad_tensor *ad_matmul(ad_tape *t, ad_tensor *a, ad_tensor *b, int trans_a, int tr
         ad_shape_str(a, sa, sizeof sa), trans_a ? "^T" : "", ad_shape_str(b, sb, sizeof sb),
         trans_b ? "^T" : "", (long long)k, (long long)kb);
   }
-  int64_t shape[2] = {m, nn};
+  int64_t shape[2] = {m, nn}, numel;
+  if (!ad__numel_ok(2, shape, &numel)) {
+    char sa[96], sb[96];
+    return ad__fail(t, AD_ERR_SHAPE,
+                    "ad_matmul: %s times %s gives [%lld, %lld], over 2^40 elements",
+                    ad_shape_str(a, sa, sizeof sa), ad_shape_str(b, sb, sizeof sb), (long long)m,
+                    (long long)nn);
+  }
   ad_tensor *out = ad__alloc(t, a->dtype, 2, shape, 0);
   if (!out) return NULL;
   if (a->dtype == AD_F32)

@@ -75,6 +75,10 @@ const char *ad_last_error(void) {
   return last_msg;
 }
 
+ad_status ad__last_status(void) {
+  return last_status;
+}
+
 ad_status ad__set_last(ad_status s, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
@@ -108,8 +112,11 @@ ad_status ad_tape_new(ad_tape **out, const ad_tape_opts *opts) {
   if (o.arena_max_mb < o.arena_mb)
     return ad__set_last(AD_ERR_ARG, "ad_tape_new: arena_max_mb (%zu) < arena_mb (%zu)",
                         o.arena_max_mb, o.arena_mb);
+  /* MiB to bytes must not wrap: cap both at 2^30 MiB (1 PiB). */
   if (o.arena_mb > ((size_t)1 << 20))
     return ad__set_last(AD_ERR_ARG, "ad_tape_new: arena_mb %zu is absurd", o.arena_mb);
+  if (o.arena_max_mb > ((size_t)1 << 30))
+    return ad__set_last(AD_ERR_ARG, "ad_tape_new: arena_max_mb %zu is absurd", o.arena_max_mb);
   ad_tape *t = calloc(1, sizeof *t);
   if (!t) return ad__set_last(AD_ERR_NOMEM, "ad_tape_new: out of memory");
   size_t cap = o.arena_mb << 20;
@@ -178,12 +185,14 @@ void *ad_arena_alloc(ad_tape *t, size_t bytes) {
     ad__set_last(AD_ERR_NULL, "ad_arena_alloc: tape is NULL");
     return NULL;
   }
-  size_t need = (bytes + AD_ALIGN - 1) & ~(size_t)(AD_ALIGN - 1);
-  if (need < bytes) {
-    ad__fail(t, AD_ERR_ARENA, "arena: request of %zu bytes overflows", bytes);
+  size_t need;
+  if (!ad__add_size(bytes, AD_ALIGN - 1, &need)) {
+    ad__fail(t, AD_ERR_ARENA, "ad_arena_alloc: a request of %zu bytes cannot be aligned", bytes);
     return NULL;
   }
-  while (t->off + need > t->chunk_cap[t->cur]) {
+  need &= ~(size_t)(AD_ALIGN - 1);
+  /* Compared as need > room, never as off + need > cap: that sum may wrap. */
+  while (need > t->chunk_cap[t->cur] - t->off) {
     /* Skip to the next chunk; reserve one if none is left. The tail of the
      * current chunk counts as used so that marks restore `used` exactly. */
     size_t tail = t->chunk_cap[t->cur] - t->off;
@@ -239,7 +248,8 @@ ad_marker ad_mark(ad_tape *t) {
 }
 
 void ad_rewind(ad_tape *t, ad_marker m) {
-  if (!t || m.chunk >= t->n_chunks || m.used > t->used) return;
+  /* A marker that cannot come from ad_mark on this tape is ignored. */
+  if (!t || m.chunk >= t->n_chunks || m.offset > t->chunk_cap[m.chunk] || m.used > t->used) return;
   /* Everything after the mark is free again: poison it (chunks past the
    * mark's are poisoned whole). */
   POISON(t->chunk[m.chunk] + m.offset, t->chunk_cap[m.chunk] - m.offset);
@@ -329,9 +339,11 @@ ad_tensor *ad__done(ad_tape *t, ad_tensor *out, const char *op) {
 
 ad_node **ad__node_buf(ad_tape *t, int slot, size_t n) {
   if (n > t->nbuf_cap[slot]) {
-    size_t cap = t->nbuf_cap[slot] ? t->nbuf_cap[slot] : 256;
-    while (cap < n) cap *= 2;
-    ad_node **b = realloc(t->nbuf[slot], cap * sizeof *b);
+    size_t cap = t->nbuf_cap[slot] ? t->nbuf_cap[slot] : 256, bytes = 0;
+    while (cap < n && ad__mul_size(cap, 2, &cap)) {
+    }
+    ad_node **b =
+        cap >= n && ad__mul_size(cap, sizeof *b, &bytes) ? realloc(t->nbuf[slot], bytes) : NULL;
     if (!b) {
       ad__fail(t, AD_ERR_NOMEM, "ad_grad: cannot grow the graph-walk buffer to %zu nodes", n);
       return NULL;

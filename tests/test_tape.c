@@ -242,7 +242,7 @@ START_TEST(test_bad_input) {
   ad_tensor *h = (ad_tensor *)1;
   ck_assert_int_eq(ad_tensor_new(&h, AD_F64, 5, S(1, 1, 1, 1, 1)), AD_ERR_SHAPE);
   ck_assert_ptr_null(h);
-  ck_assert_int_eq(ad_tensor_new(&h, (ad_dtype)9, 1, S(3)), AD_ERR_SHAPE);
+  ck_assert_int_eq(ad_tensor_new(&h, (ad_dtype)9, 1, S(3)), AD_ERR_DTYPE);
   ck_assert_int_eq(ad_tensor_new(&h, AD_F32, 1, S(-2)), AD_ERR_SHAPE);
   ck_assert_int_eq(ad_tensor_from(&h, AD_F32, 1, S(2), NULL), AD_ERR_NULL);
   ck_assert_int_eq(ad_tape_new(NULL, NULL), AD_ERR_NULL);

@@ -1,0 +1,222 @@
+/* test_ad_hardening.c — regression tests for the autodiff defects of issue 9:
+ * bounds and sizes that overflowed, tensors from another tape or from a
+ * rewound mark, an arena that would not grow after a rewind, silent zero
+ * gradients, errors that outlived their cause, and NaN-guard messages
+ * without context. Each test is one instance of a class fixed everywhere
+ * in autodiff/. */
+#include "autodiff/ad.h"
+#include "gradcheck.h"
+
+#include <check.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define S(...) ((const int64_t[]){__VA_ARGS__})
+
+static ad_tape *new_tape(size_t mb, size_t max_mb) {
+  ad_tape *t = NULL;
+  ck_assert_int_eq(ad_tape_new(&t, &(ad_tape_opts){.arena_mb = mb, .arena_max_mb = max_mb}), AD_OK);
+  return t;
+}
+
+/* The tape's message contains `needle`. */
+#define ck_msg_has(t, needle)                                                                      \
+  ck_assert_msg(strstr(ad_tape_errmsg(t), (needle)) != NULL, "message '%s' lacks '%s'",            \
+                ad_tape_errmsg(t), (needle))
+#define ck_last_has(needle)                                                                        \
+  ck_assert_msg(strstr(ad_last_error(), (needle)) != NULL, "message '%s' lacks '%s'",              \
+                ad_last_error(), (needle))
+
+/* All of x equals v. */
+static int all_eq(const ad_tensor *x, double v) {
+  for (int64_t i = 0; i < x->size; i++)
+    if (ad_get(x, i) != v) return 0;
+  return 1;
+}
+
+/* ------------------------------------------------------------------ 1. checked arithmetic */
+
+/* ad_slice(x, axis 0, start INT64_MAX, len 1): start + len wraps negative and
+ * used to pass the bound check, reading far outside x. Now AD_ERR_ARG naming
+ * the op, and the live tensor next to x is untouched; so is every other way
+ * of putting the range outside the axis. */
+START_TEST(test_slice_bounds_overflow) {
+  ad_tape *t = new_tape(1, 1);
+  ad_tensor *x = ad_full(t, AD_F64, 1, S(4), 1.0);
+  ad_tensor *nb = ad_full(t, AD_F64, 1, S(64), 7.0);
+  const int64_t bad[][2] = {{INT64_MAX, 1}, {1, INT64_MAX}, {INT64_MAX, INT64_MAX}, {-1, 2}, {3, 2},
+                            {0, 0},         {2, -1},        {INT64_MIN, 5}};
+  for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+    ck_assert_ptr_null(ad_slice(t, x, 0, bad[k][0], bad[k][1]));
+    ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+    ck_msg_has(t, "ad_slice");
+    ad_tape_clear_error(t);
+  }
+  ck_assert_ptr_null(ad_slice(t, x, 0, INT64_MAX, 1));
+  ck_msg_has(t, "start 9223372036854775807, length 1");
+  ad_tape_clear_error(t);
+  ck_assert(all_eq(nb, 7.0) && all_eq(x, 1.0));
+  /* the last valid slice still works: [3, 4) */
+  ad_tensor *s = ad_slice(t, x, 0, 3, 1);
+  ck_assert_ptr_nonnull(s);
+  ck_assert_int_eq(s->size, 1);
+  ad_tape_free(t);
+}
+END_TEST
+
+/* ad_pad_axis(x[4], axis 0, start INT64_MAX, full_len 5): start + 4 wraps and
+ * the copy used to write outside the result, into a live neighbour. */
+START_TEST(test_pad_bounds_overflow) {
+  ad_tape *t = new_tape(1, 1);
+  ad_tensor *x = ad_full(t, AD_F64, 1, S(4), 1.0);
+  ad_tensor *nb = ad_full(t, AD_F64, 1, S(64), 7.0);
+  ck_assert_ptr_null(ad_pad_axis(t, x, 0, INT64_MAX, 5));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+  ck_msg_has(t, "ad_pad_axis: 4 elements at 9223372036854775807 do not fit in 5");
+  ad_tape_clear_error(t);
+  ck_assert_ptr_null(ad_pad_axis(t, x, 0, 2, 5)); /* 2 + 4 > 5 */
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+  ad_tape_clear_error(t);
+  ck_assert_ptr_null(ad_pad_axis(t, x, 0, -1, 5));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+  ad_tape_clear_error(t);
+  /* a full length past 2^40 elements: a shape error, not a wrapped size */
+  ck_assert_ptr_null(ad_pad_axis(t, x, 0, 0, INT64_MAX));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ck_msg_has(t, "ad_pad_axis");
+  ad_tape_clear_error(t);
+  ck_assert(all_eq(nb, 7.0) && all_eq(x, 1.0));
+  /* in range: x lands at [1, 5) of 5 zeros */
+  ad_tensor *p = ad_pad_axis(t, x, 0, 1, 5);
+  ck_assert_ptr_nonnull(p);
+  ck_assert_double_eq(ad_get(p, 0), 0.0);
+  ck_assert_double_eq(ad_get(p, 4), 1.0);
+  ad_tape_free(t);
+}
+END_TEST
+
+/* Shape [2^32, 2^32] has 2^64 elements: the product wrapped to 0 and
+ * ad_zeros returned a size-0 tensor that a later op wrote through. Now
+ * AD_ERR_SHAPE naming the function and the shape, for arena and heap
+ * constructors alike; also for a product that overflows int64 and one
+ * that fits but passes the 2^40 limit. */
+START_TEST(test_constructor_size_overflow) {
+  ad_tape *t = new_tape(1, 1);
+  const int64_t big[2] = {(int64_t)1 << 32, (int64_t)1 << 32};
+  ck_assert_ptr_null(ad_zeros(t, AD_F64, 2, big));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ck_msg_has(t, "ad_zeros: shape [4294967296, 4294967296] has more than 2^40 elements");
+  ad_tape_clear_error(t);
+  ad_tensor *h = (ad_tensor *)1;
+  ck_assert_int_eq(ad_tensor_new(&h, AD_F32, 2, big), AD_ERR_SHAPE);
+  ck_assert_ptr_null(h);
+  ck_last_has("ad_tensor_new: shape [4294967296, 4294967296]");
+  const int64_t wrap3[3] = {(int64_t)1 << 21, (int64_t)1 << 21, (int64_t)1 << 21}; /* 2^63 */
+  ck_assert_int_eq(ad_tensor_new(&h, AD_F64, 3, wrap3), AD_ERR_SHAPE);
+  const int64_t over[3] = {(int64_t)1 << 20, (int64_t)1 << 20, 2}; /* 2^41: fits int64 */
+  ck_assert_int_eq(ad_tensor_from(&h, AD_F64, 3, over, (double[]){0}), AD_ERR_SHAPE);
+  ck_assert_int_eq(ad_tensor_wrap(&h, AD_F64, 3, over, (double[]){0}), AD_ERR_SHAPE);
+  const char *names[] = {"ad_empty", "ad_full", "ad_ones", "ad_const", "ad_randn"};
+  ad_rng r;
+  ad_rng_seed(&r, 1);
+  for (int k = 0; k < 5; k++) {
+    ad_tensor *y = k == 0   ? ad_empty(t, AD_F32, 3, over)
+                   : k == 1 ? ad_full(t, AD_F32, 3, over, 1.0)
+                   : k == 2 ? ad_ones(t, AD_F32, 3, over)
+                   : k == 3 ? ad_const(t, AD_F32, 3, over, (float[]){0})
+                            : ad_randn(t, AD_F32, 3, over, &r);
+    ck_assert_ptr_null(y);
+    ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+    ck_msg_has(t, names[k]);
+    ad_tape_clear_error(t);
+  }
+  /* a bad dtype is a dtype error, with its own status */
+  ck_assert_int_eq(ad_tensor_new(&h, (ad_dtype)9, 1, S(3)), AD_ERR_DTYPE);
+  ad_arena_stats s;
+  ad_arena_stats_get(t, &s);
+  ck_assert_uint_eq(s.used, 0); /* nothing was allocated by the failures */
+  ad_tape_free(t);
+}
+END_TEST
+
+/* Derived shapes: reshape to [2^62 + 1, 4] has (2^62 + 1) * 4 = 2^64 + 4
+ * elements, which wrapped to x's 4 and was accepted; broadcasting, padding,
+ * concatenating and multiplying past 2^40 elements. The oversized inputs
+ * are wrapped shapes over a small buffer: every check fails before any
+ * element is touched. */
+START_TEST(test_derived_shape_overflow) {
+  ad_tape *t = new_tape(1, 1);
+  ad_tensor *x = ad_full(t, AD_F64, 1, S(4), 1.0);
+  ck_assert_ptr_null(ad_reshape(t, x, 2, S(((int64_t)1 << 62) + 1, 4)));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ck_msg_has(t, "ad_reshape");
+  ad_tape_clear_error(t);
+  ck_assert_ptr_null(ad_broadcast_axis(t, x, 0, INT64_MAX / 2, 0));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ck_msg_has(t, "ad_broadcast_axis");
+  ad_tape_clear_error(t);
+  double buf[8] = {0};
+  ad_tensor *big = NULL, *col = NULL, *row = NULL;
+  ck_assert_int_eq(ad_tensor_wrap(&big, AD_F64, 1, S((int64_t)1 << 40), buf), AD_OK);
+  ck_assert_int_eq(ad_tensor_wrap(&col, AD_F64, 2, S((int64_t)1 << 20, 1), buf), AD_OK);
+  ck_assert_int_eq(ad_tensor_wrap(&row, AD_F64, 2, S(1, (int64_t)1 << 21), buf), AD_OK);
+  ad_tensor *two[2] = {big, big};
+  ck_assert_ptr_null(ad_concat(t, 2, two, 0));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ck_msg_has(t, "ad_concat");
+  ad_tape_clear_error(t);
+  ck_assert_ptr_null(ad_matmul(t, col, row, 0, 0)); /* [2^20, 2^21] */
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ck_msg_has(t, "ad_matmul");
+  ad_tape_clear_error(t);
+  ad_tensor_free(big);
+  ad_tensor_free(col);
+  ad_tensor_free(row);
+  ad_tape_free(t);
+}
+END_TEST
+
+/* Raw arena requests near SIZE_MAX: rounding up or adding the offset used
+ * to wrap to a small number and "succeed". A forged marker whose offset lies
+ * past its chunk is ignored (it used to poison/unpoison a wrapped length).
+ * MiB options that would wrap when turned into bytes are refused. */
+START_TEST(test_arena_request_overflow) {
+  ad_tape *t = new_tape(1, 1);
+  ck_assert_ptr_nonnull(ad_arena_alloc(t, 100)); /* off > 0 */
+  size_t sizes[] = {SIZE_MAX, SIZE_MAX - 10, SIZE_MAX - 100, SIZE_MAX / 2 + 1};
+  for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+    ck_assert_ptr_null(ad_arena_alloc(t, sizes[k]));
+    ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARENA);
+    ad_tape_clear_error(t);
+  }
+  ad_arena_stats s;
+  ad_arena_stats_get(t, &s);
+  ck_assert_uint_eq(s.used, 128);
+  ad_marker m = ad_mark(t);
+  m.offset = SIZE_MAX - 5;
+  ad_rewind(t, m);
+  ad_arena_stats_get(t, &s);
+  ck_assert_uint_eq(s.used, 128);
+  ck_assert_ptr_nonnull(ad_arena_alloc(t, 64));
+  ad_tape_free(t);
+  ad_tape *u = NULL;
+  ck_assert_int_eq(ad_tape_new(&u, &(ad_tape_opts){.arena_mb = 1, .arena_max_mb = SIZE_MAX}),
+                   AD_ERR_ARG);
+  ck_assert_ptr_null(u);
+  ck_last_has("arena_max_mb");
+}
+END_TEST
+
+int main(void) {
+  Suite *s = suite_create("ad_hardening");
+  TCase *tc = tcase_create("overflow");
+  tcase_add_test(tc, test_slice_bounds_overflow);
+  tcase_add_test(tc, test_pad_bounds_overflow);
+  tcase_add_test(tc, test_constructor_size_overflow);
+  tcase_add_test(tc, test_derived_shape_overflow);
+  tcase_add_test(tc, test_arena_request_overflow);
+  suite_add_tcase(s, tc);
+  return gc_run_suite(s);
+}
