@@ -96,6 +96,7 @@ typedef struct ad_tensor {
   unsigned gen;              /* scratch stamp used by ad_grad */
   struct ad_tensor *scratch; /* scratch gradient slot used by ad_grad */
   const char *name;          /* optional, for printing */
+  size_t tape_id;            /* arena tensors: the id of the tape holding them; 0 on the heap */
 } ad_tensor;
 
 /* Bytes of one element of the dtype (4 or 8). */

@@ -69,7 +69,17 @@ ad_status ad__set_last(ad_status s, const char *fmt, ...) __attribute__((format(
 /* Status of that last error (AD_OK if none). */
 ad_status ad__last_status(void);
 
-/* Checks tape and inputs for NULL and equal dtypes. Returns 1 when fine. */
+/* Whether x may be used on t: a heap tensor, or a live tensor of t's arena.
+ * A tensor of another tape's arena, or one freed by ad_rewind (it lies in
+ * the free part of t's arena), fails with AD_ERR_ARG; the message names
+ * `op`, the argument (`what` and index i, e.g. "input", 1) and the tapes.
+ * Returns 1 when fine. Never reads a freed tensor of t. */
+int ad__usable(ad_tape *t, const char *op, const char *what, int i, const ad_tensor *x);
+/* The tape's id (1, 2, ... in creation order in the process), for messages. */
+size_t ad__tape_id(const ad_tape *t);
+
+/* Checks tape and inputs for NULL, tape ownership (ad__usable) and equal
+ * dtypes. Returns 1 when fine. */
 int ad__check(ad_tape *t, const char *op, int n, ad_tensor *const *xs);
 /* Binary elementwise shape rule: same shape, or one side of size 1. */
 int ad__check_binary(ad_tape *t, const char *op, const ad_tensor *a, const ad_tensor *b);

@@ -155,16 +155,21 @@ ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *c
     return ad_tape_status(t);
   }
   for (int i = 0; i < n_in; i++) grads_out[i] = NULL;
-  for (int j = 0; j < n_out; j++)
+  for (int j = 0; j < n_out; j++) {
     if (!outputs[j]) {
       ad__fail(t, AD_ERR_NULL, "ad_grad: output %d is NULL", j);
       return ad_tape_status(t);
     }
+    if (!ad__usable(t, "ad_grad", "output", j, outputs[j]) ||
+        (seeds && seeds[j] && !ad__usable(t, "ad_grad", "seed", j, seeds[j])))
+      return ad_tape_status(t);
+  }
   for (int i = 0; i < n_in; i++) {
     if (!inputs[i]) {
       ad__fail(t, AD_ERR_NULL, "ad_grad: input %d is NULL", i);
       return ad_tape_status(t);
     }
+    if (!ad__usable(t, "ad_grad", "input", i, inputs[i])) return ad_tape_status(t);
     /* Ops record only for inputs that need a gradient: a plain leaf would
      * silently get a zero (or partial) gradient, so say so instead. */
     if (!ad_needs_grad(inputs[i])) {
@@ -219,6 +224,9 @@ ad_status ad_backward(ad_tape *t, ad_tensor *loss, ad_tensor *seed) {
     return ad_tape_status(t);
   }
   if (ad_tape_status(t) != AD_OK) return ad_tape_status(t);
+  if (!ad__usable(t, "ad_backward", "loss", 0, loss) ||
+      (seed && !ad__usable(t, "ad_backward", "seed", 0, seed)))
+    return ad_tape_status(t);
   unsigned gen = next_gen();
   /* Stamp every leaf that needs a gradient and feeds a node the loss
    * reaches; slot 0 holds those nodes after the walk. */
@@ -281,14 +289,32 @@ static ad_tensor *sum_of_dots(ad_tape *t, int n, ad_tensor *const *g, ad_tensor 
   return s;
 }
 
-ad_status ad_mixed_partial(ad_tape *t, ad_tensor *f, int n_w, ad_tensor *const *w,
-                           ad_tensor *const *v, int n_lam, ad_tensor *const *lam, ad_tensor **out,
-                           unsigned flags) {
-  if (!t) return ad__set_last(AD_ERR_NULL, "ad_mixed_partial: tape is NULL");
-  if (!w || !v || !lam || !out || n_w <= 0 || n_lam <= 0) {
-    ad__fail(t, AD_ERR_NULL, "ad_mixed_partial: missing w, v, lam or out");
+/* Checks n tensors (none NULL, all usable on t) for `who`. */
+static int check_list(ad_tape *t, const char *who, const char *what, int n, ad_tensor *const *xs) {
+  for (int i = 0; i < n; i++) {
+    if (!xs[i]) {
+      ad__fail(t, AD_ERR_NULL, "%s: %s %d is NULL", who, what, i);
+      return 0;
+    }
+    if (!ad__usable(t, who, what, i, xs[i])) return 0;
+  }
+  return 1;
+}
+
+static ad_status mixed(ad_tape *t, const char *who, ad_tensor *f, int n_w, ad_tensor *const *w,
+                       ad_tensor *const *v, int n_lam, ad_tensor *const *lam, ad_tensor **out,
+                       unsigned flags) {
+  if (!t) return ad__set_last(AD_ERR_NULL, "%s: tape is NULL", who);
+  if (ad_tape_status(t) != AD_OK) return ad_tape_status(t);
+  if (!f || !w || !v || !lam || !out || n_w <= 0 || n_lam <= 0) {
+    ad__fail(t, n_w <= 0 || n_lam <= 0 ? AD_ERR_ARG : AD_ERR_NULL,
+             "%s: need f, w (%d), v, lam (%d) and out", who, n_w, n_lam);
     return ad_tape_status(t);
   }
+  for (int k = 0; k < n_lam; k++) out[k] = NULL;
+  if (!check_list(t, who, "output", 1, &f) || !check_list(t, who, "w", n_w, w) ||
+      !check_list(t, who, "v", n_w, v) || !check_list(t, who, "lam", n_lam, lam))
+    return ad_tape_status(t);
   ad_tensor **g = ad_arena_alloc(t, sizeof(*g) * (size_t)n_w);
   if (!g) return ad_tape_status(t);
   /* First pass recorded, so the gradient keeps its dependence on w and lam. */
@@ -298,10 +324,16 @@ ad_status ad_mixed_partial(ad_tape *t, ad_tensor *f, int n_w, ad_tensor *const *
   return ad_grad(t, 1, &s, NULL, n_lam, lam, out, flags & ~(unsigned)AD_GRAD_STRICT);
 }
 
+ad_status ad_mixed_partial(ad_tape *t, ad_tensor *f, int n_w, ad_tensor *const *w,
+                           ad_tensor *const *v, int n_lam, ad_tensor *const *lam, ad_tensor **out,
+                           unsigned flags) {
+  return mixed(t, "ad_mixed_partial", f, n_w, w, v, n_lam, lam, out, flags);
+}
+
 ad_status ad_hvp(ad_tape *t, ad_tensor *f, int n, ad_tensor *const *w, ad_tensor *const *v,
                  ad_tensor **hv_out, unsigned flags) {
   /* H v = d/dw (grad_w f . v): the mixed partial with lam = w. */
-  return ad_mixed_partial(t, f, n, w, v, n, w, hv_out, flags);
+  return mixed(t, "ad_hvp", f, n, w, v, n, w, hv_out, flags);
 }
 
 /* Forward mode by the double-VJP construction: with u a dummy cotangent,
@@ -317,12 +349,12 @@ ad_status ad_jvp(ad_tape *t, int n_in, ad_tensor *const *inputs, ad_tensor *cons
     ad__fail(t, AD_ERR_NULL, "ad_jvp: missing inputs, tangents, outputs or tangents_out");
     return ad_tape_status(t);
   }
+  if (ad_tape_status(t) != AD_OK) return ad_tape_status(t);
   for (int j = 0; j < n_out; j++) tangents_out[j] = NULL;
-  for (int j = 0; j < n_out; j++)
-    if (!outputs[j]) {
-      ad__fail(t, AD_ERR_NULL, "ad_jvp: output %d is NULL", j);
-      return ad_tape_status(t);
-    }
+  if (!check_list(t, "ad_jvp", "output", n_out, outputs) ||
+      !check_list(t, "ad_jvp", "input", n_in, inputs) ||
+      !check_list(t, "ad_jvp", "tangent", n_in, tangents))
+    return ad_tape_status(t);
   ad_tensor **u = ad_arena_alloc(t, sizeof(*u) * (size_t)n_out);
   ad_tensor **r = ad_arena_alloc(t, sizeof(*r) * (size_t)n_in);
   if (!u || !r) return ad_tape_status(t);

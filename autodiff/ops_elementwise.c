@@ -426,6 +426,7 @@ static const ad_op_def OP_WHERE = {"where", vjp_where, NULL};
 
 ad_tensor *ad_where(ad_tape *t, const ad_tensor *mask, ad_tensor *a, ad_tensor *b) {
   if (t && !mask) return ad__fail(t, AD_ERR_NULL, "ad_where: mask is NULL");
+  if (t && !ad__usable(t, "ad_where", "mask", 0, mask)) return NULL;
   ad_tensor *out = binary_out(t, "ad_where", a, b);
   if (!out) return NULL;
   if (mask->size != out->size) {

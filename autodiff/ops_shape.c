@@ -104,6 +104,7 @@ static const ad_op_def OP_EXPAND = {"expand", vjp_expand, NULL};
 ad_tensor *ad_expand(ad_tape *t, ad_tensor *x, const ad_tensor *like) {
   if (!ad__check(t, "ad_expand", 1, &x)) return NULL;
   if (!like) return ad__fail(t, AD_ERR_NULL, "ad_expand: like is NULL");
+  if (!ad__usable(t, "ad_expand", "like", 0, like)) return NULL;
   if (x->size != 1) {
     char s[96];
     return ad__fail(t, AD_ERR_SHAPE, "ad_expand: needs a size-1 tensor, got %s",

@@ -1,6 +1,8 @@
 /* tape.c — the tape: its arena, its node list, its sticky error, marks. */
 #include "ad_internal.h"
 
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -36,7 +38,12 @@ struct ad_tape {
   char msg[768];
   ad_node **nbuf[2]; /* scratch for ad_grad's graph walk */
   size_t nbuf_cap[2];
+  size_t id; /* names the tape in messages; arena tensors carry it */
 };
+
+/* Tape ids are never reused within a process, so a tensor of a freed tape
+ * cannot pass for one of a new tape at the same address. */
+static atomic_size_t tape_ids;
 
 static _Thread_local ad_status last_status;
 static _Thread_local char last_msg[768];
@@ -134,6 +141,7 @@ ad_status ad_tape_new(ad_tape **out, const ad_tape_opts *opts) {
   t->n_grows = 1;
   t->record = !o.no_record;
   t->nan_guard = o.nan_guard;
+  t->id = atomic_fetch_add(&tape_ids, 1) + 1;
   *out = t;
   return AD_OK;
 }
@@ -285,6 +293,54 @@ void ad_arena_stats_get(const ad_tape *t, ad_arena_stats *s) {
 
 void ad_arena_reset_peak(ad_tape *t) {
   if (t) t->peak = t->used;
+}
+
+/* ---- ownership */
+
+size_t ad__tape_id(const ad_tape *t) {
+  return t ? t->id : 0;
+}
+
+/* Where p lies in t's arena: -1 outside it, 0 in the part in use, 1 in the
+ * free part (after the allocation point: rewound, or never handed out).
+ * Addresses only: nothing is read, so a freed (poisoned) tensor is safe. */
+static int arena_where(const ad_tape *t, const void *p) {
+  uintptr_t a = (uintptr_t)p;
+  for (size_t c = 0; c < t->n_chunks; c++) {
+    uintptr_t lo = (uintptr_t)t->chunk[c];
+    if (a < lo || a - lo >= t->chunk_cap[c]) continue;
+    if (c < t->cur) return 0;
+    return c == t->cur && a - lo < t->off ? 0 : 1;
+  }
+  return -1;
+}
+
+int ad__usable(ad_tape *t, const char *op, const char *what, int i, const ad_tensor *x) {
+  int where = arena_where(t, x);
+  if (where == 1) {
+    ad__fail(t, AD_ERR_ARG,
+             "%s: %s %d was freed by ad_rewind (it was made after the mark the tape was "
+             "rewound to) and must not be used any more",
+             op, what, i);
+    return 0;
+  }
+  if (where == 0 && (!(x->flags & AD_FLAG_ARENA) || x->tape_id != t->id)) {
+    ad__fail(t, AD_ERR_ARG,
+             "%s: %s %d points into tape #%zu's arena but not at a live tensor (memory "
+             "reused after ad_rewind?)",
+             op, what, i, t->id);
+    return 0;
+  }
+  if (where < 0 && (x->flags & AD_FLAG_ARENA)) {
+    char sh[96];
+    ad__fail(t, AD_ERR_ARG,
+             "%s: %s %d (%s) belongs to tape #%zu, but this call is on tape #%zu: arena "
+             "tensors live on the tape that made them (copy values across with "
+             "ad_copy_values or use heap tensors)",
+             op, what, i, ad_shape_str(x, sh, sizeof sh), x->tape_id, t->id);
+    return 0;
+  }
+  return 1;
 }
 
 /* ---- recording */

@@ -213,6 +213,7 @@ static ad_tensor *arena_tensor(ad_tape *t, const char *who, ad_dtype dt, int ndi
   set_shape(x, dt, ndim, shape, n);
   x->data = p + head;
   x->flags = AD_FLAG_ARENA;
+  x->tape_id = ad__tape_id(t);
   if (zero) memset(x->data, 0, bytes);
   return x;
 }
@@ -228,6 +229,7 @@ ad_tensor *ad__view(ad_tape *t, const ad_tensor *x, int ndim, const int64_t *sha
   set_shape(v, x->dtype, ndim, shape, ad__numel(ndim, shape));
   v->data = x->data;
   v->flags = AD_FLAG_ARENA;
+  v->tape_id = ad__tape_id(t);
   return v;
 }
 
@@ -270,10 +272,12 @@ ad_tensor *ad_const(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, con
 }
 ad_tensor *ad_zeros_like(ad_tape *t, const ad_tensor *x) {
   if (!x) return ad__fail(t, AD_ERR_NULL, "ad_zeros_like: x is NULL");
+  if (t && !ad__usable(t, "ad_zeros_like", "input", 0, x)) return NULL;
   return arena_tensor(t, "ad_zeros_like", x->dtype, x->ndim, x->shape, 1);
 }
 ad_tensor *ad_ones_like(ad_tape *t, const ad_tensor *x) {
   if (!x) return ad__fail(t, AD_ERR_NULL, "ad_ones_like: x is NULL");
+  if (t && !ad__usable(t, "ad_ones_like", "input", 0, x)) return NULL;
   return fill(arena_tensor(t, "ad_ones_like", x->dtype, x->ndim, x->shape, 0), 1.0);
 }
 ad_tensor *ad_randn(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, ad_rng *r) {
@@ -296,6 +300,7 @@ ad_tensor *ad_detach(ad_tape *t, const ad_tensor *x) {
     return NULL;
   }
   if (!x) return ad__fail(t, AD_ERR_NULL, "ad_detach: x is NULL");
+  if (!ad__usable(t, "ad_detach", "input", 0, x)) return NULL;
   /* Arena tensors are never written after the op that made them, so a view
    * without history shares their data safely and costs nothing. A heap
    * tensor (a parameter) may be updated in place later: copy it, so the
@@ -320,6 +325,7 @@ int ad__check(ad_tape *t, const char *op, int n, ad_tensor *const *xs) {
       ad__fail(t, AD_ERR_NULL, "%s: input %d is NULL", op, i);
       return 0;
     }
+    if (!ad__usable(t, op, "input", i, xs[i])) return 0;
   }
   for (int i = 1; i < n; i++) {
     if (xs[i]->dtype != xs[0]->dtype) {

@@ -10,6 +10,7 @@
 #include <check.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -209,6 +210,113 @@ START_TEST(test_arena_request_overflow) {
 }
 END_TEST
 
+/* ------------------------------------------------------------------ 2. tensors of another tape */
+
+/* The two tape numbers in a "belongs to tape #A, but this call is on tape #B" message. */
+static void two_tapes(const char *msg, size_t *a, size_t *b) {
+  const char *p = strstr(msg, "belongs to tape #");
+  ck_assert_msg(p != NULL, "message '%s' does not name the tapes", msg);
+  ck_assert_int_eq(sscanf(p, "belongs to tape #%zu, but this call is on tape #%zu", a, b), 2);
+}
+
+/* x = 0.1 a heap leaf; y = x*x on tape a; f = sum(y*x) on tape b. The true
+ * df/dx is 3x^2 = 0.03; tape b only saw f = y*x with y a constant and
+ * returned 0.01 with AD_OK. Now the op on b refuses a's tensor with
+ * AD_ERR_ARG naming the op and both tapes; every transform does the same
+ * for outputs, seeds, vectors and tangents of another tape; and the heap
+ * leaf x works on both tapes (0.03 when the whole of f is on one). */
+START_TEST(test_foreign_tape) {
+  ad_tape *a = new_tape(1, 1), *b = new_tape(1, 1);
+  ad_tensor *x = NULL;
+  ck_assert_int_eq(ad_tensor_from(&x, AD_F64, 0, NULL, (double[]){0.1}), AD_OK);
+  ad_requires_grad(x, 1);
+  ad_tensor *y = ad_mul(a, x, x);
+  ck_assert_ptr_nonnull(y);
+  ck_assert_ptr_null(ad_mul(b, y, x));
+  ck_assert_int_eq(ad_tape_status(b), AD_ERR_ARG);
+  ck_msg_has(b, "ad_mul: input 0");
+  size_t ta, tb;
+  two_tapes(ad_tape_errmsg(b), &ta, &tb);
+  ck_assert_uint_ne(ta, tb);
+  ck_assert_int_eq(ad_tape_status(a), AD_OK); /* the tape that owns y is fine */
+  ad_tape_clear_error(b);
+
+  /* transforms: a's output, seed, vectors on tape b */
+  ad_tensor *fa = ad_sum(a, ad_mul(a, y, x)), *g = NULL;
+  ck_assert_int_eq(ad_grad(b, 1, &fa, NULL, 1, &x, &g, 0), AD_ERR_ARG);
+  ck_msg_has(b, "ad_grad: output 0");
+  ad_tape_clear_error(b);
+  ck_assert_int_eq(ad_backward(b, fa, NULL), AD_ERR_ARG);
+  ck_msg_has(b, "ad_backward: loss 0");
+  ad_tape_clear_error(b);
+  ck_assert_int_eq(ad_hvp(b, fa, 1, &x, &y, &g, 0), AD_ERR_ARG);
+  ck_msg_has(b, "ad_hvp");
+  ad_tape_clear_error(b);
+  ad_tensor *fb = ad_sum(b, ad_mul(b, ad_mul(b, x, x), x)), *one = ad_scalar(a, AD_F64, 1.0);
+  ck_assert_int_eq(ad_grad(b, 1, &fb, &one, 1, &x, &g, 0), AD_ERR_ARG);
+  ck_msg_has(b, "ad_grad: seed 0");
+  ad_tape_clear_error(b);
+  ck_assert_int_eq(ad_hvp(b, fb, 1, &x, &one, &g, 0), AD_ERR_ARG);
+  ck_msg_has(b, "ad_hvp: v 0");
+  ad_tape_clear_error(b);
+  ck_assert_int_eq(ad_jvp(b, 1, &x, &one, 1, &fb, &g, 0), AD_ERR_ARG);
+  ck_msg_has(b, "ad_jvp: tangent 0");
+  ad_tape_clear_error(b);
+  ck_assert_ptr_null(ad_detach(b, y));
+  ck_msg_has(b, "ad_detach");
+  ad_tape_clear_error(b);
+  ck_assert_ptr_null(ad_where(b, y, x, x));
+  ck_msg_has(b, "ad_where: mask 0");
+  ad_tape_clear_error(b);
+
+  /* heap tensors on any tape: d/dx x^3 = 3 x^2 = 0.03 on b, and on a */
+  ck_assert_int_eq(ad_grad(b, 1, &fb, NULL, 1, &x, &g, 0), AD_OK);
+  ck_assert_double_eq_tol(ad_item(g), 0.03, 1e-17);
+  ck_assert_int_eq(ad_grad(a, 1, &fa, NULL, 1, &x, &g, 0), AD_OK);
+  ck_assert_double_eq_tol(ad_item(g), 0.03, 1e-17);
+  ad_tensor_free(x);
+  ad_tape_free(a);
+  ad_tape_free(b);
+}
+END_TEST
+
+/* A tensor made after a mark is freed by rewinding to it. Using it used to
+ * read whatever reused the memory; now AD_ERR_ARG, both while the memory is
+ * free (no byte of it is read: this runs clean under ASan, which poisons
+ * it) and after it was handed out again as raw scratch. Tensors made
+ * before the mark stay usable, with correct values. */
+START_TEST(test_use_after_rewind) {
+  ad_tape *t = new_tape(1, 1);
+  ad_tensor *x = ad_full(t, AD_F64, 1, S(3), 2.0);
+  ad_requires_grad(x, 1);
+  ad_marker m = ad_mark(t);
+  ad_tensor *y = ad_exp(t, x), *old = y;
+  ck_assert_ptr_nonnull(y);
+  ad_rewind(t, m);
+  ck_assert_ptr_null(ad_add(t, y, x));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+  ck_msg_has(t, "ad_add: input 0 was freed by ad_rewind");
+  ad_tape_clear_error(t);
+  ad_tensor *g = NULL;
+  ck_assert_int_eq(ad_grad(t, 1, &y, NULL, 1, &x, &g, 0), AD_ERR_ARG);
+  ck_msg_has(t, "ad_grad: output 0 was freed");
+  ad_tape_clear_error(t);
+  /* the memory handed out again as raw bytes: y now points into them */
+  unsigned char *raw = ad_arena_alloc(t, 4096);
+  ck_assert_ptr_nonnull(raw);
+  memset(raw, 0xab, 4096);
+  ck_assert_ptr_null(ad_sum(t, old));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+  ck_msg_has(t, "not at a live tensor");
+  ad_tape_clear_error(t);
+  /* x, made before the mark, is fine: d/dx sum(x^2) = 2x = 4 */
+  ad_tensor *f = ad_sum(t, ad_mul(t, x, x));
+  ck_assert_int_eq(ad_grad(t, 1, &f, NULL, 1, &x, &g, 0), AD_OK);
+  ck_assert_double_eq(ad_get(g, 2), 4.0);
+  ad_tape_free(t);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("ad_hardening");
   TCase *tc = tcase_create("overflow");
@@ -217,6 +325,10 @@ int main(void) {
   tcase_add_test(tc, test_constructor_size_overflow);
   tcase_add_test(tc, test_derived_shape_overflow);
   tcase_add_test(tc, test_arena_request_overflow);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("tapes");
+  tcase_add_test(tc, test_foreign_tape);
+  tcase_add_test(tc, test_use_after_rewind);
   suite_add_tcase(s, tc);
   return gc_run_suite(s);
 }
