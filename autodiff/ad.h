@@ -5,7 +5,7 @@
  * Ten lines to a derivative: f(x) = a*x^2 + b at x = 3 (a = 2, b = 1).
  *
  *     ad_tape *tape = NULL;
- *     ad_tape_new(&tape, NULL);                        // 64 MiB arena
+ *     ad_tape_new(&tape, NULL);                        // arena: 64 MiB, grows to 4 GiB
  *     ad_tensor *x = ad_scalar(tape, AD_F64, 3.0);
  *     ad_requires_grad(x, 1);                          // a leaf we differentiate by
  *     ad_tensor *f = ad_add_scalar(tape, ad_scale(tape, ad_mul(tape, x, x), 2.0), 1.0);
@@ -157,9 +157,17 @@ void ad_tensor_fill_uniform(ad_tensor *t, ad_rng *r, double lo, double hi);
 
 typedef struct ad_tape ad_tape;
 
+/* The arena starts with one chunk of arena_mb MiB and grows by further
+ * chunks (each as large as all before it, at least the request) while the
+ * total stays within arena_max_mb; nothing is reserved before it is needed.
+ * Chunks are kept until the tape is freed, so a loop that rewinds to a mark
+ * reserves memory only in its first step. For a fixed arena that fails
+ * with AD_ERR_ARENA instead of growing, set arena_max_mb = arena_mb. */
+#define AD_ARENA_DEFAULT_MB 64       /* first chunk by default */
+#define AD_ARENA_DEFAULT_MAX_MB 4096 /* cap by default: 4 GiB */
 typedef struct {
-  size_t arena_mb;     /* first arena chunk, MiB (default 64) */
-  size_t arena_max_mb; /* total cap; 0 = same as arena_mb (fixed arena) */
+  size_t arena_mb;     /* first arena chunk, MiB (0: AD_ARENA_DEFAULT_MB) */
+  size_t arena_max_mb; /* total cap, MiB (0: AD_ARENA_DEFAULT_MAX_MB, or arena_mb if larger) */
   int no_record;       /* start with recording off */
   int nan_guard;       /* check every op's output for NaN/Inf */
 } ad_tape_opts;

@@ -114,8 +114,9 @@ ad_status ad_tape_new(ad_tape **out, const ad_tape_opts *opts) {
   if (!out) return ad__set_last(AD_ERR_NULL, "ad_tape_new: out is NULL");
   *out = NULL;
   ad_tape_opts o = opts ? *opts : (ad_tape_opts){0};
-  if (o.arena_mb == 0) o.arena_mb = 64;
-  if (o.arena_max_mb == 0) o.arena_max_mb = o.arena_mb;
+  if (o.arena_mb == 0) o.arena_mb = AD_ARENA_DEFAULT_MB;
+  if (o.arena_max_mb == 0)
+    o.arena_max_mb = o.arena_mb > AD_ARENA_DEFAULT_MAX_MB ? o.arena_mb : AD_ARENA_DEFAULT_MAX_MB;
   if (o.arena_max_mb < o.arena_mb)
     return ad__set_last(AD_ERR_ARG, "ad_tape_new: arena_max_mb (%zu) < arena_mb (%zu)",
                         o.arena_max_mb, o.arena_mb);
@@ -201,29 +202,36 @@ void *ad_arena_alloc(ad_tape *t, size_t bytes) {
   need &= ~(size_t)(AD_ALIGN - 1);
   /* Compared as need > room, never as off + need > cap: that sum may wrap. */
   while (need > t->chunk_cap[t->cur] - t->off) {
-    /* Skip to the next chunk; reserve one if none is left. The tail of the
-     * current chunk counts as used so that marks restore `used` exactly. */
+    /* Move on to the next chunk; reserve one if none is left. The tail of
+     * the current chunk counts as used so that marks restore `used`
+     * exactly. A next chunk that exists (kept from before a rewind) but is
+     * too small is skipped the same way, whole, on the next turn of the
+     * loop: it stays for later requests that fit, and the request goes on
+     * to a larger chunk or a new one. */
     size_t tail = t->chunk_cap[t->cur] - t->off;
-    if (t->cur + 1 < t->n_chunks && t->chunk_cap[t->cur + 1] >= need) {
+    if (t->cur + 1 < t->n_chunks) {
       t->used += tail;
       t->cur++;
       t->off = 0;
       continue;
     }
-    size_t cap = t->first_mb << 20;
-    if (cap < need) cap = need;
+    /* A new chunk at the end: at least the request and the first chunk's
+     * size, and as large as everything reserved so far (capacity doubles,
+     * so a long unroll needs few chunks), within the cap. */
     size_t left = t->cap_max - t->capacity;
-    if (t->cur + 1 < t->n_chunks || t->n_chunks == AD_MAX_CHUNKS || cap > left) {
-      size_t here = t->chunk_cap[t->cur] - t->off;
+    size_t cap = t->capacity > need ? t->capacity : need;
+    if (cap < (t->first_mb << 20)) cap = t->first_mb << 20;
+    if (cap > left) cap = left; /* multiples of AD_ALIGN: need, cap_max, capacity */
+    if (cap < need || t->n_chunks == AD_MAX_CHUNKS) {
       ad__fail(t, AD_ERR_ARENA,
                "arena exhausted: asked for %zu bytes, %zu left in this chunk and %zu "
                "more may be reserved (cap %zu MiB; raise ad_tape_opts.arena_max_mb)",
-               bytes, here, left, t->cap_max >> 20);
+               bytes, tail, t->n_chunks == AD_MAX_CHUNKS ? (size_t)0 : left, t->cap_max >> 20);
       return NULL;
     }
     char *c = aligned_alloc(AD_ALIGN, cap);
     if (!c) {
-      ad__fail(t, AD_ERR_NOMEM, "arena: malloc of %zu bytes failed", cap);
+      ad__fail(t, AD_ERR_NOMEM, "ad_arena_alloc: malloc of a %zu-byte arena chunk failed", cap);
       return NULL;
     }
     POISON(c, cap);

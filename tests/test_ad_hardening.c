@@ -317,6 +317,73 @@ START_TEST(test_use_after_rewind) {
 }
 END_TEST
 
+/* ------------------------------------------------------------------ 3. arena growth */
+
+/* arena_mb = 1, arena_max_mb = 64: mark, 512 KiB and 800 KiB (the second
+ * reserves a 1 MiB chunk), rewind, then 512 KiB and 2 MiB. The kept 1 MiB
+ * chunk was too small for 2 MiB and the arena refused to grow ("arena
+ * exhausted") although a fresh tape does the same sequence. Now it grows,
+ * every byte handed out is writable, and repeating the cycle reserves
+ * nothing more. */
+START_TEST(test_grow_after_rewind) {
+  const size_t K = 1024;
+  for (int fresh = 0; fresh < 2; fresh++) {
+    ad_tape *t = new_tape(1, 64);
+    ad_marker m = ad_mark(t);
+    if (!fresh) {
+      ck_assert_ptr_nonnull(ad_arena_alloc(t, 512 * K));
+      ck_assert_ptr_nonnull(ad_arena_alloc(t, 800 * K));
+      ad_rewind(t, m);
+    }
+    ad_arena_stats s1, s2;
+    for (int rep = 0; rep < 5; rep++) {
+      unsigned char *a = ad_arena_alloc(t, 512 * K), *b = ad_arena_alloc(t, 2048 * K);
+      ck_assert_msg(a && b, "fresh=%d rep=%d: %s", fresh, rep, ad_tape_errmsg(t));
+      memset(a, 1, 512 * K);
+      memset(b, 2, 2048 * K);
+      ck_assert_int_eq(a[512 * K - 1] + b[0], 3);
+      if (rep == 0) ad_arena_stats_get(t, &s1);
+      ad_rewind(t, m);
+    }
+    ad_arena_stats_get(t, &s2);
+    ck_assert_int_eq(ad_tape_status(t), AD_OK);
+    ck_assert_uint_eq(s2.n_grows, s1.n_grows); /* only the first cycle reserved */
+    ck_assert_uint_eq(s2.capacity, s1.capacity);
+    ck_assert_uint_le(s2.capacity, (size_t)64 << 20);
+    ck_assert_uint_eq(s2.used, 0);
+    ad_tape_free(t);
+  }
+}
+END_TEST
+
+/* The default tape (opts NULL) starts at 64 MiB and grows up to 4 GiB: a
+ * 100 MiB request succeeds (it stopped at 64 MiB before), one past the cap
+ * fails with AD_ERR_ARENA naming the cap; arena_max_mb = arena_mb still
+ * gives a fixed arena. */
+START_TEST(test_default_tape_grows) {
+  ad_tape *t = NULL;
+  ck_assert_int_eq(ad_tape_new(&t, NULL), AD_OK);
+  ad_arena_stats s;
+  ad_arena_stats_get(t, &s);
+  ck_assert_uint_eq(s.capacity, (size_t)AD_ARENA_DEFAULT_MB << 20);
+  ck_assert_uint_eq(AD_ARENA_DEFAULT_MB, 64);
+  ck_assert_uint_ge(AD_ARENA_DEFAULT_MAX_MB, 1024);
+  ck_assert_ptr_nonnull(ad_arena_alloc(t, (size_t)100 << 20));
+  ad_arena_stats_get(t, &s);
+  ck_assert_uint_gt(s.capacity, (size_t)100 << 20);
+  ck_assert_ptr_null(ad_arena_alloc(t, (size_t)AD_ARENA_DEFAULT_MAX_MB << 20));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARENA);
+  ck_msg_has(t, "cap 4096 MiB");
+  ad_tape_free(t);
+  t = new_tape(2, 2);
+  ck_assert_ptr_null(ad_arena_alloc(t, (size_t)3 << 20));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARENA);
+  ad_arena_stats_get(t, &s);
+  ck_assert_uint_eq(s.n_chunks, 1);
+  ad_tape_free(t);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("ad_hardening");
   TCase *tc = tcase_create("overflow");
@@ -329,6 +396,10 @@ int main(void) {
   tc = tcase_create("tapes");
   tcase_add_test(tc, test_foreign_tape);
   tcase_add_test(tc, test_use_after_rewind);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("arena");
+  tcase_add_test(tc, test_grow_after_rewind);
+  tcase_add_test(tc, test_default_tape_grows);
   suite_add_tcase(s, tc);
   return gc_run_suite(s);
 }

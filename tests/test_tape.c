@@ -192,7 +192,8 @@ END_TEST
 
 /* Bad input: each returns NULL/an error with a message naming the problem. */
 START_TEST(test_bad_input) {
-  ad_tape *t = new_tape(1);
+  ad_tape *t = NULL; /* a fixed 1 MiB arena, to see it exhausted below */
+  ck_assert_int_eq(ad_tape_new(&t, &(ad_tape_opts){.arena_mb = 1, .arena_max_mb = 1}), AD_OK);
   ad_tensor *a = ad_zeros(t, AD_F64, 2, S(3, 4)), *b = ad_zeros(t, AD_F64, 2, S(5, 4));
   ad_tensor *c = ad_zeros(t, AD_F32, 2, S(3, 4));
   /* wrong shapes: the message names the op and both shapes */
