@@ -289,6 +289,7 @@ ad_tensor *ad_log_softmax(ad_tape *t, ad_tensor *x, int axis);
 /* Losses. labels: N integers in [0, C), copied into the arena. */
 ad_tensor *ad_nll(ad_tape *t, ad_tensor *logp, const int32_t *labels, int64_t n);
 ad_tensor *ad_cross_entropy(ad_tape *t, ad_tensor *logits, const int32_t *labels, int64_t n);
+/* a and b of the same shape ([3, 4] against [4, 3] is AD_ERR_SHAPE). */
 ad_tensor *ad_mse(ad_tape *t, ad_tensor *a, ad_tensor *b); /* mean((a-b)^2) */
 ad_tensor *ad_dot(ad_tape *t, ad_tensor *a, ad_tensor *b); /* sum(a*b), scalar */
 
@@ -307,18 +308,27 @@ enum {
 };
 
 /* Functional reverse mode: grads_out[i] = sum_j seeds[j]^T d outputs[j] / d inputs[i].
- * seeds may be NULL (ones). An input the outputs do not depend on gets zeros
- * (or AD_ERR_GRAD with AD_GRAD_STRICT). Gradients are arena tensors; with
- * AD_GRAD_RECORD they carry history and can be differentiated again. */
+ * seeds may be NULL (ones); a seed has its output's size and dtype. An input
+ * the outputs do not depend on gets zeros (or AD_ERR_GRAD with
+ * AD_GRAD_STRICT). Gradients are arena tensors; with AD_GRAD_RECORD they
+ * carry history and can be differentiated again.
+ * AD_ERR_GRAD, never a silent zero: an input that needs no gradient (a
+ * constant: call ad_requires_grad before recording; or an op's result that
+ * was not recorded), and an output computed with recording off from tensors
+ * that need a gradient (including a gradient taken without AD_GRAD_RECORD
+ * and differentiated again). All tensors given must belong to t or live on
+ * the heap (AD_ERR_ARG otherwise), as for every op. */
 ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *const *seeds,
                   int n_in, ad_tensor *const *inputs, ad_tensor **grads_out, unsigned flags);
 
 /* Accumulating reverse mode: adds d loss / d leaf into leaf->grad (a heap
  * tensor made on first use) for every leaf with ad_requires_grad set that
- * the loss depends on. seed may be NULL (1). */
+ * the loss depends on. seed may be NULL (1) only when loss has one element;
+ * otherwise pass a seed of its size (AD_ERR_SHAPE without). */
 ad_status ad_backward(ad_tape *t, ad_tensor *loss, ad_tensor *seed);
 
-/* Hessian-vector product: hv[i] = sum_j d^2 f / dw_i dw_j v[j]. f scalar. */
+/* Hessian-vector product: hv[i] = sum_j d^2 f / dw_i dw_j v[j]. f has one
+ * element and v[i] the shape of w[i] (AD_ERR_SHAPE otherwise). */
 ad_status ad_hvp(ad_tape *t, ad_tensor *f, int n, ad_tensor *const *w, ad_tensor *const *v,
                  ad_tensor **hv_out, unsigned flags);
 

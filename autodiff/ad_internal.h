@@ -57,6 +57,12 @@ enum {
   AD_FLAG_OWNS = 1u << 1,  /* heap tensor that owns its data */
   AD_FLAG_ARENA = 1u << 2, /* lives in a tape arena */
   AD_FLAG_HEAP = 1u << 3,  /* struct itself malloc'd */
+  AD_FLAG_OP = 1u << 4,    /* made by an op (ad__alloc/ad__like/ad__view), not a constructor */
+  /* Computed, with no node, from tensors that needed a gradient: recording
+   * was off. Set by ad__record and passed on by unrecorded ops, so ad_grad
+   * can tell such an output (whose zero gradient would be a lie) from a
+   * genuine constant (a gradient of a linear function, say). */
+  AD_FLAG_UNREC = 1u << 5,
 };
 
 /* ---- errors */
@@ -101,7 +107,9 @@ ad_tensor *ad__like(ad_tape *t, const ad_tensor *x); /* uninitialised, same shap
 /* ---- recording */
 /* Appends a node when recording is on and an input needs a gradient; the
  * output then needs one too. Returns the node (to fill attributes) or NULL
- * when nothing was recorded. */
+ * when nothing was recorded (then out is marked AD_FLAG_UNREC if it was
+ * computed from tensors needing a gradient with recording off, or from
+ * such marked tensors). Call it for every op output, recording or not. */
 ad_node *ad__record(ad_tape *t, const ad_op_def *op, ad_tensor *out, int n_in,
                     ad_tensor *const *in);
 /* Runs the NaN/Inf guard on an op's output if enabled; returns out or NULL. */

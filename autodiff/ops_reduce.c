@@ -277,9 +277,9 @@ static const ad_op_def OP_DOT = {"dot", vjp_dot, NULL};
 ad_tensor *ad_dot(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   ad_tensor *in[2] = {a, b};
   if (!ad__check(t, "ad_dot", 2, in)) return NULL;
-  if (a->size != b->size) {
+  if (!ad_same_shape(a, b)) { /* same size but another shape pairs the wrong elements */
     char sa[96], sb[96];
-    return ad__fail(t, AD_ERR_SHAPE, "ad_dot: %s and %s differ in size",
+    return ad__fail(t, AD_ERR_SHAPE, "ad_dot: shapes %s and %s differ",
                     ad_shape_str(a, sa, sizeof sa), ad_shape_str(b, sb, sizeof sb));
   }
   ad_tensor *out = ad__alloc(t, a->dtype, 0, NULL, 0);

@@ -355,10 +355,17 @@ int ad__usable(ad_tape *t, const char *op, const char *what, int i, const ad_ten
 
 ad_node *ad__record(ad_tape *t, const ad_op_def *op, ad_tensor *out, int n_in,
                     ad_tensor *const *in) {
-  if (!t->record || !out) return NULL;
+  if (!out) return NULL;
   int any = 0;
-  for (int i = 0; i < n_in; i++) any |= ad_needs_grad(in[i]);
-  if (!any) return NULL;
+  unsigned taint = 0;
+  for (int i = 0; i < n_in; i++) {
+    any |= ad_needs_grad(in[i]);
+    taint |= in[i]->flags & AD_FLAG_UNREC;
+  }
+  if (!t->record || !any) {
+    if ((any && !t->record) || taint) out->flags |= AD_FLAG_UNREC;
+    return NULL;
+  }
   ad_node *n = ad_arena_alloc(t, sizeof *n);
   if (!n) return NULL;
   memset(n, 0, sizeof *n);

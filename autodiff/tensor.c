@@ -219,7 +219,9 @@ static ad_tensor *arena_tensor(ad_tape *t, const char *who, ad_dtype dt, int ndi
 }
 
 ad_tensor *ad__alloc(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, int zero) {
-  return arena_tensor(t, "tensor", dt, ndim, shape, zero);
+  ad_tensor *x = arena_tensor(t, "tensor", dt, ndim, shape, zero);
+  if (x) x->flags |= AD_FLAG_OP;
+  return x;
 }
 
 ad_tensor *ad__view(ad_tape *t, const ad_tensor *x, int ndim, const int64_t *shape) {
@@ -228,7 +230,7 @@ ad_tensor *ad__view(ad_tape *t, const ad_tensor *x, int ndim, const int64_t *sha
   memset(v, 0, sizeof *v);
   set_shape(v, x->dtype, ndim, shape, ad__numel(ndim, shape));
   v->data = x->data;
-  v->flags = AD_FLAG_ARENA;
+  v->flags = AD_FLAG_ARENA | AD_FLAG_OP;
   v->tape_id = ad__tape_id(t);
   return v;
 }
@@ -305,12 +307,16 @@ ad_tensor *ad_detach(ad_tape *t, const ad_tensor *x) {
    * without history shares their data safely and costs nothing. A heap
    * tensor (a parameter) may be updated in place later: copy it, so the
    * detached value is the value now. */
+  ad_tensor *c;
   if (x->flags & AD_FLAG_HEAP) {
-    ad_tensor *c = ad__alloc(t, x->dtype, x->ndim, x->shape, 0);
+    c = ad__alloc(t, x->dtype, x->ndim, x->shape, 0);
     if (c) memcpy(c->data, x->data, (size_t)x->size * ad_dtype_size(x->dtype));
-    return c;
+  } else {
+    c = ad__view(t, x, x->ndim, x->shape);
   }
-  return ad__view(t, x, x->ndim, x->shape);
+  /* A detached value is a new constant: a leaf one may ad_requires_grad. */
+  if (c) c->flags &= ~AD_FLAG_OP;
+  return c;
 }
 
 /* ---- checks */

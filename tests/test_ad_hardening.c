@@ -384,6 +384,142 @@ START_TEST(test_default_tape_grows) {
 }
 END_TEST
 
+/* ------------------------------------------------------------------ 6. silent zeros */
+
+/* f = sum(x^3) at x = 0.5 computed with recording off: ad_grad returned
+ * AD_OK and 0 (the answer is 3x^2 = 0.75). Now AD_ERR_GRAD saying the
+ * output was not recorded, from ad_grad, ad_backward, ad_hvp and ad_jvp.
+ * The same for differentiating a gradient taken without AD_GRAD_RECORD
+ * (6x = 3 with it). A genuine constant is still a zero: the gradient of a
+ * linear f is constant, so its derivative and the HVP of f are 0, AD_OK. */
+START_TEST(test_unrecorded_output) {
+  ad_tape *t = new_tape(1, 1);
+  ad_tensor *x = ad_full(t, AD_F64, 1, S(1), 0.5), *g = NULL, *h = NULL;
+  ad_requires_grad(x, 1);
+  int prev = ad_set_recording(t, 0);
+  ad_tensor *f = ad_sum(t, ad_pow_scalar(t, x, 3));
+  ad_set_recording(t, prev);
+  ck_assert_double_eq(ad_item(f), 0.125);
+  ck_assert_int_eq(ad_grad(t, 1, &f, NULL, 1, &x, &g, 0), AD_ERR_GRAD);
+  ck_msg_has(t, "ad_grad: output 0 ([] f64) was not recorded");
+  ck_assert_ptr_null(g);
+  ad_tape_clear_error(t);
+  ck_assert_int_eq(ad_backward(t, f, NULL), AD_ERR_GRAD);
+  ck_msg_has(t, "ad_backward: loss ([] f64) was not recorded");
+  ad_tape_clear_error(t);
+  ck_assert_int_eq(ad_hvp(t, f, 1, &x, &x, &h, 0), AD_ERR_GRAD);
+  ck_msg_has(t, "not recorded");
+  ad_tape_clear_error(t);
+  ck_assert_int_eq(ad_jvp(t, 1, &x, &x, 1, &f, &h, 0), AD_ERR_GRAD);
+  ck_msg_has(t, "not recorded");
+  ad_tape_clear_error(t);
+
+  /* recorded: 3x^2; its gradient without AD_GRAD_RECORD is not differentiable */
+  f = ad_sum(t, ad_pow_scalar(t, x, 3));
+  ck_assert_int_eq(ad_grad(t, 1, &f, NULL, 1, &x, &g, 0), AD_OK);
+  ck_assert_double_eq_tol(ad_item(g), 0.75, 1e-15);
+  ad_tensor *sg = ad_sum(t, g);
+  ck_assert_int_eq(ad_grad(t, 1, &sg, NULL, 1, &x, &h, 0), AD_ERR_GRAD);
+  ck_msg_has(t, "AD_GRAD_RECORD");
+  ad_tape_clear_error(t);
+  ck_assert_int_eq(ad_grad(t, 1, &f, NULL, 1, &x, &g, AD_GRAD_RECORD), AD_OK);
+  sg = ad_sum(t, g);
+  ck_assert_int_eq(ad_grad(t, 1, &sg, NULL, 1, &x, &h, 0), AD_OK);
+  ck_assert_double_eq_tol(ad_item(h), 3.0, 1e-15);
+
+  /* linear f = sum(2x): grad 2 is a true constant; its derivative is 0 */
+  ad_tensor *lin = ad_sum(t, ad_scale(t, x, 2.0));
+  ck_assert_int_eq(ad_grad(t, 1, &lin, NULL, 1, &x, &g, AD_GRAD_RECORD), AD_OK);
+  ck_assert_double_eq(ad_item(g), 2.0);
+  sg = ad_sum(t, g);
+  ck_assert_int_eq(ad_grad(t, 1, &sg, NULL, 1, &x, &h, 0), AD_OK);
+  ck_assert_double_eq(ad_item(h), 0.0);
+  ad_tensor *v = ad_full(t, AD_F64, 1, S(1), 1.5);
+  ck_assert_int_eq(ad_hvp(t, lin, 1, &x, &v, &h, 0), AD_OK);
+  ck_assert_double_eq(ad_item(h), 0.0);
+  ad_tape_free(t);
+}
+END_TEST
+
+/* An input that is an op's result computed with recording off: the message
+ * says it was not recorded and does not send the user to ad_requires_grad
+ * (which would only turn it into a disconnected leaf); a plain constant
+ * still gets that advice. */
+START_TEST(test_unrecorded_input) {
+  ad_tape *t = new_tape(1, 1);
+  ad_tensor *x = ad_full(t, AD_F64, 1, S(3), 0.5), *g = NULL;
+  ad_requires_grad(x, 1);
+  int prev = ad_set_recording(t, 0);
+  ad_tensor *h = ad_exp(t, x);
+  ad_set_recording(t, prev);
+  ad_tensor *f = ad_sum(t, ad_mul(t, ad_mul(t, h, h), x));
+  ck_assert_int_eq(ad_grad(t, 1, &f, NULL, 1, &h, &g, 0), AD_ERR_GRAD);
+  ck_msg_has(t, "ad_grad: input 0 ([3] f64) was made by an op that was not recorded");
+  ck_assert_msg(strstr(ad_tape_errmsg(t), "ad_requires_grad") == NULL, "'%s'", ad_tape_errmsg(t));
+  ad_tape_clear_error(t);
+  ad_tensor *c = ad_full(t, AD_F64, 1, S(3), 1.0);
+  ad_tensor *f2 = ad_sum(t, ad_mul(t, c, x));
+  ck_assert_int_eq(ad_grad(t, 1, &f2, NULL, 1, &c, &g, 0), AD_ERR_GRAD);
+  ck_msg_has(t, "ad_requires_grad");
+  ad_tape_clear_error(t);
+  /* d/dx of sum(h^2 x) with h a constant: h^2 = e^1 */
+  ck_assert_int_eq(ad_grad(t, 1, &f, NULL, 1, &x, &g, 0), AD_OK);
+  ck_assert_double_eq_tol(ad_get(g, 1), exp(1.0), 1e-15);
+  ad_tape_free(t);
+}
+END_TEST
+
+/* ad_backward of a [3] loss without a seed used a ones seed and ad_hvp of a
+ * non-scalar f summed it; ad_mse and ad_dot of [3, 4] against [4, 3]
+ * silently reshaped, as did ad_hvp's vector. All AD_ERR_SHAPE now; with a
+ * seed, ad_backward of y = x^2 gives 2 x seed = (1, 4, 9)... for x = (0.5,
+ * 1, 1.5), seed (1, 2, 3). Same shapes: mse of a - b = 0.5 everywhere is
+ * 0.25, dot of ones is 12. */
+START_TEST(test_no_silent_reshape) {
+  ad_tape *t = new_tape(1, 1);
+  ad_tensor *x = NULL;
+  ck_assert_int_eq(ad_tensor_from(&x, AD_F64, 1, S(3), (double[]){0.5, 1, 1.5}), AD_OK);
+  ad_requires_grad(x, 1);
+  ad_tensor *y = ad_mul(t, x, x), *hv = NULL;
+  ck_assert_int_eq(ad_backward(t, y, NULL), AD_ERR_SHAPE);
+  ck_msg_has(t, "ad_backward: loss is [3] f64, not a scalar");
+  ck_assert_ptr_null(x->grad);
+  ad_tape_clear_error(t);
+  ck_assert_int_eq(ad_hvp(t, y, 1, &x, &x, &hv, 0), AD_ERR_SHAPE);
+  ck_msg_has(t, "ad_hvp: f must be a scalar, got [3] f64");
+  ad_tape_clear_error(t);
+  ad_tensor *seed = ad_const(t, AD_F64, 1, S(3), (double[]){1, 2, 3});
+  ck_assert_int_eq(ad_backward(t, y, seed), AD_OK);
+  ck_assert_double_eq(ad_get(x->grad, 0), 1.0);
+  ck_assert_double_eq(ad_get(x->grad, 1), 4.0);
+  ck_assert_double_eq(ad_get(x->grad, 2), 9.0);
+
+  ad_tensor *a = ad_full(t, AD_F64, 2, S(3, 4), 1.5), *b = ad_full(t, AD_F64, 2, S(4, 3), 1.0);
+  ck_assert_ptr_null(ad_mse(t, a, b));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ck_msg_has(t, "ad_mse: shapes [3, 4] f64 and [4, 3] f64 differ");
+  ad_tape_clear_error(t);
+  ck_assert_ptr_null(ad_dot(t, a, b));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ck_msg_has(t, "ad_dot: shapes [3, 4] f64 and [4, 3] f64 differ");
+  ad_tape_clear_error(t);
+  ad_tensor *b2 = ad_full(t, AD_F64, 2, S(3, 4), 1.0);
+  ck_assert_double_eq(ad_item(ad_mse(t, a, b2)), 0.25);
+  ck_assert_double_eq(ad_item(ad_dot(t, b2, b2)), 12.0);
+
+  ad_tensor *w = ad_full(t, AD_F64, 2, S(3, 4), 0.5);
+  ad_requires_grad(w, 1);
+  ad_tensor *f = ad_sum(t, ad_mul(t, ad_mul(t, w, w), w));
+  ck_assert_int_eq(ad_hvp(t, f, 1, &w, &b, &hv, 0), AD_ERR_SHAPE);
+  ck_msg_has(t, "ad_hvp: vector 0 is [4, 3] f64 but its partner is [3, 4] f64");
+  ad_tape_clear_error(t);
+  ck_assert_int_eq(ad_hvp(t, f, 1, &w, &b2, &hv, 0), AD_OK); /* H v = 6 w v = 3 */
+  ck_assert_double_eq_tol(ad_get(hv, 7), 3.0, 1e-15);
+  ad_tensor_free(x);
+  ad_tape_free(t);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("ad_hardening");
   TCase *tc = tcase_create("overflow");
@@ -400,6 +536,11 @@ int main(void) {
   tc = tcase_create("arena");
   tcase_add_test(tc, test_grow_after_rewind);
   tcase_add_test(tc, test_default_tape_grows);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("silent");
+  tcase_add_test(tc, test_unrecorded_output);
+  tcase_add_test(tc, test_unrecorded_input);
+  tcase_add_test(tc, test_no_silent_reshape);
   suite_add_tcase(s, tc);
   return gc_run_suite(s);
 }
