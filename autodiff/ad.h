@@ -33,9 +33,16 @@
  *
  * Errors stick to the tape (like sqlite3_errmsg): an op given a NULL input or
  * bad shapes returns NULL and records the first error; check
- * ad_tape_status() once after a block of ops. Constructors return a status
- * and set their OUT pointer to NULL on failure; destructors accept NULL.
- * Nothing here aborts or exits on bad input.
+ * ad_tape_status() once after a block of ops. While an error is in force,
+ * later errors are dropped (the first is the cause) and ad_grad & co. return
+ * it at once. It stops being in force on ad_tape_clear_error, or when the
+ * tape is rewound to a mark taken before the error (ad_rewind,
+ * ad_tape_reset): what the error concerned is gone with the rewind, so a
+ * loop that rewinds each step recovers by itself. Its message stays
+ * readable (ad_tape_errmsg) until the next error or ad_tape_clear_error, so
+ * a call that failed and rewound on its way out can still say why.
+ * Constructors return a status and set their OUT pointer to NULL on failure;
+ * destructors accept NULL. Nothing here aborts or exits on bad input.
  */
 #ifndef HYPERTAPE_AD_H
 #define HYPERTAPE_AD_H
@@ -68,8 +75,11 @@ typedef enum {
 /* Short name of a status ("shape mismatch", ...). Never NULL. */
 const char *ad_status_str(ad_status s);
 
-/* Message of the last error raised on this thread by a call that has no
- * tape to hold it (ad_tensor_new, a NULL tape, ...). "" if none. */
+/* Message of the last failing call on this thread that has no tape to hold
+ * its error: heap tensor constructors, ad_tape_new, ad_copy_values,
+ * ad_tape_print/ad_tape_dot, and any op or transform given a NULL tape
+ * (nn_ calls without a tape report here too). Each of these sets it to ""
+ * when it succeeds. Errors raised on a tape are read with ad_tape_errmsg. */
 const char *ad_last_error(void);
 
 /* ------------------------------------------------------------------ tensors */
@@ -176,7 +186,10 @@ typedef struct {
 ad_status ad_tape_new(ad_tape **out, const ad_tape_opts *opts);
 void ad_tape_free(ad_tape *t); /* accepts NULL */
 
-/* First error recorded on the tape, and its message ("" when ok). */
+/* The error in force on the tape (AD_OK when none; see the top of this
+ * file for when it clears), and the message of the tape's last error: the
+ * one in force, or the one a rewind retired ("" if none since creation or
+ * ad_tape_clear_error). clear_error drops both. */
 ad_status ad_tape_status(const ad_tape *t);
 const char *ad_tape_errmsg(const ad_tape *t);
 void ad_tape_clear_error(ad_tape *t);
@@ -188,10 +201,15 @@ int ad_is_recording(const ad_tape *t);
 int ad_set_nan_guard(ad_tape *t, int on);
 
 /* Arena marks. Everything allocated or recorded after the mark is freed by
- * ad_rewind; tensors made after the mark must not be used afterwards. */
+ * ad_rewind; tensors made after the mark must not be used afterwards (an op
+ * given one fails with AD_ERR_ARG while its memory is unused; once reused,
+ * it may not be caught). Rewinding to a mark taken before the tape's error
+ * clears the error (see the top). A marker not made by ad_mark on this tape,
+ * or past the tape's current point, is ignored. */
 typedef struct {
   size_t chunk, offset, used, n_nodes;
   struct ad_node *last;
+  size_t seq; /* order of the mark on its tape (1, 2, ...) */
 } ad_marker;
 ad_marker ad_mark(ad_tape *t);
 void ad_rewind(ad_tape *t, ad_marker m);

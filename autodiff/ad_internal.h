@@ -74,6 +74,9 @@ ad_tensor *ad__fail(ad_tape *t, ad_status s, const char *fmt, ...)
 ad_status ad__set_last(ad_status s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Status of that last error (AD_OK if none). */
 ad_status ad__last_status(void);
+/* Clears it: every call that reports through ad_last_error() calls this
+ * when it succeeds (as ds_ calls do for ds_errmsg). */
+void ad__clear_last(void);
 
 /* Whether x may be used on t: a heap tensor, or a live tensor of t's arena.
  * A tensor of another tape's arena, or one freed by ad_rewind (it lies in

@@ -39,6 +39,9 @@ struct ad_tape {
   ad_node **nbuf[2]; /* scratch for ad_grad's graph walk */
   size_t nbuf_cap[2];
   size_t id; /* names the tape in messages; arena tensors carry it */
+  /* Marks handed out so far, and how many had been when the error in force
+   * was raised: rewinding to a mark with seq <= err_marks clears it. */
+  size_t n_marks, err_marks;
 };
 
 /* Tape ids are never reused within a process, so a tensor of a freed tape
@@ -101,13 +104,20 @@ ad_tensor *ad__fail(ad_tape *t, ad_status s, const char *fmt, ...) {
   va_start(ap, fmt);
   vsnprintf(buf, sizeof buf, fmt, ap);
   va_end(ap);
-  memcpy(last_msg, buf, sizeof buf);
-  last_status = s;
-  if (t && t->status == AD_OK) { /* keep the first: it is the cause */
+  if (!t) { /* no tape to hold it: the thread's last error */
+    memcpy(last_msg, buf, sizeof buf);
+    last_status = s;
+  } else if (t->status == AD_OK) { /* keep the first: it is the cause */
     t->status = s;
+    t->err_marks = t->n_marks; /* marks taken so far predate it */
     memcpy(t->msg, buf, sizeof t->msg);
   }
   return NULL;
+}
+
+void ad__clear_last(void) {
+  last_status = AD_OK;
+  last_msg[0] = 0;
 }
 
 ad_status ad_tape_new(ad_tape **out, const ad_tape_opts *opts) {
@@ -144,6 +154,7 @@ ad_status ad_tape_new(ad_tape **out, const ad_tape_opts *opts) {
   t->nan_guard = o.nan_guard;
   t->id = atomic_fetch_add(&tape_ids, 1) + 1;
   *out = t;
+  ad__clear_last();
   return AD_OK;
 }
 
@@ -260,6 +271,7 @@ ad_marker ad_mark(ad_tape *t) {
   m.used = t->used;
   m.n_nodes = t->n_nodes;
   m.last = t->last;
+  m.seq = ++t->n_marks;
   return m;
 }
 
@@ -280,6 +292,11 @@ void ad_rewind(ad_tape *t, ad_marker m) {
     t->last->next = NULL;
   else
     t->first = NULL;
+  /* The error in force was raised after this mark: what it concerned is
+   * gone, so it no longer blocks the tape. Its message stays readable until
+   * the next error or ad_tape_clear_error, for a caller whose failed call
+   * rewound on its way out. */
+  if (t->status != AD_OK && m.seq <= t->err_marks) t->status = AD_OK;
 }
 
 void ad_tape_reset(ad_tape *t) {

@@ -87,6 +87,7 @@ static ad_status heap_new(ad_tensor **out, ad_dtype dt, int ndim, const int64_t 
     if (src) memcpy(x->data, src, (size_t)n * ad_dtype_size(dt));
   }
   *out = x;
+  ad__clear_last();
   return AD_OK;
 }
 
@@ -161,6 +162,7 @@ ad_status ad_copy_values(ad_tensor *dst, const ad_tensor *src) {
   } else {
     for (int64_t i = 0; i < src->size; i++) ad_set(dst, i, ad_get(src, i));
   }
+  ad__clear_last();
   return AD_OK;
 }
 

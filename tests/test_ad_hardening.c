@@ -520,6 +520,78 @@ START_TEST(test_no_silent_reshape) {
 }
 END_TEST
 
+/* ------------------------------------------------------------------ 7. when errors clear */
+
+/* An arena error inside a step, then ad_rewind to the step's mark: the
+ * status stayed set and every later call failed with it. Now the rewind to
+ * a mark taken before the error clears it (the message stays readable), and
+ * the next step computes d/dx sum(x^2) = 2x = 3 at x = 1.5; rewinding to a
+ * mark taken after the error does not clear it; ad_tape_reset does. */
+START_TEST(test_error_clears_on_rewind) {
+  ad_tape *t = new_tape(1, 1);
+  ad_tensor *x = ad_full(t, AD_F64, 1, S(4), 1.5), *g = NULL;
+  ad_requires_grad(x, 1);
+  ad_marker m = ad_mark(t);
+  ck_assert_ptr_null(ad_zeros(t, AD_F64, 2, S(512, 512))); /* 2 MiB */
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARENA);
+  ad_tensor *f = ad_sum(t, ad_mul(t, x, x));
+  ck_assert_int_eq(ad_grad(t, 1, &f, NULL, 1, &x, &g, 0), AD_ERR_ARENA); /* in force */
+  ad_marker after = ad_mark(t);
+  ad_rewind(t, after);
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARENA); /* a later mark: still in force */
+  ad_rewind(t, m);
+  ck_assert_int_eq(ad_tape_status(t), AD_OK);
+  ck_msg_has(t, "arena exhausted"); /* why the step failed is still readable */
+  f = ad_sum(t, ad_mul(t, x, x));
+  ck_assert_int_eq(ad_grad(t, 1, &f, NULL, 1, &x, &g, 0), AD_OK);
+  ck_assert_double_eq(ad_get(g, 3), 3.0);
+  /* a new error replaces the retired message */
+  ck_assert_ptr_null(ad_exp(t, NULL));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_NULL);
+  ck_msg_has(t, "ad_exp: input 0 is NULL");
+  ad_tape_reset(t); /* a rewind to the very start */
+  ck_assert_int_eq(ad_tape_status(t), AD_OK);
+  ad_tape_clear_error(t);
+  ck_assert_str_eq(ad_tape_errmsg(t), "");
+  ad_tape_free(t);
+}
+END_TEST
+
+/* ad_last_error() is the last failing tapeless call's message and "" after
+ * a tapeless call that succeeds (it used to keep the old message, and to
+ * pick up errors raised on tapes). */
+START_TEST(test_last_error_clears) {
+  ad_tensor *h = NULL, *h2 = NULL;
+  ck_assert_int_eq(ad_tensor_new(&h, AD_F64, 1, S(-1)), AD_ERR_SHAPE);
+  ck_last_has("ad_tensor_new");
+  ck_assert_int_eq(ad_tensor_new(&h, AD_F64, 1, S(2)), AD_OK);
+  ck_assert_str_eq(ad_last_error(), "");
+  ck_assert_int_eq(ad_tensor_new(&h2, AD_F64, 1, S(3)), AD_OK);
+  ck_assert_int_eq(ad_copy_values(h, h2), AD_ERR_SHAPE);
+  ck_last_has("ad_copy_values");
+  ck_assert_int_eq(ad_copy_values(h2, h2), AD_OK);
+  ck_assert_str_eq(ad_last_error(), "");
+  ad_tape *t = NULL;
+  ck_assert_int_eq(ad_tape_new(&t, &(ad_tape_opts){.arena_mb = 4, .arena_max_mb = 2}), AD_ERR_ARG);
+  ck_last_has("ad_tape_new");
+  ck_assert_int_eq(ad_tape_new(&t, &(ad_tape_opts){.arena_mb = 1}), AD_OK);
+  ck_assert_str_eq(ad_last_error(), "");
+  ck_assert_ptr_null(ad_add(t, h, h2)); /* on a tape: reported there only */
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_SHAPE);
+  ck_assert_str_eq(ad_last_error(), "");
+  ck_assert_ptr_null(ad_add(NULL, h, h2));
+  ck_last_has("ad_add: tape is NULL");
+  FILE *devnull = fopen("/dev/null", "w");
+  ck_assert_ptr_nonnull(devnull);
+  ck_assert_int_eq(ad_tape_print(t, devnull), AD_OK);
+  ck_assert_str_eq(ad_last_error(), "");
+  fclose(devnull);
+  ad_tensor_free(h);
+  ad_tensor_free(h2);
+  ad_tape_free(t);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("ad_hardening");
   TCase *tc = tcase_create("overflow");
@@ -541,6 +613,10 @@ int main(void) {
   tcase_add_test(tc, test_unrecorded_output);
   tcase_add_test(tc, test_unrecorded_input);
   tcase_add_test(tc, test_no_silent_reshape);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("errors");
+  tcase_add_test(tc, test_error_clears_on_rewind);
+  tcase_add_test(tc, test_last_error_clears);
   suite_add_tcase(s, tc);
   return gc_run_suite(s);
 }
