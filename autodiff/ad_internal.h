@@ -115,8 +115,30 @@ ad_tensor *ad__like(ad_tape *t, const ad_tensor *x); /* uninitialised, same shap
  * such marked tensors). Call it for every op output, recording or not. */
 ad_node *ad__record(ad_tape *t, const ad_op_def *op, ad_tensor *out, int n_in,
                     ad_tensor *const *in);
-/* Runs the NaN/Inf guard on an op's output if enabled; returns out or NULL. */
+/* Runs the NaN/Inf guard on an op's output if enabled; returns out or NULL.
+ * `op` is the public function ("ad_div"): the message gives it, the first
+ * bad element, the input shapes and the tape node, which is taken off the
+ * tape (plus the rule and scope context, as every message). */
 ad_tensor *ad__done(ad_tape *t, ad_tensor *out, const char *op);
+
+/* Message context (internal). ad__check calls ad__op_begin with the op and
+ * its inputs, for ad__done. grad.c sets the node whose derivative rule
+ * runs (errors inside get ", in the derivative of sqrt (node 7)");
+ * returns the previous one. */
+void ad__op_begin(ad_tape *t, const char *op, int n, ad_tensor *const *in);
+const ad_node *ad__set_rule(ad_tape *t, const ad_node *n);
+
+/* Error-prefix scopes for composite functions built of ops (nn_layer_norm
+ * and the like): errors raised inside, by the ops it calls, begin with the
+ * scope's name ("nn_layer_norm: ad_sum_axis produced NaN ..."), so the
+ * message names what the user called. push returns a depth for pop:
+ *     int sc = ad__scope_push(t, "nn_layer_norm");
+ *     ... ops ...
+ *     ad__scope_pop(t, sc);
+ * Up to AD_MAX_SCOPES deep (deeper pushes are not shown). t may be NULL. */
+#define AD_MAX_SCOPES 8
+int ad__scope_push(ad_tape *t, const char *name);
+void ad__scope_pop(ad_tape *t, int depth);
 
 int ad__recording(const ad_tape *t);
 ad_node *ad__first_node(const ad_tape *t);

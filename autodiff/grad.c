@@ -110,7 +110,9 @@ static void sweep_backward(ad_tape *t, unsigned gen, ad_node **nodes, ptrdiff_t 
       any |= need[i];
     }
     if (!any) continue;
+    const ad_node *outer = ad__set_rule(t, n);
     n->op->vjp(t, n, out->scratch, gin, need);
+    ad__set_rule(t, outer);
     if (ad_tape_status(t) != AD_OK) return;
     for (int i = 0; i < n->n_in; i++)
       if (need[i] && gin[i]) accumulate(t, n->in[i], gin[i]);

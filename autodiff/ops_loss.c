@@ -63,7 +63,7 @@ ad_tensor *ad_nll(ad_tape *t, ad_tensor *logp, const int32_t *labels, int64_t n)
   for (int64_t i = 0; i < n; i++) s -= ad_get(logp, i * c + labels[i]);
   ad_set(out, 0, s / (double)n);
   if (!ad__record_labelled(t, &OP_NLL, out, logp, labels, n)) return NULL;
-  return ad__done(t, out, "nll");
+  return ad__done(t, out, "ad_nll");
 }
 
 ad_tensor *ad_cross_entropy(ad_tape *t, ad_tensor *logits, const int32_t *labels, int64_t n) {

@@ -62,7 +62,7 @@ ad_tensor *ad_matmul(ad_tape *t, ad_tensor *a, ad_tensor *b, int trans_a, int tr
     n->a.ta = trans_a != 0;
     n->a.tb = trans_b != 0;
   }
-  return ad__done(t, out, "matmul");
+  return ad__done(t, out, "ad_matmul");
 }
 
 /* d(X^T) = (dX)^T */
@@ -136,5 +136,5 @@ ad_tensor *ad_add_rowvec(ad_tape *t, ad_tensor *x, ad_tensor *b) {
       for (int64_t j = 0; j < m; j++) Y[i * m + j] = X[i * m + j] + B[j];
   }
   ad__record(t, &OP_ADD_ROWVEC, out, 2, in);
-  return ad__done(t, out, "add_rowvec");
+  return ad__done(t, out, "ad_add_rowvec");
 }

@@ -42,6 +42,15 @@ struct ad_tape {
   /* Marks handed out so far, and how many had been when the error in force
    * was raised: rewinding to a mark with seq <= err_marks clears it. */
   size_t n_marks, err_marks;
+  /* Context for messages: the op being run (set by ad__check, with its
+   * inputs, alive for the op's duration), the node whose derivative rule is
+   * running, and the scopes of composite functions (nn_layer_norm, ...). */
+  const char *op_name;
+  int op_n;
+  const ad_tensor *op_in[AD_NODE_MAX_INLINE];
+  const ad_node *rule;
+  const char *scope[AD_MAX_SCOPES];
+  int n_scope;
 };
 
 /* Tape ids are never reused within a process, so a tensor of a freed tape
@@ -98,6 +107,23 @@ ad_status ad__set_last(ad_status s, const char *fmt, ...) {
   return s;
 }
 
+/* Writes the context of an error raised on t into out around msg: the
+ * scopes it was raised in ("nn_layer_norm: "), the message, and the rule it
+ * was raised in (", in the derivative of sqrt (node 7)"). */
+static void with_context(const ad_tape *t, const char *msg, char *out, size_t len) {
+  size_t k = 0;
+  for (int i = 0; i < t->n_scope && k < len; i++) {
+    size_t n = strlen(t->scope[i]);
+    if (i == t->n_scope - 1 && strncmp(msg, t->scope[i], n) == 0 && msg[n] == ':')
+      break; /* the scope's own message already names it */
+    k += (size_t)snprintf(out + k, len - k, "%s: ", t->scope[i]);
+  }
+  if (k < len) k += (size_t)snprintf(out + k, len - k, "%s", msg);
+  if (t->rule && k < len)
+    snprintf(out + k, len - k, ", in the derivative of %s (node %zu)", t->rule->op->name,
+             t->rule->id);
+}
+
 ad_tensor *ad__fail(ad_tape *t, ad_status s, const char *fmt, ...) {
   char buf[sizeof last_msg];
   va_list ap;
@@ -110,7 +136,7 @@ ad_tensor *ad__fail(ad_tape *t, ad_status s, const char *fmt, ...) {
   } else if (t->status == AD_OK) { /* keep the first: it is the cause */
     t->status = s;
     t->err_marks = t->n_marks; /* marks taken so far predate it */
-    memcpy(t->msg, buf, sizeof t->msg);
+    with_context(t, buf, t->msg, sizeof t->msg);
   }
   return NULL;
 }
@@ -412,15 +438,62 @@ ad_node *ad__first_node(const ad_tape *t) {
   return t->first;
 }
 
+void ad__op_begin(ad_tape *t, const char *op, int n, ad_tensor *const *in) {
+  t->op_name = op;
+  t->op_n = n < AD_NODE_MAX_INLINE ? n : AD_NODE_MAX_INLINE;
+  for (int i = 0; i < t->op_n; i++) t->op_in[i] = in[i];
+}
+
+const ad_node *ad__set_rule(ad_tape *t, const ad_node *n) {
+  const ad_node *prev = t->rule;
+  t->rule = n;
+  return prev;
+}
+
+int ad__scope_push(ad_tape *t, const char *name) {
+  if (!t) return 0;
+  int depth = t->n_scope;
+  if (depth < AD_MAX_SCOPES) t->scope[t->n_scope++] = name;
+  return depth;
+}
+
+void ad__scope_pop(ad_tape *t, int depth) {
+  if (t && depth >= 0 && depth <= t->n_scope) t->n_scope = depth;
+}
+
 ad_tensor *ad__done(ad_tape *t, ad_tensor *out, const char *op) {
   if (!out || !t->nan_guard) return out;
   for (int64_t i = 0; i < out->size; i++) {
     double v = ad_get(out, i);
-    if (v != v || v - v != 0) {
-      char sh[96];
-      return ad__fail(t, AD_ERR_NUMERIC, "%s produced %s at element %lld of %s", op,
-                      v != v ? "NaN" : "Inf", (long long)i, ad_shape_str(out, sh, sizeof sh));
+    if (v == v && v - v == 0) continue;
+    /* The op's inputs: from its node when recorded, else from what
+     * ad__check saw for this op (if that was this op). */
+    char ins[4 * 100] = "", sh[96], where[64];
+    const ad_node *nd = out->node;
+    int n = nd ? nd->n_in : t->op_name && strcmp(t->op_name, op) == 0 ? t->op_n : 0;
+    size_t k = 0;
+    for (int j = 0; j < n && j < AD_NODE_MAX_INLINE && k < sizeof ins; j++)
+      k += (size_t)snprintf(ins + k, sizeof ins - k, "%s%s", j ? ", " : " from inputs ",
+                            ad_shape_str(nd ? nd->in[j] : t->op_in[j], sh, sizeof sh));
+    if (nd)
+      snprintf(where, sizeof where, " (tape node %zu, removed)", nd->id);
+    else
+      snprintf(where, sizeof where, " (not recorded)");
+    /* The failed node goes: nothing may build on or differentiate it. It
+     * is the last one (recorded just now by this op). */
+    if (nd && nd == t->last) {
+      t->last = nd->prev;
+      if (t->last)
+        t->last->next = NULL;
+      else
+        t->first = NULL;
+      t->n_nodes--;
+      t->next_id--;
+      out->node = NULL;
     }
+    return ad__fail(t, AD_ERR_NUMERIC, "%s produced %s at element %lld of %s%s%s", op,
+                    v != v ? "NaN" : "Inf", (long long)i, ad_shape_str(out, sh, sizeof sh), ins,
+                    where);
   }
   return out;
 }

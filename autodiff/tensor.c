@@ -342,6 +342,7 @@ int ad__check(ad_tape *t, const char *op, int n, ad_tensor *const *xs) {
       return 0;
     }
   }
+  ad__op_begin(t, op, n, xs);
   return 1;
 }
 

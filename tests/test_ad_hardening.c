@@ -4,8 +4,10 @@
  * gradients, errors that outlived their cause, and NaN-guard messages
  * without context. Each test is one instance of a class fixed everywhere
  * in autodiff/. */
+#define _POSIX_C_SOURCE 200809L /* open_memstream */
 #include "autodiff/ad.h"
 #include "gradcheck.h"
+#include "nn/nn.h"
 
 #include <check.h>
 #include <math.h>
@@ -592,6 +594,92 @@ START_TEST(test_last_error_clears) {
 }
 END_TEST
 
+/* ------------------------------------------------------------------ 8. NaN guard context */
+
+/* d/dx sum(sqrt(x*x)) at x = (1, 0, 2, -1): sqrt's rule divides by
+ * sqrt(0) = 0. The message was "div produced Inf at element 1 of [4] f64";
+ * now it names the public op, the input shapes, and which node's rule it
+ * was. Recorded (AD_GRAD_RECORD), the failed div node is taken off the
+ * tape: the node count is what it was before the call. */
+START_TEST(test_nan_guard_in_rule) {
+  ad_tape *t = new_tape(1, 1);
+  ad_set_nan_guard(t, 1);
+  ad_tensor *x = ad_const(t, AD_F64, 1, S(4), (double[]){1, 0, 2, -1}), *g = NULL;
+  ad_requires_grad(x, 1);
+  ad_tensor *f = ad_sum(t, ad_sqrt(t, ad_mul(t, x, x))); /* nodes 0 mul, 1 sqrt, 2 sum */
+  ck_assert_double_eq(ad_item(f), 4.0);
+  ad_arena_stats s0, s1;
+  ad_arena_stats_get(t, &s0);
+  ck_assert_uint_eq(s0.n_nodes, 3);
+  ck_assert_int_eq(ad_grad(t, 1, &f, NULL, 1, &x, &g, AD_GRAD_RECORD), AD_ERR_NUMERIC);
+  ck_msg_has(t, "ad_div produced Inf at element 1 of [4] f64 from inputs [4] f64, [4] f64");
+  ck_msg_has(t, "in the derivative of sqrt (node 1)");
+  ad_arena_stats_get(t, &s1);
+  ck_assert_uint_eq(s1.n_nodes, s0.n_nodes);
+  char *buf = NULL;
+  size_t len = 0;
+  FILE *mem = open_memstream(&buf, &len);
+  ck_assert_int_eq(ad_tape_print(t, mem), AD_OK);
+  fclose(mem);
+  ck_assert_msg(strstr(buf, "div(") == NULL, "the failed node is still on the tape:\n%s", buf);
+  free(buf);
+  ad_tape_free(t);
+}
+END_TEST
+
+/* A forward op: log(-1) names ad_log, its input shape and its tape node,
+ * which is removed; ad_relu(NaN) is NaN (it was 0, hiding the NaN) and its
+ * gradient there is NaN too, while relu'(1) = 1 and relu'(-1) = 0. */
+START_TEST(test_nan_guard_forward_and_relu) {
+  ad_tape *t = new_tape(1, 1);
+  ad_set_nan_guard(t, 1);
+  ad_tensor *x = ad_const(t, AD_F64, 1, S(3), (double[]){1, -1, 2});
+  ad_requires_grad(x, 1);
+  ad_tensor *e = ad_exp(t, x);                                                   /* node 0 */
+  ck_assert_ptr_null(ad_log(t, ad_sub(t, e, ad_full(t, AD_F64, 1, S(3), 1.0)))); /* 1 sub */
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_NUMERIC);
+  ck_msg_has(t, "ad_log produced NaN at element 1 of [3] f64 from inputs [3] f64 (tape node 2");
+  ad_arena_stats st;
+  ad_arena_stats_get(t, &st);
+  ck_assert_uint_eq(st.n_nodes, 2);
+  ad_tape_clear_error(t);
+
+  ad_tensor *nan = ad_const(t, AD_F64, 1, S(3), (double[]){NAN, 1, -1}), *g = NULL;
+  ad_requires_grad(nan, 1);
+  ck_assert_ptr_null(ad_relu(t, nan));
+  ck_msg_has(t, "ad_relu produced NaN at element 0");
+  ad_tape_clear_error(t);
+  ad_set_nan_guard(t, 0);
+  ad_tensor *r = ad_relu(t, nan);
+  ck_assert(isnan(ad_get(r, 0)));
+  ck_assert_double_eq(ad_get(r, 1), 1.0);
+  ck_assert_double_eq(ad_get(r, 2), 0.0);
+  ad_tensor *f = ad_sum(t, r);
+  ck_assert_int_eq(ad_grad(t, 1, &f, NULL, 1, &nan, &g, 0), AD_OK);
+  ck_assert(isnan(ad_get(g, 0)));
+  ck_assert_double_eq(ad_get(g, 1), 1.0);
+  ck_assert_double_eq(ad_get(g, 2), 0.0);
+  ad_tape_free(t);
+}
+END_TEST
+
+/* nn_layer_norm over a row holding Inf: the guard trips in an internal
+ * reduction, and the message begins with the layer the user called. */
+START_TEST(test_nan_guard_names_layer) {
+  ad_tape *t = new_tape(1, 1);
+  ad_set_nan_guard(t, 1);
+  ad_tensor *x = ad_const(t, AD_F64, 2, S(2, 3), (double[]){1, INFINITY, 2, 0, 1, 2});
+  ck_assert_ptr_null(nn_layer_norm(t, x, NULL, NULL, 1e-5));
+  ck_assert_int_eq(ad_tape_status(t), AD_ERR_NUMERIC);
+  ck_assert_msg(strncmp(ad_tape_errmsg(t), "nn_layer_norm: ", 15) == 0, "'%s'", ad_tape_errmsg(t));
+  ad_tape_clear_error(t);
+  /* afterwards no scope is left over: a plain op's error is its own */
+  ck_assert_ptr_null(ad_exp(t, NULL));
+  ck_assert_str_eq(ad_tape_errmsg(t), "ad_exp: input 0 is NULL");
+  ad_tape_free(t);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("ad_hardening");
   TCase *tc = tcase_create("overflow");
@@ -617,6 +705,11 @@ int main(void) {
   tc = tcase_create("errors");
   tcase_add_test(tc, test_error_clears_on_rewind);
   tcase_add_test(tc, test_last_error_clears);
+  suite_add_tcase(s, tc);
+  tc = tcase_create("nan_guard");
+  tcase_add_test(tc, test_nan_guard_in_rule);
+  tcase_add_test(tc, test_nan_guard_forward_and_relu);
+  tcase_add_test(tc, test_nan_guard_names_layer);
   suite_add_tcase(s, tc);
   return gc_run_suite(s);
 }
