@@ -43,6 +43,14 @@
  * a call that failed and rewound on its way out can still say why.
  * Constructors return a status and set their OUT pointer to NULL on failure;
  * destructors accept NULL. Nothing here aborts or exits on bad input.
+ *
+ * Messages begin with the function that was called ("ad_slice: ...",
+ * "nn_layer_norm: ..." for an error in an op a layer runs). The NaN/Inf
+ * guard (ad_set_nan_guard) names the op, the first bad element, the input
+ * shapes and the tape node (which it takes off the tape). An error inside a
+ * derivative rule ends with the forward node whose rule it was, named as
+ * ad_tape_print shows it: ", in the derivative of sqrt (node 7)" is the line
+ * "v7 = sqrt(...)".
  */
 #ifndef HYPERTAPE_AD_H
 #define HYPERTAPE_AD_H
@@ -64,8 +72,8 @@ typedef enum {
   AD_ERR_DTYPE,   /* dtypes differ or are not supported */
   AD_ERR_ARENA,   /* the tape's arena cannot hold the request */
   AD_ERR_NOMEM,   /* malloc failed */
-  AD_ERR_ARG,     /* an argument is out of range */
-  AD_ERR_GRAD,    /* strict ad_grad: an input does not reach the outputs */
+  AD_ERR_ARG,     /* an argument is out of range, or a tensor of another tape / rewound */
+  AD_ERR_GRAD,    /* ad_grad cannot give a true gradient (unrecorded, strict: not reached) */
   AD_ERR_NUMERIC, /* NaN/Inf guard tripped */
   AD_ERR_IO,      /* file could not be read or written */
   AD_ERR_FORMAT,  /* file contents are corrupt or of the wrong version */
@@ -92,7 +100,11 @@ struct ad_node;
 struct ad_tape;
 
 /* Dense, row-major, contiguous. Fields are public to read; change them only
- * through the API. `data` holds `size` elements of `dtype`. */
+ * through the API. `data` holds `size` elements of `dtype`; a tensor has at
+ * most 2^40 elements (AD_ERR_SHAPE naming the shape beyond that, with every
+ * size computed overflow-checked). An arena tensor belongs to the tape that
+ * made it: ops on another tape refuse it (AD_ERR_ARG), heap tensors are
+ * accepted by every tape. */
 typedef struct ad_tensor {
   ad_dtype dtype;
   int ndim;                   /* 0 (scalar) .. AD_MAX_DIMS */
@@ -169,7 +181,8 @@ typedef struct ad_tape ad_tape;
 
 /* The arena starts with one chunk of arena_mb MiB and grows by further
  * chunks (each as large as all before it, at least the request) while the
- * total stays within arena_max_mb; nothing is reserved before it is needed.
+ * total stays within arena_max_mb; a chunk is reserved only when a request
+ * does not fit in those already reserved.
  * Chunks are kept until the tape is freed, so a loop that rewinds to a mark
  * reserves memory only in its first step. For a fixed arena that fails
  * with AD_ERR_ARENA instead of growing, set arena_max_mb = arena_mb. */
@@ -179,7 +192,7 @@ typedef struct {
   size_t arena_mb;     /* first arena chunk, MiB (0: AD_ARENA_DEFAULT_MB) */
   size_t arena_max_mb; /* total cap, MiB (0: AD_ARENA_DEFAULT_MAX_MB, or arena_mb if larger) */
   int no_record;       /* start with recording off */
-  int nan_guard;       /* check every op's output for NaN/Inf */
+  int nan_guard;       /* check every op's output for NaN/Inf (AD_ERR_NUMERIC) */
 } ad_tape_opts;
 
 /* Makes a tape. opts may be NULL (defaults). */
@@ -277,7 +290,8 @@ ad_tensor *ad_abs(ad_tape *t, ad_tensor *x);
 /* 1 where x > 0, -1 where x < 0, 0 at 0. No gradient flows through it. */
 ad_tensor *ad_sign(ad_tape *t, ad_tensor *x);
 
-/* Multiply-add with a scalar tensor or number: a + c*b (axpy), one pass. */
+/* Multiply-add with a number c: a + c*b (axpy) in one pass; a and b as for
+ * the binary ops above. (For a tensor coefficient use ad_add(a, ad_mul(c, b)).) */
 ad_tensor *ad_axpy(ad_tape *t, ad_tensor *a, double c, ad_tensor *b);
 
 /* C = op(A) op(B), 2-D; op(X) = X^T when the flag is set. No copies: the
@@ -357,7 +371,7 @@ ad_status ad_mixed_partial(ad_tape *t, ad_tensor *f, int n_w, ad_tensor *const *
 
 /* Forward mode: tangents_out[j] = sum_i d outputs[j] / d inputs[i] . tangents[i].
  * Computed on the recorded graph by the double-VJP construction (see
- * autodiff/jvp.c for why). */
+ * ad_jvp in autodiff/grad.c for why): the outputs must have been recorded. */
 ad_status ad_jvp(ad_tape *t, int n_in, ad_tensor *const *inputs, ad_tensor *const *tangents,
                  int n_out, ad_tensor *const *outputs, ad_tensor **tangents_out, unsigned flags);
 
@@ -365,7 +379,11 @@ ad_status ad_jvp(ad_tape *t, int n_in, ad_tensor *const *inputs, ad_tensor *cons
 
 /* Names a tensor for printing (the string must outlive the tape use). */
 void ad_set_name(ad_tensor *x, const char *name);
-/* Wengert list: one line per node, "v12 = matmul(v3, w1^T)  [128, 200] f32". */
+/* Wengert list: one line per node, the output (name or v<node id>) padded to
+ * 8 columns, the op as the tape names it, inputs, attributes after "; " and
+ * the output's shape:
+ *     v12      = matmul(v3, w1; A B^T)  [128, 200] f32
+ * Inputs without history print as their name, else leaf_XXXX / c_XXXX. */
 ad_status ad_tape_print(const ad_tape *t, FILE *f);
 /* Graphviz DOT of the recorded graph. */
 ad_status ad_tape_dot(const ad_tape *t, FILE *f);

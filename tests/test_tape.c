@@ -383,6 +383,16 @@ START_TEST(test_print_and_dot) {
   ck_assert_ptr_nonnull(strstr(buf, "= relu(v0)"));
   ck_assert_ptr_nonnull(strstr(buf, "= sum(v1)  [] f32"));
   free(buf);
+  /* the line format ad.h shows: name padded to 8, attributes after "; " */
+  ad_tensor *w2 = ad_zeros(t, AD_F32, 2, S(3, 4));
+  ad_set_name(w2, "w2");
+  ad_requires_grad(w2, 1);
+  ck_assert_ptr_nonnull(ad_matmul(t, x, w2, 0, 1));
+  mem = open_memstream(&buf, &len);
+  ck_assert_int_eq(ad_tape_print(t, mem), AD_OK);
+  fclose(mem);
+  ck_assert_ptr_nonnull(strstr(buf, "\nv3       = matmul(x, w2; A B^T)  [2, 3] f32\n"));
+  free(buf);
   mem = open_memstream(&buf, &len);
   ck_assert_int_eq(ad_tape_dot(t, mem), AD_OK);
   fclose(mem);
