@@ -26,6 +26,7 @@ ad_status ad_tape_print(const ad_tape *t, FILE *f) {
     if (n->op->attr) n->op->attr(n, attr, sizeof attr);
     fprintf(f, "%s%s)  %s\n", attr[0] ? "; " : "", attr, ad_shape_str(n->out, sh, sizeof sh));
   }
+  ad__clear_last();
   return AD_OK;
 }
 
@@ -47,5 +48,6 @@ ad_status ad_tape_dot(const ad_tape *t, FILE *f) {
     }
   }
   fprintf(f, "}\n");
+  ad__clear_last();
   return AD_OK;
 }
