@@ -7,4 +7,5 @@
 #include "nn/nn.h"
 #include "datasets/ds.h"
 #include "bilevel/bl.h"
+#include "bilevel/bl_engine.h"
 #endif

@@ -54,22 +54,51 @@ typedef ad_tensor *(*bl_out_loss_fn)(ad_tape *t, ad_tensor *out, ad_tensor *cons
  * AD_OK, or an error it has recorded on the tape. It must not modify its
  * inputs: the methods call it with recording on (to differentiate through it)
  * and off (to run it fast), and call it again at the same point. */
-typedef ad_status (*bl_step_fn)(ad_tape *t, int n_w, ad_tensor *const *w,
-                                ad_tensor *const *state, ad_tensor *const *g,
-                                ad_tensor *const *lam, int64_t step, void *ctx,
+typedef ad_status (*bl_step_fn)(ad_tape *t, int n_w, ad_tensor *const *w, ad_tensor *const *state,
+                                ad_tensor *const *g, ad_tensor *const *lam, int64_t step, void *ctx,
                                 ad_tensor **w_new, ad_tensor **state_new);
 
 /* A step: the rule, its state size and its context. fn NULL = no user step
  * (the problem's nn_opt_cfg is used: the library's optimizers are providers
  * of this same interface). */
+/* Optional initial state of a user step (NULL = zeros): called once per
+ * trajectory with the state buffers (zeros on entry, arena tensors shaped
+ * like w0) to write their values in place (ad_set, ad_copy_values, ...).
+ * The initial state is a constant: it is not differentiated. */
+typedef ad_status (*bl_step_init_fn)(ad_tape *t, int n_w, ad_tensor *const *w0,
+                                     ad_tensor *const *state, void *ctx);
+
 typedef struct {
   bl_step_fn fn;
-  int slots;        /* state buffers per parameter, 0..BL_STEP_MAX_SLOTS */
-  void *ctx;        /* passed to fn */
-  const char *name; /* for messages and logs; NULL = "user step" */
+  int slots;            /* state buffers per parameter, 0..BL_STEP_MAX_SLOTS */
+  void *ctx;            /* passed to fn */
+  const char *name;     /* for messages and logs; NULL = "user step" */
+  bl_step_init_fn init; /* optional: non-zero initial state */
 } bl_step;
 
 #define BL_STEP_MAX_SLOTS 2
+
+/* A user step, heavy-ball momentum with the learning rate lam[0] (a
+ * scalar) and mu = 0.9 (tests/test_bl_steps.c runs it through every
+ * method):
+ *
+ *     static ad_status heavy_ball(ad_tape *t, int n, ad_tensor *const *w,
+ *                                 ad_tensor *const *s, ad_tensor *const *g,
+ *                                 ad_tensor *const *lam, int64_t step, void *ctx,
+ *                                 ad_tensor **w_new, ad_tensor **s_new) {
+ *       for (int i = 0; i < n; i++) {
+ *         s_new[i] = ad_axpy(t, g[i], 0.9, s[i]);              // m' = g + mu m
+ *         w_new[i] = ad_sub(t, w[i], ad_mul(t, lam[0], s_new[i])); // w' = w - lr m'
+ *       }
+ *       return ad_tape_status(t);
+ *     }
+ *     bl_problem p = {..., .step = {.fn = heavy_ball, .slots = 1, .name = "heavy ball"}};
+ *
+ * Where the methods need more than the rule itself: the implicit methods
+ * take H = d^2 L_train/dw^2 (a user step adds no decay term to L_train: put
+ * any decay in train_loss), neumann needs o->alpha (a user step has no
+ * learning rate to default to), and fixed_point iterates the step's own
+ * adjoint map (see below). */
 
 typedef struct {
   int n_w;
@@ -96,6 +125,40 @@ typedef struct {
   bl_out_loss_fn train_out_loss; /* l(f, lam) */
   bl_loss_fn train_reg;          /* R(w, lam), or NULL */
 } bl_problem;
+
+/* State buffers per parameter of the problem's step: p->step.slots for a
+ * user step, else the library optimizer's (SGD 0, momentum, Nesterov and
+ * RMSprop 1, Adam and AdamW 2). -1 for a NULL problem, an unknown
+ * optimizer kind or slots out of range (message in ad_last_error()). */
+int bl_step_slots(const bl_problem *p);
+
+enum {
+  BL_STEP_INPLACE = 0, /* overwrite w and state with the new values, record nothing */
+  BL_STEP_RECORD = 1   /* record the step on the tape; results in w_new, state_new */
+};
+
+/* Applies the problem's step (user step or library optimizer) once:
+ *   (w, state) -> (w', state')  at step index `step`.
+ * state: bl_step_slots(p) * p->n_w tensors shaped like w (slot k of
+ * parameter i at k * n_w + i; zeros at step 0; may be NULL when there are
+ * no slots). g: grad_w L_train(w, lam) (without the library optimizer's
+ * decay, which the step adds itself), or NULL to have it computed here
+ * from p->train_loss at index `step` (recorded in BL_STEP_RECORD mode, so
+ * the step's derivative includes the loss's second derivatives). lam: the
+ * hyperparameters the step and the loss see (NULL = p->lam; library
+ * *_var fields that point into p->lam are read from lam).
+ *   BL_STEP_INPLACE: w and state (writable tensors) receive w', state';
+ *     w_new and state_new are ignored (may be NULL); the arena is left as
+ *     found.
+ *   BL_STEP_RECORD: w_new[0..n_w) and state_new[0..slots*n_w) receive tape
+ *     tensors (differentiable in w, state, g and lam); nothing passed in is
+ *     modified.
+ * Errors (AD_ERR_NULL, AD_ERR_SHAPE, AD_ERR_ARG, the step's own status,
+ * AD_ERR_NUMERIC for a non-finite loss) go on the tape, named
+ * "bl_step_apply: step '<name>' ..."; on error nothing is written. */
+ad_status bl_step_apply(ad_tape *t, const bl_problem *p, ad_tensor *const *lam, ad_tensor *const *w,
+                        ad_tensor *const *state, ad_tensor *const *g, int64_t step, int mode,
+                        ad_tensor **w_new, ad_tensor **state_new);
 
 typedef struct {
   int64_t inner_steps;     /* inner optimizer steps taken */

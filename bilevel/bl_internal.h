@@ -11,10 +11,10 @@
  *       ad_status s = bl__begin(&r, "bl_fo", t, p, o, hg, 0);   // checks + mark
  *       if (s) return bl__end(&r, s, st);
  *       ad_tensor *w[NN_MAX_PARAMS], *glam[NN_MAX_PARAMS];
- *       nn_opt_state os;
+ *       bl_state os;
  *       s = bl__w0_copy(&r, w);                                  // writable copies of w0
- *       if (!s) s = bl__state_new(&r, &os);                      // in-place optimizer state
- *       if (!s) s = bl__run_inplace(&r, r.lam, &r.opt.cfg, w, &os, 0, p->inner_steps);
+ *       if (!s) s = bl__state_new(&r, &os);                      // the step's state at step 0
+ *       if (!s) s = bl__run_inplace(&r, r.lam, w, &os, 0, p->inner_steps);
  *       if (!s) s = bl__val_grad(&r, r.lam, w, NULL, glam);      // dL_val/dlam at w_T
  *       if (!s) s = bl__write_hg(&r, glam, hg);
  *       return bl__end(&r, s, st);                               // rewind, stats
@@ -38,9 +38,16 @@
  * - The method differentiates by r->lam: views of p->lam that are leaves
  *   needing a gradient, so the user's tensors are neither written nor
  *   re-flagged. r->opt.cfg is p->opt with every *_var that pointed at p->lam[k]
- *   pointing at r->lam[k] instead. Pass r->lam and &r->opt.cfg to the
- *   trajectory helpers; to evaluate at perturbed hyperparameters, make other
- *   tensors and a bl_cfg_map for them with bl__cfg_map.
+ *   pointing at r->lam[k] instead. Pass r->lam to the trajectory helpers; to
+ *   evaluate at perturbed hyperparameters, pass other tensors shaped like
+ *   lam: the step (bilevel/step.c) resolves p->opt's *_var fields against
+ *   whatever lam it is called with.
+ * - The inner step is r->step: the user's bl_step, or the provider wrapping
+ *   p->opt (bilevel/step.c). Every trajectory helper goes through it; only
+ *   the in-place run of a library optimizer takes nn_opt_step's fast path
+ *   (bl__step_inplace). Its state is a bl_state: r->step.slots * n_w
+ *   buffers, slot k of parameter i at k * n_w + i; the step count is the
+ *   step index (0-based), so a state carries no counter.
  * - st->hvps counts second-order products: each reverse (or forward) sweep
  *   through the derivative of one inner step, or one Hessian-vector /
  *   mixed-partial product, is one.
@@ -51,8 +58,15 @@
 #include "bl.h"
 #include "autodiff/ad_internal.h"
 
-/* Most optimizer-state buffers one state holds (m and v per parameter). */
-#define BL_MAX_STATE (2 * NN_MAX_PARAMS)
+/* Most state buffers one step's state holds (m and v per parameter). */
+#define BL_MAX_STATE (BL_STEP_MAX_SLOTS * NN_MAX_PARAMS)
+
+/* The inner step's state: n = slots * n_w buffers (slot k of parameter i at
+ * k * n_w + i). A plain struct: copying it copies the pointers. */
+typedef struct {
+  int n;
+  ad_tensor *b[BL_MAX_STATE];
+} bl_state;
 
 /* An optimizer config whose tape variables point at a given set of
  * hyperparameter tensors. Holds the per-parameter arrays the config points
@@ -70,7 +84,9 @@ typedef struct {
   bl_opts o;                     /* the caller's options, or all zero */
   const char *who;               /* method name for messages */
   ad_tensor *lam[NN_MAX_PARAMS]; /* leaf views of p->lam (see Conventions) */
-  bl_cfg_map opt;                /* p->opt pointing at lam above */
+  bl_cfg_map opt;                /* p->opt pointing at lam above (zeros for a user step) */
+  bl_step step;                  /* the inner step: the user's, or p->opt's provider */
+  int lib;                       /* step is p->opt's provider (nn_opt_step fast path) */
   bl_stats st;                   /* filled as the method goes */
   /* restored by bl__end */
   ad_marker mark;
@@ -113,6 +129,9 @@ ad_status bl__nn(bl_run *r, ad_status s);
 /* The inner learning rate as a number (lr_var read as its value; the first
  * parameter's lr_vars entry, element 0), with nn's default 0.01. */
 double bl__lr(const nn_opt_cfg *cfg);
+/* o->alpha if set, else the library optimizer's lr; a user step has no lr
+ * to default to, so then it is an AD_ERR_ARG naming the step. */
+ad_status bl__alpha(bl_run *r, double *alpha);
 
 /* cfg = p->opt with each *_var / *_vars entry that is p->lam[k] replaced by
  * lam[k] (other tensors are kept). */
@@ -161,29 +180,49 @@ void bl__lerp(int n, ad_tensor *const *y, ad_tensor *const *a, ad_tensor *const 
  * <grad_w L, v> to differentiate again. NULL on error (on the tape). */
 ad_tensor *bl__dot_tape(ad_tape *t, int n, ad_tensor *const *a, ad_tensor *const *b);
 
-/* ---------------------------------------------------------------- optimizer state */
+/* ---------------------------------------------------------------- the step and its state */
 
-/* A fresh in-place optimizer state for p->opt with its buffers (zeros) in
- * the arena: freed by bl__end's rewind, counted in the peak. It is a plain
- * nn_opt_state (on_tape = 0) that nn_opt_step updates in place. */
-ad_status bl__state_new(bl_run *r, nn_opt_state *s);
+/* Resolves r->step (the user's step, checked, or p->opt's provider) and
+ * r->lib; called by bl__begin. */
+ad_status bl__step_resolve(bl_run *r);
+
+/* The step's name for messages: "user step" or the step's own name. */
+const char *bl__step_name(const bl_run *r);
+
+/* One step recorded through r->step at hyperparameters lam: w_new and the
+ * new state (s_new, may be s itself: replaced) from w, s and the gradient
+ * g. Checks what a user step returned (non-NULL, shaped like its input). */
+ad_status bl__step_call(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, const bl_state *s,
+                        ad_tensor *const *g, int64_t step, ad_tensor **w_new, bl_state *s_new);
+
+/* One step in place: w and s's buffers overwritten with the new values.
+ * A library optimizer runs nn_opt_step (no recording, no allocation); a
+ * user step runs with recording off and its outputs copied back. */
+ad_status bl__step_inplace(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, bl_state *s,
+                           ad_tensor *const *g, int64_t step);
+
+/* A fresh state for r->step with its buffers (zeros, or the step's init) in
+ * the arena: freed by bl__end's rewind, counted in the peak. */
+ad_status bl__state_new(bl_run *r, bl_state *s);
 
 /* dst = src with every buffer replaced by an arena copy of its values.
- * mode BL_STATE_INPLACE: an in-place state (on_tape 0, writable buffers);
- * BL_STATE_TAPE: a tape state (on_tape 1) for nn_opt_step_diff;
- * BL_STATE_LEAF: a tape state whose buffers are leaves needing a gradient,
- * to differentiate with respect to the state. */
+ * mode BL_STATE_INPLACE / BL_STATE_TAPE: plain copies (writable, no
+ * history); BL_STATE_LEAF: leaves needing a gradient, to differentiate
+ * with respect to the state. */
 enum { BL_STATE_INPLACE = 0, BL_STATE_TAPE = 1, BL_STATE_LEAF = 2 };
-ad_status bl__state_copy(bl_run *r, nn_opt_state *dst, const nn_opt_state *src, int mode);
+ad_status bl__state_copy(bl_run *r, bl_state *dst, const bl_state *src, int mode);
 
-/* Copies src's step count and buffer values into dst's existing buffers
- * (same optimizer and parameters). */
-void bl__state_set(nn_opt_state *dst, const nn_opt_state *src);
+/* Copies src's buffer values into dst's existing buffers. */
+void bl__state_set(bl_state *dst, const bl_state *src);
 
-/* The non-NULL buffers of s as a list: m[0..n) then v[0..n) in that order.
- * Returns how many (0 for SGD). Two states of the same optimizer give
- * matching lists. */
-int bl__state_list(const nn_opt_state *s, ad_tensor **out);
+/* The buffers of s as a list (slot-major); returns how many (0 for SGD). */
+int bl__state_list(const bl_state *s, ad_tensor **out);
+
+/* Checks that every element of the n tensors is finite; else records
+ * AD_ERR_NUMERIC "<what> is not finite (element e of tensor i is x) at
+ * <where>" and returns it. */
+ad_status bl__check_finite(bl_run *r, int n, ad_tensor *const *x, const char *what,
+                           const char *where);
 
 /* ---------------------------------------------------------------- the inner trajectory */
 
@@ -193,31 +232,32 @@ ad_status bl__check_loss(bl_run *r, const ad_tensor *L, const char *which, int64
 /* In place: w (writable, leaves needing a gradient, e.g. from bl__w0_copy)
  * and s (from bl__state_new / bl__state_copy INPLACE) advance through steps
  * from..to-1: L_train recorded at w, its gradient (not recorded),
- * nn_opt_step. Each step is rewound, so memory stays flat. lam / cfg: the
- * hyperparameters the losses and the optimizer see (r->lam, &r->opt.cfg). */
-ad_status bl__run_inplace(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *cfg,
-                          ad_tensor *const *w, nn_opt_state *s, int64_t from, int64_t to);
+ * bl__step_inplace. Each step is rewound, so memory stays flat. lam: the
+ * hyperparameters the losses and the step see (r->lam, or perturbed
+ * copies). Fails with AD_ERR_NUMERIC at the first inner step whose
+ * training loss is not finite, and when w_to is not. */
+ad_status bl__run_inplace(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, bl_state *s,
+                          int64_t from, int64_t to);
 
 /* The inner run of the last-step methods (one_step, t1t2): T steps in place
  * from w0 into fresh buffers w / *os, keeping the input of the last step
  * (w_prev = w_{T-1}, *os_prev = s_{T-1}) and the validation gradients at
  * w_T (gw, glam: arena tensors, as bl__val_grad). Needs T >= 1. */
-ad_status bl__run_keep_last(bl_run *r, ad_tensor **w, ad_tensor **w_prev, nn_opt_state *os,
-                            nn_opt_state *os_prev, ad_tensor **gw, ad_tensor **glam);
+ad_status bl__run_keep_last(bl_run *r, ad_tensor **w, ad_tensor **w_prev, bl_state *os,
+                            bl_state *os_prev, ad_tensor **gw, ad_tensor **glam);
 
 /* Recorded: from w_in (leaves or tensors with history) and a tape state s
  * (advanced in place to the state after the last step), records steps
- * from..to-1 (the gradient with AD_GRAD_RECORD, nn_opt_step_diff) and sets
- * w_out to w_to. Nothing is rewound: this is what reverse mode walks back. */
-ad_status bl__run_recorded(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *cfg,
-                           ad_tensor *const *w_in, nn_opt_state *s, int64_t from, int64_t to,
-                           ad_tensor **w_out);
+ * from..to-1 (the gradient with AD_GRAD_RECORD, the step recorded) and
+ * sets w_out to w_to. Nothing is rewound: this is what reverse mode walks
+ * back. */
+ad_status bl__run_recorded(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w_in, bl_state *s,
+                           int64_t from, int64_t to, ad_tensor **w_out);
 
 /* One recorded step: w_new = Phi(w, grad_w L_train(w, lam, step), s), s
  * advanced. g_out (may be NULL) receives the recorded gradient. */
-ad_status bl__step_recorded(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *cfg,
-                            ad_tensor *const *w, nn_opt_state *s, int64_t step, ad_tensor **g_out,
-                            ad_tensor **w_new);
+ad_status bl__step_recorded(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, bl_state *s,
+                            int64_t step, ad_tensor **g_out, ad_tensor **w_new);
 
 /* The VJP of one inner step at (w, s) with cotangent a on w_new and as on
  * the new state's buffers (as may be NULL: zero; else a list matching
@@ -226,24 +266,23 @@ ad_status bl__step_recorded(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *
  *   gw   = a dPhi/dw   + as dS/dw        (shaped like w)
  *   gs   = a dPhi/ds   + as dS/ds        (a list matching bl__state_list)
  * The step is recorded from fresh leaf copies of w and s's buffers at step
- * index `step` with s's step count (so s is not changed); any of glam, gw,
+ * index `step` (s is not changed); any of glam, gw,
  * gs may be NULL. Results are arena tensors made after the call's start:
  * copy them out before rewinding. Counts one hvp. */
-ad_status bl__step_vjp(bl_run *r, ad_tensor *const *w, const nn_opt_state *s, int64_t step,
+ad_status bl__step_vjp(bl_run *r, ad_tensor *const *w, const bl_state *s, int64_t step,
                        ad_tensor *const *a, ad_tensor *const *as, ad_tensor **glam, ad_tensor **gw,
                        ad_tensor **gs);
 
 /* DrMAD's backward (bilevel/drmad.c; HyperDistill estimates its theta with
  * it): walks steps k = t_end-1 .. 0 back along the straight line from
  * (w0, s0) to (w_end, s_end) instead of the true trajectory,
- *   w_k ~ (1 - k/t_end) w0 + (k/t_end) w_end  (the state's buffers alike,
- *   its step count k),
+ *   w_k ~ (1 - k/t_end) w0 + (k/t_end) w_end  (the state's buffers alike),
  * carrying the adjoints (aw: in alpha at w_end, out the adjoint at w0; the
  * state's adjoint starts at zero) and accumulating glam += alpha_{k+1} B_k.
  * Allocates its buffers in the arena (freed by the caller's rewind); each
  * step is rewound. Counts one hvp per step. */
-ad_status bl__drmad_reverse(bl_run *r, ad_tensor *const *w0, const nn_opt_state *s0,
-                            ad_tensor *const *w_end, const nn_opt_state *s_end, int64_t t_end,
+ad_status bl__drmad_reverse(bl_run *r, ad_tensor *const *w0, const bl_state *s0,
+                            ad_tensor *const *w_end, const bl_state *s_end, int64_t t_end,
                             ad_tensor *const *aw, ad_tensor *const *glam);
 
 /* L_val at w (step -1) with its value in *val (may be NULL) and, not
@@ -292,12 +331,12 @@ typedef struct {
   ad_marker *marks;       /* [n_chunks]: before chunk c */
   ad_tensor **in, **out;  /* [n_chunks][n_w + ns]: chunk c's leaves and outputs */
   ad_tensor *w_end[NN_MAX_PARAMS];
-  nn_opt_state s_end;
+  bl_state s_end;
   ad_tensor *spare[NN_MAX_PARAMS + BL_MAX_STATE]; /* second adjoint buffer */
 } bl_segment;
 
 ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from,
-                             const nn_opt_state *s_from, int64_t from, int64_t to, int64_t chunk);
+                             const bl_state *s_from, int64_t from, int64_t to, int64_t chunk);
 ad_status bl__segment_reverse(bl_run *r, bl_segment *sg, ad_tensor *const *aw, ad_tensor *const *as,
                               ad_tensor *const *glam);
 

@@ -2,7 +2,7 @@
  * the same hypergradient as bl_unroll in O(sqrt T) memory for one extra
  * forward pass.
  *
- * Forward, in place: every C steps store (w_k, s_k) — nn_opt_state is a
+ * Forward, in place: every C steps store (w_k, s_k) — bl_state is a
  * plain struct, so a checkpoint is a copy of it and its buffers.
  * Backward, segment by segment from the last: restore the checkpoint,
  * record its C steps, walk them back carrying the adjoints (alpha on w and
@@ -28,7 +28,7 @@ ad_status bl_checkpointed(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_
 
   ad_tensor *w[NN_MAX_PARAMS], *aw[NN_MAX_PARAMS], *as[BL_MAX_STATE], *glam[NN_MAX_PARAMS];
   ad_tensor *sb[BL_MAX_STATE];
-  nn_opt_state os = {0};
+  bl_state os = {0};
   s = bl__w0_copy(&r, w);
   if (!s) s = bl__state_new(&r, &os);
   int ns = bl__state_list(&os, sb);
@@ -38,7 +38,7 @@ ad_status bl_checkpointed(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_
 
   /* Checkpoint j holds (w, s) at step j*C, in the arena. */
   ad_tensor **ck_w = ad_arena_alloc(t, sizeof(ad_tensor *) * (size_t)(n_seg * n + 1));
-  nn_opt_state *ck_s = ad_arena_alloc(t, sizeof(nn_opt_state) * (size_t)(n_seg + 1));
+  bl_state *ck_s = ad_arena_alloc(t, sizeof(bl_state) * (size_t)(n_seg + 1));
   if (!s && (!ck_w || !ck_s)) s = ad_tape_status(t);
 
   /* Forward in place, saving a checkpoint at the start of each segment. */
@@ -46,7 +46,7 @@ ad_status bl_checkpointed(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_
     s = bl__copy_new(&r, n, w, ck_w + j * n);
     if (!s) s = bl__state_copy(&r, &ck_s[j], &os, BL_STATE_INPLACE);
     int64_t end = (j + 1) * C < T ? (j + 1) * C : T;
-    if (!s) s = bl__run_inplace(&r, r.lam, &r.opt.cfg, w, &os, j * C, end);
+    if (!s) s = bl__run_inplace(&r, r.lam, w, &os, j * C, end);
   }
 
   /* alpha_T and the direct term at w_T. */

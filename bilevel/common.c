@@ -4,6 +4,7 @@
 
 #include <math.h>
 #include <stdarg.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 
@@ -41,6 +42,20 @@ double bl__lr(const nn_opt_cfg *cfg) {
   if (cfg->lr_vars && cfg->lr_vars[0]) return ad_get(cfg->lr_vars[0], 0);
   if (cfg->lr_var) return ad_item(cfg->lr_var);
   return cfg->lr != 0 ? cfg->lr : 0.01;
+}
+
+ad_status bl__alpha(bl_run *r, double *alpha) {
+  if (r->o.alpha != 0) {
+    *alpha = r->o.alpha;
+    return AD_OK;
+  }
+  if (!r->lib)
+    return bl__fail(r, AD_ERR_ARG,
+                    "step '%s' has no learning rate to default alpha to: set o->alpha "
+                    "(0 < alpha < 2 / lambda_max(H))",
+                    bl__step_name(r));
+  *alpha = bl__lr(&r->opt.cfg);
+  return AD_OK;
 }
 
 /* ---------------------------------------------------------------- entry, exit */
@@ -105,7 +120,7 @@ ad_status bl__begin(bl_run *r, const char *who, ad_tape *t, const bl_problem *p,
     if (!r->lam[k]) return ad_tape_status(t);
   }
   bl__cfg_map(p, r->lam, &r->opt);
-  return AD_OK;
+  return bl__step_resolve(r);
 }
 
 ad_status bl__end(bl_run *r, ad_status s, bl_stats *st) {
@@ -191,9 +206,13 @@ ad_status bl__w0_copy(bl_run *r, ad_tensor **w) {
 }
 
 ad_status bl__write_hg(bl_run *r, ad_tensor *const *g, ad_tensor *const *hg) {
-  for (int k = 0; k < r->p->n_lam; k++) {
+  for (int k = 0; k < r->p->n_lam; k++)
     if (!g[k]) return bl__fail(r, AD_ERR_STATE, "internal: hypergradient %d missing", k);
-    ad_status s = ad_copy_values(hg[k], g[k]);
+  /* Nothing is written unless every component is finite. */
+  ad_status s = bl__check_finite(r, r->p->n_lam, g, "the hypergradient", "the end");
+  if (s) return s;
+  for (int k = 0; k < r->p->n_lam; k++) {
+    s = ad_copy_values(hg[k], g[k]);
     if (s) return bl__nn(r, s);
   }
   return AD_OK;
@@ -301,49 +320,6 @@ ad_tensor *bl__dot_tape(ad_tape *t, int n, ad_tensor *const *a, ad_tensor *const
   return s;
 }
 
-/* ---------------------------------------------------------------- optimizer state */
-
-ad_status bl__state_new(bl_run *r, nn_opt_state *s) {
-  /* The tape initialiser gives zero buffers in the arena; an in-place state
-   * is the same struct with on_tape = 0 (nn_opt_step writes the buffers). */
-  ad_status st = nn_opt_state_init_tape(r->t, &r->opt.cfg, s, r->p->n_w, r->p->w0);
-  if (st) return bl__nn(r, st);
-  s->on_tape = 0;
-  return AD_OK;
-}
-
-ad_status bl__state_copy(bl_run *r, nn_opt_state *dst, const nn_opt_state *src, int mode) {
-  nn_opt_state d = *src;
-  for (int i = 0; i < src->n; i++) {
-    ad_tensor **bufs[2] = {&d.m[i], &d.v[i]};
-    for (int k = 0; k < 2; k++) {
-      if (!*bufs[k]) continue;
-      *bufs[k] = mode == BL_STATE_LEAF ? bl__leaf(r->t, *bufs[k]) : bl__copy(r->t, *bufs[k]);
-      if (!*bufs[k]) return ad_tape_status(r->t);
-    }
-  }
-  d.on_tape = mode != BL_STATE_INPLACE;
-  *dst = d;
-  return AD_OK;
-}
-
-void bl__state_set(nn_opt_state *dst, const nn_opt_state *src) {
-  dst->step = src->step;
-  for (int i = 0; i < src->n; i++) {
-    if (dst->m[i] && src->m[i]) ad_copy_values(dst->m[i], src->m[i]);
-    if (dst->v[i] && src->v[i]) ad_copy_values(dst->v[i], src->v[i]);
-  }
-}
-
-int bl__state_list(const nn_opt_state *s, ad_tensor **out) {
-  int k = 0;
-  for (int i = 0; i < s->n; i++)
-    if (s->m[i]) out[k++] = s->m[i];
-  for (int i = 0; i < s->n; i++)
-    if (s->v[i]) out[k++] = s->v[i];
-  return k;
-}
-
 /* ---------------------------------------------------------------- the inner trajectory */
 
 ad_status bl__check_loss(bl_run *r, const ad_tensor *L, const char *which, int64_t step) {
@@ -357,8 +333,23 @@ ad_status bl__check_loss(bl_run *r, const ad_tensor *L, const char *which, int64
   return AD_OK;
 }
 
-ad_status bl__run_inplace(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *cfg,
-                          ad_tensor *const *w, nn_opt_state *s, int64_t from, int64_t to) {
+/* The training loss must be finite at every inner step: a diverging run
+ * (too large a learning rate) is reported where it broke, not as a NaN
+ * hypergradient. One scalar read per step. */
+static ad_status check_train(bl_run *r, const ad_tensor *L, int64_t step) {
+  ad_status st = bl__check_loss(r, L, "train_loss", step);
+  if (st) return st;
+  double v = ad_item(L);
+  if (!isfinite(v))
+    return bl__fail(r, AD_ERR_NUMERIC,
+                    "train_loss is %g at inner step %lld: the inner run diverged (step '%s'; "
+                    "lower its learning rate)",
+                    v, (long long)step, bl__step_name(r));
+  return AD_OK;
+}
+
+ad_status bl__run_inplace(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, bl_state *s,
+                          int64_t from, int64_t to) {
   const bl_problem *p = r->p;
   ad_tape *t = r->t;
   ad_tensor *g[NN_MAX_PARAMS];
@@ -366,27 +357,33 @@ ad_status bl__run_inplace(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *cf
   for (int64_t k = from; k < to; k++) {
     ad_marker m = ad_mark(t);
     ad_tensor *L = p->train_loss(t, w, lam, k, p->ctx);
-    ad_status st = bl__check_loss(r, L, "train_loss", k);
+    ad_status st = check_train(r, L, k);
     if (!st) st = ad_grad(t, 1, &L, NULL, p->n_w, w, g, 0);
-    if (!st) st = bl__nn(r, nn_opt_step(cfg, s, p->n_w, w, g));
+    if (!st) st = bl__step_inplace(r, lam, w, s, g, k);
     ad_rewind(t, m);
     if (st) return st;
     r->st.inner_steps++;
   }
+  if (to > from) {
+    char where[64];
+    snprintf(where, sizeof where, "inner step %lld", (long long)(to - 1));
+    ad_status st = bl__check_finite(r, p->n_w, w, "the inner iterate", where);
+    if (!st) st = bl__check_finite(r, s->n, s->b, "the step's state", where);
+    if (st) return st;
+  }
   return AD_OK;
 }
 
-ad_status bl__step_recorded(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *cfg,
-                            ad_tensor *const *w, nn_opt_state *s, int64_t step, ad_tensor **g_out,
-                            ad_tensor **w_new) {
+ad_status bl__step_recorded(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, bl_state *s,
+                            int64_t step, ad_tensor **g_out, ad_tensor **w_new) {
   const bl_problem *p = r->p;
   ad_tape *t = r->t;
   ad_tensor *g[NN_MAX_PARAMS];
   ad_tensor *L = p->train_loss(t, w, lam, step, p->ctx);
-  ad_status st = bl__check_loss(r, L, "train_loss", step);
+  ad_status st = check_train(r, L, step);
   /* g = grad_w L_train, recorded: the step's own derivative needs it. */
   if (!st) st = ad_grad(t, 1, &L, NULL, p->n_w, w, g, AD_GRAD_RECORD);
-  if (!st) st = bl__nn(r, nn_opt_step_diff(t, cfg, s, p->n_w, w, g, w_new));
+  if (!st) st = bl__step_call(r, lam, w, s, g, step, w_new, s);
   if (st) return st;
   if (g_out)
     for (int i = 0; i < p->n_w; i++) g_out[i] = g[i];
@@ -394,14 +391,13 @@ ad_status bl__step_recorded(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *
   return AD_OK;
 }
 
-ad_status bl__run_recorded(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *cfg,
-                           ad_tensor *const *w_in, nn_opt_state *s, int64_t from, int64_t to,
-                           ad_tensor **w_out) {
+ad_status bl__run_recorded(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w_in, bl_state *s,
+                           int64_t from, int64_t to, ad_tensor **w_out) {
   int n = r->p->n_w;
   ad_tensor *w[NN_MAX_PARAMS], *wn[NN_MAX_PARAMS];
   for (int i = 0; i < n; i++) w[i] = w_in[i];
   for (int64_t k = from; k < to; k++) {
-    ad_status st = bl__step_recorded(r, lam, cfg, w, s, k, NULL, wn);
+    ad_status st = bl__step_recorded(r, lam, w, s, k, NULL, wn);
     if (st) return st;
     for (int i = 0; i < n; i++) w[i] = wn[i];
   }
@@ -409,18 +405,18 @@ ad_status bl__run_recorded(bl_run *r, ad_tensor *const *lam, const nn_opt_cfg *c
   return AD_OK;
 }
 
-ad_status bl__step_vjp(bl_run *r, ad_tensor *const *w, const nn_opt_state *s, int64_t step,
+ad_status bl__step_vjp(bl_run *r, ad_tensor *const *w, const bl_state *s, int64_t step,
                        ad_tensor *const *a, ad_tensor *const *as, ad_tensor **glam, ad_tensor **gw,
                        ad_tensor **gs) {
   const bl_problem *p = r->p;
   int n = p->n_w, n_lam = p->n_lam;
   ad_tensor *wl[NN_MAX_PARAMS], *wn[NN_MAX_PARAMS];
-  nn_opt_state s0 = {0}, s1 = {0};
+  bl_state s0 = {0}, s1 = {0};
   ad_status st = bl__leaf_new(r, n, w, wl);
   if (!st) st = bl__state_copy(r, &s0, s, BL_STATE_LEAF);
   if (st) return st;
   s1 = s0;
-  st = bl__step_recorded(r, r->lam, &r->opt.cfg, wl, &s1, step, NULL, wn);
+  st = bl__step_recorded(r, r->lam, wl, &s1, step, NULL, wn);
   if (st) return st;
   r->st.inner_steps--; /* a re-evaluation, not a step of the trajectory */
   /* outputs: w_new and the new state's buffers; inputs: lam, w, old state */
@@ -471,6 +467,8 @@ ad_status bl__val_grad(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, do
   ad_status st = bl__check_loss(r, L, "val_loss", -1);
   if (st) return st;
   r->st.val_loss = ad_item(L);
+  if (!isfinite(r->st.val_loss))
+    return bl__fail(r, AD_ERR_NUMERIC, "val_loss is %g at the final inner iterate", r->st.val_loss);
   if (val) *val = r->st.val_loss;
   int n_in = 0;
   if (gw)
@@ -494,6 +492,8 @@ ad_status bl__val_value(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, d
   ad_status st = bl__check_loss(r, L, "val_loss", -1);
   if (!st) {
     r->st.val_loss = ad_item(L);
+    if (!isfinite(r->st.val_loss))
+      st = bl__fail(r, AD_ERR_NUMERIC, "val_loss is %g at the final inner iterate", r->st.val_loss);
     if (val) *val = r->st.val_loss;
   }
   ad_rewind(r->t, m);
@@ -503,7 +503,7 @@ ad_status bl__val_value(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, d
 /* ---------------------------------------------------------------- segments */
 
 ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from,
-                             const nn_opt_state *s_from, int64_t from, int64_t to, int64_t chunk) {
+                             const bl_state *s_from, int64_t from, int64_t to, int64_t chunk) {
   ad_tape *t = r->t;
   int n = r->p->n_w;
   int64_t len = to - from;
@@ -524,7 +524,7 @@ ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from
   if (!sg->marks || !sg->in || !sg->out) return ad_tape_status(t);
   /* The segment starts from copies: the caller's buffers may move on. */
   ad_tensor *w[NN_MAX_PARAMS], *wn[NN_MAX_PARAMS];
-  nn_opt_state s = {0};
+  bl_state s = {0};
   ad_status st = bl__leaf_new(r, n, w_from, w);
   if (!st) st = bl__state_copy(r, &s, s_from, BL_STATE_LEAF);
   if (!st) st = bl__zeros_new(r, n, w_from, sg->spare);
@@ -537,7 +537,7 @@ ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from
       for (int i = 0; i < n; i++) in[i] = w[i];
       bl__state_list(&s, in + n);
     }
-    st = bl__step_recorded(r, r->lam, &r->opt.cfg, w, &s, k, NULL, wn);
+    st = bl__step_recorded(r, r->lam, w, &s, k, NULL, wn);
     if (st) break;
     for (int i = 0; i < n; i++) w[i] = wn[i];
     if ((k - from) % chunk != chunk - 1 && k != to - 1) continue;
@@ -548,10 +548,8 @@ ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from
     bl__state_list(&s, out + n);
     for (int i = 0; i < n && !st; i++)
       if (!(w[i] = bl__leaf_view(t, wn[i]))) st = ad_tape_status(t);
-    for (int i = 0; i < s.n && !st; i++) {
-      if (s.m[i] && !(s.m[i] = bl__leaf_view(t, s.m[i]))) st = ad_tape_status(t);
-      if (s.v[i] && !(s.v[i] = bl__leaf_view(t, s.v[i]))) st = ad_tape_status(t);
-    }
+    for (int j = 0; j < s.n && !st; j++)
+      if (!(s.b[j] = bl__leaf_view(t, s.b[j]))) st = ad_tape_status(t);
   }
   if (st) return st;
   for (int i = 0; i < n; i++) sg->w_end[i] = w[i];
@@ -604,15 +602,15 @@ ad_status bl__segment_reverse(bl_run *r, bl_segment *sg, ad_tensor *const *aw, a
   return st;
 }
 
-ad_status bl__run_keep_last(bl_run *r, ad_tensor **w, ad_tensor **w_prev, nn_opt_state *os,
-                            nn_opt_state *os_prev, ad_tensor **gw, ad_tensor **glam) {
+ad_status bl__run_keep_last(bl_run *r, ad_tensor **w, ad_tensor **w_prev, bl_state *os,
+                            bl_state *os_prev, ad_tensor **gw, ad_tensor **glam) {
   int64_t T = r->p->inner_steps;
   ad_status s = bl__w0_copy(r, w);
   if (!s) s = bl__state_new(r, os);
-  if (!s) s = bl__run_inplace(r, r->lam, &r->opt.cfg, w, os, 0, T - 1);
+  if (!s) s = bl__run_inplace(r, r->lam, w, os, 0, T - 1);
   if (!s) s = bl__copy_new(r, r->p->n_w, w, w_prev);
   if (!s) s = bl__state_copy(r, os_prev, os, BL_STATE_INPLACE);
-  if (!s) s = bl__run_inplace(r, r->lam, &r->opt.cfg, w, os, T - 1, T);
+  if (!s) s = bl__run_inplace(r, r->lam, w, os, T - 1, T);
   if (!s) s = bl__val_grad(r, r->lam, w, NULL, gw, glam);
   return s;
 }

@@ -39,7 +39,7 @@ ad_status bl_forward(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tenso
   int64_t T = p->inner_steps, P = n_directions(p);
 
   ad_tensor *w[NN_MAX_PARAMS], *sb[BL_MAX_STATE], *glam[NN_MAX_PARAMS], *e[NN_MAX_PARAMS];
-  nn_opt_state os = {0};
+  bl_state os = {0};
   s = bl__w0_copy(&r, w);
   if (!s) s = bl__state_new(&r, &os);
   int ns = bl__state_list(&os, sb), nv = n + ns; /* carried pair (w, s) as one list */
@@ -61,7 +61,7 @@ ad_status bl_forward(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tenso
     ad_marker m = ad_mark(t);
     /* Record step k from leaves (w_k, s_k). */
     ad_tensor *wl[NN_MAX_PARAMS], *wn[NN_MAX_PARAMS];
-    nn_opt_state sl = {0};
+    bl_state sl = {0};
     s = bl__leaf_new(&r, n, w, wl);
     if (!s) s = bl__state_copy(&r, &sl, &os, BL_STATE_LEAF);
     ad_tensor *ins[NN_MAX_PARAMS * 2 + BL_MAX_STATE], *tan[NN_MAX_PARAMS * 2 + BL_MAX_STATE];
@@ -70,7 +70,7 @@ ad_status bl_forward(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tenso
     for (int q = 0; q < n_lam; q++) ins[n_in++] = r.lam[q];
     for (int i = 0; i < n; i++) ins[n_in++] = wl[i];
     if (!s) n_in += bl__state_list(&sl, ins + n_in);
-    if (!s) s = bl__step_recorded(&r, r.lam, &r.opt.cfg, wl, &sl, k, NULL, wn);
+    if (!s) s = bl__step_recorded(&r, r.lam, wl, &sl, k, NULL, wn);
     if (s) break;
     for (int i = 0; i < n; i++) outs[i] = wn[i];
     bl__state_list(&sl, outs + n);

@@ -25,7 +25,7 @@ ad_status bl_greedy(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor
   int n = p->n_w, n_lam = p->n_lam;
   int64_t T = p->inner_steps;
   ad_tensor *w[NN_MAX_PARAMS], *glam[NN_MAX_PARAMS];
-  nn_opt_state os = {0};
+  bl_state os = {0};
   s = bl__w0_copy(&r, w);
   if (!s) s = bl__state_new(&r, &os);
   if (!s) s = bl__zeros_new(&r, n_lam, r.lam, glam);
@@ -34,10 +34,10 @@ ad_status bl_greedy(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor
     ad_marker m = ad_mark(t);
     ad_tensor *wl[NN_MAX_PARAMS], *wn[NN_MAX_PARAMS], *alpha[NN_MAX_PARAMS], *aB[NN_MAX_PARAMS];
     ad_tensor *gd[NN_MAX_PARAMS];
-    nn_opt_state sl = {0};
+    bl_state sl = {0};
     s = bl__leaf_new(&r, n, w, wl);
     if (!s) s = bl__state_copy(&r, &sl, &os, BL_STATE_LEAF);
-    if (!s) s = bl__step_recorded(&r, r.lam, &r.opt.cfg, wl, &sl, k, NULL, wn);
+    if (!s) s = bl__step_recorded(&r, r.lam, wl, &sl, k, NULL, wn);
     /* alpha_t at w_t (and, at t = T, the direct term) */
     if (!s) s = bl__val_grad(&r, r.lam, wn, NULL, alpha, k == T - 1 ? gd : NULL);
     /* alpha_t B_t: w_t's dependence on lam through this step only */

@@ -34,7 +34,7 @@ static double p_t(double gamma, int64_t t) {
 /* h = N_t alpha B(w*, s*) with alpha = grad_w L_val(w): into h (long-lived
  * buffers), and the direct term into gd when not NULL. */
 static ad_status distilled(bl_run *r, ad_tensor *const *w, ad_tensor *const *w_ema,
-                           const nn_opt_state *s_ema, int64_t t, double gamma, ad_tensor *const *h,
+                           const bl_state *s_ema, int64_t t, double gamma, ad_tensor *const *h,
                            ad_tensor *const *alpha, ad_tensor *const *gd) {
   int n = r->p->n_w, n_lam = r->p->n_lam;
   ad_marker m = ad_mark(r->t);
@@ -52,9 +52,9 @@ static ad_status distilled(bl_run *r, ad_tensor *const *w, ad_tensor *const *w_e
 }
 
 /* theta at step t: least-squares fit of the distilled term to DrMAD's. */
-static ad_status estimate_theta(bl_run *r, const nn_opt_state *s0, ad_tensor *const *w,
-                                const nn_opt_state *s, ad_tensor *const *w_ema,
-                                const nn_opt_state *s_ema, int64_t t, double gamma, double *theta) {
+static ad_status estimate_theta(bl_run *r, const bl_state *s0, ad_tensor *const *w,
+                                const bl_state *s, ad_tensor *const *w_ema,
+                                const bl_state *s_ema, int64_t t, double gamma, double *theta) {
   int n = r->p->n_w, n_lam = r->p->n_lam;
   ad_marker m = ad_mark(r->t);
   ad_tensor *h[NN_MAX_PARAMS], *alpha[NN_MAX_PARAMS], *hd[NN_MAX_PARAMS];
@@ -86,7 +86,7 @@ ad_status bl_hyperdistill(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_
   int n = p->n_w, n_lam = p->n_lam;
   ad_tensor *w[NN_MAX_PARAMS], *w_ema[NN_MAX_PARAMS], *h[NN_MAX_PARAMS], *alpha[NN_MAX_PARAMS];
   ad_tensor *glam[NN_MAX_PARAMS], *sb[BL_MAX_STATE], *eb[BL_MAX_STATE];
-  nn_opt_state os = {0}, os0 = {0}, s_ema = {0};
+  bl_state os = {0}, os0 = {0}, s_ema = {0};
   s = bl__w0_copy(&r, w);
   if (!s) s = bl__state_new(&r, &os);
   if (!s) s = bl__state_new(&r, &os0);
@@ -105,8 +105,7 @@ ad_status bl_hyperdistill(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_
     double pt = p_t(gamma, tt);
     bl__lerp(n, w_ema, w, w_ema, pt);
     bl__lerp(ns, eb, sb, eb, pt);
-    s_ema.step = k; /* B at the EMA point is the step-t update: step count t-1 before it */
-    s = bl__run_inplace(&r, r.lam, &r.opt.cfg, w, &os, k, k + 1);
+    s = bl__run_inplace(&r, r.lam, w, &os, k, k + 1);
     if (!s && tt % every == 0)
       s = estimate_theta(&r, &os0, w, &os, w_ema, &s_ema, tt, gamma, &theta);
   }

@@ -120,10 +120,9 @@ static ad_status imp_init(bl_imp *m, bl_run *r) {
 
 ad_status bl__imp_begin(bl_imp *m, bl_run *r) {
   ad_status s = imp_init(m, r);
-  nn_opt_state os;
   if (!s) s = bl__w0_copy(r, m->w);
-  if (!s) s = bl__state_new(r, &os);
-  if (!s) s = bl__run_inplace(r, r->lam, &r->opt.cfg, m->w, &os, 0, r->p->inner_steps);
+  if (!s) s = bl__state_new(r, &m->s);
+  if (!s) s = bl__run_inplace(r, r->lam, m->w, &m->s, 0, r->p->inner_steps);
   if (!s) s = bl__val_grad(r, r->lam, m->w, NULL, m->b, m->direct);
   if (!s) s = record_curvature(m);
   return s;

@@ -35,6 +35,7 @@ typedef struct {
   int n;                            /* parameter tensors */
   int64_t step;                     /* step index L_eff is evaluated at */
   ad_tensor *w[NN_MAX_PARAMS];      /* w_T: leaves needing a gradient */
+  bl_state s;                       /* the step's state at w_T (bl__imp_begin) */
   ad_tensor *g[NN_MAX_PARAMS];      /* grad_w L_eff(w_T), recorded */
   ad_tensor *b[NN_MAX_PARAMS];      /* grad_w L_val(w_T): the right-hand side */
   ad_tensor *direct[NN_MAX_PARAMS]; /* dL_val/dlam with w held fixed */

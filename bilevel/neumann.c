@@ -22,8 +22,9 @@ ad_status bl_neumann(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tenso
   if (!s) s = bl__copy_new(&r, m.n, m.b, v); /* v = q = b: the j = 0 term */
   if (!s) s = bl__copy_new(&r, m.n, m.b, q);
   if (!s) s = bl__zeros_new(&r, m.n, m.w, hq);
+  double alpha = 0;
+  if (!s) s = bl__alpha(&r, &alpha);
   if (!s) {
-    double alpha = BL_OPT(&r, alpha, bl__lr(&r.opt.cfg));
     int64_t K = BL_OPT(&r, K, 20);
     for (int64_t j = 1; j <= K && !s; j++) {
       s = bl__imp_apply(&m, q, hq);

@@ -16,7 +16,7 @@ ad_status bl_one_step(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tens
   int64_t T = p->inner_steps;
   ad_tensor *w[NN_MAX_PARAMS], *w_prev[NN_MAX_PARAMS], *gw[NN_MAX_PARAMS], *glam[NN_MAX_PARAMS];
   ad_tensor *aB[NN_MAX_PARAMS];
-  nn_opt_state os = {0}, os_prev = {0};
+  bl_state os = {0}, os_prev = {0};
   /* w_{T-1}, s_{T-1} kept; one more step in place gives w_T; alpha_T and
    * the direct term at w_T. */
   s = bl__run_keep_last(&r, w, w_prev, &os, &os_prev, gw, glam);

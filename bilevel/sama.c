@@ -18,6 +18,8 @@
  * cbrt(machine epsilon) max(1, ||w_T||)). L_train is evaluated with the last
  * step's index (its batch). Only hyperparameters of L_train are covered
  * (an optimizer hyperparameter such as lr_var gets just its direct term).
+ * Any step works, a user step included: P is read off the step itself, so
+ * it is whatever preconditioner the rule applies to its gradient.
  * Needs T >= 1. */
 #include "bl_internal.h"
 
@@ -44,11 +46,14 @@ ad_status bl_sama(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *
   bl_run r;
   ad_status s = bl__begin(&r, "bl_sama", t, p, o, hg, 1);
   if (s) return bl__end(&r, s, st);
+  if (!(r.o.eps >= 0) || !isfinite(r.o.eps))
+    return bl__end(
+        &r, bl__fail(&r, AD_ERR_ARG, "eps = %g (a finite radius >= 0; 0 = default)", r.o.eps), st);
   int n = p->n_w, n_lam = p->n_lam;
   int64_t T = p->inner_steps;
   ad_tensor *w[NN_MAX_PARAMS], *q[NN_MAX_PARAMS], *glam[NN_MAX_PARAMS], *wt[NN_MAX_PARAMS];
   ad_tensor *gp[NN_MAX_PARAMS], *gm[NN_MAX_PARAMS];
-  nn_opt_state os = {0};
+  bl_state os = {0};
   s = bl__w0_copy(&r, w);
   if (!s) s = bl__state_new(&r, &os);
   if (!s) s = bl__zeros_new(&r, n, w, q);
@@ -56,21 +61,21 @@ ad_status bl_sama(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *
   if (!s) s = bl__zeros_new(&r, n_lam, r.lam, glam);
   if (!s) s = bl__zeros_new(&r, n_lam, r.lam, gp);
   if (!s) s = bl__zeros_new(&r, n_lam, r.lam, gm);
-  if (!s) s = bl__run_inplace(&r, r.lam, &r.opt.cfg, w, &os, 0, T - 1);
+  if (!s) s = bl__run_inplace(&r, r.lam, w, &os, 0, T - 1);
 
   /* The last step recorded with its gradient g as the input we
    * differentiate by: w_T = Phi(w_{T-1}, g, s_{T-1}). */
   ad_marker m = ad_mark(t);
   ad_tensor *g[NN_MAX_PARAMS], *gl[NN_MAX_PARAMS], *wc[NN_MAX_PARAMS], *wT[NN_MAX_PARAMS];
   ad_tensor *alpha[NN_MAX_PARAMS], *gd[NN_MAX_PARAMS], *Pa[NN_MAX_PARAMS];
-  nn_opt_state sl = {0};
+  bl_state sl = {0};
   ad_tensor *L = s ? NULL : p->train_loss(t, w, r.lam, T - 1, p->ctx);
   if (!s) s = bl__check_loss(&r, L, "train_loss", T - 1);
   if (!s) s = ad_grad(t, 1, &L, NULL, n, w, g, 0);
   if (!s) s = bl__leaf_new(&r, n, g, gl);
   if (!s) s = bl__copy_new(&r, n, w, wc);
   if (!s) s = bl__state_copy(&r, &sl, &os, BL_STATE_TAPE);
-  if (!s) s = bl__nn(&r, nn_opt_step_diff(t, &r.opt.cfg, &sl, n, wc, gl, wT));
+  if (!s) s = bl__step_call(&r, r.lam, wc, &sl, gl, T - 1, wT, &sl);
   /* alpha and the direct term at w_T; q = P alpha = -(dPhi/dg)^T alpha */
   if (!s) s = bl__val_grad(&r, r.lam, wT, NULL, alpha, gd);
   if (!s) s = ad_grad(t, n, wT, alpha, n, gl, Pa, 0);

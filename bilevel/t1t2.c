@@ -21,14 +21,12 @@
 /* alpha . Phi(w_prev, lam_p) for one perturbed lam_p: one in-place step
  * from copies of (w_prev, s_prev). */
 static ad_status step_dot(bl_run *r, ad_tensor *const *lam_p, ad_tensor *const *w_prev,
-                          const nn_opt_state *s_prev, ad_tensor *const *wt, nn_opt_state *stt,
+                          const bl_state *s_prev, ad_tensor *const *wt, bl_state *stt,
                           ad_tensor *const *alpha, double *out) {
-  bl_cfg_map cm;
-  bl__cfg_map(r->p, lam_p, &cm);
   bl__copy_list(r->p->n_w, wt, w_prev);
   bl__state_set(stt, s_prev);
   int64_t T = r->p->inner_steps;
-  ad_status s = bl__run_inplace(r, lam_p, &cm.cfg, wt, stt, T - 1, T);
+  ad_status s = bl__run_inplace(r, lam_p, wt, stt, T - 1, T);
   if (!s) *out = bl__dot(r->p->n_w, alpha, wt);
   return s;
 }
@@ -38,11 +36,14 @@ ad_status bl_t1t2(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *
   bl_run r;
   ad_status s = bl__begin(&r, "bl_t1t2", t, p, o, hg, 1);
   if (s) return bl__end(&r, s, st);
+  if (!(r.o.eps >= 0) || !isfinite(r.o.eps))
+    return bl__end(
+        &r, bl__fail(&r, AD_ERR_ARG, "eps = %g (a finite step >= 0; 0 = default)", r.o.eps), st);
   int n = p->n_w, n_lam = p->n_lam;
   int64_t T = p->inner_steps;
   ad_tensor *w[NN_MAX_PARAMS], *w_prev[NN_MAX_PARAMS], *gw[NN_MAX_PARAMS], *glam[NN_MAX_PARAMS];
   ad_tensor *aB[NN_MAX_PARAMS];
-  nn_opt_state os = {0}, os_prev = {0};
+  bl_state os = {0}, os_prev = {0};
   /* T1: the training steps, keeping (w_{T-1}, s_{T-1}). */
   s = bl__run_keep_last(&r, w, w_prev, &os, &os_prev, gw, glam);
   if (s) return bl__end(&r, s, st);
@@ -54,7 +55,7 @@ ad_status bl_t1t2(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *
   } else {
     /* T2 by central differences of the step in each coordinate of lam. */
     ad_tensor *lam_p[NN_MAX_PARAMS], *wt[NN_MAX_PARAMS];
-    nn_opt_state stt = {0};
+    bl_state stt = {0};
     double u = p->w0[0]->dtype == AD_F64 ? DBL_EPSILON : FLT_EPSILON;
     double eps = r.o.eps > 0 ? r.o.eps : cbrt(u);
     s = bl__copy_new(&r, n_lam, p->lam, lam_p);

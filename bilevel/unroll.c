@@ -33,7 +33,7 @@ ad_status bl_unroll(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor
    * adjoints alpha (on w and on the state) and the hypergradient. */
   ad_tensor *w[NN_MAX_PARAMS], *aw[NN_MAX_PARAMS], *as[BL_MAX_STATE], *glam[NN_MAX_PARAMS];
   ad_tensor *gw_T[NN_MAX_PARAMS], *glam_T[NN_MAX_PARAMS], *sb[BL_MAX_STATE];
-  nn_opt_state os = {0};
+  bl_state os = {0};
   s = bl__w0_copy(&r, w);
   if (!s) s = bl__state_new(&r, &os);
   int ns = bl__state_list(&os, sb);
@@ -42,7 +42,7 @@ ad_status bl_unroll(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor
   if (!s) s = bl__zeros_new(&r, n_lam, r.lam, glam);
 
   /* Steps 0 .. start-1 without a tape (truncation). */
-  if (!s) s = bl__run_inplace(&r, r.lam, &r.opt.cfg, w, &os, 0, start);
+  if (!s) s = bl__run_inplace(&r, r.lam, w, &os, 0, start);
 
   /* Steps start .. T-1 recorded, from a copy of w_start: the cut. */
   bl_segment sg = {0};

@@ -34,15 +34,13 @@ ad_status bl_zero_order(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_te
   /* lam_p = lam + sign sigma u, and its optimizer config; fresh w and state
    * for each run. */
   ad_tensor *lam_p[NN_MAX_PARAMS], *u[NN_MAX_PARAMS], *glam[NN_MAX_PARAMS], *w[NN_MAX_PARAMS];
-  nn_opt_state os = {0}, os0 = {0};
-  bl_cfg_map cm;
+  bl_state os = {0}, os0 = {0};
   s = bl__copy_new(&r, n_lam, p->lam, lam_p);
   if (!s) s = bl__zeros_new(&r, n_lam, p->lam, u);
   if (!s) s = bl__zeros_new(&r, n_lam, p->lam, glam);
   if (!s) s = bl__w0_copy(&r, w);
   if (!s) s = bl__state_new(&r, &os);
   if (!s) s = bl__state_new(&r, &os0);
-  if (!s) bl__cfg_map(p, lam_p, &cm);
 
   for (int64_t i = 0; i < N && !s; i++) {
     for (int k = 0; k < n_lam; k++) ad_tensor_fill_normal(u[k], &rng, 0.0, 1.0);
@@ -53,7 +51,7 @@ ad_status bl_zero_order(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_te
       bl__axpy(n_lam, lam_p, q ? -sigma : sigma, u);
       bl__copy_list(n, w, p->w0);
       bl__state_set(&os, &os0);
-      s = bl__run_inplace(&r, lam_p, &cm.cfg, w, &os, 0, p->inner_steps);
+      s = bl__run_inplace(&r, lam_p, w, &os, 0, p->inner_steps);
       if (!s) s = bl__val_value(&r, lam_p, w, &F[q]);
     }
     if (!s) bl__axpy(n_lam, glam, (F[0] - F[1]) / (pairs * N * sigma), u);
@@ -62,7 +60,7 @@ ad_status bl_zero_order(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_te
   if (!s) {
     bl__copy_list(n, w, p->w0);
     bl__state_set(&os, &os0);
-    s = bl__run_inplace(&r, r.lam, &r.opt.cfg, w, &os, 0, p->inner_steps);
+    s = bl__run_inplace(&r, r.lam, w, &os, 0, p->inner_steps);
   }
   if (!s) s = bl__val_value(&r, r.lam, w, NULL);
   if (!s) s = bl__write_hg(&r, glam, hg);

@@ -249,6 +249,10 @@ static inline void fx_rcase_exact(fx_rcase *c, double *hg_out) {
  *   2: momentum 0.9, per-parameter weight decay
  *   3: Adam, learning rate lr_var = lam[0] and per-parameter weight decay
  *      lam[1..3]
+ *   4: momentum 0.9 with learning rate lr_var = lam[0] (0.1), and an L2
+ *      term in the loss: L_train = CE + (lam[1]/2) sum_i ||w_i||^2
+ *      (lam[1] = 0.05): every hyperparameter is scalar, and both kinds
+ *      (the step's and the loss's) are there
  * fx_mlp_run gives L_val(w_T(lam)) with the in-place optimizer and no
  * bilevel code: the reference for finite differences. */
 #define FX_MN 12
@@ -270,6 +274,14 @@ static inline ad_tensor *fx_mlp_train(ad_tape *t, ad_tensor *const *w, ad_tensor
   (void)step;
   const fx_mlp_data *d = ctx;
   ad_tensor *L = ad_cross_entropy(t, fx_mlp_logits(t, w, d->X, FX_MN), d->y, FX_MN);
+  if (d->kind == 4) {
+    ad_tensor *pen = NULL;
+    for (int i = 0; i < 3; i++) {
+      ad_tensor *q = ad_dot(t, w[i], w[i]);
+      pen = pen ? ad_add(t, pen, q) : q;
+    }
+    return ad_add(t, L, ad_mul(t, ad_scale(t, lam[1], 0.5), pen));
+  }
   return d->kind == 0 ? ad_mul(t, ad_exp(t, lam[0]), L) : L;
 }
 
@@ -308,6 +320,12 @@ static inline void fx_mlp_setup(fx_mlp *c, int kind, int64_t T) {
     c->lam[0] = fx_new(AD_F64, 0, NULL);
     ad_set(c->lam[0], 0, log(0.5));
     cfg.lr = 1.0;
+  } else if (kind == 4) {
+    c->n_lam = 2;
+    for (int k = 0; k < 2; k++) c->lam[k] = fx_new(AD_F64, 0, NULL);
+    ad_set(c->lam[0], 0, 0.1);
+    ad_set(c->lam[1], 0, 0.05);
+    cfg = (nn_opt_cfg){.kind = NN_OPT_MOMENTUM, .momentum = 0.9, .lr_var = c->lam[0]};
   } else {
     int off = kind == 3;
     c->n_lam = 3 + off;
