@@ -254,11 +254,11 @@ static void resolve_step(bl_meta_run *r) {
     bl_problem q = {.n_w = p->n_theta, .n_lam = p->n_lam, .lam = p->lam, .opt = *p->opt};
     bl__cfg_map(&q, r->lam, &r->opt);
     int slots = opt_uses_m(p->opt->kind) + opt_uses_v(p->opt->kind);
-    r->step = (bl_step){opt_provider, slots, &r->opt.cfg, "opt"};
+    r->step = (bl_step){.fn = opt_provider, .slots = slots, .ctx = &r->opt.cfg, .name = "opt"};
     return;
   }
   r->lr = p->inner_lr;
-  r->step = (bl_step){sgd_provider, 0, &r->lr, "plain SGD"};
+  r->step = (bl_step){.fn = sgd_provider, .slots = 0, .ctx = &r->lr, .name = "plain SGD"};
 }
 
 ad_status bl__meta_begin(bl_meta_run *r, const char *who, ad_tape *t, const bl_meta_problem *p,
