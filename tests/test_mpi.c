@@ -27,6 +27,7 @@
 static bl_mpi *D;    /* MPI_COMM_WORLD */
 static int R_, P_;   /* rank, size */
 static bl_mpi *SELF; /* MPI_COMM_SELF: "this process alone" */
+static bl_mpi *RS;   /* MPI_COMM_WORLD, reduce-scatter + allgather from 4 elements */
 
 /* 1 when x holds the same bits on every rank. */
 static int same_everywhere(int n, ad_tensor *const *x) {
@@ -181,6 +182,26 @@ static void dp_check(const char *name, bl_method_fn f, int64_t T, const bl_opts 
 START_TEST(test_dp_methods) {
   const dp_case *k = &DP_CASES[_i];
   dp_check(k->name, k->f, k->T, &k->o);
+}
+END_TEST
+
+/* The bandwidth path of the sums (reduce-scatter in rank order, then
+ * allgather; uneven segments at 4 ranks): values, and two methods whose
+ * 5-element gradients all take it. */
+START_TEST(test_reduce_scatter_path) {
+  ad_tape *t = fx_tape(8);
+  double c = P_ * (P_ + 1) / 2.0;
+  ad_tensor *x = ad_zeros(t, AD_F64, 1, (int64_t[]){11});
+  for (int i = 0; i < 11; i++) ad_set(x, i, (R_ + 1) * (i + 1.0));
+  ad_tensor *y = bl_mpi_sum(t, RS, x);
+  ck_assert_ptr_nonnull(y);
+  for (int i = 0; i < 11; i++) ck_assert_double_eq_tol(ad_get(y, i), c * (i + 1), 1e-12);
+  ad_tape_free(t);
+  bl_mpi *keep = D;
+  D = RS;
+  dp_check("unroll (rs)", bl_unroll, 30, &(bl_opts){0});
+  dp_check("cg (rs)", bl_cg, 200, &(bl_opts){.K = 5, .tol = 1e-300});
+  D = keep;
 }
 END_TEST
 
@@ -448,7 +469,8 @@ int main(int argc, char **argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &P_);
   /* a bounded wait: a broken test fails in 30 s instead of hanging */
   if (bl_mpi_open(&D, MPI_COMM_WORLD, &(bl_mpi_opts){.timeout = 30}) ||
-      bl_mpi_open(&SELF, MPI_COMM_SELF, NULL)) {
+      bl_mpi_open(&SELF, MPI_COMM_SELF, NULL) ||
+      bl_mpi_open(&RS, MPI_COMM_WORLD, &(bl_mpi_opts){.timeout = 30, .large = 4})) {
     fprintf(stderr, "bl_mpi_open failed\n");
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
@@ -457,6 +479,7 @@ int main(int argc, char **argv) {
   tcase_set_timeout(tc, 600);
   tcase_add_test(tc, test_ops);
   tcase_add_loop_test(tc, test_dp_methods, 0, (int)(sizeof DP_CASES / sizeof DP_CASES[0]));
+  tcase_add_test(tc, test_reduce_scatter_path);
   tcase_add_test(tc, test_dp_hoag);
   tcase_add_test(tc, test_meta_batch);
   tcase_add_test(tc, test_zero_order);
@@ -472,6 +495,7 @@ int main(int argc, char **argv) {
   srunner_free(sr);
   bl_mpi_close(D);
   bl_mpi_close(SELF);
+  bl_mpi_close(RS);
   MPI_Finalize();
   return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }
