@@ -46,6 +46,7 @@
 #include <mpi.h>
 
 #include "bl.h"
+#include "bl_engine.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -137,6 +138,38 @@ ad_status bl_mpi_meta(bl_mpi *d, bl_meta_method_fn f, ad_tape *t, const bl_meta_
 ad_status bl_mpi_zero_order(bl_mpi *d, ad_tape *t, const bl_problem *p, const bl_opts *o,
                             int64_t blocks, ad_tensor *const *hg, bl_stats *st);
 uint64_t bl_mpi_zo_seed(uint64_t seed, int64_t block);
+
+/* ------------------------------------------------------------------ the engine
+ * A data-parallel level: its loss is bl_mpi_level_loss with ctx a
+ * bl_mpi_level naming the rank-local loss (this rank's share, as above,
+ * read from this rank's shard of the level's data or from ctx) and how many
+ * parameter tensors each level has (the levels the loss reads; 0 for the
+ * others). The wrapper applies C to every such parameter of the view and R
+ * to the local loss, so every method on every edge, and the engine's
+ * responses of deeper levels, are the whole batch's on every rank. Every
+ * rank builds and runs the same engine (same levels, steps and options);
+ * only the data and the local losses differ. Validation callbacks should
+ * return replicated metrics (sum them with bl_mpi_sum) so early stopping
+ * agrees. */
+typedef struct {
+  bl_mpi *mpi;
+  bl_level_loss_fn local;
+  void *ctx;
+  int n[BL_ENGINE_MAX_LEVELS]; /* parameter tensors of level id the loss reads */
+} bl_mpi_level;
+
+ad_tensor *bl_mpi_level_loss(ad_tape *t, const bl_vars *v, void *ctx);
+
+/* Save / resume with ranks: one file per rank, "<path>.<rank>of<size>"
+ * (replicated parameters and each rank's own iterator positions), each
+ * written atomically by bl_engine_save; then the ranks agree on the
+ * outcome, so a failure on any rank is an error (AD_ERR_IO / the loader's
+ * status, message naming the rank) on every rank. load also checks that
+ * every rank resumed at the same engine step. A load that failed on some
+ * ranks only has changed the others' engines: stop rather than continue.
+ * Collective. */
+ad_status bl_mpi_engine_save(bl_mpi *d, bl_engine *e, const char *path);
+ad_status bl_mpi_engine_load(bl_mpi *d, bl_engine *e, const char *path);
 
 #ifdef __cplusplus
 }

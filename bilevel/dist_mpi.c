@@ -861,3 +861,72 @@ ad_status bl_mpi_zero_order(bl_mpi *d, ad_tape *t, const bl_problem *p, const bl
   free_list(p->n_lam, gb);
   return s;
 }
+
+/* ---------------------------------------------------------------- the engine */
+
+ad_tensor *bl_mpi_level_loss(ad_tape *t, const bl_vars *v, void *ctx) {
+  bl_mpi_level *lv = ctx;
+  if (!t) return NULL;
+  if (!lv || !lv->mpi || !lv->local || !v) {
+    ad_custom_fail(t, AD_ERR_NULL, "bl_mpi_level_loss: %s is NULL",
+                   !v         ? "the view"
+                   : !lv      ? "ctx (a bl_mpi_level)"
+                   : !lv->mpi ? "ctx->mpi"
+                              : "ctx->local");
+    return NULL; /* the same on every rank: no exchange to join */
+  }
+  bl_mpi *d = lv->mpi;
+  static const int MAXP = NN_MAX_PARAMS;
+  ad_tensor *cp[BL_ENGINE_MAX_LEVELS][NN_MAX_PARAMS];
+  bl_vars cv = *v;
+  for (int id = 0; id < BL_ENGINE_MAX_LEVELS; id++) {
+    int n = lv->n[id];
+    if (n <= 0 || !v->p[id]) continue;
+    if (n > MAXP) {
+      ad_custom_fail(t, AD_ERR_ARG, "bl_mpi_level_loss: n[%d] = %d exceeds %d", id, n, MAXP);
+      break;
+    }
+    for (int i = 0; i < n; i++) cp[id][i] = bl_mpi_copy(t, d, v->p[id][i]);
+    cv.p[id] = cp[id];
+  }
+  ad_tensor *l = NULL;
+  if (ad_tape_status(t) == AD_OK) l = lv->local(t, &cv, lv->ctx);
+  if (l && l->size != 1) {
+    ad_custom_fail(t, AD_ERR_SHAPE, "bl_mpi_level_loss: rank %d's local loss has %lld elements",
+                   d->rank, (long long)l->size);
+    l = NULL;
+  } else if (!l && ad_tape_status(t) == AD_OK) {
+    ad_custom_fail(t, AD_ERR_NULL, "bl_mpi_level_loss: rank %d's local loss returned NULL",
+                   d->rank);
+  }
+  return bl_mpi_sum(t, d, l);
+}
+
+static ad_status engine_io(bl_mpi *d, bl_engine *e, const char *path, int load) {
+  const char *who = load ? "bl_mpi_engine_load" : "bl_mpi_engine_save";
+  if (!d) return AD_ERR_NULL;
+  if (!e || !path) return fail(d, NULL, AD_ERR_NULL, "%s: %s is NULL", who, !e ? "engine" : "path");
+  d->seq = 0;
+  d->shared_fail = 0;
+  char file[4096];
+  ad_status local = AD_OK;
+  char msg[HDR_MSG] = "";
+  if (snprintf(file, sizeof file, "%s.%dof%d", path, d->rank, d->size) >= (int)sizeof file) {
+    local = AD_ERR_ARG;
+    snprintf(msg, sizeof msg, "%s: path too long", who);
+  } else {
+    local = load ? bl_engine_load(e, file) : bl_engine_save(e, file);
+    if (local) snprintf(msg, sizeof msg, "%s", bl_engine_errmsg(e));
+  }
+  /* the step counter rides in the hash: resumed ranks must agree on it */
+  uint64_t h = load && !local ? fnv_i(FNV0, bl_engine_steps_done(e)) : 0;
+  ad_status s = agree(d, who, local, msg, h);
+  return s;
+}
+
+ad_status bl_mpi_engine_save(bl_mpi *d, bl_engine *e, const char *path) {
+  return engine_io(d, e, path, 0);
+}
+ad_status bl_mpi_engine_load(bl_mpi *d, bl_engine *e, const char *path) {
+  return engine_io(d, e, path, 1);
+}
