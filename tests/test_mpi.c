@@ -12,9 +12,15 @@
  *     ranks against the method on all 7 tasks, 1e-12;
  *   - zero-order directions split across ranks against one process drawing
  *     the same blocks, 1e-12, and that against bl_zero_order block by block;
+ *   - both sum paths (one allgather; reduce-scatter + allgather);
+ *   - a two-level engine with data-parallel levels against the engine on
+ *     the whole batch (unroll and CG edges), 1e-12; save/resume with one
+ *     file per rank, bit-identical; a missing file fails every rank;
  *   - faults: ranks that disagree on settings or shapes, and a rank whose
  *     loss fails mid-run, end in errors on every rank (no hang), after which
- *     the handle still works. */
+ *     the handle still works; a rank late beyond the timeout makes the
+ *     others fail with a timeout error and a handle that refuses work. */
+#define _POSIX_C_SOURCE 200809L /* sleep */
 #include "bilevel/bl_mpi.h"
 #include "bl_fixtures.h"
 
@@ -562,6 +568,37 @@ START_TEST(test_rank_failure) {
 }
 END_TEST
 
+/* A rank that comes late (3 s) to a sum: the others give up after their
+ * handle's 1 s timeout with an error saying so, and their handle refuses
+ * further work at once; the late rank, arriving while the others' request
+ * is still open, completes. Needs a peer: at one rank nobody can be late. */
+START_TEST(test_timeout) {
+  if (P_ == 1) return;
+  bl_mpi *to = NULL;
+  ck_assert_int_eq(bl_mpi_open(&to, MPI_COMM_WORLD, &(bl_mpi_opts){.timeout = 1}), AD_OK);
+  ad_tape *t = fx_tape(4);
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (R_ == P_ - 1) sleep(3);
+  ad_tensor *y = bl_mpi_sum(t, to, ad_scalar(t, AD_F64, 1.0));
+  if (R_ == P_ - 1) {
+    ck_assert_msg(y != NULL, "%s", ad_tape_errmsg(t));
+    ck_assert_double_eq(ad_get(y, 0), P_);
+  } else {
+    ck_assert_ptr_null(y);
+    ck_assert_int_eq(ad_tape_status(t), AD_ERR_ARG);
+    ck_assert_msg(strstr(ad_tape_errmsg(t), "waited 1 s") != NULL, "%s", ad_tape_errmsg(t));
+    ad_tape_clear_error(t);
+    /* refused before any collective (the message of the broken path) */
+    ck_assert_ptr_null(bl_mpi_sum(t, to, ad_scalar(t, AD_F64, 1.0)));
+    ck_assert_ptr_nonnull(strstr(ad_tape_errmsg(t), "unusable after an earlier failure"));
+  }
+  /* the others' open request completes while they wait here */
+  MPI_Barrier(MPI_COMM_WORLD);
+  bl_mpi_close(to);
+  ad_tape_free(t);
+}
+END_TEST
+
 /* Bad calls: NULLs and a Gauss-Newton split are refused on the calling
  * rank without a collective. */
 START_TEST(test_bad_calls) {
@@ -610,6 +647,7 @@ int main(int argc, char **argv) {
   tcase_add_test(tc, test_disagreement);
   tcase_add_test(tc, test_rank_failure);
   tcase_add_test(tc, test_bad_calls);
+  tcase_add_test(tc, test_timeout);
   suite_add_tcase(s, tc);
   SRunner *sr = srunner_create(s);
   srunner_set_fork_status(sr, CK_NOFORK); /* no fork after MPI_Init */
