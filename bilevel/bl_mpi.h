@@ -37,10 +37,14 @@
  * starting values (ranks that disagree all fail with AD_ERR_ARG naming the
  * first rank that differs); every exchange carries each rank's status, so a
  * rank whose local loss fails makes every rank's op fail with that rank's
- * message (AD_ERR_ARG, "rank 1 failed: ..."); and every collective waits at
+ * status and message ("rank 1 failed: ..."); and every collective waits at
  * most the handle's timeout, after which the handle is broken (AD_ERR_ARG
- * from every later call; the communicator has a collective outstanding, so
- * the program should end, with MPI_Abort if it must finalize quickly). */
+ * from every later call; bl_mpi_close then leaves its duplicate
+ * communicator alone, as a collective may be outstanding on it: if the late
+ * peer never comes, end with MPI_Abort rather than MPI_Finalize). Every
+ * rank's local work must record the same ops (the data differ, not the
+ * graph): the exchanges are numbered, and a rank that skipped one is named
+ * in an error instead of its sums being mixed up with another tensor's. */
 #ifndef HYPERTAPE_BL_MPI_H
 #define HYPERTAPE_BL_MPI_H
 #include <mpi.h>
@@ -72,8 +76,8 @@ typedef struct {
 } bl_mpi_stats;
 
 /* Opens a handle on a duplicate of comm (MPI must be initialised; collective
- * over comm). opts may be NULL. Returns AD_OK, or AD_ERR_NULL / AD_ERR_ARG
- * with ad_last_error() saying why. */
+ * over comm). opts may be NULL (fields 0: defaults). Returns AD_OK, or
+ * AD_ERR_NULL / AD_ERR_ARG / AD_ERR_NOMEM with ad_last_error() saying why. */
 ad_status bl_mpi_open(bl_mpi **out, MPI_Comm comm, const bl_mpi_opts *opts);
 /* Frees the duplicate (not collective when the handle is broken). Accepts NULL. */
 void bl_mpi_close(bl_mpi *d);

@@ -25,6 +25,8 @@
 #define _POSIX_C_SOURCE 200809L
 #include "bl_mpi.h"
 
+#include "autodiff/ad_internal.h" /* ad__set_last: bl_mpi_open's messages */
+
 #include <math.h>
 #include <sched.h>
 #include <stdarg.h>
@@ -92,16 +94,20 @@ static uint64_t hash_tensor(uint64_t h, const ad_tensor *x, int values) {
 /* ---------------------------------------------------------------- handle */
 
 ad_status bl_mpi_open(bl_mpi **out, MPI_Comm comm, const bl_mpi_opts *opts) {
-  if (!out) return AD_ERR_NULL;
+  if (!out) return ad__set_last(AD_ERR_NULL, "bl_mpi_open: out is NULL");
   *out = NULL;
   int init = 0;
   MPI_Initialized(&init);
-  if (!init) return AD_ERR_ARG;
+  if (!init)
+    return ad__set_last(AD_ERR_ARG, "bl_mpi_open: MPI is not initialised (MPI_Init first)");
+  if (opts && (opts->timeout < 0 || opts->large < 0 || isnan(opts->timeout)))
+    return ad__set_last(AD_ERR_ARG, "bl_mpi_open: timeout = %g and large = %lld must be >= 0",
+                        opts->timeout, (long long)opts->large);
   bl_mpi *d = calloc(1, sizeof *d);
-  if (!d) return AD_ERR_NOMEM;
-  if (MPI_Comm_dup(comm, &d->comm) != MPI_SUCCESS) {
+  if (!d) return ad__set_last(AD_ERR_NOMEM, "bl_mpi_open: out of memory");
+  if (comm == MPI_COMM_NULL || MPI_Comm_dup(comm, &d->comm) != MPI_SUCCESS) {
     free(d);
-    return AD_ERR_ARG;
+    return ad__set_last(AD_ERR_ARG, "bl_mpi_open: cannot duplicate the communicator");
   }
   /* Errors come back as codes (turned into statuses), never abort. */
   MPI_Comm_set_errhandler(d->comm, MPI_ERRORS_RETURN);
@@ -114,7 +120,7 @@ ad_status bl_mpi_open(bl_mpi **out, MPI_Comm comm, const bl_mpi_opts *opts) {
   d->dsp = calloc((size_t)d->size, sizeof *d->dsp);
   if (!d->hdrs || !d->cnt || !d->dsp) {
     bl_mpi_close(d);
-    return AD_ERR_NOMEM;
+    return ad__set_last(AD_ERR_NOMEM, "bl_mpi_open: out of memory");
   }
   *out = d;
   return AD_OK;
@@ -345,7 +351,7 @@ static ad_status sum_f64(bl_mpi *d, const char *who, hdr *h, double *v, int64_t 
     return fail(d, NULL, AD_ERR_ARG, "%s: MPI_Iallgatherv failed on rank %d", who, d->rank);
   }
   if ((s = wait_req(d, &rq, who))) return s;
-  d->st.bytes += 2 * (n - seg) * 8;
+  d->st.bytes += ((int64_t)(P - 1) * seg + (n - seg)) * 8; /* all-to-all in, allgather in */
   return AD_OK;
 }
 

@@ -616,6 +616,13 @@ START_TEST(test_bad_calls) {
   ck_assert_ptr_null(bl_mpi_sum(t, NULL, NULL));
   ck_assert_ptr_null(bl_mpi_sum(NULL, D, NULL));
   ck_assert_int_eq(bl_mpi_size(NULL), 0);
+  bl_mpi *bad = (bl_mpi *)&bad;
+  ck_assert_int_eq(bl_mpi_open(&bad, MPI_COMM_WORLD, &(bl_mpi_opts){.timeout = -1}), AD_ERR_ARG);
+  ck_assert_ptr_null(bad);
+  ck_assert_ptr_nonnull(strstr(ad_last_error(), "bl_mpi_open: timeout"));
+  ck_assert_int_eq(bl_mpi_open(&bad, MPI_COMM_NULL, NULL), AD_ERR_ARG);
+  ck_assert_ptr_nonnull(strstr(ad_last_error(), "duplicate"));
+  ck_assert_int_eq(bl_mpi_open(NULL, MPI_COMM_WORLD, NULL), AD_ERR_NULL);
   bl_mpi_close(NULL);
   ad_tape_free(t);
   fx_rcase_free(&c);
