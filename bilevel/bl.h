@@ -130,24 +130,29 @@ typedef struct bl_hoag_state {
  * decay, tol_min). Accepts NULL. */
 void bl_hoag_state_free(bl_hoag_state *s);
 
-/* Options. Zero means the default given in each method's comment. */
+/* Options. Zero means the default named here (the implicit methods' K,
+ * tol and alpha: see their comment below). */
 typedef struct {
-  int64_t K;                /* truncation length / solver iterations / Neumann terms */
+  int64_t K;                /* unroll: backprop through the last K steps (0 or >= T: all);
+                               implicit solvers: iterations / Neumann terms */
   double tol;               /* solver tolerance */
   double alpha;             /* Neumann / fixed-point step (default: the inner lr) */
-  double gamma;             /* greedy / HyperDistill decay */
-  double eps;               /* finite-difference step (T1-T2 DARTS, SAMA) */
+  double gamma;             /* greedy / HyperDistill decay, in (0, 1]; default 0.9 */
+  double eps;               /* finite-difference step: T1-T2 DARTS eps_i = eps max(1, |lam_i|),
+                               default cbrt(machine epsilon of the dtype); SAMA perturbation
+                               norm, default cbrt(machine epsilon) max(1, ||w_T||) */
   int darts_fd;             /* T1-T2: B_t by central differences instead of the tape */
   int gauss_newton;         /* implicit methods: J^T H_out J in place of the Hessian */
   double damping;           /* added to the Hessian's diagonal (implicit methods) */
   int64_t checkpoint_every; /* checkpointed unroll; default sqrt(T) */
-  int64_t distill_every;    /* HyperDistill: theta re-estimated every this many steps */
-  int64_t samples;          /* zero-order: directions */
-  double sigma;             /* zero-order: smoothing radius */
-  int antithetic;           /* zero-order: +/- pairs */
-  uint64_t seed;
-  int warm_start;      /* HOAG: keep the previous solution (bl_hoag_state) */
-  bl_hoag_state *hoag; /* HOAG: state across calls; NULL = plain CG at tol */
+  int64_t distill_every;    /* HyperDistill: theta re-estimated every this many steps;
+                               default T (once) */
+  int64_t samples;          /* zero-order: directions; default 16 */
+  double sigma;             /* zero-order: smoothing radius; default 1e-2 */
+  int antithetic;           /* zero-order: +/- pairs (2 inner runs per direction) */
+  uint64_t seed;            /* zero-order: seeds the directions */
+  int warm_start;           /* HOAG: keep the previous solution (bl_hoag_state) */
+  bl_hoag_state *hoag;      /* HOAG: state across calls; NULL = plain CG at tol */
 } bl_opts;
 
 /* Every method: fills hg[k] (caller's heap tensors shaped like lam[k]) with

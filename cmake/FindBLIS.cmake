@@ -11,8 +11,16 @@ include(FindPackageHandleStandardArgs)
 find_package_handle_standard_args(BLIS REQUIRED_VARS BLIS_INCLUDE_DIR BLIS_LIBRARY BLIS_STATIC_LIBRARY)
 if(BLIS_FOUND)
   # Which threading flavour the archive was built with decides what it needs
-  # at link time; the openmp one needs libgomp.
-  find_package(OpenMP COMPONENTS C)
+  # at link time; the openmp one needs libgomp. OpenMP is looked up for a
+  # language the including project has enabled: a C++-only project that
+  # finds hypertape (this file is installed with its package config) has no
+  # C component, and libblis.a's GOMP_parallel would stay undefined.
+  get_property(_blis_langs GLOBAL PROPERTY ENABLED_LANGUAGES)
+  set(_blis_omp_lang C)
+  if(NOT "C" IN_LIST _blis_langs AND "CXX" IN_LIST _blis_langs)
+    set(_blis_omp_lang CXX)
+  endif()
+  find_package(OpenMP COMPONENTS ${_blis_omp_lang})
   if(NOT TARGET BLIS::BLIS)
     add_library(BLIS::BLIS UNKNOWN IMPORTED)
     set_target_properties(BLIS::BLIS PROPERTIES
@@ -22,8 +30,8 @@ if(BLIS_FOUND)
   if(NOT TARGET BLIS::BLIS_static)
     add_library(BLIS::BLIS_static STATIC IMPORTED)
     set(_blis_deps Threads::Threads m)
-    if(OpenMP_C_FOUND)
-      list(APPEND _blis_deps OpenMP::OpenMP_C)
+    if(OpenMP_${_blis_omp_lang}_FOUND)
+      list(APPEND _blis_deps OpenMP::OpenMP_${_blis_omp_lang})
     endif()
     set_target_properties(BLIS::BLIS_static PROPERTIES
       IMPORTED_LOCATION "${BLIS_STATIC_LIBRARY}"

@@ -143,9 +143,18 @@ typedef struct {
 ad_status ds_mnist_load(ds_dataset **out, const char *dir, const char *split,
                         const ds_mnist_opts *opts);
 
-/* Directory of the embedded MNIST subset: $HYPERTAPE_DATA when set and not
- * empty, else the absolute path <source tree>/datasets/mnist fixed at build
- * time. Never NULL; the string is static (or the environment's). */
+/* Directory of the embedded MNIST subset, the first of:
+ *   1. $HYPERTAPE_DATA, when set and not empty (read on every call);
+ *   2. <dir of the library>/../share/hypertape/mnist (the relative path is
+ *      CMake's LIBDIR -> DATADIR), when it holds the data: an installed
+ *      libhypertape.so finds its prefix's copy even after the prefix is
+ *      moved; linked statically, "the library" is the program;
+ *   3. <source tree>/datasets/mnist, when it holds the data (uninstalled
+ *      builds: tests, examples run from build/);
+ *   4. the configured install path, <CMAKE_INSTALL_FULL_DATADIR>/hypertape/
+ *      mnist, whether or not it exists (so a failing load names it).
+ * 2-4 are decided once per process. Never NULL; the string is static (or
+ * the environment's). */
 const char *ds_default_mnist_dir(void);
 
 /* ------------------------------------------------------------------ CSV */

@@ -1,21 +1,9 @@
-/* mnist.c — MNIST-format image/label pairs from a directory, and where the
- * embedded subset lives. */
+/* mnist.c — MNIST-format image/label pairs from a directory (where the
+ * embedded subset lives is data_dir.c). */
 #include "datasets/ds_internal.h"
 
 #include <stdlib.h>
 #include <string.h>
-
-const char *ds_default_mnist_dir(void) {
-  const char *env = getenv("HYPERTAPE_DATA");
-  if (env && *env) return env;
-#ifdef HT_SOURCE_DIR
-  /* Set by CMake to the source tree, so programs run from any directory
-   * (build/, ctest's working dir, an installed example) find the data. */
-  return HT_SOURCE_DIR "/datasets/mnist";
-#else
-  return "datasets/mnist";
-#endif
-}
 
 /* Spellings seen in the wild: the official "-idx3-ubyte" names, gzipped
  * or not, and "train-images.idx3-ubyte" from some mirrors and Kaggle. */

@@ -29,7 +29,11 @@
  * A second, smaller table does the same for the meta-learning methods on
  * sinusoid regression tasks (the MAML benchmark), against MAML's own exact
  * meta-gradient.
+ *
+ *     ./build/examples/compare_methods [--threads N]
  */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime, in example_util.h */
+#include "example_util.h"
 #include "hypertape.h"
 
 #include <math.h>
@@ -335,7 +339,14 @@ static int meta_table(ad_tape *tape) {
   return failures;
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+  int threads = 0;
+  const ex_opt opts[] = {EX_OPT_THREADS(&threads), {0}};
+  ex_parse_args(argc, argv,
+                "every hypergradient method on ridge regression against the closed form, and the "
+                "meta-learning methods on sinusoid tasks against MAML's exact meta-gradient",
+                opts);
+  ex_set_threads(threads);
   ad_tape *tape = NULL;
   if (ad_tape_new(&tape, &(ad_tape_opts){.arena_mb = 64, .arena_max_mb = 1024}) != AD_OK) {
     fprintf(stderr, "cannot make a tape: %s\n", ad_last_error());

@@ -91,45 +91,34 @@ static const struct {
 
 int main(int argc, char **argv) {
   const char *dir = NULL, *method = "unroll";
-  int outer = 30, threads = 1;
+  int outer = 30, threads = 0;
   int64_t inner = 20;
+  uint64_t seed = 7;
   double outer_lr = 1e-3;
-  for (int i = 1; i + 1 < argc || (i < argc && !strcmp(argv[i], "--help")); i += 2) {
-    if (!strcmp(argv[i], "--help")) {
-      printf("usage: %s [--method M] [--outer N] [--inner T] [--outer-lr LR] [--data DIR] "
-             "[--threads N]\nmethods:",
-             argv[0]);
-      for (size_t k = 0; k < sizeof METHODS / sizeof METHODS[0]; k++)
-        if (METHODS[k].fn) printf(" %s", METHODS[k].name);
-      printf("\n");
-      return 0;
-    }
-    if (!strcmp(argv[i], "--method"))
-      method = argv[i + 1];
-    else if (!strcmp(argv[i], "--outer"))
-      outer = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--inner"))
-      inner = atol(argv[i + 1]);
-    else if (!strcmp(argv[i], "--outer-lr"))
-      outer_lr = atof(argv[i + 1]);
-    else if (!strcmp(argv[i], "--data"))
-      dir = argv[i + 1];
-    else if (!strcmp(argv[i], "--threads"))
-      threads = atoi(argv[i + 1]);
-    else {
-      fprintf(stderr, "%s: unknown option %s (try --help)\n", argv[0], argv[i]);
-      return 2;
-    }
-  }
+  enum { N_METHODS = sizeof METHODS / sizeof METHODS[0] };
+  const char *names[N_METHODS + 1] = {NULL};
+  for (size_t k = 0; k < N_METHODS; k++) names[k] = METHODS[k].name;
+  const ex_opt opts[] = {
+      {"--method", EX_STR, &method, "M", .help = "the hypergradient method", .choices = names},
+      {"--outer", EX_INT, &outer, "N", .help = "outer (hypergradient) iterations", .min = 1,
+       .max = 1e6},
+      {"--inner", EX_I64, &inner, "T", .help = "inner SGD steps per outer iteration", .min = 1,
+       .max = 1e6},
+      {"--outer-lr", EX_DOUBLE, &outer_lr, "LR", .help = "Adam learning rate on the decays",
+       .max = 10, .gt_min = 1},
+      {"--data", EX_STR, &dir, "DIR",
+       .help = "MNIST or Fashion-MNIST IDX files (default: the embedded subset)"},
+      {"--seed", EX_U64, &seed, "S", .help = "seeds the initial weights"},
+      EX_OPT_THREADS(&threads),
+      {0}};
+  ex_parse_args(argc, argv,
+                "learns a weight decay for every weight of an MLP on MNIST by hypergradient "
+                "descent",
+                opts);
   bl_method_fn fn = NULL;
-  for (size_t k = 0; k < sizeof METHODS / sizeof METHODS[0]; k++)
+  for (size_t k = 0; k < N_METHODS; k++)
     if (!strcmp(method, METHODS[k].name)) fn = METHODS[k].fn;
-  if (!fn || outer < 1 || inner < 1 || threads < 1) {
-    fprintf(stderr, "%s: bad --method (%s), --outer, --inner or --threads (try --help)\n", argv[0],
-            method);
-    return 2;
-  }
-  ad_blas_set_threads(threads);
+  ex_set_threads(threads);
 
   /* Data: the training split is cut into inner-training and validation. */
   ds_dataset *all = NULL, *test = NULL, *train = NULL, *val = NULL;
@@ -147,7 +136,7 @@ int main(int argc, char **argv) {
 
   /* Weights (Kaiming-scaled normals) and one decay per weight, all 1e-4. */
   ad_rng rng;
-  ad_rng_seed(&rng, 7);
+  ad_rng_seed(&rng, seed);
   ad_tensor *w[2], *lam[2], *hg[2];
   const int64_t shapes[2][2] = {{IN, HIDDEN}, {HIDDEN, OUT}};
   for (int i = 0; i < 2; i++) {
@@ -183,14 +172,20 @@ int main(int argc, char **argv) {
     fprintf(stderr, "%s\n", ad_last_error());
     return 1;
   }
-  printf("hpo_mnist: %lld train / %lld val / %lld test digits, method %s, T = %lld, GEMM %s\n",
+  printf("hpo_mnist: %lld train / %lld val / %lld test digits, method %s, T = %lld, GEMM %s, "
+         "threads %d\n",
          (long long)train->n, (long long)val->n, (long long)test->n, method, (long long)inner,
-         ad_blas_kernel());
+         ad_blas_kernel(), ad_blas_threads());
   double t0 = ex_now_s(), first = NAN, last = NAN;
   for (int it = 0; it < outer; it++) {
     bl_stats st;
     if (fn(tape, &p, &(bl_opts){0}, hg, &st) != AD_OK) {
       fprintf(stderr, "%s: %s\n", method, ad_tape_errmsg(tape));
+      return 1;
+    }
+    if (!isfinite(st.val_loss)) {
+      fprintf(stderr, "hpo_mnist: the validation loss is %g at outer %d: stopping\n", st.val_loss,
+              it);
       return 1;
     }
     if (it == 0) first = st.val_loss;
@@ -211,6 +206,9 @@ int main(int argc, char **argv) {
         fprintf(stderr, "training: %s\n", ad_tape_errmsg(tape));
         return 1;
       }
+      char where[64];
+      snprintf(where, sizeof where, "outer %d, inner step %lld", it, (long long)s);
+      if (ex_diverged("hpo_mnist", ad_item(L), where)) return 1;
       ad_rewind(tape, m);
     }
     ctx.offset += inner;

@@ -59,11 +59,14 @@ static int evaluate(ad_tape *t, const nn_params *p, const ds_dataset *test, doub
 }
 
 int main(int argc, char **argv) {
-  ex_options o = {.epochs = 6, .threads = 1, .seed = 1, .lr = 0.05};
+  ex_options o = {.epochs = 6, .seed = 1, .lr = 0.05};
   const double momentum = 0.9;
-  int rc = ex_parse(argc, argv, &o);
-  if (rc) return rc > 0 ? 0 : 2;
-  ad_blas_set_threads(o.threads);
+  const ex_opt opts[] = {EX_OPTS_MNIST(&o), {0}};
+  ex_parse_args(argc, argv,
+                "a conv-pool-conv-pool-linear net trained with SGD + momentum on MNIST; ends with "
+                "a summary: line",
+                opts);
+  ex_set_threads(o.threads);
 
   ds_dataset *train = NULL, *test = NULL;
   ad_tape *tape = NULL;
@@ -74,9 +77,9 @@ int main(int argc, char **argv) {
   int status = 1;
   if (ex_load_mnist("mnist_cnn", &o, &train, &test) != 0) goto out;
   printf("mnist_cnn: %lld train / %lld test digits, conv%d-pool-conv%d-pool-fc%d, SGD lr %g "
-         "momentum %g, batch %d, BLIS %s\n",
+         "momentum %g, batch %d, BLIS %s, threads %d\n",
          (long long)train->n, (long long)test->n, C1, C2, OUT, o.lr, momentum, BATCH,
-         ad_blas_kernel());
+         ad_blas_kernel(), ad_blas_threads());
 
   const nn_param_spec specs[6] = {{"conv1.w", 4, {C1, 1, 3, 3}},  {"conv1.b", 1, {C1}},
                                   {"conv2.w", 4, {C2, C1, 3, 3}}, {"conv2.b", 1, {C2}},
@@ -126,6 +129,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "mnist_cnn: step failed: %s%s\n", ad_tape_errmsg(tape), ad_last_error());
         goto out;
       }
+      /* A loss that is no longer a number means the run diverged: stop,
+       * rather than train on and report an accuracy of garbage. */
+      char where[64];
+      snprintf(where, sizeof where, "epoch %d, step %lld", epoch, (long long)steps + 1);
+      if (ex_diverged("mnist_cnn", ad_item(loss), where)) goto out;
       loss_sum += ad_item(loss);
       steps++;
       ad_rewind(tape, start);

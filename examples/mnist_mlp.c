@@ -42,10 +42,11 @@ static int evaluate(ad_tape *t, const nn_params *p, const ds_dataset *test, doub
 }
 
 int main(int argc, char **argv) {
-  ex_options o = {.epochs = 15, .threads = 1, .seed = 1, .lr = 0.2};
-  int rc = ex_parse(argc, argv, &o);
-  if (rc) return rc > 0 ? 0 : 2;
-  ad_blas_set_threads(o.threads);
+  ex_options o = {.epochs = 15, .seed = 1, .lr = 0.2};
+  const ex_opt opts[] = {EX_OPTS_MNIST(&o), {0}};
+  ex_parse_args(argc, argv, "a 784-200-10 MLP trained with SGD on MNIST; ends with a summary: line",
+                opts);
+  ex_set_threads(o.threads);
 
   ds_dataset *train = NULL, *test = NULL;
   ad_tape *tape = NULL;
@@ -56,8 +57,9 @@ int main(int argc, char **argv) {
   int status = 1;
   if (ex_load_mnist("mnist_mlp", &o, &train, &test) != 0) goto out;
   printf("mnist_mlp: %lld train / %lld test digits, %d-%d-%d MLP, SGD lr %g, batch %d, "
-         "BLIS %s\n",
-         (long long)train->n, (long long)test->n, IN, HIDDEN, OUT, o.lr, BATCH, ad_blas_kernel());
+         "BLIS %s, threads %d\n",
+         (long long)train->n, (long long)test->n, IN, HIDDEN, OUT, o.lr, BATCH, ad_blas_kernel(),
+         ad_blas_threads());
 
   /* Parameters: PyTorch's [out, in] layout, Kaiming-normal weights (ReLU
    * gain), zero biases, all in one flat block. */
@@ -107,6 +109,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "mnist_mlp: step failed: %s%s\n", ad_tape_errmsg(tape), ad_last_error());
         goto out;
       }
+      /* A loss that is no longer a number means the run diverged: stop,
+       * rather than train on and report an accuracy of garbage. */
+      char where[64];
+      snprintf(where, sizeof where, "epoch %d, step %lld", epoch, (long long)steps + 1);
+      if (ex_diverged("mnist_mlp", ad_item(loss), where)) goto out;
       loss_sum += ad_item(loss);
       steps++;
       ad_rewind(tape, start); /* everything of this step is gone */

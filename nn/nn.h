@@ -55,7 +55,11 @@ typedef struct {
 } nn_opt_cfg;
 
 /* Optimizer state: step count and up to two buffers per parameter. A plain
- * struct, so copying it snapshots the state (checkpointing relies on it). */
+ * struct: copying it copies the step count and the buffer pointers. For a
+ * tape state that is a snapshot (nn_opt_step_diff replaces the buffers, it
+ * never writes them); an in-place state's buffers are overwritten by each
+ * nn_opt_step, so a snapshot of it must copy their values too
+ * (ad_copy_values), as the checkpointed unroll does. */
 typedef struct {
   int n;
   int64_t step;
