@@ -7,8 +7,10 @@
  *
  * The model is softmax regression (W [784, 10], b [10]) trained by full-batch
  * gradient descent. Each outer step asks a bilevel method for dL_val/dlam at
- * the current weights, takes an Adam step on the logits lam, and trains the
- * weights T more steps with the new weighting (warm start). At the end the
+ * the current weights (an implicit method, cg by default, after one more
+ * inner step: it needs w near w*(lam), which the warm start keeps; the others
+ * through T inner steps from them), takes an Adam step on the logits lam, and
+ * trains the weights T more steps with the new weighting (warm start). At the end the
  * same model is trained from scratch for the same budget twice: on the learned
  * weighting (test_accuracy) and on the noisy labels as they are
  * (baseline_accuracy); an example counts as flagged when sigmoid(lam_i) < 0.5,
@@ -87,6 +89,7 @@ static int train(ad_tape *t, const nn_opt_cfg *opt, ad_tensor *const *w, ad_tens
       fprintf(stderr, "hyper_cleaning: training: %s\n", ad_tape_errmsg(t));
       return -1;
     }
+    if (ex_diverged("hyper_cleaning", ad_item(L), "a training step")) return -1;
     ad_rewind(t, m);
   }
   return 0;
@@ -118,124 +121,66 @@ static flag_score score(const ad_tensor *lam, const uint8_t *flipped) {
   return f;
 }
 
+/* implicit: the method needs w near w*(lam), not a trajectory, so it gets
+ * one inner step from the current (warm-started) weights; the others
+ * differentiate through T inner steps from them. */
 static const struct {
   const char *name;
   bl_method_fn fn;
-} METHODS[] = {{"cg", bl_cg},
-               {"neumann", bl_neumann},
-               {"fixed_point", bl_fixed_point},
-               {"hoag", bl_hoag},
-               {"unroll", bl_unroll},
-               {"checkpointed", bl_checkpointed},
-               {"drmad", bl_drmad},
-               {"one_step", bl_one_step},
-               {"t1t2", bl_t1t2},
-               {"greedy", bl_greedy},
-               {"hyperdistill", bl_hyperdistill},
-               {"sama", bl_sama}};
+  int implicit;
+} METHODS[] = {{"cg", bl_cg, 1},
+               {"neumann", bl_neumann, 1},
+               {"fixed_point", bl_fixed_point, 1},
+               {"hoag", bl_hoag, 1},
+               {"unroll", bl_unroll, 0},
+               {"checkpointed", bl_checkpointed, 0},
+               {"drmad", bl_drmad, 0},
+               {"one_step", bl_one_step, 0},
+               {"t1t2", bl_t1t2, 0},
+               {"greedy", bl_greedy, 0},
+               {"hyperdistill", bl_hyperdistill, 0},
+               {"sama", bl_sama, 0}};
 enum { N_METHODS = sizeof METHODS / sizeof METHODS[0] };
-
-static void usage(FILE *f, const char *prog) {
-  fprintf(f,
-          "usage: %s [--method M] [--steps N] [--inner T] [--warmup W] [--budget B] [--seed S] "
-          "[--data DIR]\n"
-          "       [--franceschi] [--outer-lr LR] [--log FILE] [--threads N]\n"
-          "  --method M     hypergradient method (default cg):",
-          prog);
-  for (int k = 0; k < N_METHODS; k++) fprintf(f, " %s", METHODS[k].name);
-  fprintf(f,
-          "\n"
-          "  --steps N      outer (hypergradient) steps (default 60)\n"
-          "  --inner T      inner GD steps per outer step (default 20)\n"
-          "  --warmup W     GD steps before the first hypergradient (default 100)\n"
-          "  --budget B     GD steps of the final training runs (default 400)\n"
-          "  --seed S       which labels are corrupted, and how (default 1)\n"
-          "  --data DIR     MNIST IDX files (default: the embedded 8,000/2,000 digits)\n"
-          "  --franceschi   Franceschi et al. 2017's split: 5,000 train (2,500 flipped),\n"
-          "                 5,000 validation, 10,000 test (needs --data with the full MNIST)\n"
-          "  --outer-lr LR  Adam step on the example logits (default 0.1)\n"
-          "  --log FILE     JSON lines, one per outer step (default /tmp/hyper_cleaning.jsonl)\n");
-}
-
-/* Strict value parsers: the whole string, in range, or a usage error. */
-static int parse_long(const char *v, long lo, long hi, long *out) {
-  char *end = NULL;
-  long n = v && *v ? strtol(v, &end, 10) : 0;
-  if (!v || !*v || *end || n < lo || n > hi) return -1;
-  *out = n;
-  return 0;
-}
-static int parse_pos_double(const char *v, double *out) {
-  char *end = NULL;
-  double d = v && *v ? strtod(v, &end) : 0;
-  if (!v || !*v || *end || !(d > 0) || !isfinite(d)) return -1;
-  *out = d;
-  return 0;
-}
 
 int main(int argc, char **argv) {
   const char *method = "cg", *dir = NULL, *log_path = "/tmp/hyper_cleaning.jsonl";
-  long steps = 60, inner = 20, budget = 400, warmup = 100, threads = 1, seed = 1;
+  int steps = 100, inner = 20, budget = 400, warmup = 100, threads = 0, franceschi = 0;
+  uint64_t seed = 1;
   double outer_lr = 0.1;
-  int franceschi = 0;
-  for (int i = 1; i < argc; i++) {
-    const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-    int bad = 0;
-    if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-      usage(stdout, argv[0]);
-      return 0;
-    } else if (!strcmp(a, "--franceschi")) {
-      franceschi = 1;
-      continue;
-    } else if (!strcmp(a, "--method")) {
-      method = v, bad = !v;
-    } else if (!strcmp(a, "--data")) {
-      dir = v, bad = !v;
-    } else if (!strcmp(a, "--log")) {
-      log_path = v, bad = !v;
-    } else if (!strcmp(a, "--steps")) {
-      bad = parse_long(v, 0, 100000, &steps);
-    } else if (!strcmp(a, "--inner")) {
-      bad = parse_long(v, 1, 100000, &inner);
-    } else if (!strcmp(a, "--warmup")) {
-      bad = parse_long(v, 0, 1000000, &warmup);
-    } else if (!strcmp(a, "--budget")) {
-      bad = parse_long(v, 1, 1000000, &budget);
-    } else if (!strcmp(a, "--seed")) {
-      bad = parse_long(v, 0, 1L << 30, &seed);
-    } else if (!strcmp(a, "--threads")) {
-      bad = parse_long(v, 1, 256, &threads);
-    } else if (!strcmp(a, "--outer-lr")) {
-      bad = parse_pos_double(v, &outer_lr);
-    } else {
-      fprintf(stderr, "%s: unknown argument %s\n", argv[0], a);
-      usage(stderr, argv[0]);
-      return 2;
-    }
-    if (bad) {
-      fprintf(stderr, "%s: %s needs a valid value%s%s\n", argv[0], a, v ? ", not " : "",
-              v ? v : "");
-      usage(stderr, argv[0]);
-      return 2;
-    }
-    i++;
-  }
+  const char *names[N_METHODS + 1] = {0};
+  for (int k = 0; k < N_METHODS; k++) names[k] = METHODS[k].name;
+  const ex_opt opts[] = {
+      {"--method", EX_STR, &method, "M", .help = "hypergradient method", .choices = names},
+      {"--steps", EX_INT, &steps, "N", .help = "outer (hypergradient) steps", .max = 100000},
+      {"--inner", EX_INT, &inner, "T", .help = "inner GD steps per outer step", .min = 1,
+       .max = 100000},
+      {"--warmup", EX_INT, &warmup, "W", .help = "GD steps before the first hypergradient",
+       .max = 1000000},
+      {"--budget", EX_INT, &budget, "B", .help = "GD steps of each final training run", .min = 1,
+       .max = 1000000},
+      {"--seed", EX_U64, &seed, "S", .help = "which labels are corrupted, and how"},
+      {"--data", EX_STR, &dir, "DIR",
+       .help = "MNIST IDX files (default: the embedded 8,000/2,000 digits)"},
+      {"--franceschi", EX_FLAG, &franceschi, NULL,
+       .help = "Franceschi et al. 2017's split: 5,000 train (2,500 flipped), 5,000 validation, "
+               "10,000 test; needs --data with the full MNIST"},
+      {"--outer-lr", EX_DOUBLE, &outer_lr, "LR", .help = "Adam step on the example logits",
+       .max = 100, .gt_min = 1},
+      {"--log", EX_STR, &log_path, "FILE", .help = "JSON lines, one per outer step"},
+      EX_OPT_THREADS(&threads),
+      {0}};
+  ex_parse_args(argc, argv,
+                "data hyper-cleaning: one weight per training example, learned by hypergradient, "
+                "finds the corrupted labels",
+                opts);
   bl_method_fn fn = NULL;
+  int implicit = 0;
   for (int k = 0; k < N_METHODS; k++)
-    if (!strcmp(method, METHODS[k].name)) fn = METHODS[k].fn;
-  if (!fn) {
-    fprintf(stderr, "%s: unknown method %s\n", argv[0], method);
-    usage(stderr, argv[0]);
-    return 2;
-  }
-  if (franceschi && !dir) {
-    fprintf(stderr,
-            "%s: --franceschi needs --data DIR with the full MNIST (10,000 training "
-            "digits are more than the embedded 8,000)\n",
-            argv[0]);
-    return 2;
-  }
-  ad_blas_set_threads((int)threads);
+    if (!strcmp(method, METHODS[k].name)) fn = METHODS[k].fn, implicit = METHODS[k].implicit;
+  if (franceschi && !dir)
+    ex_usage_error("--franceschi needs --data DIR with the full MNIST (10,000 training digits are "
+                   "more than the embedded 8,000)");
+  ex_set_threads(threads);
   const int64_t n_train = franceschi ? 5000 : 4000, n_val = franceschi ? 5000 : 1000,
                 n_test = franceschi ? 10000 : 2000;
 
@@ -264,7 +209,7 @@ int main(int argc, char **argv) {
   if (!noisy || !flipped) return 1;
   memcpy(noisy, tr->labels, sizeof(int32_t) * (size_t)n_train);
   ad_rng rng;
-  ad_rng_seed(&rng, (uint64_t)seed);
+  ad_rng_seed(&rng, seed);
   int64_t n_flipped = 0;
   if (ds_corrupt_labels(noisy, n_train, 10, 0.5, &rng, flipped, &n_flipped)) {
     fprintf(stderr, "hyper_cleaning: %s\n", ds_errmsg());
@@ -311,23 +256,25 @@ int main(int argc, char **argv) {
                   .val_loss = val_loss,
                   .ctx = &ctx,
                   .opt = inner_opt,
-                  .inner_steps = inner};
+                  .inner_steps = implicit ? 1 : inner};
   const nn_opt_cfg outer_opt = {.kind = NN_OPT_ADAM, .lr = outer_lr};
   nn_opt_state outer_state;
   bl_hoag_state hoag = {0};
-  const bl_opts mo = {.hoag = &hoag, .warm_start = 1};
+  /* K = 10 conjugate-gradient (or Neumann) iterations: the flags need the
+   * sign of each example's hypergradient, not ten digits of it. */
+  const bl_opts mo = {.K = 10, .hoag = &hoag, .warm_start = 1};
   if (nn_opt_state_init(&outer_opt, &outer_state, 1, &lam)) {
     fprintf(stderr, "hyper_cleaning: %s\n", ad_last_error());
     return 1;
   }
   printf("hyper_cleaning: %lld train digits (%lld labels flipped) / %lld clean validation / %lld "
-         "test, softmax regression, method %s, T = %ld, GEMM %s\n",
+         "test, softmax regression, method %s, T = %d, GEMM %s\n",
          (long long)n_train, (long long)n_flipped, (long long)n_val, (long long)n_test, method,
          inner, ad_blas_kernel());
   double t0 = ex_now_s();
   if (train(tape, &inner_opt, w, lam, &ctx, warmup)) return 1;
   flag_score fs = score(lam, flipped);
-  for (long it = 0; it < steps; it++) {
+  for (int it = 0; it < steps; it++) {
     bl_stats st = {0};
     if (fn(tape, &p, &mo, &hg, &st) != AD_OK) {
       fprintf(stderr, "hyper_cleaning: %s: %s\n", method, ad_tape_errmsg(tape));
@@ -338,13 +285,13 @@ int main(int argc, char **argv) {
     fs = score(lam, flipped);
     double val_acc = accuracy(tape, w, &ctx.val);
     fprintf(log,
-            "{\"step\": %ld, \"val_loss\": %.6f, \"val_accuracy\": %.4f, \"precision\": %.4f, "
+            "{\"step\": %d, \"val_loss\": %.6f, \"val_accuracy\": %.4f, \"precision\": %.4f, "
             "\"recall\": %.4f, \"f1\": %.4f, \"weight_clean\": %.4f, \"weight_noisy\": %.4f, "
             "\"seconds\": %.3f}\n",
             it, st.val_loss, val_acc, fs.precision, fs.recall, fs.f1, fs.w_clean, fs.w_noisy,
             ex_now_s() - t0);
     if (it % 10 == 0 || it == steps - 1)
-      printf("outer %3ld  val_loss %.4f  val_acc %.4f  f1 %.3f (P %.3f R %.3f)  mean weight "
+      printf("outer %3d  val_loss %.4f  val_acc %.4f  f1 %.3f (P %.3f R %.3f)  mean weight "
              "clean %.3f noisy %.3f  %.1f s\n",
              it, st.val_loss, val_acc, fs.f1, fs.precision, fs.recall, fs.w_clean, fs.w_noisy,
              ex_now_s() - t0);
@@ -360,7 +307,7 @@ int main(int argc, char **argv) {
     if (train(tape, &inner_opt, w, weightings[k], &ctx, budget)) return 1;
     acc[k] = accuracy(tape, w, &test);
   }
-  printf("trained %ld GD steps from zero: learned weighting %.4f, noisy labels as they are %.4f, "
+  printf("trained %d GD steps from zero: learned weighting %.4f, noisy labels as they are %.4f, "
          "only the truly clean examples (oracle) %.4f\n",
          budget, acc[0], acc[1], acc[2]);
   printf("summary: method=%s test_accuracy=%.4f baseline_accuracy=%.4f oracle_accuracy=%.4f "

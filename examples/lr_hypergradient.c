@@ -140,87 +140,46 @@ fail:
   return -1;
 }
 
-static void usage(FILE *f, const char *prog) {
-  fprintf(f,
-          "usage: %s [--steps N] [--lr LR] [--momentum MU] [--beta B] [--gamma G] [--no-momentum]\n"
-          "       [--seed S] [--data DIR] [--log FILE] [--threads N]\n"
-          "  --steps N       SGD steps (default 1500, minibatches of %d)\n"
-          "  --lr LR         initial learning rate, and the fixed one of the comparison "
-          "(default 0.01)\n"
-          "  --momentum MU   initial momentum in [0, 1) (default 0.5)\n"
-          "  --beta B        hyper step in log-space per unit cosine (default 0.02)\n"
-          "  --gamma G       decay of the forward tangents in [0, 1]: 0 = Baydin's one-step rule,\n"
-          "                  1 = the exact online forward-mode hypergradient (default 0.9)\n"
-          "  --no-momentum   keep mu at its initial value; learn lr only\n"
-          "  --seed S        initial weights and batch order (default 1)\n"
-          "  --data DIR      MNIST IDX files (default: the embedded 8,000/2,000 digits)\n"
-          "  --log FILE      JSON lines, one per step (default /tmp/lr_hypergradient.jsonl)\n",
-          prog, BATCH);
-}
-
-static int parse_long(const char *v, long lo, long hi, long *out) {
-  char *end = NULL;
-  long n = v && *v ? strtol(v, &end, 10) : 0;
-  if (!v || !*v || *end || n < lo || n > hi) return -1;
-  *out = n;
-  return 0;
-}
-static int parse_double(const char *v, double lo, double hi, int open_lo, double *out) {
-  char *end = NULL;
-  double d = v && *v ? strtod(v, &end) : 0;
-  if (!v || !*v || *end || !isfinite(d) || d < lo || d > hi || (open_lo && d == lo)) return -1;
-  *out = d;
-  return 0;
-}
-
 int main(int argc, char **argv) {
   const char *dir = NULL, *log_path = "/tmp/lr_hypergradient.jsonl";
-  long steps = 1500, seed = 1, threads = 1;
+  int steps = 1500, threads = 0, fixed_mu = 0;
+  int64_t limit = 0;
+  uint64_t seed = 1;
   double lr0 = 0.01, mu0 = 0.5, beta = 0.02, gamma = 0.9;
-  int learn_mu = 1;
-  for (int i = 1; i < argc; i++) {
-    const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-    int bad = 0;
-    if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-      usage(stdout, argv[0]);
-      return 0;
-    } else if (!strcmp(a, "--no-momentum")) {
-      learn_mu = 0;
-      continue;
-    } else if (!strcmp(a, "--data")) {
-      dir = v, bad = !v;
-    } else if (!strcmp(a, "--log")) {
-      log_path = v, bad = !v;
-    } else if (!strcmp(a, "--steps")) {
-      bad = parse_long(v, 1, 10000000, &steps);
-    } else if (!strcmp(a, "--seed")) {
-      bad = parse_long(v, 0, 1L << 30, &seed);
-    } else if (!strcmp(a, "--threads")) {
-      bad = parse_long(v, 1, 256, &threads);
-    } else if (!strcmp(a, "--lr")) {
-      bad = parse_double(v, 0, 10, 1, &lr0);
-    } else if (!strcmp(a, "--momentum")) {
-      bad = parse_double(v, 0, 0.999, 0, &mu0);
-    } else if (!strcmp(a, "--beta")) {
-      bad = parse_double(v, 0, 10, 0, &beta);
-    } else if (!strcmp(a, "--gamma")) {
-      bad = parse_double(v, 0, 1, 0, &gamma);
-    } else {
-      fprintf(stderr, "%s: unknown argument %s\n", argv[0], a);
-      usage(stderr, argv[0]);
-      return 2;
-    }
-    if (bad) {
-      fprintf(stderr, "%s: %s needs a valid value%s%s\n", argv[0], a, v ? ", not " : "",
-              v ? v : "");
-      usage(stderr, argv[0]);
-      return 2;
-    }
-    i++;
-  }
-  ad_blas_set_threads((int)threads);
+  const ex_opt opts[] = {
+      {"--steps", EX_INT, &steps, "N", .help = "SGD steps (minibatches of 128)", .min = 1,
+       .max = 10000000},
+      {"--lr", EX_DOUBLE, &lr0, "LR",
+       .help = "initial learning rate, and the fixed one of the comparison", .max = 10,
+       .gt_min = 1},
+      {"--momentum", EX_DOUBLE, &mu0, "MU", .help = "initial momentum (and the fixed one)",
+       .max = 0.999},
+      {"--beta", EX_DOUBLE, &beta, "B", .help = "hyper step in log-space per unit cosine",
+       .max = 10},
+      {"--gamma", EX_DOUBLE, &gamma, "G",
+       .help = "decay of the forward tangents: 0 = Baydin's one-step rule, 1 = the exact online "
+               "forward-mode hypergradient",
+       .max = 1},
+      {"--no-momentum", EX_FLAG, &fixed_mu, NULL,
+       .help = "keep mu at its initial value; learn lr only"},
+      {"--seed", EX_U64, &seed, "S", .help = "initial weights and batch order"},
+      {"--data", EX_STR, &dir, "DIR",
+       .help = "MNIST IDX files (default: the embedded 8,000/2,000 digits)"},
+      {"--limit", EX_I64, &limit, "N",
+       .help = "only the first N train and test digits (quick runs, valgrind)", .min = BATCH,
+       .max = 1e9},
+      {"--log", EX_STR, &log_path, "FILE", .help = "JSON lines, one per step"},
+      EX_OPT_THREADS(&threads),
+      {0}};
+  ex_parse_args(argc, argv,
+                "learns the learning rate and momentum of SGD while it trains, by forward-mode "
+                "hypergradient (hypergradient descent)",
+                opts);
+  const int learn_mu = !fixed_mu;
+  ex_set_threads(threads);
   ds_dataset *train = NULL, *test = NULL;
-  if (ds_mnist_load(&train, dir, "train", NULL) || ds_mnist_load(&test, dir, "test", NULL)) {
+  const ds_mnist_opts lim = {.limit = limit};
+  if (ds_mnist_load(&train, dir, "train", &lim) || ds_mnist_load(&test, dir, "test", &lim)) {
     fprintf(stderr, "lr_hypergradient: %s\n", ds_errmsg());
     return 1;
   }
@@ -235,7 +194,7 @@ int main(int argc, char **argv) {
   hd_state s = {.log_lr = log(lr0), .logit_mu = log(mu0 / (1 - mu0)), .learn_mu = learn_mu};
   ad_tensor *fw[NP];
   ad_rng rng;
-  ad_rng_seed(&rng, (uint64_t)seed);
+  ad_rng_seed(&rng, seed);
   int err = 0;
   for (int i = 0; i < NP; i++) {
     err |= ad_tensor_new(&s.w[i], AD_F32, nd[i], shapes[i]) ||
@@ -271,7 +230,7 @@ int main(int argc, char **argv) {
     return 1;
   }
   if (ds_iter_new(&it, train->x, train->labels, NULL,
-                  &(ds_iter_opts){.batch = BATCH, .seed = (uint64_t)seed})) {
+                  &(ds_iter_opts){.batch = BATCH, .seed = seed})) {
     fprintf(stderr, "lr_hypergradient: %s\n", ds_errmsg());
     return 1;
   }
@@ -280,20 +239,21 @@ int main(int argc, char **argv) {
     fprintf(stderr, "lr_hypergradient: cannot write the log %s\n", log_path);
     return 1;
   }
-  printf("lr_hypergradient: MLP %d-%d-%d on %lld digits, batch %d, %ld steps, heavy-ball SGD "
+  printf("lr_hypergradient: MLP %d-%d-%d on %lld digits, batch %d, %d steps, heavy-ball SGD "
          "from lr %g mu %g, beta %g, gamma %g%s\n",
          IN, HID, OUT, (long long)train->n, BATCH, steps, lr0, mu0, beta, gamma,
          learn_mu ? "" : " (mu fixed)");
   printf("%6s %9s %9s %9s %9s %10s %10s\n", "step", "loss", "fixed", "lr", "momentum", "cos(g,Zlr)",
          "cos(g,Zmu)");
   double t0 = ex_now_s(), ema = NAN, ema_fixed = NAN;
-  for (long step = 0; step < steps; step++) {
+  for (int step = 0; step < steps; step++) {
     if (ds_iter_next(it, xb, yb, NULL, NULL)) {
       fprintf(stderr, "lr_hypergradient: %s\n", ds_errmsg());
       return 1;
     }
     hd_record r;
     if (hd_step(tape, &s, xb, yb, beta, gamma, &r)) return 1;
+    if (ex_diverged("lr_hypergradient", r.loss, "the learned-schedule run")) return 1;
     /* The comparison run: the library's in-place heavy ball, lr and mu fixed. */
     ad_marker mk = ad_mark(tape);
     ad_tensor *L = ad_cross_entropy(tape, mlp_logits(tape, fw, xb), yb, BATCH), *g[NP];
@@ -303,17 +263,18 @@ int main(int argc, char **argv) {
       return 1;
     }
     double lf = ad_item(L);
+    if (ex_diverged("lr_hypergradient", lf, "the fixed-lr run")) return 1;
     ad_rewind(tape, mk);
     /* Smoothed batch losses (EMA over ~50 steps) for the progress lines. */
     ema = step ? 0.98 * ema + 0.02 * r.loss : r.loss;
     ema_fixed = step ? 0.98 * ema_fixed + 0.02 * lf : lf;
     fprintf(log,
-            "{\"step\": %ld, \"loss\": %.6f, \"loss_fixed\": %.6f, \"loss_ema\": %.6f, "
+            "{\"step\": %d, \"loss\": %.6f, \"loss_fixed\": %.6f, \"loss_ema\": %.6f, "
             "\"loss_fixed_ema\": %.6f, \"lr\": %.6g, \"momentum\": %.6f, \"hg_lr\": %.6g, "
             "\"hg_momentum\": %.6g, \"cos_lr\": %.4f, \"cos_momentum\": %.4f}\n",
             step, r.loss, lf, ema, ema_fixed, r.lr, r.mu, r.h_lr, r.h_mu, r.c_lr, r.c_mu);
     if (step % 100 == 0 || step == steps - 1)
-      printf("%6ld %9.4f %9.4f %9.5f %9.4f %10.3f %10.3f\n", step, ema, ema_fixed, r.lr, r.mu,
+      printf("%6d %9.4f %9.4f %9.5f %9.4f %10.3f %10.3f\n", step, ema, ema_fixed, r.lr, r.mu,
              r.c_lr, r.c_mu);
   }
   fclose(log);
@@ -321,7 +282,7 @@ int main(int argc, char **argv) {
   double loss_hd = eval(tape, s.w, train, NULL), loss_fixed = eval(tape, fw, train, NULL);
   eval(tape, s.w, test, &acc_hd);
   eval(tape, fw, test, &acc_fixed);
-  printf("training loss over all %lld digits after %ld steps: learned schedule %.4f, fixed lr "
+  printf("training loss over all %lld digits after %d steps: learned schedule %.4f, fixed lr "
          "%.4f; test accuracy %.4f vs %.4f\n",
          (long long)train->n, steps, loss_hd, loss_fixed, acc_hd, acc_fixed);
   printf("summary: final_loss=%.4f fixed_lr_loss=%.4f final_lr=%.5f final_momentum=%.4f "

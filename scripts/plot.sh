@@ -89,7 +89,7 @@ set ylabel "training loss (batch, smoothed)"
 plot "$tmp/d" u 1:2 w l lw 2 t "learned lr and momentum", "" u 1:3 w l lw 2 t "fixed at the start values"
 unset logscale y
 set ylabel "learning rate"; set y2label "momentum"; set ytics nomirror; set y2tics
-set key bottom right
+set key top right
 plot "$tmp/d" u 1:4 w l lw 2 t "lr", "" u 1:5 axes x1y2 w l lw 2 t "momentum"
 unset multiplot
 EOF
