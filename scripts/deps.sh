@@ -4,10 +4,9 @@
 # Does nothing when everything is already installed. The fuzz stage
 # (scripts/fuzz.sh, from .ci/run) passes: clang libclang-rt-14-dev.
 set -euo pipefail
-# python3-torch, libopenblas0-pthread, libjemalloc2: bench/run.py's PyTorch twin (torch on
-# OpenBLAS, and jemalloc as one of the allocators it is tried with).
-pkgs=(gcc make cmake pkg-config libblis-dev check zlib1g-dev python3-torch libopenblas0-pthread
-  libjemalloc2 "$@")
+# The bench's PyTorch twin (python3-torch, libopenblas0-pthread, libjemalloc2) is
+# installed by bench/run.py itself: building and testing do not need it.
+pkgs=(gcc make cmake pkg-config libblis-dev check zlib1g-dev "$@")
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
