@@ -384,12 +384,10 @@ ad_status bl__step_recorded(bl_run *r, ad_tensor *const *lam, ad_tensor *const *
   ad_status st = check_train(r, L, step);
   /* g = grad_w L_train, recorded: the step's own derivative needs it. */
   if (!st) st = ad_grad(t, 1, &L, NULL, p->n_w, w, g, AD_GRAD_RECORD);
+  /* w_new is not scanned here: the next step's training loss, or L_val at
+   * the end, is checked and would be NaN or Inf too, and the scan would
+   * cost a pass over w per recorded step. */
   if (!st) st = bl__step_call(r, lam, w, s, g, step, w_new, s);
-  if (!st) {
-    char where[64];
-    snprintf(where, sizeof where, "inner step %lld", (long long)step);
-    st = bl__check_finite(r, p->n_w, w_new, "the inner iterate", where);
-  }
   if (st) return st;
   if (g_out)
     for (int i = 0; i < p->n_w; i++) g_out[i] = g[i];
