@@ -51,7 +51,9 @@ typedef enum {
  * every call that takes the config): lr, momentum and eps finite and >= 0;
  * beta1, beta2 and alpha in [0, 1); weight_decay finite (a negative decay
  * is allowed: finite differences at 0 and learned decays pass through
- * it); tape variables finite in every element. */
+ * it); tape variables finite in every element (the per-parameter *_vars
+ * larger than one element are scanned by nn_opt_check and the state
+ * initialisers, not by every step, which would cost a pass per step). */
 typedef struct {
   nn_opt_kind kind;
   double lr;           /* default 0.01 */
