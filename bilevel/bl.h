@@ -15,6 +15,19 @@
  *     ad_tensor *hg[1];            // heap tensors shaped like lam, filled in
  *     bl_stats st;
  *     bl_unroll(tape, &p, &(bl_opts){0}, hg, &st);
+ *
+ * The inner step Phi is the problem's library optimizer (p->opt; e.g.
+ * nn_opt_momentum(0.1, 0.0) for an explicit zero) or any rule the user
+ * writes (p->step, see "the inner step" below): every method runs it
+ * through the same interface, so a hand-written optimizer gets every
+ * method.
+ *
+ * Non-finite values are errors, not results: every method checks the
+ * training loss at each inner step, the iterates it keeps, L_val and its
+ * result, and fails with AD_ERR_NUMERIC naming where it broke ("train_loss
+ * is inf at inner step 51", "... at solver iteration 3"), leaving hg
+ * untouched; bad settings (optimizer numbers, NaN tape hyperparameters,
+ * eps, alpha, ...) are AD_ERR_ARG naming the value, before any work.
  */
 #ifndef HYPERTAPE_BL_H
 #define HYPERTAPE_BL_H
@@ -80,14 +93,14 @@ typedef struct {
 
 /* A user step, heavy-ball momentum with the learning rate lam[0] (a
  * scalar) and mu = 0.9 (tests/test_bl_steps.c runs it through every
- * method):
+ * method and gets NN_OPT_MOMENTUM's hypergradients bit for bit):
  *
  *     static ad_status heavy_ball(ad_tape *t, int n, ad_tensor *const *w,
  *                                 ad_tensor *const *s, ad_tensor *const *g,
  *                                 ad_tensor *const *lam, int64_t step, void *ctx,
  *                                 ad_tensor **w_new, ad_tensor **s_new) {
  *       for (int i = 0; i < n; i++) {
- *         s_new[i] = ad_axpy(t, g[i], 0.9, s[i]);              // m' = g + mu m
+ *         s_new[i] = ad_add(t, ad_scale(t, s[i], 0.9), g[i]);      // m' = mu m + g
  *         w_new[i] = ad_sub(t, w[i], ad_mul(t, lam[0], s_new[i])); // w' = w - lr m'
  *       }
  *       return ad_tape_status(t);
@@ -225,8 +238,31 @@ typedef struct {
 typedef ad_status (*bl_method_fn)(ad_tape *t, const bl_problem *p, const bl_opts *o,
                                   ad_tensor *const *hg, bl_stats *st);
 
-/* Iterative differentiation (bilevel/unroll.c, forward.c, checkpoint.c, drmad.c,
- * reversible.c). */
+/* Iterative differentiation (bilevel/unroll.c, forward.c, checkpoint.c,
+ * drmad.c, reversible.c): the chain-rule sum over the trajectory itself.
+ *   unroll:       all T steps recorded (each step's L_train gradient with its
+ *                 own backward), then one reverse sweep, walked back in
+ *                 ~16 chunks so the peak is the forward tape plus one chunk's
+ *                 backward. Exact for the trajectory. o->K in 1..T-1: the
+ *                 first T-K steps run in place and the record starts from a
+ *                 detached w_{T-K}: the K-step truncated hypergradient
+ *                 (Shaban et al. 2019). st->hvps = steps walked back.
+ *   forward:      tangents dw_t/dlam_j (and the state's) carried forward, one
+ *                 JVP per scalar hyperparameter per step (Franceschi et al.
+ *                 2017): memory independent of T, cost T * dim(lam). The same
+ *                 number as unroll.
+ *   checkpointed: the unroll's number in O(sqrt T) memory: (w, state) saved
+ *                 every o->checkpoint_every steps (default ceil(sqrt T)) in
+ *                 an in-place forward run, each segment re-recorded and
+ *                 walked back from the last.
+ *   drmad:        the reverse sweep along the straight line w_T -> w_0 (and
+ *                 s_T -> s_0) instead of the stored trajectory (Fu et al.
+ *                 2016): memory of one step; exact when the trajectory is a
+ *                 line (T = 1). Needs T >= 1.
+ *   reversible:   heavy-ball momentum (NN_OPT_MOMENTUM) only: the unroll's
+ *                 number with the trajectory run in fixed point and walked
+ *                 back exactly from w_T (Maclaurin et al. 2015), keeping only
+ *                 the bits the momentum decay destroys; see reversible.c. */
 ad_status bl_unroll(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                     bl_stats *st); /* o->K > 0: backprop through the last K steps only */
 ad_status bl_forward(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
@@ -243,7 +279,27 @@ ad_status bl_reversible(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_te
                         bl_stats *st);
 
 /* Short-horizon approximations (bilevel/fo.c, one_step.c, t1t2.c, greedy.c,
- * hyperdistill.c). */
+ * hyperdistill.c): cheaper estimates that keep only part of the sum. With
+ * alpha_t = grad_w L_val at the iterate named and B_t = dPhi/dlam of the
+ * step into w_t (from w_{t-1}, s_{t-1} held fixed):
+ *   fo:           dL_val/dlam|direct at w_T only (zero for a hyperparameter
+ *                 that is not in L_val). T = 0 allowed.
+ *   one_step:     direct + alpha_T B_T: the last step's term (= unroll with
+ *                 K = 1, HyperDistill with gamma = 0). Needs T >= 1.
+ *   t1t2:         the same number (Luketina et al. 2016); with o->darts_fd,
+ *                 alpha_T B_T by a central difference of the step in each
+ *                 element of lam (DARTS, Liu et al. 2019), step
+ *                 o->eps max(1, |lam_i|) (eps >= 0; 0 = cbrt(machine eps)):
+ *                 no derivative of the step at all, two steps per element.
+ *   greedy:       direct + sum_t gamma^{T-t} alpha_t B_t with alpha_t taken at
+ *                 w_t itself, not pulled back (the products of A replaced by
+ *                 gamma^{T-t} I); o->gamma in (0, 1], default 0.9. gamma = 1
+ *                 and T = 1 give the unroll. Needs T >= 1.
+ *   hyperdistill: greedy's decayed sum distilled into one term at the EMA
+ *                 point w*_T of the iterates, N_T alpha_T B(w*_T), scaled by a
+ *                 theta fitted to a DrMAD estimate every o->distill_every
+ *                 steps (default T) (Lee et al. 2022); o->gamma as greedy.
+ *                 Needs T >= 1. */
 ad_status bl_fo(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                 bl_stats *st);
 ad_status bl_one_step(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
@@ -269,11 +325,22 @@ ad_status bl_hyperdistill(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_
  * L_train here includes the inner optimizer's own L2 decay (opt.weight_decay
  * and its *_var(s)): L_eff = L_train + sum_i (wd_i/2) ||w_i||^2, whose
  * stationary point the inner run converges to; it is evaluated at step
- * index max(T - 1, 0), the last batch the inner run saw.
+ * index max(T - 1, 0), the last batch the inner run saw. With a user step
+ * L_eff = L_train (a user step's decay is not known to the methods: put it
+ * in train_loss); the inner run is the user's step.
  *   neumann:     v = alpha sum_{j=0}^{K} (I - alpha H)^j b   (K + 1 terms, K products;
- *                converges when 0 < alpha < 2 / lambda_max(H))
- *   fixed_point: v <- v - alpha (H v - b) from v = 0, at most K steps,
- *                stops at tol
+ *                converges when 0 < alpha < 2 / lambda_max(H); a term
+ *                growing past 2 ||b|| is AD_ERR_NUMERIC naming the
+ *                iteration). A user step has no lr: set o->alpha
+ *   fixed_point: the inner step's own fixed point, differentiated (Grazzi
+ *                et al. 2020): u <- A^T u + b on (w, state), A = d step /
+ *                d(w, state) at w_T, from u = 0 (one VJP of the step per
+ *                iteration, no H formed, no alpha needed, any step), then
+ *                hg = direct + B^T u; at most K iterations, stops at tol
+ *                on ||A^T u + b - u||. For SGD this is exactly
+ *                v <- v - lr (H v - b). With o->alpha, o->damping or
+ *                o->gauss_newton set: that Richardson iteration on the
+ *                curvature system with the given alpha instead
  *   cg:          conjugate gradients from v = 0, at most K steps, stops at tol
  *   hoag:        cg with o->hoag's decreasing tolerance, warm-started from
  *                the previous call's v when o->warm_start (o->hoag NULL: cg)
@@ -290,7 +357,20 @@ ad_status bl_hoag(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *
 ad_status bl_exact(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                    bl_stats *st);
 
-/* Derivative-free and preconditioned estimates (bilevel/zero_order.c, sama.c). */
+/* Derivative-free and preconditioned estimates (bilevel/zero_order.c, sama.c).
+ *   zero_order: Gaussian-smoothing (ES) estimate from values of
+ *               L_val(w_T(lam + sigma u), ...) over o->samples directions
+ *               (default 16; o->antithetic: +/- pairs), o->sigma (default
+ *               1e-2), o->seed; the inner runs are the step run in place at
+ *               the perturbed lam, so any step, differentiable or not.
+ *   sama:       (Choe et al. 2023) H^{-1} replaced by the step's own
+ *               sensitivity to its gradient, P = -d step/d g at the last
+ *               step (one VJP: for any step, library or user, P is whatever
+ *               preconditioner the rule applies), the mixed partial by one
+ *               central difference of radius o->eps (finite, >= 0; 0 =
+ *               default). Covers hyperparameters of L_train; a step
+ *               hyperparameter (lr_var, a user step's lam) gets only its
+ *               direct term. Needs T >= 1. */
 ad_status bl_zero_order(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                         bl_stats *st);
 ad_status bl_sama(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,

@@ -87,6 +87,7 @@ typedef struct {
   bl_cfg_map opt;                /* p->opt pointing at lam above (zeros for a user step) */
   bl_step step;                  /* the inner step: the user's, or p->opt's provider */
   int lib;                       /* step is p->opt's provider (nn_opt_step fast path) */
+  int64_t val_at;                /* t of the iterate L_val is taken at (messages); T at entry */
   bl_stats st;                   /* filled as the method goes */
   /* restored by bl__end */
   ad_marker mark;
@@ -182,9 +183,10 @@ ad_tensor *bl__dot_tape(ad_tape *t, int n, ad_tensor *const *a, ad_tensor *const
 
 /* ---------------------------------------------------------------- the step and its state */
 
-/* Resolves r->step (the user's step, checked, or p->opt's provider) and
+/* Resolves r->step (the user's step, checked, or p->opt's provider, its
+ * settings checked by nn_opt_check for parameters shaped like w) and
  * r->lib; called by bl__begin. */
-ad_status bl__step_resolve(bl_run *r);
+ad_status bl__step_resolve(bl_run *r, ad_tensor *const *w);
 
 /* The step's name for messages: "user step" or the step's own name. */
 const char *bl__step_name(const bl_run *r);

@@ -41,7 +41,7 @@ double bl__now(void) {
 double bl__lr(const nn_opt_cfg *cfg) {
   if (cfg->lr_vars && cfg->lr_vars[0]) return ad_get(cfg->lr_vars[0], 0);
   if (cfg->lr_var) return ad_item(cfg->lr_var);
-  return cfg->lr != 0 ? cfg->lr : 0.01;
+  return cfg->lr != 0 || (cfg->set & NN_OPT_SET_LR) ? cfg->lr : 0.01;
 }
 
 ad_status bl__alpha(bl_run *r, double *alpha) {
@@ -120,7 +120,8 @@ ad_status bl__begin(bl_run *r, const char *who, ad_tape *t, const bl_problem *p,
     if (!r->lam[k]) return ad_tape_status(t);
   }
   bl__cfg_map(p, r->lam, &r->opt);
-  return bl__step_resolve(r);
+  r->val_at = p->inner_steps;
+  return bl__step_resolve(r, p->w0);
 }
 
 ad_status bl__end(bl_run *r, ad_status s, bl_stats *st) {
@@ -383,6 +384,9 @@ ad_status bl__step_recorded(bl_run *r, ad_tensor *const *lam, ad_tensor *const *
   ad_status st = check_train(r, L, step);
   /* g = grad_w L_train, recorded: the step's own derivative needs it. */
   if (!st) st = ad_grad(t, 1, &L, NULL, p->n_w, w, g, AD_GRAD_RECORD);
+  /* w_new is not scanned here: the next step's training loss, or L_val at
+   * the end, is checked and would be NaN or Inf too, and the scan would
+   * cost a pass over w per recorded step. */
   if (!st) st = bl__step_call(r, lam, w, s, g, step, w_new, s);
   if (st) return st;
   if (g_out)
@@ -468,7 +472,9 @@ ad_status bl__val_grad(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, do
   if (st) return st;
   r->st.val_loss = ad_item(L);
   if (!isfinite(r->st.val_loss))
-    return bl__fail(r, AD_ERR_NUMERIC, "val_loss is %g at the final inner iterate", r->st.val_loss);
+    return bl__fail(r, AD_ERR_NUMERIC,
+                    "val_loss is %g at w_%lld (the iterate after inner step %lld)", r->st.val_loss,
+                    (long long)r->val_at, (long long)(r->val_at - 1));
   if (val) *val = r->st.val_loss;
   int n_in = 0;
   if (gw)
@@ -493,7 +499,9 @@ ad_status bl__val_value(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, d
   if (!st) {
     r->st.val_loss = ad_item(L);
     if (!isfinite(r->st.val_loss))
-      st = bl__fail(r, AD_ERR_NUMERIC, "val_loss is %g at the final inner iterate", r->st.val_loss);
+      st = bl__fail(r, AD_ERR_NUMERIC,
+                    "val_loss is %g at w_%lld (the iterate after inner step %lld)", r->st.val_loss,
+                    (long long)r->val_at, (long long)(r->val_at - 1));
     if (val) *val = r->st.val_loss;
   }
   ad_rewind(r->t, m);

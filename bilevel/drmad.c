@@ -7,9 +7,9 @@
  *   alpha_T = grad_w L_val(w_T),
  *   g += alpha_{t+1} B_t(w~_t),  alpha_t = alpha_{t+1} A_t(w~_t),  t = T-1 .. 0.
  * Memory: w_0, w_T and one step's graph — no tape of the trajectory. The
- * step's state is interpolated the same way (from its start to s_T) and its adjoint carried alongside. Exact when the trajectory is a
- * line (e.g. T = 1); the error otherwise is measured in the tests. Needs
- * T >= 1. */
+ * step's state is interpolated the same way (from its start to s_T) and its adjoint carried
+ * alongside. Exact when the trajectory is a line (e.g. T = 1); the error otherwise is measured in
+ * the tests. Needs T >= 1. */
 #include "bl_internal.h"
 
 ad_status bl__drmad_reverse(bl_run *r, ad_tensor *const *w0, const bl_state *s0,

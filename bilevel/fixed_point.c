@@ -48,6 +48,15 @@ static ad_status richardson(bl_run *r, bl_imp *m, ad_tensor *const *hg) {
     bl__imp_lincomb(m->n, res, 1.0, m->b, -1.0, res); /* res = b - H v */
     r->st.residual = sqrt(bl__imp_dot(m->n, res, res));
     if ((s = check_residual(r, r->st.residual, k + 1))) break;
+    /* r_k = (I - alpha H)^k b never grows when 0 < alpha < 2/lambda_max and
+     * H is positive semi-definite: growth past 2 ||b|| is divergence. */
+    if (r->st.residual > 2 * bn) {
+      s = bl__fail(r, AD_ERR_NUMERIC,
+                   "the iteration diverges at solver iteration %lld: ||b - H v|| = %g > 2 ||b|| "
+                   "(alpha = %g is past 2 / lambda_max(H), or H is not positive semi-definite)",
+                   (long long)(k + 1), r->st.residual, alpha);
+      break;
+    }
     if (r->st.residual <= tol * bn) break;
     bl__axpy(m->n, v, alpha, res);
     r->st.iterations++;

@@ -39,6 +39,7 @@ ad_status bl_greedy(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor
     if (!s) s = bl__state_copy(&r, &sl, &os, BL_STATE_LEAF);
     if (!s) s = bl__step_recorded(&r, r.lam, wl, &sl, k, NULL, wn);
     /* alpha_t at w_t (and, at t = T, the direct term) */
+    r.val_at = k + 1;
     if (!s) s = bl__val_grad(&r, r.lam, wn, NULL, alpha, k == T - 1 ? gd : NULL);
     /* alpha_t B_t: w_t's dependence on lam through this step only */
     if (!s) s = ad_grad(t, n, wn, alpha, n_lam, r.lam, aB, 0);

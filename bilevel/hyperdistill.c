@@ -39,6 +39,7 @@ static ad_status distilled(bl_run *r, ad_tensor *const *w, ad_tensor *const *w_e
   int n = r->p->n_w, n_lam = r->p->n_lam;
   ad_marker m = ad_mark(r->t);
   ad_tensor *ga[NN_MAX_PARAMS], *gl[NN_MAX_PARAMS], *v[NN_MAX_PARAMS];
+  r->val_at = t;
   ad_status s = bl__val_grad(r, r->lam, w, NULL, ga, gd ? gl : NULL);
   if (!s) s = bl__step_vjp(r, w_ema, s_ema, t - 1, ga, NULL, v, NULL, NULL);
   if (!s) {
@@ -53,8 +54,8 @@ static ad_status distilled(bl_run *r, ad_tensor *const *w, ad_tensor *const *w_e
 
 /* theta at step t: least-squares fit of the distilled term to DrMAD's. */
 static ad_status estimate_theta(bl_run *r, const bl_state *s0, ad_tensor *const *w,
-                                const bl_state *s, ad_tensor *const *w_ema,
-                                const bl_state *s_ema, int64_t t, double gamma, double *theta) {
+                                const bl_state *s, ad_tensor *const *w_ema, const bl_state *s_ema,
+                                int64_t t, double gamma, double *theta) {
   int n = r->p->n_w, n_lam = r->p->n_lam;
   ad_marker m = ad_mark(r->t);
   ad_tensor *h[NN_MAX_PARAMS], *alpha[NN_MAX_PARAMS], *hd[NN_MAX_PARAMS];

@@ -116,13 +116,25 @@ ad_status bl__cg(ad_tape *t, int n, bl_linop A, void *ctx, ad_tensor *const *b, 
     if (sqrt(rs) <= tol * info->b_norm) break;
     if ((s = A(ctx, p, Ap))) return s;
     double pAp = bl__imp_dot(n, p, Ap);
+    if (!isfinite(pAp)) { /* a product overflowed or met a NaN: say where */
+      ad__fail(t, AD_ERR_NUMERIC,
+               "conjugate gradients: p^T A p = %g at solver iteration %lld (the curvature "
+               "products are not finite)",
+               pAp, (long long)(k + 1));
+      return AD_ERR_NUMERIC;
+    }
     if (!(pAp > 0)) { /* not positive definite along p: keep x as it is */
       info->negative_curvature = 1;
       break;
     }
     double a = rs / pAp;
     double rs_new = bl__imp_cg_step(n, x, r, p, Ap, a); /* x += a p, r -= a Ap */
-    bl__imp_lincomb(n, p, 1.0, r, rs_new / rs, p);      /* p = r + (rs_new / rs) p */
+    if (!isfinite(rs_new)) {
+      ad__fail(t, AD_ERR_NUMERIC, "conjugate gradients: ||r||^2 = %g at solver iteration %lld",
+               rs_new, (long long)(k + 1));
+      return AD_ERR_NUMERIC;
+    }
+    bl__imp_lincomb(n, p, 1.0, r, rs_new / rs, p); /* p = r + (rs_new / rs) p */
     rs = rs_new;
     info->iterations++;
   }

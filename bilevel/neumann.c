@@ -7,7 +7,9 @@
  * The error after K terms is alpha sum_{j>K} (I - alpha H)^j b, which shrinks
  * like (1 - alpha mu)^K (mu the smallest eigenvalue): slow for
  * ill-conditioned H, and it is the same iterate as K steps of the inner SGD's
- * own linearisation. No residual is computed (st->residual = NAN). */
+ * own linearisation. No residual is computed (st->residual = NAN). A
+ * series whose terms grow past 2 ||b|| (alpha too large) is an
+ * AD_ERR_NUMERIC naming the iteration, not a result. */
 #include "implicit_internal.h"
 
 #include <math.h>
@@ -26,11 +28,24 @@ ad_status bl_neumann(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tenso
   if (!s) s = bl__alpha(&r, &alpha);
   if (!s) {
     int64_t K = BL_OPT(&r, K, 20);
+    double bn = bl__norm(m.n, m.b);
     for (int64_t j = 1; j <= K && !s; j++) {
       s = bl__imp_apply(&m, q, hq);
+      if (s) break;
       bl__imp_lincomb(m.n, q, 1.0, q, -alpha, hq); /* q = (I - alpha H)^j b */
       bl__imp_lincomb(m.n, v, 1.0, v, 1.0, q);
       r.st.iterations++;
+      /* With H positive semi-definite and 0 < alpha < 2/lambda_max every
+       * eigenvalue of I - alpha H lies in (-1, 1], so ||q_j|| never grows.
+       * Growth past 2 ||b|| means the series diverges (alpha too large, or
+       * H indefinite at w_T): an error, not a huge hypergradient. */
+      double qn = bl__norm(m.n, q);
+      if (!isfinite(qn) || qn > 2 * bn)
+        s = bl__fail(&r, AD_ERR_NUMERIC,
+                     "the series diverges at solver iteration %lld: ||(I - alpha H)^j b|| = %g "
+                     "> 2 ||b|| = %g (alpha = %g is past 2 / lambda_max(H), or H is not "
+                     "positive semi-definite at w_T: lower o->alpha)",
+                     (long long)j, qn, 2 * bn, alpha);
     }
     bl__scale(m.n, v, alpha);
     r.st.residual = NAN;

@@ -97,7 +97,7 @@ const char *bl__step_name(const bl_run *r) {
   return r->step.name ? r->step.name : "user step";
 }
 
-ad_status bl__step_resolve(bl_run *r) {
+ad_status bl__step_resolve(bl_run *r, ad_tensor *const *w) {
   const bl_problem *p = r->p;
   if (p->step.fn) {
     r->step = p->step;
@@ -114,7 +114,9 @@ ad_status bl__step_resolve(bl_run *r) {
     return bl__fail(r, AD_ERR_ARG, "unknown optimizer kind %d in p->opt", (int)p->opt.kind);
   r->lib = 1;
   r->step = (bl_step){.fn = lib_step, .slots = slots, .ctx = r, .name = lib_name(p->opt.kind)};
-  return AD_OK;
+  /* The optimizer's settings are checked once here, so a bad one is an
+   * error naming the method before any work (the steps check again). */
+  return bl__nn(r, nn_opt_check(&p->opt, p->n_w, w));
 }
 
 /* ---------------------------------------------------------------- calling */
@@ -250,22 +252,28 @@ ad_status bl__check_finite(bl_run *r, int n, ad_tensor *const *x, const char *wh
   for (int i = 0; i < n; i++) {
     if (!x[i]) continue;
     const ad_tensor *t = x[i];
-    int64_t bad = -1;
+    /* exponent all ones = NaN or Inf: integer tests, one vectorized pass */
+    uint64_t any = 0;
     if (t->dtype == AD_F64) {
-      const double *d = AD_D(t);
-      double acc = 0;
-      for (int64_t j = 0; j < t->size; j++) acc += d[j] * 0; /* NaN/Inf survive * 0 */
-      if (acc != 0 || acc != acc)
-        for (int64_t j = 0; j < t->size && bad < 0; j++)
-          if (!isfinite(d[j])) bad = j;
+      const unsigned char *u = (const unsigned char *)t->data;
+      const uint64_t e = 0x7ff0000000000000ull;
+      for (int64_t j = 0; j < t->size; j++) {
+        uint64_t b; /* memcpy: the bits without breaking aliasing rules */
+        memcpy(&b, u + 8 * j, 8);
+        any |= (b & e) == e;
+      }
     } else {
-      const float *f = AD_F(t);
-      float acc = 0;
-      for (int64_t j = 0; j < t->size; j++) acc += f[j] * 0;
-      if (acc != 0 || acc != acc)
-        for (int64_t j = 0; j < t->size && bad < 0; j++)
-          if (!isfinite(f[j])) bad = j;
+      const unsigned char *u = (const unsigned char *)t->data;
+      const uint32_t e = 0x7f800000u;
+      for (int64_t j = 0; j < t->size; j++) {
+        uint32_t b;
+        memcpy(&b, u + 4 * j, 4);
+        any |= (b & e) == e;
+      }
     }
+    int64_t bad = -1;
+    for (int64_t j = 0; any && j < t->size && bad < 0; j++)
+      if (!isfinite(ad_get(t, j))) bad = j;
     if (bad >= 0)
       return bl__fail(r, AD_ERR_NUMERIC, "%s is not finite at %s (element %lld of tensor %d is %g)",
                       what, where, (long long)bad, i, ad_get(t, bad));
@@ -340,7 +348,12 @@ ad_status bl_step_apply(ad_tape *t, const bl_problem *p, ad_tensor *const *lam, 
   if (!p) return bl__fail(&r, AD_ERR_NULL, "problem is NULL");
   if (!lam) lam = p->lam;
   for (int k = 0; k < p->n_lam && lam && k < NN_MAX_PARAMS; k++) r.lam[k] = lam[k];
-  ad_status s = bl__step_resolve(&r);
+  ad_status s = AD_OK;
+  if (p->n_w <= 0 || p->n_w > NN_MAX_PARAMS)
+    s = bl__fail(&r, AD_ERR_ARG, "n_w = %d (1..%d allowed)", p->n_w, NN_MAX_PARAMS);
+  for (int i = 0; !s && i < p->n_w; i++)
+    if (!w || !w[i]) s = bl__fail(&r, AD_ERR_NULL, "w or w[%d] is NULL", i);
+  if (!s) s = bl__step_resolve(&r, w);
   if (!s && r.lib) bl__cfg_map(p, r.lam, &r.opt);
   if (!s) s = apply_args(&r, p, lam, w, state, mode, w_new, state_new);
   if (s) return s;

@@ -35,10 +35,25 @@ typedef enum {
   NN_OPT_RMSPROP   /* v = a v + (1-a) g^2;  w -= lr g / (sqrt(v) + eps) */
 } nn_opt_kind;
 
-/* Zero fields take the defaults named. The *_var fields, when set, replace
- * the numbers with tape variables so gradients flow to them: a size-1
- * tensor, or (the *_vars arrays) one tensor per parameter, shaped like it
- * or of size 1. */
+/* Numbers: a field left 0 takes the default named, unless its bit is in
+ * `set` (NN_OPT_SET_*): then the value is used as given, zero included
+ * (momentum 0 is plain SGD, beta1 0 is RMSprop-like Adam, lr 0 does not
+ * move). The constructors below set every bit, so
+ *     nn_opt_cfg c = nn_opt_adam(1e-3, 0.0, 0.999, 1e-8);   // beta1 really 0
+ * and designated initialisers keep working as before:
+ *     nn_opt_cfg c = {.kind = NN_OPT_MOMENTUM, .lr = 0.1};   // mu = 0.9
+ *     nn_opt_cfg c = {.kind = NN_OPT_MOMENTUM, .lr = 0.1,
+ *                     .set = NN_OPT_SET_MOMENTUM};            // mu = 0
+ * The *_var fields, when set, replace the numbers with tape variables so
+ * gradients flow to them: a size-1 tensor, or (the *_vars arrays) one
+ * tensor per parameter, shaped like it or of size 1.
+ * Valid values (else AD_ERR_ARG naming the field and the value, from
+ * every call that takes the config): lr, momentum and eps finite and >= 0;
+ * beta1, beta2 and alpha in [0, 1); weight_decay finite (a negative decay
+ * is allowed: finite differences at 0 and learned decays pass through
+ * it); tape variables finite in every element (the per-parameter *_vars
+ * larger than one element are scanned by nn_opt_check and the state
+ * initialisers, not by every step, which would cost a pass per step). */
 typedef struct {
   nn_opt_kind kind;
   double lr;           /* default 0.01 */
@@ -52,7 +67,32 @@ typedef struct {
   ad_tensor *weight_decay_var;
   ad_tensor *const *lr_vars;           /* per parameter */
   ad_tensor *const *weight_decay_vars; /* per parameter */
+  unsigned set;                        /* NN_OPT_SET_* bits: these numbers are explicit */
 } nn_opt_cfg;
+
+enum {
+  NN_OPT_SET_LR = 1u << 0,
+  NN_OPT_SET_MOMENTUM = 1u << 1,
+  NN_OPT_SET_BETA1 = 1u << 2,
+  NN_OPT_SET_BETA2 = 1u << 3,
+  NN_OPT_SET_ALPHA = 1u << 4,
+  NN_OPT_SET_EPS = 1u << 5,
+  NN_OPT_SET_ALL = (1u << 6) - 1
+};
+
+/* Checks cfg for n parameters w (kind, variable shapes, every number and
+ * tape variable as above) without stepping: AD_OK, or the error with its
+ * message in ad_last_error(). Every step call does the same checks. */
+ad_status nn_opt_check(const nn_opt_cfg *cfg, int n, ad_tensor *const *w);
+
+/* Configs with every number explicit (set = NN_OPT_SET_ALL; weight decay
+ * 0 except for AdamW; add *_var fields afterwards as needed). */
+nn_opt_cfg nn_opt_sgd(double lr);
+nn_opt_cfg nn_opt_momentum(double lr, double momentum);
+nn_opt_cfg nn_opt_nesterov(double lr, double momentum);
+nn_opt_cfg nn_opt_adam(double lr, double beta1, double beta2, double eps);
+nn_opt_cfg nn_opt_adamw(double lr, double beta1, double beta2, double eps, double weight_decay);
+nn_opt_cfg nn_opt_rmsprop(double lr, double alpha, double eps);
 
 /* Optimizer state: step count and up to two buffers per parameter. A plain
  * struct: copying it copies the step count and the buffer pointers. For a

@@ -24,15 +24,133 @@ typedef struct {
   double lr, mu, b1, b2, alpha, eps, wd;
 } hyper;
 
+/* The numbers in effect: a zero field takes its default unless its bit is
+ * in c->set. */
 static hyper defaults(const nn_opt_cfg *c) {
   hyper h = {c->lr, c->momentum, c->beta1, c->beta2, c->alpha, c->eps, c->weight_decay};
-  if (h.lr == 0 && !c->lr_var && !c->lr_vars) h.lr = 0.01;
-  if (h.mu == 0 && !c->momentum_var) h.mu = 0.9;
-  if (h.b1 == 0) h.b1 = 0.9;
-  if (h.b2 == 0) h.b2 = 0.999;
-  if (h.alpha == 0) h.alpha = 0.99;
-  if (h.eps == 0) h.eps = 1e-8;
+  unsigned set = c->set;
+  if (h.lr == 0 && !(set & NN_OPT_SET_LR) && !c->lr_var && !c->lr_vars) h.lr = 0.01;
+  if (h.mu == 0 && !(set & NN_OPT_SET_MOMENTUM) && !c->momentum_var) h.mu = 0.9;
+  if (h.b1 == 0 && !(set & NN_OPT_SET_BETA1)) h.b1 = 0.9;
+  if (h.b2 == 0 && !(set & NN_OPT_SET_BETA2)) h.b2 = 0.999;
+  if (h.alpha == 0 && !(set & NN_OPT_SET_ALPHA)) h.alpha = 0.99;
+  if (h.eps == 0 && !(set & NN_OPT_SET_EPS)) h.eps = 1e-8;
   return h;
+}
+
+static nn_opt_cfg make(nn_opt_kind kind, double lr) {
+  return (nn_opt_cfg){.kind = kind,
+                      .lr = lr,
+                      .set = NN_OPT_SET_ALL,
+                      .momentum = 0.9,
+                      .beta1 = 0.9,
+                      .beta2 = 0.999,
+                      .alpha = 0.99,
+                      .eps = 1e-8};
+}
+nn_opt_cfg nn_opt_sgd(double lr) {
+  return make(NN_OPT_SGD, lr);
+}
+nn_opt_cfg nn_opt_momentum(double lr, double momentum) {
+  nn_opt_cfg c = make(NN_OPT_MOMENTUM, lr);
+  c.momentum = momentum;
+  return c;
+}
+nn_opt_cfg nn_opt_nesterov(double lr, double momentum) {
+  nn_opt_cfg c = make(NN_OPT_NESTEROV, lr);
+  c.momentum = momentum;
+  return c;
+}
+nn_opt_cfg nn_opt_adam(double lr, double beta1, double beta2, double eps) {
+  nn_opt_cfg c = make(NN_OPT_ADAM, lr);
+  c.beta1 = beta1;
+  c.beta2 = beta2;
+  c.eps = eps;
+  return c;
+}
+nn_opt_cfg nn_opt_adamw(double lr, double beta1, double beta2, double eps, double weight_decay) {
+  nn_opt_cfg c = nn_opt_adam(lr, beta1, beta2, eps);
+  c.kind = NN_OPT_ADAMW;
+  c.weight_decay = weight_decay;
+  return c;
+}
+nn_opt_cfg nn_opt_rmsprop(double lr, double alpha, double eps) {
+  nn_opt_cfg c = make(NN_OPT_RMSPROP, lr);
+  c.alpha = alpha;
+  c.eps = eps;
+  return c;
+}
+
+/* Every number in effect is valid: finite, >= 0, the decay rates in
+ * [0, 1) (beta = 1 never forgets, and Adam's bias correction 1 - beta^k
+ * is then 0: a division by zero). Weight decay need only be finite: a
+ * central difference at decay 0 and a learned decay both pass through
+ * negative values, and the update stays well defined there. Names the
+ * field and its value. */
+static ad_status check_numbers(ad_tape *t, const char *who, const nn_opt_cfg *c) {
+  hyper h = defaults(c);
+  enum { NONNEG, UNIT, FINITE };
+  const struct {
+    const char *name;
+    double v;
+    int rule;
+  } f[] = {{"lr", h.lr, NONNEG},          {"momentum", h.mu, NONNEG}, {"beta1", h.b1, UNIT},
+           {"beta2", h.b2, UNIT},         {"alpha", h.alpha, UNIT},   {"eps", h.eps, NONNEG},
+           {"weight_decay", h.wd, FINITE}};
+  static const char *why[] = {"must be finite and >= 0", "must be in [0, 1)", "must be finite"};
+  for (size_t k = 0; k < sizeof f / sizeof f[0]; k++) {
+    double v = f[k].v;
+    int ok = isfinite(v) && (f[k].rule == FINITE || v >= 0) && (f[k].rule != UNIT || v < 1);
+    if (!ok) {
+      ad__fail(t, AD_ERR_ARG, "%s: %s = %g (%s)", who, f[k].name, v, why[f[k].rule]);
+      return AD_ERR_ARG;
+    }
+  }
+  return AD_OK;
+}
+
+/* 1 when every element of v is finite: the exponent field is all ones
+ * exactly for NaN and Inf, tested with integer ops so the loop vectorizes
+ * (a per-step check of per-element decay variables stays cheap). */
+static int all_finite(const ad_tensor *v) {
+  uint64_t bad = 0;
+  if (v->dtype == AD_F64) {
+    const unsigned char *u = (const unsigned char *)v->data;
+    const uint64_t e = 0x7ff0000000000000ull;
+    for (int64_t j = 0; j < v->size; j++) {
+      uint64_t b; /* memcpy: the bits without breaking aliasing rules */
+      memcpy(&b, u + 8 * j, 8);
+      bad |= (b & e) == e;
+    }
+  } else {
+    const unsigned char *u = (const unsigned char *)v->data;
+    const uint32_t e = 0x7f800000u;
+    for (int64_t j = 0; j < v->size; j++) {
+      uint32_t b;
+      memcpy(&b, u + 4 * j, 4);
+      bad |= (b & e) == e;
+    }
+  }
+  return !bad;
+}
+
+/* A tape-variable hyperparameter must be finite in every element. */
+static ad_status check_var(ad_tape *t, const char *who, const char *name, int i,
+                           const ad_tensor *v) {
+  if (!v) return AD_OK;
+  if (all_finite(v)) return AD_OK; /* one vectorized pass; search only on failure */
+  for (int64_t j = 0; j < v->size; j++) {
+    double x = ad_get(v, j);
+    if (!isfinite(x)) {
+      if (i >= 0)
+        ad__fail(t, AD_ERR_ARG, "%s: %s[%d] element %lld is %g (must be finite)", who, name, i,
+                 (long long)j, x);
+      else
+        ad__fail(t, AD_ERR_ARG, "%s: %s is %g (must be finite)", who, name, x);
+      return AD_ERR_ARG;
+    }
+  }
+  return AD_OK;
 }
 
 static int uses_m(nn_opt_kind k) {
@@ -87,7 +205,26 @@ static ad_status check_cfg(ad_tape *t, const char *who, const nn_opt_cfg *cfg, i
                k, ad_shape_str(sv[k], a, sizeof a));
       return AD_ERR_SHAPE;
     }
-  return AD_OK;
+  ad_status st = check_numbers(t, who, cfg);
+  if (!st) st = check_var(t, who, "lr_var", -1, cfg->lr_var);
+  if (!st) st = check_var(t, who, "momentum_var", -1, cfg->momentum_var);
+  if (!st) st = check_var(t, who, "weight_decay_var", -1, cfg->weight_decay_var);
+  /* Per-parameter variables shaped like w are scanned where a run starts
+   * (nn_opt_check, the state initialisers) but not in every step (g == NULL
+   * tells them apart): a per-step pass over a decay tensor as large as the
+   * model cost the unroll bench ~5%, and a NaN that appears mid-run shows
+   * in w and the loss at once. Size-1 ones cost nothing and are checked. */
+  for (int i = 0; i < n && !st; i++) {
+    const ad_tensor *lv = cfg->lr_vars ? cfg->lr_vars[i] : NULL;
+    const ad_tensor *dv = cfg->weight_decay_vars ? cfg->weight_decay_vars[i] : NULL;
+    if (lv && (!g || lv->size == 1)) st = check_var(t, who, "lr_vars", i, lv);
+    if (!st && dv && (!g || dv->size == 1)) st = check_var(t, who, "weight_decay_vars", i, dv);
+  }
+  return st;
+}
+
+ad_status nn_opt_check(const nn_opt_cfg *cfg, int n, ad_tensor *const *w) {
+  return check_cfg(NULL, "nn_opt_check", cfg, n, w, NULL);
 }
 
 ad_status nn_opt_state_init(const nn_opt_cfg *cfg, nn_opt_state *s, int n, ad_tensor *const *w) {

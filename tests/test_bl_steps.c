@@ -360,6 +360,129 @@ START_TEST(test_bad_steps) {
 }
 END_TEST
 
+/* ---------------------------------------------------------------- divergence */
+
+/* Ridge with inner lr 500 (|1 - 500 lambda| >> 1: w overflows within the
+ * T = 300 steps): every method, with the library SGD and with a user step,
+ * fails with AD_ERR_NUMERIC naming the inner step, and hg is untouched. */
+static ad_status plain_sgd(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *s,
+                           ad_tensor *const *g, ad_tensor *const *lam, int64_t step, void *ctx,
+                           ad_tensor **w_new, ad_tensor **s_new) {
+  (void)s, (void)lam, (void)step, (void)s_new;
+  for (int i = 0; i < n; i++) w_new[i] = ad_axpy(t, w[i], -*(const double *)ctx, g[i]);
+  return ad_tape_status(t);
+}
+
+START_TEST(test_diverging_inner_run) {
+  fx_rcase c;
+  fx_rcase_setup(&c, 1, 300, 500.0);
+  double lr = 500.0;
+  ad_tape *t = fx_tape(64);
+  for (int user = 0; user < 2; user++) {
+    bl_problem p = c.p;
+    if (user) p.step = (bl_step){.fn = plain_sgd, .ctx = &lr, .name = "sgd by hand"};
+    for (size_t i = 0; i < N_METHODS; i++) {
+      const method_case *m = &METHODS[i];
+      for (int j = 0; j < c.rp.d; j++) ad_set(c.hg[0], j, 7.0);
+      ad_status s = m->f(t, &p, &m->o, c.hg, NULL);
+      const char *msg = ad_tape_errmsg(t);
+      ck_assert_msg(s == AD_ERR_NUMERIC, "%s (%s): %s, %s", m->name, user ? "user" : "library",
+                    ad_status_str(s), msg);
+      ck_assert_msg(strstr(msg, "inner step") != NULL, "%s: %s", m->name, msg);
+      for (int j = 0; j < c.rp.d; j++) ck_assert(ad_get(c.hg[0], j) == 7.0);
+      if (i == 0) printf("lr 500, %s step: \"%s\"\n", user ? "user" : "library", msg);
+      ad_tape_clear_error(t);
+    }
+  }
+  ad_tape_free(t);
+  fx_rcase_free(&c);
+}
+END_TEST
+
+/* Converged ridge (lr 0.5, T = 200): Neumann and Richardson with alpha = 10,
+ * past 2/lambda_max, fail at a named solver iteration instead of returning
+ * |hg| ~ 1e25; with alpha = 0.5 both succeed. */
+START_TEST(test_diverging_solver) {
+  fx_rcase c;
+  fx_rcase_setup(&c, 1, 200, 0.5);
+  ad_tape *t = fx_tape(64);
+  bl_method_fn fs[2] = {bl_neumann, bl_fixed_point};
+  const char *names[2] = {"neumann", "fixed_point"};
+  for (int k = 0; k < 2; k++) {
+    for (int j = 0; j < c.rp.d; j++) ad_set(c.hg[0], j, 7.0);
+    ad_status s = fs[k](t, &c.p, &(bl_opts){.K = 20, .alpha = 10}, c.hg, NULL);
+    const char *msg = ad_tape_errmsg(t);
+    printf("%s alpha 10: \"%s\"\n", names[k], msg);
+    ck_assert_int_eq(s, AD_ERR_NUMERIC);
+    ck_assert(strstr(msg, "solver iteration") != NULL);
+    for (int j = 0; j < c.rp.d; j++) ck_assert(ad_get(c.hg[0], j) == 7.0);
+    ad_tape_clear_error(t);
+    ck_assert_int_eq(fs[k](t, &c.p, &(bl_opts){.K = 20, .alpha = 0.5}, c.hg, NULL), AD_OK);
+  }
+  ad_tape_free(t);
+  fx_rcase_free(&c);
+}
+END_TEST
+
+/* Settings that are not numbers a method can use: AD_ERR_ARG naming the
+ * value, hg untouched. */
+START_TEST(test_bad_settings) {
+  fx_rcase c;
+  fx_rcase_setup(&c, 0, 5, 0.5);
+  ad_tape *t = fx_tape(16);
+  struct {
+    const char *name;
+    bl_method_fn f;
+    bl_opts o;
+    nn_opt_cfg opt;
+    const char *text;
+  } bad[] = {
+      {"sama eps < 0", bl_sama, {.eps = -1e-3}, {.kind = NN_OPT_SGD, .lr = 0.5}, "eps = -0.001"},
+      {"sama eps NaN", bl_sama, {.eps = NAN}, {.kind = NN_OPT_SGD, .lr = 0.5}, "eps = nan"},
+      {"darts eps < 0",
+       bl_t1t2,
+       {.darts_fd = 1, .eps = -1},
+       {.kind = NN_OPT_SGD, .lr = 0.5},
+       "eps = -1"},
+      {"inner lr NaN", bl_unroll, {0}, {.kind = NN_OPT_SGD, .lr = NAN}, "lr = nan"},
+      {"inner lr < 0", bl_cg, {0}, {.kind = NN_OPT_SGD, .lr = -0.1}, "lr = -0.1"},
+      {"adam beta1 = 1",
+       bl_forward,
+       {0},
+       {.kind = NN_OPT_ADAM, .lr = 0.1, .beta1 = 1},
+       "beta1 = 1"},
+      {"rmsprop eps < 0",
+       bl_fo,
+       {0},
+       {.kind = NN_OPT_RMSPROP, .lr = 0.1, .eps = -1e-8},
+       "eps = -1e-08"},
+  };
+  for (size_t b = 0; b < sizeof bad / sizeof bad[0]; b++) {
+    bl_problem p = c.p;
+    p.opt = bad[b].opt;
+    ad_set(c.hg[0], 0, 7.0);
+    ad_status s = bad[b].f(t, &p, &bad[b].o, c.hg, NULL);
+    const char *msg = ad_tape_errmsg(t);
+    printf("%s: \"%s\"\n", bad[b].name, msg);
+    ck_assert_msg(s == AD_ERR_ARG && strstr(msg, bad[b].text), "%s: %s", bad[b].name, msg);
+    ck_assert(ad_get(c.hg[0], 0) == 7.0);
+    ad_tape_clear_error(t);
+  }
+  /* a NaN tape-variable hyperparameter */
+  bl_problem p = c.p;
+  ad_tensor *lr = fx_new(AD_F64, 0, NULL);
+  ad_set(lr, 0, NAN);
+  p.opt.lr_var = lr;
+  ck_assert_int_eq(bl_unroll(t, &p, NULL, c.hg, NULL), AD_ERR_ARG);
+  printf("NaN lr_var: \"%s\"\n", ad_tape_errmsg(t));
+  ck_assert(strstr(ad_tape_errmsg(t), "lr_var is nan"));
+  ck_assert(ad_get(c.hg[0], 0) == 7.0);
+  ad_tensor_free(lr);
+  ad_tape_free(t);
+  fx_rcase_free(&c);
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("bl_steps");
   TCase *tc = tcase_create("steps");
@@ -368,6 +491,9 @@ int main(void) {
   tcase_add_test(tc, test_adagrad_metasgd_fd);
   tcase_add_test(tc, test_step_apply);
   tcase_add_test(tc, test_bad_steps);
+  tcase_add_test(tc, test_diverging_inner_run);
+  tcase_add_test(tc, test_diverging_solver);
+  tcase_add_test(tc, test_bad_settings);
   suite_add_tcase(s, tc);
   return gc_run_suite(s);
 }

@@ -280,6 +280,190 @@ START_TEST(test_bad_input) {
 }
 END_TEST
 
+/* T in-place steps of cfg from the standard start; w_T into w_out. */
+static void run_cfg(const nn_opt_cfg *cfg, double *w_out) {
+  ad_tape *t = NULL;
+  ck_assert_int_eq(ad_tape_new(&t, &(ad_tape_opts){.arena_mb = 4}), AD_OK);
+  ad_tensor *w[NP];
+  make_w(w);
+  for (int i = 0; i < NP; i++) ad_requires_grad(w[i], 1);
+  nn_opt_state st;
+  ck_assert_int_eq(nn_opt_state_init(cfg, &st, NP, w), AD_OK);
+  for (int s = 0; s < T_STEPS; s++) {
+    ad_marker m = ad_mark(t);
+    ad_tensor *L = train_loss(t, w), *g[NP];
+    ck_assert_int_eq(ad_grad(t, 1, &L, NULL, NP, w, g, 0), AD_OK);
+    ck_assert_msg(nn_opt_step(cfg, &st, NP, w, g) == AD_OK, "%s", ad_last_error());
+    ad_rewind(t, m);
+  }
+  for (int i = 0, k = 0; i < NP; i++)
+    for (int64_t j = 0; j < w[i]->size; j++) w_out[k++] = ad_get(w[i], j);
+  nn_opt_state_free(&st);
+  for (int i = 0; i < NP; i++) ad_tensor_free(w[i]);
+  ad_tape_free(t);
+}
+
+/* Zero is a value: momentum 0 (constructor or set mark) is plain SGD bit
+ * for bit, in place and recorded; lr 0 leaves w where it was; a bare
+ * designated initialiser still means the defaults (mu 0.9). */
+START_TEST(test_zero_is_a_value) {
+  double ws[7], wm[7], wn[7], wz[7], w0[7], wd[7], wc[7];
+  nn_opt_cfg sgd = nn_opt_sgd(0.05);
+  run_cfg(&sgd, ws);
+  nn_opt_cfg mom = nn_opt_momentum(0.05, 0.0), nes = nn_opt_nesterov(0.05, 0.0);
+  nn_opt_cfg mark = {.kind = NN_OPT_MOMENTUM, .lr = 0.05, .set = NN_OPT_SET_MOMENTUM};
+  run_cfg(&mom, wm);
+  run_cfg(&nes, wn);
+  run_cfg(&mark, wz);
+  for (int k = 0; k < 7; k++) {
+    ck_assert_msg(wm[k] == ws[k] && wn[k] == ws[k] && wz[k] == ws[k],
+                  "momentum 0 differs from SGD at %d: %.17g %.17g %.17g vs %.17g", k, wm[k], wn[k],
+                  wz[k], ws[k]);
+  }
+  /* recorded: the same */
+  double wr[7];
+  ad_tape *t = NULL;
+  ck_assert_int_eq(ad_tape_new(&t, &(ad_tape_opts){.arena_mb = 16}), AD_OK);
+  ad_tensor *w[NP];
+  make_w(w);
+  nn_opt_state st;
+  ck_assert_int_eq(nn_opt_state_init_tape(t, &mom, &st, NP, w), AD_OK);
+  ad_tensor *cur[NP] = {w[0], w[1]};
+  for (int i = 0; i < NP; i++) ad_requires_grad(w[i], 1);
+  for (int s = 0; s < T_STEPS; s++) {
+    ad_tensor *L = train_loss(t, cur), *g[NP], *nw[NP];
+    ck_assert_int_eq(ad_grad(t, 1, &L, NULL, NP, cur, g, AD_GRAD_RECORD), AD_OK);
+    ck_assert_int_eq(nn_opt_step_diff(t, &mom, &st, NP, cur, g, nw), AD_OK);
+    for (int i = 0; i < NP; i++) cur[i] = nw[i];
+  }
+  for (int i = 0, k = 0; i < NP; i++)
+    for (int64_t j = 0; j < cur[i]->size; j++) wr[k++] = ad_get(cur[i], j);
+  for (int k = 0; k < 7; k++) ck_assert(fabs(wr[k] - ws[k]) <= 1e-15);
+  ad_tape_free(t);
+  for (int i = 0; i < NP; i++) ad_tensor_free(w[i]);
+  /* lr 0 does not move */
+  nn_opt_cfg still = nn_opt_adam(0.0, 0.9, 0.999, 1e-8);
+  run_cfg(&still, wz);
+  ad_tensor *wi[NP];
+  make_w(wi);
+  for (int i = 0, k = 0; i < NP; i++)
+    for (int64_t j = 0; j < wi[i]->size; j++) w0[k++] = ad_get(wi[i], j);
+  for (int i = 0; i < NP; i++) ad_tensor_free(wi[i]);
+  for (int k = 0; k < 7; k++) ck_assert(wz[k] == w0[k]);
+  /* defaults unchanged for designated initialisers */
+  nn_opt_cfg dflt = {.kind = NN_OPT_MOMENTUM, .lr = 0.05};
+  nn_opt_cfg expl = nn_opt_momentum(0.05, 0.9);
+  run_cfg(&dflt, wd);
+  run_cfg(&expl, wc);
+  for (int k = 0; k < 7; k++) ck_assert(wd[k] == wc[k]);
+  ck_assert(fabs(wd[0] - ws[0]) > 1e-6); /* and mu 0.9 is not SGD */
+  printf("momentum 0 == sgd bit for bit; lr 0 keeps w; default mu 0.9 kept\n");
+}
+END_TEST
+
+/* beta1 = 0 is honoured: Adam without a first moment, checked against the
+ * update written out by hand, w' = w - lr g / (sqrt(v'/(1 - b2^k)) + eps),
+ * v' = b2 v + (1 - b2) g^2 (m' = g and its correction 1 - 0^k = 1), to
+ * 1e-15; and it differs from the default beta1 = 0.9. */
+START_TEST(test_beta1_zero) {
+  const double lr = 0.05, b2 = 0.999, eps = 1e-8;
+  nn_opt_cfg cfg = nn_opt_adam(lr, 0.0, b2, eps);
+  double w_lib[7], w_def[7], w_hand[7], v[7] = {0};
+  run_cfg(&cfg, w_lib);
+  nn_opt_cfg dflt = {.kind = NN_OPT_ADAM, .lr = lr, .beta1 = 0}; /* 0 = default 0.9 */
+  run_cfg(&dflt, w_def);
+  ad_tape *t = NULL;
+  ck_assert_int_eq(ad_tape_new(&t, &(ad_tape_opts){.arena_mb = 4}), AD_OK);
+  ad_tensor *w[NP];
+  make_w(w);
+  for (int i = 0; i < NP; i++) ad_requires_grad(w[i], 1);
+  for (int s = 0; s < T_STEPS; s++) {
+    ad_marker m = ad_mark(t);
+    ad_tensor *L = train_loss(t, w), *g[NP];
+    ck_assert_int_eq(ad_grad(t, 1, &L, NULL, NP, w, g, 0), AD_OK);
+    double c2 = 1 - pow(b2, s + 1);
+    for (int i = 0, k = 0; i < NP; i++)
+      for (int64_t j = 0; j < w[i]->size; j++, k++) {
+        double gj = ad_get(g[i], j);
+        v[k] = b2 * v[k] + (1 - b2) * gj * gj;
+        ad_set(w[i], j, ad_get(w[i], j) - lr * gj / (sqrt(v[k] / c2) + eps));
+      }
+    ad_rewind(t, m);
+  }
+  for (int i = 0, k = 0; i < NP; i++)
+    for (int64_t j = 0; j < w[i]->size; j++) w_hand[k++] = ad_get(w[i], j);
+  double e = 0, d = 0;
+  for (int k = 0; k < 7; k++) {
+    e = fmax(e, fabs(w_lib[k] - w_hand[k]));
+    d = fmax(d, fabs(w_lib[k] - w_def[k]));
+  }
+  printf("adam beta1 = 0 vs hand-written update: %.1e (bound 1e-15); vs beta1 0.9: %.1e\n", e, d);
+  ck_assert(e <= 1e-15);
+  ck_assert(d > 1e-4);
+  for (int i = 0; i < NP; i++) ad_tensor_free(w[i]);
+  ad_tape_free(t);
+}
+END_TEST
+
+/* Invalid settings: AD_ERR_ARG naming the field and value, from the
+ * in-place step, the recorded step (on the tape) and nn_opt_check; the
+ * parameters untouched. */
+START_TEST(test_bad_settings) {
+  ad_tensor *w[NP], *g[NP], *nanv = NULL;
+  make_w(w);
+  make_w(g);
+  ck_assert_int_eq(ad_tensor_new(&nanv, AD_F64, 0, NULL), AD_OK);
+  ad_set(nanv, 0, NAN);
+  struct {
+    nn_opt_cfg c;
+    const char *text;
+  } bad[] = {
+      {{.kind = NN_OPT_SGD, .lr = NAN}, "lr = nan"},
+      {{.kind = NN_OPT_SGD, .lr = INFINITY}, "lr = inf"},
+      {{.kind = NN_OPT_SGD, .lr = -0.1}, "lr = -0.1"},
+      {{.kind = NN_OPT_ADAM, .beta1 = 1}, "beta1 = 1"},
+      {{.kind = NN_OPT_ADAM, .beta2 = 1.5}, "beta2 = 1.5"},
+      {{.kind = NN_OPT_ADAM, .beta2 = -0.1}, "beta2 = -0.1"},
+      {{.kind = NN_OPT_RMSPROP, .eps = -1e-8}, "eps = -1e-08"},
+      {{.kind = NN_OPT_RMSPROP, .alpha = NAN}, "alpha = nan"},
+      {{.kind = NN_OPT_MOMENTUM, .momentum = -0.5}, "momentum = -0.5"},
+      {{.kind = NN_OPT_MOMENTUM, .momentum = NAN}, "momentum = nan"},
+      {{.kind = NN_OPT_SGD, .weight_decay = NAN}, "weight_decay = nan"},
+      {{.kind = NN_OPT_SGD, .lr_var = nanv}, "lr_var is nan"},
+      {{.kind = NN_OPT_SGD, .weight_decay_var = nanv}, "weight_decay_var is nan"},
+      {{.kind = NN_OPT_MOMENTUM, .momentum_var = nanv}, "momentum_var is nan"},
+  };
+  ad_tape *t = NULL;
+  ck_assert_int_eq(ad_tape_new(&t, NULL), AD_OK);
+  for (size_t b = 0; b < sizeof bad / sizeof bad[0]; b++) {
+    nn_opt_state st = {0};
+    ck_assert_int_eq(nn_opt_check(&bad[b].c, NP, w), AD_ERR_ARG);
+    ck_assert_msg(strstr(ad_last_error(), bad[b].text), "%s", ad_last_error());
+    ck_assert_int_eq(nn_opt_state_init(&bad[b].c, &st, NP, w), AD_ERR_ARG);
+    ck_assert_int_eq(nn_opt_step(&bad[b].c, &st, NP, w, g), AD_ERR_ARG);
+    ck_assert_msg(strstr(ad_last_error(), "nn_opt_step") && strstr(ad_last_error(), bad[b].text),
+                  "%s", ad_last_error());
+    ck_assert_double_eq(ad_get(w[0], 0), 0.5); /* untouched */
+    ad_tensor *wn[NP];
+    ck_assert_int_eq(nn_opt_step_diff(t, &bad[b].c, &st, NP, w, g, wn), AD_ERR_ARG);
+    ck_assert_msg(strstr(ad_tape_errmsg(t), bad[b].text), "%s", ad_tape_errmsg(t));
+    ad_tape_clear_error(t);
+  }
+  /* valid edge values are accepted: beta 0, lr 0, eps 0, negative decay */
+  nn_opt_cfg ok = nn_opt_adam(0.0, 0.0, 0.0, 0.0);
+  ck_assert_int_eq(nn_opt_check(&ok, NP, w), AD_OK);
+  ok = nn_opt_sgd(0.1);
+  ok.weight_decay = -1e-3;
+  ck_assert_int_eq(nn_opt_check(&ok, NP, w), AD_OK);
+  ad_tape_free(t);
+  ad_tensor_free(nanv);
+  for (int i = 0; i < NP; i++) {
+    ad_tensor_free(w[i]);
+    ad_tensor_free(g[i]);
+  }
+}
+END_TEST
+
 int main(void) {
   Suite *s = suite_create("nn_optim");
   TCase *tc = tcase_create("optim");
@@ -290,6 +474,9 @@ int main(void) {
   tcase_add_test(tc, test_per_param_lr);
   tcase_add_loop_test(tc, test_sgd_op_gradcheck, 0, 4);
   tcase_add_test(tc, test_bad_input);
+  tcase_add_test(tc, test_zero_is_a_value);
+  tcase_add_test(tc, test_beta1_zero);
+  tcase_add_test(tc, test_bad_settings);
   suite_add_tcase(s, tc);
   return gc_run_suite(s);
 }
