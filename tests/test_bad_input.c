@@ -1,10 +1,9 @@
-/* test_bad_input.c — every public ds_ and nn_ function (optimizers aside:
- * tests/test_nn_optim.c) called with each kind of bad input that applies:
- * NULL, wrong shape, wrong dtype, empty, too many dims, negative and
- * overflowing sizes, out-of-range labels and indices, non-finite values.
- * Each call must return the documented status with a message that names
- * the function (and, where the case says, the offending value), must not
- * crash or trip a sanitizer, and must leave the caller's data as it was.
+/* test_bad_input.c — the public ad_, ds_ and nn_ functions (optimizers aside: test_nn_optim.c)
+ * called with each kind of bad input that applies: NULL, wrong shape, wrong dtype, empty, too many
+ * dims, negative and overflowing sizes, out-of-range labels and indices, non-finite values. Each
+ * call must return the documented status with a message that names the function (and, where the
+ * case says, the offending value), must not crash or trip a sanitizer, and must leave the caller's
+ * data as it was.
  *
  * Table-driven so other modules can add rows: a case is a function that
  * makes the call on a fresh fixture (bi_env) and returns the status it got;
@@ -567,6 +566,262 @@ ST(itnext_cols, itnext_run(e, 2, 3, 0, 0))
 ST(itnext_y, itnext_run(e, 2, 2, 1, 0))
 ST(itnext_labels, itnext_run(e, 2, 2, 0, 1))
 
+/* autodiff: constructors and ops (on the tape), heap tensors (ad_last_error) */
+static ad_status heap_run(ad_dtype dt, int ndim, const int64_t *shape, int wrap, int from) {
+  ad_tensor *x = (ad_tensor *)&x;
+  static double buf[4];
+  ad_status s = wrap   ? ad_tensor_wrap(&x, dt, ndim, shape, buf)
+                : from ? ad_tensor_from(&x, dt, ndim, shape, NULL)
+                       : ad_tensor_new(&x, dt, ndim, shape);
+  if (s != AD_OK && x) return AD_ERR_STATE; /* *out must be NULL */
+  if (s == AD_OK) ad_tensor_free(x);
+  return s;
+}
+ST(tnew_null, ad_tensor_new(NULL, AD_F64, 1, S(2)))
+ST(tnew_ndim5, heap_run(AD_F64, 5, S(1, 1, 1, 1, 1), 0, 0))
+ST(tnew_ndimneg, heap_run(AD_F64, -1, S(2), 0, 0))
+ST(tnew_dimneg, heap_run(AD_F64, 2, S(2, -3), 0, 0))
+ST(tnew_overflow, heap_run(AD_F64, 2, S((int64_t)1 << 32, (int64_t)1 << 32), 0, 0))
+ST(tnew_dtype, heap_run((ad_dtype)5, 1, S(2), 0, 0))
+ST(tnew_shape_null, heap_run(AD_F64, 2, NULL, 0, 0))
+ST(tfrom_null, heap_run(AD_F64, 1, S(2), 0, 1))
+ST(twrap_ndim5, heap_run(AD_F64, 5, S(1, 1, 1, 1, 1), 1, 0))
+ST(twrap_null, ad_tensor_wrap(&(ad_tensor *){NULL}, AD_F64, 1, S(2), NULL))
+static ad_status copyv_shape(bi_env *e) {
+  ad_tensor *d = NULL;
+  ck_assert_int_eq(ad_tensor_new(&d, AD_F64, 1, S(3)), AD_OK);
+  ad_set(d, 0, 7.0);
+  ad_status s = ad_copy_values(d, e->hx);
+  if (ad_get(d, 0) != 7.0) e->modified = 1;
+  ad_tensor_free(d);
+  return s;
+}
+ST(copyv_null, ad_copy_values(e->hx, NULL))
+ST(tapenew_null, ad_tape_new(NULL, NULL))
+static ad_status tapenew_max(bi_env *e) {
+  (void)e;
+  ad_tape *t = (ad_tape *)&t;
+  ad_status s = ad_tape_new(&t, &(ad_tape_opts){.arena_mb = (size_t)1 << 50});
+  if (s != AD_OK && t) return AD_ERR_STATE;
+  ad_tape_free(s == AD_OK ? t : NULL);
+  return s;
+}
+ST(print_null, ad_tape_print(NULL, stdout))
+ST(print_file_null, ad_tape_print(e->t, NULL))
+ST(tapedot_null, ad_tape_dot(NULL, stdout))
+static ad_status arena_huge(bi_env *e) {
+  void *p = ad_arena_alloc(e->t, SIZE_MAX - 8);
+  return p ? AD_OK : ad_tape_status(e->t);
+}
+T(zeros_ndim5, ad_zeros(t, AD_F64, 5, S(1, 1, 1, 1, 1)))
+T(zeros_dimneg, ad_zeros(t, AD_F64, 1, S(-1)))
+T(zeros_overflow, ad_zeros(t, AD_F64, 2, S((int64_t)1 << 32, (int64_t)1 << 32)))
+T(zeros_dtype, ad_zeros(t, (ad_dtype)3, 1, S(2)))
+T(zeros_shape_null, ad_zeros(t, AD_F64, 1, NULL))
+static ad_status zeros_notape(bi_env *e) {
+  (void)e;
+  return ad_zeros(NULL, AD_F64, 1, S(2)) ? AD_OK : AD_ERR_NULL;
+}
+T(full_ndim5, ad_full(t, AD_F64, 7, S(1, 1, 1, 1), 2.0))
+T(const_null, ad_const(t, AD_F64, 1, S(2), NULL))
+T(zeroslike_null, ad_zeros_like(t, NULL))
+T(randn_norng, ad_randn(t, AD_F64, 1, S(3), NULL))
+T(randu_nan, ad_rand_uniform(t, AD_F64, 1, S(3), &e->r, NAN, 1))
+T(randu_order, ad_rand_uniform(t, AD_F64, 1, S(3), &e->r, 2, 1))
+T(detach_null, ad_detach(t, NULL))
+T(add_null, ad_add(t, e->x24, NULL))
+T(add_shape, ad_add(t, e->x24, e->w34))
+T(sub_dtype, ad_sub(t, e->x24, e->x24f))
+T(mul_shape, ad_mul(t, e->x24, e->b3))
+T(div_null, ad_div(t, NULL, e->x24))
+T(neg_null, ad_neg(t, NULL))
+T(exp_null, ad_exp(t, NULL))
+T(log_null, ad_log(t, NULL))
+T(reluback_shape, ad_relu_backward(t, e->x24, e->w34))
+T(axpy_shape, ad_axpy(t, e->x24, 2.0, e->w34))
+T(matmul_inner, ad_matmul(t, e->x24, e->w34, 0, 0))
+T(matmul_1d, ad_matmul(t, e->b3, e->w34, 0, 0))
+T(matmul_dtype, ad_matmul(t, e->x24f, e->w34, 0, 1))
+T(matmul_null, ad_matmul(t, NULL, e->w34, 0, 1))
+T(transpose_3d, ad_transpose(t, ad_zeros(t, AD_F64, 3, S(2, 2, 2))))
+T(reshape_size, ad_reshape(t, e->x24, 2, S(3, 3)))
+T(reshape_ndim5, ad_reshape(t, e->x24, 5, S(2, 4, 1, 1, 1)))
+T(reshape_neg, ad_reshape(t, e->x24, 2, S(-2, -4)))
+T(rowvec_shape, ad_add_rowvec(t, e->x24, e->b3))
+T(sum_null, ad_sum(t, NULL))
+T(mean_null, ad_mean(t, NULL))
+T(sumaxis_range, ad_sum_axis(t, e->x24, 2, 0))
+T(sumaxis_neg, ad_sum_axis(t, e->x24, -3, 0))
+T(meanaxis_range, ad_mean_axis(t, e->x24, 5, 1))
+T(maxaxis_range, ad_max_axis(t, e->x24, 9, 0))
+T(bcast_neg, ad_broadcast_axis(t, ad_sum_axis(t, e->x24, 1, 1), 1, -4, 1))
+T(bcast_axis, ad_broadcast_axis(t, e->x24, 7, 4, 1))
+T(expand_shape, ad_expand(t, e->x24, e->w34))
+T(lse_axis, ad_logsumexp(t, e->x24, 4, 0))
+T(softmax_axis, ad_softmax(t, e->x24, 3))
+T(logsoftmax_null, ad_log_softmax(t, NULL, 1))
+T(nll_label, ad_nll(t, e->logits, ((const int32_t[]){0, 1, 3, 2}), 4))
+T(nll_neg_label, ad_nll(t, e->logits, ((const int32_t[]){0, -2, 1, 2}), 4))
+T(nll_n, ad_nll(t, e->logits, e->labels, 5))
+T(nll_labels_null, ad_nll(t, e->logits, NULL, 4))
+T(ce_ad_label, ad_cross_entropy(t, e->logits, ((const int32_t[]){9, 1, 0, 2}), 4))
+T(ce_ad_neg, ad_cross_entropy(t, e->logits, e->labels, -1))
+T(mse_transposed, ad_mse(t, ad_zeros(t, AD_F64, 2, S(3, 4)), ad_zeros(t, AD_F64, 2, S(4, 3))))
+T(dot_transposed, ad_dot(t, ad_zeros(t, AD_F64, 2, S(3, 4)), ad_zeros(t, AD_F64, 2, S(4, 3))))
+T(dot_null, ad_dot(t, e->x24, NULL))
+T(where_shape, ad_where(t, e->w34, e->x24, e->x24))
+T(where_null, ad_where(t, NULL, e->x24, e->x24))
+T(concat_n0, ad_concat(t, 0, &e->x24, 0))
+T(concat_shape, ad_concat(t, 2, ((ad_tensor *const[]){e->x24, e->w34}), 1))
+T(concat_axis, ad_concat(t, 2, ((ad_tensor *const[]){e->x24, e->x24}), 4))
+T(concat_null, ad_concat(t, 2, ((ad_tensor *const[]){e->x24, NULL}), 0))
+T(concat_dtype, ad_concat(t, 2, ((ad_tensor *const[]){e->x24, e->x24f}), 0))
+T(slice_ad_overflow, ad_slice(t, e->x24, 0, INT64_MAX, 1))
+T(slice_ad_neg, ad_slice(t, e->x24, 1, -1, 2))
+T(slice_ad_past, ad_slice(t, e->x24, 1, 3, 2))
+T(slice_ad_len0, ad_slice(t, e->x24, 1, 0, -1))
+T(slice_ad_axis, ad_slice(t, e->x24, 2, 0, 1))
+T(pad_overflow, ad_pad_axis(t, e->x24, 0, INT64_MAX, 5))
+T(pad_short, ad_pad_axis(t, e->x24, 1, 1, 4))
+T(pad_neg, ad_pad_axis(t, e->x24, 1, -1, 6))
+/* transforms: a recorded scalar f = sum(w*w) of a heap leaf w */
+static ad_tensor *leaf_w(void) {
+  ad_tensor *w = NULL;
+  ck_assert_int_eq(ad_tensor_new(&w, AD_F64, 1, S(3)), AD_OK);
+  ad_set(w, 0, 1.0);
+  ad_requires_grad(w, 1);
+  return w;
+}
+typedef enum {
+  G_NULL_OUT,
+  G_N0,
+  G_SEED_SHAPE,
+  G_CONST_IN,
+  G_UNRECORDED,
+  G_FOREIGN,
+  G_REWOUND,
+  G_NIN_NEG
+} g_bad;
+static ad_status grad_run(bi_env *e, g_bad how) {
+  ad_tensor *w = leaf_w();
+  ad_marker m = ad_mark(e->t);
+  ad_tensor *f = ad_sum(e->t, ad_mul(e->t, w, w));
+  ad_tensor *g[1] = {NULL}, *seed = NULL, *in = w;
+  int n_out = 1, n_in = 1;
+  ad_tensor *out = f;
+  ad_tape *other = NULL;
+  switch (how) {
+  case G_NULL_OUT:
+    out = NULL;
+    break;
+  case G_N0:
+    n_out = 0;
+    break;
+  case G_NIN_NEG:
+    n_in = -1;
+    break;
+  case G_SEED_SHAPE:
+    seed = ad_zeros(e->t, AD_F64, 1, S(2));
+    break;
+  case G_CONST_IN:
+    in = ad_zeros(e->t, AD_F64, 1, S(3));
+    break;
+  case G_UNRECORDED: {
+    int was = ad_set_recording(e->t, 0);
+    out = ad_sum(e->t, ad_mul(e->t, w, w));
+    ad_set_recording(e->t, was);
+  } break;
+  case G_FOREIGN: /* f recorded on e->t, differentiated on another tape */
+    ck_assert_int_eq(ad_tape_new(&other, &(ad_tape_opts){.arena_mb = 1}), AD_OK);
+    break;
+  case G_REWOUND: /* f freed by a rewind, then used */
+    ad_rewind(e->t, m);
+    break;
+  }
+  ad_tensor *seeds[1] = {seed};
+  ad_status s = ad_grad(other ? other : e->t, n_out, &out, seed ? seeds : NULL, n_in, &in, g, 0);
+  if (other) {
+    /* the message is on the tape that was called: read it from there */
+    ad_tape_free(e->t);
+    e->t = other;
+  }
+  if (ad_get(w, 0) != 1.0) e->modified = 1;
+  ad_tensor_free(w);
+  return s;
+}
+ST(grad_null_out, grad_run(e, G_NULL_OUT))
+ST(grad_n0, grad_run(e, G_N0))
+ST(grad_nin_neg, grad_run(e, G_NIN_NEG))
+ST(grad_seed_shape, grad_run(e, G_SEED_SHAPE))
+ST(grad_const_in, grad_run(e, G_CONST_IN))
+ST(grad_unrecorded, grad_run(e, G_UNRECORDED))
+ST(grad_foreign, grad_run(e, G_FOREIGN))
+ST(grad_rewound, grad_run(e, G_REWOUND))
+static ad_status grad_notape(bi_env *e) {
+  ad_tensor *g[1];
+  return ad_grad(NULL, 1, &e->x24, NULL, 1, &e->x24, g, 0);
+}
+static ad_status backward_nonscalar(bi_env *e) {
+  ad_tensor *w = leaf_w();
+  ad_status s = ad_backward(e->t, ad_mul(e->t, w, w), NULL);
+  if (w->grad) e->modified = 1;
+  ad_tensor_free(w);
+  return s;
+}
+ST(backward_null, ad_backward(e->t, NULL, NULL))
+static ad_status hvp_run(bi_env *e, int bad_v, int nonscalar) {
+  ad_tensor *w = leaf_w();
+  ad_tensor *sq = ad_mul(e->t, w, w);
+  ad_tensor *f = nonscalar ? sq : ad_sum(e->t, sq);
+  ad_tensor *v = bad_v ? ad_ones(e->t, AD_F64, 1, S(4)) : ad_ones(e->t, AD_F64, 1, S(3));
+  ad_tensor *hv[1];
+  ad_status s = ad_hvp(e->t, f, 1, &w, &v, hv, 0);
+  ad_tensor_free(w);
+  return s;
+}
+ST(hvp_vshape, hvp_run(e, 1, 0))
+ST(hvp_nonscalar, hvp_run(e, 0, 1))
+ST(hvp_null, ad_hvp(e->t, NULL, 1, &e->x24, &e->x24, (ad_tensor *[1]){NULL}, 0))
+static ad_status mixed_run(bi_env *e, int nlam) {
+  ad_tensor *w = leaf_w();
+  ad_tensor *f = ad_sum(e->t, ad_mul(e->t, w, w));
+  ad_tensor *v = ad_ones(e->t, AD_F64, 1, S(3));
+  ad_tensor *out[1];
+  ad_status s = ad_mixed_partial(e->t, f, 1, &w, &v, nlam, &w, out, 0);
+  ad_tensor_free(w);
+  return s;
+}
+ST(mixed_nlam_neg, mixed_run(e, -1))
+ST(mixed_null,
+   ad_mixed_partial(e->t, NULL, 1, &e->x24, &e->x24, 1, &e->x24, (ad_tensor *[1]){NULL}, 0))
+static ad_status jvp_run(bi_env *e, int bad_tan) {
+  ad_tensor *w = leaf_w();
+  ad_tensor *f = ad_sum(e->t, ad_mul(e->t, w, w));
+  ad_tensor *tan = ad_ones(e->t, AD_F64, 1, S(bad_tan ? 2 : 3));
+  ad_tensor *out[1];
+  ad_status s = ad_jvp(e->t, 1, &w, &tan, 1, &f, out, 0);
+  ad_tensor_free(w);
+  return s;
+}
+ST(jvp_tshape, jvp_run(e, 1))
+ST(jvp_null, ad_jvp(e->t, 1, &e->x24, NULL, 1, &e->x24, (ad_tensor *[1]){NULL}, 0))
+/* foreign-tape tensors and use after rewind in ops */
+static ad_status op_foreign(bi_env *e) {
+  ad_tape *other = NULL;
+  ck_assert_int_eq(ad_tape_new(&other, &(ad_tape_opts){.arena_mb = 1}), AD_OK);
+  ad_tensor *y = ad_mul(other, e->x24, e->x24); /* x24 lives on e->t */
+  ad_status s = y ? AD_OK : ad_tape_status(other);
+  ad_tape_free(e->t); /* the message is read from e->t */
+  e->t = other;
+  return s;
+}
+static ad_status op_rewound(bi_env *e) {
+  ad_marker m = ad_mark(e->t);
+  ad_tensor *z = ad_zeros(e->t, AD_F64, 2, S(2, 4));
+  ad_rewind(e->t, m);
+  return on_tape(e, ad_add(e->t, e->x24, z));
+}
+
 /* The table. Rows for other modules go at the end in the same form. */
 #define A AD_ERR_ARG
 #define N AD_ERR_NULL
@@ -574,6 +829,8 @@ ST(itnext_labels, itnext_run(e, 2, 2, 0, 1))
 #define DT AD_ERR_DTYPE
 #define F AD_ERR_FORMAT
 #define IO AD_ERR_IO
+#define AR AD_ERR_ARENA
+#define GR AD_ERR_GRAD
 static const bi_case CASES[] = {
     {"nn_linear", "NULL", BI_TAPE, N, "NULL", linear_null},
     {"nn_linear", "shape", BI_TAPE, SH, "[3, 5]", linear_shape},
@@ -793,6 +1050,112 @@ static const bi_case CASES[] = {
     {"ds_iter_next", "shape", BI_DS, SH, "[2, 3]", itnext_cols},
     {"ds_iter_next", "NULL", BI_DS, A, "y buffer", itnext_y},
     {"ds_iter_next", "NULL", BI_DS, A, "label buffer", itnext_labels},
+    {"ad_tensor_new", "NULL", BI_LAST, N, NULL, tnew_null},
+    {"ad_tensor_new", "ndim > 4", BI_LAST, SH, "ndim 5", tnew_ndim5},
+    {"ad_tensor_new", "negative", BI_LAST, SH, "ndim -1", tnew_ndimneg},
+    {"ad_tensor_new", "negative", BI_LAST, SH, "-3", tnew_dimneg},
+    {"ad_tensor_new", "overflow", BI_LAST, SH, "4294967296", tnew_overflow},
+    {"ad_tensor_new", "dtype", BI_LAST, DT, "5", tnew_dtype},
+    {"ad_tensor_new", "NULL", BI_LAST, N, "shape", tnew_shape_null},
+    {"ad_tensor_from", "NULL", BI_LAST, N, "data", tfrom_null},
+    {"ad_tensor_wrap", "ndim > 4", BI_LAST, SH, "ndim 5", twrap_ndim5},
+    {"ad_tensor_wrap", "NULL", BI_LAST, N, "data", twrap_null},
+    {"ad_copy_values", "shape", BI_LAST, SH, "20 elements into 3", copyv_shape},
+    {"ad_copy_values", "NULL", BI_LAST, N, NULL, copyv_null},
+    {"ad_tape_new", "NULL", BI_LAST, N, NULL, tapenew_null},
+    {"ad_tape_new", "overflow", BI_LAST, A, "1125899906842624", tapenew_max},
+    {"ad_tape_print", "NULL", BI_LAST, N, NULL, print_null},
+    {"ad_tape_print", "NULL", BI_LAST, N, NULL, print_file_null},
+    {"ad_tape_dot", "NULL", BI_LAST, N, NULL, tapedot_null},
+    {"ad_arena_alloc", "overflow", BI_TAPE, AR, NULL, arena_huge},
+    {"ad_zeros", "ndim > 4", BI_TAPE, SH, "ndim 5", zeros_ndim5},
+    {"ad_zeros", "negative", BI_TAPE, SH, "-1", zeros_dimneg},
+    {"ad_zeros", "overflow", BI_TAPE, SH, "4294967296", zeros_overflow},
+    {"ad_zeros", "dtype", BI_TAPE, DT, "3", zeros_dtype},
+    {"ad_zeros", "NULL", BI_TAPE, N, "shape", zeros_shape_null},
+    {"ad_zeros", "NULL", BI_LAST, N, "tape", zeros_notape},
+    {"ad_full", "ndim > 4", BI_TAPE, SH, "ndim 7", full_ndim5},
+    {"ad_const", "NULL", BI_TAPE, N, "data", const_null},
+    {"ad_zeros_like", "NULL", BI_TAPE, N, NULL, zeroslike_null},
+    {"ad_randn", "NULL", BI_TAPE, N, "rng", randn_norng},
+    {"ad_rand_uniform", "non-finite", BI_TAPE, A, "[nan, 1)", randu_nan},
+    {"ad_rand_uniform", "range", BI_TAPE, A, "[2, 1)", randu_order},
+    {"ad_detach", "NULL", BI_TAPE, N, NULL, detach_null},
+    {"ad_add", "NULL", BI_TAPE, N, NULL, add_null},
+    {"ad_add", "shape", BI_TAPE, SH, "[3, 4]", add_shape},
+    {"ad_sub", "dtype", BI_TAPE, DT, "f32", sub_dtype},
+    {"ad_mul", "shape", BI_TAPE, SH, "[3]", mul_shape},
+    {"ad_div", "NULL", BI_TAPE, N, NULL, div_null},
+    {"ad_neg", "NULL", BI_TAPE, N, NULL, neg_null},
+    {"ad_exp", "NULL", BI_TAPE, N, NULL, exp_null},
+    {"ad_log", "NULL", BI_TAPE, N, NULL, log_null},
+    {"ad_relu_backward", "shape", BI_TAPE, SH, "[3, 4]", reluback_shape},
+    {"ad_axpy", "shape", BI_TAPE, SH, "[3, 4]", axpy_shape},
+    {"ad_matmul", "shape", BI_TAPE, SH, "[3, 4]", matmul_inner},
+    {"ad_matmul", "shape", BI_TAPE, SH, "[3]", matmul_1d},
+    {"ad_matmul", "dtype", BI_TAPE, DT, "f32", matmul_dtype},
+    {"ad_matmul", "NULL", BI_TAPE, N, NULL, matmul_null},
+    {"ad_transpose", "shape", BI_TAPE, SH, "[2, 2, 2]", transpose_3d},
+    {"ad_reshape", "shape", BI_TAPE, SH, "[3, 3]", reshape_size},
+    {"ad_reshape", "ndim > 4", BI_TAPE, A, "ndim 5", reshape_ndim5},
+    {"ad_reshape", "negative", BI_TAPE, SH, "-2", reshape_neg},
+    {"ad_add_rowvec", "shape", BI_TAPE, SH, "[3]", rowvec_shape},
+    {"ad_sum", "NULL", BI_TAPE, N, NULL, sum_null},
+    {"ad_mean", "NULL", BI_TAPE, N, NULL, mean_null},
+    {"ad_sum_axis", "index range", BI_TAPE, A, "axis 2", sumaxis_range},
+    {"ad_sum_axis", "negative", BI_TAPE, A, "axis -3", sumaxis_neg},
+    {"ad_mean_axis", "index range", BI_TAPE, A, "axis 5", meanaxis_range},
+    {"ad_max_axis", "index range", BI_TAPE, A, "axis 9", maxaxis_range},
+    {"ad_broadcast_axis", "negative", BI_TAPE, A, "-4", bcast_neg},
+    {"ad_broadcast_axis", "index range", BI_TAPE, A, "axis 7", bcast_axis},
+    {"ad_expand", "shape", BI_TAPE, SH, "[2, 4]", expand_shape},
+    {"ad_logsumexp", "index range", BI_TAPE, A, "axis 4", lse_axis},
+    {"ad_softmax", "index range", BI_TAPE, A, "axis 3", softmax_axis},
+    {"ad_log_softmax", "NULL", BI_TAPE, N, NULL, logsoftmax_null},
+    {"ad_nll", "label range", BI_TAPE, A, "3", nll_label},
+    {"ad_nll", "label range", BI_TAPE, A, "-2", nll_neg_label},
+    {"ad_nll", "shape", BI_TAPE, SH, "5", nll_n},
+    {"ad_nll", "NULL", BI_TAPE, N, "labels", nll_labels_null},
+    {"ad_cross_entropy", "label range", BI_TAPE, A, "9", ce_ad_label},
+    {"ad_cross_entropy", "negative", BI_TAPE, SH, "-1", ce_ad_neg},
+    {"ad_mse", "shape", BI_TAPE, SH, "[4, 3]", mse_transposed},
+    {"ad_dot", "shape", BI_TAPE, SH, "[4, 3]", dot_transposed},
+    {"ad_dot", "NULL", BI_TAPE, N, NULL, dot_null},
+    {"ad_where", "shape", BI_TAPE, SH, "[3, 4]", where_shape},
+    {"ad_where", "NULL", BI_TAPE, N, NULL, where_null},
+    {"ad_concat", "empty", BI_TAPE, A, "no inputs", concat_n0},
+    {"ad_concat", "shape", BI_TAPE, SH, "[3, 4]", concat_shape},
+    {"ad_concat", "index range", BI_TAPE, A, "axis 4", concat_axis},
+    {"ad_concat", "NULL", BI_TAPE, N, NULL, concat_null},
+    {"ad_concat", "dtype", BI_TAPE, DT, "f32", concat_dtype},
+    {"ad_slice", "overflow", BI_TAPE, A, "9223372036854775807", slice_ad_overflow},
+    {"ad_slice", "negative", BI_TAPE, A, "-1", slice_ad_neg},
+    {"ad_slice", "index range", BI_TAPE, A, "3", slice_ad_past},
+    {"ad_slice", "negative", BI_TAPE, A, "-1", slice_ad_len0},
+    {"ad_slice", "index range", BI_TAPE, A, "axis 2", slice_ad_axis},
+    {"ad_pad_axis", "overflow", BI_TAPE, A, "9223372036854775807", pad_overflow},
+    {"ad_pad_axis", "index range", BI_TAPE, A, "4", pad_short},
+    {"ad_pad_axis", "negative", BI_TAPE, A, "-1", pad_neg},
+    {"ad_grad", "NULL", BI_TAPE, N, NULL, grad_null_out},
+    {"ad_grad", "empty", BI_TAPE, A, "0", grad_n0},
+    {"ad_grad", "negative", BI_TAPE, A, "-1", grad_nin_neg},
+    {"ad_grad", "shape", BI_TAPE, SH, "[2]", grad_seed_shape},
+    {"ad_grad", "unrecorded", BI_TAPE, GR, "ad_requires_grad", grad_const_in},
+    {"ad_grad", "unrecorded", BI_TAPE, GR, "recording", grad_unrecorded},
+    {"ad_grad", "foreign tape", BI_TAPE, A, "tape", grad_foreign},
+    {"ad_grad", "after rewind", BI_TAPE, A, "rewind", grad_rewound},
+    {"ad_grad", "NULL", BI_LAST, N, "tape", grad_notape},
+    {"ad_backward", "shape", BI_TAPE, SH, "seed", backward_nonscalar},
+    {"ad_backward", "NULL", BI_TAPE, N, NULL, backward_null},
+    {"ad_hvp", "shape", BI_TAPE, SH, "[4]", hvp_vshape},
+    {"ad_hvp", "shape", BI_TAPE, SH, "[3]", hvp_nonscalar},
+    {"ad_hvp", "NULL", BI_TAPE, N, NULL, hvp_null},
+    {"ad_mixed_partial", "negative", BI_TAPE, A, "-1", mixed_nlam_neg},
+    {"ad_mixed_partial", "NULL", BI_TAPE, N, NULL, mixed_null},
+    {"ad_jvp", "shape", BI_TAPE, SH, "[2]", jvp_tshape},
+    {"ad_jvp", "NULL", BI_TAPE, N, NULL, jvp_null},
+    {"ad_mul", "foreign tape", BI_TAPE, A, "tape", op_foreign},
+    {"ad_add", "after rewind", BI_TAPE, A, "rewind", op_rewound},
 };
 #define N_CASES ((int)(sizeof CASES / sizeof CASES[0]))
 
@@ -846,9 +1209,27 @@ START_TEST(test_bad_input_table) {
     for (int j = 0; j < i && !seen; j++) seen = strcmp(CASES[i].fn, CASES[j].fn) == 0;
     nfn += !seen;
   }
-  printf("bad input: %d cases over %d public ds_/nn_ functions:", N_CASES, nfn);
+  /* per module: the prefix before the first '_' (ad, bl, ds, nn) */
+  const char *mods[8];
+  int mod_n[8] = {0}, mod_fn[8] = {0}, n_mods = 0;
+  for (int i = 0; i < N_CASES; i++) {
+    size_t len = strcspn(CASES[i].fn, "_");
+    int m = 0;
+    while (m < n_mods && (strncmp(mods[m], CASES[i].fn, len) || mods[m][len] != '_')) m++;
+    if (m == n_mods && n_mods < 8) mods[n_mods++] = CASES[i].fn;
+    if (m == 8) continue;
+    mod_n[m]++;
+    int seen = 0;
+    for (int j = 0; j < i && !seen; j++) seen = strcmp(CASES[i].fn, CASES[j].fn) == 0;
+    mod_fn[m] += !seen;
+  }
+  printf("bad input: %d cases over %d public functions:", N_CASES, nfn);
   for (int o = 0; o < N_OUTCOMES; o++)
     printf(" %d %s%s", count[o], OUTCOME[o], o + 1 < N_OUTCOMES ? "," : "\n");
+  printf("bad input: by module:");
+  for (int m = 0; m < n_mods; m++)
+    printf(" %.*s_ %d cases over %d functions%s", (int)strcspn(mods[m], "_"), mods[m], mod_n[m],
+           mod_fn[m], m + 1 < n_mods ? "," : "\n");
   printf("bad input: by kind:");
   for (int k = 0; k < n_kinds; k++)
     printf(" %s %d%s", kinds[k], kind_n[k], k + 1 < n_kinds ? "," : "\n");
