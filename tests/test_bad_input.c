@@ -1,4 +1,4 @@
-/* test_bad_input.c — the public ad_, ds_ and nn_ functions (optimizers aside: test_nn_optim.c)
+/* test_bad_input.c — the public ad_, bl_, ds_ and nn_ functions
  * called with each kind of bad input that applies: NULL, wrong shape, wrong dtype, empty, too many
  * dims, negative and overflowing sizes, out-of-range labels and indices, non-finite values. Each
  * call must return the documented status with a message that names the function (and, where the
@@ -14,6 +14,8 @@
  * outcomes, and counts per kind. */
 #define _POSIX_C_SOURCE 200809L   /* mkdtemp */
 #include "autodiff/ad_internal.h" /* ad__set_last, to clear the last error between cases */
+#include "bilevel/bl_engine.h"
+#include "bl_fixtures.h"
 #include "datasets/ds.h"
 #include "gradcheck.h"
 #include "nn/nn.h"
@@ -46,6 +48,7 @@ typedef struct {
   int32_t hl[10];                   /* heap labels in [0, 2) */
   char dir[64];                     /* a scratch directory */
   int modified;                     /* set by a case that finds its input changed */
+  char msg[512];                    /* BI_OWN: the message the case copied */
 } bi_env;
 
 static void env_init(bi_env *e) {
@@ -107,7 +110,7 @@ static ad_status on_tape(bi_env *e, const ad_tensor *y) {
 
 /* ------------------------------------------------------------------ cases */
 
-typedef enum { BI_TAPE, BI_LAST, BI_DS } bi_chan; /* where the message is */
+typedef enum { BI_TAPE, BI_LAST, BI_DS, BI_OWN } bi_chan; /* where the message is */
 
 typedef struct {
   const char *fn;   /* the public function called */
@@ -822,6 +825,219 @@ static ad_status op_rewound(bi_env *e) {
   return on_tape(e, ad_add(e->t, e->x24, z));
 }
 
+/* bilevel: a ridge problem (tests/bl_fixtures.h) with one thing wrong; the
+ * message is on the tape, hg must be left as it was */
+typedef enum {
+  B_NULL_TRAIN,
+  B_NULL_VAL,
+  B_NW0,
+  B_NW_BIG,
+  B_HG_SHAPE,
+  B_K_NEG,
+  B_LR500,
+  B_T_NEG
+} b_bad;
+static ad_status bl_run(bi_env *e, bl_method_fn f, b_bad how) {
+  fx_rcase c;
+  fx_rcase_setup(&c, 0, 10, 0.1);
+  bl_problem p = c.p;
+  bl_opts o = {0};
+  ad_tensor *hg[1] = {c.hg[0]}, *bad = NULL;
+  ad_set(c.hg[0], 0, 42.0);
+  switch (how) {
+  case B_NULL_TRAIN:
+    p.train_loss = NULL;
+    break;
+  case B_NULL_VAL:
+    p.val_loss = NULL;
+    break;
+  case B_NW0:
+    p.n_w = 0;
+    break;
+  case B_NW_BIG:
+    p.n_w = NN_MAX_PARAMS + 1;
+    break;
+  case B_HG_SHAPE:
+    ck_assert_int_eq(ad_tensor_new(&bad, AD_F64, 1, S(2)), AD_OK);
+    ad_set(bad, 0, 42.0);
+    hg[0] = bad;
+    break;
+  case B_K_NEG:
+    o.K = -3;
+    break;
+  case B_LR500:
+    p.opt.lr = 500;
+    p.inner_steps = 200;
+    break;
+  case B_T_NEG:
+    p.inner_steps = -5;
+    break;
+  }
+  bl_stats st;
+  ad_status s = f(e->t, &p, &o, hg, &st);
+  if (ad_get(hg[0], 0) != 42.0) e->modified = 1;
+  if (ad_get(c.lam[0], 0) != 0.3) e->modified = 1;
+  ad_tensor_free(bad);
+  fx_rcase_free(&c);
+  return s;
+}
+#define BL(id, f, how) ST(id, bl_run(e, f, how))
+BL(unroll_null_train, bl_unroll, B_NULL_TRAIN)
+BL(unroll_nw0, bl_unroll, B_NW0)
+BL(unroll_nw_big, bl_unroll, B_NW_BIG)
+BL(unroll_hg_shape, bl_unroll, B_HG_SHAPE)
+BL(unroll_k_neg, bl_unroll, B_K_NEG)
+BL(unroll_lr500, bl_unroll, B_LR500)
+BL(unroll_t_neg, bl_unroll, B_T_NEG)
+BL(forward_null_val, bl_forward, B_NULL_VAL)
+BL(forward_lr500, bl_forward, B_LR500)
+BL(ckpt_hg_shape, bl_checkpointed, B_HG_SHAPE)
+BL(ckpt_lr500, bl_checkpointed, B_LR500)
+BL(fo_nw_big, bl_fo, B_NW_BIG)
+BL(fo_lr500, bl_fo, B_LR500)
+BL(onestep_null_train, bl_one_step, B_NULL_TRAIN)
+BL(greedy_lr500, bl_greedy, B_LR500)
+BL(neumann_hg_shape, bl_neumann, B_HG_SHAPE)
+BL(neumann_lr500, bl_neumann, B_LR500)
+BL(cg_nw0, bl_cg, B_NW0)
+BL(cg_lr500, bl_cg, B_LR500)
+BL(fixed_point_lr500, bl_fixed_point, B_LR500)
+BL(exact_lr500, bl_exact, B_LR500)
+BL(exact_t_neg, bl_exact, B_T_NEG)
+BL(sama_lr500, bl_sama, B_LR500)
+BL(zero_order_lr500, bl_zero_order, B_LR500)
+static ad_status slots_null(bi_env *e) {
+  (void)e;
+  return bl_step_slots(NULL) == -1 ? AD_ERR_NULL : AD_OK;
+}
+static ad_status slots_kind(bi_env *e) {
+  (void)e;
+  bl_problem p = {0};
+  p.opt.kind = (nn_opt_kind)17;
+  return bl_step_slots(&p) == -1 ? AD_ERR_ARG : AD_OK;
+}
+/* meta-learning: theta [2], task i's loss sum((theta - i)^2) */
+static ad_tensor *meta_loss(ad_tape *t, ad_tensor *const *params, int task, void *ctx) {
+  (void)ctx;
+  return ad_sum(t, ad_pow_scalar(t, ad_add_scalar(t, params[0], -(double)task), 2.0));
+}
+typedef enum { M_NULL_SUPPORT, M_TASKS0, M_LR_NAN, M_STEPS0, M_THETA0, M_HG_SHAPE } m_bad;
+static ad_status meta_run(bi_env *e, bl_meta_method_fn f, m_bad how) {
+  ad_tensor *theta = NULL, *hg = NULL;
+  ck_assert_int_eq(ad_tensor_new(&theta, AD_F64, 1, S(2)), AD_OK);
+  ck_assert_int_eq(ad_tensor_new(&hg, AD_F64, 1, S(how == M_HG_SHAPE ? 3 : 2)), AD_OK);
+  ad_requires_grad(theta, 1);
+  ad_set(hg, 0, 42.0);
+  bl_meta_problem p = {.n_theta = 1,
+                       .theta = &theta,
+                       .n_tasks = 3,
+                       .support_loss = meta_loss,
+                       .query_loss = meta_loss,
+                       .inner_lr = 0.1,
+                       .inner_steps = 2,
+                       .prox = 1.0};
+  switch (how) {
+  case M_NULL_SUPPORT:
+    p.support_loss = NULL;
+    break;
+  case M_TASKS0:
+    p.n_tasks = 0;
+    break;
+  case M_LR_NAN:
+    p.inner_lr = NAN;
+    break;
+  case M_STEPS0:
+    p.inner_steps = 0;
+    break;
+  case M_THETA0:
+    p.n_theta = 0;
+    break;
+  case M_HG_SHAPE:
+    break;
+  }
+  bl_stats st;
+  ad_status s = f(e->t, &p, &(bl_opts){0}, &hg, &st);
+  if (ad_get(hg, 0) != 42.0 || ad_get(theta, 0) != 0.0) e->modified = 1;
+  ad_tensor_free(hg);
+  ad_tensor_free(theta);
+  return s;
+}
+ST(maml_null_support, meta_run(e, bl_maml, M_NULL_SUPPORT))
+ST(maml_tasks0, meta_run(e, bl_maml, M_TASKS0))
+ST(maml_lr_nan, meta_run(e, bl_maml, M_LR_NAN))
+ST(maml_steps0, meta_run(e, bl_maml, M_STEPS0))
+ST(maml_theta0, meta_run(e, bl_maml, M_THETA0))
+ST(maml_hg_shape, meta_run(e, bl_maml, M_HG_SHAPE))
+ST(fomaml_lr_nan, meta_run(e, bl_fomaml, M_LR_NAN))
+ST(imaml_null_support, meta_run(e, bl_imaml, M_NULL_SUPPORT))
+/* engine: the message is bl_engine_errmsg's, copied to e->msg */
+static ad_status eng_run(bi_env *e, int how) {
+  bl_engine *g = NULL;
+  ck_assert_int_eq(bl_engine_new(&g, NULL), AD_OK);
+  ad_tensor *w = e->hx;
+  bl_level l = {.name = "inner",
+                .n = 1,
+                .params = &w,
+                .loss = NULL,
+                .opt = &(nn_opt_cfg){.kind = NN_OPT_SGD, .lr = 0.1}};
+  ad_status s = AD_OK;
+  switch (how) {
+  case 0:
+    s = bl_engine_add(g, NULL, NULL);
+    break;
+  case 1:
+    s = bl_engine_step(g);
+    break; /* before build */
+  case 2:
+    s = bl_engine_hypergrad(g, 5, &w, NULL);
+    break;
+  case 3:
+    l.name = "";
+    s = bl_engine_add(g, &l, NULL);
+    break;
+  case 4:
+    s = bl_engine_load(g, epath(e, "none.eng"));
+    break;
+  case 5:
+    s = bl_engine_add(g, &l, NULL);
+    if (s == AD_OK) s = bl_engine_build(g);
+    break;
+  case 6:
+    s = bl_engine_run(g, -1, NULL);
+    break;
+  }
+  snprintf(e->msg, sizeof e->msg, "%s", bl_engine_errmsg(g));
+  bl_engine_free(g);
+  return s;
+}
+ST(eng_new_null, bl_engine_new(NULL, NULL))
+ST(eng_add_null, eng_run(e, 0))
+ST(eng_step_unbuilt, eng_run(e, 1))
+ST(eng_hg_id, eng_run(e, 2))
+ST(eng_add_noname, eng_run(e, 3))
+ST(eng_load_missing, eng_run(e, 4))
+ST(eng_build_noloss, eng_run(e, 5))
+ST(eng_run_neg, eng_run(e, 6))
+/* nn optimizers: the in-place step reports in ad_last_error */
+static ad_status opt_run(bi_env *e, nn_opt_cfg cfg) {
+  ad_tensor *w = e->hx, *g = NULL;
+  ck_assert_int_eq(ad_tensor_new(&g, AD_F64, 2, S(10, 2)), AD_OK);
+  for (int i = 0; i < 20; i++) ad_set(g, i, 1.0);
+  nn_opt_state s;
+  ad_status st = nn_opt_state_init(&cfg, &s, 1, &w);
+  if (st == AD_OK) {
+    st = nn_opt_step(&cfg, &s, 1, &w, &g);
+    nn_opt_state_free(&s);
+  }
+  for (int i = 0; i < 20; i++)
+    if (ad_get(e->hx, i) != i * 0.5) e->modified = 1;
+  ad_tensor_free(g);
+  return st;
+}
+ST(opt_kind, opt_run(e, (nn_opt_cfg){.kind = (nn_opt_kind)9}))
+ST(optinit_null, nn_opt_state_init(NULL, &(nn_opt_state){0}, 1, &e->hx))
+ST(optstep_null, nn_opt_step(&(nn_opt_cfg){0}, &(nn_opt_state){0}, 1, &e->hx, NULL))
+
 /* The table. Rows for other modules go at the end in the same form. */
 #define A AD_ERR_ARG
 #define N AD_ERR_NULL
@@ -831,6 +1047,8 @@ static ad_status op_rewound(bi_env *e) {
 #define IO AD_ERR_IO
 #define AR AD_ERR_ARENA
 #define GR AD_ERR_GRAD
+#define NUM AD_ERR_NUMERIC
+#define ST_ AD_ERR_STATE
 static const bi_case CASES[] = {
     {"nn_linear", "NULL", BI_TAPE, N, "NULL", linear_null},
     {"nn_linear", "shape", BI_TAPE, SH, "[3, 5]", linear_shape},
@@ -1156,6 +1374,51 @@ static const bi_case CASES[] = {
     {"ad_jvp", "NULL", BI_TAPE, N, NULL, jvp_null},
     {"ad_mul", "foreign tape", BI_TAPE, A, "tape", op_foreign},
     {"ad_add", "after rewind", BI_TAPE, A, "rewind", op_rewound},
+    {"bl_unroll", "NULL", BI_TAPE, N, "train_loss", unroll_null_train},
+    {"bl_unroll", "empty", BI_TAPE, A, "0 tensors", unroll_nw0},
+    {"bl_unroll", "range", BI_TAPE, A, "65", unroll_nw_big},
+    {"bl_unroll", "shape", BI_TAPE, SH, "hg[0]", unroll_hg_shape},
+    {"bl_unroll", "negative", BI_TAPE, A, "K = -3", unroll_k_neg},
+    {"bl_unroll", "diverging", BI_TAPE, NUM, "step", unroll_lr500},
+    {"bl_unroll", "negative", BI_TAPE, A, "-5", unroll_t_neg},
+    {"bl_forward", "NULL", BI_TAPE, N, "val_loss", forward_null_val},
+    {"bl_forward", "diverging", BI_TAPE, NUM, "step", forward_lr500},
+    {"bl_checkpointed", "shape", BI_TAPE, SH, "hg[0]", ckpt_hg_shape},
+    {"bl_checkpointed", "diverging", BI_TAPE, NUM, "step", ckpt_lr500},
+    {"bl_fo", "range", BI_TAPE, A, "65", fo_nw_big},
+    {"bl_fo", "diverging", BI_TAPE, NUM, "step", fo_lr500},
+    {"bl_one_step", "NULL", BI_TAPE, N, "train_loss", onestep_null_train},
+    {"bl_greedy", "diverging", BI_TAPE, NUM, "is inf", greedy_lr500},
+    {"bl_neumann", "shape", BI_TAPE, SH, "hg[0]", neumann_hg_shape},
+    {"bl_neumann", "diverging", BI_TAPE, NUM, "step", neumann_lr500},
+    {"bl_cg", "empty", BI_TAPE, A, "0 tensors", cg_nw0},
+    {"bl_cg", "diverging", BI_TAPE, NUM, "step", cg_lr500},
+    {"bl_fixed_point", "diverging", BI_TAPE, NUM, "is inf", fixed_point_lr500},
+    {"bl_exact", "diverging", BI_TAPE, NUM, "step", exact_lr500},
+    {"bl_exact", "negative", BI_TAPE, A, "-5", exact_t_neg},
+    {"bl_sama", "diverging", BI_TAPE, NUM, "step", sama_lr500},
+    {"bl_zero_order", "diverging", BI_TAPE, NUM, "step", zero_order_lr500},
+    {"bl_step_slots", "NULL", BI_LAST, N, NULL, slots_null},
+    {"bl_step_slots", "range", BI_LAST, A, "17", slots_kind},
+    {"bl_maml", "NULL", BI_TAPE, N, "support_loss", maml_null_support},
+    {"bl_maml", "empty", BI_TAPE, A, "n_tasks is 0", maml_tasks0},
+    {"bl_maml", "non-finite", BI_TAPE, A, "inner_lr is nan", maml_lr_nan},
+    {"bl_maml", "empty", BI_TAPE, A, "inner_steps is 0", maml_steps0},
+    {"bl_maml", "empty", BI_TAPE, A, "theta: 0 tensors", maml_theta0},
+    {"bl_maml", "shape", BI_TAPE, SH, "[3]", maml_hg_shape},
+    {"bl_fomaml", "non-finite", BI_TAPE, A, "nan", fomaml_lr_nan},
+    {"bl_imaml", "NULL", BI_TAPE, N, "support_loss", imaml_null_support},
+    {"bl_engine_new", "NULL", BI_LAST, N, NULL, eng_new_null},
+    {"bl_engine_add", "NULL", BI_OWN, N, NULL, eng_add_null},
+    {"bl_engine_step", "state", BI_OWN, ST_, "build", eng_step_unbuilt},
+    {"bl_engine_hypergrad", "state", BI_OWN, ST_, "build", eng_hg_id},
+    {"bl_engine_add", "empty", BI_OWN, A, "name", eng_add_noname},
+    {"bl_engine_load", "state", BI_OWN, ST_, "build", eng_load_missing},
+    {"bl_engine_build", "NULL", BI_OWN, N, "inner", eng_build_noloss},
+    {"bl_engine_run", "state", BI_OWN, ST_, "build", eng_run_neg},
+    {"nn_opt_state_init", "range", BI_LAST, A, "9", opt_kind},
+    {"nn_opt_state_init", "NULL", BI_LAST, N, NULL, optinit_null},
+    {"nn_opt_step", "NULL", BI_LAST, N, NULL, optstep_null},
 };
 #define N_CASES ((int)(sizeof CASES / sizeof CASES[0]))
 
@@ -1169,6 +1432,7 @@ static const char *const OUTCOME[N_OUTCOMES] = {
 static const char *message(const bi_env *e, bi_chan c) {
   if (c == BI_TAPE) return ad_tape_errmsg(e->t);
   if (c == BI_DS) return ds_errmsg();
+  if (c == BI_OWN) return e->msg;
   return ad_last_error();
 }
 
