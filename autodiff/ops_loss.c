@@ -73,6 +73,9 @@ ad_tensor *ad_cross_entropy(ad_tape *t, ad_tensor *logits, const int32_t *labels
     return ad__fail(t, AD_ERR_SHAPE, "ad_cross_entropy: logits must be [N, C], got %s",
                     ad_shape_str(logits, s, sizeof s));
   }
+  /* Checked here too so a bad label is reported under this call's name,
+   * not the internal ad_nll's (logits and log_softmax share a shape). */
+  if (!ad__check_labels(t, "ad_cross_entropy", logits, labels, n)) return NULL;
   return ad_nll(t, ad_log_softmax(t, logits, 1), labels, n);
 }
 

@@ -293,6 +293,11 @@ ad_tensor *ad_randn(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, ad_
 ad_tensor *ad_rand_uniform(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, ad_rng *r,
                            double lo, double hi) {
   if (t && !r) return ad__fail(t, AD_ERR_NULL, "ad_rand_uniform: rng is NULL");
+  /* A NaN, infinite or reversed range would fill the tensor with NaN or
+   * values outside it without a word: refuse it. */
+  if (t && !(isfinite(lo) && isfinite(hi) && lo <= hi))
+    return ad__fail(t, AD_ERR_ARG, "ad_rand_uniform: range [%g, %g) is not finite and ordered", lo,
+                    hi);
   ad_tensor *x = arena_tensor(t, "ad_rand_uniform", dt, ndim, shape, 0);
   if (x) ad_tensor_fill_uniform(x, r, lo, hi);
   return x;

@@ -1,10 +1,9 @@
-/* test_bad_input.c — every public ds_ and nn_ function (optimizers aside:
- * tests/test_nn_optim.c) called with each kind of bad input that applies:
- * NULL, wrong shape, wrong dtype, empty, too many dims, negative and
- * overflowing sizes, out-of-range labels and indices, non-finite values.
- * Each call must return the documented status with a message that names
- * the function (and, where the case says, the offending value), must not
- * crash or trip a sanitizer, and must leave the caller's data as it was.
+/* test_bad_input.c — the public ad_, bl_, ds_ and nn_ functions
+ * called with each kind of bad input that applies: NULL, wrong shape, wrong dtype, empty, too many
+ * dims, negative and overflowing sizes, out-of-range labels and indices, non-finite values. Each
+ * call must return the documented status with a message that names the function (and, where the
+ * case says, the offending value), must not crash or trip a sanitizer, and must leave the caller's
+ * data as it was.
  *
  * Table-driven so other modules can add rows: a case is a function that
  * makes the call on a fresh fixture (bi_env) and returns the status it got;
@@ -15,6 +14,8 @@
  * outcomes, and counts per kind. */
 #define _POSIX_C_SOURCE 200809L   /* mkdtemp */
 #include "autodiff/ad_internal.h" /* ad__set_last, to clear the last error between cases */
+#include "bilevel/bl_engine.h"
+#include "bl_fixtures.h"
 #include "datasets/ds.h"
 #include "gradcheck.h"
 #include "nn/nn.h"
@@ -47,6 +48,7 @@ typedef struct {
   int32_t hl[10];                   /* heap labels in [0, 2) */
   char dir[64];                     /* a scratch directory */
   int modified;                     /* set by a case that finds its input changed */
+  char msg[512];                    /* BI_OWN: the message the case copied */
 } bi_env;
 
 static void env_init(bi_env *e) {
@@ -108,7 +110,7 @@ static ad_status on_tape(bi_env *e, const ad_tensor *y) {
 
 /* ------------------------------------------------------------------ cases */
 
-typedef enum { BI_TAPE, BI_LAST, BI_DS } bi_chan; /* where the message is */
+typedef enum { BI_TAPE, BI_LAST, BI_DS, BI_OWN } bi_chan; /* where the message is */
 
 typedef struct {
   const char *fn;   /* the public function called */
@@ -567,6 +569,475 @@ ST(itnext_cols, itnext_run(e, 2, 3, 0, 0))
 ST(itnext_y, itnext_run(e, 2, 2, 1, 0))
 ST(itnext_labels, itnext_run(e, 2, 2, 0, 1))
 
+/* autodiff: constructors and ops (on the tape), heap tensors (ad_last_error) */
+static ad_status heap_run(ad_dtype dt, int ndim, const int64_t *shape, int wrap, int from) {
+  ad_tensor *x = (ad_tensor *)&x;
+  static double buf[4];
+  ad_status s = wrap   ? ad_tensor_wrap(&x, dt, ndim, shape, buf)
+                : from ? ad_tensor_from(&x, dt, ndim, shape, NULL)
+                       : ad_tensor_new(&x, dt, ndim, shape);
+  if (s != AD_OK && x) return AD_ERR_STATE; /* *out must be NULL */
+  if (s == AD_OK) ad_tensor_free(x);
+  return s;
+}
+ST(tnew_null, ad_tensor_new(NULL, AD_F64, 1, S(2)))
+ST(tnew_ndim5, heap_run(AD_F64, 5, S(1, 1, 1, 1, 1), 0, 0))
+ST(tnew_ndimneg, heap_run(AD_F64, -1, S(2), 0, 0))
+ST(tnew_dimneg, heap_run(AD_F64, 2, S(2, -3), 0, 0))
+ST(tnew_overflow, heap_run(AD_F64, 2, S((int64_t)1 << 32, (int64_t)1 << 32), 0, 0))
+ST(tnew_dtype, heap_run((ad_dtype)5, 1, S(2), 0, 0))
+ST(tnew_shape_null, heap_run(AD_F64, 2, NULL, 0, 0))
+ST(tfrom_null, heap_run(AD_F64, 1, S(2), 0, 1))
+ST(twrap_ndim5, heap_run(AD_F64, 5, S(1, 1, 1, 1, 1), 1, 0))
+ST(twrap_null, ad_tensor_wrap(&(ad_tensor *){NULL}, AD_F64, 1, S(2), NULL))
+static ad_status copyv_shape(bi_env *e) {
+  ad_tensor *d = NULL;
+  ck_assert_int_eq(ad_tensor_new(&d, AD_F64, 1, S(3)), AD_OK);
+  ad_set(d, 0, 7.0);
+  ad_status s = ad_copy_values(d, e->hx);
+  if (ad_get(d, 0) != 7.0) e->modified = 1;
+  ad_tensor_free(d);
+  return s;
+}
+ST(copyv_null, ad_copy_values(e->hx, NULL))
+ST(tapenew_null, ad_tape_new(NULL, NULL))
+static ad_status tapenew_max(bi_env *e) {
+  (void)e;
+  ad_tape *t = (ad_tape *)&t;
+  ad_status s = ad_tape_new(&t, &(ad_tape_opts){.arena_mb = (size_t)1 << 50});
+  if (s != AD_OK && t) return AD_ERR_STATE;
+  ad_tape_free(s == AD_OK ? t : NULL);
+  return s;
+}
+ST(print_null, ad_tape_print(NULL, stdout))
+ST(print_file_null, ad_tape_print(e->t, NULL))
+ST(tapedot_null, ad_tape_dot(NULL, stdout))
+static ad_status arena_huge(bi_env *e) {
+  void *p = ad_arena_alloc(e->t, SIZE_MAX - 8);
+  return p ? AD_OK : ad_tape_status(e->t);
+}
+T(zeros_ndim5, ad_zeros(t, AD_F64, 5, S(1, 1, 1, 1, 1)))
+T(zeros_dimneg, ad_zeros(t, AD_F64, 1, S(-1)))
+T(zeros_overflow, ad_zeros(t, AD_F64, 2, S((int64_t)1 << 32, (int64_t)1 << 32)))
+T(zeros_dtype, ad_zeros(t, (ad_dtype)3, 1, S(2)))
+T(zeros_shape_null, ad_zeros(t, AD_F64, 1, NULL))
+static ad_status zeros_notape(bi_env *e) {
+  (void)e;
+  return ad_zeros(NULL, AD_F64, 1, S(2)) ? AD_OK : AD_ERR_NULL;
+}
+T(full_ndim5, ad_full(t, AD_F64, 7, S(1, 1, 1, 1), 2.0))
+T(const_null, ad_const(t, AD_F64, 1, S(2), NULL))
+T(zeroslike_null, ad_zeros_like(t, NULL))
+T(randn_norng, ad_randn(t, AD_F64, 1, S(3), NULL))
+T(randu_nan, ad_rand_uniform(t, AD_F64, 1, S(3), &e->r, NAN, 1))
+T(randu_order, ad_rand_uniform(t, AD_F64, 1, S(3), &e->r, 2, 1))
+T(detach_null, ad_detach(t, NULL))
+T(add_null, ad_add(t, e->x24, NULL))
+T(add_shape, ad_add(t, e->x24, e->w34))
+T(sub_dtype, ad_sub(t, e->x24, e->x24f))
+T(mul_shape, ad_mul(t, e->x24, e->b3))
+T(div_null, ad_div(t, NULL, e->x24))
+T(neg_null, ad_neg(t, NULL))
+T(exp_null, ad_exp(t, NULL))
+T(log_null, ad_log(t, NULL))
+T(reluback_shape, ad_relu_backward(t, e->x24, e->w34))
+T(axpy_shape, ad_axpy(t, e->x24, 2.0, e->w34))
+T(matmul_inner, ad_matmul(t, e->x24, e->w34, 0, 0))
+T(matmul_1d, ad_matmul(t, e->b3, e->w34, 0, 0))
+T(matmul_dtype, ad_matmul(t, e->x24f, e->w34, 0, 1))
+T(matmul_null, ad_matmul(t, NULL, e->w34, 0, 1))
+T(transpose_3d, ad_transpose(t, ad_zeros(t, AD_F64, 3, S(2, 2, 2))))
+T(reshape_size, ad_reshape(t, e->x24, 2, S(3, 3)))
+T(reshape_ndim5, ad_reshape(t, e->x24, 5, S(2, 4, 1, 1, 1)))
+T(reshape_neg, ad_reshape(t, e->x24, 2, S(-2, -4)))
+T(rowvec_shape, ad_add_rowvec(t, e->x24, e->b3))
+T(sum_null, ad_sum(t, NULL))
+T(mean_null, ad_mean(t, NULL))
+T(sumaxis_range, ad_sum_axis(t, e->x24, 2, 0))
+T(sumaxis_neg, ad_sum_axis(t, e->x24, -3, 0))
+T(meanaxis_range, ad_mean_axis(t, e->x24, 5, 1))
+T(maxaxis_range, ad_max_axis(t, e->x24, 9, 0))
+T(bcast_neg, ad_broadcast_axis(t, ad_sum_axis(t, e->x24, 1, 1), 1, -4, 1))
+T(bcast_axis, ad_broadcast_axis(t, e->x24, 7, 4, 1))
+T(expand_shape, ad_expand(t, e->x24, e->w34))
+T(lse_axis, ad_logsumexp(t, e->x24, 4, 0))
+T(softmax_axis, ad_softmax(t, e->x24, 3))
+T(logsoftmax_null, ad_log_softmax(t, NULL, 1))
+T(nll_label, ad_nll(t, e->logits, ((const int32_t[]){0, 1, 3, 2}), 4))
+T(nll_neg_label, ad_nll(t, e->logits, ((const int32_t[]){0, -2, 1, 2}), 4))
+T(nll_n, ad_nll(t, e->logits, e->labels, 5))
+T(nll_labels_null, ad_nll(t, e->logits, NULL, 4))
+T(ce_ad_label, ad_cross_entropy(t, e->logits, ((const int32_t[]){9, 1, 0, 2}), 4))
+T(ce_ad_neg, ad_cross_entropy(t, e->logits, e->labels, -1))
+T(mse_transposed, ad_mse(t, ad_zeros(t, AD_F64, 2, S(3, 4)), ad_zeros(t, AD_F64, 2, S(4, 3))))
+T(dot_transposed, ad_dot(t, ad_zeros(t, AD_F64, 2, S(3, 4)), ad_zeros(t, AD_F64, 2, S(4, 3))))
+T(dot_null, ad_dot(t, e->x24, NULL))
+T(where_shape, ad_where(t, e->w34, e->x24, e->x24))
+T(where_null, ad_where(t, NULL, e->x24, e->x24))
+T(concat_n0, ad_concat(t, 0, &e->x24, 0))
+T(concat_shape, ad_concat(t, 2, ((ad_tensor *const[]){e->x24, e->w34}), 1))
+T(concat_axis, ad_concat(t, 2, ((ad_tensor *const[]){e->x24, e->x24}), 4))
+T(concat_null, ad_concat(t, 2, ((ad_tensor *const[]){e->x24, NULL}), 0))
+T(concat_dtype, ad_concat(t, 2, ((ad_tensor *const[]){e->x24, e->x24f}), 0))
+T(slice_ad_overflow, ad_slice(t, e->x24, 0, INT64_MAX, 1))
+T(slice_ad_neg, ad_slice(t, e->x24, 1, -1, 2))
+T(slice_ad_past, ad_slice(t, e->x24, 1, 3, 2))
+T(slice_ad_len0, ad_slice(t, e->x24, 1, 0, -1))
+T(slice_ad_axis, ad_slice(t, e->x24, 2, 0, 1))
+T(pad_overflow, ad_pad_axis(t, e->x24, 0, INT64_MAX, 5))
+T(pad_short, ad_pad_axis(t, e->x24, 1, 1, 4))
+T(pad_neg, ad_pad_axis(t, e->x24, 1, -1, 6))
+/* transforms: a recorded scalar f = sum(w*w) of a heap leaf w */
+static ad_tensor *leaf_w(void) {
+  ad_tensor *w = NULL;
+  ck_assert_int_eq(ad_tensor_new(&w, AD_F64, 1, S(3)), AD_OK);
+  ad_set(w, 0, 1.0);
+  ad_requires_grad(w, 1);
+  return w;
+}
+typedef enum {
+  G_NULL_OUT,
+  G_N0,
+  G_SEED_SHAPE,
+  G_CONST_IN,
+  G_UNRECORDED,
+  G_FOREIGN,
+  G_REWOUND,
+  G_NIN_NEG
+} g_bad;
+static ad_status grad_run(bi_env *e, g_bad how) {
+  ad_tensor *w = leaf_w();
+  ad_marker m = ad_mark(e->t);
+  ad_tensor *f = ad_sum(e->t, ad_mul(e->t, w, w));
+  ad_tensor *g[1] = {NULL}, *seed = NULL, *in = w;
+  int n_out = 1, n_in = 1;
+  ad_tensor *out = f;
+  ad_tape *other = NULL;
+  switch (how) {
+  case G_NULL_OUT:
+    out = NULL;
+    break;
+  case G_N0:
+    n_out = 0;
+    break;
+  case G_NIN_NEG:
+    n_in = -1;
+    break;
+  case G_SEED_SHAPE:
+    seed = ad_zeros(e->t, AD_F64, 1, S(2));
+    break;
+  case G_CONST_IN:
+    in = ad_zeros(e->t, AD_F64, 1, S(3));
+    break;
+  case G_UNRECORDED: {
+    int was = ad_set_recording(e->t, 0);
+    out = ad_sum(e->t, ad_mul(e->t, w, w));
+    ad_set_recording(e->t, was);
+  } break;
+  case G_FOREIGN: /* f recorded on e->t, differentiated on another tape */
+    ck_assert_int_eq(ad_tape_new(&other, &(ad_tape_opts){.arena_mb = 1}), AD_OK);
+    break;
+  case G_REWOUND: /* f freed by a rewind, then used */
+    ad_rewind(e->t, m);
+    break;
+  }
+  ad_tensor *seeds[1] = {seed};
+  ad_status s = ad_grad(other ? other : e->t, n_out, &out, seed ? seeds : NULL, n_in, &in, g, 0);
+  if (other) {
+    /* the message is on the tape that was called: read it from there */
+    ad_tape_free(e->t);
+    e->t = other;
+  }
+  if (ad_get(w, 0) != 1.0) e->modified = 1;
+  ad_tensor_free(w);
+  return s;
+}
+ST(grad_null_out, grad_run(e, G_NULL_OUT))
+ST(grad_n0, grad_run(e, G_N0))
+ST(grad_nin_neg, grad_run(e, G_NIN_NEG))
+ST(grad_seed_shape, grad_run(e, G_SEED_SHAPE))
+ST(grad_const_in, grad_run(e, G_CONST_IN))
+ST(grad_unrecorded, grad_run(e, G_UNRECORDED))
+ST(grad_foreign, grad_run(e, G_FOREIGN))
+ST(grad_rewound, grad_run(e, G_REWOUND))
+static ad_status grad_notape(bi_env *e) {
+  ad_tensor *g[1];
+  return ad_grad(NULL, 1, &e->x24, NULL, 1, &e->x24, g, 0);
+}
+static ad_status backward_nonscalar(bi_env *e) {
+  ad_tensor *w = leaf_w();
+  ad_status s = ad_backward(e->t, ad_mul(e->t, w, w), NULL);
+  if (w->grad) e->modified = 1;
+  ad_tensor_free(w);
+  return s;
+}
+ST(backward_null, ad_backward(e->t, NULL, NULL))
+static ad_status hvp_run(bi_env *e, int bad_v, int nonscalar) {
+  ad_tensor *w = leaf_w();
+  ad_tensor *sq = ad_mul(e->t, w, w);
+  ad_tensor *f = nonscalar ? sq : ad_sum(e->t, sq);
+  ad_tensor *v = bad_v ? ad_ones(e->t, AD_F64, 1, S(4)) : ad_ones(e->t, AD_F64, 1, S(3));
+  ad_tensor *hv[1];
+  ad_status s = ad_hvp(e->t, f, 1, &w, &v, hv, 0);
+  ad_tensor_free(w);
+  return s;
+}
+ST(hvp_vshape, hvp_run(e, 1, 0))
+ST(hvp_nonscalar, hvp_run(e, 0, 1))
+ST(hvp_null, ad_hvp(e->t, NULL, 1, &e->x24, &e->x24, (ad_tensor *[1]){NULL}, 0))
+static ad_status mixed_run(bi_env *e, int nlam) {
+  ad_tensor *w = leaf_w();
+  ad_tensor *f = ad_sum(e->t, ad_mul(e->t, w, w));
+  ad_tensor *v = ad_ones(e->t, AD_F64, 1, S(3));
+  ad_tensor *out[1];
+  ad_status s = ad_mixed_partial(e->t, f, 1, &w, &v, nlam, &w, out, 0);
+  ad_tensor_free(w);
+  return s;
+}
+ST(mixed_nlam_neg, mixed_run(e, -1))
+ST(mixed_null,
+   ad_mixed_partial(e->t, NULL, 1, &e->x24, &e->x24, 1, &e->x24, (ad_tensor *[1]){NULL}, 0))
+static ad_status jvp_run(bi_env *e, int bad_tan) {
+  ad_tensor *w = leaf_w();
+  ad_tensor *f = ad_sum(e->t, ad_mul(e->t, w, w));
+  ad_tensor *tan = ad_ones(e->t, AD_F64, 1, S(bad_tan ? 2 : 3));
+  ad_tensor *out[1];
+  ad_status s = ad_jvp(e->t, 1, &w, &tan, 1, &f, out, 0);
+  ad_tensor_free(w);
+  return s;
+}
+ST(jvp_tshape, jvp_run(e, 1))
+ST(jvp_null, ad_jvp(e->t, 1, &e->x24, NULL, 1, &e->x24, (ad_tensor *[1]){NULL}, 0))
+/* foreign-tape tensors and use after rewind in ops */
+static ad_status op_foreign(bi_env *e) {
+  ad_tape *other = NULL;
+  ck_assert_int_eq(ad_tape_new(&other, &(ad_tape_opts){.arena_mb = 1}), AD_OK);
+  ad_tensor *y = ad_mul(other, e->x24, e->x24); /* x24 lives on e->t */
+  ad_status s = y ? AD_OK : ad_tape_status(other);
+  ad_tape_free(e->t); /* the message is read from e->t */
+  e->t = other;
+  return s;
+}
+static ad_status op_rewound(bi_env *e) {
+  ad_marker m = ad_mark(e->t);
+  ad_tensor *z = ad_zeros(e->t, AD_F64, 2, S(2, 4));
+  ad_rewind(e->t, m);
+  return on_tape(e, ad_add(e->t, e->x24, z));
+}
+
+/* bilevel: a ridge problem (tests/bl_fixtures.h) with one thing wrong; the
+ * message is on the tape, hg must be left as it was */
+typedef enum {
+  B_NULL_TRAIN,
+  B_NULL_VAL,
+  B_NW0,
+  B_NW_BIG,
+  B_HG_SHAPE,
+  B_K_NEG,
+  B_LR500,
+  B_T_NEG
+} b_bad;
+static ad_status bl_run(bi_env *e, bl_method_fn f, b_bad how) {
+  fx_rcase c;
+  fx_rcase_setup(&c, 0, 10, 0.1);
+  bl_problem p = c.p;
+  bl_opts o = {0};
+  ad_tensor *hg[1] = {c.hg[0]}, *bad = NULL;
+  ad_set(c.hg[0], 0, 42.0);
+  switch (how) {
+  case B_NULL_TRAIN:
+    p.train_loss = NULL;
+    break;
+  case B_NULL_VAL:
+    p.val_loss = NULL;
+    break;
+  case B_NW0:
+    p.n_w = 0;
+    break;
+  case B_NW_BIG:
+    p.n_w = NN_MAX_PARAMS + 1;
+    break;
+  case B_HG_SHAPE:
+    ck_assert_int_eq(ad_tensor_new(&bad, AD_F64, 1, S(2)), AD_OK);
+    ad_set(bad, 0, 42.0);
+    hg[0] = bad;
+    break;
+  case B_K_NEG:
+    o.K = -3;
+    break;
+  case B_LR500:
+    p.opt.lr = 500;
+    p.inner_steps = 200;
+    break;
+  case B_T_NEG:
+    p.inner_steps = -5;
+    break;
+  }
+  bl_stats st;
+  ad_status s = f(e->t, &p, &o, hg, &st);
+  if (ad_get(hg[0], 0) != 42.0) e->modified = 1;
+  if (ad_get(c.lam[0], 0) != 0.3) e->modified = 1;
+  ad_tensor_free(bad);
+  fx_rcase_free(&c);
+  return s;
+}
+#define BL(id, f, how) ST(id, bl_run(e, f, how))
+BL(unroll_null_train, bl_unroll, B_NULL_TRAIN)
+BL(unroll_nw0, bl_unroll, B_NW0)
+BL(unroll_nw_big, bl_unroll, B_NW_BIG)
+BL(unroll_hg_shape, bl_unroll, B_HG_SHAPE)
+BL(unroll_k_neg, bl_unroll, B_K_NEG)
+BL(unroll_lr500, bl_unroll, B_LR500)
+BL(unroll_t_neg, bl_unroll, B_T_NEG)
+BL(forward_null_val, bl_forward, B_NULL_VAL)
+BL(forward_lr500, bl_forward, B_LR500)
+BL(ckpt_hg_shape, bl_checkpointed, B_HG_SHAPE)
+BL(ckpt_lr500, bl_checkpointed, B_LR500)
+BL(fo_nw_big, bl_fo, B_NW_BIG)
+BL(fo_lr500, bl_fo, B_LR500)
+BL(onestep_null_train, bl_one_step, B_NULL_TRAIN)
+BL(greedy_lr500, bl_greedy, B_LR500)
+BL(neumann_hg_shape, bl_neumann, B_HG_SHAPE)
+BL(neumann_lr500, bl_neumann, B_LR500)
+BL(cg_nw0, bl_cg, B_NW0)
+BL(cg_lr500, bl_cg, B_LR500)
+BL(fixed_point_lr500, bl_fixed_point, B_LR500)
+BL(exact_lr500, bl_exact, B_LR500)
+BL(exact_t_neg, bl_exact, B_T_NEG)
+BL(sama_lr500, bl_sama, B_LR500)
+BL(zero_order_lr500, bl_zero_order, B_LR500)
+static ad_status slots_null(bi_env *e) {
+  (void)e;
+  return bl_step_slots(NULL) == -1 ? AD_ERR_NULL : AD_OK;
+}
+static ad_status slots_kind(bi_env *e) {
+  (void)e;
+  bl_problem p = {0};
+  p.opt.kind = (nn_opt_kind)17;
+  return bl_step_slots(&p) == -1 ? AD_ERR_ARG : AD_OK;
+}
+/* meta-learning: theta [2], task i's loss sum((theta - i)^2) */
+static ad_tensor *meta_loss(ad_tape *t, ad_tensor *const *params, int task, void *ctx) {
+  (void)ctx;
+  return ad_sum(t, ad_pow_scalar(t, ad_add_scalar(t, params[0], -(double)task), 2.0));
+}
+typedef enum { M_NULL_SUPPORT, M_TASKS0, M_LR_NAN, M_STEPS0, M_THETA0, M_HG_SHAPE } m_bad;
+static ad_status meta_run(bi_env *e, bl_meta_method_fn f, m_bad how) {
+  ad_tensor *theta = NULL, *hg = NULL;
+  ck_assert_int_eq(ad_tensor_new(&theta, AD_F64, 1, S(2)), AD_OK);
+  ck_assert_int_eq(ad_tensor_new(&hg, AD_F64, 1, S(how == M_HG_SHAPE ? 3 : 2)), AD_OK);
+  ad_requires_grad(theta, 1);
+  ad_set(hg, 0, 42.0);
+  bl_meta_problem p = {.n_theta = 1,
+                       .theta = &theta,
+                       .n_tasks = 3,
+                       .support_loss = meta_loss,
+                       .query_loss = meta_loss,
+                       .inner_lr = 0.1,
+                       .inner_steps = 2,
+                       .prox = 1.0};
+  switch (how) {
+  case M_NULL_SUPPORT:
+    p.support_loss = NULL;
+    break;
+  case M_TASKS0:
+    p.n_tasks = 0;
+    break;
+  case M_LR_NAN:
+    p.inner_lr = NAN;
+    break;
+  case M_STEPS0:
+    p.inner_steps = 0;
+    break;
+  case M_THETA0:
+    p.n_theta = 0;
+    break;
+  case M_HG_SHAPE:
+    break;
+  }
+  bl_stats st;
+  ad_status s = f(e->t, &p, &(bl_opts){0}, &hg, &st);
+  if (ad_get(hg, 0) != 42.0 || ad_get(theta, 0) != 0.0) e->modified = 1;
+  ad_tensor_free(hg);
+  ad_tensor_free(theta);
+  return s;
+}
+ST(maml_null_support, meta_run(e, bl_maml, M_NULL_SUPPORT))
+ST(maml_tasks0, meta_run(e, bl_maml, M_TASKS0))
+ST(maml_lr_nan, meta_run(e, bl_maml, M_LR_NAN))
+ST(maml_steps0, meta_run(e, bl_maml, M_STEPS0))
+ST(maml_theta0, meta_run(e, bl_maml, M_THETA0))
+ST(maml_hg_shape, meta_run(e, bl_maml, M_HG_SHAPE))
+ST(fomaml_lr_nan, meta_run(e, bl_fomaml, M_LR_NAN))
+ST(imaml_null_support, meta_run(e, bl_imaml, M_NULL_SUPPORT))
+/* engine: the message is bl_engine_errmsg's, copied to e->msg */
+static ad_status eng_run(bi_env *e, int how) {
+  bl_engine *g = NULL;
+  ck_assert_int_eq(bl_engine_new(&g, NULL), AD_OK);
+  ad_tensor *w = e->hx;
+  bl_level l = {.name = "inner",
+                .n = 1,
+                .params = &w,
+                .loss = NULL,
+                .opt = &(nn_opt_cfg){.kind = NN_OPT_SGD, .lr = 0.1}};
+  ad_status s = AD_OK;
+  switch (how) {
+  case 0:
+    s = bl_engine_add(g, NULL, NULL);
+    break;
+  case 1:
+    s = bl_engine_step(g);
+    break; /* before build */
+  case 2:
+    s = bl_engine_hypergrad(g, 5, &w, NULL);
+    break;
+  case 3:
+    l.name = "";
+    s = bl_engine_add(g, &l, NULL);
+    break;
+  case 4:
+    s = bl_engine_load(g, epath(e, "none.eng"));
+    break;
+  case 5:
+    s = bl_engine_add(g, &l, NULL);
+    if (s == AD_OK) s = bl_engine_build(g);
+    break;
+  case 6:
+    s = bl_engine_run(g, -1, NULL);
+    break;
+  }
+  snprintf(e->msg, sizeof e->msg, "%s", bl_engine_errmsg(g));
+  bl_engine_free(g);
+  return s;
+}
+ST(eng_new_null, bl_engine_new(NULL, NULL))
+ST(eng_add_null, eng_run(e, 0))
+ST(eng_step_unbuilt, eng_run(e, 1))
+ST(eng_hg_id, eng_run(e, 2))
+ST(eng_add_noname, eng_run(e, 3))
+ST(eng_load_missing, eng_run(e, 4))
+ST(eng_build_noloss, eng_run(e, 5))
+ST(eng_run_neg, eng_run(e, 6))
+/* nn optimizers: the in-place step reports in ad_last_error */
+static ad_status opt_run(bi_env *e, nn_opt_cfg cfg) {
+  ad_tensor *w = e->hx, *g = NULL;
+  ck_assert_int_eq(ad_tensor_new(&g, AD_F64, 2, S(10, 2)), AD_OK);
+  for (int i = 0; i < 20; i++) ad_set(g, i, 1.0);
+  nn_opt_state s;
+  ad_status st = nn_opt_state_init(&cfg, &s, 1, &w);
+  if (st == AD_OK) {
+    st = nn_opt_step(&cfg, &s, 1, &w, &g);
+    nn_opt_state_free(&s);
+  }
+  for (int i = 0; i < 20; i++)
+    if (ad_get(e->hx, i) != i * 0.5) e->modified = 1;
+  ad_tensor_free(g);
+  return st;
+}
+ST(opt_kind, opt_run(e, (nn_opt_cfg){.kind = (nn_opt_kind)9}))
+ST(optinit_null, nn_opt_state_init(NULL, &(nn_opt_state){0}, 1, &e->hx))
+ST(optstep_null, nn_opt_step(&(nn_opt_cfg){0}, &(nn_opt_state){0}, 1, &e->hx, NULL))
+
 /* The table. Rows for other modules go at the end in the same form. */
 #define A AD_ERR_ARG
 #define N AD_ERR_NULL
@@ -574,6 +1045,10 @@ ST(itnext_labels, itnext_run(e, 2, 2, 0, 1))
 #define DT AD_ERR_DTYPE
 #define F AD_ERR_FORMAT
 #define IO AD_ERR_IO
+#define AR AD_ERR_ARENA
+#define GR AD_ERR_GRAD
+#define NUM AD_ERR_NUMERIC
+#define ST_ AD_ERR_STATE
 static const bi_case CASES[] = {
     {"nn_linear", "NULL", BI_TAPE, N, "NULL", linear_null},
     {"nn_linear", "shape", BI_TAPE, SH, "[3, 5]", linear_shape},
@@ -793,6 +1268,157 @@ static const bi_case CASES[] = {
     {"ds_iter_next", "shape", BI_DS, SH, "[2, 3]", itnext_cols},
     {"ds_iter_next", "NULL", BI_DS, A, "y buffer", itnext_y},
     {"ds_iter_next", "NULL", BI_DS, A, "label buffer", itnext_labels},
+    {"ad_tensor_new", "NULL", BI_LAST, N, NULL, tnew_null},
+    {"ad_tensor_new", "ndim > 4", BI_LAST, SH, "ndim 5", tnew_ndim5},
+    {"ad_tensor_new", "negative", BI_LAST, SH, "ndim -1", tnew_ndimneg},
+    {"ad_tensor_new", "negative", BI_LAST, SH, "-3", tnew_dimneg},
+    {"ad_tensor_new", "overflow", BI_LAST, SH, "4294967296", tnew_overflow},
+    {"ad_tensor_new", "dtype", BI_LAST, DT, "5", tnew_dtype},
+    {"ad_tensor_new", "NULL", BI_LAST, N, "shape", tnew_shape_null},
+    {"ad_tensor_from", "NULL", BI_LAST, N, "data", tfrom_null},
+    {"ad_tensor_wrap", "ndim > 4", BI_LAST, SH, "ndim 5", twrap_ndim5},
+    {"ad_tensor_wrap", "NULL", BI_LAST, N, "data", twrap_null},
+    {"ad_copy_values", "shape", BI_LAST, SH, "20 elements into 3", copyv_shape},
+    {"ad_copy_values", "NULL", BI_LAST, N, NULL, copyv_null},
+    {"ad_tape_new", "NULL", BI_LAST, N, NULL, tapenew_null},
+    {"ad_tape_new", "overflow", BI_LAST, A, "1125899906842624", tapenew_max},
+    {"ad_tape_print", "NULL", BI_LAST, N, NULL, print_null},
+    {"ad_tape_print", "NULL", BI_LAST, N, NULL, print_file_null},
+    {"ad_tape_dot", "NULL", BI_LAST, N, NULL, tapedot_null},
+    {"ad_arena_alloc", "overflow", BI_TAPE, AR, NULL, arena_huge},
+    {"ad_zeros", "ndim > 4", BI_TAPE, SH, "ndim 5", zeros_ndim5},
+    {"ad_zeros", "negative", BI_TAPE, SH, "-1", zeros_dimneg},
+    {"ad_zeros", "overflow", BI_TAPE, SH, "4294967296", zeros_overflow},
+    {"ad_zeros", "dtype", BI_TAPE, DT, "3", zeros_dtype},
+    {"ad_zeros", "NULL", BI_TAPE, N, "shape", zeros_shape_null},
+    {"ad_zeros", "NULL", BI_LAST, N, "tape", zeros_notape},
+    {"ad_full", "ndim > 4", BI_TAPE, SH, "ndim 7", full_ndim5},
+    {"ad_const", "NULL", BI_TAPE, N, "data", const_null},
+    {"ad_zeros_like", "NULL", BI_TAPE, N, NULL, zeroslike_null},
+    {"ad_randn", "NULL", BI_TAPE, N, "rng", randn_norng},
+    {"ad_rand_uniform", "non-finite", BI_TAPE, A, "[nan, 1)", randu_nan},
+    {"ad_rand_uniform", "range", BI_TAPE, A, "[2, 1)", randu_order},
+    {"ad_detach", "NULL", BI_TAPE, N, NULL, detach_null},
+    {"ad_add", "NULL", BI_TAPE, N, NULL, add_null},
+    {"ad_add", "shape", BI_TAPE, SH, "[3, 4]", add_shape},
+    {"ad_sub", "dtype", BI_TAPE, DT, "f32", sub_dtype},
+    {"ad_mul", "shape", BI_TAPE, SH, "[3]", mul_shape},
+    {"ad_div", "NULL", BI_TAPE, N, NULL, div_null},
+    {"ad_neg", "NULL", BI_TAPE, N, NULL, neg_null},
+    {"ad_exp", "NULL", BI_TAPE, N, NULL, exp_null},
+    {"ad_log", "NULL", BI_TAPE, N, NULL, log_null},
+    {"ad_relu_backward", "shape", BI_TAPE, SH, "[3, 4]", reluback_shape},
+    {"ad_axpy", "shape", BI_TAPE, SH, "[3, 4]", axpy_shape},
+    {"ad_matmul", "shape", BI_TAPE, SH, "[3, 4]", matmul_inner},
+    {"ad_matmul", "shape", BI_TAPE, SH, "[3]", matmul_1d},
+    {"ad_matmul", "dtype", BI_TAPE, DT, "f32", matmul_dtype},
+    {"ad_matmul", "NULL", BI_TAPE, N, NULL, matmul_null},
+    {"ad_transpose", "shape", BI_TAPE, SH, "[2, 2, 2]", transpose_3d},
+    {"ad_reshape", "shape", BI_TAPE, SH, "[3, 3]", reshape_size},
+    {"ad_reshape", "ndim > 4", BI_TAPE, A, "ndim 5", reshape_ndim5},
+    {"ad_reshape", "negative", BI_TAPE, SH, "-2", reshape_neg},
+    {"ad_add_rowvec", "shape", BI_TAPE, SH, "[3]", rowvec_shape},
+    {"ad_sum", "NULL", BI_TAPE, N, NULL, sum_null},
+    {"ad_mean", "NULL", BI_TAPE, N, NULL, mean_null},
+    {"ad_sum_axis", "index range", BI_TAPE, A, "axis 2", sumaxis_range},
+    {"ad_sum_axis", "negative", BI_TAPE, A, "axis -3", sumaxis_neg},
+    {"ad_mean_axis", "index range", BI_TAPE, A, "axis 5", meanaxis_range},
+    {"ad_max_axis", "index range", BI_TAPE, A, "axis 9", maxaxis_range},
+    {"ad_broadcast_axis", "negative", BI_TAPE, A, "-4", bcast_neg},
+    {"ad_broadcast_axis", "index range", BI_TAPE, A, "axis 7", bcast_axis},
+    {"ad_expand", "shape", BI_TAPE, SH, "[2, 4]", expand_shape},
+    {"ad_logsumexp", "index range", BI_TAPE, A, "axis 4", lse_axis},
+    {"ad_softmax", "index range", BI_TAPE, A, "axis 3", softmax_axis},
+    {"ad_log_softmax", "NULL", BI_TAPE, N, NULL, logsoftmax_null},
+    {"ad_nll", "label range", BI_TAPE, A, "3", nll_label},
+    {"ad_nll", "label range", BI_TAPE, A, "-2", nll_neg_label},
+    {"ad_nll", "shape", BI_TAPE, SH, "5", nll_n},
+    {"ad_nll", "NULL", BI_TAPE, N, "labels", nll_labels_null},
+    {"ad_cross_entropy", "label range", BI_TAPE, A, "9", ce_ad_label},
+    {"ad_cross_entropy", "negative", BI_TAPE, SH, "-1", ce_ad_neg},
+    {"ad_mse", "shape", BI_TAPE, SH, "[4, 3]", mse_transposed},
+    {"ad_dot", "shape", BI_TAPE, SH, "[4, 3]", dot_transposed},
+    {"ad_dot", "NULL", BI_TAPE, N, NULL, dot_null},
+    {"ad_where", "shape", BI_TAPE, SH, "[3, 4]", where_shape},
+    {"ad_where", "NULL", BI_TAPE, N, NULL, where_null},
+    {"ad_concat", "empty", BI_TAPE, A, "no inputs", concat_n0},
+    {"ad_concat", "shape", BI_TAPE, SH, "[3, 4]", concat_shape},
+    {"ad_concat", "index range", BI_TAPE, A, "axis 4", concat_axis},
+    {"ad_concat", "NULL", BI_TAPE, N, NULL, concat_null},
+    {"ad_concat", "dtype", BI_TAPE, DT, "f32", concat_dtype},
+    {"ad_slice", "overflow", BI_TAPE, A, "9223372036854775807", slice_ad_overflow},
+    {"ad_slice", "negative", BI_TAPE, A, "-1", slice_ad_neg},
+    {"ad_slice", "index range", BI_TAPE, A, "3", slice_ad_past},
+    {"ad_slice", "negative", BI_TAPE, A, "-1", slice_ad_len0},
+    {"ad_slice", "index range", BI_TAPE, A, "axis 2", slice_ad_axis},
+    {"ad_pad_axis", "overflow", BI_TAPE, A, "9223372036854775807", pad_overflow},
+    {"ad_pad_axis", "index range", BI_TAPE, A, "4", pad_short},
+    {"ad_pad_axis", "negative", BI_TAPE, A, "-1", pad_neg},
+    {"ad_grad", "NULL", BI_TAPE, N, NULL, grad_null_out},
+    {"ad_grad", "empty", BI_TAPE, A, "0", grad_n0},
+    {"ad_grad", "negative", BI_TAPE, A, "-1", grad_nin_neg},
+    {"ad_grad", "shape", BI_TAPE, SH, "[2]", grad_seed_shape},
+    {"ad_grad", "unrecorded", BI_TAPE, GR, "ad_requires_grad", grad_const_in},
+    {"ad_grad", "unrecorded", BI_TAPE, GR, "recording", grad_unrecorded},
+    {"ad_grad", "foreign tape", BI_TAPE, A, "tape", grad_foreign},
+    {"ad_grad", "after rewind", BI_TAPE, A, "rewind", grad_rewound},
+    {"ad_grad", "NULL", BI_LAST, N, "tape", grad_notape},
+    {"ad_backward", "shape", BI_TAPE, SH, "seed", backward_nonscalar},
+    {"ad_backward", "NULL", BI_TAPE, N, NULL, backward_null},
+    {"ad_hvp", "shape", BI_TAPE, SH, "[4]", hvp_vshape},
+    {"ad_hvp", "shape", BI_TAPE, SH, "[3]", hvp_nonscalar},
+    {"ad_hvp", "NULL", BI_TAPE, N, NULL, hvp_null},
+    {"ad_mixed_partial", "negative", BI_TAPE, A, "-1", mixed_nlam_neg},
+    {"ad_mixed_partial", "NULL", BI_TAPE, N, NULL, mixed_null},
+    {"ad_jvp", "shape", BI_TAPE, SH, "[2]", jvp_tshape},
+    {"ad_jvp", "NULL", BI_TAPE, N, NULL, jvp_null},
+    {"ad_mul", "foreign tape", BI_TAPE, A, "tape", op_foreign},
+    {"ad_add", "after rewind", BI_TAPE, A, "rewind", op_rewound},
+    {"bl_unroll", "NULL", BI_TAPE, N, "train_loss", unroll_null_train},
+    {"bl_unroll", "empty", BI_TAPE, A, "0 tensors", unroll_nw0},
+    {"bl_unroll", "range", BI_TAPE, A, "65", unroll_nw_big},
+    {"bl_unroll", "shape", BI_TAPE, SH, "hg[0]", unroll_hg_shape},
+    {"bl_unroll", "negative", BI_TAPE, A, "K = -3", unroll_k_neg},
+    {"bl_unroll", "diverging", BI_TAPE, NUM, "step", unroll_lr500},
+    {"bl_unroll", "negative", BI_TAPE, A, "-5", unroll_t_neg},
+    {"bl_forward", "NULL", BI_TAPE, N, "val_loss", forward_null_val},
+    {"bl_forward", "diverging", BI_TAPE, NUM, "step", forward_lr500},
+    {"bl_checkpointed", "shape", BI_TAPE, SH, "hg[0]", ckpt_hg_shape},
+    {"bl_checkpointed", "diverging", BI_TAPE, NUM, "step", ckpt_lr500},
+    {"bl_fo", "range", BI_TAPE, A, "65", fo_nw_big},
+    {"bl_fo", "diverging", BI_TAPE, NUM, "step", fo_lr500},
+    {"bl_one_step", "NULL", BI_TAPE, N, "train_loss", onestep_null_train},
+    {"bl_greedy", "diverging", BI_TAPE, NUM, "is inf", greedy_lr500},
+    {"bl_neumann", "shape", BI_TAPE, SH, "hg[0]", neumann_hg_shape},
+    {"bl_neumann", "diverging", BI_TAPE, NUM, "step", neumann_lr500},
+    {"bl_cg", "empty", BI_TAPE, A, "0 tensors", cg_nw0},
+    {"bl_cg", "diverging", BI_TAPE, NUM, "step", cg_lr500},
+    {"bl_fixed_point", "diverging", BI_TAPE, NUM, "is inf", fixed_point_lr500},
+    {"bl_exact", "diverging", BI_TAPE, NUM, "step", exact_lr500},
+    {"bl_exact", "negative", BI_TAPE, A, "-5", exact_t_neg},
+    {"bl_sama", "diverging", BI_TAPE, NUM, "step", sama_lr500},
+    {"bl_zero_order", "diverging", BI_TAPE, NUM, "step", zero_order_lr500},
+    {"bl_step_slots", "NULL", BI_LAST, N, NULL, slots_null},
+    {"bl_step_slots", "range", BI_LAST, A, "17", slots_kind},
+    {"bl_maml", "NULL", BI_TAPE, N, "support_loss", maml_null_support},
+    {"bl_maml", "empty", BI_TAPE, A, "n_tasks is 0", maml_tasks0},
+    {"bl_maml", "non-finite", BI_TAPE, A, "inner_lr is nan", maml_lr_nan},
+    {"bl_maml", "empty", BI_TAPE, A, "inner_steps is 0", maml_steps0},
+    {"bl_maml", "empty", BI_TAPE, A, "theta: 0 tensors", maml_theta0},
+    {"bl_maml", "shape", BI_TAPE, SH, "[3]", maml_hg_shape},
+    {"bl_fomaml", "non-finite", BI_TAPE, A, "nan", fomaml_lr_nan},
+    {"bl_imaml", "NULL", BI_TAPE, N, "support_loss", imaml_null_support},
+    {"bl_engine_new", "NULL", BI_LAST, N, NULL, eng_new_null},
+    {"bl_engine_add", "NULL", BI_OWN, N, NULL, eng_add_null},
+    {"bl_engine_step", "state", BI_OWN, ST_, "build", eng_step_unbuilt},
+    {"bl_engine_hypergrad", "state", BI_OWN, ST_, "build", eng_hg_id},
+    {"bl_engine_add", "empty", BI_OWN, A, "name", eng_add_noname},
+    {"bl_engine_load", "state", BI_OWN, ST_, "build", eng_load_missing},
+    {"bl_engine_build", "NULL", BI_OWN, N, "inner", eng_build_noloss},
+    {"bl_engine_run", "state", BI_OWN, ST_, "build", eng_run_neg},
+    {"nn_opt_state_init", "range", BI_LAST, A, "9", opt_kind},
+    {"nn_opt_state_init", "NULL", BI_LAST, N, NULL, optinit_null},
+    {"nn_opt_step", "NULL", BI_LAST, N, NULL, optstep_null},
 };
 #define N_CASES ((int)(sizeof CASES / sizeof CASES[0]))
 
@@ -806,6 +1432,7 @@ static const char *const OUTCOME[N_OUTCOMES] = {
 static const char *message(const bi_env *e, bi_chan c) {
   if (c == BI_TAPE) return ad_tape_errmsg(e->t);
   if (c == BI_DS) return ds_errmsg();
+  if (c == BI_OWN) return e->msg;
   return ad_last_error();
 }
 
@@ -846,9 +1473,27 @@ START_TEST(test_bad_input_table) {
     for (int j = 0; j < i && !seen; j++) seen = strcmp(CASES[i].fn, CASES[j].fn) == 0;
     nfn += !seen;
   }
-  printf("bad input: %d cases over %d public ds_/nn_ functions:", N_CASES, nfn);
+  /* per module: the prefix before the first '_' (ad, bl, ds, nn) */
+  const char *mods[8];
+  int mod_n[8] = {0}, mod_fn[8] = {0}, n_mods = 0;
+  for (int i = 0; i < N_CASES; i++) {
+    size_t len = strcspn(CASES[i].fn, "_");
+    int m = 0;
+    while (m < n_mods && (strncmp(mods[m], CASES[i].fn, len) || mods[m][len] != '_')) m++;
+    if (m == n_mods && n_mods < 8) mods[n_mods++] = CASES[i].fn;
+    if (m == 8) continue;
+    mod_n[m]++;
+    int seen = 0;
+    for (int j = 0; j < i && !seen; j++) seen = strcmp(CASES[i].fn, CASES[j].fn) == 0;
+    mod_fn[m] += !seen;
+  }
+  printf("bad input: %d cases over %d public functions:", N_CASES, nfn);
   for (int o = 0; o < N_OUTCOMES; o++)
     printf(" %d %s%s", count[o], OUTCOME[o], o + 1 < N_OUTCOMES ? "," : "\n");
+  printf("bad input: by module:");
+  for (int m = 0; m < n_mods; m++)
+    printf(" %.*s_ %d cases over %d functions%s", (int)strcspn(mods[m], "_"), mods[m], mod_n[m],
+           mod_fn[m], m + 1 < n_mods ? "," : "\n");
   printf("bad input: by kind:");
   for (int k = 0; k < n_kinds; k++)
     printf(" %s %d%s", kinds[k], kind_n[k], k + 1 < n_kinds ? "," : "\n");
