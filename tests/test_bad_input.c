@@ -1037,6 +1037,12 @@ static ad_status opt_run(bi_env *e, nn_opt_cfg cfg) {
 ST(opt_kind, opt_run(e, (nn_opt_cfg){.kind = (nn_opt_kind)9}))
 ST(optinit_null, nn_opt_state_init(NULL, &(nn_opt_state){0}, 1, &e->hx))
 ST(optstep_null, nn_opt_step(&(nn_opt_cfg){0}, &(nn_opt_state){0}, 1, &e->hx, NULL))
+ST(opt_lr_nan, opt_run(e, (nn_opt_cfg){.kind = NN_OPT_SGD, .lr = NAN}))
+ST(opt_lr_inf, opt_run(e, (nn_opt_cfg){.kind = NN_OPT_SGD, .lr = INFINITY}))
+ST(opt_lr_neg, opt_run(e, (nn_opt_cfg){.kind = NN_OPT_SGD, .lr = -0.1}))
+ST(opt_beta1_one, opt_run(e, (nn_opt_cfg){.kind = NN_OPT_ADAM, .beta1 = 1.0}))
+ST(opt_adam_eps_neg, opt_run(e, (nn_opt_cfg){.kind = NN_OPT_ADAM, .eps = -1e-8}))
+ST(opt_rms_eps_neg, opt_run(e, (nn_opt_cfg){.kind = NN_OPT_RMSPROP, .eps = -1e-8}))
 
 /* The table. Rows for other modules go at the end in the same form. */
 #define A AD_ERR_ARG
@@ -1419,6 +1425,12 @@ static const bi_case CASES[] = {
     {"nn_opt_state_init", "range", BI_LAST, A, "9", opt_kind},
     {"nn_opt_state_init", "NULL", BI_LAST, N, NULL, optinit_null},
     {"nn_opt_step", "NULL", BI_LAST, N, NULL, optstep_null},
+    {"nn_opt_state_init", "non-finite", BI_LAST, A, "lr = nan", opt_lr_nan},
+    {"nn_opt_state_init", "non-finite", BI_LAST, A, "lr = inf", opt_lr_inf},
+    {"nn_opt_state_init", "negative", BI_LAST, A, "lr = -0.1", opt_lr_neg},
+    {"nn_opt_state_init", "range", BI_LAST, A, "beta1 = 1", opt_beta1_one},
+    {"nn_opt_state_init", "negative", BI_LAST, A, "eps = -1e-08", opt_adam_eps_neg},
+    {"nn_opt_state_init", "negative", BI_LAST, A, "eps = -1e-08", opt_rms_eps_neg},
 };
 #define N_CASES ((int)(sizeof CASES / sizeof CASES[0]))
 
