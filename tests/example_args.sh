@@ -50,7 +50,7 @@ help() {
 declare -A real=([quickstart]=--lr [mnist_mlp]=--lr [mnist_cnn]=--lr [hpo_mnist]=--outer-lr
   [hyper_cleaning]=--outer-lr [lr_hypergradient]=--lr)
 for prog in quickstart mnist_mlp mnist_cnn hpo_mnist compare_methods hyper_cleaning \
-  lr_hypergradient; do
+  lr_hypergradient maml_sinusoid darts_search; do
   bad $prog "unknown option '--bogus'" --bogus
   bad $prog "unknown option '--bogus'" --threads 1 --bogus
   bad $prog "unknown option '-x'" -x
