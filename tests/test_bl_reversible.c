@@ -246,12 +246,13 @@ START_TEST(test_bad_input) {
     const char *why = bad_mu[k] >= 0 ? "outside (0, 1)" : "momentum";
     refuse(t, &q, c.hg, AD_ERR_ARG, why);
     ad_set(c.lam[2], 0, bad_mu[k]);
-    refuse(t, &c.p, c.hg, AD_ERR_ARG, why);
+    /* a NaN hyperparameter is refused as such at entry, before any method */
+    refuse(t, &c.p, c.hg, AD_ERR_ARG, isnan(bad_mu[k]) ? "lam[2] element 0 is nan" : why);
     ad_set(c.lam[2], 0, 0.9);
   }
   /* non-finite learning rate (variable), weight decay (number), w0 */
   ad_set(c.lam[0], 0, INFINITY);
-  refuse(t, &c.p, c.hg, AD_ERR_ARG, "lr_var is inf"); /* nn_opt_check, at entry */
+  refuse(t, &c.p, c.hg, AD_ERR_ARG, "lam[0] element 0 is inf"); /* refused at entry */
   ad_set(c.lam[0], 0, 0.1);
   q = c.p;
   q.opt.weight_decay = NAN;
