@@ -5,7 +5,7 @@
  * Ten lines to a derivative: f(x) = a*x^2 + b at x = 3 (a = 2, b = 1).
  *
  *     ad_tape *tape = NULL;
- *     ad_tape_new(&tape, NULL);                        // 64 MiB arena
+ *     ad_tape_new(&tape, NULL);                        // arena: 64 MiB, grows to 4 GiB
  *     ad_tensor *x = ad_scalar(tape, AD_F64, 3.0);
  *     ad_requires_grad(x, 1);                          // a leaf we differentiate by
  *     ad_tensor *f = ad_add_scalar(tape, ad_scale(tape, ad_mul(tape, x, x), 2.0), 1.0);
@@ -33,9 +33,24 @@
  *
  * Errors stick to the tape (like sqlite3_errmsg): an op given a NULL input or
  * bad shapes returns NULL and records the first error; check
- * ad_tape_status() once after a block of ops. Constructors return a status
- * and set their OUT pointer to NULL on failure; destructors accept NULL.
- * Nothing here aborts or exits on bad input.
+ * ad_tape_status() once after a block of ops. While an error is in force,
+ * later errors are dropped (the first is the cause) and ad_grad & co. return
+ * it at once. It stops being in force on ad_tape_clear_error, or when the
+ * tape is rewound to a mark taken before the error (ad_rewind,
+ * ad_tape_reset): what the error concerned is gone with the rewind, so a
+ * loop that rewinds each step recovers by itself. Its message stays
+ * readable (ad_tape_errmsg) until the next error or ad_tape_clear_error, so
+ * a call that failed and rewound on its way out can still say why.
+ * Constructors return a status and set their OUT pointer to NULL on failure;
+ * destructors accept NULL. Nothing here aborts or exits on bad input.
+ *
+ * Messages begin with the function that was called ("ad_slice: ...",
+ * "nn_layer_norm: ..." for an error in an op a layer runs). The NaN/Inf
+ * guard (ad_set_nan_guard) names the op, the first bad element, the input
+ * shapes and the tape node (which it takes off the tape). An error inside a
+ * derivative rule ends with the forward node whose rule it was, named as
+ * ad_tape_print shows it: ", in the derivative of sqrt (node 7)" is the line
+ * "v7 = sqrt(...)".
  */
 #ifndef HYPERTAPE_AD_H
 #define HYPERTAPE_AD_H
@@ -57,8 +72,8 @@ typedef enum {
   AD_ERR_DTYPE,   /* dtypes differ or are not supported */
   AD_ERR_ARENA,   /* the tape's arena cannot hold the request */
   AD_ERR_NOMEM,   /* malloc failed */
-  AD_ERR_ARG,     /* an argument is out of range */
-  AD_ERR_GRAD,    /* strict ad_grad: an input does not reach the outputs */
+  AD_ERR_ARG,     /* an argument is out of range, or a tensor of another tape / rewound */
+  AD_ERR_GRAD,    /* ad_grad cannot give a true gradient (unrecorded, strict: not reached) */
   AD_ERR_NUMERIC, /* NaN/Inf guard tripped */
   AD_ERR_IO,      /* file could not be read or written */
   AD_ERR_FORMAT,  /* file contents are corrupt or of the wrong version */
@@ -68,8 +83,11 @@ typedef enum {
 /* Short name of a status ("shape mismatch", ...). Never NULL. */
 const char *ad_status_str(ad_status s);
 
-/* Message of the last error raised on this thread by a call that has no
- * tape to hold it (ad_tensor_new, a NULL tape, ...). "" if none. */
+/* Message of the last failing call on this thread that has no tape to hold
+ * its error: heap tensor constructors, ad_tape_new, ad_copy_values,
+ * ad_tape_print/ad_tape_dot, and any op or transform given a NULL tape
+ * (nn_ calls without a tape report here too). Each of these sets it to ""
+ * when it succeeds. Errors raised on a tape are read with ad_tape_errmsg. */
 const char *ad_last_error(void);
 
 /* ------------------------------------------------------------------ tensors */
@@ -82,7 +100,11 @@ struct ad_node;
 struct ad_tape;
 
 /* Dense, row-major, contiguous. Fields are public to read; change them only
- * through the API. `data` holds `size` elements of `dtype`. */
+ * through the API. `data` holds `size` elements of `dtype`; a tensor has at
+ * most 2^40 elements (AD_ERR_SHAPE naming the shape beyond that, with every
+ * size computed overflow-checked). An arena tensor belongs to the tape that
+ * made it: ops on another tape refuse it (AD_ERR_ARG), heap tensors are
+ * accepted by every tape. */
 typedef struct ad_tensor {
   ad_dtype dtype;
   int ndim;                   /* 0 (scalar) .. AD_MAX_DIMS */
@@ -96,6 +118,7 @@ typedef struct ad_tensor {
   unsigned gen;              /* scratch stamp used by ad_grad */
   struct ad_tensor *scratch; /* scratch gradient slot used by ad_grad */
   const char *name;          /* optional, for printing */
+  size_t tape_id;            /* arena tensors: the id of the tape holding them; 0 on the heap */
 } ad_tensor;
 
 /* Bytes of one element of the dtype (4 or 8). */
@@ -156,18 +179,30 @@ void ad_tensor_fill_uniform(ad_tensor *t, ad_rng *r, double lo, double hi);
 
 typedef struct ad_tape ad_tape;
 
+/* The arena starts with one chunk of arena_mb MiB and grows by further
+ * chunks (each as large as all before it, at least the request) while the
+ * total stays within arena_max_mb; a chunk is reserved only when a request
+ * does not fit in those already reserved.
+ * Chunks are kept until the tape is freed, so a loop that rewinds to a mark
+ * reserves memory only in its first step. For a fixed arena that fails
+ * with AD_ERR_ARENA instead of growing, set arena_max_mb = arena_mb. */
+#define AD_ARENA_DEFAULT_MB 64       /* first chunk by default */
+#define AD_ARENA_DEFAULT_MAX_MB 4096 /* cap by default: 4 GiB */
 typedef struct {
-  size_t arena_mb;     /* first arena chunk, MiB (default 64) */
-  size_t arena_max_mb; /* total cap; 0 = same as arena_mb (fixed arena) */
+  size_t arena_mb;     /* first arena chunk, MiB (0: AD_ARENA_DEFAULT_MB) */
+  size_t arena_max_mb; /* total cap, MiB (0: AD_ARENA_DEFAULT_MAX_MB, or arena_mb if larger) */
   int no_record;       /* start with recording off */
-  int nan_guard;       /* check every op's output for NaN/Inf */
+  int nan_guard;       /* check every op's output for NaN/Inf (AD_ERR_NUMERIC) */
 } ad_tape_opts;
 
 /* Makes a tape. opts may be NULL (defaults). */
 ad_status ad_tape_new(ad_tape **out, const ad_tape_opts *opts);
 void ad_tape_free(ad_tape *t); /* accepts NULL */
 
-/* First error recorded on the tape, and its message ("" when ok). */
+/* The error in force on the tape (AD_OK when none; see the top of this
+ * file for when it clears), and the message of the tape's last error: the
+ * one in force, or the one a rewind retired ("" if none since creation or
+ * ad_tape_clear_error). clear_error drops both. */
 ad_status ad_tape_status(const ad_tape *t);
 const char *ad_tape_errmsg(const ad_tape *t);
 void ad_tape_clear_error(ad_tape *t);
@@ -179,10 +214,15 @@ int ad_is_recording(const ad_tape *t);
 int ad_set_nan_guard(ad_tape *t, int on);
 
 /* Arena marks. Everything allocated or recorded after the mark is freed by
- * ad_rewind; tensors made after the mark must not be used afterwards. */
+ * ad_rewind; tensors made after the mark must not be used afterwards (an op
+ * given one fails with AD_ERR_ARG while its memory is unused; once reused,
+ * it may not be caught). Rewinding to a mark taken before the tape's error
+ * clears the error (see the top). A marker not made by ad_mark on this tape,
+ * or past the tape's current point, is ignored. */
 typedef struct {
   size_t chunk, offset, used, n_nodes;
   struct ad_node *last;
+  size_t seq; /* order of the mark on its tape (1, 2, ...) */
 } ad_marker;
 ad_marker ad_mark(ad_tape *t);
 void ad_rewind(ad_tape *t, ad_marker m);
@@ -250,7 +290,8 @@ ad_tensor *ad_abs(ad_tape *t, ad_tensor *x);
 /* 1 where x > 0, -1 where x < 0, 0 at 0. No gradient flows through it. */
 ad_tensor *ad_sign(ad_tape *t, ad_tensor *x);
 
-/* Multiply-add with a scalar tensor or number: a + c*b (axpy), one pass. */
+/* Multiply-add with a number c: a + c*b (axpy) in one pass; a and b as for
+ * the binary ops above. (For a tensor coefficient use ad_add(a, ad_mul(c, b)).) */
 ad_tensor *ad_axpy(ad_tape *t, ad_tensor *a, double c, ad_tensor *b);
 
 /* C = op(A) op(B), 2-D; op(X) = X^T when the flag is set. No copies: the
@@ -280,6 +321,7 @@ ad_tensor *ad_log_softmax(ad_tape *t, ad_tensor *x, int axis);
 /* Losses. labels: N integers in [0, C), copied into the arena. */
 ad_tensor *ad_nll(ad_tape *t, ad_tensor *logp, const int32_t *labels, int64_t n);
 ad_tensor *ad_cross_entropy(ad_tape *t, ad_tensor *logits, const int32_t *labels, int64_t n);
+/* a and b of the same shape ([3, 4] against [4, 3] is AD_ERR_SHAPE). */
 ad_tensor *ad_mse(ad_tape *t, ad_tensor *a, ad_tensor *b); /* mean((a-b)^2) */
 ad_tensor *ad_dot(ad_tape *t, ad_tensor *a, ad_tensor *b); /* sum(a*b), scalar */
 
@@ -298,18 +340,27 @@ enum {
 };
 
 /* Functional reverse mode: grads_out[i] = sum_j seeds[j]^T d outputs[j] / d inputs[i].
- * seeds may be NULL (ones). An input the outputs do not depend on gets zeros
- * (or AD_ERR_GRAD with AD_GRAD_STRICT). Gradients are arena tensors; with
- * AD_GRAD_RECORD they carry history and can be differentiated again. */
+ * seeds may be NULL (ones); a seed has its output's size and dtype. An input
+ * the outputs do not depend on gets zeros (or AD_ERR_GRAD with
+ * AD_GRAD_STRICT). Gradients are arena tensors; with AD_GRAD_RECORD they
+ * carry history and can be differentiated again.
+ * AD_ERR_GRAD, never a silent zero: an input that needs no gradient (a
+ * constant: call ad_requires_grad before recording; or an op's result that
+ * was not recorded), and an output computed with recording off from tensors
+ * that need a gradient (including a gradient taken without AD_GRAD_RECORD
+ * and differentiated again). All tensors given must belong to t or live on
+ * the heap (AD_ERR_ARG otherwise), as for every op. */
 ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *const *seeds,
                   int n_in, ad_tensor *const *inputs, ad_tensor **grads_out, unsigned flags);
 
 /* Accumulating reverse mode: adds d loss / d leaf into leaf->grad (a heap
  * tensor made on first use) for every leaf with ad_requires_grad set that
- * the loss depends on. seed may be NULL (1). */
+ * the loss depends on. seed may be NULL (1) only when loss has one element;
+ * otherwise pass a seed of its size (AD_ERR_SHAPE without). */
 ad_status ad_backward(ad_tape *t, ad_tensor *loss, ad_tensor *seed);
 
-/* Hessian-vector product: hv[i] = sum_j d^2 f / dw_i dw_j v[j]. f scalar. */
+/* Hessian-vector product: hv[i] = sum_j d^2 f / dw_i dw_j v[j]. f has one
+ * element and v[i] the shape of w[i] (AD_ERR_SHAPE otherwise). */
 ad_status ad_hvp(ad_tape *t, ad_tensor *f, int n, ad_tensor *const *w, ad_tensor *const *v,
                  ad_tensor **hv_out, unsigned flags);
 
@@ -320,7 +371,7 @@ ad_status ad_mixed_partial(ad_tape *t, ad_tensor *f, int n_w, ad_tensor *const *
 
 /* Forward mode: tangents_out[j] = sum_i d outputs[j] / d inputs[i] . tangents[i].
  * Computed on the recorded graph by the double-VJP construction (see
- * autodiff/jvp.c for why). */
+ * ad_jvp in autodiff/grad.c for why): the outputs must have been recorded. */
 ad_status ad_jvp(ad_tape *t, int n_in, ad_tensor *const *inputs, ad_tensor *const *tangents,
                  int n_out, ad_tensor *const *outputs, ad_tensor **tangents_out, unsigned flags);
 

@@ -67,6 +67,12 @@ enum {
   AD_FLAG_OWNS = 1u << 1,  /* heap tensor that owns its data */
   AD_FLAG_ARENA = 1u << 2, /* lives in a tape arena */
   AD_FLAG_HEAP = 1u << 3,  /* struct itself malloc'd */
+  AD_FLAG_OP = 1u << 4,    /* made by an op (ad__alloc/ad__like/ad__view), not a constructor */
+  /* Computed, with no node, from tensors that needed a gradient: recording
+   * was off. Set by ad__record and passed on by unrecorded ops, so ad_grad
+   * can tell such an output (whose zero gradient would be a lie) from a
+   * genuine constant (a gradient of a linear function, say). */
+  AD_FLAG_UNREC = 1u << 5,
 };
 
 /* ---- errors */
@@ -76,8 +82,23 @@ ad_tensor *ad__fail(ad_tape *t, ad_status s, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /* Thread-local last error, for calls without a tape. */
 ad_status ad__set_last(ad_status s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Status of that last error (AD_OK if none). */
+ad_status ad__last_status(void);
+/* Clears it: every call that reports through ad_last_error() calls this
+ * when it succeeds (as ds_ calls do for ds_errmsg). */
+void ad__clear_last(void);
 
-/* Checks tape and inputs for NULL and equal dtypes. Returns 1 when fine. */
+/* Whether x may be used on t: a heap tensor, or a live tensor of t's arena.
+ * A tensor of another tape's arena, or one freed by ad_rewind (it lies in
+ * the free part of t's arena), fails with AD_ERR_ARG; the message names
+ * `op`, the argument (`what` and index i, e.g. "input", 1) and the tapes.
+ * Returns 1 when fine. Never reads a freed tensor of t. */
+int ad__usable(ad_tape *t, const char *op, const char *what, int i, const ad_tensor *x);
+/* The tape's id (1, 2, ... in creation order in the process), for messages. */
+size_t ad__tape_id(const ad_tape *t);
+
+/* Checks tape and inputs for NULL, tape ownership (ad__usable) and equal
+ * dtypes. Returns 1 when fine. */
 int ad__check(ad_tape *t, const char *op, int n, ad_tensor *const *xs);
 /* Binary elementwise shape rule: same shape, or one side of size 1. */
 int ad__check_binary(ad_tape *t, const char *op, const ad_tensor *a, const ad_tensor *b);
@@ -99,11 +120,35 @@ ad_tensor *ad__like(ad_tape *t, const ad_tensor *x); /* uninitialised, same shap
 /* ---- recording */
 /* Appends a node when recording is on and an input needs a gradient; the
  * output then needs one too. Returns the node (to fill attributes) or NULL
- * when nothing was recorded. */
+ * when nothing was recorded (then out is marked AD_FLAG_UNREC if it was
+ * computed from tensors needing a gradient with recording off, or from
+ * such marked tensors). Call it for every op output, recording or not. */
 ad_node *ad__record(ad_tape *t, const ad_op_def *op, ad_tensor *out, int n_in,
                     ad_tensor *const *in);
-/* Runs the NaN/Inf guard on an op's output if enabled; returns out or NULL. */
+/* Runs the NaN/Inf guard on an op's output if enabled; returns out or NULL.
+ * `op` is the public function ("ad_div"): the message gives it, the first
+ * bad element, the input shapes and the tape node, which is taken off the
+ * tape (plus the rule and scope context, as every message). */
 ad_tensor *ad__done(ad_tape *t, ad_tensor *out, const char *op);
+
+/* Message context (internal). ad__check calls ad__op_begin with the op and
+ * its inputs, for ad__done. grad.c sets the node whose derivative rule
+ * runs (errors inside get ", in the derivative of sqrt (node 7)");
+ * returns the previous one. */
+void ad__op_begin(ad_tape *t, const char *op, int n, ad_tensor *const *in);
+const ad_node *ad__set_rule(ad_tape *t, const ad_node *n);
+
+/* Error-prefix scopes for composite functions built of ops (nn_layer_norm
+ * and the like): errors raised inside, by the ops it calls, begin with the
+ * scope's name ("nn_layer_norm: ad_sum_axis produced NaN ..."), so the
+ * message names what the user called. push returns a depth for pop:
+ *     int sc = ad__scope_push(t, "nn_layer_norm");
+ *     ... ops ...
+ *     ad__scope_pop(t, sc);
+ * Up to AD_MAX_SCOPES deep (deeper pushes are not shown). t may be NULL. */
+#define AD_MAX_SCOPES 8
+int ad__scope_push(ad_tape *t, const char *name);
+void ad__scope_pop(ad_tape *t, int depth);
 
 int ad__recording(const ad_tape *t);
 ad_node *ad__first_node(const ad_tape *t);
@@ -113,6 +158,65 @@ ad_node *ad__first_node(const ad_tape *t);
 ad_node **ad__node_buf(ad_tape *t, int slot, size_t n);
 /* Marks an arena tensor as a leaf needing a gradient (internal: jvp dummies). */
 void ad__make_leaf(ad_tensor *x);
+
+/* ---- checked arithmetic
+ * Every size, offset and bound computed from what a caller passed goes
+ * through these (here, in nn/ and in datasets/): signed overflow is
+ * undefined and size_t wraps silently, so a check like `start + len > n`
+ * with start + len past INT64_MAX passes and the copy that follows runs
+ * out of bounds. Each returns 1 and stores the exact result, or returns 0
+ * (storing nothing) when the result does not fit. */
+static inline int ad__add_i64(int64_t a, int64_t b, int64_t *r) {
+  int64_t v;
+  if (__builtin_add_overflow(a, b, &v)) return 0;
+  *r = v;
+  return 1;
+}
+static inline int ad__mul_i64(int64_t a, int64_t b, int64_t *r) {
+  int64_t v;
+  if (__builtin_mul_overflow(a, b, &v)) return 0;
+  *r = v;
+  return 1;
+}
+static inline int ad__add_size(size_t a, size_t b, size_t *r) {
+  size_t v;
+  if (__builtin_add_overflow(a, b, &v)) return 0;
+  *r = v;
+  return 1;
+}
+static inline int ad__mul_size(size_t a, size_t b, size_t *r) {
+  size_t v;
+  if (__builtin_mul_overflow(a, b, &v)) return 0;
+  *r = v;
+  return 1;
+}
+/* 1 when [start, start + len) lies inside [0, n), decided without forming
+ * start + len (which may not fit). */
+static inline int ad__range_ok(int64_t start, int64_t len, int64_t n) {
+  return start >= 0 && len >= 0 && n >= 0 && start <= n && len <= n - start;
+}
+
+/* Largest element count of one tensor (2^40): far past any arena, and small
+ * enough that every byte count and element offset of a valid tensor fits
+ * in int64_t and size_t with room to spare. */
+#define AD_MAX_NUMEL ((int64_t)1 << 40)
+
+/* Element count of a shape: 1 with *n set when every dimension is >= 1 and
+ * the product is at most AD_MAX_NUMEL; 0 otherwise (overflow included). */
+static inline int ad__numel_ok(int ndim, const int64_t *shape, int64_t *n) {
+  int64_t p = 1;
+  for (int i = 0; i < ndim; i++)
+    if (shape[i] < 1 || !ad__mul_i64(p, shape[i], &p) || p > AD_MAX_NUMEL) return 0;
+  *n = p;
+  return 1;
+}
+/* Bytes of n elements of es bytes each. */
+static inline int ad__bytes_ok(int64_t n, size_t es, size_t *bytes) {
+  return n >= 0 && ad__mul_size((size_t)n, es, bytes);
+}
+
+/* "[4294967296, 4294967296]" for a raw shape (not yet a tensor) into buf. */
+const char *ad__dims_str(int ndim, const int64_t *shape, char *buf, size_t len);
 
 /* Shape helpers. */
 int64_t ad__numel(int ndim, const int64_t *shape);

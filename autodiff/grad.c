@@ -110,7 +110,9 @@ static void sweep_backward(ad_tape *t, unsigned gen, ad_node **nodes, ptrdiff_t 
       any |= need[i];
     }
     if (!any) continue;
+    const ad_node *outer = ad__set_rule(t, n);
     n->op->vjp(t, n, out->scratch, gin, need);
+    ad__set_rule(t, outer);
     if (ad_tape_status(t) != AD_OK) return;
     for (int i = 0; i < n->n_in; i++)
       if (need[i] && gin[i]) accumulate(t, n->in[i], gin[i]);
@@ -162,27 +164,56 @@ ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *c
     return ad_tape_status(t);
   }
   for (int i = 0; i < n_in; i++) grads_out[i] = NULL;
-  for (int j = 0; j < n_out; j++)
+  for (int j = 0; j < n_out; j++) {
     if (!outputs[j]) {
       ad__fail(t, AD_ERR_NULL, "ad_grad: output %d is NULL", j);
       return ad_tape_status(t);
     }
+    if (!ad__usable(t, "ad_grad", "output", j, outputs[j]) ||
+        (seeds && seeds[j] && !ad__usable(t, "ad_grad", "seed", j, seeds[j])))
+      return ad_tape_status(t);
+  }
   for (int i = 0; i < n_in; i++) {
     if (!inputs[i]) {
       ad__fail(t, AD_ERR_NULL, "ad_grad: input %d is NULL", i);
       return ad_tape_status(t);
     }
+    if (!ad__usable(t, "ad_grad", "input", i, inputs[i])) return ad_tape_status(t);
     /* Ops record only for inputs that need a gradient: a plain leaf would
      * silently get a zero (or partial) gradient, so say so instead. */
     if (!ad_needs_grad(inputs[i])) {
       char sh[96];
-      ad__fail(t, AD_ERR_GRAD,
-               "ad_grad: input %d (%s%s%s) does not require a gradient: call "
-               "ad_requires_grad(x, 1) before recording the ops that use it",
-               i, inputs[i]->name ? inputs[i]->name : "", inputs[i]->name ? " " : "",
-               ad_shape_str(inputs[i], sh, sizeof sh));
+      const ad_tensor *x = inputs[i];
+      if (x->flags & AD_FLAG_OP)
+        /* An op's result that was not recorded is no leaf: marking it would
+         * only hide that the ops making and using it are not on the tape. */
+        ad__fail(t, AD_ERR_GRAD,
+                 "ad_grad: input %d (%s%s%s) was made by an op that was not recorded "
+                 "(recording was off, or none of its inputs needed a gradient), so nothing "
+                 "on the tape depends on it: record the ops that make and use it",
+                 i, x->name ? x->name : "", x->name ? " " : "", ad_shape_str(x, sh, sizeof sh));
+      else
+        ad__fail(t, AD_ERR_GRAD,
+                 "ad_grad: input %d (%s%s%s) does not require a gradient: call "
+                 "ad_requires_grad(x, 1) before recording the ops that use it",
+                 i, x->name ? x->name : "", x->name ? " " : "", ad_shape_str(x, sh, sizeof sh));
       return ad_tape_status(t);
     }
+  }
+  /* An output computed from tensors needing a gradient but with recording
+   * off has no history: every input would get a zero that looks like an
+   * answer. (A genuine constant, such as the gradient of a linear
+   * function, is not marked and gives zeros as documented.) */
+  for (int j = 0; j < n_out; j++) {
+    const ad_tensor *y = outputs[j];
+    if (y->node || !(y->flags & AD_FLAG_UNREC)) continue;
+    char sh[96];
+    ad__fail(t, AD_ERR_GRAD,
+             "ad_grad: output %d (%s) was not recorded: it was computed with recording off "
+             "(ad_set_recording, or a gradient taken without AD_GRAD_RECORD) from tensors "
+             "that need a gradient, so its gradient would be a silent zero",
+             j, ad_shape_str(y, sh, sizeof sh));
+    return ad_tape_status(t);
   }
   unsigned gen = next_gen();
   size_t min_id = SIZE_MAX;
@@ -226,6 +257,24 @@ ad_status ad_backward(ad_tape *t, ad_tensor *loss, ad_tensor *seed) {
     return ad_tape_status(t);
   }
   if (ad_tape_status(t) != AD_OK) return ad_tape_status(t);
+  if (!ad__usable(t, "ad_backward", "loss", 0, loss) ||
+      (seed && !ad__usable(t, "ad_backward", "seed", 0, seed)))
+    return ad_tape_status(t);
+  char sh[96];
+  if (!seed && loss->size != 1) {
+    ad__fail(t, AD_ERR_SHAPE,
+             "ad_backward: loss is %s, not a scalar: reduce it (ad_sum, ad_mean) or pass a "
+             "seed of its shape",
+             ad_shape_str(loss, sh, sizeof sh));
+    return ad_tape_status(t);
+  }
+  if (!loss->node && (loss->flags & AD_FLAG_UNREC)) {
+    ad__fail(t, AD_ERR_GRAD,
+             "ad_backward: loss (%s) was not recorded: it was computed with recording off "
+             "from tensors that need a gradient, so no leaf would get its gradient",
+             ad_shape_str(loss, sh, sizeof sh));
+    return ad_tape_status(t);
+  }
   unsigned gen = next_gen();
   /* Stamp every leaf that needs a gradient and feeds a node the loss
    * reaches; slot 0 holds those nodes after the walk. */
@@ -272,43 +321,73 @@ ad_status ad_backward(ad_tape *t, ad_tensor *loss, ad_tensor *seed) {
 }
 
 /* s = sum_i g_i . v_i as one recorded scalar. */
-static ad_tensor *sum_of_dots(ad_tape *t, int n, ad_tensor *const *g, ad_tensor *const *v) {
+static ad_tensor *sum_of_dots(ad_tape *t, const char *who, int n, ad_tensor *const *g,
+                              ad_tensor *const *v) {
   ad_tensor *s = NULL;
   for (int i = 0; i < n; i++) {
-    if (!v[i]) return ad__fail(t, AD_ERR_NULL, "vector %d is NULL", i);
-    if (v[i]->size != g[i]->size) {
+    if (!v[i]) return ad__fail(t, AD_ERR_NULL, "%s: vector %d is NULL", who, i);
+    if (!ad_same_shape(v[i], g[i]) || v[i]->dtype != g[i]->dtype) {
       char a[96], b[96];
-      return ad__fail(t, AD_ERR_SHAPE, "vector %d is %s but its partner is %s", i,
+      return ad__fail(t, AD_ERR_SHAPE, "%s: vector %d is %s but its partner is %s", who, i,
                       ad_shape_str(v[i], a, sizeof a), ad_shape_str(g[i], b, sizeof b));
     }
-    ad_tensor *vi = ad_same_shape(v[i], g[i]) ? v[i] : ad_reshape(t, v[i], g[i]->ndim, g[i]->shape);
-    ad_tensor *d = ad_dot(t, g[i], vi);
+    ad_tensor *d = ad_dot(t, g[i], v[i]);
     s = s ? ad_add(t, s, d) : d;
   }
   return s;
 }
 
-ad_status ad_mixed_partial(ad_tape *t, ad_tensor *f, int n_w, ad_tensor *const *w,
-                           ad_tensor *const *v, int n_lam, ad_tensor *const *lam, ad_tensor **out,
-                           unsigned flags) {
-  if (!t) return ad__set_last(AD_ERR_NULL, "ad_mixed_partial: tape is NULL");
-  if (!w || !v || !lam || !out || n_w <= 0 || n_lam <= 0) {
-    ad__fail(t, AD_ERR_NULL, "ad_mixed_partial: missing w, v, lam or out");
+/* Checks n tensors (none NULL, all usable on t) for `who`. */
+static int check_list(ad_tape *t, const char *who, const char *what, int n, ad_tensor *const *xs) {
+  for (int i = 0; i < n; i++) {
+    if (!xs[i]) {
+      ad__fail(t, AD_ERR_NULL, "%s: %s %d is NULL", who, what, i);
+      return 0;
+    }
+    if (!ad__usable(t, who, what, i, xs[i])) return 0;
+  }
+  return 1;
+}
+
+static ad_status mixed(ad_tape *t, const char *who, ad_tensor *f, int n_w, ad_tensor *const *w,
+                       ad_tensor *const *v, int n_lam, ad_tensor *const *lam, ad_tensor **out,
+                       unsigned flags) {
+  if (!t) return ad__set_last(AD_ERR_NULL, "%s: tape is NULL", who);
+  if (ad_tape_status(t) != AD_OK) return ad_tape_status(t);
+  if (!f || !w || !v || !lam || !out || n_w <= 0 || n_lam <= 0) {
+    ad__fail(t, n_w <= 0 || n_lam <= 0 ? AD_ERR_ARG : AD_ERR_NULL,
+             "%s: need f, w (%d), v, lam (%d) and out", who, n_w, n_lam);
     return ad_tape_status(t);
   }
+  for (int k = 0; k < n_lam; k++) out[k] = NULL;
+  if (f && f->size != 1) {
+    char sh[96];
+    ad__fail(t, AD_ERR_SHAPE, "%s: f must be a scalar, got %s", who,
+             ad_shape_str(f, sh, sizeof sh));
+    return ad_tape_status(t);
+  }
+  if (!check_list(t, who, "output", 1, &f) || !check_list(t, who, "w", n_w, w) ||
+      !check_list(t, who, "v", n_w, v) || !check_list(t, who, "lam", n_lam, lam))
+    return ad_tape_status(t);
   ad_tensor **g = ad_arena_alloc(t, sizeof(*g) * (size_t)n_w);
   if (!g) return ad_tape_status(t);
   /* First pass recorded, so the gradient keeps its dependence on w and lam. */
   if (ad_grad(t, 1, &f, NULL, n_w, w, g, AD_GRAD_RECORD) != AD_OK) return ad_tape_status(t);
-  ad_tensor *s = sum_of_dots(t, n_w, g, v);
+  ad_tensor *s = sum_of_dots(t, who, n_w, g, v);
   if (!s) return ad_tape_status(t);
   return ad_grad(t, 1, &s, NULL, n_lam, lam, out, flags & ~(unsigned)AD_GRAD_STRICT);
+}
+
+ad_status ad_mixed_partial(ad_tape *t, ad_tensor *f, int n_w, ad_tensor *const *w,
+                           ad_tensor *const *v, int n_lam, ad_tensor *const *lam, ad_tensor **out,
+                           unsigned flags) {
+  return mixed(t, "ad_mixed_partial", f, n_w, w, v, n_lam, lam, out, flags);
 }
 
 ad_status ad_hvp(ad_tape *t, ad_tensor *f, int n, ad_tensor *const *w, ad_tensor *const *v,
                  ad_tensor **hv_out, unsigned flags) {
   /* H v = d/dw (grad_w f . v): the mixed partial with lam = w. */
-  return ad_mixed_partial(t, f, n, w, v, n, w, hv_out, flags);
+  return mixed(t, "ad_hvp", f, n, w, v, n, w, hv_out, flags);
 }
 
 /* Forward mode by the double-VJP construction: with u a dummy cotangent,
@@ -324,12 +403,12 @@ ad_status ad_jvp(ad_tape *t, int n_in, ad_tensor *const *inputs, ad_tensor *cons
     ad__fail(t, AD_ERR_NULL, "ad_jvp: missing inputs, tangents, outputs or tangents_out");
     return ad_tape_status(t);
   }
+  if (ad_tape_status(t) != AD_OK) return ad_tape_status(t);
   for (int j = 0; j < n_out; j++) tangents_out[j] = NULL;
-  for (int j = 0; j < n_out; j++)
-    if (!outputs[j]) {
-      ad__fail(t, AD_ERR_NULL, "ad_jvp: output %d is NULL", j);
-      return ad_tape_status(t);
-    }
+  if (!check_list(t, "ad_jvp", "output", n_out, outputs) ||
+      !check_list(t, "ad_jvp", "input", n_in, inputs) ||
+      !check_list(t, "ad_jvp", "tangent", n_in, tangents))
+    return ad_tape_status(t);
   ad_tensor **u = ad_arena_alloc(t, sizeof(*u) * (size_t)n_out);
   ad_tensor **r = ad_arena_alloc(t, sizeof(*r) * (size_t)n_in);
   if (!u || !r) return ad_tape_status(t);
@@ -340,7 +419,7 @@ ad_status ad_jvp(ad_tape *t, int n_in, ad_tensor *const *inputs, ad_tensor *cons
   }
   int prev = ad_set_recording(t, 1);
   ad_grad(t, n_out, outputs, u, n_in, inputs, r, AD_GRAD_RECORD);
-  ad_tensor *s = ad_tape_status(t) == AD_OK ? sum_of_dots(t, n_in, r, tangents) : NULL;
+  ad_tensor *s = ad_tape_status(t) == AD_OK ? sum_of_dots(t, "ad_jvp", n_in, r, tangents) : NULL;
   ad_set_recording(t, prev);
   if (!s) return ad_tape_status(t);
   return ad_grad(t, 1, &s, NULL, n_out, u, tangents_out, flags & ~(unsigned)AD_GRAD_STRICT);

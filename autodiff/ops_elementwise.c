@@ -92,7 +92,7 @@ ad_tensor *ad_add(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   EW_BINARY(out, a, b, u + v);
   ad_tensor *in[2] = {a, b};
   ad__record(t, &OP_ADD, out, 2, in);
-  return ad__done(t, out, "add");
+  return ad__done(t, out, "ad_add");
 }
 
 /* ---------------------------------------------------------------- sub */
@@ -109,7 +109,7 @@ ad_tensor *ad_sub(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   EW_BINARY(out, a, b, u - v);
   ad_tensor *in[2] = {a, b};
   ad__record(t, &OP_SUB, out, 2, in);
-  return ad__done(t, out, "sub");
+  return ad__done(t, out, "ad_sub");
 }
 
 /* ---------------------------------------------------------------- mul */
@@ -126,7 +126,7 @@ ad_tensor *ad_mul(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   EW_BINARY(out, a, b, u * v);
   ad_tensor *in[2] = {a, b};
   ad__record(t, &OP_MUL, out, 2, in);
-  return ad__done(t, out, "mul");
+  return ad__done(t, out, "ad_mul");
 }
 
 /* ---------------------------------------------------------------- div */
@@ -144,7 +144,7 @@ ad_tensor *ad_div(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   EW_BINARY(out, a, b, u / v);
   ad_tensor *in[2] = {a, b};
   ad__record(t, &OP_DIV, out, 2, in);
-  return ad__done(t, out, "div");
+  return ad__done(t, out, "ad_div");
 }
 
 /* ---------------------------------------------------------------- neg, scale, add_scalar */
@@ -181,7 +181,7 @@ ad_tensor *ad_scale(ad_tape *t, ad_tensor *x, double c) {
   }
   ad_node *n = ad__record(t, &OP_SCALE, out, 1, &x);
   if (n) n->a.c = c;
-  return ad__done(t, out, "scale");
+  return ad__done(t, out, "ad_scale");
 }
 
 /* d(x + c) = dx */
@@ -203,7 +203,7 @@ ad_tensor *ad_add_scalar(ad_tape *t, ad_tensor *x, double c) {
   }
   ad_node *n = ad__record(t, &OP_ADD_SCALAR, out, 1, &x);
   if (n) n->a.c = c;
-  return ad__done(t, out, "add_scalar");
+  return ad__done(t, out, "ad_add_scalar");
 }
 
 /* d(a + c b) = da + c db */
@@ -225,7 +225,7 @@ ad_tensor *ad_axpy(ad_tape *t, ad_tensor *a, double c, ad_tensor *b) {
   ad_tensor *in[2] = {a, b};
   ad_node *n = ad__record(t, &OP_AXPY, out, 2, in);
   if (n) n->a.c = c;
-  return ad__done(t, out, "axpy");
+  return ad__done(t, out, "ad_axpy");
 }
 
 /* ---------------------------------------------------------------- pow */
@@ -258,7 +258,7 @@ ad_tensor *ad_pow_scalar(ad_tape *t, ad_tensor *x, double p) {
   }
   ad_node *n = ad__record(t, &OP_POW, out, 1, &x);
   if (n) n->a.c = p;
-  return ad__done(t, out, "pow_scalar");
+  return ad__done(t, out, "ad_pow_scalar");
 }
 
 /* ---------------------------------------------------------------- exp, log, sqrt */
@@ -273,7 +273,7 @@ ad_tensor *ad_exp(ad_tape *t, ad_tensor *x) {
   if (!out) return NULL;
   EW_UNARY(out, x, exp(v));
   ad__record(t, &OP_EXP, out, 1, &x);
-  return ad__done(t, out, "exp");
+  return ad__done(t, out, "ad_exp");
 }
 
 /* d log(x) = dx / x */
@@ -287,7 +287,7 @@ ad_tensor *ad_log(ad_tape *t, ad_tensor *x) {
   if (!out) return NULL;
   EW_UNARY(out, x, log(v));
   ad__record(t, &OP_LOG, out, 1, &x);
-  return ad__done(t, out, "log");
+  return ad__done(t, out, "ad_log");
 }
 
 /* d sqrt(x) = dx / (2 sqrt(x)) */
@@ -301,7 +301,7 @@ ad_tensor *ad_sqrt(ad_tape *t, ad_tensor *x) {
   if (!out) return NULL;
   EW_UNARY(out, x, sqrt(v));
   ad__record(t, &OP_SQRT, out, 1, &x);
-  return ad__done(t, out, "sqrt");
+  return ad__done(t, out, "ad_sqrt");
 }
 
 /* ---------------------------------------------------------------- tanh, sigmoid, softplus */
@@ -318,7 +318,7 @@ ad_tensor *ad_tanh(ad_tape *t, ad_tensor *x) {
   if (!out) return NULL;
   EW_UNARY(out, x, tanh(v));
   ad__record(t, &OP_TANH, out, 1, &x);
-  return ad__done(t, out, "tanh");
+  return ad__done(t, out, "ad_tanh");
 }
 
 /* d sigma(x) = sigma(x) (1 - sigma(x)) dx */
@@ -336,7 +336,7 @@ ad_tensor *ad_sigmoid(ad_tape *t, ad_tensor *x) {
   /* Split by sign so exp never overflows: for v < 0, e^v / (1 + e^v). */
   EW_UNARY(out, x, v >= 0 ? 1 / (1 + exp(-v)) : exp(v) / (1 + exp(v)));
   ad__record(t, &OP_SIGMOID, out, 1, &x);
-  return ad__done(t, out, "sigmoid");
+  return ad__done(t, out, "ad_sigmoid");
 }
 
 /* d softplus(x) = sigma(x) dx,  softplus(x) = log(1 + e^x) */
@@ -352,7 +352,7 @@ ad_tensor *ad_softplus(ad_tape *t, ad_tensor *x) {
   /* max(v, 0) + log1p(e^-|v|): exact for large |v| where log(1+e^v) overflows. */
   EW_UNARY(out, x, (v > 0 ? v : 0) + log1p(exp(-fabs(v))));
   ad__record(t, &OP_SOFTPLUS, out, 1, &x);
-  return ad__done(t, out, "softplus");
+  return ad__done(t, out, "ad_softplus");
 }
 
 /* ---------------------------------------------------------------- relu, abs, sign */
@@ -365,13 +365,14 @@ static const ad_op_def OP_RELU = {"relu", vjp_relu, NULL};
 ad_tensor *ad_relu(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_relu", x);
   if (!out) return NULL;
-  EW_UNARY(out, x, v > 0 ? v : 0);
+  EW_UNARY(out, x, v > 0 || v != v ? v : 0); /* relu(NaN) = NaN: a NaN is not clipped away */
   ad__record(t, &OP_RELU, out, 1, &x);
-  return ad__done(t, out, "relu");
+  return ad__done(t, out, "ad_relu");
 }
 
 /* relu_backward(g, x) = g [x > 0] is linear in g with the same mask, and
- * piecewise constant in x (zero derivative almost everywhere). */
+ * piecewise constant in x (zero derivative almost everywhere). At x = NaN
+ * it is NaN, as relu is. */
 static void vjp_relu_backward(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
                               const int *need) {
   if (need[0]) gin[0] = ad_relu_backward(t, g, n->in[1]);
@@ -386,10 +387,10 @@ ad_tensor *ad_relu_backward(ad_tape *t, ad_tensor *g, ad_tensor *x) {
     return ad__fail(t, AD_ERR_SHAPE, "ad_relu_backward: g is %s but x is %s",
                     ad_shape_str(g, sa, sizeof sa), ad_shape_str(x, sb, sizeof sb));
   }
-  EW_BINARY(out, g, x, v > 0 ? u : 0);
+  EW_BINARY(out, g, x, v > 0 ? u : v != v ? v : 0); /* like relu: NaN at x = NaN */
   ad_tensor *in[2] = {g, x};
   ad__record(t, &OP_RELU_BACKWARD, out, 2, in);
-  return ad__done(t, out, "relu_backward");
+  return ad__done(t, out, "ad_relu_backward");
 }
 
 /* d|x| = sign(x) dx (0 at 0: the subgradient PyTorch picks too). */
@@ -403,7 +404,7 @@ ad_tensor *ad_abs(ad_tape *t, ad_tensor *x) {
   if (!out) return NULL;
   EW_UNARY(out, x, fabs(v));
   ad__record(t, &OP_ABS, out, 1, &x);
-  return ad__done(t, out, "abs");
+  return ad__done(t, out, "ad_abs");
 }
 
 ad_tensor *ad_sign(ad_tape *t, ad_tensor *x) {
@@ -426,6 +427,7 @@ static const ad_op_def OP_WHERE = {"where", vjp_where, NULL};
 
 ad_tensor *ad_where(ad_tape *t, const ad_tensor *mask, ad_tensor *a, ad_tensor *b) {
   if (t && !mask) return ad__fail(t, AD_ERR_NULL, "ad_where: mask is NULL");
+  if (t && !ad__usable(t, "ad_where", "mask", 0, mask)) return NULL;
   ad_tensor *out = binary_out(t, "ad_where", a, b);
   if (!out) return NULL;
   if (mask->size != out->size) {
@@ -462,5 +464,5 @@ ad_tensor *ad_where(ad_tape *t, const ad_tensor *mask, ad_tensor *a, ad_tensor *
     ad_copy_values(mc, mask);
     n->a.extra = mc;
   }
-  return ad__done(t, out, "where");
+  return ad__done(t, out, "ad_where");
 }

@@ -31,7 +31,10 @@ int ad__check_labels(ad_tape *t, const char *op, ad_tensor *logp, const int32_t 
 
 int ad__record_labelled(ad_tape *t, const ad_op_def *op, ad_tensor *out, ad_tensor *logp,
                         const int32_t *labels, int64_t n) {
-  if (!ad__recording(t) || !ad_needs_grad(logp)) return 1;
+  if (!ad__recording(t) || !ad_needs_grad(logp)) {
+    ad__record(t, op, out, 1, &logp); /* records nothing; marks out if unrecorded */
+    return 1;
+  }
   /* The rules' constant: onehot(labels), kept on the node. */
   ad_tensor *onehot = ad_zeros_like(t, logp);
   if (!onehot) return 0;
@@ -60,7 +63,7 @@ ad_tensor *ad_nll(ad_tape *t, ad_tensor *logp, const int32_t *labels, int64_t n)
   for (int64_t i = 0; i < n; i++) s -= ad_get(logp, i * c + labels[i]);
   ad_set(out, 0, s / (double)n);
   if (!ad__record_labelled(t, &OP_NLL, out, logp, labels, n)) return NULL;
-  return ad__done(t, out, "nll");
+  return ad__done(t, out, "ad_nll");
 }
 
 ad_tensor *ad_cross_entropy(ad_tape *t, ad_tensor *logits, const int32_t *labels, int64_t n) {
@@ -76,12 +79,11 @@ ad_tensor *ad_cross_entropy(ad_tape *t, ad_tensor *logits, const int32_t *labels
 ad_tensor *ad_mse(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   ad_tensor *in[2] = {a, b};
   if (!ad__check(t, "ad_mse", 2, in)) return NULL;
-  if (a->size != b->size) {
+  if (!ad_same_shape(a, b)) { /* [3, 4] against [4, 3] is a bug, not a reshape */
     char sa[96], sb[96];
-    return ad__fail(t, AD_ERR_SHAPE, "ad_mse: %s and %s differ in size",
+    return ad__fail(t, AD_ERR_SHAPE, "ad_mse: shapes %s and %s differ",
                     ad_shape_str(a, sa, sizeof sa), ad_shape_str(b, sb, sizeof sb));
   }
-  if (!ad_same_shape(a, b)) b = ad_reshape(t, b, a->ndim, a->shape);
   ad_tensor *d = ad_sub(t, a, b);
   return ad_mean(t, ad_mul(t, d, d));
 }

@@ -41,7 +41,14 @@ ad_tensor *ad_matmul(ad_tape *t, ad_tensor *a, ad_tensor *b, int trans_a, int tr
         ad_shape_str(a, sa, sizeof sa), trans_a ? "^T" : "", ad_shape_str(b, sb, sizeof sb),
         trans_b ? "^T" : "", (long long)k, (long long)kb);
   }
-  int64_t shape[2] = {m, nn};
+  int64_t shape[2] = {m, nn}, numel;
+  if (!ad__numel_ok(2, shape, &numel)) {
+    char sa[96], sb[96];
+    return ad__fail(t, AD_ERR_SHAPE,
+                    "ad_matmul: %s times %s gives [%lld, %lld], over 2^40 elements",
+                    ad_shape_str(a, sa, sizeof sa), ad_shape_str(b, sb, sizeof sb), (long long)m,
+                    (long long)nn);
+  }
   ad_tensor *out = ad__alloc(t, a->dtype, 2, shape, 0);
   if (!out) return NULL;
   if (a->dtype == AD_F32)
@@ -55,7 +62,7 @@ ad_tensor *ad_matmul(ad_tape *t, ad_tensor *a, ad_tensor *b, int trans_a, int tr
     n->a.ta = trans_a != 0;
     n->a.tb = trans_b != 0;
   }
-  return ad__done(t, out, "matmul");
+  return ad__done(t, out, "ad_matmul");
 }
 
 /* d(X^T) = (dX)^T */
@@ -129,5 +136,5 @@ ad_tensor *ad_add_rowvec(ad_tape *t, ad_tensor *x, ad_tensor *b) {
       for (int64_t j = 0; j < m; j++) Y[i * m + j] = X[i * m + j] + B[j];
   }
   ad__record(t, &OP_ADD_ROWVEC, out, 2, in);
-  return ad__done(t, out, "add_rowvec");
+  return ad__done(t, out, "ad_add_rowvec");
 }

@@ -115,7 +115,7 @@ ad_tensor *ad_sum(ad_tape *t, ad_tensor *x) {
   }
   ad_set(out, 0, s);
   ad__record(t, &OP_SUM, out, 1, &x);
-  return ad__done(t, out, "sum");
+  return ad__done(t, out, "ad_sum");
 }
 
 ad_tensor *ad_mean(ad_tape *t, ad_tensor *x) {
@@ -148,7 +148,7 @@ ad_tensor *ad_sum_axis(ad_tape *t, ad_tensor *x, int axis, int keepdim) {
     nd_->a.axis = axis;
     nd_->a.keepdim = keepdim;
   }
-  return ad__done(t, out, "sum_axis");
+  return ad__done(t, out, "ad_sum_axis");
 }
 
 ad_tensor *ad_mean_axis(ad_tape *t, ad_tensor *x, int axis, int keepdim) {
@@ -188,7 +188,7 @@ ad_tensor *ad_max_axis(ad_tape *t, ad_tensor *x, int axis, int keepdim) {
     nd_->a.keepdim = keepdim;
     nd_->a.extra = onehot;
   }
-  return ad__done(t, out, "max_axis");
+  return ad__done(t, out, "ad_max_axis");
 }
 
 /* ---------------------------------------------------------------- logsumexp, softmax */
@@ -218,7 +218,7 @@ ad_tensor *ad_logsumexp(ad_tape *t, ad_tensor *x, int axis, int keepdim) {
     nd_->a.axis = axis;
     nd_->a.keepdim = keepdim;
   }
-  return ad__done(t, out, "logsumexp");
+  return ad__done(t, out, "ad_logsumexp");
 }
 
 /* d softmax: dx = y (g - sum(g y) along the axis) */
@@ -277,9 +277,9 @@ static const ad_op_def OP_DOT = {"dot", vjp_dot, NULL};
 ad_tensor *ad_dot(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   ad_tensor *in[2] = {a, b};
   if (!ad__check(t, "ad_dot", 2, in)) return NULL;
-  if (a->size != b->size) {
+  if (!ad_same_shape(a, b)) { /* same size but another shape pairs the wrong elements */
     char sa[96], sb[96];
-    return ad__fail(t, AD_ERR_SHAPE, "ad_dot: %s and %s differ in size",
+    return ad__fail(t, AD_ERR_SHAPE, "ad_dot: shapes %s and %s differ",
                     ad_shape_str(a, sa, sizeof sa), ad_shape_str(b, sb, sizeof sb));
   }
   ad_tensor *out = ad__alloc(t, a->dtype, 0, NULL, 0);
@@ -299,5 +299,5 @@ ad_tensor *ad_dot(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   }
   ad_set(out, 0, s);
   ad__record(t, &OP_DOT, out, 2, in);
-  return ad__done(t, out, "dot");
+  return ad__done(t, out, "ad_dot");
 }

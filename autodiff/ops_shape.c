@@ -19,17 +19,16 @@ ad_tensor *ad_reshape(ad_tape *t, ad_tensor *x, int ndim, const int64_t *shape) 
   if (!ad__check(t, "ad_reshape", 1, &x)) return NULL;
   if (ndim < 0 || ndim > AD_MAX_DIMS || (ndim > 0 && !shape))
     return ad__fail(t, AD_ERR_ARG, "ad_reshape: bad ndim %d or NULL shape", ndim);
-  int64_t n = 1;
-  for (int i = 0; i < ndim; i++) {
+  int64_t n;
+  char s[96], sh[160];
+  for (int i = 0; i < ndim; i++)
     if (shape[i] <= 0)
-      return ad__fail(t, AD_ERR_SHAPE, "ad_reshape: dimension %d is %lld", i, (long long)shape[i]);
-    n *= shape[i];
-  }
-  if (n != x->size) {
-    char s[96];
-    return ad__fail(t, AD_ERR_SHAPE, "ad_reshape: %s has %lld elements, new shape has %lld",
-                    ad_shape_str(x, s, sizeof s), (long long)x->size, (long long)n);
-  }
+      return ad__fail(t, AD_ERR_SHAPE, "ad_reshape: dimension %d of %s is %lld", i,
+                      ad__dims_str(ndim, shape, sh, sizeof sh), (long long)shape[i]);
+  if (!ad__numel_ok(ndim, shape, &n) || n != x->size)
+    return ad__fail(t, AD_ERR_SHAPE, "ad_reshape: %s has %lld elements, shape %s does not",
+                    ad_shape_str(x, s, sizeof s), (long long)x->size,
+                    ad__dims_str(ndim, shape, sh, sizeof sh));
   ad_tensor *out = ad__view(t, x, ndim, shape);
   if (!out) return NULL;
   ad__record(t, &OP_RESHAPE, out, 1, &x);
@@ -67,6 +66,14 @@ ad_tensor *ad_broadcast_axis(ad_tape *t, ad_tensor *x, int axis, int64_t n, int 
       shape[i] = x->shape[j++];
     }
   }
+  int64_t numel;
+  if (!ad__numel_ok(nd, shape, &numel)) {
+    char s[96];
+    return ad__fail(t, AD_ERR_SHAPE,
+                    "ad_broadcast_axis: repeating %s %lld times along axis %d gives more than "
+                    "2^40 elements",
+                    ad_shape_str(x, s, sizeof s), (long long)n, axis);
+  }
   ad_tensor *out = ad__alloc(t, x->dtype, nd, shape, 0);
   if (!out) return NULL;
   int64_t outer = 1, inner = 1;
@@ -97,6 +104,7 @@ static const ad_op_def OP_EXPAND = {"expand", vjp_expand, NULL};
 ad_tensor *ad_expand(ad_tape *t, ad_tensor *x, const ad_tensor *like) {
   if (!ad__check(t, "ad_expand", 1, &x)) return NULL;
   if (!like) return ad__fail(t, AD_ERR_NULL, "ad_expand: like is NULL");
+  if (!ad__usable(t, "ad_expand", "like", 0, like)) return NULL;
   if (x->size != 1) {
     char s[96];
     return ad__fail(t, AD_ERR_SHAPE, "ad_expand: needs a size-1 tensor, got %s",
@@ -130,10 +138,10 @@ static const ad_op_def OP_SLICE = {"slice", vjp_slice, attr_slice};
 
 ad_tensor *ad_slice(ad_tape *t, ad_tensor *x, int axis, int64_t start, int64_t len) {
   if (!ad__check(t, "ad_slice", 1, &x) || !ad__axis(t, "ad_slice", x, axis)) return NULL;
-  if (start < 0 || len <= 0 || start + len > x->shape[axis]) {
+  if (len <= 0 || !ad__range_ok(start, len, x->shape[axis])) {
     char s[96];
-    return ad__fail(t, AD_ERR_ARG, "ad_slice: [%lld, %lld) outside axis %d of %s", (long long)start,
-                    (long long)(start + len), axis, ad_shape_str(x, s, sizeof s));
+    return ad__fail(t, AD_ERR_ARG, "ad_slice: start %lld, length %lld is not inside axis %d of %s",
+                    (long long)start, (long long)len, axis, ad_shape_str(x, s, sizeof s));
   }
   int64_t shape[AD_MAX_DIMS];
   memcpy(shape, x->shape, sizeof shape);
@@ -159,12 +167,18 @@ static const ad_op_def OP_PAD = {"pad_axis", vjp_pad, attr_slice};
 
 ad_tensor *ad_pad_axis(ad_tape *t, ad_tensor *x, int axis, int64_t start, int64_t full_len) {
   if (!ad__check(t, "ad_pad_axis", 1, &x) || !ad__axis(t, "ad_pad_axis", x, axis)) return NULL;
-  if (start < 0 || start + x->shape[axis] > full_len)
+  if (!ad__range_ok(start, x->shape[axis], full_len))
     return ad__fail(t, AD_ERR_ARG, "ad_pad_axis: %lld elements at %lld do not fit in %lld",
                     (long long)x->shape[axis], (long long)start, (long long)full_len);
-  int64_t shape[AD_MAX_DIMS];
+  int64_t shape[AD_MAX_DIMS], numel;
   memcpy(shape, x->shape, sizeof shape);
   shape[axis] = full_len;
+  if (!ad__numel_ok(x->ndim, shape, &numel)) {
+    char s[96];
+    return ad__fail(t, AD_ERR_SHAPE,
+                    "ad_pad_axis: padding axis %d of %s to %lld gives more than 2^40 elements",
+                    axis, ad_shape_str(x, s, sizeof s), (long long)full_len);
+  }
   ad_tensor *out = ad__alloc(t, x->dtype, x->ndim, shape, 1);
   if (!out) return NULL;
   int64_t outer, n, inner;
@@ -207,7 +221,14 @@ ad_tensor *ad_concat(ad_tape *t, int n, ad_tensor *const *xs, int axis) {
       return ad__fail(t, AD_ERR_SHAPE, "ad_concat: input %d is %s, input 0 is %s (axis %d)", i,
                       ad_shape_str(xs[i], a, sizeof a), ad_shape_str(xs[0], b, sizeof b), axis);
     }
-    shape[axis] += xs[i]->shape[axis];
+    if (!ad__add_i64(shape[axis], xs[i]->shape[axis], &shape[axis]))
+      return ad__fail(t, AD_ERR_SHAPE, "ad_concat: the lengths along axis %d overflow", axis);
+  }
+  int64_t numel;
+  if (!ad__numel_ok(xs[0]->ndim, shape, &numel)) {
+    char sh[160];
+    return ad__fail(t, AD_ERR_SHAPE, "ad_concat: the result %s has more than 2^40 elements",
+                    ad__dims_str(xs[0]->ndim, shape, sh, sizeof sh));
   }
   ad_tensor *out = ad__alloc(t, xs[0]->dtype, xs[0]->ndim, shape, 0);
   if (!out) return NULL;

@@ -159,6 +159,7 @@ ad_status ad_tape_print(const ad_tape *t, FILE *f) {
     fprintf(f, "%s%s)  %s\n", attr[0] ? "; " : "", attr, ad_shape_str(n->out, sh, sizeof sh));
   }
   free(m.e);
+  ad__clear_last();
   return AD_OK;
 }
 
@@ -176,6 +177,7 @@ ad_status ad_tape_label(ad_tape *t, ad_marker from, const char *label) {
   ad_node *n = from.last ? from.last->next : ad__first_node(t);
   for (; n; n = n->next)
     if (!n->label) n->label = label;
+  ad__clear_last();
   return AD_OK;
 }
 
@@ -362,6 +364,7 @@ ad_status ad_tape_dot_ex(const ad_tape *t, FILE *f, const ad_dot_opts *opts) {
   if (!o.no_legend && m.n_node > 0) dot_legend(f, phases, any_leaf, any_const, any_out);
   fprintf(f, "}\n");
   free(m.e);
+  ad__clear_last();
   return AD_OK;
 }
 

@@ -14,8 +14,17 @@ const char *ad_dtype_name(ad_dtype dt) {
 
 int64_t ad__numel(int ndim, const int64_t *shape) {
   int64_t n = 1;
-  for (int i = 0; i < ndim; i++) n *= shape[i];
+  for (int i = 0; i < ndim; i++) n *= shape[i]; /* only for shapes already validated */
   return n;
+}
+
+const char *ad__dims_str(int ndim, const int64_t *shape, char *buf, size_t len) {
+  if (!buf || len == 0) return "";
+  size_t k = (size_t)snprintf(buf, len, "[");
+  for (int i = 0; i < ndim && k < len; i++)
+    k += (size_t)snprintf(buf + k, len - k, i ? ", %lld" : "%lld", (long long)shape[i]);
+  if (k < len) snprintf(buf + k, len - k, "]");
+  return buf;
 }
 
 /* Validates a shape; returns its element count or -1 with a message. */
@@ -32,17 +41,19 @@ static int64_t shape_ok(const char *who, ad_dtype dt, int ndim, const int64_t *s
     ad__fail(t, AD_ERR_NULL, "%s: shape is NULL", who);
     return -1;
   }
-  int64_t n = 1;
+  char sh[160];
   for (int i = 0; i < ndim; i++) {
-    if (shape[i] <= 0 || shape[i] > ((int64_t)1 << 40)) {
-      ad__fail(t, AD_ERR_SHAPE, "%s: dimension %d has size %lld", who, i, (long long)shape[i]);
+    if (shape[i] <= 0) {
+      ad__fail(t, AD_ERR_SHAPE, "%s: dimension %d of shape %s is %lld (must be >= 1)", who, i,
+               ad__dims_str(ndim, shape, sh, sizeof sh), (long long)shape[i]);
       return -1;
     }
-    n *= shape[i];
-    if (n > ((int64_t)1 << 40)) {
-      ad__fail(t, AD_ERR_SHAPE, "%s: tensor too large", who);
-      return -1;
-    }
+  }
+  int64_t n;
+  if (!ad__numel_ok(ndim, shape, &n)) {
+    ad__fail(t, AD_ERR_SHAPE, "%s: shape %s has more than 2^40 elements", who,
+             ad__dims_str(ndim, shape, sh, sizeof sh));
+    return -1;
   }
   return n;
 }
@@ -59,7 +70,7 @@ static ad_status heap_new(ad_tensor **out, ad_dtype dt, int ndim, const int64_t 
   if (!out) return ad__set_last(AD_ERR_NULL, "%s: out is NULL", who);
   *out = NULL;
   int64_t n = shape_ok(who, dt, ndim, shape, NULL);
-  if (n < 0) return AD_ERR_SHAPE; /* message already set */
+  if (n < 0) return ad__last_status(); /* shape_ok set the message */
   ad_tensor *x = calloc(1, sizeof *x);
   if (!x) return ad__set_last(AD_ERR_NOMEM, "%s: out of memory", who);
   set_shape(x, dt, ndim, shape, n);
@@ -76,6 +87,7 @@ static ad_status heap_new(ad_tensor **out, ad_dtype dt, int ndim, const int64_t 
     if (src) memcpy(x->data, src, (size_t)n * ad_dtype_size(dt));
   }
   *out = x;
+  ad__clear_last();
   return AD_OK;
 }
 
@@ -150,6 +162,7 @@ ad_status ad_copy_values(ad_tensor *dst, const ad_tensor *src) {
   } else {
     for (int64_t i = 0; i < src->size; i++) ad_set(dst, i, ad_get(src, i));
   }
+  ad__clear_last();
   return AD_OK;
 }
 
@@ -179,23 +192,37 @@ void ad_set_name(ad_tensor *x, const char *name) {
 
 /* ---- arena tensors */
 
-ad_tensor *ad__alloc(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, int zero) {
+/* An arena tensor; `who` names the caller in messages. */
+static ad_tensor *arena_tensor(ad_tape *t, const char *who, ad_dtype dt, int ndim,
+                               const int64_t *shape, int zero) {
   if (!t) {
-    ad__set_last(AD_ERR_NULL, "tape is NULL");
+    ad__set_last(AD_ERR_NULL, "%s: tape is NULL", who);
     return NULL;
   }
-  int64_t n = shape_ok("tensor", dt, ndim, shape, t);
+  int64_t n = shape_ok(who, dt, ndim, shape, t);
   if (n < 0) return NULL;
-  size_t head = (sizeof(ad_tensor) + 63) & ~(size_t)63;
-  size_t bytes = (size_t)n * ad_dtype_size(dt);
-  char *p = ad_arena_alloc(t, head + bytes);
+  size_t head = (sizeof(ad_tensor) + 63) & ~(size_t)63, bytes, total;
+  /* n <= 2^40 makes these exact; checked all the same, as every size is. */
+  if (!ad__bytes_ok(n, ad_dtype_size(dt), &bytes) || !ad__add_size(head, bytes, &total)) {
+    char sh[160];
+    return ad__fail(t, AD_ERR_SHAPE, "%s: shape %s is too large", who,
+                    ad__dims_str(ndim, shape, sh, sizeof sh));
+  }
+  char *p = ad_arena_alloc(t, total);
   if (!p) return NULL;
   ad_tensor *x = (ad_tensor *)p;
   memset(x, 0, sizeof *x);
   set_shape(x, dt, ndim, shape, n);
   x->data = p + head;
   x->flags = AD_FLAG_ARENA;
+  x->tape_id = ad__tape_id(t);
   if (zero) memset(x->data, 0, bytes);
+  return x;
+}
+
+ad_tensor *ad__alloc(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, int zero) {
+  ad_tensor *x = arena_tensor(t, "tensor", dt, ndim, shape, zero);
+  if (x) x->flags |= AD_FLAG_OP;
   return x;
 }
 
@@ -205,7 +232,8 @@ ad_tensor *ad__view(ad_tape *t, const ad_tensor *x, int ndim, const int64_t *sha
   memset(v, 0, sizeof *v);
   set_shape(v, x->dtype, ndim, shape, ad__numel(ndim, shape));
   v->data = x->data;
-  v->flags = AD_FLAG_ARENA;
+  v->flags = AD_FLAG_ARENA | AD_FLAG_OP;
+  v->tape_id = ad__tape_id(t);
   return v;
 }
 
@@ -214,15 +242,15 @@ ad_tensor *ad__like(ad_tape *t, const ad_tensor *x) {
 }
 
 ad_tensor *ad_empty(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape) {
-  return ad__alloc(t, dt, ndim, shape, 0);
+  return arena_tensor(t, "ad_empty", dt, ndim, shape, 0);
 }
 ad_tensor *ad_zeros(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape) {
-  return ad__alloc(t, dt, ndim, shape, 1);
+  return arena_tensor(t, "ad_zeros", dt, ndim, shape, 1);
 }
-ad_tensor *ad_full(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, double v) {
-  ad_tensor *x = ad__alloc(t, dt, ndim, shape, 0);
+/* Fills x with v. */
+static ad_tensor *fill(ad_tensor *x, double v) {
   if (!x) return NULL;
-  if (dt == AD_F32) {
+  if (x->dtype == AD_F32) {
     float *p = AD_F(x), f = (float)v;
     for (int64_t i = 0; i < x->size; i++) p[i] = f;
   } else {
@@ -231,36 +259,41 @@ ad_tensor *ad_full(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, doub
   }
   return x;
 }
+ad_tensor *ad_full(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, double v) {
+  return fill(arena_tensor(t, "ad_full", dt, ndim, shape, 0), v);
+}
 ad_tensor *ad_ones(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape) {
-  return ad_full(t, dt, ndim, shape, 1.0);
+  return fill(arena_tensor(t, "ad_ones", dt, ndim, shape, 0), 1.0);
 }
 ad_tensor *ad_scalar(ad_tape *t, ad_dtype dt, double v) {
-  return ad_full(t, dt, 0, NULL, v);
+  return fill(arena_tensor(t, "ad_scalar", dt, 0, NULL, 0), v);
 }
 ad_tensor *ad_const(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, const void *data) {
   if (t && !data) return ad__fail(t, AD_ERR_NULL, "ad_const: data is NULL");
-  ad_tensor *x = ad__alloc(t, dt, ndim, shape, 0);
+  ad_tensor *x = arena_tensor(t, "ad_const", dt, ndim, shape, 0);
   if (x) memcpy(x->data, data, (size_t)x->size * ad_dtype_size(dt));
   return x;
 }
 ad_tensor *ad_zeros_like(ad_tape *t, const ad_tensor *x) {
   if (!x) return ad__fail(t, AD_ERR_NULL, "ad_zeros_like: x is NULL");
-  return ad__alloc(t, x->dtype, x->ndim, x->shape, 1);
+  if (t && !ad__usable(t, "ad_zeros_like", "input", 0, x)) return NULL;
+  return arena_tensor(t, "ad_zeros_like", x->dtype, x->ndim, x->shape, 1);
 }
 ad_tensor *ad_ones_like(ad_tape *t, const ad_tensor *x) {
   if (!x) return ad__fail(t, AD_ERR_NULL, "ad_ones_like: x is NULL");
-  return ad_full(t, x->dtype, x->ndim, x->shape, 1.0);
+  if (t && !ad__usable(t, "ad_ones_like", "input", 0, x)) return NULL;
+  return fill(arena_tensor(t, "ad_ones_like", x->dtype, x->ndim, x->shape, 0), 1.0);
 }
 ad_tensor *ad_randn(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, ad_rng *r) {
   if (t && !r) return ad__fail(t, AD_ERR_NULL, "ad_randn: rng is NULL");
-  ad_tensor *x = ad__alloc(t, dt, ndim, shape, 0);
+  ad_tensor *x = arena_tensor(t, "ad_randn", dt, ndim, shape, 0);
   if (x) ad_tensor_fill_normal(x, r, 0.0, 1.0);
   return x;
 }
 ad_tensor *ad_rand_uniform(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, ad_rng *r,
                            double lo, double hi) {
   if (t && !r) return ad__fail(t, AD_ERR_NULL, "ad_rand_uniform: rng is NULL");
-  ad_tensor *x = ad__alloc(t, dt, ndim, shape, 0);
+  ad_tensor *x = arena_tensor(t, "ad_rand_uniform", dt, ndim, shape, 0);
   if (x) ad_tensor_fill_uniform(x, r, lo, hi);
   return x;
 }
@@ -271,16 +304,21 @@ ad_tensor *ad_detach(ad_tape *t, const ad_tensor *x) {
     return NULL;
   }
   if (!x) return ad__fail(t, AD_ERR_NULL, "ad_detach: x is NULL");
+  if (!ad__usable(t, "ad_detach", "input", 0, x)) return NULL;
   /* Arena tensors are never written after the op that made them, so a view
    * without history shares their data safely and costs nothing. A heap
    * tensor (a parameter) may be updated in place later: copy it, so the
    * detached value is the value now. */
+  ad_tensor *c;
   if (x->flags & AD_FLAG_HEAP) {
-    ad_tensor *c = ad__alloc(t, x->dtype, x->ndim, x->shape, 0);
+    c = ad__alloc(t, x->dtype, x->ndim, x->shape, 0);
     if (c) memcpy(c->data, x->data, (size_t)x->size * ad_dtype_size(x->dtype));
-    return c;
+  } else {
+    c = ad__view(t, x, x->ndim, x->shape);
   }
-  return ad__view(t, x, x->ndim, x->shape);
+  /* A detached value is a new constant: a leaf one may ad_requires_grad. */
+  if (c) c->flags &= ~AD_FLAG_OP;
+  return c;
 }
 
 /* ---- checks */
@@ -295,6 +333,7 @@ int ad__check(ad_tape *t, const char *op, int n, ad_tensor *const *xs) {
       ad__fail(t, AD_ERR_NULL, "%s: input %d is NULL", op, i);
       return 0;
     }
+    if (!ad__usable(t, op, "input", i, xs[i])) return 0;
   }
   for (int i = 1; i < n; i++) {
     if (xs[i]->dtype != xs[0]->dtype) {
@@ -303,6 +342,7 @@ int ad__check(ad_tape *t, const char *op, int n, ad_tensor *const *xs) {
       return 0;
     }
   }
+  ad__op_begin(t, op, n, xs);
   return 1;
 }
 

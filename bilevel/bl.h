@@ -225,7 +225,8 @@ typedef struct {
 typedef ad_status (*bl_method_fn)(ad_tape *t, const bl_problem *p, const bl_opts *o,
                                   ad_tensor *const *hg, bl_stats *st);
 
-/* Iterative differentiation (bilevel/unroll.c, forward.c, checkpoint.c, drmad.c). */
+/* Iterative differentiation (bilevel/unroll.c, forward.c, checkpoint.c, drmad.c,
+ * reversible.c). */
 ad_status bl_unroll(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                     bl_stats *st); /* o->K > 0: backprop through the last K steps only */
 ad_status bl_forward(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
@@ -234,6 +235,12 @@ ad_status bl_checkpointed(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_
                           bl_stats *st);
 ad_status bl_drmad(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                    bl_stats *st);
+/* Exact reversible unroll (bilevel/reversible.c; Maclaurin et al. 2015): NN_OPT_MOMENTUM
+ * only, run in fixed point and walked back exactly from w_T; the same answer as bl_unroll
+ * with memory O(n_w) plus ~-log2(momentum) bits per element and step (counted in
+ * st->peak_arena_bytes). Other optimizers and user steps: AD_ERR_ARG. */
+ad_status bl_reversible(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
+                        bl_stats *st);
 
 /* Short-horizon approximations (bilevel/fo.c, one_step.c, t1t2.c, greedy.c,
  * hyperdistill.c). */

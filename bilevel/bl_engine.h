@@ -112,6 +112,7 @@ typedef enum {
   BL_EXACT,
   BL_ZERO_ORDER,
   BL_SAMA,
+  BL_REVERSIBLE, /* heavy-ball momentum only (bilevel/reversible.c) */
   BL_METHOD_COUNT
 } bl_method;
 

@@ -52,6 +52,7 @@ static const struct {
     [BL_EXACT] = {"exact", bl_exact},
     [BL_ZERO_ORDER] = {"zero_order", bl_zero_order},
     [BL_SAMA] = {"sama", bl_sama},
+    [BL_REVERSIBLE] = {"reversible", bl_reversible},
 };
 
 const char *bl_method_name(bl_method m) {

@@ -32,6 +32,7 @@ ad_tensor *nn_layer_norm(ad_tape *t, ad_tensor *x, ad_tensor *gamma, ad_tensor *
   }
   if (!(eps > 0) || !isfinite(eps))
     return ad__fail(t, AD_ERR_ARG, "nn_layer_norm: eps %g must be finite and > 0", eps);
+  int sc = ad__scope_push(t, "nn_layer_norm"); /* errors of the ops below name the layer */
   int64_t shape[2] = {m, d};
   ad_tensor *x2 = ad_reshape(t, x, 2, shape);
   ad_tensor *mu = ad_mean_axis(t, x2, 1, 1);                        /* [M, 1] */
@@ -44,7 +45,9 @@ ad_tensor *nn_layer_norm(ad_tape *t, ad_tensor *x, ad_tensor *gamma, ad_tensor *
     y = ad_mul(t, y, ad_broadcast_axis(t, g, 0, m, 0));
   }
   if (beta) y = ad_add_rowvec(t, y, beta);
-  return y ? ad_reshape(t, y, x->ndim, x->shape) : NULL;
+  y = y ? ad_reshape(t, y, x->ndim, x->shape) : NULL;
+  ad__scope_pop(t, sc);
+  return y;
 }
 
 /* ------------------------------------------------------------------ batch norm state */

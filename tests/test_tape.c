@@ -192,7 +192,8 @@ END_TEST
 
 /* Bad input: each returns NULL/an error with a message naming the problem. */
 START_TEST(test_bad_input) {
-  ad_tape *t = new_tape(1);
+  ad_tape *t = NULL; /* a fixed 1 MiB arena, to see it exhausted below */
+  ck_assert_int_eq(ad_tape_new(&t, &(ad_tape_opts){.arena_mb = 1, .arena_max_mb = 1}), AD_OK);
   ad_tensor *a = ad_zeros(t, AD_F64, 2, S(3, 4)), *b = ad_zeros(t, AD_F64, 2, S(5, 4));
   ad_tensor *c = ad_zeros(t, AD_F32, 2, S(3, 4));
   /* wrong shapes: the message names the op and both shapes */
@@ -242,7 +243,7 @@ START_TEST(test_bad_input) {
   ad_tensor *h = (ad_tensor *)1;
   ck_assert_int_eq(ad_tensor_new(&h, AD_F64, 5, S(1, 1, 1, 1, 1)), AD_ERR_SHAPE);
   ck_assert_ptr_null(h);
-  ck_assert_int_eq(ad_tensor_new(&h, (ad_dtype)9, 1, S(3)), AD_ERR_SHAPE);
+  ck_assert_int_eq(ad_tensor_new(&h, (ad_dtype)9, 1, S(3)), AD_ERR_DTYPE);
   ck_assert_int_eq(ad_tensor_new(&h, AD_F32, 1, S(-2)), AD_ERR_SHAPE);
   ck_assert_int_eq(ad_tensor_from(&h, AD_F32, 1, S(2), NULL), AD_ERR_NULL);
   ck_assert_int_eq(ad_tape_new(NULL, NULL), AD_ERR_NULL);
@@ -381,6 +382,16 @@ START_TEST(test_print_and_dot) {
   ck_assert_ptr_nonnull(strstr(buf, "v0       = matmul(x, w; A B)  [2, 3] f32"));
   ck_assert_ptr_nonnull(strstr(buf, "= relu(v0)"));
   ck_assert_ptr_nonnull(strstr(buf, "= sum(v1)  [] f32"));
+  free(buf);
+  /* the line format ad.h shows: name padded to 8, attributes after "; " */
+  ad_tensor *w2 = ad_zeros(t, AD_F32, 2, S(3, 4));
+  ad_set_name(w2, "w2");
+  ad_requires_grad(w2, 1);
+  ck_assert_ptr_nonnull(ad_matmul(t, x, w2, 0, 1));
+  mem = open_memstream(&buf, &len);
+  ck_assert_int_eq(ad_tape_print(t, mem), AD_OK);
+  fclose(mem);
+  ck_assert_ptr_nonnull(strstr(buf, "\nv3       = matmul(x, w2; A B^T)  [2, 3] f32\n"));
   free(buf);
   mem = open_memstream(&buf, &len);
   ck_assert_int_eq(ad_tape_dot(t, mem), AD_OK);
