@@ -384,10 +384,12 @@ void ad_set_name(ad_tensor *x, const char *name);
  * name, from ad_set_name, is shown instead). Two runs of the same program
  * print the same bytes. */
 
-/* Wengert list: one line per node, "v2       = matmul(x, w; A B)  [2, 3] f32",
- * each leaf or constant defined on a line before its first use
+/* Wengert list: one line per node, the output padded to 8 columns, the op
+ * as the tape names it, inputs, attributes after "; " and the output's shape:
+ *     v12      = matmul(v3, w1; A B^T)  [128, 200] f32
+ * Each leaf or constant is defined on a line before its first use
  * ("c0       = const 0.1  [] f64"), and a "# step 1: recorded backward"
- * line where the label or the phase changes. */
+ * line comes where the label or the phase changes. */
 ad_status ad_tape_print(const ad_tape *t, FILE *f);
 
 /* Labels the nodes recorded since `from` that have no label yet, so a loop
