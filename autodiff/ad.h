@@ -427,9 +427,24 @@ ad_status ad_tape_dot(const ad_tape *t, FILE *f);
 /* ------------------------------------------------------------------ BLAS */
 
 /* Name of the BLIS kernel set the GEMM calls use ("skx", "zen3", "haswell",
- * "generic", ...) and why it was chosen. */
+ * "generic", ...). */
 const char *ad_blas_kernel(void);
+/* Why that kernel set, then the path chosen for each GEMM shape so far.
+ * The path of a shape (dtype, transposes, m, n, k, threads) is chosen by
+ * timing the candidates on its first use (a few ms at most, kept for the
+ * process): "direct" (our own loop, tiny products), "sup", "sup+packA",
+ * "sup+packB" (BLIS's small-matrix kernels), "packed" and "packed:SET"
+ * (BLIS's packed path, with a second kernel set); products too large to
+ * time cheaply take "blis" (BLIS's own rule). The text lives in a
+ * per-thread buffer, rewritten by the next call from that thread. */
 const char *ad_blas_reason(void);
+/* Forces one path for every GEMM ("direct", "sup", ..., "blis"; as
+ * HYPERTAPE_GEMM_PATH does), or back to measuring with "auto".
+ * AD_ERR_ARG (with ad_last_error()) for a name not in that list. */
+ad_status ad_blas_set_path(const char *path);
+/* The path a product of this shape takes (timed now if the shape is new;
+ * "none" for sizes below 1). */
+const char *ad_blas_path(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, ad_dtype dt);
 /* Threads used inside each GEMM (default 1, or HYPERTAPE_THREADS). */
 void ad_blas_set_threads(int n);
 int ad_blas_threads(void);

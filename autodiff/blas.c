@@ -13,11 +13,13 @@
  * build the right context ourselves from the CPU's features and hand it to
  * the expert interface (bli_?gemm_ex).
  *
- * Known defect we live with: 0.9.0's haswell sup f32 kernels (used by the
- * haswell, zen* and our skx contexts) read up to one float past the end of
- * A or B on some edge shapes (upstream issue #635, PR #824; the value is
- * never used). Under valgrind this shows as "Invalid read of size 4" in
- * bli_sgemmsup_r[dv]_haswell_asm_*; suppress it there.
+ * Known defect we work around: 0.9.0's haswell sup f32 kernels (used by
+ * the haswell, zen* and our skx contexts) read past the end of A or B on
+ * edge shapes (upstream issue #635, PR #824; the values are never used).
+ * Every case we have seen (valgrind over the test sweep; an ASan SEGV at a
+ * page end for 1x33x7 with B transposed) has m or n of 1 or 2, or k below
+ * the kernels' 8-float vector, so such products never go to the sup
+ * kernels (see sup_safe): they take the direct loop or the packed path.
  *
  * Row-major to BLIS: a row-major m x k matrix with row stride ld is the BLIS
  * matrix (rs = ld, cs = 1); its transpose is the same memory read with the
@@ -37,12 +39,14 @@
 #pragma GCC diagnostic pop
 
 #include "ad.h"
+#include "ad_internal.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* ------------------------------------------------------------ kernel sets */
 
@@ -267,6 +271,441 @@ static int try_request(const char *var, const char *val, char *why, size_t why_l
   return 1;
 }
 
+/* ------------------------------------------------------------ paths by measurement
+ *
+ * Which way of running a product is fastest depends on the CPU, the kernel
+ * set and the shape, and a table tuned on one CPU is wrong on the next (the
+ * MLP's 128x200x784 ran BLIS's AVX2 sup kernels at 117 GF/s on a Zen 5
+ * where the packed skx path did 164-187). So every shape class (dtype,
+ * transposes, m, n, k, threads) is timed once, on first use, on the
+ * caller's own A and B into a scratch C, and the fastest path is kept for
+ * the rest of the process:
+ *   direct     our own loop (below), no BLIS framework at all: for tiny
+ *              products, where BLIS's per-call set-up, thread control and
+ *              buffer checkout cost as much as the arithmetic;
+ *   sup        BLIS's small/unpacked kernels, whatever the thresholds say;
+ *   sup+packA, sup+packB   the same with one operand packed first (the
+ *              dot-product kernel sup picks for A row- and B column-stored
+ *              is slow when both m and n are large);
+ *   packed     BLIS's packed (Goto) path with the chosen kernel set;
+ *   packed:ALT the packed path with a second kernel set the CPU can run
+ *              (on AVX-512: the AVX2 set; on Zen: haswell), as the best
+ *              block sizes differ between CPUs of one ISA.
+ * Rounds alternate the candidates so a burst of load elsewhere hits all of
+ * them; each one's fastest round counts. Products too large to time
+ * cheaply (MEASURE_MAX) go to BLIS's own threshold rule ("blis"), which
+ * picks the packed path for them anyway. */
+
+typedef enum {
+  P_BLIS,
+  P_DIRECT,
+  P_SUP,
+  P_SUP_PA,
+  P_SUP_PB,
+  P_PACKED,
+  P_PACKED_ALT,
+  N_PATHS
+} gemm_path;
+static const char *const k_path_names[N_PATHS] = {"blis",      "direct", "sup",       "sup+packA",
+                                                  "sup+packB", "packed", "packed-alt"};
+
+static cntx_t g_cntx_sup; /* g_cntx with the sup thresholds out of reach */
+static cntx_t g_cntx_alt; /* a second kernel set for the packed path */
+static int g_have_alt;
+static int g_have_sup;           /* the kernel set has sup kernels and block sizes */
+static char g_alt_name[48];      /* "packed:haswell" */
+static atomic_int g_forced = -1; /* a gemm_path, or -1: measure */
+
+/* Products below this many multiply-adds run on one thread (see make_rntm). */
+#define SMALL_THREADED 262144.0
+/* The direct loop is a candidate up to this many multiply-adds (about
+ * 64^3; above it BLIS's framework cost is a small fraction of the call). */
+#define DIRECT_MAX 262144.0
+/* Products above this many multiply-adds are not timed (one call would
+ * take milliseconds); BLIS's own rule picks for them. */
+#define MEASURE_MAX 134217728.0
+/* Time spent measuring one shape class, at most (rounds stop there). */
+#define MEASURE_BUDGET_NS 3000000.0
+#define MEASURE_ROUNDS_MIN 3
+#define MEASURE_ROUNDS_MAX 40
+
+/* The ALT kernel set for the packed path, chosen by what the CPU can run
+ * (not by its model): only in automatic mode, as an explicit request names
+ * one kernel set. */
+static void setup_paths(int requested) {
+  g_cntx_sup = *g_cntx;
+  for (int t = 0; t < BLIS_NUM_THRESH; t++)
+    for (int d = 0; d < BLIS_NUM_FP_TYPES; d++) {
+      g_cntx_sup.l3_sup_thresh[t].v[d] = (dim_t)1 << 40;
+      g_cntx_sup.l3_sup_thresh[t].e[d] = (dim_t)1 << 40;
+    }
+  /* The generic set has no sup block sizes (BLIS then divides by zero if
+   * sup is forced), so sup is a candidate only where they are all set. */
+  g_have_sup = 1;
+  const bszid_t need[] = {BLIS_MR, BLIS_NR, BLIS_MC, BLIS_KC, BLIS_NC};
+  for (size_t i = 0; i < sizeof need / sizeof need[0]; i++)
+    if (g_cntx->l3_sup_blkszs[need[i]].v[BLIS_FLOAT] <= 0 ||
+        g_cntx->l3_sup_blkszs[need[i]].v[BLIS_DOUBLE] <= 0)
+      g_have_sup = 0;
+  g_have_alt = 0;
+  if (requested) return;
+  const char *alt = NULL;
+  if (strcmp(g_kernel, "skx") == 0)
+    alt = cpu_is_amd() ? "zen3" : "haswell";
+  else if (strncmp(g_kernel, "zen", 3) == 0)
+    alt = "haswell";
+  else if (strcmp(g_kernel, "haswell") == 0 && cpu_is_amd())
+    alt = "zen3";
+  const arch_entry *e = alt ? arch_by_name(alt) : NULL;
+  if (!e || !cpu_can_run(e)) return;
+  memset(&g_cntx_alt, 0, sizeof g_cntx_alt);
+  e->init(&g_cntx_alt);
+  g_have_alt = 1;
+  snprintf(g_alt_name, sizeof g_alt_name, "packed:%s", e->name);
+}
+
+static const char *path_name(int p) {
+  if (p == P_PACKED_ALT) return g_have_alt ? g_alt_name : "packed-alt";
+  return p >= 0 && p < N_PATHS ? k_path_names[p] : "?";
+}
+
+/* ---- the direct loop
+ *
+ * C = alpha op(A) op(B) + beta C for tiny products, in register tiles of
+ * MR rows x NR columns of C: per k step one NR-wide row segment of op(B)
+ * (NV vectors) and MR broadcasts of op(A). A column panel of op(B) is read
+ * in place when B is not transposed and the panel is whole; otherwise it is
+ * first copied, zero-padded, into a k x NR buffer (cheap next to the MR x k
+ * x NR multiply-adds each panel serves). A partial row tile repeats its
+ * last row (valid memory) and stores only the rows that exist. The order
+ * of additions is fixed (p ascending for every element), so repeated calls
+ * give the same bits. The body is written with GCC/Clang vector types and
+ * compiled twice: for AVX2+FMA (taken when the CPU has them, with a*b+c
+ * contracted to vfmadd) and for the baseline ISA. */
+#include <math.h>
+
+/* One column panel of C (columns j0 .. j0 + nr - 1, nr <= VL NV) over
+ * all m rows; `panel` holds op(B)'s columns of it with row stride lp. */
+#define AD_DIRECT_PANEL(NAME, T, VT, VTU, VL, NV, MR, ATTR)                                        \
+  ATTR static inline void NAME(int64_t m, int64_t nr, int64_t k, T alpha, const T *a, int64_t ars, \
+                               int64_t acs, const T *panel, int64_t lp, T beta, T *c,              \
+                               int64_t ldc) {                                                      \
+    for (int64_t i0 = 0; i0 < m; i0 += MR) {                                                       \
+      const int64_t mr = m - i0 < MR ? m - i0 : MR;                                                \
+      const T *ar[MR];                                                                             \
+      for (int r = 0; r < MR; r++) ar[r] = a + (i0 + (r < mr ? r : mr - 1)) * ars;                 \
+      VT acc[MR][NV];                                                                              \
+      for (int r = 0; r < MR; r++)                                                                 \
+        for (int v = 0; v < NV; v++) acc[r][v] = (VT){0};                                          \
+      for (int64_t p = 0; p < k; p++) {                                                            \
+        VT bv[NV];                                                                                 \
+        for (int v = 0; v < NV; v++) bv[v] = *(const VTU *)(panel + p * lp + v * VL);              \
+        for (int r = 0; r < MR; r++) {                                                             \
+          const T av = ar[r][p * acs];                                                             \
+          for (int v = 0; v < NV; v++) acc[r][v] = av * bv[v] + acc[r][v];                         \
+        }                                                                                          \
+      }                                                                                            \
+      for (int64_t r = 0; r < mr; r++) {                                                           \
+        T out[VL * NV];                                                                            \
+        for (int v = 0; v < NV; v++) *(VTU *)(out + v * VL) = acc[r][v];                           \
+        T *cr = c + (i0 + r) * ldc;                                                                \
+        if (beta == 0)                                                                             \
+          for (int64_t j = 0; j < nr; j++) cr[j] = alpha * out[j];                                 \
+        else                                                                                       \
+          for (int64_t j = 0; j < nr; j++) cr[j] = alpha * out[j] + beta * cr[j];                  \
+      }                                                                                            \
+    }                                                                                              \
+  }
+
+/* The whole product: panels of 2 VL columns, and a last one of VL when
+ * that is enough (n = 1 or 10 products then do not pay for a double-width
+ * tile of zeros). */
+#define AD_DIRECT_KERNEL(NAME, T, VT, VTU, VL, MR, ATTR)                                           \
+  AD_DIRECT_PANEL(NAME##_p1, T, VT, VTU, VL, 1, MR, ATTR)                                          \
+  AD_DIRECT_PANEL(NAME##_p2, T, VT, VTU, VL, 2, MR, ATTR)                                          \
+  ATTR static void NAME(int ta, int tb, int64_t m, int64_t n, int64_t k, T alpha, const T *a,      \
+                        int64_t lda, const T *b, int64_t ldb, T beta, T *c, int64_t ldc, T *bp) {  \
+    const int64_t ars = ta ? 1 : lda, acs = ta ? lda : 1; /* A(i, p) = a[i ars + p acs] */         \
+    for (int64_t j0 = 0; j0 < n;) {                                                                \
+      const int64_t left = n - j0, w = left > VL ? 2 * VL : VL, nr = left < w ? left : w;          \
+      const T *panel; /* op(B)[p, j0 + j] = panel[p lp + j] */                                     \
+      int64_t lp;                                                                                  \
+      if (!tb && nr == w) {                                                                        \
+        panel = b + j0;                                                                            \
+        lp = ldb;                                                                                  \
+      } else {                                                                                     \
+        for (int64_t p = 0; p < k; p++)                                                            \
+          for (int64_t j = 0; j < w; j++)                                                          \
+            bp[p * w + j] = j >= nr ? 0 : tb ? b[(j0 + j) * ldb + p] : b[p * ldb + j0 + j];        \
+        panel = bp;                                                                                \
+        lp = w;                                                                                    \
+      }                                                                                            \
+      if (w == VL)                                                                                 \
+        NAME##_p1(m, nr, k, alpha, a, ars, acs, panel, lp, beta, c + j0, ldc);                     \
+      else                                                                                         \
+        NAME##_p2(m, nr, k, alpha, a, ars, acs, panel, lp, beta, c + j0, ldc);                     \
+      j0 += nr;                                                                                    \
+    }                                                                                              \
+  }
+
+/* The vector types, and their unaligned, aliasing twins for loads and
+ * stores from float/double arrays. */
+#define AD_VEC(NAME, T, BYTES)                                                                     \
+  typedef T NAME __attribute__((vector_size(BYTES)));                                              \
+  typedef T NAME##u __attribute__((vector_size(BYTES), aligned(sizeof(T)), may_alias));
+AD_VEC(ad_v8f, float, 32)
+AD_VEC(ad_v4d, double, 32)
+AD_VEC(ad_v4f, float, 16)
+AD_VEC(ad_v2d, double, 16)
+/* Columns of a tile, the bound on the panel copy below. */
+#define DIRECT_NR_MAX 16
+
+#if AD_X86 && defined(__GNUC__)
+#define AD_AVX2_ATTR __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
+AD_DIRECT_KERNEL(direct_s_avx2, float, ad_v8f, ad_v8fu, 8, 4, AD_AVX2_ATTR)
+AD_DIRECT_KERNEL(direct_d_avx2, double, ad_v4d, ad_v4du, 4, 4, AD_AVX2_ATTR)
+#endif
+AD_DIRECT_KERNEL(direct_s_base, float, ad_v4f, ad_v4fu, 4, 4, )
+AD_DIRECT_KERNEL(direct_d_base, double, ad_v2d, ad_v2du, 2, 4, )
+
+typedef void (*direct_s_fn)(int, int, int64_t, int64_t, int64_t, float, const float *, int64_t,
+                            const float *, int64_t, float, float *, int64_t, float *);
+typedef void (*direct_d_fn)(int, int, int64_t, int64_t, int64_t, double, const double *, int64_t,
+                            const double *, int64_t, double, double *, int64_t, double *);
+static direct_s_fn g_direct_s = direct_s_base;
+static direct_d_fn g_direct_d = direct_d_base;
+
+/* Runs the direct loop with a scratch for one copied panel of op(B): on the
+ * stack when small, else malloc (returns 0 if that fails, so the caller
+ * can go through BLIS instead). */
+#define DIRECT_STACK 4096
+static int run_direct(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, const void *alpha,
+                      const void *a, int64_t lda, const void *b, int64_t ldb, const void *beta,
+                      void *c, int64_t ldc) {
+  double stack[DIRECT_STACK]; /* room for DIRECT_STACK doubles or 2x floats */
+  void *bp = stack;
+  size_t need = (size_t)k * DIRECT_NR_MAX; /* one zero-padded k x NR panel */
+  if (need > DIRECT_STACK) {
+    bp = malloc(need * (dt == AD_F64 ? sizeof(double) : sizeof(float)));
+    if (!bp) return 0;
+  }
+  if (dt == AD_F64)
+    g_direct_d(ta, tb, m, n, k, *(const double *)alpha, a, lda, b, ldb, *(const double *)beta, c,
+               ldc, bp);
+  else
+    g_direct_s(ta, tb, m, n, k, *(const float *)alpha, a, lda, b, ldb, *(const float *)beta, c, ldc,
+               bp);
+  if (bp != stack) free(bp);
+  return 1;
+}
+
+/* ---- one call on a given path */
+
+/* Runtime object for a BLIS call. "blis" is the rule used before paths were
+ * measured: BLIS's thresholds, B packed when A is row- and B column-stored
+ * and m, n >= 32 (on Zen 4, 128x200x10 ran 31.6 us unpacked vs 7.1 us with
+ * B packed). Below ~64^3 multiply-adds a second thread costs more in
+ * start-up and synchronisation than it saves (mnist_mlp's 32x784x200 steps
+ * ran 20x slower at 2 threads on a loaded 2-core machine). */
+static cntx_t *make_rntm(rntm_t *rn, int path, int trans_a, int trans_b, int64_t m, int64_t n,
+                         int64_t k) {
+  rntm_t init = BLIS_RNTM_INITIALIZER;
+  *rn = init;
+  int threads = (double)m * (double)n * (double)k < SMALL_THREADED ? 1 : atomic_load(&g_threads);
+  bli_rntm_set_num_threads(threads, rn);
+  switch (path) {
+  case P_SUP:
+    return &g_cntx_sup;
+  case P_SUP_PA:
+    bli_rntm_set_pack_a(TRUE, rn);
+    return &g_cntx_sup;
+  case P_SUP_PB:
+    bli_rntm_set_pack_b(TRUE, rn);
+    return &g_cntx_sup;
+  case P_PACKED:
+    bli_rntm_disable_l3_sup(rn);
+    return g_cntx;
+  case P_PACKED_ALT:
+    bli_rntm_disable_l3_sup(rn);
+    return g_have_alt ? &g_cntx_alt : g_cntx;
+  default:
+    if (!trans_a && trans_b && m >= 32 && n >= 32) bli_rntm_set_pack_b(TRUE, rn);
+    return g_cntx;
+  }
+}
+
+/* Whether BLIS's sup kernels may see this shape (see the top of the file:
+ * they read past A or B when m or n is 1 or 2 or k is below 8). */
+static int sup_safe(int64_t m, int64_t n, int64_t k) {
+  return m > 2 && n > 2 && k >= 8;
+}
+
+/* C = alpha op(A) op(B) + beta C on `path`; alpha and beta point at values
+ * of the dtype. BLIS takes non-const pointers but does not write A or B.
+ * A shape sup must not see goes to the direct loop when small, else to the
+ * packed path, whatever the path says. */
+static void run_path(int path, int dt, int ta, int tb, int64_t m, int64_t n, int64_t k,
+                     const void *alpha, const void *a, int64_t lda, const void *b, int64_t ldb,
+                     const void *beta, void *c, int64_t ldc) {
+  if ((path == P_BLIS || path == P_SUP || path == P_SUP_PA || path == P_SUP_PB) &&
+      !sup_safe(m, n, k))
+    path = (double)m * (double)n * (double)k <= DIRECT_MAX ? P_DIRECT : P_PACKED;
+  if (path == P_DIRECT && run_direct(dt, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc))
+    return;
+  rntm_t rn;
+  cntx_t *cx = make_rntm(&rn, path == P_DIRECT ? P_PACKED : path, ta, tb, m, n, k);
+  if (dt == AD_F64)
+    bli_dgemm_ex(BLIS_NO_TRANSPOSE, BLIS_NO_TRANSPOSE, m, n, k, (double *)alpha, (double *)a,
+                 ta ? 1 : lda, ta ? lda : 1, (double *)b, tb ? 1 : ldb, tb ? ldb : 1,
+                 (double *)beta, c, ldc, 1, cx, &rn);
+  else
+    bli_sgemm_ex(BLIS_NO_TRANSPOSE, BLIS_NO_TRANSPOSE, m, n, k, (float *)alpha, (float *)a,
+                 ta ? 1 : lda, ta ? lda : 1, (float *)b, tb ? 1 : ldb, tb ? ldb : 1, (float *)beta,
+                 c, ldc, 1, cx, &rn);
+}
+
+/* ---- the cache of measured choices */
+
+typedef struct {
+  int64_t m, n, k;
+  int8_t used, dt, ta, tb;
+  int16_t threads;
+  int8_t path;
+  float gflops[N_PATHS]; /* as measured; 0 = not a candidate */
+} shape_entry;
+
+#define CACHE_SLOTS 1024 /* a power of two */
+#define CACHE_FILL 768   /* beyond this many shapes, new ones use "blis" */
+static shape_entry g_cache[CACHE_SLOTS];
+static int g_cache_n;
+static int g_cache_order[CACHE_FILL]; /* slots in the order they were measured */
+static pthread_mutex_t g_cache_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* Wall clock, or with `cpu` the calling thread's CPU time: a one-thread
+ * product timed by CPU time does not count the time the thread spent
+ * descheduled, so a choice made on a busy machine is the one an idle
+ * machine would make. Products on several threads need the wall clock. */
+static double now_ns(int cpu) {
+  struct timespec ts;
+  clock_gettime(cpu ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
+/* Times the candidates for one shape on the caller's A and B (C goes to a
+ * scratch buffer, so nothing of the caller's is written). Fills e->path
+ * and e->gflops. */
+static void measure(shape_entry *e, const void *a, int64_t lda, const void *b, int64_t ldb) {
+  const double madds = (double)e->m * (double)e->n * (double)e->k;
+  e->path = P_BLIS;
+  if (madds > MEASURE_MAX) return;
+  size_t es = e->dt == AD_F64 ? sizeof(double) : sizeof(float);
+  void *c = malloc((size_t)e->m * (size_t)e->n * es);
+  if (!c) return;
+  int cand[N_PATHS], nc = 0;
+  if (madds <= DIRECT_MAX) cand[nc++] = P_DIRECT;
+  const int sup = g_have_sup && sup_safe(e->m, e->n, e->k);
+  if (sup) cand[nc++] = P_SUP;
+  /* Packing an operand only changes sup when there is more than one panel
+   * of it to reuse. */
+  if (sup && e->m > 16 && e->n > 16) {
+    cand[nc++] = P_SUP_PA;
+    cand[nc++] = P_SUP_PB;
+  }
+  cand[nc++] = P_PACKED;
+  if (g_have_alt) cand[nc++] = P_PACKED_ALT;
+  double best[N_PATHS];
+  for (int i = 0; i < N_PATHS; i++) best[i] = 1e300;
+  const double one_d = 1.0, zero_d = 0.0;
+  const float one_f = 1.0f, zero_f = 0.0f;
+  const void *one = e->dt == AD_F64 ? (const void *)&one_d : (const void *)&one_f;
+  const void *zero = e->dt == AD_F64 ? (const void *)&zero_d : (const void *)&zero_f;
+  /* One untimed call each first (first touch of buffers, BLIS's memory
+   * pools, instruction cache). */
+  const int cpu = e->threads == 1;
+  double t0 = now_ns(0);
+  for (int i = 0; i < nc; i++)
+    run_path(cand[i], e->dt, e->ta, e->tb, e->m, e->n, e->k, one, a, lda, b, ldb, zero, c, e->n);
+  /* Tiny products are timed in batches of `reps` calls (about 20 us of
+   * work), so the clock's own cost (a system call for the CPU clock) does
+   * not swamp the differences. */
+  double per_call = (now_ns(0) - t0) / nc;
+  int reps = per_call > 20000.0 ? 1 : per_call < 312.5 ? 64 : (int)(20000.0 / per_call);
+  double start = now_ns(0);
+  for (int round = 0; round < MEASURE_ROUNDS_MAX; round++) {
+    for (int i = 0; i < nc; i++) {
+      double ts = now_ns(cpu);
+      for (int r = 0; r < reps; r++)
+        run_path(cand[i], e->dt, e->ta, e->tb, e->m, e->n, e->k, one, a, lda, b, ldb, zero, c,
+                 e->n);
+      double dt = (now_ns(cpu) - ts) / reps;
+      if (dt < best[cand[i]]) best[cand[i]] = dt;
+    }
+    if (round + 1 >= MEASURE_ROUNDS_MIN && now_ns(0) - start > MEASURE_BUDGET_NS) break;
+  }
+  free(c);
+  int win = cand[0];
+  for (int i = 0; i < nc; i++) {
+    e->gflops[cand[i]] = (float)(2.0 * madds / (best[cand[i]] > 1 ? best[cand[i]] : 1));
+    if (best[cand[i]] < best[win]) win = cand[i];
+  }
+  e->path = (int8_t)win;
+}
+
+static unsigned shape_hash(int dt, int ta, int tb, int threads, int64_t m, int64_t n, int64_t k) {
+  uint64_t h = 1469598103934665603ULL;
+  const uint64_t v[7] = {(uint64_t)dt, (uint64_t)ta, (uint64_t)tb, (uint64_t)threads,
+                         (uint64_t)m,  (uint64_t)n,  (uint64_t)k};
+  for (int i = 0; i < 7; i++) h = (h ^ v[i]) * 1099511628211ULL;
+  return (unsigned)(h ^ (h >> 29));
+}
+
+/* The path for this call: forced, cached, or measured now. */
+static int choose_path(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, const void *a,
+                       int64_t lda, const void *b, int64_t ldb) {
+  int forced = atomic_load(&g_forced);
+  if (forced >= 0) return forced;
+  int threads = (double)m * (double)n * (double)k < SMALL_THREADED ? 1 : atomic_load(&g_threads);
+  ta = !!ta;
+  tb = !!tb;
+  pthread_mutex_lock(&g_cache_mu);
+  unsigned slot = shape_hash(dt, ta, tb, threads, m, n, k) & (CACHE_SLOTS - 1);
+  int path = P_BLIS;
+  for (;;) {
+    shape_entry *e = &g_cache[slot];
+    if (!e->used) {
+      if (g_cache_n >= CACHE_FILL) break; /* full: BLIS's rule */
+      *e = (shape_entry){.m = m,
+                         .n = n,
+                         .k = k,
+                         .used = 1,
+                         .dt = (int8_t)dt,
+                         .ta = (int8_t)ta,
+                         .tb = (int8_t)tb,
+                         .threads = (int16_t)threads};
+      measure(e, a, lda, b, ldb);
+      g_cache_order[g_cache_n++] = (int)slot;
+      path = e->path;
+      break;
+    }
+    if (e->m == m && e->n == n && e->k == k && e->dt == dt && e->ta == ta && e->tb == tb &&
+        e->threads == threads) {
+      path = e->path;
+      break;
+    }
+    slot = (slot + 1) & (CACHE_SLOTS - 1);
+  }
+  pthread_mutex_unlock(&g_cache_mu);
+  return path;
+}
+
+static int path_by_name(const char *s) {
+  for (int p = 0; p < N_PATHS; p++)
+    if (strcmp(s, k_path_names[p]) == 0 ||
+        (p == P_PACKED_ALT && g_have_alt && strcmp(s, g_alt_name) == 0))
+      return p;
+  return -1;
+}
+
 static void blas_init(void) {
   char why[256] = "";
   char req[64] = "", blis_req[64] = "";
@@ -296,16 +735,40 @@ static void blas_init(void) {
   for (char *p = blis_req; *p; p++)
     if (*p >= 'A' && *p <= 'Z') *p = (char)(*p - 'A' + 'a');
 
-  if (req[0] && strcmp(req, "auto") != 0) {
-    if (try_request("HYPERTAPE_BLIS_ARCH", req, why, sizeof why)) return;
-  } else if (blis_req[0]) {
-    if (try_request("BLIS_ARCH_TYPE", blis_req, why, sizeof why)) return;
+  int taken = 0;
+  if (req[0] && strcmp(req, "auto") != 0)
+    taken = try_request("HYPERTAPE_BLIS_ARCH", req, why, sizeof why);
+  else if (blis_req[0])
+    taken = try_request("BLIS_ARCH_TYPE", blis_req, why, sizeof why);
+  if (!taken) {
+    if (why[0]) {
+      size_t n = strlen(why);
+      snprintf(why + n, sizeof why - n, "auto: ");
+    }
+    choose_auto(why);
   }
-  if (why[0]) {
-    size_t n = strlen(why);
-    snprintf(why + n, sizeof why - n, "auto: ");
+  setup_paths(taken);
+#if AD_X86 && defined(__GNUC__)
+  if (cpu_has_avx2_fma()) {
+    g_direct_s = direct_s_avx2;
+    g_direct_d = direct_d_avx2;
   }
-  choose_auto(why);
+#endif
+  /* HYPERTAPE_GEMM_PATH=NAME forces one path for every GEMM (the same
+   * names as ad_blas_set_path); a value we do not know is reported in the
+   * reason and ignored. */
+  const char *gp = getenv("HYPERTAPE_GEMM_PATH");
+  if (gp && *gp && strcmp(gp, "auto") != 0) {
+    int p = path_by_name(gp);
+    if (p >= 0 && (p != P_PACKED_ALT || g_have_alt) &&
+        (g_have_sup || (p != P_SUP && p != P_SUP_PA && p != P_SUP_PB)))
+      atomic_store(&g_forced, p);
+    else {
+      size_t n = strlen(g_reason);
+      snprintf(g_reason + n, sizeof g_reason - n,
+               "; HYPERTAPE_GEMM_PATH=%.40s ignored (unknown or not available)", gp);
+    }
+  }
 }
 
 static void ensure_init(void) {
@@ -320,10 +783,45 @@ const char *ad_blas_kernel(void) {
   return g_kernel;
 }
 
-/* One sentence on why that kernel set was chosen. */
+/* The kernel set and why, then the path measured for each shape so far
+ * (in the order first used, with every candidate's GF/s). Built into a
+ * per-thread buffer, so the text stays put while the caller reads it even
+ * if another thread measures a new shape. */
 const char *ad_blas_reason(void) {
+  static _Thread_local char buf[8192];
   ensure_init();
-  return g_reason;
+  size_t len = 0, cap = sizeof buf;
+#define AD_PUT(...)                                                                                \
+  do {                                                                                             \
+    if (len < cap) {                                                                               \
+      int w_ = snprintf(buf + len, cap - len, __VA_ARGS__);                                        \
+      len = w_ < 0 ? cap : len + (size_t)w_;                                                       \
+    }                                                                                              \
+  } while (0)
+  AD_PUT("%s", g_reason);
+  int forced = atomic_load(&g_forced);
+  if (forced >= 0) {
+    AD_PUT("; every GEMM on path %s (forced)", path_name(forced));
+    return buf;
+  }
+  pthread_mutex_lock(&g_cache_mu);
+  AD_PUT("; GEMM path per shape, measured on first use (%d shape%s", g_cache_n,
+         g_cache_n == 1 ? "" : "s");
+  AD_PUT(g_cache_n ? "; GF/s of each candidate, * = chosen):" : ")");
+  for (int i = 0; i < g_cache_n; i++) {
+    const shape_entry *e = &g_cache[g_cache_order[i]];
+    AD_PUT("%s %s %ldx%ldx%ld %c%c t%d:", i ? ";" : "", e->dt == AD_F64 ? "f64" : "f32", (long)e->m,
+           (long)e->n, (long)e->k, e->ta ? 'T' : 'N', e->tb ? 'T' : 'N', e->threads);
+    if (e->gflops[e->path] == 0.0f) AD_PUT(" %s (not timed: large)", path_name(e->path));
+    for (int p = 0; p < N_PATHS; p++)
+      if (e->gflops[p] > 0.0f)
+        AD_PUT(" %s%s %.1f", p == e->path ? "*" : "", path_name(p), (double)e->gflops[p]);
+  }
+  if (g_cache_n) AD_PUT(")");
+  pthread_mutex_unlock(&g_cache_mu);
+#undef AD_PUT
+  if (len >= cap) memcpy(buf + cap - 4, "...", 4);
+  return buf;
 }
 
 /* Threads inside each GEMM; values below 1 mean 1, above 256 mean 256. */
@@ -338,24 +836,64 @@ int ad_blas_threads(void) {
   return atomic_load(&g_threads);
 }
 
-/* Products below this many multiply-adds run on one thread (see make_rntm). */
-#define SMALL_THREADED 262144.0
+/* "auto" measures (the default); a path name forces that path for every
+ * GEMM from now on. */
+ad_status ad_blas_set_path(const char *path) {
+  ensure_init();
+  if (!path) {
+    return ad__set_last(AD_ERR_NULL, "ad_blas_set_path: path is NULL");
+  }
+  if (strcmp(path, "auto") == 0) {
+    atomic_store(&g_forced, -1);
+    return AD_OK;
+  }
+  int p = path_by_name(path);
+  if (p >= 0 && !g_have_sup && (p == P_SUP || p == P_SUP_PA || p == P_SUP_PB))
+    return ad__set_last(AD_ERR_ARG, "ad_blas_set_path: kernel set %s has no sup kernels for '%s'",
+                        g_kernel, path);
+  if (p < 0 || (p == P_PACKED_ALT && !g_have_alt)) {
+    return ad__set_last(
+        AD_ERR_ARG,
+        "ad_blas_set_path: '%s' is not auto, blis, direct, sup, sup+packA, sup+packB, "
+        "packed%s%s",
+        path, g_have_alt ? " or " : "", g_have_alt ? g_alt_name : "");
+  }
+  atomic_store(&g_forced, p);
+  return AD_OK;
+}
 
-/* Runtime object for one call. BLIS's small/unpacked ("sup") path picks a
- * dot-product kernel when A is row-stored and B column-stored (row-major
- * C = A B^T), which is 2-5x slower than packing B first when n is not tiny
- * (Zen 4, 1 thread: 128x200x10 31.6 us unpacked, 7.1 us with B packed;
- * 784x200x10 188 us vs 37 us). With n or m tiny the unpacked kernel wins
- * (128x10x784: 22 us vs 47 us), hence the size guard. */
-static void make_rntm(rntm_t *rn, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k) {
-  rntm_t init = BLIS_RNTM_INITIALIZER;
-  *rn = init;
-  /* Below ~64^3 multiply-adds a second thread costs more in start-up and
-   * synchronisation than it saves (mnist_mlp's 32x784x200 steps ran 20x
-   * slower at 2 threads on a loaded 2-core machine). */
+/* The path a product of this shape takes (measuring it now if it is new;
+ * A and B are then scratch arrays of the right size). */
+const char *ad_blas_path(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, ad_dtype dt) {
+  ensure_init();
+  if (m <= 0 || n <= 0 || k <= 0 || (dt != AD_F32 && dt != AD_F64)) return "none";
+  int forced = atomic_load(&g_forced);
+  if (forced >= 0) return path_name(forced);
   int threads = (double)m * (double)n * (double)k < SMALL_THREADED ? 1 : atomic_load(&g_threads);
-  bli_rntm_set_num_threads(threads, rn);
-  if (!trans_a && trans_b && m >= 32 && n >= 32) bli_rntm_set_pack_b(TRUE, rn);
+  /* Already measured? (No scratch needed then.) */
+  int found = -1;
+  pthread_mutex_lock(&g_cache_mu);
+  for (unsigned slot = shape_hash(dt, !!trans_a, !!trans_b, threads, m, n, k) & (CACHE_SLOTS - 1);
+       g_cache[slot].used; slot = (slot + 1) & (CACHE_SLOTS - 1)) {
+    const shape_entry *e = &g_cache[slot];
+    if (e->m == m && e->n == n && e->k == k && e->dt == (int8_t)dt && e->ta == !!trans_a &&
+        e->tb == !!trans_b && e->threads == threads) {
+      found = e->path;
+      break;
+    }
+  }
+  int full = g_cache_n >= CACHE_FILL;
+  pthread_mutex_unlock(&g_cache_mu);
+  if (found >= 0) return path_name(found);
+  if (full) return path_name(P_BLIS);
+  size_t es = dt == AD_F64 ? sizeof(double) : sizeof(float);
+  void *a = calloc((size_t)m * (size_t)k, es), *b = calloc((size_t)k * (size_t)n, es);
+  int p = P_BLIS;
+  if (a && b)
+    p = choose_path(dt, trans_a, trans_b, m, n, k, a, trans_a ? m : k, b, trans_b ? k : n);
+  free(a);
+  free(b);
+  return path_name(p);
 }
 
 /* Checks what BLIS would otherwise abort on; returns 1 when the call has
@@ -382,12 +920,8 @@ void ad_gemm_f32(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, floa
       for (int64_t j = 0; j < n; j++) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
     return;
   }
-  rntm_t rn;
-  make_rntm(&rn, trans_a, trans_b, m, n, k);
-  /* BLIS takes non-const pointers but does not write A or B. */
-  bli_sgemm_ex(BLIS_NO_TRANSPOSE, BLIS_NO_TRANSPOSE, m, n, k, &alpha, (float *)a, trans_a ? 1 : lda,
-               trans_a ? lda : 1, (float *)b, trans_b ? 1 : ldb, trans_b ? ldb : 1, &beta, c, ldc,
-               1, g_cntx, &rn);
+  int path = choose_path(AD_F32, trans_a, trans_b, m, n, k, a, lda, b, ldb);
+  run_path(path, AD_F32, !!trans_a, !!trans_b, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc);
 }
 
 void ad_gemm_f64(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, double alpha,
@@ -400,9 +934,6 @@ void ad_gemm_f64(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, doub
       for (int64_t j = 0; j < n; j++) c[i * ldc + j] = beta == 0.0 ? 0.0 : beta * c[i * ldc + j];
     return;
   }
-  rntm_t rn;
-  make_rntm(&rn, trans_a, trans_b, m, n, k);
-  bli_dgemm_ex(BLIS_NO_TRANSPOSE, BLIS_NO_TRANSPOSE, m, n, k, &alpha, (double *)a,
-               trans_a ? 1 : lda, trans_a ? lda : 1, (double *)b, trans_b ? 1 : ldb,
-               trans_b ? ldb : 1, &beta, c, ldc, 1, g_cntx, &rn);
+  int path = choose_path(AD_F64, trans_a, trans_b, m, n, k, a, lda, b, ldb);
+  run_path(path, AD_F64, !!trans_a, !!trans_b, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc);
 }

@@ -6,7 +6,11 @@
  * any autodiff on this BLAS could do). Iterations of the two alternate, so
  * both medians see the same machine conditions (frequency, neighbours).
  *
- * Usage of a bench program:  bench_X [--threads N] [--iters N] [--warmup N]
+ * Usage of a bench program:  bench_X [--threads N] [--iters N] [--warmup N] [--clock wall|cpu]
+ * --clock cpu times by the process's CPU time instead of the wall clock: on
+ * a machine shared with other work, a one-thread run then does not count
+ * the time it spent descheduled (with more threads it would add the
+ * threads' times up, so bench/run.py uses it at one thread only).
  * stdout: one JSON line; stderr: a "#" header naming the kernel set.
  *
  * Include it first, after defining _POSIX_C_SOURCE 200809L (clock_gettime). */
@@ -26,10 +30,13 @@ typedef struct {
   int warmup;  /* untimed iterations first (arena growth, caches, clocks) */
 } bu_opts;
 
-/* Monotonic wall clock in milliseconds. */
+/* The clock every timing reads (--clock). */
+static clockid_t bu_clock = CLOCK_MONOTONIC;
+
+/* bu_clock in milliseconds. */
 static inline double bu_now_ms(void) {
   struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
+  clock_gettime(bu_clock, &ts);
   return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
 }
 
@@ -45,7 +52,7 @@ static inline double bu_median(double *x, int n) {
   return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
 }
 
-/* Parses --threads/--iters/--warmup (defaults 1/200/20). Returns 0 when
+/* Parses --threads/--iters/--warmup/--clock (defaults 1/200/20/wall). Returns 0 when
  * the program should go on, 1 for --help, -1 on a bad argument. */
 static inline int bu_parse(int argc, char **argv, bu_opts *o) {
   o->threads = 1;
@@ -59,8 +66,16 @@ static inline int bu_parse(int argc, char **argv, bu_opts *o) {
       dst = &o->iters;
     else if (strcmp(argv[i], "--warmup") == 0)
       dst = &o->warmup;
-    else if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-      printf("usage: %s [--threads N] [--iters N] [--warmup N]\n", argv[0]);
+    else if (strcmp(argv[i], "--clock") == 0 && i + 1 < argc) {
+      const char *v = argv[++i];
+      if (strcmp(v, "wall") != 0 && strcmp(v, "cpu") != 0) {
+        fprintf(stderr, "%s: --clock wants wall or cpu, not '%s'\n", argv[0], v);
+        return -1;
+      }
+      bu_clock = strcmp(v, "cpu") == 0 ? CLOCK_PROCESS_CPUTIME_ID : CLOCK_MONOTONIC;
+      continue;
+    } else if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+      printf("usage: %s [--threads N] [--iters N] [--warmup N] [--clock wall|cpu]\n", argv[0]);
       return 1;
     }
     if (!dst || i + 1 >= argc) {

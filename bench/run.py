@@ -16,11 +16,20 @@ runs that are slow, not as single slow iterations).
 
 What it does to keep the comparison fair:
 - builds the benches in Release in their own build directory (--build-dir);
-- installs libopenblas0-pthread if missing (apt-get, root only) and checks
-  that torch really runs OpenBLAS (the library mapped into the process,
-  OpenBLAS's core name, update-alternatives for libblas.so.3);
+- installs python3-torch, libopenblas0-pthread and libjemalloc2 if missing
+  (apt-get, root only) and stops with an error (exit 3/4) when torch or
+  functorch cannot be imported, a workload has no twin or a twin fails:
+  never a table with silent n/a columns;
+- checks that torch really runs OpenBLAS (the library mapped into the
+  process, OpenBLAS's core name, update-alternatives for libblas.so.3);
 - runs the twin with /usr/bin/python3 and, for its command alone, unsets
   OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, so OpenBLAS picks its own kernels;
+- runs the twin with three allocators (glibc's default, glibc tuned with
+  MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, jemalloc by LD_PRELOAD)
+  and, where the twin has several ways to be written (MAML: per-task loop,
+  functorch.vmap(grad), hand-batched bmm), each of them; every workload
+  keeps the fastest, and says which (torch_config, torch_alloc,
+  torch_variant);
 - pins threads on both sides: HYPERTAPE_THREADS / --threads for ours;
   OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS and
   torch.set_num_threads for the twin;
@@ -29,11 +38,17 @@ What it does to keep the comparison fair:
   5.7 ms instead of 0.83 ms). So the twin is run in two configurations and
   the faster one is kept per run: (a) torch.set_num_threads(N),
   OMP_NUM_THREADS=N, OMP_WAIT_POLICY=passive; (b) torch.set_num_threads(1),
-  OMP_NUM_THREADS=1, OpenBLAS at N threads. (b) mirrors ours: elementwise
-  work on one thread (at these sizes torch would not split it anyway), N
-  threads inside each GEMM. Ours keeps OpenMP's default (active) wait
-  policy, which is faster for BLIS's own threads. The JSON field
-  torch_config says which configuration won.
+  OMP_NUM_THREADS=1, OpenBLAS at N threads;
+- --clock auto (default) times both sides by process CPU time at 1 thread
+  (a run on a machine shared with other work then does not count the time
+  it was descheduled) and by the wall clock at more threads;
+- floor_ms (our GEMMs alone), torch_floor_ms (the same GEMMs through
+  OpenBLAS via torch.mm) and best_floor_ms = the lower of the two: the
+  physical limit on this machine, and ours_over_best_floor against it.
+
+    /usr/bin/python3 bench/run.py --gemm [--json]   # GF/s per GEMM shape the
+        # benches use: ours (bench/gemm_rates, with the path ad_blas chose)
+        # and OpenBLAS's via torch.mm, at each --threads
 
 Adding a workload: bench/bench_NAME.c (prints the JSON line, see
 bench_util.h) and a function in torch_twins.py registered as NAME. A
@@ -66,23 +81,42 @@ def sh(cmd, env=None, check=True):
     return r
 
 
-def ensure_openblas(allow_install):
-    """libopenblas0-pthread is what Debian's torch should run; install it if
-    it is missing (only as root, only that package)."""
-    r = sh(["dpkg-query", "-W", "-f=${Status}", "libopenblas0-pthread"], check=False)
-    if r.returncode == 0 and "install ok installed" in r.stdout:
-        return "installed"
-    if not allow_install:
-        return "missing (--no-install)"
-    if os.geteuid() != 0:
-        return "missing (not root: apt-get install libopenblas0-pthread)"
-    log("# installing libopenblas0-pthread")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    r = sh(["apt-get", "install", "-y", "libopenblas0-pthread"], env=env, check=False)
-    if r.returncode != 0:  # stale package lists on a fresh machine
-        sh(["apt-get", "update"], env=env, check=False)
-        r = sh(["apt-get", "install", "-y", "libopenblas0-pthread"], env=env, check=False)
-    return "installed now" if r.returncode == 0 else "install failed: " + r.stderr.strip()[-200:]
+PACKAGES = ("python3-torch", "libopenblas0-pthread", "libjemalloc2")
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+def ensure_packages(allow_install):
+    """The twin's packages: Debian's torch, the OpenBLAS it should run, and
+    jemalloc for the allocator variant. Installs what is missing (apt-get,
+    as root); returns {package: state}."""
+    def installed(p):
+        r = sh(["dpkg-query", "-W", "-f=${Status}", p], check=False)
+        return r.returncode == 0 and "install ok installed" in r.stdout
+
+    missing = [p for p in PACKAGES if not installed(p)]
+    state = {p: "installed" for p in PACKAGES if p not in missing}
+    if missing and allow_install and os.geteuid() == 0:
+        log("# installing %s" % " ".join(missing))
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        r = sh(["apt-get", "install", "-y"] + missing, env=env, check=False)
+        if r.returncode != 0:  # stale package lists on a fresh machine
+            sh(["apt-get", "update"], env=env, check=False)
+            sh(["apt-get", "install", "-y"] + missing, env=env, check=False)
+    for p in missing:
+        state[p] = "installed now" if installed(p) else "MISSING"
+    return state
+
+
+# The allocators the twin is tried with; each workload keeps the fastest.
+# glibc-tuned: no mmap/munmap per large tensor and no trimming of the heap
+# top (the settings PyTorch's CPU performance guides give); jemalloc by
+# LD_PRELOAD.
+ALLOCATORS = (
+    ("default", {}),
+    ("glibc-tuned", {"MALLOC_MMAP_THRESHOLD_": "33554432",
+                     "MALLOC_TRIM_THRESHOLD_": "17179869184"}),
+    ("jemalloc", {"LD_PRELOAD": JEMALLOC}),
+)
 
 
 def blas_alternative():
@@ -161,6 +195,79 @@ def last_json(text):
     raise ValueError("no JSON line in output:\n" + text)
 
 
+def clock(args, threads):
+    if args.clock == "auto":
+        return "cpu" if threads == 1 else "wall"
+    return args.clock
+
+
+def bench_shapes():
+    """Every GEMM shape (m, n, k, ta, tb) the benches' floors use, from the
+    twins' lists (which mirror the C floors), first-use order."""
+    sys.path.insert(0, HERE)
+    import torch_twins  # noqa: F401  (registers the twins)
+    import twins_implicit
+    import twins_unroll
+
+    lists = [torch_twins.MLP_HVP_GEMMS, twins_implicit.IMPLICIT_GEMMS,
+             twins_unroll.unroll_gemms(2), torch_twins.CNN_GEMMS, twins_implicit._maml_gemms(1)]
+    out = []
+    for lst in lists:
+        for s in lst:
+            if tuple(s) not in out:
+                out.append(tuple(s))
+    return out
+
+
+def gemm_table(args, bindir, threads_list, blas):
+    """--gemm: per shape and thread count our GF/s (bench/gemm_rates, with
+    the path ad_blas chose) and OpenBLAS's through torch.mm (Python's call
+    overhead, about 2-4 us, makes the tiny shapes read low for OpenBLAS);
+    each side run --repeat times alternately, the fastest kept."""
+    shapes = bench_shapes()
+    spec = ["%d,%d,%d,%d,%d" % s for s in shapes]
+    rows = []
+    for threads in threads_list:
+        ours, theirs = {}, {}
+        for _ in range(max(1, args.repeat)):
+            r = sh([os.path.join(bindir, "gemm_rates"), "--threads", str(threads),
+                    "--clock", clock(args, threads)] + spec, env=ours_env(threads))
+            for line in r.stdout.splitlines():
+                j = json.loads(line)
+                key = (j["m"], j["n"], j["k"], j["ta"], j["tb"])
+                if key not in ours or j["gflops"] > ours[key]["gflops"]:
+                    ours[key] = j
+            env = twin_configs(1)[0][2]
+            env.update(OPENBLAS_NUM_THREADS=str(threads))
+            t = sh([PY, TWINS, "--gemm"] + spec + ["--threads", str(threads),
+                                                   "--clock", clock(args, threads)], env=env)
+            for line in t.stdout.splitlines():
+                j = json.loads(line)
+                key = (j["m"], j["n"], j["k"], j["ta"], j["tb"])
+                if key not in theirs or j["gflops"] > theirs[key]["gflops"]:
+                    theirs[key] = j
+        for key in shapes:
+            o, t = ours[key], theirs[key]
+            row = {"m": key[0], "n": key[1], "k": key[2], "ta": key[3], "tb": key[4],
+                   "threads": threads, "ours_gflops": o["gflops"], "ours_path": o["path"],
+                   "openblas_gflops": t["gflops"],
+                   "ours_over_openblas": round(o["gflops"] / t["gflops"], 3),
+                   "kernel": o["kernel"], "clock": clock(args, threads)}
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+    if not args.json:
+        print("GEMM GF/s  cpu: %s  ours: BLIS %s  theirs: %s via torch.mm" % (
+            cpu_model(), rows[0]["kernel"] if rows else "?", blas.get("summary")))
+        print("%-16s %3s %9s %-16s %9s %7s" % ("m x n x k  tAtB", "thr", "ours", "path",
+                                                "OpenBLAS", "ratio"))
+        for r in rows:
+            print("%-16s %3d %9.1f %-16s %9.1f %7.2f" % (
+                "%dx%dx%d %d%d" % (r["m"], r["n"], r["k"], r["ta"], r["tb"]), r["threads"],
+                r["ours_gflops"], r["ours_path"], r["openblas_gflops"], r["ours_over_openblas"]))
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description="hypertape vs PyTorch benchmarks")
     ap.add_argument("--json", action="store_true", help="JSON lines on stdout instead of a table")
@@ -173,6 +280,11 @@ def main():
     ap.add_argument("--build-dir", default=os.path.join(ROOT, "build-bench"))
     ap.add_argument("--no-build", action="store_true", help="use the binaries already built")
     ap.add_argument("--no-install", action="store_true", help="never apt-get install")
+    ap.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
+                    help="what both sides time by: cpu = process CPU time (not counting "
+                    "time descheduled on a shared machine); auto = cpu at 1 thread, wall above")
+    ap.add_argument("--gemm", action="store_true",
+                    help="GF/s per GEMM shape the benches use, ours and OpenBLAS's (via torch)")
     args = ap.parse_args()
     threads_list = [int(t) for t in args.threads.split(",") if t.strip()]
 
@@ -185,22 +297,36 @@ def main():
             log("unknown workload(s): %s; known: %s" % (", ".join(unknown), ", ".join(names)))
             return 2
         names = want
-    twins = sh([PY, TWINS, "--list"], check=False).stdout.split()
-
     if not args.no_build:
-        build(args.build_dir, ["bench_" + n for n in names])
+        build(args.build_dir, ["bench_" + n for n in names] + ["gemm_rates"])
     bindir = os.path.join(args.build_dir, "bench")
     missing = [n for n in names if not os.access(os.path.join(bindir, "bench_" + n), os.X_OK)]
     if missing:
         log("# no binary for %s in %s; skipped" % (", ".join(missing), bindir))
         names = [n for n in names if n not in missing]
 
-    openblas = ensure_openblas(not args.no_install)
-    torch_ok = sh([PY, "-c", "import torch"], check=False).returncode == 0
-    blas = {}
-    if torch_ok:
-        r = sh([PY, TWINS, "--blas-info"], env=twin_configs(1)[0][2], check=False)
-        blas = last_json(r.stdout) if r.returncode == 0 else {"summary": "? " + r.stderr[-200:]}
+    pkgs = ensure_packages(not args.no_install)
+    r = sh([PY, "-c", "import torch, functorch"], check=False)
+    if r.returncode != 0:
+        log("FATAL: %s cannot import torch/functorch (packages: %s):\n%s"
+            % (PY, pkgs, r.stderr[-1000:]))
+        return 3
+    if not os.path.exists(JEMALLOC):
+        log("FATAL: %s missing (libjemalloc2: %s)" % (JEMALLOC, pkgs.get("libjemalloc2")))
+        return 3
+    twins = sh([PY, TWINS, "--list"]).stdout.split()
+    no_twin = [n for n in names if n not in twins]
+    if no_twin:
+        log("FATAL: no twin for %s in %s" % (", ".join(no_twin), TWINS))
+        return 3
+    r = sh([PY, TWINS, "--blas-info"], env=twin_configs(1)[0][2], check=False)
+    if r.returncode != 0:
+        log("FATAL: torch --blas-info failed:\n" + r.stderr[-1000:])
+        return 3
+    blas = last_json(r.stdout)
+    if args.gemm:
+        return gemm_table(args, bindir, threads_list, blas)
+    variants = {n: sh([PY, TWINS, "--variants", n]).stdout.split() for n in names}
 
     rows, kernel_line, failed = [], None, []
     for threads in threads_list:
@@ -211,22 +337,28 @@ def main():
             # repeats is the one least disturbed, taken alike on both sides.
             for _ in range(max(1, args.repeat)):
                 r = sh([os.path.join(bindir, "bench_" + name), "--threads", str(threads),
-                        "--iters", str(args.iters), "--warmup", str(args.warmup)],
+                        "--iters", str(args.iters), "--warmup", str(args.warmup),
+                        "--clock", clock(args, threads)],
                        env=ours_env(threads), check=False)
                 if r.returncode != 0:
                     log("# bench_%s failed (%d); its row is left out:\n%s"
                         % (name, r.returncode, r.stderr[-2000:]))
                     break
                 ours_runs.append(last_json(r.stdout))
-                for label, intraop, env in (twin_configs(threads) if torch_ok and name in twins
-                                            else []):
-                    t = sh([PY, TWINS, "--workload", name, "--threads", str(threads),
-                            "--intraop", str(intraop), "--iters", str(args.iters),
-                            "--warmup", str(args.warmup)], env=env, check=False)
-                    if t.returncode == 0:
-                        torch_runs.append(dict(last_json(t.stdout), config=label))
-                    else:
-                        log("twin %s (%s) failed:\n%s" % (name, label, t.stderr[-2000:]))
+                for label, intraop, env0 in twin_configs(threads):
+                    for alloc, extra in ALLOCATORS:
+                        for variant in variants[name]:
+                            env = dict(env0, **extra)
+                            t = sh([PY, TWINS, "--workload", name, "--threads", str(threads),
+                                    "--intraop", str(intraop), "--iters", str(args.iters),
+                                    "--warmup", str(args.warmup), "--variant", variant,
+                                    "--clock", clock(args, threads)], env=env, check=False)
+                            if t.returncode != 0:
+                                log("FATAL: twin %s (%s, %s, %s) failed:\n%s"
+                                    % (name, label, alloc, variant, t.stderr[-2000:]))
+                                return 4
+                            torch_runs.append(dict(last_json(t.stdout), config=label,
+                                                   alloc=alloc))
             if not ours_runs:
                 failed.append(name)
                 continue
@@ -236,7 +368,8 @@ def main():
                 kernel_line = "%s (%s)" % (ours.get("kernel"), ours.get("kernel_reason"))
             row = {"workload": name, "threads": threads, "ours_ms": ours["ours_ms"],
                    "torch_ms": None, "ratio": None, "floor_ms": floor_ms,
-                   "torch_floor_ms": None, "ours_over_floor": round(ours["ours_ms"] / floor_ms, 3),
+                   "torch_floor_ms": None, "best_floor_ms": None,
+                   "ours_over_floor": round(ours["ours_ms"] / floor_ms, 3),
                    "kernel": ours.get("kernel"), "torch_blas": blas.get("summary"),
                    "iters": args.iters, "repeat": len(ours_runs)}
             if torch_runs:
@@ -245,6 +378,15 @@ def main():
                 row["torch_floor_ms"] = min(j["torch_floor_ms"] for j in torch_runs)
                 row["ratio"] = round(row["ours_ms"] / row["torch_ms"], 3)
                 row["torch_config"] = best["config"]
+                row["torch_alloc"] = best["alloc"]
+                row["torch_variant"] = best.get("variant", "default")
+                # Every variant's best, so the table can show what lost.
+                row["torch_by_variant"] = {
+                    v: min(j["torch_ms"] for j in torch_runs if j.get("variant") == v)
+                    for v in variants[name]}
+                row["best_floor_ms"] = min(floor_ms, row["torch_floor_ms"])
+                row["ours_over_best_floor"] = round(row["ours_ms"] / row["best_floor_ms"], 3)
+            row["clock"] = clock(args, threads)
             rows.append(row)
             if args.json:
                 print(json.dumps(row), flush=True)
@@ -253,16 +395,21 @@ def main():
         return 1 if failed else 0
     print("hypertape bench  cpu: %s  (%d cores online)" % (cpu_model(), os.cpu_count() or 0))
     print("ours : BLIS %s" % (kernel_line or "?"))
-    print("torch: %s; libopenblas0-pthread %s; libblas.so.3 -> %s" % (
-        blas.get("summary", "torch not importable with " + PY), openblas, blas_alternative()))
+    print("torch %s: %s; packages %s; libblas.so.3 -> %s" % (
+        blas.get("torch", "?"), blas.get("summary", "?"),
+        ", ".join("%s %s" % kv for kv in pkgs.items()), blas_alternative()))
     print("       torch libs: %s" % (", ".join(blas.get("libs", [])) or "-"))
     print("       at >1 thread the faster of: intraop N + OMP_WAIT_POLICY=passive, "
           "intraop 1 + OpenBLAS N")
     print("per program run: median of %d iterations after %d warmup; lowest of %d runs; "
           "ratio = ours/torch" % (args.iters, args.warmup, max(1, args.repeat)))
-    hdr = "%-12s %3s %10s %10s %8s %10s %10s %7s  %s" % (
-        "workload", "thr", "ours_ms", "floor_ms", "ours/fl", "torch_ms", "t_floor", "ratio",
-        "torch config")
+    print("clock: %s" % ("process CPU time at 1 thread, wall at more" if args.clock == "auto"
+                         else args.clock))
+    print("twin: fastest of allocators %s and, for MAML, variants loop / vmap / batched"
+          % "/".join(a for a, _ in ALLOCATORS))
+    hdr = "%-17s %3s %9s %9s %9s %9s %8s %9s %7s  %s" % (
+        "workload", "thr", "ours_ms", "floor_ms", "t_floor", "best_fl", "ours/bf", "torch_ms",
+        "ratio", "twin (config, allocator, variant)")
     print(hdr)
     print("-" * len(hdr))
 
@@ -270,11 +417,11 @@ def main():
         return fmt % v if v is not None else "%10s" % "n/a"
 
     for r in rows:
-        print("%-12s %3d %s %s %8.3f %s %s %s  %s" % (
-            r["workload"], r["threads"], f(r["ours_ms"]), f(r["floor_ms"]), r["ours_over_floor"],
-            f(r["torch_ms"]), f(r["torch_floor_ms"]),
-            ("%7.3f" % r["ratio"]) if r["ratio"] is not None else "    n/a",
-            r.get("torch_config", "")))
+        print("%-17s %3d %s %s %s %s %8.3f %s %7.3f  %s, %s, %s" % (
+            r["workload"], r["threads"], f(r["ours_ms"], "%9.3f"), f(r["floor_ms"], "%9.3f"),
+            f(r["torch_floor_ms"], "%9.3f"), f(r["best_floor_ms"], "%9.3f"),
+            r["ours_over_best_floor"], f(r["torch_ms"], "%9.3f"), r["ratio"],
+            r.get("torch_config", ""), r.get("torch_alloc", ""), r.get("torch_variant", "")))
     if failed:
         print("failed: %s (see stderr)" % ", ".join(sorted(set(failed))))
     return 1 if failed else 0

@@ -6,6 +6,8 @@ per-iteration wall clock, median).
     /usr/bin/python3 bench/torch_twins.py --workload grad_mlp --threads 1 --iters 200
     /usr/bin/python3 bench/torch_twins.py --list
     /usr/bin/python3 bench/torch_twins.py --blas-info
+    /usr/bin/python3 bench/torch_twins.py --variants maml_sinusoid
+    /usr/bin/python3 bench/torch_twins.py --gemm 128,200,784,0,0 --threads 1
 
 Prints one JSON line: {"workload", "threads", "iters", "torch_ms",
 "torch_floor_ms", "torch_blas"}. torch_floor_ms is the same GEMMs as the C
@@ -213,7 +215,7 @@ def time_pair(step, floor, iters, warmup):
         step()
         floor()
     a, b = [], []
-    clock = time.perf_counter_ns
+    clock = CLOCK
     for _ in range(iters):
         t0 = clock()
         step()
@@ -223,6 +225,37 @@ def time_pair(step, floor, iters, warmup):
         a.append((t1 - t0) * 1e-6)
         b.append((t2 - t1) * 1e-6)
     return statistics.median(a), statistics.median(b)
+
+
+# The clock time_pair reads (--clock).
+CLOCK = time.perf_counter_ns
+
+
+def gemm_rates(torch, shapes, threads):
+    """GF/s of torch.mm(out=) per shape, the fastest of 8 batches (as
+    bench/gemm_rates.c does for ours): JSON lines."""
+    from twins_mlp import mm_buffers
+
+    for spec in shapes:
+        m, n, k, ta, tb = (int(v) for v in spec.split(","))
+        (a, b, c), = mm_buffers(torch, [(m, n, k, ta, tb)])
+        mm = torch.mm
+        mm(a, b, out=c)
+        t0, reps = CLOCK(), 0
+        while CLOCK() - t0 < 2.5e6 or reps < 2:
+            mm(a, b, out=c)
+            reps += 1
+        per = max(1, reps * 2)
+        best = float("inf")
+        for _ in range(8):
+            s = CLOCK()
+            for _ in range(per):
+                mm(a, b, out=c)
+            best = min(best, (CLOCK() - s) / per)
+        print(json.dumps({"m": m, "n": n, "k": k, "ta": ta, "tb": tb, "threads": threads,
+                          "us": round(best * 1e-3, 3),
+                          "gflops": round(2.0 * m * n * k / best, 2)}), flush=True)
+    return 0
 
 
 def main():
@@ -235,22 +268,43 @@ def main():
                     help="torch.set_num_threads value (default: --threads); the BLAS "
                     "threads come from OPENBLAS_NUM_THREADS")
     ap.add_argument("--list", action="store_true", help="print the workload names")
+    ap.add_argument("--variants", metavar="NAME",
+                    help="print the ways NAME's twin can be written (one a line)")
+    ap.add_argument("--variant", help="which way to run the twin (default: its first)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: time by process CPU time (one thread only; see bench_util.h)")
+    ap.add_argument("--gemm", nargs="+", metavar="m,n,k,ta,tb",
+                    help="print GF/s of torch.mm per shape (JSON lines)")
     ap.add_argument("--blas-info", action="store_true", help="print which BLAS torch uses")
     args = ap.parse_args()
     if args.list:
         print("\n".join(WORKLOADS))
         return 0
+    if args.variants:
+        print("\n".join(getattr(WORKLOADS.get(args.variants), "variants", ("default",))))
+        return 0
+    global CLOCK
+    if args.clock == "cpu":
+        CLOCK = time.process_time_ns
     import torch
 
     torch.set_num_threads(args.intraop or args.threads)
     if args.blas_info:
         print(json.dumps(blas_info()))
         return 0
+    if args.gemm:
+        return gemm_rates(torch, args.gemm, args.threads)
     if args.workload not in WORKLOADS:
         print("unknown workload %r; known: %s" % (args.workload, ", ".join(WORKLOADS)),
               file=sys.stderr)
         return 2
-    step, floor = WORKLOADS[args.workload]()
+    fn = WORKLOADS[args.workload]
+    variants = getattr(fn, "variants", None)
+    if args.variant and args.variant != "default" and (not variants or args.variant not in variants):
+        print("workload %s has no variant %r (known: %s)" % (args.workload, args.variant,
+              ", ".join(variants or ["default"])), file=sys.stderr)
+        return 2
+    step, floor = fn(args.variant) if variants and args.variant else fn()
     # A slow workload may cap its iterations (step.max_iters / max_warmup,
     # as its C bench does); the JSON reports the count used.
     iters = min(args.iters, getattr(step, "max_iters", args.iters))
@@ -261,6 +315,8 @@ def main():
         "threads": args.threads,
         "torch_threads": torch.get_num_threads(),
         "iters": iters,
+        "variant": args.variant or "default",
+        "clock": args.clock,
         "torch_ms": round(torch_ms, 4),
         "torch_floor_ms": round(floor_ms, 4),
         "torch_blas": blas_info()["summary"],

@@ -1,7 +1,8 @@
 """PyTorch twins of bench_neumann_K20.c, bench_cg_K20.c (bench/implicit_bench.h)
-and bench_maml_sinusoid.c: the same shapes, distributions, algebra and
+and bench_maml_sinusoid*.c: the same shapes, distributions, algebra and
 order of operations, written the way a PyTorch user would (torch.autograd.grad
-with create_graph=True once, grad_outputs per product; functional MAML).
+with create_graph=True once, grad_outputs per product; MAML three ways:
+per-task loop, functorch.vmap(grad), hand-batched autograd with bmm).
 
 bench/torch_twins.py calls register(workload) so these appear next to its
 own twins; run one with
@@ -103,11 +104,11 @@ def _implicit(method):
     return step, _floor(torch, IMPLICIT_GEMMS)
 
 
-# --------------------------------------------------------------- MAML (bench_maml_sinusoid.c)
-MT, MK, MH = 25, 10, 40
+# --------------------------------------------------------------- MAML (bench/maml_bench.h)
+MK, MH = 10, 40
 
 
-def _maml_gemms():
+def _maml_gemms(n_tasks):
     k, h = MK, MH
     one_pass = [(k, h, 1, 0, 0), (k, h, h, 0, 0), (k, 1, h, 0, 0), (h, 1, k, 1, 0),
                 (k, h, 1, 0, 1), (h, h, k, 1, 0), (k, h, h, 0, 1), (1, h, k, 1, 0)]
@@ -116,17 +117,22 @@ def _maml_gemms():
               (k, h, 1, 0, 0),
               (h, 1, k, 1, 0), (k, h, 1, 0, 1), (h, h, k, 1, 0), (k, h, h, 0, 1),
               (1, h, k, 1, 0)]
-    return (one_pass * 2 + second) * MT
+    return (one_pass * 2 + second) * n_tasks
 
 
-def maml_sinusoid():
+# The three ways a PyTorch user writes a MAML meta-gradient; bench/run.py
+# runs each and keeps the fastest.
+MAML_VARIANTS = ("loop", "vmap", "batched")
+
+
+def maml_sinusoid(n_tasks, variant):
     import torch
 
     F = torch.nn.functional
     g = torch.Generator().manual_seed(42)
     # Tasks as ds_sine_task_*: amplitude U[0.1, 5], phase U[0, pi], x U[-5, 5].
     tasks = []
-    for _ in range(MT):
+    for _ in range(n_tasks):
         amp = 0.1 + 4.9 * float(torch.rand(1, generator=g))
         ph = math.pi * float(torch.rand(1, generator=g))
         xs = torch.rand(MK, 1, generator=g) * 10 - 5
@@ -148,19 +154,62 @@ def maml_sinusoid():
         h = torch.relu(h @ p[2] + p[3])
         return h @ p[4] + p[5]
 
-    def step():
+    def loop():
+        # The usual functional MAML: one create_graph grad per task.
         total = 0.0
         for xs, ys, xq, yq in tasks:
             gs = grad(F.mse_loss(net(theta, xs), ys), theta, create_graph=True)
             phi = [p - alpha * gi for p, gi in zip(theta, gs)]
             total = total + F.mse_loss(net(phi, xq), yq)
-        grad(total / MT, theta)
+        grad(total / n_tasks, theta)
 
-    return step, _floor(torch, _maml_gemms())
+    XS = torch.stack([t[0] for t in tasks])  # [T, K, 1]
+    YS = torch.stack([t[1] for t in tasks])
+    XQ = torch.stack([t[2] for t in tasks])
+    YQ = torch.stack([t[3] for t in tasks])
+
+    if variant == "vmap":
+        import functorch
+
+        def inner(p, xs, ys):
+            return F.mse_loss(net(p, xs), ys)
+
+        def task_loss(p, xs, ys, xq, yq):
+            gs = functorch.grad(inner)(p, xs, ys)
+            phi = tuple(pi - alpha * gi for pi, gi in zip(p, gs))
+            return F.mse_loss(net(phi, xq), yq)
+
+        per_task = functorch.vmap(task_loss, in_dims=(None, 0, 0, 0, 0))
+        params = tuple(theta)
+
+        def step():
+            grad(per_task(params, XS, YS, XQ, YQ).mean(), theta)
+
+    elif variant == "batched":
+        # Every task at once with bmm: theta copied per task (so autograd
+        # gives each task its own inner gradient), the inner step on the
+        # copies, the mean query loss differentiated back to theta.
+        def bnet(p, x):
+            h = torch.relu(torch.baddbmm(p[1].unsqueeze(1), x, p[0]))
+            h = torch.relu(torch.baddbmm(p[3].unsqueeze(1), h, p[2]))
+            return torch.baddbmm(p[5].unsqueeze(1), h, p[4])
+
+        def step():
+            tb = [p.unsqueeze(0).expand(n_tasks, *p.shape).clone() for p in theta]
+            inner = ((bnet(tb, XS) - YS) ** 2).mean(dim=(1, 2)).sum()
+            gs = grad(inner, tb, create_graph=True)
+            phi = [p - alpha * gi for p, gi in zip(tb, gs)]
+            grad(((bnet(phi, XQ) - YQ) ** 2).mean(), theta)
+
+    else:
+        step = loop
+    return step, _floor(torch, _maml_gemms(n_tasks))
 
 
 def register(workload):
     """Adds the twins to bench/torch_twins.py's table."""
     workload("neumann_K20")(lambda: _implicit("neumann"))
     workload("cg_K20")(lambda: _implicit("cg"))
-    workload("maml_sinusoid")(maml_sinusoid)
+    for n_tasks, name in ((25, "maml_sinusoid"), (100, "maml_sinusoid_100")):
+        fn = workload(name)(lambda variant="loop", n=n_tasks: maml_sinusoid(n, variant))
+        fn.variants = MAML_VARIANTS

@@ -151,6 +151,9 @@ def main():
             torch_b[how] = int(t.stdout.strip().splitlines()[-1])
         row = {"workload": "unroll_T%d" % T, "ours_peak_arena_bytes": ours,
                "torch_live_peak_bytes": torch_b["live"], "torch_rss_growth_bytes": torch_b["rss"],
+               "ours_peak_mb": round(ours / 1048576.0, 2),
+               "torch_live_peak_mb": round(torch_b["live"] / 1048576.0, 2),
+               "torch_rss_growth_mb": round(torch_b["rss"] / 1048576.0, 2),
                "ours_over_torch_live": round(ours / torch_b["live"], 3),
                "ours_over_torch_rss": round(ours / torch_b["rss"], 3)}
         rows.append(row)

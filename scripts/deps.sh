@@ -4,6 +4,8 @@
 # Does nothing when everything is already installed. The fuzz stage
 # (scripts/fuzz.sh, from .ci/run) passes: clang libclang-rt-14-dev.
 set -euo pipefail
+# The bench's PyTorch twin (python3-torch, libopenblas0-pthread, libjemalloc2) is
+# installed by bench/run.py itself: building and testing do not need it.
 pkgs=(gcc make cmake pkg-config libblis-dev check zlib1g-dev "$@")
 missing=()
 for p in "${pkgs[@]}"; do

@@ -47,8 +47,10 @@ help() {
 
 # The flag with a number each program takes (bad values go to it), and a
 # valid option and value to put before a trailing bad one.
-declare -A real=([quickstart]=--lr [mnist_mlp]=--lr [mnist_cnn]=--lr [hpo_mnist]=--outer-lr)
-for prog in quickstart mnist_mlp mnist_cnn hpo_mnist compare_methods; do
+declare -A real=([quickstart]=--lr [mnist_mlp]=--lr [mnist_cnn]=--lr [hpo_mnist]=--outer-lr
+  [hyper_cleaning]=--outer-lr [lr_hypergradient]=--lr)
+for prog in quickstart mnist_mlp mnist_cnn hpo_mnist compare_methods hyper_cleaning \
+  lr_hypergradient; do
   bad $prog "unknown option '--bogus'" --bogus
   bad $prog "unknown option '--bogus'" --threads 1 --bogus
   bad $prog "unknown option '-x'" -x
@@ -87,6 +89,10 @@ for prog in mnist_mlp mnist_cnn; do
   bad $prog "--save needs a value" --epochs 0 --save
 done
 bad hpo_mnist "--method: 'newton' is not one of unroll," --method newton
+bad teaching "unknown option '--bogus'" --bogus
+bad teaching "unexpected argument 'extra'" extra
+bad teaching "--help takes no value" --help=yes
+bad lr_hypergradient "--steps: 0 is out of range" --steps 0
 bad hpo_mnist "--outer: 0 is out of range (expected 1 to 1000000)" --outer 0
 bad hpo_mnist "--inner: '20steps' is not an integer" --inner 20steps
 bad hpo_mnist "unknown option '--bogus'" --outer 1 --inner 2 --bogus

@@ -1,6 +1,8 @@
 /* test_blas.c — ad_gemm_f32/f64 against a naive triple loop (all four
  * transpose combinations, odd sizes, alpha/beta, padded leading dimensions,
- * edge cases), and the kernel-set selection and its environment overrides.
+ * edge cases) on every GEMM path (direct loop, BLIS sup with and without
+ * packing, BLIS packed with each kernel set) and on the path chosen by
+ * measurement, the kernel-set selection and its environment overrides.
  *
  * The override tests call setenv before the first BLAS use, which works
  * because Check runs each test in a forked child (the default); with
@@ -192,6 +194,119 @@ START_TEST(gemm_bad_args_noop) {
 }
 END_TEST
 
+/* Every path ad_blas_set_path accepts on this CPU ("packed:SET" only for
+ * the second kernel set the CPU can run, so those are probed). */
+static const char *const PATHS[] = {"blis",           "direct",      "sup",
+                                    "sup+packA",      "sup+packB",   "packed",
+                                    "packed:haswell", "packed:zen3", "packed:skx"};
+#define N_PATHS ((int)(sizeof PATHS / sizeof PATHS[0]))
+
+/* The sweep and MLP-like shapes (1 thread) on one forced path (a loop
+ * test: _i indexes PATHS), f32 and f64: the direct loop's partial tiles
+ * and copied panels, and BLIS's sup kernels outside their usual
+ * thresholds, all against the reference loop. A "packed:SET" the CPU
+ * cannot run is refused with AD_ERR_ARG and skipped. */
+START_TEST(gemm_every_path) {
+  static const int64_t shapes[][3] = {{128, 10, 200}, {200, 10, 128}, {128, 200, 10},
+                                      {65, 97, 130},  {10, 40, 40},   {40, 1, 10}};
+  ad_blas_set_threads(1);
+  if (ad_blas_set_path(PATHS[_i]) != AD_OK) {
+    ck_assert_msg(strncmp(PATHS[_i], "packed:", 7) == 0, "path %s refused: %s", PATHS[_i],
+                  ad_last_error());
+    return;
+  }
+  ck_assert_str_eq(ad_blas_path(0, 0, 3, 3, 3, AD_F32), PATHS[_i]);
+  sweep(AD_F32, 1e-6);
+  sweep(AD_F64, 1e-14);
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (int t = 0; t < 4; t++) {
+      double e =
+          run_case(AD_F32, t >> 1, t & 1, shapes[s][0], shapes[s][1], shapes[s][2], 0.5, -1.0, 1);
+      ck_assert_msg(e <= 1e-6 * (double)shapes[s][2], "%s %lldx%lldx%lld t%d%d: %.3g", PATHS[_i],
+                    (long long)shapes[s][0], (long long)shapes[s][1], (long long)shapes[s][2],
+                    t >> 1, t & 1, e);
+    }
+  ck_assert_int_eq(ad_blas_set_path("auto"), AD_OK);
+}
+END_TEST
+
+/* At least the six paths that exist on every CPU are accepted. */
+START_TEST(gemm_paths_accepted) {
+  int n_paths = 0;
+  for (int p = 0; p < N_PATHS; p++) n_paths += ad_blas_set_path(PATHS[p]) == AD_OK;
+  ck_assert_int_ge(n_paths, 6);
+  ck_assert_int_eq(ad_blas_set_path("auto"), AD_OK);
+}
+END_TEST
+
+/* Same inputs, same path: the same bits, call after call, and the measured
+ * choice of a shape does not change once made (so an auto call equals the
+ * forced call of the path it reports). */
+START_TEST(gemm_deterministic) {
+  enum { M = 33, N = 40, K = 17 };
+  float a[M * K], b[K * N], c1[M * N], c2[M * N];
+  uint64_t s = 7;
+  for (int i = 0; i < M * K; i++) a[i] = (float)lcg(&s);
+  for (int i = 0; i < K * N; i++) b[i] = (float)lcg(&s);
+  ad_blas_set_threads(1);
+  for (int p = 0; p < N_PATHS; p++) {
+    if (ad_blas_set_path(PATHS[p]) != AD_OK) continue;
+    ad_gemm_f32(0, 1, M, N, K, 1.0f, a, K, b, K, 0.0f, c1, N);
+    for (int rep = 0; rep < 3; rep++) {
+      ad_gemm_f32(0, 1, M, N, K, 1.0f, a, K, b, K, 0.0f, c2, N);
+      ck_assert_msg(memcmp(c1, c2, sizeof c1) == 0, "path %s differs on call %d", PATHS[p], rep);
+    }
+  }
+  ck_assert_int_eq(ad_blas_set_path("auto"), AD_OK);
+  const char *chosen = ad_blas_path(0, 1, M, N, K, AD_F32);
+  char name[32];
+  snprintf(name, sizeof name, "%s", chosen);
+  ck_assert_msg(strcmp(name, "none") != 0 && strcmp(name, "?") != 0, "path %s", name);
+  ad_gemm_f32(0, 1, M, N, K, 1.0f, a, K, b, K, 0.0f, c1, N);
+  ck_assert_str_eq(ad_blas_path(0, 1, M, N, K, AD_F32), name);
+  ck_assert_int_eq(ad_blas_set_path(name), AD_OK);
+  ad_gemm_f32(0, 1, M, N, K, 1.0f, a, K, b, K, 0.0f, c2, N);
+  ck_assert_msg(memcmp(c1, c2, sizeof c1) == 0, "auto and forced %s differ", name);
+  ck_assert_int_eq(ad_blas_set_path("auto"), AD_OK);
+}
+END_TEST
+
+/* The measured choice shows in the reason: the shape, each candidate's
+ * GF/s and a starred winner; MAML's tiny products have the direct loop
+ * among the candidates, the 128x200x784 product does not. */
+START_TEST(gemm_reason_shows_choice) {
+  enum { M = 10, N = 40, K = 40 };
+  float a[M * K], b[K * N], c[M * N];
+  for (int i = 0; i < M * K; i++) a[i] = 0.01f * (float)(i % 17);
+  for (int i = 0; i < K * N; i++) b[i] = 0.02f * (float)(i % 13);
+  ck_assert_int_eq(ad_blas_set_path("auto"), AD_OK);
+  ad_gemm_f32(0, 0, M, N, K, 1.0f, a, K, b, N, 0.0f, c, N);
+  const char *r = ad_blas_reason();
+  const char *at = strstr(r, "f32 10x40x40 NN t1:");
+  ck_assert_msg(at != NULL, "reason lacks the shape: %s", r);
+  ck_assert_msg(strstr(at, "direct") != NULL && strchr(at, '*') != NULL, "reason: %s", r);
+  ck_assert_str_ne(ad_blas_path(0, 0, 128, 200, 784, AD_F32), "direct");
+  ck_assert_str_eq(ad_blas_path(0, 0, 0, 200, 784, AD_F32), "none");
+  ck_assert_str_eq(ad_blas_path(0, 0, 4, 4, 4, (ad_dtype)7), "none");
+}
+END_TEST
+
+START_TEST(gemm_set_path_errors) {
+  ck_assert_int_eq(ad_blas_set_path(NULL), AD_ERR_NULL);
+  ck_assert_msg(strstr(ad_last_error(), "ad_blas_set_path") != NULL, "%s", ad_last_error());
+  ck_assert_int_eq(ad_blas_set_path("fastest"), AD_ERR_ARG);
+  ck_assert_msg(strstr(ad_last_error(), "ad_blas_set_path") != NULL &&
+                    strstr(ad_last_error(), "fastest") != NULL,
+                "%s", ad_last_error());
+  /* A refused name leaves the previous setting in place. */
+  ck_assert_int_eq(ad_blas_set_path("direct"), AD_OK);
+  ck_assert_int_eq(ad_blas_set_path("no-such"), AD_ERR_ARG);
+  ck_assert_str_eq(ad_blas_path(1, 1, 5, 5, 5, AD_F64), "direct");
+  ck_assert_msg(strstr(ad_blas_reason(), "direct (forced)") != NULL, "%s", ad_blas_reason());
+  ck_assert_int_eq(ad_blas_set_path("auto"), AD_OK);
+}
+END_TEST
+
 START_TEST(kernel_is_known) {
   unsetenv("HYPERTAPE_BLIS_ARCH");
   unsetenv("BLIS_ARCH_TYPE");
@@ -254,6 +369,22 @@ START_TEST(env_blis_arch_type_garbage) {
 }
 END_TEST
 
+START_TEST(env_gemm_path) {
+  setenv("HYPERTAPE_GEMM_PATH", "direct", 1);
+  ck_assert_str_eq(ad_blas_path(0, 0, 128, 200, 784, AD_F32), "direct");
+  ck_assert_double_le(run_case(AD_F64, 1, 1, 33, 7, 65, 1.0, 0.5, 2), 1e-13);
+}
+END_TEST
+
+START_TEST(env_gemm_path_unknown) {
+  setenv("HYPERTAPE_GEMM_PATH", "warp-speed", 1);
+  ck_assert_msg(strstr(ad_blas_reason(), "HYPERTAPE_GEMM_PATH=warp-speed ignored") != NULL, "%s",
+                ad_blas_reason());
+  ck_assert_str_ne(ad_blas_path(0, 0, 8, 8, 8, AD_F32), "none");
+  ck_assert_double_le(run_case(AD_F32, 0, 1, 16, 33, 7, 1.0, 0.0, 0), 1e-5);
+}
+END_TEST
+
 static Suite *blas_suite(int forking) {
   Suite *s = suite_create("blas");
   TCase *tc = tcase_create("gemm");
@@ -263,6 +394,10 @@ static Suite *blas_suite(int forking) {
   tcase_add_test(tc, gemm_mlp_shapes);
   tcase_add_test(tc, gemm_edge_cases);
   tcase_add_test(tc, gemm_bad_args_noop);
+  tcase_add_loop_test(tc, gemm_every_path, 0, N_PATHS);
+  tcase_add_test(tc, gemm_paths_accepted);
+  tcase_add_test(tc, gemm_deterministic);
+  tcase_add_test(tc, gemm_set_path_errors);
   tcase_add_test(tc, kernel_is_known);
   suite_add_tcase(s, tc);
   if (forking) {
@@ -272,6 +407,9 @@ static Suite *blas_suite(int forking) {
     tcase_add_test(te, env_auto_and_threads);
     tcase_add_test(te, env_blis_arch_type_survives);
     tcase_add_test(te, env_blis_arch_type_garbage);
+    tcase_add_test(te, gemm_reason_shows_choice); /* needs a fresh shape cache */
+    tcase_add_test(te, env_gemm_path);
+    tcase_add_test(te, env_gemm_path_unknown);
     suite_add_tcase(s, te);
   }
   return s;
