@@ -379,13 +379,49 @@ ad_status ad_jvp(ad_tape *t, int n_in, ad_tensor *const *inputs, ad_tensor *cons
 
 /* Names a tensor for printing (the string must outlive the tape use). */
 void ad_set_name(ad_tensor *x, const char *name);
-/* Wengert list: one line per node, the output (name or v<node id>) padded to
- * 8 columns, the op as the tape names it, inputs, attributes after "; " and
- * the output's shape:
+/* Names are stable: node outputs are v0, v1, ... in tape order, leaves
+ * leaf0, ... and constants c0, ... in order of first use (a tensor's own
+ * name, from ad_set_name, is shown instead). Two runs of the same program
+ * print the same bytes. */
+
+/* Wengert list: one line per node, the output padded to 8 columns, the op
+ * as the tape names it, inputs, attributes after "; " and the output's shape:
  *     v12      = matmul(v3, w1; A B^T)  [128, 200] f32
- * Inputs without history print as their name, else leaf_XXXX / c_XXXX. */
+ * Each leaf or constant is defined on a line before its first use
+ * ("c0       = const 0.1  [] f64"), and a "# step 1: recorded backward"
+ * line comes where the label or the phase changes. */
 ad_status ad_tape_print(const ad_tape *t, FILE *f);
-/* Graphviz DOT of the recorded graph. */
+
+/* Labels the nodes recorded since `from` that have no label yet, so a loop
+ * can call it after each inner step ("step 1", "step 2", ...) and once more
+ * at the end for the rest ("hypergradient"). The DOT export draws each label
+ * as a box around its nodes. The string is not copied: it must live as long
+ * as the tape is printed (as for ad_set_name). Errors: AD_ERR_NULL, or
+ * AD_ERR_ARG when `from` is past the end of the tape. */
+ad_status ad_tape_label(ad_tape *t, ad_marker from, const char *label);
+
+typedef struct {
+  const char *title;   /* shown above the graph; NULL for none */
+  const char *rankdir; /* "TB" (default: top to bottom), "LR", "BT" or "RL" */
+  int n_outputs;       /* tensors drawn as outputs (bold red, double border) */
+  ad_tensor *const *outputs;
+  int no_clusters; /* 1: ignore ad_tape_label ranges */
+  int no_legend;   /* 1: no legend box */
+} ad_dot_opts;
+
+/* Graphviz DOT of the recorded graph (`dot -Tpng tape.dot -o tape.png`).
+ * Ops are boxes "v3 = scale" with their attributes ("c=0.1") and shape;
+ * edges into an op with several operands are numbered in operand order
+ * (sub: 0 - 1); scalar constants show their value, other constants their
+ * shape; leaves needing a gradient are blue. The phase picks the style:
+ * forward ops plain, ops a recorded ad_grad put on the tape (the recorded
+ * backward) filled yellow and rounded, ops of a recorded sweep through a
+ * recorded backward (a hypergradient or Hessian-vector product recorded
+ * with AD_GRAD_RECORD) filled red and bold. A legend lists the kinds
+ * present. o may be NULL (the defaults). Errors: AD_ERR_NULL, AD_ERR_ARG
+ * (bad rankdir, n_outputs < 0), AD_ERR_NOMEM. */
+ad_status ad_tape_dot_ex(const ad_tape *t, FILE *f, const ad_dot_opts *o);
+/* ad_tape_dot_ex with the defaults. */
 ad_status ad_tape_dot(const ad_tape *t, FILE *f);
 
 /* ------------------------------------------------------------------ BLAS */

@@ -48,8 +48,18 @@ struct ad_node {
   ad_attrs a;
   ad_node *prev, *next;
   size_t id;     /* creation order: increasing ids are a topological order */
-  unsigned mark; /* scratch stamp used by ad_grad's graph walk */
+  unsigned mark;     /* scratch stamp used by ad_grad's graph walk */
+  unsigned phase;    /* AD_PHASE_*: what was running when it was recorded */
+  const char *label; /* ad_tape_label range ("step 3"), or NULL */
 };
+
+/* Node phases, for the teaching view: recorded by user code (forward), by a
+ * recorded ad_grad over forward nodes (backward), or by a recorded ad_grad
+ * whose sweep goes through backward nodes (second order: hypergradients,
+ * Hessian-vector products). Set by grad.c through ad__set_phase. */
+enum { AD_PHASE_FORWARD = 0, AD_PHASE_BACKWARD = 1, AD_PHASE_SECOND = 2 };
+/* Sets the phase new nodes get; returns the previous one. */
+unsigned ad__set_phase(ad_tape *t, unsigned phase);
 
 /* Tensor flags. */
 enum {

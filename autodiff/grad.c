@@ -129,6 +129,12 @@ static ad_status run_backward(ad_tape *t, int n_out, ad_tensor *const *outputs,
                               ptrdiff_t count, int record) {
   stamp_dependents(nodes, count, gen);
   int prev = ad_set_recording(t, record);
+  /* Phase tag for the teaching view: a recorded sweep through recorded
+   * backward nodes is second order. */
+  unsigned hi = AD_PHASE_FORWARD;
+  for (ptrdiff_t k = 0; record && k < count; k++)
+    if (nodes[k]->out->gen == gen && nodes[k]->phase > hi) hi = nodes[k]->phase;
+  unsigned prev_phase = ad__set_phase(t, hi ? AD_PHASE_SECOND : AD_PHASE_BACKWARD);
   for (int j = 0; j < n_out; j++) {
     ad_tensor *y = outputs[j];
     if (y->gen != gen) continue; /* does not depend on the inputs */
@@ -143,6 +149,7 @@ static ad_status run_backward(ad_tape *t, int n_out, ad_tensor *const *outputs,
     accumulate(t, y, s);
   }
   if (ad_tape_status(t) == AD_OK) sweep_backward(t, gen, nodes, count);
+  ad__set_phase(t, prev_phase);
   ad_set_recording(t, prev);
   return ad_tape_status(t);
 }

@@ -34,6 +34,7 @@ struct ad_tape {
   ad_node *first, *last;
   size_t n_nodes, next_id;
   int record, nan_guard;
+  unsigned phase; /* AD_PHASE_* given to new nodes (set by ad_grad) */
   ad_status status;
   char msg[768];
   ad_node **nbuf[2]; /* scratch for ad_grad's graph walk */
@@ -423,6 +424,7 @@ ad_node *ad__record(ad_tape *t, const ad_op_def *op, ad_tensor *out, int n_in,
   for (int i = 0; i < n_in; i++) n->in[i] = in[i];
   n->out = out;
   n->id = t->next_id++;
+  n->phase = t->phase;
   n->prev = t->last;
   if (t->last)
     t->last->next = n;
@@ -432,6 +434,12 @@ ad_node *ad__record(ad_tape *t, const ad_op_def *op, ad_tensor *out, int n_in,
   t->n_nodes++;
   out->node = n;
   return n;
+}
+
+unsigned ad__set_phase(ad_tape *t, unsigned phase) {
+  unsigned prev = t->phase;
+  t->phase = phase;
+  return prev;
 }
 
 ad_node *ad__first_node(const ad_tape *t) {
