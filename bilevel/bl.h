@@ -228,6 +228,14 @@ typedef struct {
   int antithetic;           /* zero-order: +/- pairs (2 inner runs per direction) */
   uint64_t seed;            /* zero-order: seeds the directions */
   int warm_start;           /* HOAG: keep the previous solution (bl_hoag_state) */
+  /* Keep everything the method recorded on the tape instead of rewinding it:
+   * for drawing a real method's graph (ad_tape_dot_ex) or inspecting it. The
+   * caller rewinds (take an ad_mark before the call). Memory then grows with
+   * the work done. Honoured by the methods built on the shared trajectory
+   * helpers (unroll, truncated unroll, fo, one_step, t1t2, and the inner runs
+   * of the others); a method's own scratch rewinds may still free what only
+   * it used. Results do not change. */
+  int keep_tape;
   bl_hoag_state *hoag;      /* HOAG: state across calls; NULL = plain CG at tol */
 } bl_opts;
 

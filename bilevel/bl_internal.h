@@ -115,6 +115,10 @@ ad_status bl__begin(bl_run *r, const char *who, ad_tape *t, const bl_problem *p,
  * left at the call's high-water mark (ad.h has no way to restore it). */
 ad_status bl__end(bl_run *r, ad_status s, bl_stats *st);
 
+/* ad_rewind(r->t, m), unless the caller asked to keep the tape
+ * (bl_opts.keep_tape): every rewind of what a method recorded goes here. */
+void bl__rewind(bl_run *r, ad_marker m);
+
 /* Records an error on the tape and returns it (printf-style message,
  * prefixed with r->who). */
 ad_status bl__fail(bl_run *r, ad_status s, const char *fmt, ...)

@@ -134,12 +134,24 @@ ad_status bl__begin(bl_run *r, const char *who, ad_tape *t, const bl_problem *p,
   return bl__step_resolve(r, p->w0);
 }
 
+void bl__rewind(bl_run *r, ad_marker m) {
+  if (!r->o.keep_tape) ad_rewind(r->t, m);
+}
+
+/* A failed call leaves nothing behind, kept tape or not. */
+static void end_rewind(bl_run *r, ad_status s) {
+  if (s)
+    ad_rewind(r->t, r->mark);
+  else
+    bl__rewind(r, r->mark);
+}
+
 ad_status bl__end(bl_run *r, ad_status s, bl_stats *st) {
   if (r->begun) {
     ad_arena_stats as;
     ad_arena_stats_get(r->t, &as);
     r->st.peak_arena_bytes = as.peak > r->used0 ? as.peak - r->used0 : 0;
-    ad_rewind(r->t, r->mark);
+    end_rewind(r, s);
     ad_set_recording(r->t, r->recording);
   }
   r->st.seconds = bl__now() - r->t0;
@@ -371,7 +383,7 @@ ad_status bl__run_inplace(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w,
     ad_status st = check_train(r, L, k);
     if (!st) st = ad_grad(t, 1, &L, NULL, p->n_w, w, g, 0);
     if (!st) st = bl__step_inplace(r, lam, w, s, g, k);
-    ad_rewind(t, m);
+    bl__rewind(r, m);
     if (st) return st;
     r->st.inner_steps++;
   }
@@ -514,7 +526,7 @@ ad_status bl__val_value(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, d
                     (long long)r->val_at, (long long)(r->val_at - 1));
     if (val) *val = r->st.val_loss;
   }
-  ad_rewind(r->t, m);
+  bl__rewind(r, m);
   return st;
 }
 
@@ -610,7 +622,7 @@ ad_status bl__segment_reverse(bl_run *r, bl_segment *sg, ad_tensor *const *aw, a
     }
     int64_t k0 = sg->from + c * sg->chunk, k1 = k0 + sg->chunk < sg->to ? k0 + sg->chunk : sg->to;
     r->st.hvps += k1 - k0;
-    ad_rewind(t, sg->marks[c]);
+    bl__rewind(r, sg->marks[c]);
   }
   /* The adjoints end in the caller's buffers. */
   for (int j = 0; j < nv && !st; j++) {

@@ -55,7 +55,7 @@ ad_status bl_unroll(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor
   if (!s) {
     bl__copy_list(n, aw, gw_T);
     bl__copy_list(n_lam, glam, glam_T);
-    ad_rewind(t, m);
+    bl__rewind(&r, m);
   }
 
   /* Walk back: glam += alpha_{k+1} B_k, alpha_k = alpha_{k+1} A_k. */
