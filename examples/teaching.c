@@ -165,8 +165,25 @@ static ad_tensor *gn_reg(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam,
   return ad_sum(t, ad_scale(t, ad_mul(t, lam[0], ad_mul(t, w[0], w[0])), 0.5));
 }
 
+/* x.dot -> x.png with graphviz when it is installed (any other name gets
+ * .png appended). */
+static void draw_png(const char *dot_path) {
+  if (system("command -v dot >/dev/null 2>&1") == 0) {
+    /* x.dot -> x.png; any other name gets .png appended. */
+    char png[2048], cmd[4200];
+    size_t len = strlen(dot_path);
+    int strip = len > 4 && !strcmp(dot_path + len - 4, ".dot");
+    snprintf(png, sizeof png, "%.*s.png", (int)(strip ? len - 4 : len), dot_path);
+    snprintf(cmd, sizeof cmd, "dot -Tpng -o '%s' '%s'", png, dot_path);
+    printf("  %s: %s\n", cmd, system(cmd) == 0 ? "drawn" : "failed");
+  } else {
+    printf("  (install graphviz to draw it: dot -Tpng -o tape.png %s)\n", dot_path);
+  }
+}
+
 int main(int argc, char **argv) {
   const char *dot_path = "/tmp/teaching.dot", *log_path = "/tmp/teaching.jsonl";
+  const char *method_dot = "/tmp/teaching_one_step.dot";
   double lam0 = 0.5;
   int steps = 100, wengert = 0;
   uint64_t seed = 1;
@@ -176,6 +193,9 @@ int main(int argc, char **argv) {
       {"--steps", EX_INT, &steps, "T", .help = "inner gradient-descent steps of the bl_ methods",
        .min = 1, .max = 1000000},
       {"--seed", EX_U64, &seed, "S", .help = "the data"},
+      {"--method-dot", EX_STR, &method_dot, "FILE",
+       .help = "Graphviz DOT of what bl_one_step records on this problem (bl_opts.keep_tape), "
+               "drawn like --dot"},
       {"--dot", EX_STR, &dot_path, "FILE",
        .help = "Graphviz DOT of the hypergradient's tape, drawn to FILE with .dot replaced by "
                ".png when `dot` is installed"},
@@ -189,6 +209,8 @@ int main(int argc, char **argv) {
   /* The PNG is drawn through the shell: keep the name out of its quoting. */
   if (strchr(dot_path, '\''))
     ex_usage_error("--dot: a file name with a single quote is not supported");
+  if (strchr(method_dot, '\''))
+    ex_usage_error("--method-dot: a file name with a single quote is not supported");
   /* Data: y = 2x + noise for training, the same law for validation. */
   static ridge1 d;
   d.c = 0.1;
@@ -249,8 +271,8 @@ int main(int argc, char **argv) {
     return 1;
   }
   printf("Each term from the tape, beside its closed form (f64):\n");
-  printf("  %-24s %-28s %-32s %19s %19s %9s\n", "term", "what", "formula", "tape",
-         "closed form", "|gap|");
+  printf("  %-24s %-28s %-32s %19s %19s %9s\n", "term", "what", "formula", "tape", "closed form",
+         "|gap|");
   double max_err = 0;
   for (int k = 0; k < N_TERMS; k++) {
     double gap = fabs(tape_v[k] - closed[k]);
@@ -277,17 +299,7 @@ int main(int argc, char **argv) {
   printf("The tape of the hypergradient: %zu nodes (forward losses, their recorded backward "
          "passes, and the products above), written to %s\n",
          as.n_nodes, dot_path);
-  if (system("command -v dot >/dev/null 2>&1") == 0) {
-    /* x.dot -> x.png; any other name gets .png appended. */
-    char png[2048], cmd[4200];
-    size_t len = strlen(dot_path);
-    int strip = len > 4 && !strcmp(dot_path + len - 4, ".dot");
-    snprintf(png, sizeof png, "%.*s.png", (int)(strip ? len - 4 : len), dot_path);
-    snprintf(cmd, sizeof cmd, "dot -Tpng -o '%s' '%s'", png, dot_path);
-    printf("  %s: %s\n", cmd, system(cmd) == 0 ? "drawn" : "failed");
-  } else {
-    printf("  (install graphviz to draw it: dot -Tpng -o tape.png %s)\n", dot_path);
-  }
+  draw_png(dot_path);
   if (wengert) ad_tape_print(tape, stdout);
   ad_tape_reset(tape);
 
@@ -327,6 +339,31 @@ int main(int argc, char **argv) {
             METHODS[k].name, h, e, st.seconds, (long long)st.hvps);
   }
   fclose(log);
+
+  /* What a real method records: bl_one_step with keep_tape leaves its inner
+   * run and the last step's derivative on the tape, to be drawn. Two inner
+   * steps, so the drawing stays readable. */
+  ad_marker before = ad_mark(tape);
+  bl_opts keep = {.keep_tape = 1};
+  bl_problem p2 = p;
+  p2.inner_steps = 2;
+  FILE *mf = NULL;
+  if (bl_one_step(tape, &p2, &keep, &hgt, NULL) != AD_OK || !(mf = fopen(method_dot, "w")) ||
+      ad_tape_dot_ex(tape, mf,
+                     &(ad_dot_opts){.title = "what bl_one_step records", .n_outputs = 0})) {
+    fprintf(stderr, "teaching: cannot draw bl_one_step's tape to %s: %s\n", method_dot,
+            ad_tape_errmsg(tape));
+    if (mf) fclose(mf);
+    return 1;
+  }
+  fclose(mf);
+  ad_arena_stats ms;
+  ad_arena_stats_get(tape, &ms);
+  printf("\nbl_one_step's own tape at T = 2 (%zu nodes, kept with bl_opts.keep_tape) written to "
+         "%s\n",
+         ms.n_nodes, method_dot);
+  draw_png(method_dot);
+  ad_rewind(tape, before);
   printf("\nReading the table: the implicit methods (exact, cg, neumann, fixed_point, hoag) and "
          "the\nunrolled ones (unroll, forward, checkpointed) agree with the closed form to "
          "rounding, because\nthe inner run has converged; fo keeps only the direct term; "
