@@ -11,6 +11,8 @@
 #   lr_hypergradient  smoothed training loss, learned schedule vs fixed lr; the
 #                     learning rate and momentum it finds, per step
 #   teaching          |error| of every bl_ method against the closed form (log scale)
+#   maml_sinusoid     meta-training loss of each method against the meta-step
+#   darts_search      search losses, and the architecture weights of each edge
 #   anything else     every numeric field against the first one, one panel each
 # Installs gnuplot-nox (and graphviz, which teaching uses to draw its tape)
 # through scripts/deps.sh when they are missing.
@@ -106,6 +108,45 @@ set style fill solid 0.7; set boxwidth 0.7
 set xtics rotate by -40 noenhanced; set bmargin 8; set rmargin 6
 plot "$tmp/d" u 0:(\$2 > 1e-17 ? \$2 : 1e-17):xtic(1) w boxes notitle
 EOF
+elif has maml_train_loss; then
+  # One series per method: each line holds one method's loss.
+  for m in maml fomaml imaml metasgd baseline; do
+    grep "\"${m}_train_loss\"" "$log" | columns step ${m}_train_loss >"$tmp/$m"
+  done
+  gnuplot <<EOF
+$term
+set output "$png"
+set title "sinusoid regression (Finn et al. 2017): meta-training loss, 10 shots, one inner step"
+set xlabel "meta-step"; set ylabel "query MSE after adaptation (meta-batch)"; set grid
+set logscale y; set key top right
+plot "$tmp/maml" u 1:2 w lp lw 2 t "MAML", "$tmp/fomaml" u 1:2 w lp lw 2 t "FOMAML", \\
+     "$tmp/imaml" u 1:2 w lp lw 2 t "iMAML", "$tmp/metasgd" u 1:2 w lp lw 2 t "Meta-SGD", \\
+     "$tmp/baseline" u 1:2 w lp lw 2 t "joint baseline (training loss)"
+EOF
+elif has e0_conv3x3; then
+  ops="conv3x3 conv5x5 maxpool3x3 skip zero"
+  keys="step train_loss val_loss"
+  for e in 0 1 2; do for o in $ops; do keys="$keys e${e}_$o"; done; done
+  columns $keys <"$log" >"$tmp/d"
+  {
+    echo "set terminal pngcairo size 1100,640 font \"Sans,10\""
+    echo "set output \"$png\""
+    echo "set multiplot layout 2,2 title \"DARTS search on MNIST: losses and softmax architecture weights per edge\""
+    echo "set grid; set xlabel \"search step\""
+    echo "plot \"$tmp/d\" u 1:2 w l lw 2 t \"train loss\", \"\" u 1:3 w l lw 2 t \"val loss\""
+    c=4
+    for e in 0 1 2; do
+      line="set yrange [0:1]; set title \"edge $e\"; plot"
+      sep=""
+      for o in $ops; do
+        line="$line$sep \"$tmp/d\" u 1:$c w l lw 2 t \"$o\""
+        sep=","
+        c=$((c + 1))
+      done
+      echo "$line"
+    done
+    echo "unset multiplot"
+  } | gnuplot
 else
   # Generic: every numeric field of the first line against the first field.
   keys="$(printf '%s\n' "$first" | tr ',{}' '\n\n\n' | sed -n 's/^ *"\([A-Za-z0-9_]*\)": *[-0-9.].*$/\1/p' | tr '\n' ' ')"
