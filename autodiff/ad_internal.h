@@ -213,6 +213,22 @@ int64_t ad__numel(int ndim, const int64_t *shape);
 /* Sizes around an axis: outer * n * inner = size. */
 void ad__split(const ad_tensor *x, int axis, int64_t *outer, int64_t *n, int64_t *inner);
 
+/* Atomic file replacement (atomic_file.c). ad__afile_open makes a
+ * temporary file, mode 0644, beside path and returns 0, or an errno: ENOMEM
+ * leaves tmp NULL; any other keeps tmp (the name tried, for the caller's
+ * message) until ad__afile_finish. The caller writes to fd, or to a FILE or
+ * gzFile on dup(fd) which it closes first, then calls ad__afile_finish with
+ * err 0 (its writes succeeded) or the errno of its failure. finish fsyncs
+ * and closes fd, renames the temporary over path and fsyncs the directory;
+ * on err or any failure it removes the temporary, leaving an existing file
+ * as it was. It frees tmp and returns 0 or the first errno. */
+typedef struct {
+  char *tmp;
+  int fd;
+} ad__afile;
+int ad__afile_open(ad__afile *a, const char *path);
+int ad__afile_finish(ad__afile *a, const char *path, int err);
+
 /* Typed element pointers. */
 #define AD_F(x) ((float *)(x)->data)
 #define AD_D(x) ((double *)(x)->data)
