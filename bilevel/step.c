@@ -76,19 +76,31 @@ static const nn_opt_cfg *lib_cfg(const bl_run *r, ad_tensor *const *lam, bl_cfg_
   return &m->cfg;
 }
 
-/* The provider itself, a bl_step_fn (ctx = the bl_run). */
-static ad_status lib_step(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *state,
-                          ad_tensor *const *g, ad_tensor *const *lam, int64_t step, void *ctx,
-                          ad_tensor **w_new, ad_tensor **state_new) {
-  const bl_run *r = ctx;
-  bl_cfg_map m;
-  const nn_opt_cfg *cfg = lib_cfg(r, lam, &m);
+/* A library optimizer with its settings resolved, as a bl_step_fn (ctx =
+ * the nn_opt_cfg; lam is not read: the cfg's *_var fields already point at
+ * the lam it is for). The meta-learning methods use it directly. */
+ad_status bl__cfg_step(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *state,
+                       ad_tensor *const *g, ad_tensor *const *lam, int64_t step, void *ctx,
+                       ad_tensor **w_new, ad_tensor **state_new) {
+  (void)lam;
+  const nn_opt_cfg *cfg = ctx;
   nn_opt_state s;
   to_nn_state(cfg->kind, n, state, step, 1, &s);
   ad_status st = nn_opt_step_diff(t, cfg, &s, n, w, g, w_new);
   if (st) return st;
   from_nn_state(cfg->kind, n, &s, state_new);
   return AD_OK;
+}
+
+/* The provider itself, a bl_step_fn (ctx = the bl_run): p->opt resolved
+ * against the lam it is called with. */
+static ad_status lib_step(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *state,
+                          ad_tensor *const *g, ad_tensor *const *lam, int64_t step, void *ctx,
+                          ad_tensor **w_new, ad_tensor **state_new) {
+  const bl_run *r = ctx;
+  bl_cfg_map m;
+  const nn_opt_cfg *cfg = lib_cfg(r, lam, &m);
+  return bl__cfg_step(t, n, w, state, g, lam, step, (void *)cfg, w_new, state_new);
 }
 
 /* ---------------------------------------------------------------- resolving */
