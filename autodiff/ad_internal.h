@@ -8,6 +8,7 @@
 #include "ad.h"
 
 #include <stdarg.h>
+#include <string.h>
 
 typedef struct ad_node ad_node;
 
@@ -228,6 +229,31 @@ typedef struct {
 } ad__afile;
 int ad__afile_open(ad__afile *a, const char *path);
 int ad__afile_finish(ad__afile *a, const char *path, int err);
+
+/* 1 when every element of x (f32 or f64) is finite: the exponent field is
+ * all ones exactly for NaN and Inf, tested with integer ops so the loop
+ * vectorizes (cheap enough for per-step checks; search for the element
+ * only when this says 0). */
+static inline int ad__all_finite(const ad_tensor *x) {
+  uint64_t bad = 0;
+  const unsigned char *u = (const unsigned char *)x->data;
+  if (x->dtype == AD_F64) {
+    const uint64_t e = 0x7ff0000000000000ull;
+    for (int64_t j = 0; j < x->size; j++) {
+      uint64_t b; /* memcpy: the bits without breaking aliasing rules */
+      memcpy(&b, u + 8 * j, 8);
+      bad |= (b & e) == e;
+    }
+  } else {
+    const uint32_t e = 0x7f800000u;
+    for (int64_t j = 0; j < x->size; j++) {
+      uint32_t b;
+      memcpy(&b, u + 4 * j, 4);
+      bad |= (b & e) == e;
+    }
+  }
+  return !bad;
+}
 
 /* Typed element pointers. */
 #define AD_F(x) ((float *)(x)->data)

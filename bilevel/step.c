@@ -264,25 +264,8 @@ ad_status bl__check_finite(bl_run *r, int n, ad_tensor *const *x, const char *wh
   for (int i = 0; i < n; i++) {
     if (!x[i]) continue;
     const ad_tensor *t = x[i];
-    /* exponent all ones = NaN or Inf: integer tests, one vectorized pass */
-    uint64_t any = 0;
-    if (t->dtype == AD_F64) {
-      const unsigned char *u = (const unsigned char *)t->data;
-      const uint64_t e = 0x7ff0000000000000ull;
-      for (int64_t j = 0; j < t->size; j++) {
-        uint64_t b; /* memcpy: the bits without breaking aliasing rules */
-        memcpy(&b, u + 8 * j, 8);
-        any |= (b & e) == e;
-      }
-    } else {
-      const unsigned char *u = (const unsigned char *)t->data;
-      const uint32_t e = 0x7f800000u;
-      for (int64_t j = 0; j < t->size; j++) {
-        uint32_t b;
-        memcpy(&b, u + 4 * j, 4);
-        any |= (b & e) == e;
-      }
-    }
+    /* one vectorized pass (ad__all_finite); search only on failure */
+    int any = !ad__all_finite(t);
     int64_t bad = -1;
     for (int64_t j = 0; any && j < t->size && bad < 0; j++)
       if (!isfinite(ad_get(t, j))) bad = j;
