@@ -8,6 +8,7 @@
 #include "ad.h"
 
 #include <stdarg.h>
+#include <string.h>
 
 typedef struct ad_node ad_node;
 
@@ -222,6 +223,47 @@ const char *ad__dims_str(int ndim, const int64_t *shape, char *buf, size_t len);
 int64_t ad__numel(int ndim, const int64_t *shape);
 /* Sizes around an axis: outer * n * inner = size. */
 void ad__split(const ad_tensor *x, int axis, int64_t *outer, int64_t *n, int64_t *inner);
+
+/* Atomic file replacement (atomic_file.c). ad__afile_open makes a
+ * temporary file, mode 0644, beside path and returns 0, or an errno: ENOMEM
+ * leaves tmp NULL; any other keeps tmp (the name tried, for the caller's
+ * message) until ad__afile_finish. The caller writes to fd, or to a FILE or
+ * gzFile on dup(fd) which it closes first, then calls ad__afile_finish with
+ * err 0 (its writes succeeded) or the errno of its failure. finish fsyncs
+ * and closes fd, renames the temporary over path and fsyncs the directory;
+ * on err or any failure it removes the temporary, leaving an existing file
+ * as it was. It frees tmp and returns 0 or the first errno. */
+typedef struct {
+  char *tmp;
+  int fd;
+} ad__afile;
+int ad__afile_open(ad__afile *a, const char *path);
+int ad__afile_finish(ad__afile *a, const char *path, int err);
+
+/* 1 when every element of x (f32 or f64) is finite: the exponent field is
+ * all ones exactly for NaN and Inf, tested with integer ops so the loop
+ * vectorizes (cheap enough for per-step checks; search for the element
+ * only when this says 0). */
+static inline int ad__all_finite(const ad_tensor *x) {
+  uint64_t bad = 0;
+  const unsigned char *u = (const unsigned char *)x->data;
+  if (x->dtype == AD_F64) {
+    const uint64_t e = 0x7ff0000000000000ull;
+    for (int64_t j = 0; j < x->size; j++) {
+      uint64_t b; /* memcpy: the bits without breaking aliasing rules */
+      memcpy(&b, u + 8 * j, 8);
+      bad |= (b & e) == e;
+    }
+  } else {
+    const uint32_t e = 0x7f800000u;
+    for (int64_t j = 0; j < x->size; j++) {
+      uint32_t b;
+      memcpy(&b, u + 4 * j, 4);
+      bad |= (b & e) == e;
+    }
+  }
+  return !bad;
+}
 
 /* Typed element pointers. */
 #define AD_F(x) ((float *)(x)->data)

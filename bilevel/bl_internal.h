@@ -192,6 +192,13 @@ ad_tensor *bl__dot_tape(ad_tape *t, int n, ad_tensor *const *a, ad_tensor *const
  * r->lib; called by bl__begin. */
 ad_status bl__step_resolve(bl_run *r, ad_tensor *const *w);
 
+/* A library optimizer with its settings already resolved (ctx = the
+ * nn_opt_cfg) as a bl_step_fn: state slots m then v, as nn_opt_state keeps
+ * them for cfg->kind. p->opt's provider calls it; so do the meta methods. */
+ad_status bl__cfg_step(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *state,
+                       ad_tensor *const *g, ad_tensor *const *lam, int64_t step, void *ctx,
+                       ad_tensor **w_new, ad_tensor **state_new);
+
 /* The step's name for messages: "user step" or the step's own name. */
 const char *bl__step_name(const bl_run *r);
 

@@ -17,12 +17,10 @@
 #include "bl_internal.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -1218,25 +1216,6 @@ static ad_status encode(bl_engine *e, buf *b) {
   return AD_OK;
 }
 
-/* fsyncs the directory holding path so the rename itself is durable. */
-static void sync_dir(const char *path) {
-  const char *slash = strrchr(path, '/');
-  char dir[4096];
-  if (!slash) {
-    strcpy(dir, ".");
-  } else {
-    size_t n = (size_t)(slash - path);
-    if (n == 0) n = 1;
-    if (n >= sizeof dir) return;
-    memcpy(dir, path, n);
-    dir[n] = 0;
-  }
-  int fd = open(dir, O_RDONLY);
-  if (fd < 0) return;
-  fsync(fd);
-  close(fd);
-}
-
 ad_status bl_engine_save(bl_engine *e, const char *path) {
   ad_status s = need_built(e, "bl_engine_save");
   if (s) return s;
@@ -1247,48 +1226,33 @@ ad_status bl_engine_save(bl_engine *e, const char *path) {
     free(b.p);
     return s;
   }
-  size_t plen = strlen(path);
-  char *tmp = malloc(plen + 16);
-  if (!tmp) {
-    free(b.p);
-    return efail(e, AD_ERR_NOMEM, "bl_engine_save: out of memory");
-  }
-  memcpy(tmp, path, plen);
-  memcpy(tmp + plen, ".tmp.XXXXXX", 12);
-  int fd = mkstemp(tmp);
-  if (fd < 0) {
-    s = efail(e, AD_ERR_IO, "bl_engine_save: cannot create a temporary file %s: %s", tmp,
-              strerror(errno));
-    free(tmp);
+  ad__afile af;
+  int err = ad__afile_open(&af, path);
+  if (err) {
+    if (!af.tmp)
+      s = efail(e, AD_ERR_NOMEM, "bl_engine_save: out of memory");
+    else
+      s = efail(e, AD_ERR_IO, "bl_engine_save: cannot create a temporary file %s: %s", af.tmp,
+                strerror(err));
+    ad__afile_finish(&af, path, err);
     free(b.p);
     return s;
   }
-  fchmod(fd, 0644); /* mkstemp makes 0600; a state file is not secret */
   size_t off = 0;
-  int ok = 1, err = 0;
-  while (ok && off < b.n) {
-    ssize_t k = write(fd, b.p + off, b.n - off);
+  while (!err && off < b.n) {
+    ssize_t k = write(af.fd, b.p + off, b.n - off);
     if (k < 0 && errno == EINTR) continue;
-    if (k <= 0) {
-      ok = 0;
-      err = errno;
-    } else {
+    if (k <= 0)
+      err = k < 0 && errno ? errno : EIO;
+    else
       off += (size_t)k;
-    }
   }
-  if (ok && fsync(fd) != 0) ok = 0, err = errno;
-  if (close(fd) != 0 && ok) ok = 0, err = errno;
-  if (ok && rename(tmp, path) != 0) ok = 0, err = errno;
-  if (!ok) {
-    unlink(tmp);
+  err = ad__afile_finish(&af, path, err);
+  if (err)
     s = efail(e, AD_ERR_IO,
               "bl_engine_save: writing %s failed: %s (the old file, if any, is "
               "unchanged)",
               path, strerror(err));
-  } else {
-    sync_dir(path);
-  }
-  free(tmp);
   free(b.p);
   return s;
 }

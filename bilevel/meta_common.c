@@ -22,35 +22,6 @@ static ad_status sgd_provider(ad_tape *t, int n, ad_tensor *const *w, ad_tensor 
   return AD_OK;
 }
 
-/* A library optimizer (ctx: the run's bl_meta_opt: its nn_opt_cfg, with
- * variables already pointing at the method's lam views, and which buffers
- * it keeps): the state list is m (slot 0, if kept) then v, handed to
- * nn_opt_step_diff as a tape state at step count `step`, so Adam's bias
- * correction sees k = step + 1 as in a plain run. */
-static ad_status opt_provider(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *state,
-                              ad_tensor *const *g, ad_tensor *const *lam, int64_t step, void *ctx,
-                              ad_tensor **w_new, ad_tensor **state_new) {
-  (void)lam;
-  const bl_meta_opt *o = ctx;
-  int um = o->uses_m, uv = o->uses_v;
-  nn_opt_state s;
-  memset(&s, 0, sizeof s);
-  s.n = n;
-  s.step = step;
-  s.on_tape = 1;
-  for (int i = 0; i < n; i++) {
-    if (um) s.m[i] = state[i];
-    if (uv) s.v[i] = state[um * n + i];
-  }
-  ad_status st = nn_opt_step_diff(t, &o->map.cfg, &s, n, w, g, w_new);
-  if (st) return st;
-  for (int i = 0; i < n; i++) {
-    if (um) state_new[i] = s.m[i];
-    if (uv) state_new[um * n + i] = s.v[i];
-  }
-  return AD_OK;
-}
-
 /* ---------------------------------------------------------------- checks */
 
 static int all_finite(const ad_tensor *x, int64_t *bad) {
@@ -253,7 +224,13 @@ static ad_status resolve_step(bl_meta_run *r) {
     if (st) return st;
     r->opt.uses_m = s.m[0] != NULL;
     r->opt.uses_v = s.v[0] != NULL;
-    r->step = (bl_step){.fn = opt_provider, .slots = r->opt.uses_m + r->opt.uses_v, .ctx = &r->opt, .name = "opt"};
+    /* step.c's provider with the cfg fixed: the state list is m (slot 0, if
+     * kept) then v, at step count `step`, so Adam's bias correction sees
+     * k = step + 1 as in a plain run. */
+    r->step = (bl_step){.fn = bl__cfg_step,
+                        .slots = r->opt.uses_m + r->opt.uses_v,
+                        .ctx = &r->opt.map.cfg,
+                        .name = "opt"};
     return AD_OK;
   }
   r->lr = p->inner_lr;

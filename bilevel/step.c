@@ -76,19 +76,31 @@ static const nn_opt_cfg *lib_cfg(const bl_run *r, ad_tensor *const *lam, bl_cfg_
   return &m->cfg;
 }
 
-/* The provider itself, a bl_step_fn (ctx = the bl_run). */
-static ad_status lib_step(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *state,
-                          ad_tensor *const *g, ad_tensor *const *lam, int64_t step, void *ctx,
-                          ad_tensor **w_new, ad_tensor **state_new) {
-  const bl_run *r = ctx;
-  bl_cfg_map m;
-  const nn_opt_cfg *cfg = lib_cfg(r, lam, &m);
+/* A library optimizer with its settings resolved, as a bl_step_fn (ctx =
+ * the nn_opt_cfg; lam is not read: the cfg's *_var fields already point at
+ * the lam it is for). The meta-learning methods use it directly. */
+ad_status bl__cfg_step(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *state,
+                       ad_tensor *const *g, ad_tensor *const *lam, int64_t step, void *ctx,
+                       ad_tensor **w_new, ad_tensor **state_new) {
+  (void)lam;
+  const nn_opt_cfg *cfg = ctx;
   nn_opt_state s;
   to_nn_state(cfg->kind, n, state, step, 1, &s);
   ad_status st = nn_opt_step_diff(t, cfg, &s, n, w, g, w_new);
   if (st) return st;
   from_nn_state(cfg->kind, n, &s, state_new);
   return AD_OK;
+}
+
+/* The provider itself, a bl_step_fn (ctx = the bl_run): p->opt resolved
+ * against the lam it is called with. */
+static ad_status lib_step(ad_tape *t, int n, ad_tensor *const *w, ad_tensor *const *state,
+                          ad_tensor *const *g, ad_tensor *const *lam, int64_t step, void *ctx,
+                          ad_tensor **w_new, ad_tensor **state_new) {
+  const bl_run *r = ctx;
+  bl_cfg_map m;
+  const nn_opt_cfg *cfg = lib_cfg(r, lam, &m);
+  return bl__cfg_step(t, n, w, state, g, lam, step, (void *)cfg, w_new, state_new);
 }
 
 /* ---------------------------------------------------------------- resolving */
@@ -252,25 +264,8 @@ ad_status bl__check_finite(bl_run *r, int n, ad_tensor *const *x, const char *wh
   for (int i = 0; i < n; i++) {
     if (!x[i]) continue;
     const ad_tensor *t = x[i];
-    /* exponent all ones = NaN or Inf: integer tests, one vectorized pass */
-    uint64_t any = 0;
-    if (t->dtype == AD_F64) {
-      const unsigned char *u = (const unsigned char *)t->data;
-      const uint64_t e = 0x7ff0000000000000ull;
-      for (int64_t j = 0; j < t->size; j++) {
-        uint64_t b; /* memcpy: the bits without breaking aliasing rules */
-        memcpy(&b, u + 8 * j, 8);
-        any |= (b & e) == e;
-      }
-    } else {
-      const unsigned char *u = (const unsigned char *)t->data;
-      const uint32_t e = 0x7f800000u;
-      for (int64_t j = 0; j < t->size; j++) {
-        uint32_t b;
-        memcpy(&b, u + 4 * j, 4);
-        any |= (b & e) == e;
-      }
-    }
+    /* one vectorized pass (ad__all_finite); search only on failure */
+    int any = !ad__all_finite(t);
     int64_t bad = -1;
     for (int64_t j = 0; any && j < t->size && bad < 0; j++)
       if (!isfinite(ad_get(t, j))) bad = j;

@@ -8,11 +8,11 @@
 
 #include "datasets/ds_internal.h"
 
+#include "autodiff/ad_internal.h"
+
 #include <errno.h>
-#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -373,25 +373,6 @@ static void put_be(unsigned char *b, uint64_t v, size_t n) {
   for (size_t i = 0; i < n; i++) b[i] = (unsigned char)(v >> (8 * (n - 1 - i)));
 }
 
-/* fsyncs the directory holding path, so the rename itself is durable.
- * Best effort: the data file was synced already. */
-static void sync_dir(const char *path) {
-  const char *slash = strrchr(path, '/');
-  char dir[4096] = ".";
-  if (slash == path) {
-    strcpy(dir, "/");
-  } else if (slash) {
-    size_t n = (size_t)(slash - path);
-    if (n >= sizeof dir) return;
-    memcpy(dir, path, n);
-    dir[n] = 0;
-  }
-  int fd = open(dir, O_RDONLY);
-  if (fd < 0) return;
-  fsync(fd);
-  close(fd);
-}
-
 ad_status ds_idx_write(const char *path, ds_idx_type type, int ndim, const int64_t *dims,
                        const void *data, int gzip) {
   ds_enter(__func__);
@@ -413,36 +394,33 @@ ad_status ds_idx_write(const char *path, ds_idx_type type, int ndim, const int64
   }
   int64_t count = bytes / (int64_t)esize;
 
-  /* Atomic, like nn_params_save: the bytes go to a temporary file next to
-   * path, are fsync'ed, and the temporary is renamed over path. A failure
-   * at any step removes the temporary and leaves an existing file as it
-   * was (writing in place and removing on failure lost the old file). */
-  size_t plen = strlen(path);
-  char *tmp = malloc(plen + 12);
-  if (!tmp) return ds_fail(AD_ERR_NOMEM, "ds_idx_write: %s: out of memory", path);
-  memcpy(tmp, path, plen);
-  memcpy(tmp + plen, ".tmp.XXXXXX", 12);
-  int fd = mkstemp(tmp);
-  if (fd < 0) {
-    ad_status st = ds_fail(AD_ERR_IO, "ds_idx_write: %s: cannot create a temporary file %s: %s",
-                           path, tmp, strerror(errno));
-    free(tmp);
+  /* Atomic (ad__afile, like nn_params_save): a failure at any step removes
+   * the temporary and leaves an existing file as it was (writing in place
+   * and removing on failure lost the old file). */
+  ad__afile af;
+  int err = ad__afile_open(&af, path);
+  if (err) {
+    ad_status st =
+        !af.tmp ? ds_fail(AD_ERR_NOMEM, "ds_idx_write: %s: out of memory", path)
+                : ds_fail(AD_ERR_IO, "ds_idx_write: %s: cannot create a temporary file %s: %s",
+                          path, af.tmp, strerror(err));
+    ad__afile_finish(&af, path, err);
     return st;
   }
-  fchmod(fd, 0644); /* mkstemp makes 0600; a data file is not secret */
+  /* The stream gets a duplicate descriptor: af.fd stays open for the fsync
+   * in ad__afile_finish after the stream is closed. For gzip, zlib writes
+   * mtime 0 and no file name: the same input gives the same bytes. */
   idx_dst d = {NULL, NULL};
-  if (gzip) {
-    /* zlib writes mtime 0 and no file name: the same input gives the same
-     * bytes. It gets a duplicate descriptor, so fd stays open for fsync
-     * after gzclose has flushed the stream's end. */
-    int fd2 = dup(fd);
-    d.g = fd2 >= 0 ? gzdopen(fd2, "wb9") : NULL;
-    if (!d.g && fd2 >= 0) close(fd2);
-  } else {
-    d.f = fdopen(fd, "wb");
-    if (d.f) fd = -1; /* owned by d.f now */
+  int fd2 = dup(af.fd);
+  if (fd2 >= 0) {
+    if (gzip)
+      d.g = gzdopen(fd2, "wb9");
+    else
+      d.f = fdopen(fd2, "wb");
+    if (!d.g && !d.f) close(fd2);
   }
-  int ok = d.g || d.f, err = ok ? 0 : errno;
+  int ok = d.g || d.f;
+  err = ok ? 0 : errno;
 
   unsigned char head[4 + 4 * DS_IDX_MAX_DIMS];
   head[0] = head[1] = 0;
@@ -479,22 +457,14 @@ ad_status ds_idx_write(const char *path, ds_idx_type type, int ndim, const int64
   if (!ok && !err) err = errno;
   if (d.g) {
     if (gzclose(d.g) != Z_OK && ok) ok = 0, err = errno;
-    if (ok && fsync(fd) != 0) ok = 0, err = errno;
   } else if (d.f) {
-    if (ok && (fflush(d.f) != 0 || fsync(fileno(d.f)) != 0)) ok = 0, err = errno;
     if (fclose(d.f) != 0 && ok) ok = 0, err = errno;
   }
-  if (fd >= 0) close(fd);
-  if (ok && rename(tmp, path) != 0) ok = 0, err = errno;
-  ad_status st = AD_OK;
-  if (!ok) {
-    unlink(tmp);
-    st = ds_fail(AD_ERR_IO,
-                 "ds_idx_write: %s: write failed: %s (the old file, if any, is unchanged)", path,
-                 strerror(err ? err : EIO));
-  } else {
-    sync_dir(path);
-  }
-  free(tmp);
-  return st;
+  if (!ok && !err) err = EIO;
+  err = ad__afile_finish(&af, path, ok ? 0 : err);
+  if (err)
+    return ds_fail(AD_ERR_IO,
+                   "ds_idx_write: %s: write failed: %s (the old file, if any, is unchanged)", path,
+                   strerror(err));
+  return AD_OK;
 }

@@ -27,14 +27,14 @@
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include "example_util.h"
 #include "hypertape.h"
+#include "mlp_hpo.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-enum { IN = 784, HIDDEN = 200, OUT = 10, BATCH = 128, EVAL_BATCH = 512 };
-enum { CLS = 0, HPO = 1 }; /* level ids, in the order they are added */
+enum { EVAL_BATCH = 512 };
 
 typedef struct {
   ad_tensor *const *fixed_lam; /* the baseline: a decay that is no level's parameter */
@@ -44,20 +44,8 @@ typedef struct {
 static ad_tensor *loss(ad_tape *t, const bl_vars *v, void *ctx) {
   const loss_ctx *c = ctx;
   ad_tensor *const *w = v->p[CLS], *const *lam = c->fixed_lam ? c->fixed_lam : v->p[HPO];
-  ad_tensor *h = ad_relu(t, ad_matmul(t, v->x, w[0], 0, 0));
-  ad_tensor *L = ad_cross_entropy(t, ad_matmul(t, h, w[1], 0, 0), v->labels, v->n);
-  for (int i = 0; i < 2; i++)
-    L = ad_add(t, L, ad_scale(t, ad_dot(t, ad_mul(t, lam[i], w[i]), w[i]), 0.5));
-  return L;
-}
-
-/* Keeps every decay >= 0 after each Adam step. */
-static void nonneg(int n, ad_tensor *const *lam, void *ctx) {
-  (void)ctx;
-  for (int i = 0; i < n; i++) {
-    float *p = lam[i]->data;
-    for (int64_t j = 0; j < lam[i]->size; j++) p[j] = p[j] < 0 ? 0 : p[j];
-  }
+  return mlp_add_decay(t, ad_cross_entropy(t, mlp_logits(t, v->x, w), v->labels, v->n), w, lam,
+                       0.5);
 }
 
 static double accuracy(ad_tape *t, ad_tensor *const *w, const ds_dataset *d) {
@@ -67,26 +55,12 @@ static double accuracy(ad_tape *t, ad_tensor *const *w, const ds_dataset *d) {
     int64_t n = d->n - s < EVAL_BATCH ? d->n - s : EVAL_BATCH;
     ad_marker m = ad_mark(t);
     ad_tensor *x = ad_const(t, AD_F32, 2, (int64_t[]){n, IN}, ((const float *)d->x->data) + s * IN);
-    ad_tensor *lg = ad_matmul(t, ad_relu(t, ad_matmul(t, x, w[0], 0, 0)), w[1], 0, 0);
+    ad_tensor *lg = mlp_logits(t, x, w);
     if (lg) right += ex_hits(lg, d->labels + s);
     ad_rewind(t, m);
   }
   ad_set_recording(t, prev);
   return (double)right / (double)d->n;
-}
-
-/* Kaiming-scaled normal weights from the seed; every decay 1e-4. */
-static int make_params(ad_tensor **w, ad_tensor **lam, uint64_t seed) {
-  ad_rng rng;
-  ad_rng_seed(&rng, seed);
-  const int64_t shapes[2][2] = {{IN, HIDDEN}, {HIDDEN, OUT}};
-  for (int i = 0; i < 2; i++) {
-    if (ad_tensor_new(&w[i], AD_F32, 2, shapes[i]) || ad_tensor_new(&lam[i], AD_F32, 2, shapes[i]))
-      return -1;
-    ad_tensor_fill_normal(w[i], &rng, 0.0, sqrt(2.0 / (double)shapes[i][0]));
-    for (int64_t j = 0; j < lam[i]->size; j++) ad_set(lam[i], j, 1e-4);
-  }
-  return 0;
 }
 
 /* This example's own options, beside the MNIST ones of example_util.h. */
@@ -105,8 +79,8 @@ int main(int argc, char **argv) {
       {"--method", EX_STR, &h.method, "M", .help = "the hypergradient method", .choices = names},
       {"--outer", EX_I64, &h.outer, "N", .help = "engine steps = steps of the decay", .min = 1,
        .max = 1e6},
-      {"--inner", EX_I64, &h.inner, "T",
-       .help = "classifier steps per engine step = unroll length", .min = 1, .max = 1e6},
+      {"--inner", EX_I64, &h.inner, "T", .help = "classifier steps per engine step = unroll length",
+       .min = 1, .max = 1e6},
       {"--outer-lr", EX_DOUBLE, &h.outer_lr, "LR", .help = "Adam's learning rate on the decays",
        .max = 10, .gt_min = 1},
       {"--lr", EX_DOUBLE, &o.lr, "LR", .help = "the classifier's SGD learning rate", .max = 100,
@@ -136,7 +110,7 @@ int main(int argc, char **argv) {
     return 1;
   }
   ad_tensor *w[2] = {0}, *lam[2] = {0}, *w_base[2] = {0}, *lam_base[2] = {0};
-  if (make_params(w, lam, o.seed) || make_params(w_base, lam_base, o.seed)) {
+  if (mlp_make_params(w, lam, o.seed) || mlp_make_params(w_base, lam_base, o.seed)) {
     fprintf(stderr, "hpo_mnist: %s\n", ad_last_error());
     return 1;
   }
@@ -170,7 +144,7 @@ int main(int argc, char **argv) {
                             .opt = &adam,
                             .data = train,
                             .batch = {.batch = BATCH, .seed = o.seed + 1},
-                            .project = nonneg,
+                            .project = mlp_nonneg,
                             .n_deps = 1,
                             .deps = {{.level = "classifier", .method_name = h.method}}},
                 NULL);

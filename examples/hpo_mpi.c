@@ -21,14 +21,12 @@
 #include "bilevel/bl_mpi.h"
 #include "example_util.h"
 #include "hypertape.h"
+#include "mlp_hpo.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-enum { IN = 784, HIDDEN = 200, OUT = 10, BATCH = 128 };
-enum { CLS = 0, HPO = 1 };
 
 typedef struct {
   int size;        /* ranks */
@@ -41,34 +39,9 @@ typedef struct {
 static ad_tensor *local_loss(ad_tape *t, const bl_vars *v, void *ctx) {
   const share_ctx *c = ctx;
   ad_tensor *const *w = v->p[CLS], *const *lam = v->p[HPO];
-  ad_tensor *h = ad_relu(t, ad_matmul(t, v->x, w[0], 0, 0));
-  ad_tensor *ce = ad_cross_entropy(t, ad_matmul(t, h, w[1], 0, 0), v->labels, v->n);
-  ad_tensor *L = ad_scale(t, ce, (double)v->n / (double)c->batch_g);
-  for (int i = 0; i < 2; i++)
-    L = ad_add(t, L, ad_scale(t, ad_dot(t, ad_mul(t, lam[i], w[i]), w[i]), 0.5 / c->size));
-  return L;
-}
-
-static void nonneg(int n, ad_tensor *const *lam, void *ctx) {
-  (void)ctx;
-  for (int i = 0; i < n; i++) {
-    float *p = lam[i]->data;
-    for (int64_t j = 0; j < lam[i]->size; j++) p[j] = p[j] < 0 ? 0 : p[j];
-  }
-}
-
-/* The same weights on every rank: the same seed. */
-static int make_params(ad_tensor **w, ad_tensor **lam, uint64_t seed) {
-  ad_rng rng;
-  ad_rng_seed(&rng, seed);
-  const int64_t shapes[2][2] = {{IN, HIDDEN}, {HIDDEN, OUT}};
-  for (int i = 0; i < 2; i++) {
-    if (ad_tensor_new(&w[i], AD_F32, 2, shapes[i]) || ad_tensor_new(&lam[i], AD_F32, 2, shapes[i]))
-      return -1;
-    ad_tensor_fill_normal(w[i], &rng, 0.0, sqrt(2.0 / (double)shapes[i][0]));
-    for (int64_t j = 0; j < lam[i]->size; j++) ad_set(lam[i], j, 1e-4);
-  }
-  return 0;
+  ad_tensor *ce = ad_cross_entropy(t, mlp_logits(t, v->x, w), v->labels, v->n);
+  return mlp_add_decay(t, ad_scale(t, ce, (double)v->n / (double)c->batch_g), w, lam,
+                       0.5 / c->size);
 }
 
 int main(int argc, char **argv) {
@@ -116,7 +89,7 @@ int main(int argc, char **argv) {
   ad_tensor *w[2] = {0}, *lam[2] = {0};
   bl_mpi *d = NULL;
   bl_engine *e = NULL;
-  if (ex_load_mnist("hpo_mpi", &o, &train, &test) || make_params(w, lam, o.seed) ||
+  if (ex_load_mnist("hpo_mpi", &o, &train, &test) || mlp_make_params(w, lam, o.seed) ||
       bl_mpi_open(&d, MPI_COMM_WORLD, NULL)) {
     fprintf(stderr, "hpo_mpi: rank %d: %s\n", rank, ad_last_error());
     MPI_Abort(MPI_COMM_WORLD, 1); /* before the first collective: nothing to agree on */
@@ -152,7 +125,7 @@ int main(int argc, char **argv) {
                             .opt = &adam,
                             .data = shard,
                             .batch = {.batch = local_batch, .seed = o.seed + 1000 + (uint64_t)rank},
-                            .project = nonneg,
+                            .project = mlp_nonneg,
                             .n_deps = 1,
                             .deps = {{.level = "classifier", .method_name = method}}},
                 NULL);

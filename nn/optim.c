@@ -109,36 +109,11 @@ static ad_status check_numbers(ad_tape *t, const char *who, const nn_opt_cfg *c)
   return AD_OK;
 }
 
-/* 1 when every element of v is finite: the exponent field is all ones
- * exactly for NaN and Inf, tested with integer ops so the loop vectorizes
- * (a per-step check of per-element decay variables stays cheap). */
-static int all_finite(const ad_tensor *v) {
-  uint64_t bad = 0;
-  if (v->dtype == AD_F64) {
-    const unsigned char *u = (const unsigned char *)v->data;
-    const uint64_t e = 0x7ff0000000000000ull;
-    for (int64_t j = 0; j < v->size; j++) {
-      uint64_t b; /* memcpy: the bits without breaking aliasing rules */
-      memcpy(&b, u + 8 * j, 8);
-      bad |= (b & e) == e;
-    }
-  } else {
-    const unsigned char *u = (const unsigned char *)v->data;
-    const uint32_t e = 0x7f800000u;
-    for (int64_t j = 0; j < v->size; j++) {
-      uint32_t b;
-      memcpy(&b, u + 4 * j, 4);
-      bad |= (b & e) == e;
-    }
-  }
-  return !bad;
-}
-
 /* A tape-variable hyperparameter must be finite in every element. */
 static ad_status check_var(ad_tape *t, const char *who, const char *name, int i,
                            const ad_tensor *v) {
   if (!v) return AD_OK;
-  if (all_finite(v)) return AD_OK; /* one vectorized pass; search only on failure */
+  if (ad__all_finite(v)) return AD_OK; /* one vectorized pass; search only on failure */
   for (int64_t j = 0; j < v->size; j++) {
     double x = ad_get(v, j);
     if (!isfinite(x)) {

@@ -25,11 +25,9 @@
 #include "nn_internal.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -121,26 +119,6 @@ static int write_elems(FILE *f, const void *src, size_t n, size_t es, uLong *crc
   return 1;
 }
 
-/* fsyncs the directory holding path so the rename itself is durable. */
-static void sync_dir(const char *path) {
-  char dir[4096];
-  const char *slash = strrchr(path, '/');
-  if (!slash) {
-    strcpy(dir, ".");
-  } else if (slash == path) {
-    strcpy(dir, "/");
-  } else {
-    size_t n = (size_t)(slash - path);
-    if (n >= sizeof dir) return;
-    memcpy(dir, path, n);
-    dir[n] = 0;
-  }
-  int fd = open(dir, O_RDONLY);
-  if (fd < 0) return;
-  fsync(fd); /* best effort: the data file itself was synced already */
-  close(fd);
-}
-
 ad_status nn_params_save(const nn_params *p, const char *path) {
   if (!p || !path) return ad__set_last(AD_ERR_NULL, "nn_params_save: NULL argument");
   bytes h = {0};
@@ -161,26 +139,22 @@ ad_status nn_params_save(const nn_params *p, const char *path) {
     free(h.p);
     return ad__set_last(AD_ERR_NOMEM, "nn_params_save: out of memory");
   }
-  size_t plen = strlen(path);
-  char *tmp = malloc(plen + 16);
-  if (!tmp) {
-    free(h.p);
-    return ad__set_last(AD_ERR_NOMEM, "nn_params_save: out of memory");
-  }
-  memcpy(tmp, path, plen);
-  memcpy(tmp + plen, ".tmp.XXXXXX", 12);
-  int fd = mkstemp(tmp);
-  if (fd < 0) {
-    ad_status s = ad__set_last(AD_ERR_IO, "nn_params_save: cannot create a temporary file %s: %s",
-                               tmp, strerror(errno));
-    free(tmp);
+  ad__afile af;
+  int err = ad__afile_open(&af, path);
+  if (err) {
+    ad_status s =
+        !af.tmp ? ad__set_last(AD_ERR_NOMEM, "nn_params_save: out of memory")
+                : ad__set_last(AD_ERR_IO, "nn_params_save: cannot create a temporary file %s: %s",
+                               af.tmp, strerror(err));
+    ad__afile_finish(&af, path, err);
     free(h.p);
     return s;
   }
-  fchmod(fd, 0644); /* mkstemp makes 0600; a parameter file is not secret */
-  FILE *f = fdopen(fd, "wb");
+  /* On a duplicate descriptor: af.fd stays open for ad__afile_finish's fsync. */
+  int fd2 = dup(af.fd);
+  FILE *f = fd2 >= 0 ? fdopen(fd2, "wb") : NULL;
+  if (!f && fd2 >= 0) close(fd2);
   int ok = f != NULL;
-  if (!f) close(fd);
   uLong crc = crc32(0L, Z_NULL, 0);
   if (ok) {
     crc = crc_update(crc, h.p, h.n);
@@ -193,29 +167,16 @@ ad_status nn_params_save(const nn_params *p, const char *path) {
     for (int i = 0; i < 4; i++) c[i] = (unsigned char)(crc >> (8 * i));
     ok = fwrite(c, 1, 4, f) == 4;
   }
-  if (ok) ok = fflush(f) == 0 && fsync(fileno(f)) == 0;
-  int err = errno;
-  if (f && fclose(f) != 0 && ok) {
-    ok = 0;
-    err = errno;
-  }
-  if (ok && rename(tmp, path) != 0) {
-    ok = 0;
-    err = errno;
-  }
-  ad_status s = AD_OK;
-  if (!ok) {
-    unlink(tmp);
-    s = ad__set_last(AD_ERR_IO,
-                     "nn_params_save: writing %s failed: %s (the old file, if any, is "
-                     "unchanged)",
-                     path, strerror(err));
-  } else {
-    sync_dir(path);
-  }
-  free(tmp);
+  err = ok ? 0 : (errno ? errno : EIO);
+  if (f && fclose(f) != 0 && !err) err = errno ? errno : EIO;
+  err = ad__afile_finish(&af, path, err);
   free(h.p);
-  return s;
+  if (err)
+    return ad__set_last(AD_ERR_IO,
+                        "nn_params_save: writing %s failed: %s (the old file, if any, is "
+                        "unchanged)",
+                        path, strerror(err));
+  return AD_OK;
 }
 
 /* ---------------------------------------------------------------- load */
