@@ -628,9 +628,17 @@ ad_status bl_mpi_call(bl_mpi *d, bl_method_fn f, ad_tape *t, const bl_problem *p
   ad_status local = new_like(p->n_lam, hg, tmp);
   if (local) ad_custom_fail(t, local, "bl_mpi_call: out of memory on rank %d", d->rank);
   bl_stats lst = {0};
-  if (!local) local = f(t, p, o, tmp, &lst);
-  if (local && !ad_tape_status(t))
+  /* A method's error stops being in force when it rewinds past it (ad.h),
+   * but its message stays: start from no message, so a message after the
+   * call is the method's own, and only a silent failure gets ours. */
+  if (!local) {
+    ad_tape_clear_error(t);
+    local = f(t, p, o, tmp, &lst);
+  }
+  if (local && !*ad_tape_errmsg(t))
     ad_custom_fail(t, local, "bl_mpi_call: the method failed (%s)", ad_status_str(local));
+  else if (local && !ad_tape_status(t))
+    ad_custom_fail(t, local, "%s", ad_tape_errmsg(t)); /* in force again, for the agreement */
   /* The outcome, agreed: a failure anywhere is every rank's failure, and a
    * success must have produced the same bits everywhere. */
   uint64_t hh = local ? 0 : hash_values(p->n_lam, tmp);
@@ -767,9 +775,12 @@ ad_status bl_mpi_meta(bl_mpi *d, bl_meta_method_fn f, ad_tape *t, const bl_meta_
     lp.support_loss = meta_support;
     lp.query_loss = meta_query;
     lp.ctx = &mc;
+    ad_tape_clear_error(t); /* as in bl_mpi_call */
     local = f(t, &lp, o, tmp, &lst);
-    if (local && !ad_tape_status(t))
+    if (local && !*ad_tape_errmsg(t))
       ad_custom_fail(t, local, "bl_mpi_meta: the method failed (%s)", ad_status_str(local));
+    else if (local && !ad_tape_status(t))
+      ad_custom_fail(t, local, "%s", ad_tape_errmsg(t));
   }
   /* this rank's share of the mean: (n_r / N) * its own mean */
   double wgt = (double)(hi - lo) / N;

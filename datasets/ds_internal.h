@@ -2,6 +2,7 @@
 #ifndef HYPERTAPE_DS_INTERNAL_H
 #define HYPERTAPE_DS_INTERNAL_H
 
+#include "autodiff/ad_internal.h"
 #include "datasets/ds.h"
 
 #if defined(__GNUC__)
@@ -36,17 +37,17 @@ ad_status ds_tensor_new(ad_tensor **out, ad_dtype dt, int ndim, const int64_t *s
 /* 1 if dt is a dtype the tensors know. */
 int ds_dtype_ok(ad_dtype dt);
 
-/* Checked size arithmetic, the builtins' convention: returns 1 (and leaves
- * *r unspecified) when a * b or a + b does not fit an int64_t, else 0 with
- * the result in *r. Every size, count and byte computation on values that
- * come from a file or a caller goes through these, so a huge dimension is
- * an error message instead of a wrapped product and a short buffer. (Kept
- * to the ds_ prefix until the autodiff core has a shared one.) */
+/* Checked size arithmetic: autodiff's one implementation (ad__mul_i64 /
+ * ad__add_i64 in autodiff/ad_internal.h), in the builtins' convention the
+ * loaders read best: returns 1 when a * b or a + b does not fit an int64_t,
+ * else 0 with the result in *r. Every size, count and byte computation on
+ * values that come from a file or a caller goes through these, so a huge
+ * dimension is an error message instead of a wrapped product. */
 static inline int ds_mul_overflow(int64_t a, int64_t b, int64_t *r) {
-  return __builtin_mul_overflow(a, b, r);
+  return !ad__mul_i64(a, b, r);
 }
 static inline int ds_add_overflow(int64_t a, int64_t b, int64_t *r) {
-  return __builtin_add_overflow(a, b, r);
+  return !ad__add_i64(a, b, r);
 }
 /* Product of n sizes, each >= 0, times esize (pass 1 for a count): 1 on
  * overflow, else 0 with the product in *r. */

@@ -45,44 +45,35 @@ static ad_tensor *local_loss(ad_tape *t, const bl_vars *v, void *ctx) {
 }
 
 int main(int argc, char **argv) {
+  const char *method = "unroll";
+  int64_t outer = 10, inner = 10;
+  ex_options o = {.threads = 0, .seed = 7, .lr = 0.1};
+  const char *names[BL_METHOD_COUNT + 1] = {NULL};
+  for (int m = 0; m < BL_METHOD_COUNT; m++) names[m] = bl_method_name((bl_method)m);
+  const ex_opt opts[] = {
+      {"--method", EX_STR, &method, "M", .help = "the hypergradient method", .choices = names},
+      {"--outer", EX_I64, &outer, "N", .help = "engine steps", .min = 1, .max = 1e6},
+      {"--inner", EX_I64, &inner, "T", .help = "classifier steps per engine step", .min = 1,
+       .max = 1e6},
+      {"--lr", EX_DOUBLE, &o.lr, "LR", .help = "the classifier's SGD learning rate", .max = 100,
+       .gt_min = 1},
+      {"--data", EX_STR, &o.data, "DIR",
+       .help = "MNIST or Fashion-MNIST IDX files (default: the embedded subset)"},
+      {"--limit", EX_I64, &o.limit, "N", .help = "only the first N train and test examples",
+       .max = 1e9},
+      {"--seed", EX_U64, &o.seed, "S", .help = "seeds the initial weights and the batch order"},
+      EX_OPT_THREADS(&o.threads),
+      {0}};
+  /* Parsed before MPI starts: a usage error exits with status 2 on every
+   * rank alike, with nothing to finalize. */
+  ex_parse_args(argc, argv,
+                "hpo_mnist's two levels data-parallel over MPI: per-rank and total throughput",
+                opts);
   MPI_Init(&argc, &argv);
   int rank, size;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &size);
-  const char *method = "unroll";
-  long outer = 10, inner = 10;
-  ex_options o = {.threads = 1, .seed = 7, .lr = 0.1};
-  /* ours: --method --outer --inner; the rest to ex_parse */
-  char **rest = calloc((size_t)argc + 1, sizeof *rest);
-  int nrest = 0, pr = rest ? 0 : -1;
-  if (rest) rest[nrest++] = argv[0];
-  for (int i = 1; i < argc && !pr; i++) {
-    const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-    char *end = NULL;
-    if (v && !strcmp(a, "--method")) {
-      method = v, i++;
-    } else if (v && (!strcmp(a, "--outer") || !strcmp(a, "--inner"))) {
-      long n = strtol(v, &end, 10);
-      if (*end || n < 1) {
-        if (!rank) fprintf(stderr, "hpo_mpi: bad value '%s' for %s\n", v, a);
-        pr = -1;
-      }
-      *(!strcmp(a, "--outer") ? &outer : &inner) = n, i++;
-    } else {
-      rest[nrest++] = argv[i];
-    }
-  }
-  if (!pr) pr = ex_parse(nrest, rest, &o);
-  free(rest);
-  if (!pr && bl_method_from_name(method) < 0) {
-    if (!rank) fprintf(stderr, "hpo_mpi: unknown --method %s\n", method);
-    pr = -1;
-  }
-  if (pr) {
-    MPI_Finalize();
-    return pr > 0 ? 0 : 2;
-  }
-  ad_blas_set_threads(o.threads);
+  ex_set_threads(o.threads);
 
   int rc = 0;
   ds_dataset *train = NULL, *test = NULL, *shard = NULL;
@@ -137,8 +128,9 @@ int main(int argc, char **argv) {
   }
   if (!rank && !rc)
     printf("hpo_mpi: %d ranks, %lld train digits (%lld on rank 0), batch %lld per rank, method "
-           "%s, T = %ld\n",
-           size, (long long)train->n, (long long)(hi - lo), (long long)local_batch, method, inner);
+           "%s, T = %lld\n",
+           size, (long long)train->n, (long long)(hi - lo), (long long)local_batch, method,
+           (long long)inner);
   bl_mpi_stats_reset(d);
   double t0 = ex_now_s();
   if (!rc && bl_engine_run(e, outer, NULL) != AD_OK) {

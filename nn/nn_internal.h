@@ -2,18 +2,20 @@
 #ifndef HYPERTAPE_NN_INTERNAL_H
 #define HYPERTAPE_NN_INTERNAL_H
 
+#include "autodiff/ad_internal.h"
+
 #include <stdint.h>
 
-/* Checked size arithmetic, the builtins' convention: returns 1 (and leaves
- * *r unspecified) when a * b or a + b does not fit an int64_t, else 0 with
- * the result in *r. Shapes from files and callers go through these, so a
- * huge dimension is a clear error instead of a wrapped product. (Kept to
- * the nn__ prefix until the autodiff core has a shared one.) */
+/* Checked size arithmetic: autodiff's one implementation (ad__mul_i64 /
+ * ad__add_i64 in autodiff/ad_internal.h) in the builtins' convention:
+ * returns 1 when a * b or a + b does not fit an int64_t, else 0 with the
+ * result in *r. Shapes from files and callers go through these, so a huge
+ * dimension is a clear error instead of a wrapped product. */
 static inline int nn__mul_overflow(int64_t a, int64_t b, int64_t *r) {
-  return __builtin_mul_overflow(a, b, r);
+  return !ad__mul_i64(a, b, r);
 }
 static inline int nn__add_overflow(int64_t a, int64_t b, int64_t *r) {
-  return __builtin_add_overflow(a, b, r);
+  return !ad__add_i64(a, b, r);
 }
 
 #endif
