@@ -12,6 +12,8 @@
 #                     learning rate and momentum it finds, per step
 #   teaching          |error| of every bl_ method against the closed form (log scale)
 #   maml_sinusoid     meta-training loss of each method against the meta-step
+#   engine logs       (hpo_mnist --log, any bl_engine json_path) each level's loss
+#                     and the hypergradient norm per engine step
 #   darts_search      search losses, and the architecture weights of each edge
 #   anything else     every numeric field against the first one, one panel each
 # Installs gnuplot-nox (and graphviz, which teaching uses to draw its tape)
@@ -108,6 +110,31 @@ set style fill solid 0.7; set boxwidth 0.7
 set xtics rotate by -40 noenhanced; set bmargin 8; set rmargin 6
 plot "$tmp/d" u 0:(\$2 > 1e-17 ? \$2 : 1e-17):xtic(1) w boxes notitle
 EOF
+elif has hg_norm; then
+  # The engine's JSON lines (bl_engine.h): each level's loss, and the
+  # hypergradient norm, per engine step.
+  levels="$(printf '%s\n' "$first" | sed -n 's/.*"loss": *{\([^}]*\)}.*/\1/p' | tr ',' '\n' |
+    sed -n 's/^ *"\([A-Za-z0-9_]*\)":.*/\1/p' | tr '\n' ' ')"
+  set -- $levels
+  [ $# -ge 1 ] || { echo "plot.sh: no level losses in $log" >&2; exit 1; }
+  columns step hg_norm "$@" <"$log" >"$tmp/d"
+  {
+    echo "$term"
+    echo "set output \"$png\""
+    echo "set multiplot layout 1,2 title \"engine run: $(basename "$log")\" noenhanced"
+    echo "set grid; set xlabel \"engine step\"; set ylabel \"loss\""
+    line="plot"
+    sep=""
+    c=3
+    for l in "$@"; do
+      line="$line$sep \"$tmp/d\" u 1:$c w lp lw 2 t \"$l\" noenhanced"
+      sep=","
+      c=$((c + 1))
+    done
+    echo "$line"
+    echo "set ylabel \"|hypergradient|\"; plot \"$tmp/d\" u 1:2 w lp lw 2 t \"hypergradient norm\""
+    echo "unset multiplot"
+  } | gnuplot
 elif has maml_train_loss; then
   # One series per method: each line holds one method's loss.
   for m in maml fomaml imaml metasgd baseline; do
