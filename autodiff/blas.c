@@ -461,7 +461,11 @@ AD_VEC(ad_v2d, double, 16)
 #define DIRECT_NR_MAX 16
 
 #if AD_X86 && defined(__GNUC__)
+#if defined(__clang__) /* no optimize attribute; clang contracts a*b+c within a statement */
+#define AD_AVX2_ATTR __attribute__((target("avx2,fma")))
+#else
 #define AD_AVX2_ATTR __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
+#endif
 AD_DIRECT_KERNEL(direct_s_avx2, float, ad_v8f, ad_v8fu, 8, 4, AD_AVX2_ATTR)
 AD_DIRECT_KERNEL(direct_d_avx2, double, ad_v4d, ad_v4du, 4, 4, AD_AVX2_ATTR)
 #endif
