@@ -1291,6 +1291,18 @@ static int get_tensor(rd *r, ad_tensor *x, int apply) {
   if (r->bad || (r->n - r->off) / es < (size_t)x->size) return 0;
   for (int64_t i = 0; i < x->size; i++) {
     uint64_t u = get_u(r, (int)es);
+    /* The engine stops before a non-finite value reaches a parameter or an
+     * optimizer buffer, so a state that holds one is not one it wrote. */
+    double v;
+    if (x->dtype == AD_F64) {
+      memcpy(&v, &u, 8);
+    } else {
+      uint32_t u32 = (uint32_t)u;
+      float f;
+      memcpy(&f, &u32, 4);
+      v = f;
+    }
+    if (!isfinite(v)) return 0;
     if (!apply) continue;
     if (x->dtype == AD_F64) {
       memcpy((double *)x->data + i, &u, 8);
@@ -1350,8 +1362,9 @@ static ad_status decode(bl_engine *e, const unsigned char *p, size_t n, int appl
                (unsigned long long)nt, L->n);
     for (int j = 0; j < L->n; j++)
       if (!get_tensor(&r, L->params[j], apply))
-        LOAD_BAD("%s: level '%s': parameter %d differs in dtype or shape, or is truncated", who,
-                 L->name, j);
+        LOAD_BAD("%s: level '%s': parameter %d differs in dtype or shape, is truncated or holds a "
+                 "non-finite value",
+                 who, L->name, j);
     ad_tensor *sl[NN_MAX_PARAMS * BL_STEP_MAX_SLOTS];
     int ns = state_list(L, sl);
     int64_t ostep = (int64_t)get_u(&r, 8);
@@ -1360,7 +1373,9 @@ static ad_status decode(bl_engine *e, const unsigned char *p, size_t n, int appl
       LOAD_BAD("%s: level '%s': optimizer state does not match", who, L->name);
     for (int j = 0; j < ns; j++)
       if (!get_tensor(&r, sl[j], apply))
-        LOAD_BAD("%s: level '%s': optimizer buffer %d differs or is truncated", who, L->name, j);
+        LOAD_BAD("%s: level '%s': optimizer buffer %d differs, is truncated or holds a non-finite "
+                 "value",
+                 who, L->name, j);
     if (apply) {
       L->count = count;
       L->last_loss = ll;
