@@ -550,7 +550,8 @@ ad_tensor *ad_custom(ad_tape *t, const ad_custom_op *op, int n_in, ad_tensor *co
 #if defined(__GNUC__)
 __attribute__((format(printf, 3, 4)))
 #endif
-ad_status ad_custom_fail(ad_tape *t, ad_status s, const char *fmt, ...);
+ad_status
+ad_custom_fail(ad_tape *t, ad_status s, const char *fmt, ...);
 
 #ifdef __cplusplus
 }

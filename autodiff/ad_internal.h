@@ -48,7 +48,7 @@ struct ad_node {
   ad_tensor *out;
   ad_attrs a;
   ad_node *prev, *next;
-  size_t id;     /* creation order: increasing ids are a topological order */
+  size_t id;         /* creation order: increasing ids are a topological order */
   unsigned mark;     /* scratch stamp used by ad_grad's graph walk */
   unsigned phase;    /* AD_PHASE_*: what was running when it was recorded */
   const char *label; /* ad_tape_label range ("step 3"), or NULL */

@@ -236,7 +236,7 @@ typedef struct {
    * of the others); a method's own scratch rewinds may still free what only
    * it used. Results do not change. */
   int keep_tape;
-  bl_hoag_state *hoag;      /* HOAG: state across calls; NULL = plain CG at tol */
+  bl_hoag_state *hoag; /* HOAG: state across calls; NULL = plain CG at tol */
 } bl_opts;
 
 /* Every method: fills hg[k] (caller's heap tensors shaped like lam[k]) with

@@ -46,9 +46,9 @@
  * EX_DOUBLE double (finite only), EX_STR const char * (points into argv),
  * EX_FLAG int (no value; set to 1). Bounds: min <= value <= max, with
  * gt_min = 1 making it min < value; min == max == 0 means no bound beyond
- * the type's range (so "> 0, no upper bound" needs a max, e.g. 1e300). --help shows a default only when it lies in the
- * accepted range, so an out-of-range initial value (threads = 0) can mean
- * "not given".
+ * the type's range (so "> 0, no upper bound" needs a max, e.g. 1e300). --help shows a default only
+ * when it lies in the accepted range, so an out-of-range initial value (threads = 0) can mean "not
+ * given".
  *
  * After parsing, a check the table cannot express (two options that
  * contradict each other) reports through ex_usage_error(fmt, ...), which

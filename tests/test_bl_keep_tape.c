@@ -75,8 +75,7 @@ START_TEST(test_failure_leaves_nothing) {
   fx_rcase_setup(&c, 1, 3, 0.05);
   ad_tape *t = fx_tape(64);
   ad_set(c.hg[0], 0, 42.0);
-  ck_assert_int_eq(bl_unroll(t, &c.p, &(bl_opts){.K = -1, .keep_tape = 1}, c.hg, NULL),
-                   AD_ERR_ARG);
+  ck_assert_int_eq(bl_unroll(t, &c.p, &(bl_opts){.K = -1, .keep_tape = 1}, c.hg, NULL), AD_ERR_ARG);
   ck_assert_uint_eq(nodes(t), 0);
   ck_assert(ad_get(c.hg[0], 0) == 42.0);
   ad_tape_free(t);

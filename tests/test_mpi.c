@@ -552,7 +552,10 @@ START_TEST(test_rank_failure) {
     ck_assert_int_ne(s, AD_OK);
     ck_assert_int_ne(ad_tape_status(t), AD_OK);
     ck_assert_msg(strstr(ad_tape_errmsg(t), "simulated failure") != NULL, "%s: message: %s",
-                  k == 0 ? "unroll" : k == 1 ? "cg" : "forward", ad_tape_errmsg(t));
+                  k == 0   ? "unroll"
+                  : k == 1 ? "cg"
+                           : "forward",
+                  ad_tape_errmsg(t));
     if (R_ != P_ - 1) {
       char want[32];
       snprintf(want, sizeof want, "rank %d failed", P_ - 1);
