@@ -269,4 +269,20 @@ static inline int ad__all_finite(const ad_tensor *x) {
 #define AD_F(x) ((float *)(x)->data)
 #define AD_D(x) ((double *)(x)->data)
 
+/* ---- parallel loops (autodiff/parallel.c)
+ * Elementwise, reduction, im2col/col2im and pooling loops split [0, n) into
+ * `parts` contiguous ranges, part p covering [n*p/parts, n*(p+1)/parts),
+ * and run them on the library's worker threads (as many as
+ * ad_blas_threads()). parts = min(threads, n / grain), at least 1, so small
+ * loops stay on the caller's thread. The split depends only on n, grain and
+ * the thread count: a reduction that sums each part into partial[p] and
+ * then adds the partials in order of p gives the same bits on every run
+ * with the same thread count. fn must not call ad__par_for itself (nested
+ * calls run serially) and must not record on a tape. */
+typedef void (*ad__range_fn)(void *ctx, int part, int64_t lo, int64_t hi);
+/* The number of parts ad__par_for(n, grain, ...) uses now (1..threads). */
+int ad__par_parts(int64_t n, int64_t grain);
+/* Runs fn over every part and returns when all are done. */
+void ad__par_for(int64_t n, int64_t grain, ad__range_fn fn, void *ctx);
+
 #endif
