@@ -445,7 +445,27 @@ ad_status ad_blas_set_path(const char *path);
 /* The path a product of this shape takes (timed now if the shape is new;
  * "none" for sizes below 1). */
 const char *ad_blas_path(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, ad_dtype dt);
-/* Threads used inside each GEMM (default 1, or HYPERTAPE_THREADS). */
+/* ------------------------------------------------------------------ threads */
+
+/* The library's one thread setting: the threads inside each GEMM and in
+ * every threaded loop (elementwise ops, reductions, losses, copies and
+ * broadcasts, im2col/col2im, pooling, optimizer updates; loops below ~16K
+ * elements per thread stay on the calling thread). Default 1, or the
+ * HYPERTAPE_THREADS environment variable read on first use. n must be in
+ * 1..AD_MAX_THREADS: otherwise AD_ERR_ARG (with ad_last_error()) and the
+ * setting is kept. The loops' workers are made on the first loop that uses
+ * them and joined at exit. Results are deterministic for a fixed setting
+ * (a loop's split into parts depends only on its size and the setting);
+ * elementwise results are the same at every setting, a reduction's may
+ * differ in the last bits between settings. Change it between steps, not
+ * while another thread runs ops. Ops may be called from several threads at
+ * once (each with its own tape): a call that finds the workers busy with
+ * another thread's loop runs its loop on its own thread. */
+#define AD_MAX_THREADS 256
+ad_status ad_set_threads(int n);
+int ad_threads(void);
+/* The same setting under its older names; ad_blas_set_threads clamps n to
+ * 1..AD_MAX_THREADS instead of failing. */
 void ad_blas_set_threads(int n);
 int ad_blas_threads(void);
 

@@ -174,7 +174,7 @@ static atomic_int g_threads; /* threads per GEMM, >= 1 after init */
 
 /* Caps a thread request to something sane; never fails. */
 static int clamp_threads(long n) {
-  return n < 1 ? 1 : n > 256 ? 256 : (int)n;
+  return n < 1 ? 1 : n > AD_MAX_THREADS ? AD_MAX_THREADS : (int)n;
 }
 
 /* Builds the context for `e`. skx in BLIS 0.9.0 has no small/skinny ("sup")
@@ -828,10 +828,26 @@ const char *ad_blas_reason(void) {
   return buf;
 }
 
-/* Threads inside each GEMM; values below 1 mean 1, above 256 mean 256. */
+/* Threads inside each GEMM and each threaded loop; values below 1 mean 1,
+ * above AD_MAX_THREADS mean AD_MAX_THREADS. */
 void ad_blas_set_threads(int n) {
   ensure_init();
   atomic_store(&g_threads, clamp_threads(n));
+}
+
+/* The same setting, refusing what clamp_threads would change. */
+ad_status ad_set_threads(int n) {
+  if (n < 1 || n > AD_MAX_THREADS)
+    return ad__set_last(AD_ERR_ARG, "ad_set_threads: %d threads (1..%d allowed)", n,
+                        AD_MAX_THREADS);
+  ensure_init();
+  atomic_store(&g_threads, n);
+  ad__clear_last();
+  return AD_OK;
+}
+
+int ad_threads(void) {
+  return ad_blas_threads();
 }
 
 /* Threads inside each GEMM now (HYPERTAPE_THREADS or 1 until set). */
