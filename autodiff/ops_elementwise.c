@@ -4,57 +4,118 @@
 
 #include <tgmath.h> /* exp(v) is expf for float v: one loop body, two dtypes */
 
-/* Apply EXPR (in terms of `v`) to every element of x into out. */
-#define EW_UNARY(out, x, EXPR)                                                                     \
-  do {                                                                                             \
-    int64_t n_ = (x)->size;                                                                        \
-    if ((x)->dtype == AD_F32) {                                                                    \
-      const float *X_ = AD_F(x);                                                                   \
-      float *Y_ = AD_F(out);                                                                       \
-      for (int64_t i = 0; i < n_; i++) {                                                           \
+/* ---------------------------------------------------------------- threaded loops
+ * Every op's loop runs through ad__par_for: large tensors are split into
+ * parts run on the library's threads (ad_set_threads), small ones run on
+ * the caller's thread. Each element is computed by the same expression on
+ * the same types whichever part it falls in, so the result is bit-identical
+ * at every thread count. A kernel is one function per expression (C has no
+ * closures), written once for both dtypes: `c` is the op's constant in the
+ * element type (as (float)c was for f32 before), `v` the element (unary) or
+ * `u`, `v` the two operands (binary). */
+
+/* Elements per part: below this a part costs less than waking a thread
+ * (~1 us spinning, 10-30 us from sleep on the 2-core test machine; a cheap
+ * op does ~4-8 elements per ns). Transcendental ops cost ~10x more per
+ * element, so a smaller part pays. */
+#define EW_GRAIN 32768
+#define EW_GRAIN_HEAVY 4096
+
+typedef struct {
+  const ad_tensor *a, *b;
+  ad_tensor *out;
+  double c;
+} ew_ctx;
+
+#define EW_KERNEL_U(NAME, EXPR)                                                                    \
+  static void NAME(void *vc, int part, int64_t lo, int64_t hi) {                                   \
+    const ew_ctx *k_ = vc;                                                                         \
+    (void)part;                                                                                    \
+    if (k_->out->dtype == AD_F32) {                                                                \
+      const float *X_ = AD_F(k_->a);                                                               \
+      float *Y_ = AD_F(k_->out);                                                                   \
+      const float c = (float)k_->c;                                                                \
+      (void)c;                                                                                     \
+      for (int64_t i = lo; i < hi; i++) {                                                          \
         float v = X_[i];                                                                           \
         Y_[i] = (EXPR);                                                                            \
       }                                                                                            \
     } else {                                                                                       \
-      const double *X_ = AD_D(x);                                                                  \
-      double *Y_ = AD_D(out);                                                                      \
-      for (int64_t i = 0; i < n_; i++) {                                                           \
+      const double *X_ = AD_D(k_->a);                                                              \
+      double *Y_ = AD_D(k_->out);                                                                  \
+      const double c = k_->c;                                                                      \
+      (void)c;                                                                                     \
+      for (int64_t i = lo; i < hi; i++) {                                                          \
         double v = X_[i];                                                                          \
         Y_[i] = (EXPR);                                                                            \
       }                                                                                            \
     }                                                                                              \
-  } while (0)
+  }
 
-/* One typed binary loop; SA/SB are 0 (elementwise) or 1 (broadcast scalar),
- * known at compile time so each of the three loops vectorizes. */
-#define EW_LOOP(T, out, a, b, SA, SB, EXPR)                                                        \
+/* One typed binary loop over [lo, hi); SA/SB are 0 (elementwise) or 1
+ * (broadcast scalar), known at compile time so each of the three loops
+ * vectorizes. */
+#define EW_RANGE(T, k_, lo, hi, SA, SB, EXPR)                                                      \
   do {                                                                                             \
-    const T *A_ = (const T *)(a)->data, *B_ = (const T *)(b)->data;                                \
-    T *Y_ = (T *)(out)->data;                                                                      \
-    int64_t n_ = (out)->size;                                                                      \
-    for (int64_t i = 0; i < n_; i++) {                                                             \
+    const T *A_ = (const T *)(k_)->a->data, *B_ = (const T *)(k_)->b->data;                        \
+    T *Y_ = (T *)(k_)->out->data;                                                                  \
+    const T c = (T)(k_)->c;                                                                        \
+    (void)c;                                                                                       \
+    for (int64_t i = (lo); i < (hi); i++) {                                                        \
       T u = A_[(SA) ? 0 : i], v = B_[(SB) ? 0 : i];                                                \
       Y_[i] = (EXPR);                                                                              \
     }                                                                                              \
   } while (0)
 
-#define EW_BINARY_T(T, out, a, b, EXPR)                                                            \
+#define EW_RANGE_T(T, k_, lo, hi, EXPR)                                                            \
   do {                                                                                             \
-    if ((a)->size == (out)->size && (b)->size == (out)->size)                                      \
-      EW_LOOP(T, out, a, b, 0, 0, EXPR);                                                           \
-    else if ((a)->size == 1)                                                                       \
-      EW_LOOP(T, out, a, b, 1, 0, EXPR);                                                           \
+    if ((k_)->a->size == (k_)->out->size && (k_)->b->size == (k_)->out->size)                      \
+      EW_RANGE(T, k_, lo, hi, 0, 0, EXPR);                                                         \
+    else if ((k_)->a->size == 1)                                                                   \
+      EW_RANGE(T, k_, lo, hi, 1, 0, EXPR);                                                         \
     else                                                                                           \
-      EW_LOOP(T, out, a, b, 0, 1, EXPR);                                                           \
+      EW_RANGE(T, k_, lo, hi, 0, 1, EXPR);                                                         \
   } while (0)
 
-#define EW_BINARY(out, a, b, EXPR)                                                                 \
-  do {                                                                                             \
-    if ((out)->dtype == AD_F32)                                                                    \
-      EW_BINARY_T(float, out, a, b, EXPR);                                                         \
+#define EW_KERNEL_B(NAME, EXPR)                                                                    \
+  static void NAME(void *vc, int part, int64_t lo, int64_t hi) {                                   \
+    const ew_ctx *k_ = vc;                                                                         \
+    (void)part;                                                                                    \
+    if (k_->out->dtype == AD_F32)                                                                  \
+      EW_RANGE_T(float, k_, lo, hi, EXPR);                                                         \
     else                                                                                           \
-      EW_BINARY_T(double, out, a, b, EXPR);                                                        \
+      EW_RANGE_T(double, k_, lo, hi, EXPR);                                                        \
+  }
+
+/* Runs kernel FN over out (operands a, b, constant c) in parts of GRAIN. */
+#define EW_RUN(FN, out, a_, b_, c_, GRAIN)                                                         \
+  do {                                                                                             \
+    ew_ctx k_ = {(a_), (b_), (out), (c_)};                                                         \
+    ad__par_for((out)->size, (GRAIN), FN, &k_);                                                    \
   } while (0)
+
+EW_KERNEL_B(k_add, u + v)
+EW_KERNEL_B(k_sub, u - v)
+EW_KERNEL_B(k_mul, u *v)
+EW_KERNEL_B(k_div, u / v)
+EW_KERNEL_B(k_axpy, u + c * v)
+EW_KERNEL_B(k_relu_backward, v > 0 ? u : v != v ? v : 0) /* like relu: NaN at x = NaN */
+EW_KERNEL_U(k_neg, -v)
+EW_KERNEL_U(k_scale, c *v)
+EW_KERNEL_U(k_add_scalar, v + c)
+EW_KERNEL_U(k_square, v *v)
+EW_KERNEL_U(k_sqrt, sqrt(v))
+EW_KERNEL_U(k_pow, pow(v, c))
+EW_KERNEL_U(k_exp, exp(v))
+EW_KERNEL_U(k_log, log(v))
+EW_KERNEL_U(k_tanh, tanh(v))
+/* Split by sign so exp never overflows: for v < 0, e^v / (1 + e^v). */
+EW_KERNEL_U(k_sigmoid, v >= 0 ? 1 / (1 + exp(-v)) : exp(v) / (1 + exp(v)))
+/* max(v, 0) + log1p(e^-|v|): exact for large |v| where log(1+e^v) overflows. */
+EW_KERNEL_U(k_softplus, (v > 0 ? v : 0) + log1p(exp(-fabs(v))))
+EW_KERNEL_U(k_relu, v > 0 || v != v ? v : 0) /* relu(NaN) = NaN: a NaN is not clipped away */
+EW_KERNEL_U(k_abs, fabs(v))
+EW_KERNEL_U(k_sign, (v > 0) - (v < 0))
 
 /* Gradient of a broadcast operand: sum over the broadcast (d/da of f(a,...)
  * where a was repeated is the sum of the repeated contributions). */
@@ -89,7 +150,7 @@ static const ad_op_def OP_ADD = {"add", vjp_add, NULL};
 ad_tensor *ad_add(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   ad_tensor *out = binary_out(t, "ad_add", a, b);
   if (!out) return NULL;
-  EW_BINARY(out, a, b, u + v);
+  EW_RUN(k_add, out, a, b, 0.0, EW_GRAIN);
   ad_tensor *in[2] = {a, b};
   ad__record(t, &OP_ADD, out, 2, in);
   return ad__done(t, out, "ad_add");
@@ -106,7 +167,7 @@ static const ad_op_def OP_SUB = {"sub", vjp_sub, NULL};
 ad_tensor *ad_sub(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   ad_tensor *out = binary_out(t, "ad_sub", a, b);
   if (!out) return NULL;
-  EW_BINARY(out, a, b, u - v);
+  EW_RUN(k_sub, out, a, b, 0.0, EW_GRAIN);
   ad_tensor *in[2] = {a, b};
   ad__record(t, &OP_SUB, out, 2, in);
   return ad__done(t, out, "ad_sub");
@@ -123,7 +184,7 @@ static const ad_op_def OP_MUL = {"mul", vjp_mul, NULL};
 ad_tensor *ad_mul(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   ad_tensor *out = binary_out(t, "ad_mul", a, b);
   if (!out) return NULL;
-  EW_BINARY(out, a, b, u * v);
+  EW_RUN(k_mul, out, a, b, 0.0, EW_GRAIN);
   ad_tensor *in[2] = {a, b};
   ad__record(t, &OP_MUL, out, 2, in);
   return ad__done(t, out, "ad_mul");
@@ -141,7 +202,7 @@ static const ad_op_def OP_DIV = {"div", vjp_div, NULL};
 ad_tensor *ad_div(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   ad_tensor *out = binary_out(t, "ad_div", a, b);
   if (!out) return NULL;
-  EW_BINARY(out, a, b, u / v);
+  EW_RUN(k_div, out, a, b, 0.0, EW_GRAIN);
   ad_tensor *in[2] = {a, b};
   ad__record(t, &OP_DIV, out, 2, in);
   return ad__done(t, out, "ad_div");
@@ -158,7 +219,7 @@ static const ad_op_def OP_NEG = {"neg", vjp_neg, NULL};
 ad_tensor *ad_neg(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_neg", x);
   if (!out) return NULL;
-  EW_UNARY(out, x, -v);
+  EW_RUN(k_neg, out, x, NULL, 0.0, EW_GRAIN);
   ad__record(t, &OP_NEG, out, 1, &x);
   return out;
 }
@@ -173,12 +234,7 @@ static const ad_op_def OP_SCALE = {"scale", vjp_scale, attr_c};
 ad_tensor *ad_scale(ad_tape *t, ad_tensor *x, double c) {
   ad_tensor *out = unary_out(t, "ad_scale", x);
   if (!out) return NULL;
-  if (x->dtype == AD_F32) {
-    float cf = (float)c;
-    EW_UNARY(out, x, cf * v);
-  } else {
-    EW_UNARY(out, x, c * v);
-  }
+  EW_RUN(k_scale, out, x, NULL, c, EW_GRAIN);
   ad_node *n = ad__record(t, &OP_SCALE, out, 1, &x);
   if (n) n->a.c = c;
   return ad__done(t, out, "ad_scale");
@@ -195,12 +251,7 @@ static const ad_op_def OP_ADD_SCALAR = {"add_scalar", vjp_add_scalar, attr_c};
 ad_tensor *ad_add_scalar(ad_tape *t, ad_tensor *x, double c) {
   ad_tensor *out = unary_out(t, "ad_add_scalar", x);
   if (!out) return NULL;
-  if (x->dtype == AD_F32) {
-    float cf = (float)c;
-    EW_UNARY(out, x, v + cf);
-  } else {
-    EW_UNARY(out, x, v + c);
-  }
+  EW_RUN(k_add_scalar, out, x, NULL, c, EW_GRAIN);
   ad_node *n = ad__record(t, &OP_ADD_SCALAR, out, 1, &x);
   if (n) n->a.c = c;
   return ad__done(t, out, "ad_add_scalar");
@@ -216,12 +267,7 @@ static const ad_op_def OP_AXPY = {"axpy", vjp_axpy, attr_c};
 ad_tensor *ad_axpy(ad_tape *t, ad_tensor *a, double c, ad_tensor *b) {
   ad_tensor *out = binary_out(t, "ad_axpy", a, b);
   if (!out) return NULL;
-  if (out->dtype == AD_F32) {
-    float cf = (float)c;
-    EW_BINARY_T(float, out, a, b, u + cf * v);
-  } else {
-    EW_BINARY_T(double, out, a, b, u + c * v);
-  }
+  EW_RUN(k_axpy, out, a, b, c, EW_GRAIN);
   ad_tensor *in[2] = {a, b};
   ad_node *n = ad__record(t, &OP_AXPY, out, 2, in);
   if (n) n->a.c = c;
@@ -246,16 +292,12 @@ static const ad_op_def OP_POW = {"pow", vjp_pow, attr_c};
 ad_tensor *ad_pow_scalar(ad_tape *t, ad_tensor *x, double p) {
   ad_tensor *out = unary_out(t, "ad_pow_scalar", x);
   if (!out) return NULL;
-  if (p == 2.0) {
-    EW_UNARY(out, x, v * v);
-  } else if (p == 0.5) {
-    EW_UNARY(out, x, sqrt(v));
-  } else if (x->dtype == AD_F32) {
-    float pf = (float)p;
-    EW_UNARY(out, x, pow(v, pf));
-  } else {
-    EW_UNARY(out, x, pow(v, p));
-  }
+  if (p == 2.0)
+    EW_RUN(k_square, out, x, NULL, 0.0, EW_GRAIN);
+  else if (p == 0.5)
+    EW_RUN(k_sqrt, out, x, NULL, 0.0, EW_GRAIN_HEAVY);
+  else
+    EW_RUN(k_pow, out, x, NULL, p, EW_GRAIN_HEAVY);
   ad_node *n = ad__record(t, &OP_POW, out, 1, &x);
   if (n) n->a.c = p;
   return ad__done(t, out, "ad_pow_scalar");
@@ -271,7 +313,7 @@ static const ad_op_def OP_EXP = {"exp", vjp_exp, NULL};
 ad_tensor *ad_exp(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_exp", x);
   if (!out) return NULL;
-  EW_UNARY(out, x, exp(v));
+  EW_RUN(k_exp, out, x, NULL, 0.0, EW_GRAIN_HEAVY);
   ad__record(t, &OP_EXP, out, 1, &x);
   return ad__done(t, out, "ad_exp");
 }
@@ -285,7 +327,7 @@ static const ad_op_def OP_LOG = {"log", vjp_log, NULL};
 ad_tensor *ad_log(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_log", x);
   if (!out) return NULL;
-  EW_UNARY(out, x, log(v));
+  EW_RUN(k_log, out, x, NULL, 0.0, EW_GRAIN_HEAVY);
   ad__record(t, &OP_LOG, out, 1, &x);
   return ad__done(t, out, "ad_log");
 }
@@ -299,7 +341,7 @@ static const ad_op_def OP_SQRT = {"sqrt", vjp_sqrt, NULL};
 ad_tensor *ad_sqrt(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_sqrt", x);
   if (!out) return NULL;
-  EW_UNARY(out, x, sqrt(v));
+  EW_RUN(k_sqrt, out, x, NULL, 0.0, EW_GRAIN_HEAVY);
   ad__record(t, &OP_SQRT, out, 1, &x);
   return ad__done(t, out, "ad_sqrt");
 }
@@ -316,7 +358,7 @@ static const ad_op_def OP_TANH = {"tanh", vjp_tanh, NULL};
 ad_tensor *ad_tanh(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_tanh", x);
   if (!out) return NULL;
-  EW_UNARY(out, x, tanh(v));
+  EW_RUN(k_tanh, out, x, NULL, 0.0, EW_GRAIN_HEAVY);
   ad__record(t, &OP_TANH, out, 1, &x);
   return ad__done(t, out, "ad_tanh");
 }
@@ -333,8 +375,7 @@ static const ad_op_def OP_SIGMOID = {"sigmoid", vjp_sigmoid, NULL};
 ad_tensor *ad_sigmoid(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_sigmoid", x);
   if (!out) return NULL;
-  /* Split by sign so exp never overflows: for v < 0, e^v / (1 + e^v). */
-  EW_UNARY(out, x, v >= 0 ? 1 / (1 + exp(-v)) : exp(v) / (1 + exp(v)));
+  EW_RUN(k_sigmoid, out, x, NULL, 0.0, EW_GRAIN_HEAVY);
   ad__record(t, &OP_SIGMOID, out, 1, &x);
   return ad__done(t, out, "ad_sigmoid");
 }
@@ -349,8 +390,7 @@ static const ad_op_def OP_SOFTPLUS = {"softplus", vjp_softplus, NULL};
 ad_tensor *ad_softplus(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_softplus", x);
   if (!out) return NULL;
-  /* max(v, 0) + log1p(e^-|v|): exact for large |v| where log(1+e^v) overflows. */
-  EW_UNARY(out, x, (v > 0 ? v : 0) + log1p(exp(-fabs(v))));
+  EW_RUN(k_softplus, out, x, NULL, 0.0, EW_GRAIN_HEAVY);
   ad__record(t, &OP_SOFTPLUS, out, 1, &x);
   return ad__done(t, out, "ad_softplus");
 }
@@ -365,7 +405,7 @@ static const ad_op_def OP_RELU = {"relu", vjp_relu, NULL};
 ad_tensor *ad_relu(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_relu", x);
   if (!out) return NULL;
-  EW_UNARY(out, x, v > 0 || v != v ? v : 0); /* relu(NaN) = NaN: a NaN is not clipped away */
+  EW_RUN(k_relu, out, x, NULL, 0.0, EW_GRAIN);
   ad__record(t, &OP_RELU, out, 1, &x);
   return ad__done(t, out, "ad_relu");
 }
@@ -387,7 +427,7 @@ ad_tensor *ad_relu_backward(ad_tape *t, ad_tensor *g, ad_tensor *x) {
     return ad__fail(t, AD_ERR_SHAPE, "ad_relu_backward: g is %s but x is %s",
                     ad_shape_str(g, sa, sizeof sa), ad_shape_str(x, sb, sizeof sb));
   }
-  EW_BINARY(out, g, x, v > 0 ? u : v != v ? v : 0); /* like relu: NaN at x = NaN */
+  EW_RUN(k_relu_backward, out, g, x, 0.0, EW_GRAIN);
   ad_tensor *in[2] = {g, x};
   ad__record(t, &OP_RELU_BACKWARD, out, 2, in);
   return ad__done(t, out, "ad_relu_backward");
@@ -402,7 +442,7 @@ static const ad_op_def OP_ABS = {"abs", vjp_abs, NULL};
 ad_tensor *ad_abs(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_abs", x);
   if (!out) return NULL;
-  EW_UNARY(out, x, fabs(v));
+  EW_RUN(k_abs, out, x, NULL, 0.0, EW_GRAIN);
   ad__record(t, &OP_ABS, out, 1, &x);
   return ad__done(t, out, "ad_abs");
 }
@@ -410,7 +450,7 @@ ad_tensor *ad_abs(ad_tape *t, ad_tensor *x) {
 ad_tensor *ad_sign(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_sign", x);
   if (!out) return NULL;
-  EW_UNARY(out, x, (v > 0) - (v < 0));
+  EW_RUN(k_sign, out, x, NULL, 0.0, EW_GRAIN);
   return out; /* piecewise constant: nothing to record */
 }
 

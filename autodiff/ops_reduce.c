@@ -5,11 +5,16 @@
 #include <math.h>
 #include <string.h>
 
-/* Kernels written once per element type. */
+/* Kernels written once per element type. Each computes the outputs of
+ * outer indices [o0, o1) and inner indices [i0, i1): the threaded loops
+ * below hand disjoint blocks of outputs to the parts, and every output is
+ * computed in the same order of operations whichever block holds it, so
+ * axis reductions give the same bits at every thread count. */
 #define DEF_KERNELS(T, S)                                                                          \
-  static void sum_axis_##S(const T *x, T *y, int64_t outer, int64_t n, int64_t inner) {            \
+  static void sum_axis_##S(const T *x, T *y, int64_t n, int64_t inner, int64_t o0, int64_t o1,     \
+                           int64_t i0, int64_t i1) {                                               \
     if (inner == 1) { /* last axis: row sums, 8 lanes so the loop vectorizes */                    \
-      for (int64_t o = 0; o < outer; o++) {                                                        \
+      for (int64_t o = o0; o < o1; o++) {                                                          \
         const T *xo = x + o * n;                                                                   \
         T lane[8] = {0};                                                                           \
         int64_t k = 0;                                                                             \
@@ -22,19 +27,20 @@
       }                                                                                            \
       return;                                                                                      \
     }                                                                                              \
-    for (int64_t o = 0; o < outer; o++) {                                                          \
+    for (int64_t o = o0; o < o1; o++) {                                                            \
       T *yo = y + o * inner;                                                                       \
-      memset(yo, 0, sizeof(T) * (size_t)inner);                                                    \
+      memset(yo + i0, 0, sizeof(T) * (size_t)(i1 - i0));                                           \
       for (int64_t k = 0; k < n; k++) {                                                            \
         const T *xk = x + (o * n + k) * inner;                                                     \
-        for (int64_t i = 0; i < inner; i++) yo[i] += xk[i];                                        \
+        for (int64_t i = i0; i < i1; i++) yo[i] += xk[i];                                          \
       }                                                                                            \
     }                                                                                              \
   }                                                                                                \
   /* max along the axis; onehot (if not NULL) marks the first maximum */                           \
-  static void max_axis_##S(const T *x, T *y, T *onehot, int64_t outer, int64_t n, int64_t inner) { \
-    for (int64_t o = 0; o < outer; o++)                                                            \
-      for (int64_t i = 0; i < inner; i++) {                                                        \
+  static void max_axis_##S(const T *x, T *y, T *onehot, int64_t n, int64_t inner, int64_t o0,      \
+                           int64_t o1, int64_t i0, int64_t i1) {                                   \
+    for (int64_t o = o0; o < o1; o++)                                                              \
+      for (int64_t i = i0; i < i1; i++) {                                                          \
         int64_t best = 0;                                                                          \
         T m = x[o * n * inner + i];                                                                \
         for (int64_t k = 1; k < n; k++) {                                                          \
@@ -48,10 +54,10 @@
   }                                                                                                \
   /* y = log sum exp x along the axis, shifted by the max for stability;                           \
    * if sm is not NULL it receives softmax = exp(x - lse), lsm log_softmax. */                     \
-  static void lse_axis_##S(const T *x, T *y, T *sm, T *lsm, int64_t outer, int64_t n,              \
-                           int64_t inner) {                                                        \
-    for (int64_t o = 0; o < outer; o++)                                                            \
-      for (int64_t i = 0; i < inner; i++) {                                                        \
+  static void lse_axis_##S(const T *x, T *y, T *sm, T *lsm, int64_t n, int64_t inner, int64_t o0,  \
+                           int64_t o1, int64_t i0, int64_t i1) {                                   \
+    for (int64_t o = o0; o < o1; o++)                                                              \
+      for (int64_t i = i0; i < i1; i++) {                                                          \
         const T *xo = x + o * n * inner + i;                                                       \
         T m = xo[0];                                                                               \
         for (int64_t k = 1; k < n; k++) m = xo[k * inner] > m ? xo[k * inner] : m;                 \
@@ -70,6 +76,119 @@
 
 DEF_KERNELS(float, f32)
 DEF_KERNELS(double, f64)
+
+/* ---------------------------------------------------------------- threaded loops */
+
+/* Elements of x per part: below this, waking a thread costs more than the
+ * part saves (the pool's spin/sleep costs, see parallel.c). Whole sums
+ * (sum, dot) are memory-bound like the elementwise ops; an axis kernel's
+ * element costs at least as much. */
+#define RED_GRAIN 32768
+
+typedef enum { K_SUM, K_MAX, K_LSE } axis_kind;
+
+typedef struct {
+  axis_kind kind;
+  ad_dtype dt;
+  const void *x;
+  void *y, *aux, *aux2; /* max: onehot; lse: sm, lsm */
+  int64_t outer, n, inner;
+  int by_outer; /* parts split the outer indices (else the inner ones) */
+} axis_ctx;
+
+static void axis_part(void *vc, int part, int64_t lo, int64_t hi) {
+  const axis_ctx *c = vc;
+  (void)part;
+  int64_t o0 = 0, o1 = c->outer, i0 = 0, i1 = c->inner;
+  if (c->by_outer)
+    o0 = lo, o1 = hi;
+  else
+    i0 = lo, i1 = hi;
+  if (c->dt == AD_F32) {
+    if (c->kind == K_SUM)
+      sum_axis_f32(c->x, c->y, c->n, c->inner, o0, o1, i0, i1);
+    else if (c->kind == K_MAX)
+      max_axis_f32(c->x, c->y, c->aux, c->n, c->inner, o0, o1, i0, i1);
+    else
+      lse_axis_f32(c->x, c->y, c->aux, c->aux2, c->n, c->inner, o0, o1, i0, i1);
+  } else {
+    if (c->kind == K_SUM)
+      sum_axis_f64(c->x, c->y, c->n, c->inner, o0, o1, i0, i1);
+    else if (c->kind == K_MAX)
+      max_axis_f64(c->x, c->y, c->aux, c->n, c->inner, o0, o1, i0, i1);
+    else
+      lse_axis_f64(c->x, c->y, c->aux, c->aux2, c->n, c->inner, o0, o1, i0, i1);
+  }
+}
+
+/* Runs an axis kernel over every output, split over the outer indices
+ * when there are several (each part then reads whole contiguous blocks),
+ * else over the inner ones. */
+static void run_axis(axis_kind kind, const ad_tensor *x, void *y, void *aux, void *aux2,
+                     int64_t outer, int64_t n, int64_t inner) {
+  axis_ctx c = {kind, x->dtype, x->data, y, aux, aux2, outer, n, inner, outer > 1};
+  int64_t units = c.by_outer ? outer : inner;
+  int64_t per_unit = c.by_outer ? n * inner : n; /* elements of x one unit reads */
+  int64_t grain = per_unit >= RED_GRAIN ? 1 : RED_GRAIN / (per_unit > 0 ? per_unit : 1);
+  ad__par_for(units, grain, axis_part, &c);
+}
+
+/* Whole sum (b == NULL) or dot product of a and b, one partial per part
+ * added in part order: the same bits on every run at a given thread count
+ * (and, at one thread, the same bits as the one-loop sum). */
+typedef struct {
+  const ad_tensor *a, *b;
+  double *partial;
+} sum_ctx;
+
+/* Elements summed in float lanes before the lanes go into the double
+ * total: float lanes keep the loop as fast as the plain float loop, and
+ * flushing them every block keeps the float rounding to a block's worth
+ * (float lanes over 300K elements had lost ~1e-6 of the result, and those
+ * last digits then moved with the split into parts). */
+#define SUM_BLOCK 1024
+
+static void sum_part(void *vc, int part, int64_t lo, int64_t hi) {
+  const sum_ctx *c = vc;
+  /* Accumulate in double even for f32: a long sum loses digits otherwise. */
+  double s = 0;
+  if (c->a->dtype == AD_F32) {
+    const float *A = AD_F(c->a), *B = c->b ? AD_F(c->b) : NULL;
+    for (int64_t b0 = lo; b0 < hi; b0 += SUM_BLOCK) {
+      int64_t b1 = hi - b0 < SUM_BLOCK ? hi : b0 + SUM_BLOCK, i = b0;
+      float lane[8] = {0};
+      if (B) {
+        for (; i + 8 <= b1; i += 8)
+          for (int k = 0; k < 8; k++) lane[k] += A[i + k] * B[i + k];
+        for (int k = 0; k < 8; k++) s += lane[k];
+        for (; i < b1; i++) s += (double)A[i] * B[i];
+      } else {
+        for (; i + 8 <= b1; i += 8)
+          for (int k = 0; k < 8; k++) lane[k] += A[i + k];
+        for (int k = 0; k < 8; k++) s += lane[k];
+        for (; i < b1; i++) s += A[i];
+      }
+    }
+  } else {
+    const double *A = AD_D(c->a), *B = c->b ? AD_D(c->b) : NULL;
+    if (B)
+      for (int64_t i = lo; i < hi; i++) s += A[i] * B[i];
+    else
+      for (int64_t i = lo; i < hi; i++) s += A[i];
+  }
+  c->partial[part] = s;
+}
+
+static double sum_all(const ad_tensor *a, const ad_tensor *b) {
+  double partial[AD_MAX_THREADS];
+  int parts = ad__par_parts(a->size, RED_GRAIN);
+  sum_ctx c = {a, b, partial};
+  partial[0] = 0;
+  ad__par_for(a->size, RED_GRAIN, sum_part, &c);
+  double s = partial[0];
+  for (int p = 1; p < parts; p++) s += partial[p];
+  return s;
+}
 
 static void attr_axis(const ad_node *n, char *buf, size_t len) {
   snprintf(buf, len, "axis=%d%s", n->a.axis, n->a.keepdim ? " keepdim" : "");
@@ -99,21 +218,7 @@ ad_tensor *ad_sum(ad_tape *t, ad_tensor *x) {
   if (!ad__check(t, "ad_sum", 1, &x)) return NULL;
   ad_tensor *out = ad__alloc(t, x->dtype, 0, NULL, 0);
   if (!out) return NULL;
-  /* Accumulate in double even for f32: a long sum loses digits otherwise. */
-  double s = 0;
-  if (x->dtype == AD_F32) {
-    const float *X = AD_F(x);
-    float part[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= x->size; i += 8)
-      for (int k = 0; k < 8; k++) part[k] += X[i + k];
-    for (int k = 0; k < 8; k++) s += part[k];
-    for (; i < x->size; i++) s += X[i];
-  } else {
-    const double *X = AD_D(x);
-    for (int64_t i = 0; i < x->size; i++) s += X[i];
-  }
-  ad_set(out, 0, s);
+  ad_set(out, 0, sum_all(x, NULL));
   ad__record(t, &OP_SUM, out, 1, &x);
   return ad__done(t, out, "ad_sum");
 }
@@ -139,10 +244,7 @@ ad_tensor *ad_sum_axis(ad_tape *t, ad_tensor *x, int axis, int keepdim) {
   if (!out) return NULL;
   int64_t outer, n, inner;
   ad__split(x, axis, &outer, &n, &inner);
-  if (x->dtype == AD_F32)
-    sum_axis_f32(AD_F(x), AD_F(out), outer, n, inner);
-  else
-    sum_axis_f64(AD_D(x), AD_D(out), outer, n, inner);
+  run_axis(K_SUM, x, out->data, NULL, NULL, outer, n, inner);
   ad_node *nd_ = ad__record(t, &OP_SUM_AXIS, out, 1, &x);
   if (nd_) {
     nd_->a.axis = axis;
@@ -178,10 +280,7 @@ ad_tensor *ad_max_axis(ad_tape *t, ad_tensor *x, int axis, int keepdim) {
   if (rec && !onehot) return NULL;
   int64_t outer, n, inner;
   ad__split(x, axis, &outer, &n, &inner);
-  if (x->dtype == AD_F32)
-    max_axis_f32(AD_F(x), AD_F(out), onehot ? AD_F(onehot) : NULL, outer, n, inner);
-  else
-    max_axis_f64(AD_D(x), AD_D(out), onehot ? AD_D(onehot) : NULL, outer, n, inner);
+  run_axis(K_MAX, x, out->data, onehot ? onehot->data : NULL, NULL, outer, n, inner);
   ad_node *nd_ = ad__record(t, &OP_MAX_AXIS, out, 1, &x);
   if (nd_) {
     nd_->a.axis = axis;
@@ -209,10 +308,7 @@ ad_tensor *ad_logsumexp(ad_tape *t, ad_tensor *x, int axis, int keepdim) {
   if (!out) return NULL;
   int64_t outer, n, inner;
   ad__split(x, axis, &outer, &n, &inner);
-  if (x->dtype == AD_F32)
-    lse_axis_f32(AD_F(x), AD_F(out), NULL, NULL, outer, n, inner);
-  else
-    lse_axis_f64(AD_D(x), AD_D(out), NULL, NULL, outer, n, inner);
+  run_axis(K_LSE, x, out->data, NULL, NULL, outer, n, inner);
   ad_node *nd_ = ad__record(t, &OP_LSE, out, 1, &x);
   if (nd_) {
     nd_->a.axis = axis;
@@ -250,10 +346,7 @@ static ad_tensor *softmax_like(ad_tape *t, ad_tensor *x, int axis, int logv, con
   if (!out) return NULL;
   int64_t outer, n, inner;
   ad__split(x, axis, &outer, &n, &inner);
-  if (x->dtype == AD_F32)
-    lse_axis_f32(AD_F(x), NULL, logv ? NULL : AD_F(out), logv ? AD_F(out) : NULL, outer, n, inner);
-  else
-    lse_axis_f64(AD_D(x), NULL, logv ? NULL : AD_D(out), logv ? AD_D(out) : NULL, outer, n, inner);
+  run_axis(K_LSE, x, NULL, logv ? NULL : out->data, logv ? out->data : NULL, outer, n, inner);
   ad_node *nd = ad__record(t, op, out, 1, &x);
   if (nd) nd->a.axis = axis;
   return ad__done(t, out, name);
@@ -284,20 +377,7 @@ ad_tensor *ad_dot(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   }
   ad_tensor *out = ad__alloc(t, a->dtype, 0, NULL, 0);
   if (!out) return NULL;
-  double s = 0;
-  if (a->dtype == AD_F32) {
-    const float *A = AD_F(a), *B = AD_F(b);
-    float part[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= a->size; i += 8)
-      for (int k = 0; k < 8; k++) part[k] += A[i + k] * B[i + k];
-    for (int k = 0; k < 8; k++) s += part[k];
-    for (; i < a->size; i++) s += (double)A[i] * B[i];
-  } else {
-    const double *A = AD_D(a), *B = AD_D(b);
-    for (int64_t i = 0; i < a->size; i++) s += A[i] * B[i];
-  }
-  ad_set(out, 0, s);
+  ad_set(out, 0, sum_all(a, b));
   ad__record(t, &OP_DOT, out, 2, in);
   return ad__done(t, out, "ad_dot");
 }

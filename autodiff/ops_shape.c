@@ -7,6 +7,37 @@
 
 #include <string.h>
 
+/* ---------------------------------------------------------------- threaded copies
+ * The copies here are `outer` blocks of `block` bytes each, block o going
+ * from src + (o / rep) * src_stride + src_off to dst + o * dst_stride +
+ * dst_off (rep > 1 repeats each source block, for broadcasts). A part of
+ * ad__par_for takes a range of the bytes of all blocks laid end to end, so
+ * one large block is split as well as many small ones. Copies give the same
+ * bytes however they are split. */
+
+/* Bytes per part: a part smaller than this costs less than waking a thread. */
+#define COPY_GRAIN 131072
+
+typedef struct {
+  char *dst;
+  const char *src;
+  int64_t block, dst_stride, dst_off, src_stride, src_off, rep;
+} copy_ctx;
+
+static void copy_part(void *vc, int part, int64_t lo, int64_t hi) {
+  const copy_ctx *c = vc;
+  (void)part;
+  int64_t o = lo / c->block, off = lo % c->block;
+  while (lo < hi) {
+    int64_t chunk = c->block - off < hi - lo ? c->block - off : hi - lo;
+    memcpy(c->dst + o * c->dst_stride + c->dst_off + off,
+           c->src + o / c->rep * c->src_stride + c->src_off + off, (size_t)chunk);
+    lo += chunk;
+    o++;
+    off = 0;
+  }
+}
+
 /* ---------------------------------------------------------------- reshape */
 /* d reshape(x) = reshape(g, shape of x) */
 static void vjp_reshape(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
@@ -82,8 +113,9 @@ ad_tensor *ad_broadcast_axis(ad_tape *t, ad_tensor *x, int axis, int64_t n, int 
   size_t es = ad_dtype_size(x->dtype), row = (size_t)inner * es;
   const char *X = x->data;
   char *Y = out->data;
-  for (int64_t o = 0; o < outer; o++)
-    for (int64_t k = 0; k < n; k++) memcpy(Y + (size_t)(o * n + k) * row, X + (size_t)o * row, row);
+  /* Output row o * n + k is input row o. */
+  copy_ctx c = {Y, X, (int64_t)row, (int64_t)row, 0, (int64_t)row, 0, n};
+  ad__par_for(outer * n * c.block, COPY_GRAIN, copy_part, &c);
   ad_node *nd_ = ad__record(t, &OP_BROADCAST_AXIS, out, 1, &x);
   if (nd_) {
     nd_->a.axis = axis;
@@ -122,8 +154,15 @@ ad_tensor *ad_expand(ad_tape *t, ad_tensor *x, const ad_tensor *like) {
 static void copy_block(char *dst, int64_t nd, int64_t od, const char *src, int64_t ns, int64_t os,
                        int64_t outer, int64_t len, int64_t inner, size_t es) {
   size_t row = (size_t)inner * es;
-  for (int64_t o = 0; o < outer; o++)
-    memcpy(dst + (size_t)(o * nd + od) * row, src + (size_t)(o * ns + os) * row, (size_t)len * row);
+  copy_ctx c = {dst,
+                src,
+                (int64_t)row * len,
+                (int64_t)row * nd,
+                (int64_t)row * od,
+                (int64_t)row * ns,
+                (int64_t)row * os,
+                1};
+  ad__par_for(outer * c.block, COPY_GRAIN, copy_part, &c);
 }
 
 static void vjp_slice(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,

@@ -144,10 +144,11 @@ static void work_on(uint32_t gen) {
   }
 }
 
+/* arg: the generation current when the worker was made (it may start
+ * after the job that made it is published, and must take part in it). */
 static void *worker_main(void *arg) {
-  (void)arg;
   t_in_par = 1;
-  uint32_t seen = (uint32_t)(atomic_load(&g_state) >> 32);
+  uint32_t seen = (uint32_t)(uintptr_t)arg;
   for (;;) {
     /* Wait for a generation other than `seen`, spinning first. */
     uint32_t gen = seen;
@@ -208,7 +209,8 @@ static int pool_grow(int want) {
   }
   if (want > MAX_WORKERS) want = MAX_WORKERS;
   while (g_nworkers < want) {
-    if (pthread_create(&g_tid[g_nworkers], NULL, worker_main, NULL) != 0) break;
+    void *gen = (void *)(uintptr_t)(uint32_t)(atomic_load(&g_state) >> 32);
+    if (pthread_create(&g_tid[g_nworkers], NULL, worker_main, gen) != 0) break;
     g_nworkers++;
   }
   return g_nworkers;

@@ -247,16 +247,30 @@ ad_tensor *ad_empty(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape) {
 ad_tensor *ad_zeros(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape) {
   return arena_tensor(t, "ad_zeros", dt, ndim, shape, 1);
 }
-/* Fills x with v. */
+/* Fills elements [lo, hi) of x with v (a part of ad__par_for). */
+typedef struct {
+  ad_tensor *x;
+  double v;
+} fill_ctx;
+
+static void fill_part(void *vc, int part, int64_t lo, int64_t hi) {
+  const fill_ctx *c = vc;
+  (void)part;
+  if (c->x->dtype == AD_F32) {
+    float *p = AD_F(c->x), f = (float)c->v;
+    for (int64_t i = lo; i < hi; i++) p[i] = f;
+  } else {
+    double *p = AD_D(c->x);
+    for (int64_t i = lo; i < hi; i++) p[i] = c->v;
+  }
+}
+
+/* Fills x with v, threaded above 32K elements per part (a store-only
+ * loop: smaller parts cost less than waking a thread). */
 static ad_tensor *fill(ad_tensor *x, double v) {
   if (!x) return NULL;
-  if (x->dtype == AD_F32) {
-    float *p = AD_F(x), f = (float)v;
-    for (int64_t i = 0; i < x->size; i++) p[i] = f;
-  } else {
-    double *p = AD_D(x);
-    for (int64_t i = 0; i < x->size; i++) p[i] = v;
-  }
+  fill_ctx c = {x, v};
+  ad__par_for(x->size, 32768, fill_part, &c);
   return x;
 }
 ad_tensor *ad_full(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, double v) {

@@ -173,6 +173,415 @@ START_TEST(test_par_for_concurrent_callers) {
 }
 END_TEST
 
+/* ------------------------------------------------------------ threaded ops */
+
+/* A heap tensor of `size` elements drawn from seed: values in [lo, hi). */
+static ad_tensor *random_tensor(ad_dtype dt, int ndim, const int64_t *shape, uint64_t seed,
+                                double lo, double hi) {
+  ad_tensor *x = NULL;
+  ck_assert_int_eq(ad_tensor_new(&x, dt, ndim, shape), AD_OK);
+  uint64_t z = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (int64_t i = 0; i < x->size; i++) {
+    z ^= z << 13, z ^= z >> 7, z ^= z << 17;
+    ad_set(x, i, lo + (hi - lo) * (double)(z >> 11) / 9007199254740992.0);
+  }
+  return x;
+}
+
+static ad_tensor *keep(const ad_tensor *x) { /* a heap copy of an op's result */
+  ck_assert_ptr_nonnull(x);
+  ad_tensor *y = NULL;
+  ck_assert_int_eq(ad_tensor_new(&y, x->dtype, x->ndim, x->shape), AD_OK);
+  ck_assert_int_eq(ad_copy_values(y, x), AD_OK);
+  return y;
+}
+
+static int same_bits(const ad_tensor *a, const ad_tensor *b) {
+  return a->dtype == b->dtype && a->size == b->size &&
+         memcmp(a->data, b->data, (size_t)a->size * ad_dtype_size(a->dtype)) == 0;
+}
+
+static double max_rel_diff(const ad_tensor *a, const ad_tensor *b) {
+  double m = 0;
+  for (int64_t i = 0; i < a->size; i++) {
+    double x = ad_get(a, i), y = ad_get(b, i);
+    double d = fabs(x - y) / fmax(1.0, fabs(x));
+    if (d > m || d != d) m = d;
+  }
+  return m;
+}
+
+enum { N_ELEM_OPS = 27 };
+
+/* Op k of the elementwise set on x (in (0.5, 2)), w (same shape) and s
+ * (a scalar): forward ops and the backward ops their rules use. */
+static ad_tensor *elem_op(ad_tape *t, int k, ad_tensor *x, ad_tensor *w, ad_tensor *s) {
+  switch (k) {
+  case 0:
+    return ad_add(t, x, w);
+  case 1:
+    return ad_sub(t, x, w);
+  case 2:
+    return ad_mul(t, x, w);
+  case 3:
+    return ad_div(t, x, w);
+  case 4:
+    return ad_mul(t, s, x); /* broadcast scalar, both sides */
+  case 5:
+    return ad_div(t, x, s);
+  case 6:
+    return ad_axpy(t, x, -0.3, w);
+  case 7:
+    return ad_neg(t, x);
+  case 8:
+    return ad_scale(t, x, 1.7);
+  case 9:
+    return ad_add_scalar(t, x, -1.25); /* crosses 0: relu, sign, abs see both signs */
+  case 10:
+    return ad_pow_scalar(t, x, 2.0);
+  case 11:
+    return ad_pow_scalar(t, x, 0.5);
+  case 12:
+    return ad_pow_scalar(t, x, 1.3);
+  case 13:
+    return ad_exp(t, x);
+  case 14:
+    return ad_log(t, x);
+  case 15:
+    return ad_sqrt(t, x);
+  case 16:
+    return ad_tanh(t, ad_add_scalar(t, x, -1.25));
+  case 17:
+    return ad_sigmoid(t, ad_add_scalar(t, x, -1.25));
+  case 18:
+    return ad_softplus(t, ad_add_scalar(t, x, -1.25));
+  case 19:
+    return ad_relu(t, ad_add_scalar(t, x, -1.25));
+  case 20:
+    return ad_relu_backward(t, w, ad_add_scalar(t, x, -1.25));
+  case 21:
+    return ad_abs(t, ad_add_scalar(t, x, -1.25));
+  case 22:
+    return ad_sign(t, ad_add_scalar(t, x, -1.25));
+  case 23:
+    return ad_broadcast_axis(t, ad_reshape(t, x, 2, (int64_t[]){1, x->size}), 0, 3, 1);
+  case 24:
+    return ad_expand(t, s, x);
+  case 25:
+    return ad_slice(t, ad_reshape(t, x, 2, (int64_t[]){x->size / 7, 7}), 1, 2, 4);
+  default: {
+    ad_tensor *xs[2] = {x, w};
+    return ad_concat(t, 2, xs, 0);
+  }
+  }
+}
+
+/* Every elementwise op and copy gives the same bits at 1, 2 and 3 threads,
+ * for sizes below and above the threading threshold, in both dtypes. */
+START_TEST(test_elementwise_bit_identical) {
+  const int64_t sizes[] = {7, 4095 * 7, 100003 * 7};
+  for (int dti = 0; dti < 2; dti++) {
+    ad_dtype dt = dti ? AD_F64 : AD_F32;
+    for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+      int64_t n = sizes[si];
+      ad_tensor *x = random_tensor(dt, 1, &n, 1 + si, 0.5, 2.0);
+      ad_tensor *w = random_tensor(dt, 1, &n, 100 + si, 0.5, 2.0);
+      ad_tensor *s = random_tensor(dt, 0, NULL, 7, 0.5, 2.0);
+      ad_tape *t = NULL;
+      ck_assert_int_eq(ad_tape_new(&t, NULL), AD_OK);
+      for (int k = 0; k < N_ELEM_OPS; k++) {
+        ad_tensor *ref = NULL;
+        for (int th = 1; th <= 3; th++) {
+          ck_assert_int_eq(ad_set_threads(th), AD_OK);
+          ad_marker m = ad_mark(t);
+          ad_tensor *y = elem_op(t, k, x, w, s);
+          ck_assert_msg(y != NULL, "op %d: %s", k, ad_tape_errmsg(t));
+          if (!ref)
+            ref = keep(y);
+          else
+            ck_assert_msg(same_bits(ref, y),
+                          "op %d, %s, %ld elements: %d threads differ from 1 by up to %g", k,
+                          ad_dtype_name(dt), (long)n, th, max_rel_diff(ref, y));
+          ad_rewind(t, m);
+        }
+        ad_tensor_free(ref);
+      }
+      ad_tape_free(t);
+      ad_tensor_free(x);
+      ad_tensor_free(w);
+      ad_tensor_free(s);
+    }
+  }
+  ad_set_threads(1);
+}
+END_TEST
+
+/* The threaded copies against the layout they promise (not only against
+ * one thread): a large broadcast, pad and concat read back by index. */
+START_TEST(test_copies_closed_form) {
+  ck_assert_int_eq(ad_set_threads(2), AD_OK);
+  int64_t shape[2] = {3, 50000};
+  ad_tensor *x = random_tensor(AD_F32, 2, shape, 3, -1, 1);
+  ad_tape *t = NULL;
+  ck_assert_int_eq(ad_tape_new(&t, NULL), AD_OK);
+  ad_tensor *b = ad_broadcast_axis(t, x, 1, 4, 0); /* [3, 4, 50000] */
+  ad_tensor *p = ad_pad_axis(t, x, 0, 2, 6);       /* rows 2..4 of 6 */
+  ad_tensor *xs[2] = {x, p};
+  ad_tensor *c = ad_concat(t, 2, xs, 0); /* [9, 50000] */
+  ck_assert_ptr_nonnull(b);
+  ck_assert_ptr_nonnull(c);
+  int64_t bad = 0;
+  for (int64_t o = 0; o < 3; o++)
+    for (int64_t k = 0; k < 4; k++)
+      for (int64_t i = 0; i < shape[1]; i++)
+        bad += ad_get(b, (o * 4 + k) * shape[1] + i) != ad_get(x, o * shape[1] + i);
+  for (int64_t r = 0; r < 6; r++)
+    for (int64_t i = 0; i < shape[1]; i++) {
+      double want = r >= 2 && r < 5 ? ad_get(x, (r - 2) * shape[1] + i) : 0.0;
+      bad += ad_get(p, r * shape[1] + i) != want;
+      bad += ad_get(c, (3 + r) * shape[1] + i) != want;
+    }
+  for (int64_t i = 0; i < 3 * shape[1]; i++) bad += ad_get(c, i) != ad_get(x, i);
+  ck_assert_msg(bad == 0, "%ld elements misplaced", (long)bad);
+  ad_tape_free(t);
+  ad_tensor_free(x);
+  ad_set_threads(1);
+}
+END_TEST
+
+enum { N_RED_OPS = 10 };
+
+static ad_tensor *red_op(ad_tape *t, int k, ad_tensor *x, ad_tensor *w) {
+  switch (k) {
+  case 0:
+    return ad_sum(t, x);
+  case 1:
+    return ad_mean(t, x);
+  case 2:
+    return ad_dot(t, x, w);
+  case 3:
+    return ad_sum_axis(t, x, 0, 0);
+  case 4:
+    return ad_sum_axis(t, x, 1, 1);
+  case 5:
+    return ad_sum_axis(t, x, 2, 0);
+  case 6:
+    return ad_max_axis(t, x, 1, 0);
+  case 7:
+    return ad_logsumexp(t, x, 2, 0);
+  case 8:
+    return ad_softmax(t, x, 1);
+  default:
+    return ad_log_softmax(t, x, 2);
+  }
+}
+
+/* Reductions: repeated runs at a fixed thread count give the same bits;
+ * 1, 2 and 3 threads agree to 1e-6 (whole sums add per-part partials, so
+ * their last bits may move with the thread count: 1e-6 of the sum of the
+ * terms' magnitudes; axis reductions do not split a sum and must agree
+ * exactly). Shapes [outer, n, inner] put the
+ * work in each of the three places the kernels split. */
+START_TEST(test_reductions_deterministic) {
+  const int64_t shapes[][3] = {
+      {2, 3, 5}, {4, 257, 300}, {1, 3000, 40}, {3000, 40, 1}, {2, 2, 50000}};
+  for (int dti = 0; dti < 2; dti++) {
+    ad_dtype dt = dti ? AD_F64 : AD_F32;
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+      ad_tensor *x = random_tensor(dt, 3, shapes[si], 11 + si, -3, 3);
+      ad_tensor *w = random_tensor(dt, 3, shapes[si], 50 + si, -1, 1);
+      ad_tape *t = NULL;
+      ck_assert_int_eq(ad_tape_new(&t, NULL), AD_OK);
+      for (int k = 0; k < N_RED_OPS; k++) {
+        ad_tensor *ref = NULL;
+        for (int th = 1; th <= 3; th++) {
+          ck_assert_int_eq(ad_set_threads(th), AD_OK);
+          ad_tensor *first = NULL;
+          for (int rep = 0; rep < 3; rep++) {
+            ad_marker m = ad_mark(t);
+            ad_tensor *y = red_op(t, k, x, w);
+            ck_assert_msg(y != NULL, "op %d: %s", k, ad_tape_errmsg(t));
+            if (!first)
+              first = keep(y);
+            else
+              ck_assert_msg(same_bits(first, y), "op %d at %d threads: run %d differs", k, th, rep);
+            ad_rewind(t, m);
+          }
+          if (!ref)
+            ref = first;
+          else {
+            double d = max_rel_diff(ref, first);
+            if (k <= 2) {
+              /* A whole sum's rounding is relative to the sum of the terms'
+               * magnitudes (cancellation can make the result itself tiny):
+               * the error of the one-thread f32 sum is of that size too. */
+              double mag = 0;
+              for (int64_t i = 0; i < x->size; i++)
+                mag += fabs(ad_get(x, i) * (k == 2 ? ad_get(w, i) : 1.0));
+              if (k == 1) mag /= (double)x->size;
+              d = fabs(ad_item(ref) - ad_item(first)) / fmax(1.0, mag);
+            }
+            ck_assert_msg(d <= 1e-6, "op %d, %s: %d threads differ from 1 by %g", k,
+                          ad_dtype_name(dt), th, d);
+            if (k >= 3) ck_assert_msg(same_bits(ref, first), "axis op %d: bits moved", k);
+            ad_tensor_free(first);
+          }
+        }
+        ad_tensor_free(ref);
+      }
+      ad_tape_free(t);
+      ad_tensor_free(x);
+      ad_tensor_free(w);
+    }
+  }
+  ad_set_threads(1);
+}
+END_TEST
+
+/* A whole sum against its closed form at every thread count: the sums of
+ * i and i^2 for i < n (every partial sum an integer below 2^53: exact). */
+START_TEST(test_sum_closed_form) {
+  int64_t n = 150000;
+  ad_tensor *x = NULL;
+  ck_assert_int_eq(ad_tensor_new(&x, AD_F64, 1, &n), AD_OK);
+  for (int64_t i = 0; i < n; i++) ad_set(x, i, (double)i);
+  ad_tape *t = NULL;
+  ck_assert_int_eq(ad_tape_new(&t, NULL), AD_OK);
+  for (int th = 1; th <= 4; th++) {
+    ck_assert_int_eq(ad_set_threads(th), AD_OK);
+    ad_marker m = ad_mark(t);
+    ck_assert_double_eq(ad_item(ad_sum(t, x)), (double)n * (double)(n - 1) / 2);
+    ck_assert_double_eq(ad_item(ad_dot(t, x, x)),
+                        (double)(n - 1) * (double)n * (double)(2 * n - 1) / 6);
+    ad_rewind(t, m);
+  }
+  ad_tape_free(t);
+  ad_tensor_free(x);
+  ad_set_threads(1);
+}
+END_TEST
+
+/* A small network step: forward, gradient (the backward ops through the
+ * pool too) and the loss, as one workload for the tests below. */
+typedef struct {
+  ad_dtype dt;
+  ad_tensor *x, *w1, *w2; /* inputs; w1, w2 require gradients */
+  ad_tensor *out[3];      /* loss, d loss/d w1, d loss/d w2 (heap copies) */
+} step_case;
+
+static void step_run(step_case *c) {
+  ad_tape *t = NULL;
+  ck_assert_int_eq(ad_tape_new(&t, NULL), AD_OK);
+  /* [256, 300] -> relu -> [256, 300] -> log_softmax over 300 classes */
+  ad_tensor *h = ad_relu(t, ad_matmul(t, c->x, c->w1, 0, 0));
+  ad_tensor *z = ad_tanh(t, ad_mul(t, h, c->w2));
+  ad_tensor *lp = ad_log_softmax(t, z, 1);
+  int32_t labels[256];
+  for (int i = 0; i < 256; i++) labels[i] = (i * 37) % 300;
+  ad_tensor *loss = ad_add(t, ad_nll(t, lp, labels, 256), ad_mean(t, ad_exp(t, z)));
+  ad_tensor *wrt[2] = {c->w1, c->w2}, *g[2];
+  ck_assert_msg(ad_grad(t, 1, &loss, NULL, 2, wrt, g, 0) == AD_OK, "%s", ad_tape_errmsg(t));
+  c->out[0] = keep(loss);
+  c->out[1] = keep(g[0]);
+  c->out[2] = keep(g[1]);
+  ad_tape_free(t);
+}
+
+static void step_init(step_case *c, ad_dtype dt) {
+  memset(c, 0, sizeof *c);
+  c->dt = dt;
+  c->x = random_tensor(dt, 2, (int64_t[]){256, 64}, 21, -1, 1);
+  c->w1 = random_tensor(dt, 2, (int64_t[]){64, 300}, 22, -0.3, 0.3);
+  c->w2 = random_tensor(dt, 2, (int64_t[]){256, 300}, 23, -1, 1);
+  ad_requires_grad(c->w1, 1);
+  ad_requires_grad(c->w2, 1);
+}
+
+static void step_free_out(step_case *c) {
+  for (int i = 0; i < 3; i++) ad_tensor_free(c->out[i]), c->out[i] = NULL;
+}
+
+static void step_free(step_case *c) {
+  step_free_out(c);
+  ad_tensor_free(c->x);
+  ad_tensor_free(c->w1);
+  ad_tensor_free(c->w2);
+}
+
+/* The step's loss and gradients at 2 and 3 threads agree with 1 thread to
+ * 1e-6, and repeat bit for bit at a fixed thread count. */
+START_TEST(test_step_gradients_across_threads) {
+  for (int dti = 0; dti < 2; dti++) {
+    step_case ref, c;
+    ck_assert_int_eq(ad_set_threads(1), AD_OK);
+    step_init(&ref, dti ? AD_F64 : AD_F32);
+    step_run(&ref);
+    step_init(&c, ref.dt);
+    for (int th = 2; th <= 3; th++) {
+      ck_assert_int_eq(ad_set_threads(th), AD_OK);
+      step_run(&c);
+      for (int i = 0; i < 3; i++) {
+        double d = max_rel_diff(ref.out[i], c.out[i]);
+        ck_assert_msg(d <= 1e-6, "output %d at %d threads: %g from 1 thread", i, th, d);
+      }
+      ad_tensor *first[3] = {c.out[0], c.out[1], c.out[2]};
+      memset(c.out, 0, sizeof c.out);
+      step_run(&c);
+      for (int i = 0; i < 3; i++) {
+        ck_assert_msg(same_bits(first[i], c.out[i]), "output %d at %d threads: runs differ", i, th);
+        ad_tensor_free(first[i]);
+      }
+      step_free_out(&c);
+    }
+    step_free(&c);
+    step_free(&ref);
+  }
+  ad_set_threads(1);
+}
+END_TEST
+
+/* Two user threads running steps at once (each its own tape): one of them
+ * gets the pool, the other's loops run on itself; both give the results of
+ * a lone run at the same setting, bit for bit. */
+typedef struct {
+  step_case c;
+  const step_case *ref;
+  int bad;
+} step_thread_arg;
+
+static void *step_thread(void *vp) {
+  step_thread_arg *a = vp;
+  for (int r = 0; r < 6; r++) {
+    step_run(&a->c);
+    for (int i = 0; i < 3; i++) a->bad += !same_bits(a->ref->out[i], a->c.out[i]);
+    step_free_out(&a->c);
+  }
+  return NULL;
+}
+
+START_TEST(test_concurrent_callers_ops) {
+  ck_assert_int_eq(ad_set_threads(2), AD_OK);
+  step_case ref;
+  step_init(&ref, AD_F32);
+  step_run(&ref);
+  step_thread_arg a[2];
+  pthread_t tid[2];
+  for (int i = 0; i < 2; i++) {
+    step_init(&a[i].c, AD_F32);
+    a[i].ref = &ref;
+    a[i].bad = 0;
+    ck_assert_int_eq(pthread_create(&tid[i], NULL, step_thread, &a[i]), 0);
+  }
+  for (int i = 0; i < 2; i++) pthread_join(tid[i], NULL);
+  for (int i = 0; i < 2; i++) {
+    ck_assert_msg(a[i].bad == 0, "thread %d: %d results differ from a lone run", i, a[i].bad);
+    step_free(&a[i].c);
+  }
+  step_free(&ref);
+  ad_set_threads(1);
+}
+END_TEST
+
 Suite *threads_suite(void) {
   Suite *s = suite_create("threads");
   TCase *tc = tcase_create("pool");
@@ -182,6 +591,15 @@ Suite *threads_suite(void) {
   tcase_add_test(tc, test_par_for_concurrent_callers);
   tcase_set_timeout(tc, 600);
   suite_add_tcase(s, tc);
+  TCase *to = tcase_create("ops");
+  tcase_add_test(to, test_elementwise_bit_identical);
+  tcase_add_test(to, test_copies_closed_form);
+  tcase_add_test(to, test_reductions_deterministic);
+  tcase_add_test(to, test_sum_closed_form);
+  tcase_add_test(to, test_step_gradients_across_threads);
+  tcase_add_test(to, test_concurrent_callers_ops);
+  tcase_set_timeout(to, 600);
+  suite_add_tcase(s, to);
   return s;
 }
 
