@@ -9,11 +9,11 @@
  *
  * The pool: threads - 1 persistent workers, created on the first call that
  * has more than one part (never for a one-thread setting) and grown if the
- * setting grows. A call publishes its job and then claims parts itself, the
- * same way the workers do (an atomic counter), so the caller normally runs
- * part 0 and, when a worker is slow to wake (a loaded machine), also the
- * parts nobody has claimed yet: the call never waits for a descheduled
- * worker to start, only for parts already running to end.
+ * setting grows. A call publishes its job, runs part 0 itself, and then
+ * claims the parts nobody has claimed yet the same way the workers do (an
+ * atomic counter): when a worker is slow to wake (a loaded machine) the
+ * caller runs its part too, so a call never waits for a descheduled worker
+ * to start, only for parts already running to end.
  *
  * Waking: a worker spins for a short while after each job (the next loop of
  * an op usually follows within microseconds) and then sleeps on a condition
@@ -245,9 +245,12 @@ void ad__par_for(int64_t n, int64_t grain, ad__range_fn fn, void *ctx) {
   atomic_store_explicit(&g_left, parts, memory_order_relaxed);
   uint64_t s = atomic_load_explicit(&g_state, memory_order_relaxed);
   uint32_t gen = (uint32_t)(s >> 32) + 1;
-  /* Publishing the new generation with part 0 unclaimed: the release
-   * store makes g_job and g_left visible to whoever claims a part. */
-  atomic_store_explicit(&g_state, (uint64_t)gen << 32 | (uint64_t)parts << 16,
+  /* Publishing the new generation with part 0 already taken (the caller
+   * runs it, so it starts at once and in cache of the caller's last op):
+   * the seq_cst store makes g_job and g_left visible to whoever claims a
+   * part, and orders against the load of g_sleepers below (see
+   * worker_main). */
+  atomic_store_explicit(&g_state, (uint64_t)gen << 32 | (uint64_t)parts << 16 | 1u,
                         memory_order_seq_cst);
   if (atomic_load(&g_sleepers) > 0) {
     pthread_mutex_lock(&g_mu);
@@ -258,6 +261,8 @@ void ad__par_for(int64_t n, int64_t grain, ad__range_fn fn, void *ctx) {
     pthread_mutex_unlock(&g_mu);
   }
   t_in_par = 1;
+  run_part(&g_job, 0);
+  atomic_fetch_sub(&g_left, 1);
   work_on(gen);
   t_in_par = 0;
   /* Every part is claimed; wait for those still running elsewhere. */

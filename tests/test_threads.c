@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* ------------------------------------------------------------ the setting */
 
@@ -149,6 +150,52 @@ START_TEST(test_par_for_many_jobs) {
       if (c.x[i] != (double)expect) ck_abort_msg("x[%ld] = %g, want %ld", (long)i, c.x[i], expect);
     }
     free(c.x);
+  }
+  ad_set_threads(1);
+}
+END_TEST
+
+/* The pool really runs parts on other threads: part 0 waits (up to 10 s)
+ * for part 1 to start, which only a worker can do while the caller is in
+ * part 0. The parts record their threads: part 1 ran on a thread other
+ * than the caller's. */
+typedef struct {
+  atomic_int started1;
+  pthread_t who[2];
+  int waited_out;
+} pair_ctx;
+
+static void pair_part(void *vc, int part, int64_t lo, int64_t hi) {
+  (void)lo, (void)hi;
+  pair_ctx *c = vc;
+  c->who[part] = pthread_self();
+  if (part == 1) {
+    atomic_store(&c->started1, 1);
+    return;
+  }
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  for (;;) {
+    if (atomic_load(&c->started1)) return;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    if (t1.tv_sec - t0.tv_sec > 10) {
+      c->waited_out = 1;
+      return;
+    }
+  }
+}
+
+START_TEST(test_par_for_uses_workers) {
+  for (int th = 2; th <= 3; th++) {
+    ck_assert_int_eq(ad_set_threads(th), AD_OK);
+    for (int r = 0; r < 20; r++) {
+      pair_ctx c = {.waited_out = 0};
+      atomic_init(&c.started1, 0);
+      ad__par_for(2, 1, pair_part, &c);
+      ck_assert_msg(!c.waited_out, "threads=%d, job %d: no worker took part 1 in 10 s", th, r);
+      ck_assert_msg(pthread_equal(c.who[0], pthread_self()), "part 0 not on the caller");
+      ck_assert_msg(!pthread_equal(c.who[1], pthread_self()), "part 1 on the caller");
+    }
   }
   ad_set_threads(1);
 }
@@ -588,6 +635,7 @@ Suite *threads_suite(void) {
   tcase_add_test(tc, test_set_threads_values);
   tcase_add_test(tc, test_par_for_covers);
   tcase_add_test(tc, test_par_for_many_jobs);
+  tcase_add_test(tc, test_par_for_uses_workers);
   tcase_add_test(tc, test_par_for_concurrent_callers);
   tcase_set_timeout(tc, 600);
   suite_add_tcase(s, tc);
