@@ -448,9 +448,11 @@ const char *ad_blas_path(int trans_a, int trans_b, int64_t m, int64_t n, int64_t
 /* ------------------------------------------------------------------ threads */
 
 /* The library's one thread setting: the threads inside each GEMM and in
- * every threaded loop (elementwise ops, reductions, losses, copies and
- * broadcasts, im2col/col2im, pooling, optimizer updates; loops below ~16K
- * elements per thread stay on the calling thread). Default 1, or the
+ * every loop run through the library's worker pool (elementwise ops,
+ * reductions, softmax/log_softmax, copies, broadcasts and fills, and the
+ * nn/ loops built on the same pool; a loop too small to gain, below about
+ * 32K elements per thread for cheap ops or 4K for exp/log/tanh-like ones,
+ * stays on the calling thread). Default 1, or the
  * HYPERTAPE_THREADS environment variable read on first use. n must be in
  * 1..AD_MAX_THREADS: otherwise AD_ERR_ARG (with ad_last_error()) and the
  * setting is kept. The loops' workers are made on the first loop that uses
