@@ -284,9 +284,5 @@ typedef void (*ad__range_fn)(void *ctx, int part, int64_t lo, int64_t hi);
 int ad__par_parts(int64_t n, int64_t grain);
 /* Runs fn over every part and returns when all are done. */
 void ad__par_for(int64_t n, int64_t grain, ad__range_fn fn, void *ctx);
-/* Tells the loop workers to stop spinning and sleep until the next loop:
- * called before a multi-threaded GEMM, whose BLIS (OpenMP) threads would
- * otherwise share the cores with spinning workers. */
-void ad__par_park(void);
 
 #endif

@@ -517,9 +517,6 @@ static cntx_t *make_rntm(rntm_t *rn, int path, int trans_a, int trans_b, int64_t
   *rn = init;
   int threads = (double)m * (double)n * (double)k < SMALL_THREADED ? 1 : atomic_load(&g_threads);
   bli_rntm_set_num_threads(threads, rn);
-  /* BLIS's OpenMP threads need the cores now: the loop workers stop
-   * spinning (see ad__par_park). */
-  if (threads > 1) ad__par_park();
   switch (path) {
   case P_SUP:
     return &g_cntx_sup;

@@ -47,8 +47,7 @@
 #define cpu_relax() ((void)0)
 #endif
 
-/* How long a worker spins before it sleeps (at once when a threaded GEMM
- * starts: ad__par_park), and how long the caller spins
+/* How long a worker spins before it sleeps, and how long the caller spins
  * for running parts to end before it sleeps. Measured on the 2-core test
  * machine: a condition-variable wake costs ~10-30 us, a spinning worker
  * picks a job up in well under 1 us; 50 us covers the gap between the
@@ -81,7 +80,6 @@ static atomic_int g_left;       /* parts of the current job not yet ended */
 static atomic_int g_sleepers;   /* workers asleep on g_wake */
 static atomic_int g_caller_slp; /* 1 while the caller sleeps on g_done */
 static atomic_int g_quit;
-static atomic_int g_park; /* 1: spinning workers go to sleep now */
 static pthread_t g_tid[MAX_WORKERS];
 static int g_nworkers; /* under g_dispatch */
 static int g_registered;
@@ -160,8 +158,7 @@ static void *worker_main(void *arg) {
       gen = (uint32_t)(atomic_load_explicit(&g_state, memory_order_acquire) >> 32);
       if (gen != seen) break;
       cpu_relax();
-      if ((i & 63) == 63 &&
-          (atomic_load_explicit(&g_park, memory_order_relaxed) || now_ns() - t0 > SPIN_NS)) {
+      if ((i & 63) == 63 && now_ns() - t0 > SPIN_NS) {
         pthread_mutex_lock(&g_mu);
         atomic_fetch_add(&g_sleepers, 1);
         while (!atomic_load(&g_quit) && (uint32_t)(atomic_load(&g_state) >> 32) == seen)
@@ -219,11 +216,6 @@ static int pool_grow(int want) {
   return g_nworkers;
 }
 
-void ad__par_park(void) {
-  if (atomic_load_explicit(&g_park, memory_order_relaxed) == 0)
-    atomic_store_explicit(&g_park, 1, memory_order_relaxed);
-}
-
 static void run_serial(int64_t n, int parts, ad__range_fn fn, void *ctx) {
   job_t j = {fn, ctx, n, parts};
   int outer = t_in_par;
@@ -250,7 +242,6 @@ void ad__par_for(int64_t n, int64_t grain, ad__range_fn fn, void *ctx) {
     return;
   }
   g_job = (job_t){fn, ctx, n, parts};
-  atomic_store_explicit(&g_park, 0, memory_order_relaxed);
   atomic_store_explicit(&g_left, parts, memory_order_relaxed);
   uint64_t s = atomic_load_explicit(&g_state, memory_order_relaxed);
   uint32_t gen = (uint32_t)(s >> 32) + 1;
