@@ -230,6 +230,16 @@ int gc_run_suite(Suite *s) {
   return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }
 
+double gc_rel_err(int n, ad_tensor *const *a, ad_tensor *const *b) {
+  double num = 0, den = 0;
+  for (int k = 0; k < n; k++)
+    for (int64_t i = 0; i < a[k]->size; i++) {
+      num = fmax(num, fabs(ad_get(a[k], i) - ad_get(b[k], i)));
+      den = fmax(den, fabs(ad_get(b[k], i)));
+    }
+  return den > 0 ? num / den : num;
+}
+
 int gc_dir_entries(const char *dir) {
   DIR *d = opendir(dir);
   ck_assert_msg(d != NULL, "cannot open directory %s", dir);
