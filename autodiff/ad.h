@@ -274,6 +274,8 @@ ad_tensor *ad_sub(ad_tape *t, ad_tensor *a, ad_tensor *b);
 ad_tensor *ad_mul(ad_tape *t, ad_tensor *a, ad_tensor *b);
 ad_tensor *ad_div(ad_tape *t, ad_tensor *a, ad_tensor *b);
 ad_tensor *ad_neg(ad_tape *t, ad_tensor *x);
+/* The number (c, p; also ad_axpy's c) must be finite in x's dtype (|c| <=
+ * FLT_MAX for f32), else AD_ERR_ARG naming the op and the argument. */
 ad_tensor *ad_scale(ad_tape *t, ad_tensor *x, double c);      /* c*x */
 ad_tensor *ad_add_scalar(ad_tape *t, ad_tensor *x, double c); /* x+c */
 ad_tensor *ad_pow_scalar(ad_tape *t, ad_tensor *x, double p); /* x^p */
