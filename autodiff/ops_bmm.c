@@ -11,21 +11,201 @@
 
 /* ---------------------------------------------------------------- kernel */
 
+/* The batched tiny-product loop. A meta-batch's products are small (10 x
+ * 40 x 40 and down to outer products, k = 1): per call, ad_gemm_*'s own
+ * overhead (choosing the path, packing a panel) costs more than the
+ * arithmetic of the smallest ones. Here one call does the whole batch.
+ * Each element is O = X P: rows of X times a panel P of k rows of VL*NV
+ * columns (NV vectors, zero-padded), in register tiles of 2 rows x NV
+ * vectors accumulated over p = 0 .. k-1 (NV a compile-time constant, so
+ * the accumulators stay in registers). Normally O = C, X = op(A), P =
+ * op(B); when C is narrow (n < VL and n < m: the n = 1 products of a
+ * scalar output) it is computed transposed, C^T = op(B)^T op(A)^T, so the
+ * vectors run along m instead. P is read in place when it is stored that
+ * way with whole vectors, else copied once per element (once for a shared
+ * operand). Every element is the sum over p in ascending order. Taken
+ * when m, n, k <= BMM_TINY and the panel fits in 8 vectors; other products
+ * go to ad_gemm_* per element. */
+#define BMM_TINY 64
+#define BMM_NVMAX 8
+
+/* O(i, j) = sum_p X(i, p) P[p lp + j], X(i, p) = x[i xrs + p xcs], written
+ * to o[i ors + j ocs] for i < M, j < N <= NV VL. */
+#define BMM_PANEL(NAME, T, VT, VTU, VL, NV, ATTR)                                                  \
+  ATTR static void NAME(int64_t M, int64_t N, int64_t K, const T *x, int64_t xrs, int64_t xcs,     \
+                        const T *P, int64_t lp, T *o, int64_t ors, int64_t ocs) {                  \
+    for (int64_t i0 = 0; i0 < M; i0 += 2) {                                                        \
+      const int two = M - i0 > 1; /* a last odd row repeats itself, stored once */                 \
+      const T *x0 = x + i0 * xrs, *x1 = x + (i0 + two) * xrs;                                      \
+      VT acc0[NV], acc1[NV];                                                                       \
+      for (int v = 0; v < NV; v++) acc0[v] = acc1[v] = (VT){0};                                    \
+      for (int64_t p = 0; p < K; p++) {                                                            \
+        const T a0 = x0[p * xcs], a1 = x1[p * xcs];                                                \
+        const T *pr = P + p * lp;                                                                  \
+        for (int v = 0; v < NV; v++) {                                                             \
+          const VT bv = *(const VTU *)(pr + v * VL);                                               \
+          acc0[v] = a0 * bv + acc0[v];                                                             \
+          acc1[v] = a1 * bv + acc1[v];                                                             \
+        }                                                                                          \
+      }                                                                                            \
+      T tmp[NV * VL];                                                                              \
+      for (int r = 0; r <= two; r++) {                                                             \
+        for (int v = 0; v < NV; v++) *(VTU *)(tmp + v * VL) = r ? acc1[v] : acc0[v];               \
+        T *orow = o + (i0 + r) * ors;                                                              \
+        if (ocs == 1)                                                                              \
+          memcpy(orow, tmp, (size_t)N * sizeof(T));                                                \
+        else                                                                                       \
+          for (int64_t j = 0; j < N; j++) orow[j * ocs] = tmp[j];                                  \
+      }                                                                                            \
+    }                                                                                              \
+  }
+
+#define BMM_ISA(SUF, T, VT, VTU, VL, ATTR)                                                         \
+  BMM_PANEL(panel_##SUF##1, T, VT, VTU, VL, 1, ATTR)                                               \
+  BMM_PANEL(panel_##SUF##2, T, VT, VTU, VL, 2, ATTR)                                               \
+  BMM_PANEL(panel_##SUF##3, T, VT, VTU, VL, 3, ATTR)                                               \
+  BMM_PANEL(panel_##SUF##4, T, VT, VTU, VL, 4, ATTR)                                               \
+  BMM_PANEL(panel_##SUF##5, T, VT, VTU, VL, 5, ATTR)                                               \
+  BMM_PANEL(panel_##SUF##6, T, VT, VTU, VL, 6, ATTR)                                               \
+  BMM_PANEL(panel_##SUF##7, T, VT, VTU, VL, 7, ATTR)                                               \
+  BMM_PANEL(panel_##SUF##8, T, VT, VTU, VL, 8, ATTR)                                               \
+  /* pk[p lp + j] = X[p, j] for p < k, j < n (zeros up to lp), X stored                            \
+   * k x n (tr = 0) or n x k (tr = 1) with row stride ld; read in storage                          \
+   * order (the transposed copy writes with a stride instead). */                                  \
+  ATTR static void bmm_pack_##SUF(int tr, int64_t k, int64_t n, int64_t lp, const T *x,            \
+                                  int64_t ld, T *pk) {                                             \
+    if (tr)                                                                                        \
+      for (int64_t j = 0; j < n; j++)                                                              \
+        for (int64_t p = 0; p < k; p++) pk[p * lp + j] = x[j * ld + p];                            \
+    else                                                                                           \
+      for (int64_t p = 0; p < k; p++) memcpy(pk + p * lp, x + p * ld, (size_t)n * sizeof(T));      \
+    for (int64_t p = 0; p < k; p++)                                                                \
+      for (int64_t j = n; j < lp; j++) pk[p * lp + j] = 0;                                         \
+  }                                                                                                \
+  /* Returns 0 (doing nothing) when the product is not tiny. */                                    \
+  ATTR static int tiny_##SUF(int ta, int tb, int64_t nb, int64_t m, int64_t n, int64_t k,          \
+                             const T *a, int64_t lda, int64_t sa, const T *b, int64_t ldb,         \
+                             int64_t sb, T *c, int64_t sc) {                                       \
+    /* rows unless C is narrow; for A B^T the operand to copy is the                               \
+     * smaller: op(B) (n k) for rows, op(A)^T (m k) for columns */                                 \
+    const int rows = tb && !ta && k > 1 ? n <= m : n >= VL || n >= m;                              \
+    const int64_t M = rows ? m : n, N = rows ? n : m, nv = (N + VL - 1) / VL, lp = nv * VL;        \
+    if (m > BMM_TINY || n > BMM_TINY || k > BMM_TINY || nv > BMM_NVMAX) return 0;                  \
+    T pk[BMM_TINY * BMM_NVMAX * VL];                                                               \
+    for (int64_t e = 0; e < nb; e++) {                                                             \
+      const T *A = a + e * sa, *B = b + e * sb, *x, *P;                                            \
+      int64_t xrs, xcs, plp, ors, ocs;                                                             \
+      if (rows) { /* X = op(A), P = op(B) */                                                       \
+        x = A, xrs = ta ? 1 : lda, xcs = ta ? lda : 1, ors = n, ocs = 1;                           \
+        if ((!tb || (k == 1 && ldb == 1)) && n % VL == 0) { /* k = 1: B^T's one row */             \
+          P = B, plp = tb ? n : ldb;                                                               \
+        } else {                                                                                   \
+          if (e == 0 || sb) bmm_pack_##SUF(tb, k, n, lp, B, ldb, pk);                              \
+          P = pk, plp = lp;                                                                        \
+        }                                                                                          \
+      } else { /* X = op(B)^T, P = op(A)^T, O = C^T */                                             \
+        x = B, xrs = tb ? ldb : 1, xcs = tb ? 1 : ldb, ors = 1, ocs = n;                           \
+        if ((ta || (k == 1 && lda == 1)) && m % VL == 0) {                                         \
+          P = A, plp = ta ? lda : m;                                                               \
+        } else {                                                                                   \
+          if (e == 0 || sa) bmm_pack_##SUF(!ta, k, m, lp, A, lda, pk);                             \
+          P = pk, plp = lp;                                                                        \
+        }                                                                                          \
+      }                                                                                            \
+      T *C = c + e * sc;                                                                           \
+      switch (nv) {                                                                                \
+      case 1:                                                                                      \
+        panel_##SUF##1(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
+      case 2:                                                                                      \
+        panel_##SUF##2(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
+      case 3:                                                                                      \
+        panel_##SUF##3(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
+      case 4:                                                                                      \
+        panel_##SUF##4(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
+      case 5:                                                                                      \
+        panel_##SUF##5(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
+      case 6:                                                                                      \
+        panel_##SUF##6(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
+      case 7:                                                                                      \
+        panel_##SUF##7(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
+      default:                                                                                     \
+        panel_##SUF##8(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
+      }                                                                                            \
+    }                                                                                              \
+    return 1;                                                                                      \
+  }
+
+/* Vector types, and unaligned aliasing twins for loads and stores. */
+#define BMM_VEC(NAME, T, BYTES)                                                                    \
+  typedef T NAME __attribute__((vector_size(BYTES)));                                              \
+  typedef T NAME##u __attribute__((vector_size(BYTES), aligned(sizeof(T)), may_alias));
+BMM_VEC(bmm_v8f, float, 32)
+BMM_VEC(bmm_v4d, double, 32)
+BMM_VEC(bmm_v4f, float, 16)
+BMM_VEC(bmm_v2d, double, 16)
+
+/* Compiled for the baseline ISA and, on x86 with GCC or Clang, for
+ * AVX2+FMA (taken when the CPU has them, as autodiff/blas.c's direct loop
+ * is; GCC contracts a*b+c there, Clang within the statement). */
+BMM_ISA(s_base, float, bmm_v4f, bmm_v4fu, 4, )
+BMM_ISA(d_base, double, bmm_v2d, bmm_v2du, 2, )
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define BMM_X86 1
+#if defined(__clang__)
+#define BMM_AVX2_ATTR __attribute__((target("avx2,fma")))
+#else
+#define BMM_AVX2_ATTR __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
+#endif
+BMM_ISA(s_avx2, float, bmm_v8f, bmm_v8fu, 8, BMM_AVX2_ATTR)
+BMM_ISA(d_avx2, double, bmm_v4d, bmm_v4du, 4, BMM_AVX2_ATTR)
+static int has_avx2(void) {
+  static int v = -1; /* a benign race: every thread computes the same value */
+  if (v < 0) {
+    __builtin_cpu_init();
+    v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }
+  return v;
+}
+#else
+#define BMM_X86 0
+#endif
+
 /* C[b] = op(A[b]) op(B[b]) for b < nb, with strides sa / sb (0: shared) and
- * sc between batch elements. lda / ldb are row strides of the stored arrays.
- * Each element goes to ad_gemm_*, which picks its path per shape (a direct
- * loop for the tiny products of a meta-batch). */
+ * sc between batch elements; lda / ldb are row strides of the stored
+ * arrays, C's rows are n apart. */
 static void bmm_run(ad_dtype dt, int ta, int tb, int64_t nb, int64_t m, int64_t n, int64_t k,
                     const void *a, int64_t lda, int64_t sa, const void *b, int64_t ldb, int64_t sb,
                     void *c, int64_t sc) {
   if (dt == AD_F32) {
     const float *A = a, *Bm = b;
     float *C = c;
+#if BMM_X86
+    if (has_avx2() ? tiny_s_avx2(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc)
+                   : tiny_s_base(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc))
+      return;
+#else
+    if (tiny_s_base(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc)) return;
+#endif
     for (int64_t i = 0; i < nb; i++)
       ad_gemm_f32(ta, tb, m, n, k, 1.0f, A + i * sa, lda, Bm + i * sb, ldb, 0.0f, C + i * sc, n);
   } else {
     const double *A = a, *Bm = b;
     double *C = c;
+#if BMM_X86
+    if (has_avx2() ? tiny_d_avx2(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc)
+                   : tiny_d_base(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc))
+      return;
+#else
+    if (tiny_d_base(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc)) return;
+#endif
     for (int64_t i = 0; i < nb; i++)
       ad_gemm_f64(ta, tb, m, n, k, 1.0, A + i * sa, lda, Bm + i * sb, ldb, 0.0, C + i * sc, n);
   }

@@ -89,8 +89,16 @@ START_TEST(test_bmm_values) {
   ck_assert_int_eq(ad_tape_new(&t, NULL), AD_OK);
   ad_rng r;
   ad_rng_seed(&r, 5);
-  const int64_t dims[][4] = {
-      {3, 10, 40, 40}, {4, 1, 7, 3}, {2, 17, 1, 9}, {5, 40, 1, 10}, {2, 70, 65, 33}};
+  const int64_t dims[][4] = {{3, 10, 40, 40},
+                             {4, 1, 7, 3},
+                             {2, 17, 1, 9},
+                             {5, 40, 1, 10},
+                             {2, 70, 65, 33},
+                             /* k = 1 (outer products, read in place), whole vectors */
+                             {3, 10, 40, 1},
+                             {2, 9, 16, 1},
+                             {3, 16, 8, 5},
+                             {2, 40, 1, 1}};
   for (int dt = 0; dt < 2; dt++)
     for (size_t d = 0; d < sizeof dims / sizeof dims[0]; d++)
       for (int mode = 0; mode < 3; mode++) /* both batched, shared a, shared b */
