@@ -48,14 +48,15 @@
           acc1[v] = a1 * bv + acc1[v];                                                             \
         }                                                                                          \
       }                                                                                            \
-      T tmp[NV * VL];                                                                              \
       for (int r = 0; r <= two; r++) {                                                             \
-        for (int v = 0; v < NV; v++) *(VTU *)(tmp + v * VL) = r ? acc1[v] : acc0[v];               \
         T *orow = o + (i0 + r) * ors;                                                              \
-        if (ocs == 1)                                                                              \
-          memcpy(orow, tmp, (size_t)N * sizeof(T));                                                \
-        else                                                                                       \
-          for (int64_t j = 0; j < N; j++) orow[j * ocs] = tmp[j];                                  \
+        if (ocs == 1 && N == NV * VL) { /* whole vectors: stored as they are */                    \
+          for (int v = 0; v < NV; v++) *(VTU *)(orow + v * VL) = r ? acc1[v] : acc0[v];            \
+          continue;                                                                                \
+        }                                                                                          \
+        T tmp[NV * VL];                                                                            \
+        for (int v = 0; v < NV; v++) *(VTU *)(tmp + v * VL) = r ? acc1[v] : acc0[v];               \
+        for (int64_t j = 0; j < N; j++) orow[j * ocs] = tmp[j];                                    \
       }                                                                                            \
     }                                                                                              \
   }
@@ -78,7 +79,8 @@
       for (int64_t j = 0; j < n; j++)                                                              \
         for (int64_t p = 0; p < k; p++) pk[p * lp + j] = x[j * ld + p];                            \
     else                                                                                           \
-      for (int64_t p = 0; p < k; p++) memcpy(pk + p * lp, x + p * ld, (size_t)n * sizeof(T));      \
+      for (int64_t p = 0; p < k; p++)                                                              \
+        for (int64_t j = 0; j < n; j++) pk[p * lp + j] = x[p * ld + j];                            \
     for (int64_t p = 0; p < k; p++)                                                                \
       for (int64_t j = n; j < lp; j++) pk[p * lp + j] = 0;                                         \
   }                                                                                                \

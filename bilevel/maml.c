@@ -23,7 +23,8 @@
  *           Meta-SGD rate alpha, -grad L_query(phi_k) * sum_j g_j).
  * Each task is adapted, differentiated and rewound before the next, so the
  * arena holds one task's graph at a time; with the batched losses
- * (p->support_batch, maml_batched below) all tasks run as one graph. */
+ * (p->support_batch, maml_batched below) each batch of tasks runs as one
+ * graph. */
 #include "implicit_internal.h"
 
 /* phi = Adapt_task(theta, lam): k recorded steps from the theta views.
@@ -51,13 +52,14 @@ static ad_status adapt(bl_meta_run *r, int task, unsigned flags, ad_tensor **phi
   return s;
 }
 
-/* The batched path (p->support_batch set): every task at once. phi =
- * theta stacked over tasks, the same steps on the stacked tensors (the
- * gradient of the summed support loss is each task's own gradient, at its
- * index), one summed query loss, one reverse sweep: the broadcast that
- * stacked theta sums the tasks' meta-gradients on its way back. The same
- * arithmetic as the per-task loop, in n_tasks times fewer ops. */
-static ad_status maml_batched(bl_meta_run *r, unsigned flags) {
+/* The batched path (p->support_batch set): batch_tasks tasks at a time
+ * (all by default). phi = theta stacked over the batch, the same steps on
+ * the stacked tensors (the gradient of the summed support loss is each
+ * task's own gradient, at its index), one summed query loss, one reverse
+ * sweep: the broadcast that stacked theta sums the tasks' meta-gradients
+ * on its way back. The same arithmetic as the per-task loop, in batch
+ * times fewer ops. */
+static ad_status maml_batch(bl_meta_run *r, int task0, int nb, unsigned flags) {
   const bl_meta_problem *p = r->p;
   ad_tape *t = r->base.t;
   int n = p->n_theta, ns = r->step.slots * n;
@@ -65,18 +67,18 @@ static ad_status maml_batched(bl_meta_run *r, unsigned flags) {
   ad_tensor *phi_new[NN_MAX_PARAMS], *state_new[BL_STEP_MAX_SLOTS * NN_MAX_PARAMS];
   ad_tensor *meta[2 * NN_MAX_PARAMS], *gq[2 * NN_MAX_PARAMS];
   ad_marker mk = ad_mark(t);
-  ad_status s = bl__meta_batch_begin(r, phi, state);
+  ad_status s = bl__meta_batch_begin(r, nb, phi, state);
   for (int64_t k = 0; !s && k < p->inner_steps; k++) {
-    ad_tensor *L = bl__batch_loss(r, p->support_batch, "support_batch", phi);
+    ad_tensor *L = bl__batch_loss(r, p->support_batch, "support_batch", phi, task0, nb);
     s = L ? ad_grad(t, 1, &L, NULL, n, phi, g, flags) : ad_tape_status(t);
     if (!s) s = bl__meta_step(r, phi, state, g, k, phi_new, state_new);
     if (!s) {
       for (int i = 0; i < n; i++) phi[i] = phi_new[i];
       for (int j = 0; j < ns; j++) state[j] = state_new[j];
-      r->base.st.inner_steps += p->n_tasks;
+      r->base.st.inner_steps += nb;
     }
   }
-  ad_tensor *Lq = s ? NULL : bl__batch_loss(r, p->query_batch, "query_batch", phi);
+  ad_tensor *Lq = s ? NULL : bl__batch_loss(r, p->query_batch, "query_batch", phi, task0, nb);
   if (!s && !Lq) s = ad_tape_status(t);
   for (int i = 0; i < n; i++) meta[i] = r->theta[i];
   for (int k = 0; k < p->n_lam; k++) meta[n + k] = r->lam[k];
@@ -86,6 +88,13 @@ static ad_status maml_batched(bl_meta_run *r, unsigned flags) {
     r->loss_sum += ad_item(Lq);
   }
   ad_rewind(t, mk);
+  return s;
+}
+
+static ad_status maml_batched(bl_meta_run *r, unsigned flags) {
+  int T = r->p->n_tasks, B = r->p->batch_tasks > 0 ? r->p->batch_tasks : T;
+  ad_status s = AD_OK;
+  for (int t0 = 0; !s && t0 < T; t0 += B) s = maml_batch(r, t0, T - t0 < B ? T - t0 : B, flags);
   return s;
 }
 

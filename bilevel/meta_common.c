@@ -193,6 +193,8 @@ static ad_status check_meta(bl_meta_run *r, const bl_meta_problem *p, ad_tensor 
     }
   }
   if (p->n_tasks <= 0) return bl__fail(b, AD_ERR_ARG, "n_tasks is %d", p->n_tasks);
+  if (p->batch_tasks < 0)
+    return bl__fail(b, AD_ERR_ARG, "batch_tasks is %d (>= 0; 0 = all tasks)", p->batch_tasks);
   /* The batched path adds a leading task axis to every theta[i]. */
   for (int i = 0; n_batch && !imaml && i < p->n_theta; i++)
     if (p->theta[i]->ndim > AD_MAX_DIMS - 1) {
@@ -347,19 +349,19 @@ ad_status bl__meta_step(bl_meta_run *r, ad_tensor *const *phi, ad_tensor *const 
 
 /* x (shaped like theta[i], or of its size) repeated over the tasks:
  * [n_tasks, theta[i]'s shape]. Its adjoint sums over tasks. */
-static ad_tensor *stack(bl_meta_run *r, ad_tensor *x, int i) {
+static ad_tensor *stack(bl_meta_run *r, ad_tensor *x, int i, int n_tasks) {
   ad_tape *t = r->base.t;
   const ad_tensor *like = r->p->theta[i];
   if (!ad_same_shape(x, like)) x = ad_reshape(t, x, like->ndim, like->shape);
-  return ad_broadcast_axis(t, x, 0, r->p->n_tasks, 0);
+  return ad_broadcast_axis(t, x, 0, n_tasks, 0);
 }
 
-ad_status bl__meta_batch_begin(bl_meta_run *r, ad_tensor **phi, ad_tensor **state) {
+ad_status bl__meta_batch_begin(bl_meta_run *r, int n_tasks, ad_tensor **phi, ad_tensor **state) {
   const bl_meta_problem *p = r->p;
   ad_tape *t = r->base.t;
   int n = p->n_theta;
   for (int i = 0; i < n; i++)
-    if (!(phi[i] = stack(r, r->theta[i], i))) return ad_tape_status(t);
+    if (!(phi[i] = stack(r, r->theta[i], i, n_tasks))) return ad_tape_status(t);
   for (int k = 0; k < r->step.slots; k++) {
     ad_status s = bl__zeros_new(&r->base, n, phi, state + k * n);
     if (s) return s;
@@ -374,8 +376,8 @@ ad_status bl__meta_batch_begin(bl_meta_run *r, ad_tensor **phi, ad_tensor **stat
   for (int i = 0; i < n; i++) {
     ad_tensor *lv = c->lr_vars ? c->lr_vars[i] : NULL;
     ad_tensor *dv = c->weight_decay_vars ? c->weight_decay_vars[i] : NULL;
-    r->bopt.lr_vars[i] = lv && lv->size != 1 ? stack(r, lv, i) : lv;
-    r->bopt.wd_vars[i] = dv && dv->size != 1 ? stack(r, dv, i) : dv;
+    r->bopt.lr_vars[i] = lv && lv->size != 1 ? stack(r, lv, i, n_tasks) : lv;
+    r->bopt.wd_vars[i] = dv && dv->size != 1 ? stack(r, dv, i, n_tasks) : dv;
   }
   if (ad_tape_status(t)) return ad_tape_status(t);
   if (c->lr_vars) r->bopt.cfg.lr_vars = r->bopt.lr_vars;
@@ -385,18 +387,19 @@ ad_status bl__meta_batch_begin(bl_meta_run *r, ad_tensor **phi, ad_tensor **stat
 }
 
 ad_tensor *bl__batch_loss(bl_meta_run *r, bl_batch_loss_fn f, const char *which,
-                          ad_tensor *const *phi) {
+                          ad_tensor *const *phi, int task0, int n) {
   bl_run *b = &r->base;
-  ad_tensor *L = f(b->t, phi, r->p->ctx);
+  ad_tensor *L = f(b->t, phi, task0, n, r->p->ctx);
   if (ad_tape_status(b->t) != AD_OK) return NULL;
   if (!L) {
-    bl__fail(b, AD_ERR_NULL, "%s returned NULL", which);
+    bl__fail(b, AD_ERR_NULL, "%s returned NULL (tasks %d..%d)", which, task0, task0 + n - 1);
     return NULL;
   }
   if (L->size != 1) {
     char a[96];
-    bl__fail(b, AD_ERR_SHAPE, "%s returned %s; the sum over tasks (a scalar) is needed", which,
-             ad_shape_str(L, a, sizeof a));
+    bl__fail(b, AD_ERR_SHAPE,
+             "%s returned %s (tasks %d..%d); the sum over the tasks (a scalar) is needed", which,
+             ad_shape_str(L, a, sizeof a), task0, task0 + n - 1);
     return NULL;
   }
   return L;

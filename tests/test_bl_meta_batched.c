@@ -4,8 +4,8 @@
  * meta-loss, f64 to 1e-10 and f32 to 1e-5 relative, with plain SGD,
  * momentum, Adam, Meta-SGD rates (per element and size 1, with momentum
  * too), per-element weight decay and a user step; bl_imaml ignores the
- * batched losses; a bad contract is refused with a message naming it; the
- * tape is left as found. */
+ * batched losses; batches of batch_tasks tasks give the same as one; a bad
+ * contract is refused with a message naming it; the tape is left as found. */
 #include "bilevel/bl.h"
 #include "datasets/ds.h"
 
@@ -99,16 +99,18 @@ static ad_tensor *query(ad_tape *t, ad_tensor *const *p, int i, void *ctx) {
   return ad_mse(t, net(t, p, f->xq[i]), f->yq[i]);
 }
 /* ad_mse means over NT K points: NT times it is the sum of the task means. */
-static ad_tensor *support_b(ad_tape *t, ad_tensor *const *p, void *ctx) {
+static ad_tensor *support_b(ad_tape *t, ad_tensor *const *p, int task0, int n, void *ctx) {
   fix *f = ctx;
-  ad_tensor *out = net_b(t, p, f->XS);
+  ck_assert_int_eq(p[0]->shape[0], n); /* the contract: n tasks stacked */
+  ad_tensor *out = net_b(t, p, ad_slice(t, f->XS, 0, task0, n));
   if (f->bad == 1) return ad_sum_axis(t, out, 0, 0);
   if (f->bad == 2) return NULL;
-  return ad_scale(t, ad_mse(t, out, f->YS), NT);
+  return ad_scale(t, ad_mse(t, out, ad_slice(t, f->YS, 0, task0, n)), n);
 }
-static ad_tensor *query_b(ad_tape *t, ad_tensor *const *p, void *ctx) {
+static ad_tensor *query_b(ad_tape *t, ad_tensor *const *p, int task0, int n, void *ctx) {
   fix *f = ctx;
-  return ad_scale(t, ad_mse(t, net_b(t, p, f->XQ), f->YQ), NT);
+  ad_tensor *out = net_b(t, p, ad_slice(t, f->XQ, 0, task0, n));
+  return ad_scale(t, ad_mse(t, out, ad_slice(t, f->YQ, 0, task0, n)), n);
 }
 
 /* Heavy ball with the learning rate lam[0] (a scalar): a user step, which
@@ -144,7 +146,8 @@ static const char *const ADAPT_NAME[N_ADAPT] = {
  * returns the relative difference of the meta-gradients (theta and lam
  * together) and of the meta-losses; asserts both runs succeeded and left
  * the tape's arena as found. */
-static double compare(bl_meta_method_fn m, const char *mname, ad_dtype dt, int a, double *dloss) {
+static double compare(bl_meta_method_fn m, const char *mname, ad_dtype dt, int a, int batch,
+                      double *dloss) {
   fix f;
   fix_make(&f, dt, 100 + (uint64_t)a);
   ad_tape *t = NULL;
@@ -221,6 +224,7 @@ static double compare(bl_meta_method_fn m, const char *mname, ad_dtype dt, int a
   ck_assert_msg(st == AD_OK, "%s %s per task: %s", mname, ADAPT_NAME[a], ad_tape_errmsg(t));
   p.support_batch = support_b;
   p.query_batch = query_b;
+  p.batch_tasks = batch;
   st = m(t, &p, NULL, g2, &s2);
   ck_assert_msg(st == AD_OK, "%s %s batched: %s", mname, ADAPT_NAME[a], ad_tape_errmsg(t));
   ad_arena_stats_get(t, &a1);
@@ -236,8 +240,8 @@ static double compare(bl_meta_method_fn m, const char *mname, ad_dtype dt, int a
   }
   double e = rel_err(nm, g2, g1);
   *dloss = fabs(s2.val_loss - s1.val_loss) / fabs(s1.val_loss);
-  printf("%s, %s, %s: batched vs per task: meta-gradient %.2e, meta-loss %.2e\n", mname,
-         ADAPT_NAME[a], dt == AD_F32 ? "f32" : "f64", e, *dloss);
+  printf("%s, %s, %s, batch_tasks %d: batched vs per task: meta-gradient %.2e, meta-loss %.2e\n",
+         mname, ADAPT_NAME[a], dt == AD_F32 ? "f32" : "f64", batch, e, *dloss);
   for (int k = 0; k < nm; k++) {
     ad_tensor_free(g1[k]);
     ad_tensor_free(g2[k]);
@@ -251,13 +255,15 @@ static double compare(bl_meta_method_fn m, const char *mname, ad_dtype dt, int a
   return e;
 }
 
-/* loop index: method (maml, fomaml) x dtype x adaptation */
+/* loop index: batch_tasks (all NT at once, or 3: batches of 3 and 1) x
+ * method (maml, fomaml) x dtype x adaptation */
 START_TEST(test_batched_equals_per_task) {
-  int a = _i % N_ADAPT, dt = (_i / N_ADAPT) % 2, meth = _i / (2 * N_ADAPT);
+  int a = _i % N_ADAPT, dt = (_i / N_ADAPT) % 2, meth = (_i / (2 * N_ADAPT)) % 2;
+  int batch = _i / (4 * N_ADAPT) ? 3 : 0;
   bl_meta_method_fn m = meth ? bl_fomaml : bl_maml;
   const char *mname = meth ? "fomaml" : "maml";
   double dloss = 0;
-  double e = compare(m, mname, (ad_dtype)dt, a, &dloss);
+  double e = compare(m, mname, (ad_dtype)dt, a, batch, &dloss);
   /* The same arithmetic in another order (the tasks' meta-gradients summed
    * by the broadcast's adjoint, products of the batch folded): rounding
    * only. */
@@ -343,10 +349,14 @@ START_TEST(test_batched_bad_contract) {
   expect(t, bl_imaml, &p, g, AD_ERR_NULL, "bl_imaml has no batched path");
   /* a batched loss that is not a scalar, or is missing */
   f.bad = 1;
-  expect(t, bl_maml, &p, g, AD_ERR_SHAPE, "support_batch returned [6, 1]");
+  expect(t, bl_maml, &p, g, AD_ERR_SHAPE, "support_batch returned [6, 1] f64 (tasks 0..3)");
   f.bad = 2;
-  expect(t, bl_maml, &p, g, AD_ERR_NULL, "support_batch returned NULL");
+  p.batch_tasks = 2;
+  expect(t, bl_maml, &p, g, AD_ERR_NULL, "support_batch returned NULL (tasks 0..1)");
   f.bad = 0;
+  p.batch_tasks = -1;
+  expect(t, bl_fomaml, &p, g, AD_ERR_ARG, "batch_tasks is -1");
+  p.batch_tasks = 0;
   /* theta of 4 dimensions has no room for the task axis */
   ad_tensor *w4 = new_tensor(AD_F64, 4, (int64_t[]){1, 1, 1, 2});
   ad_tensor *g4 = new_tensor(AD_F64, 4, (int64_t[]){1, 1, 1, 2});
@@ -367,7 +377,7 @@ static Suite *suite(void) {
   Suite *s = suite_create("bl_meta_batched");
   TCase *tc = tcase_create("batched");
   tcase_set_timeout(tc, 120);
-  tcase_add_loop_test(tc, test_batched_equals_per_task, 0, 2 * 2 * N_ADAPT);
+  tcase_add_loop_test(tc, test_batched_equals_per_task, 0, 2 * 2 * 2 * N_ADAPT);
   tcase_add_test(tc, test_imaml_ignores_batched);
   tcase_add_test(tc, test_batched_bad_contract);
   suite_add_tcase(s, tc);
