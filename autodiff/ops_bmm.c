@@ -61,7 +61,7 @@
     }                                                                                              \
   }
 
-#define BMM_ISA(SUF, T, VT, VTU, VL, ATTR)                                                         \
+#define BMM_ISA(SUF, T, VT, VTU, VL, HSUM, ATTR)                                                   \
   BMM_PANEL(panel_##SUF##1, T, VT, VTU, VL, 1, ATTR)                                               \
   BMM_PANEL(panel_##SUF##2, T, VT, VTU, VL, 2, ATTR)                                               \
   BMM_PANEL(panel_##SUF##3, T, VT, VTU, VL, 3, ATTR)                                               \
@@ -84,6 +84,42 @@
     for (int64_t p = 0; p < k; p++)                                                                \
       for (int64_t j = n; j < lp; j++) pk[p * lp + j] = 0;                                         \
   }                                                                                                \
+  /* C = A op(B) with A's rows and op(B)'s columns both contiguous along p                         \
+   * (A B^T, and A b for a column b): dot products, vectors along p, in                            \
+   * tiles of 2 rows x 4 columns of C, no copy at all. Each lane sums its                          \
+   * p's in ascending order, the lanes are added in order, then the tail                           \
+   * p's (k mod VL) in order. bs: stride between op(B)'s columns. */                               \
+  ATTR static void bmm_dot_##SUF(int64_t m, int64_t n, int64_t k, const T *A, int64_t lda,         \
+                                 const T *B, int64_t bs, T *C) {                                   \
+    const int64_t kv = k - k % VL;                                                                 \
+    for (int64_t i0 = 0; i0 < m; i0 += 2) {                                                        \
+      const int64_t i1 = i0 + 1 < m ? i0 + 1 : i0;                                                 \
+      const T *a[2] = {A + i0 * lda, A + i1 * lda};                                                \
+      for (int64_t j0 = 0; j0 < n; j0 += 4) {                                                      \
+        const T *b[4];                                                                             \
+        for (int q = 0; q < 4; q++) b[q] = B + (j0 + q < n ? j0 + q : n - 1) * bs;                 \
+        VT acc[2][4];                                                                              \
+        for (int r = 0; r < 2; r++)                                                                \
+          for (int q = 0; q < 4; q++) acc[r][q] = (VT){0};                                         \
+        for (int64_t p = 0; p < kv; p += VL) {                                                     \
+          const VT a0 = *(const VTU *)(a[0] + p), a1 = *(const VTU *)(a[1] + p);                   \
+          for (int q = 0; q < 4; q++) {                                                            \
+            const VT bv = *(const VTU *)(b[q] + p);                                                \
+            acc[0][q] = a0 * bv + acc[0][q];                                                       \
+            acc[1][q] = a1 * bv + acc[1][q];                                                       \
+          }                                                                                        \
+        }                                                                                          \
+        for (int r = 0; r < 2 && i0 + r < m; r++) {                                                \
+          T sum[4];                                                                                \
+          HSUM(acc[r], sum);                                                                       \
+          for (int q = 0; q < 4 && j0 + q < n; q++) {                                              \
+            for (int64_t p = kv; p < k; p++) sum[q] += a[r][p] * b[q][p];                          \
+            C[(i0 + r) * n + j0 + q] = sum[q];                                                     \
+          }                                                                                        \
+        }                                                                                          \
+      }                                                                                            \
+    }                                                                                              \
+  }                                                                                                \
   /* Returns 0 (doing nothing) when the product is not tiny. */                                    \
   ATTR static int tiny_##SUF(int ta, int tb, int64_t nb, int64_t m, int64_t n, int64_t k,          \
                              const T *a, int64_t lda, int64_t sa, const T *b, int64_t ldb,         \
@@ -93,6 +129,11 @@
     const int rows = tb && !ta && k > 1 ? n <= m : n >= VL || n >= m;                              \
     const int64_t M = rows ? m : n, N = rows ? n : m, nv = (N + VL - 1) / VL, lp = nv * VL;        \
     if (m > BMM_TINY || n > BMM_TINY || k > BMM_TINY || nv > BMM_NVMAX) return 0;                  \
+    if (!ta && (tb || ldb == 1) && k >= VL) {                                                      \
+      for (int64_t e = 0; e < nb; e++)                                                             \
+        bmm_dot_##SUF(m, n, k, a + e * sa, lda, b + e * sb, tb ? ldb : 1, c + e * sc);             \
+      return 1;                                                                                    \
+    }                                                                                              \
     T pk[BMM_TINY * BMM_NVMAX * VL];                                                               \
     for (int64_t e = 0; e < nb; e++) {                                                             \
       const T *A = a + e * sa, *B = b + e * sb, *x, *P;                                            \
@@ -154,20 +195,50 @@ BMM_VEC(bmm_v4d, double, 32)
 BMM_VEC(bmm_v4f, float, 16)
 BMM_VEC(bmm_v2d, double, 16)
 
+/* out[q] = the sum of v[q]'s lanes, q < 4, in a fixed order: in the
+ * baseline build lane by lane, with AVX2 by horizontal adds (two hadds
+ * and a half-add: four dot products' reductions in four instructions). */
+#define BMM_HSUM_BASE(NAME, T, VT, VTU, VL)                                                        \
+  static inline void NAME(const VT *v, T *out) {                                                   \
+    for (int q = 0; q < 4; q++) {                                                                  \
+      T l[VL];                                                                                     \
+      *(VTU *)l = v[q];                                                                            \
+      T sum = l[0];                                                                                \
+      for (int j = 1; j < VL; j++) sum += l[j];                                                    \
+      out[q] = sum;                                                                                \
+    }                                                                                              \
+  }
+BMM_HSUM_BASE(hsum_s_base, float, bmm_v4f, bmm_v4fu, 4)
+BMM_HSUM_BASE(hsum_d_base, double, bmm_v2d, bmm_v2du, 2)
+
 /* Compiled for the baseline ISA and, on x86 with GCC or Clang, for
  * AVX2+FMA (taken when the CPU has them, as autodiff/blas.c's direct loop
  * is; GCC contracts a*b+c there, Clang within the statement). */
-BMM_ISA(s_base, float, bmm_v4f, bmm_v4fu, 4, )
-BMM_ISA(d_base, double, bmm_v2d, bmm_v2du, 2, )
+BMM_ISA(s_base, float, bmm_v4f, bmm_v4fu, 4, hsum_s_base, )
+BMM_ISA(d_base, double, bmm_v2d, bmm_v2du, 2, hsum_d_base, )
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <immintrin.h>
 #define BMM_X86 1
 #if defined(__clang__)
 #define BMM_AVX2_ATTR __attribute__((target("avx2,fma")))
 #else
 #define BMM_AVX2_ATTR __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
 #endif
-BMM_ISA(s_avx2, float, bmm_v8f, bmm_v8fu, 8, BMM_AVX2_ATTR)
-BMM_ISA(d_avx2, double, bmm_v4d, bmm_v4du, 4, BMM_AVX2_ATTR)
+BMM_AVX2_ATTR static inline void hsum_s_avx2(const bmm_v8f *v, float *out) {
+  /* h = [a0123 b0123 c0123 d0123 | a4567 b4567 c4567 d4567] */
+  __m256 h = _mm256_hadd_ps(_mm256_hadd_ps((__m256)v[0], (__m256)v[1]),
+                            _mm256_hadd_ps((__m256)v[2], (__m256)v[3]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+BMM_AVX2_ATTR static inline void hsum_d_avx2(const bmm_v4d *v, double *out) {
+  /* [a01 b01 a23 b23] and [c01 d01 c23 d23] -> [a b c d] */
+  __m256d h01 = _mm256_hadd_pd((__m256d)v[0], (__m256d)v[1]);
+  __m256d h23 = _mm256_hadd_pd((__m256d)v[2], (__m256d)v[3]);
+  _mm256_storeu_pd(out, _mm256_add_pd(_mm256_permute2f128_pd(h01, h23, 0x20),
+                                      _mm256_permute2f128_pd(h01, h23, 0x31)));
+}
+BMM_ISA(s_avx2, float, bmm_v8f, bmm_v8fu, 8, hsum_s_avx2, BMM_AVX2_ATTR)
+BMM_ISA(d_avx2, double, bmm_v4d, bmm_v4du, 4, hsum_d_avx2, BMM_AVX2_ATTR)
 static int has_avx2(void) {
   static int v = -1; /* a benign race: every thread computes the same value */
   if (v < 0) {
