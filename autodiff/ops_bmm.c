@@ -239,17 +239,26 @@ BMM_AVX2_ATTR static inline void hsum_d_avx2(const bmm_v4d *v, double *out) {
 }
 BMM_ISA(s_avx2, float, bmm_v8f, bmm_v8fu, 8, hsum_s_avx2, BMM_AVX2_ATTR)
 BMM_ISA(d_avx2, double, bmm_v4d, bmm_v4du, 4, hsum_d_avx2, BMM_AVX2_ATTR)
+/* Read from the CPU model libgcc / compiler-rt fill in at load time: two
+ * loads per call, no state of our own (so no race between threads). */
 static int has_avx2(void) {
-  static int v = -1; /* a benign race: every thread computes the same value */
-  if (v < 0) {
-    __builtin_cpu_init();
-    v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }
-  return v;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 #else
 #define BMM_X86 0
 #endif
+
+/* Tests only (tests/test_bmm.c declares it): 1 makes ad_bmm take the
+ * baseline loop even where AVX2 is present, so both builds of the loop
+ * are checked on one machine; returns the previous setting. Set it from
+ * one thread, with no ad_bmm running. */
+int ad__bmm_force_base(int on);
+static int g_force_base;
+int ad__bmm_force_base(int on) {
+  int was = g_force_base;
+  g_force_base = on != 0;
+  return was;
+}
 
 /* C[b] = op(A[b]) op(B[b]) for b < nb, with strides sa / sb (0: shared) and
  * sc between batch elements; lda / ldb are row strides of the stored
@@ -261,8 +270,9 @@ static void bmm_run(ad_dtype dt, int ta, int tb, int64_t nb, int64_t m, int64_t 
     const float *A = a, *Bm = b;
     float *C = c;
 #if BMM_X86
-    if (has_avx2() ? tiny_s_avx2(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc)
-                   : tiny_s_base(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc))
+    if (!g_force_base && has_avx2()
+            ? tiny_s_avx2(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc)
+            : tiny_s_base(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc))
       return;
 #else
     if (tiny_s_base(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc)) return;
@@ -273,8 +283,9 @@ static void bmm_run(ad_dtype dt, int ta, int tb, int64_t nb, int64_t m, int64_t 
     const double *A = a, *Bm = b;
     double *C = c;
 #if BMM_X86
-    if (has_avx2() ? tiny_d_avx2(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc)
-                   : tiny_d_base(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc))
+    if (!g_force_base && has_avx2()
+            ? tiny_d_avx2(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc)
+            : tiny_d_base(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc))
       return;
 #else
     if (tiny_d_base(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc)) return;

@@ -81,10 +81,14 @@ static ad_tensor *elem(ad_tape *t, ad_tensor *x, int64_t b) {
   return ad_reshape(t, s, 2, S(r, c));
 }
 
+/* autodiff/ops_bmm.c: 1 = take the baseline loop even with AVX2 (tests). */
+int ad__bmm_force_base(int on);
+
 /* ad_bmm against ad_matmul per element, every transpose pair, both
  * dtypes, batched and shared operands, shapes from tiny to past the
- * direct loop's sizes. */
+ * tiny loop's sizes; loop index 1 runs the baseline build of the loop. */
 START_TEST(test_bmm_values) {
+  ad__bmm_force_base(_i);
   ad_tape *t = NULL;
   ck_assert_int_eq(ad_tape_new(&t, NULL), AD_OK);
   ad_rng r;
@@ -131,6 +135,7 @@ START_TEST(test_bmm_values) {
           }
   ck_assert_int_eq(ad_tape_status(t), AD_OK);
   ad_tape_free(t);
+  ad__bmm_force_base(0);
 }
 END_TEST
 
@@ -228,7 +233,7 @@ static Suite *bmm_suite(void) {
   TCase *tc = tcase_create("bmm");
   tcase_set_timeout(tc, 60);
   tcase_add_loop_test(tc, test_bmm_gradcheck, 0, N_CASES);
-  tcase_add_test(tc, test_bmm_values);
+  tcase_add_loop_test(tc, test_bmm_values, 0, 2);
   tcase_add_test(tc, test_add_batch_rowvec_values);
   tcase_add_test(tc, test_bmm_shared_grad_is_sum);
   tcase_add_test(tc, test_bmm_bad_input);
