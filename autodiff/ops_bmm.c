@@ -93,27 +93,34 @@
                                  const T *B, int64_t bs, T *C) {                                   \
     const int64_t kv = k - k % VL;                                                                 \
     for (int64_t i0 = 0; i0 < m; i0 += 2) {                                                        \
-      const int64_t i1 = i0 + 1 < m ? i0 + 1 : i0;                                                 \
-      const T *a[2] = {A + i0 * lda, A + i1 * lda};                                                \
+      const T *a0 = A + i0 * lda, *a1 = A + (i0 + 1 < m ? i0 + 1 : i0) * lda;                      \
       for (int64_t j0 = 0; j0 < n; j0 += 4) {                                                      \
-        const T *b[4];                                                                             \
-        for (int q = 0; q < 4; q++) b[q] = B + (j0 + q < n ? j0 + q : n - 1) * bs;                 \
-        VT acc[2][4];                                                                              \
-        for (int r = 0; r < 2; r++)                                                                \
-          for (int q = 0; q < 4; q++) acc[r][q] = (VT){0};                                         \
+        const int64_t jl = n - 1;                                                                  \
+        const T *b0 = B + j0 * bs, *b1 = B + (j0 + 1 < n ? j0 + 1 : jl) * bs;                      \
+        const T *b2 = B + (j0 + 2 < n ? j0 + 2 : jl) * bs,                                         \
+                *b3 = B + (j0 + 3 < n ? j0 + 3 : jl) * bs;                                         \
+        VT acc0[4] = {{0}}, acc1[4] = {{0}};                                                       \
         for (int64_t p = 0; p < kv; p += VL) {                                                     \
-          const VT a0 = *(const VTU *)(a[0] + p), a1 = *(const VTU *)(a[1] + p);                   \
-          for (int q = 0; q < 4; q++) {                                                            \
-            const VT bv = *(const VTU *)(b[q] + p);                                                \
-            acc[0][q] = a0 * bv + acc[0][q];                                                       \
-            acc[1][q] = a1 * bv + acc[1][q];                                                       \
-          }                                                                                        \
+          const VT x0 = *(const VTU *)(a0 + p), x1 = *(const VTU *)(a1 + p);                       \
+          const VT y0 = *(const VTU *)(b0 + p), y1 = *(const VTU *)(b1 + p);                       \
+          const VT y2 = *(const VTU *)(b2 + p), y3 = *(const VTU *)(b3 + p);                       \
+          acc0[0] = x0 * y0 + acc0[0], acc0[1] = x0 * y1 + acc0[1];                                \
+          acc0[2] = x0 * y2 + acc0[2], acc0[3] = x0 * y3 + acc0[3];                                \
+          acc1[0] = x1 * y0 + acc1[0], acc1[1] = x1 * y1 + acc1[1];                                \
+          acc1[2] = x1 * y2 + acc1[2], acc1[3] = x1 * y3 + acc1[3];                                \
         }                                                                                          \
+        if (kv == k && j0 + 4 <= n) { /* a whole tile row: four sums stored at once */             \
+          HSUM(acc0, C + i0 * n + j0);                                                             \
+          if (i0 + 1 < m) HSUM(acc1, C + (i0 + 1) * n + j0);                                       \
+          continue;                                                                                \
+        }                                                                                          \
+        const T *bq[4] = {b0, b1, b2, b3};                                                         \
         for (int r = 0; r < 2 && i0 + r < m; r++) {                                                \
           T sum[4];                                                                                \
-          HSUM(acc[r], sum);                                                                       \
+          const T *ar = r ? a1 : a0;                                                               \
+          HSUM(r ? acc1 : acc0, sum);                                                              \
           for (int q = 0; q < 4 && j0 + q < n; q++) {                                              \
-            for (int64_t p = kv; p < k; p++) sum[q] += a[r][p] * b[q][p];                          \
+            for (int64_t p = kv; p < k; p++) sum[q] += ar[p] * bq[q][p];                           \
             C[(i0 + r) * n + j0 + q] = sum[q];                                                     \
           }                                                                                        \
         }                                                                                          \
