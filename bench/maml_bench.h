@@ -15,12 +15,16 @@
  * ([25, ...], ad_bmm and ad_add_batch_rowvec), so the op count is that of
  * one task per batch. (All 100 at once is ~25% slower here: that graph,
  * ~12 MB of arena, no longer stays in cache; batches of 25 use ~3 MB.)
- * The per-task loop (support / query below) is kept and
- * its meta-gradient compared with the batched one at setup (stderr). The
- * batched graph does the same GEMMs, each ad_bmm one ad_gemm_f32 call per
- * task (the support forward's first layer, whose operand is theta shared
- * by all tasks, is already stacked and so is the same per-task GEMM), so
- * the floor below is unchanged.
+ * The per-task loop (support / query below) is kept and its meta-gradient
+ * compared with the batched one at setup (stderr).
+ * The batched graph does the same products as the per-task loop, the 30
+ * per task counted below, but each ad_bmm runs them for the whole batch in
+ * one call of its own tiny-product loop (autodiff/ops_bmm.c) rather than
+ * one ad_gemm_f32 call per task. The floor stays what it was, these
+ * products through ad_gemm_f32 one task at a time: the reference the
+ * per-task path cannot beat. Ours may go below it (ours/floor < 1):
+ * ad_bmm's loop has no per-call overhead and computes A B^T without a
+ * transposed copy.
  * Floor (ad_gemm_f32): per task the 30 GEMMs the second-order meta-gradient
  * cannot avoid (and bl_maml issues exactly these) — support forward 3 and
  * backward 5, query forward 3 and backward 5, then back through the
