@@ -406,8 +406,9 @@ typedef ad_tensor *(*bl_task_loss_fn)(ad_tape *t, ad_tensor *const *params, int 
  * with the batched ops (ad_bmm, ad_add_batch_rowvec; elementwise ops and
  * ad_mse take any shape), it runs the batch in one graph: one op per layer
  * instead of one per task. An MLP x -> relu(x W1 + b1) W2 + b2 over tasks
- * with X [n_tasks, K, d] and Y [n_tasks, K, 1] (bench/maml_bench.h runs
- * this with two hidden layers); ad_mse means over all n K points, so n
+ * with X [n_tasks, K, d] and Y [n_tasks, K, 1] (bench/maml_bench.h and
+ * tests/test_bl_meta_batched.c run it with two hidden layers, the test
+ * against the per-task losses); ad_mse means over all n K points, so n
  * times it is the sum of the per-task means:
  *
  *     static ad_tensor *support_batch(ad_tape *t, ad_tensor *const *p, int task0, int n,
