@@ -476,8 +476,8 @@ static void channel_sum_part(void *ctx, int part, int64_t lo, int64_t hi) {
   const channel_job *j = ctx;
   const conv_geom *g = j->g;
   int64_t pq = g->p * g->q;
-  for (int64_t k = lo; k < hi; k++)
-    for (int64_t n = 0; n < g->n; n++) {
+  for (int64_t n = 0; n < g->n; n++) /* n outer: one sequential stream over G */
+    for (int64_t k = lo; k < hi; k++) {
       int64_t off = (n * g->k + k) * pq;
       if (j->src->dtype == AD_F32) {
         const float *x = AD_F(j->src) + off;
