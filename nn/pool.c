@@ -84,6 +84,92 @@ static const pool_geom *keep_geom(ad_tape *t, ad_node *nd, const pool_geom *g) {
   if (h1 > (g)->h) h1 = (g)->h;                                                                    \
   if (w1 > (g)->w) w1 = (g)->w
 
+/* The 2x2 stride-2 rows four windows at a time (f32, SSE2: every x86-64):
+ * the very compares of the scalar loops below, so the same values, indices
+ * and ties, and the same NaN detection (a NaN row is redone the general
+ * way). Each returns the q it stopped at; the scalar loop does the rest.
+ * f64 (and f32 without SSE2) do everything in the scalar loops. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+static int64_t max2_row_f32(const float *a, const float *b, float *yr, int32_t *ir, int32_t base,
+                            int32_t W, int64_t Q, int relu, int *nan) {
+  const int64_t Q4 = Q & ~(int64_t)3;
+  const __m128 zero = _mm_setzero_ps();
+  const __m128i step = _mm_setr_epi32(0, 2, 4, 6), vw = _mm_set1_epi32(W),
+                ones = _mm_set1_epi32(-1);
+  __m128 bad = zero;
+  for (int64_t q = 0; q < Q4; q += 4) {
+    const __m128 a01 = _mm_loadu_ps(a + 2 * q), a23 = _mm_loadu_ps(a + 2 * q + 4);
+    const __m128 b01 = _mm_loadu_ps(b + 2 * q), b23 = _mm_loadu_ps(b + 2 * q + 4);
+    const __m128 a0 = _mm_shuffle_ps(a01, a23, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m128 a1 = _mm_shuffle_ps(a01, a23, _MM_SHUFFLE(3, 1, 3, 1));
+    const __m128 b0 = _mm_shuffle_ps(b01, b23, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m128 b1 = _mm_shuffle_ps(b01, b23, _MM_SHUFFLE(3, 1, 3, 1));
+    bad = _mm_or_ps(bad, _mm_or_ps(_mm_cmpunord_ps(a0, a1), _mm_cmpunord_ps(b0, b1)));
+    /* maxps(x, y) is x > y ? x : y, the scalar select exactly */
+    const __m128 ma = _mm_max_ps(a1, a0), mb = _mm_max_ps(b1, b0), m = _mm_max_ps(mb, ma);
+    const __m128 keep = _mm_cmpgt_ps(m, zero);
+    _mm_storeu_ps(yr + q, relu ? _mm_and_ps(m, keep) : m);
+    if (ir) { /* pos = base + 2q + ia + bot (W + ib - ia), the masks being -1 for true */
+      const __m128i ia = _mm_castps_si128(_mm_cmpgt_ps(a1, a0));
+      const __m128i ib = _mm_castps_si128(_mm_cmpgt_ps(b1, b0));
+      const __m128i bot = _mm_castps_si128(_mm_cmpgt_ps(mb, ma));
+      __m128i pos = _mm_sub_epi32(_mm_add_epi32(_mm_set1_epi32(base + (int32_t)(2 * q)), step), ia);
+      pos = _mm_add_epi32(pos, _mm_and_si128(bot, _mm_add_epi32(vw, _mm_sub_epi32(ia, ib))));
+      if (relu) pos = _mm_xor_si128(pos, _mm_xor_si128(_mm_castps_si128(keep), ones)); /* ~pos */
+      _mm_storeu_si128((__m128i *)(void *)(ir + q), pos);
+    }
+  }
+  *nan |= _mm_movemask_ps(bad) != 0;
+  return Q4;
+}
+/* g at the argmax of each window (0 for a clipped one), 0 at its other
+ * three elements: the window's four outputs by compares on the offset. */
+static int64_t scatter2_row_f32(float *a, float *b, const float *yr, const int32_t *ir,
+                                int32_t base, int32_t W, int64_t Q) {
+  const int64_t Q4 = Q & ~(int64_t)3;
+  const __m128i step = _mm_setr_epi32(0, 2, 4, 6), z = _mm_setzero_si128(), one = _mm_set1_epi32(1),
+                vw = _mm_set1_epi32(W), vw1 = _mm_set1_epi32(W + 1);
+  for (int64_t q = 0; q < Q4; q += 4) {
+    const __m128i i = _mm_loadu_si128((const __m128i *)(const void *)(ir + q));
+    const __m128i neg = _mm_srai_epi32(i, 31);
+    const __m128i off = _mm_sub_epi32(_mm_xor_si128(i, neg),
+                                      _mm_add_epi32(_mm_set1_epi32(base + (int32_t)(2 * q)), step));
+    const __m128 v = _mm_andnot_ps(_mm_castsi128_ps(neg), _mm_loadu_ps(yr + q));
+    const __m128 e0 = _mm_and_ps(v, _mm_castsi128_ps(_mm_cmpeq_epi32(off, z)));
+    const __m128 e1 = _mm_and_ps(v, _mm_castsi128_ps(_mm_cmpeq_epi32(off, one)));
+    const __m128 e2 = _mm_and_ps(v, _mm_castsi128_ps(_mm_cmpeq_epi32(off, vw)));
+    const __m128 e3 = _mm_and_ps(v, _mm_castsi128_ps(_mm_cmpeq_epi32(off, vw1)));
+    _mm_storeu_ps(a + 2 * q, _mm_unpacklo_ps(e0, e1));
+    _mm_storeu_ps(a + 2 * q + 4, _mm_unpackhi_ps(e0, e1));
+    _mm_storeu_ps(b + 2 * q, _mm_unpacklo_ps(e2, e3));
+    _mm_storeu_ps(b + 2 * q + 4, _mm_unpackhi_ps(e2, e3));
+  }
+  return Q4;
+}
+#else
+static int64_t max2_row_f32(const float *a, const float *b, float *yr, int32_t *ir, int32_t base,
+                            int32_t W, int64_t Q, int relu, int *nan) {
+  (void)a, (void)b, (void)yr, (void)ir, (void)base, (void)W, (void)Q, (void)relu, (void)nan;
+  return 0;
+}
+static int64_t scatter2_row_f32(float *a, float *b, const float *yr, const int32_t *ir,
+                                int32_t base, int32_t W, int64_t Q) {
+  (void)a, (void)b, (void)yr, (void)ir, (void)base, (void)W, (void)Q;
+  return 0;
+}
+#endif
+static int64_t max2_row_f64(const double *a, const double *b, double *yr, int32_t *ir, int32_t base,
+                            int32_t W, int64_t Q, int relu, int *nan) {
+  (void)a, (void)b, (void)yr, (void)ir, (void)base, (void)W, (void)Q, (void)relu, (void)nan;
+  return 0;
+}
+static int64_t scatter2_row_f64(double *a, double *b, const double *yr, const int32_t *ir,
+                                int32_t base, int32_t W, int64_t Q) {
+  (void)a, (void)b, (void)yr, (void)ir, (void)base, (void)W, (void)Q;
+  return 0;
+}
+
 /* Every kernel covers the planes (n, c) in [nc0, nc1): a plane's outputs
  * read and write only that plane, so the planes split over the worker
  * threads with the same results however they are split.
@@ -124,8 +210,9 @@ static const pool_geom *keep_geom(ad_tape *t, ad_node *nd, const pool_geom *g) {
           int32_t *ir = ip ? ip + p * g->q : NULL;                                                 \
           const int32_t base = (int32_t)(nc * hw + 2 * p * W);                                     \
           int nan = 0;                                                                             \
+          const int64_t qv = max2_row_##SFX(a, b, yr, ir, base, (int32_t)W, g->q, relu, &nan);     \
           if (!ir) {                                                                               \
-            for (int64_t q = 0; q < g->q; q++) {                                                   \
+            for (int64_t q = qv; q < g->q; q++) {                                                  \
               const T a0 = a[2 * q], a1 = a[2 * q + 1], b0 = b[2 * q], b1 = b[2 * q + 1];          \
               const T ma = a1 > a0 ? a1 : a0, mb = b1 > b0 ? b1 : b0;                              \
               const T m = mb > ma ? mb : ma; /* ties go to the first (top) row */                  \
@@ -133,7 +220,7 @@ static const pool_geom *keep_geom(ad_tape *t, ad_node *nd, const pool_geom *g) {
               nan |= (a0 != a0) | (a1 != a1) | (b0 != b0) | (b1 != b1);                            \
             }                                                                                      \
           } else { /* the index by arithmetic on the compares: no branch to mispredict */          \
-            for (int64_t q = 0; q < g->q; q++) {                                                   \
+            for (int64_t q = qv; q < g->q; q++) {                                                  \
               const T a0 = a[2 * q], a1 = a[2 * q + 1], b0 = b[2 * q], b1 = b[2 * q + 1];          \
               const int32_t ia = a1 > a0, ib = b1 > b0;                                            \
               const T ma = a1 > a0 ? a1 : a0, mb = b1 > b0 ? b1 : b0;                              \
@@ -221,7 +308,9 @@ static const pool_geom *keep_geom(ad_tape *t, ad_node *nd, const pool_geom *g) {
         T *a = xp + 2 * p * W, *b = a + W;                                                         \
         const T *yr = y + nc * pq + p * g->q;                                                      \
         const int32_t *ir = idx + nc * pq + p * g->q;                                              \
-        for (int64_t q = 0; q < g->q; q++) { /* zero the window, then store g at the argmax */     \
+        const int64_t qv =                                                                         \
+            scatter2_row_##SFX(a, b, yr, ir, (int32_t)(nc * hw + 2 * p * W), (int32_t)W, g->q);    \
+        for (int64_t q = qv; q < g->q; q++) { /* zero the window, then store g at the argmax */    \
           a[2 * q] = a[2 * q + 1] = b[2 * q] = b[2 * q + 1] = 0;                                   \
           const int32_t i = ir[q];                                                                 \
           xp[(i ^ -(int32_t)(i < 0)) - nc * hw] = masked_##SFX(yr[q], i);                          \

@@ -53,6 +53,7 @@ static ad_tensor *f_conv_s2(ad_tape *t, ad_tensor *const *x, void *ctx) {
  * columns over. */
 static const gc_case CASES[] = {
     {"relu_max_pool2d_2x2", f_rmp_2x2, 1, {4}, {{2, 3, 5, 7}}, {0.3}, {0.05}, 0},
+    {"relu_max_pool2d_2x2_wide", f_rmp_2x2, 1, {4}, {{1, 2, 4, 19}}, {0.1}, {0.05}, 0},
     {"relu_max_pool2d_k3_s2_p1", f_rmp_k3_s2_p1, 1, {4}, {{1, 2, 5, 6}}, {0.2}, {0.05}, 0},
     {"relu_max_pool2d_k3_s1_p1", f_rmp_k3_s1_p1, 1, {4}, {{1, 2, 4, 5}}, {-0.2}, {0.05}, 0},
     {"relu_max_pool2d_k2_s1", f_rmp_k2_s1, 1, {4}, {{2, 1, 3, 4}}, {0}, {0.05}, 0},
@@ -82,12 +83,13 @@ typedef struct {
 } geom;
 
 static const geom GEOMS[] = {
-    {2, 3, 6, 8, 2, 2, 0}, /* the tiled fast path */
-    {2, 2, 7, 5, 2, 2, 0}, /* tiled, a row and a column left over */
-    {1, 2, 7, 7, 3, 2, 1}, /* overlapping, padded */
-    {2, 1, 5, 6, 3, 1, 1}, /* stride 1 */
-    {1, 3, 4, 9, 2, 3, 1}, /* stride past the window, padded */
-    {3, 2, 1, 1, 1, 1, 0}, /* 1x1 */
+    {2, 3, 6, 8, 2, 2, 0},  /* the tiled fast path */
+    {2, 2, 7, 5, 2, 2, 0},  /* tiled, a row and a column left over */
+    {2, 2, 6, 21, 2, 2, 0}, /* tiled, rows of 10 windows: 8 four at a time, 2 one by one */
+    {1, 2, 7, 7, 3, 2, 1},  /* overlapping, padded */
+    {2, 1, 5, 6, 3, 1, 1},  /* stride 1 */
+    {1, 3, 4, 9, 2, 3, 1},  /* stride past the window, padded */
+    {3, 2, 1, 1, 1, 1, 0},  /* 1x1 */
 };
 #define N_GEOMS ((int)(sizeof GEOMS / sizeof GEOMS[0]))
 
@@ -113,13 +115,14 @@ static void fill_rand(ad_tensor *v, ad_rng *r) {
   for (int64_t i = 0; i < v->size; i++) ad_set(v, i, ad_rng_normal(r));
 }
 
-/* Values y, gradient dx of <tanh(y), u>, and the HVP d<dx, v>/dx through
+/* Values y, gradient dx of <tanh(y), u> (exact: <y y, u>, exact in f32 for
+ * small integer data), and the HVP d<dx, v>/dx through
  * the recorded backward, for one way of computing the pool. */
-static void run(ad_tape *t, ad_tensor *x, const geom *g, int how, ad_tensor *u, ad_tensor *v,
-                ad_tensor **y, ad_tensor **dx, ad_tensor **hv) {
+static void run(ad_tape *t, ad_tensor *x, const geom *g, int how, int exact, ad_tensor *u,
+                ad_tensor *v, ad_tensor **y, ad_tensor **dx, ad_tensor **hv) {
   *y = pool_by(t, x, g, how);
   ck_assert_ptr_nonnull(*y);
-  ad_tensor *s = ad_dot(t, ad_tanh(t, *y), u);
+  ad_tensor *s = ad_dot(t, exact ? ad_mul(t, *y, *y) : ad_tanh(t, *y), u);
   ck_assert_int_eq(ad_grad(t, 1, &s, NULL, 1, &x, dx, AD_GRAD_RECORD), AD_OK);
   ad_tensor *s2 = ad_dot(t, *dx, v);
   ck_assert_int_eq(ad_grad(t, 1, &s2, NULL, 1, &x, hv, 0), AD_OK);
@@ -153,7 +156,7 @@ START_TEST(test_fused_equals_unfused) {
       ck_assert_int_eq(ad_tensor_new(&v, dts[d], 4, x->shape), AD_OK);
       fill_rand(u, &r), fill_rand(v, &r);
       ad_tensor *y[3], *dx[3], *hv[3];
-      for (int how = 0; how < 3; how++) run(t, x, g, how, u, v, &y[how], &dx[how], &hv[how]);
+      for (int how = 0; how < 3; how++) run(t, x, g, how, 0, u, v, &y[how], &dx[how], &hv[how]);
       ck_assert_int_eq(ad_tape_status(t), AD_OK);
       double nz = 0;
       for (int64_t i = 0; i < dx[0]->size; i++) nz += fabs(ad_get(dx[0], i));
@@ -164,6 +167,42 @@ START_TEST(test_fused_equals_unfused) {
         same("hvp", hv[0], hv[how], gi, how);
       }
       ad_tensor_free(x), ad_tensor_free(u), ad_tensor_free(v);
+      ad_tape_free(t);
+    }
+}
+END_TEST
+
+/* f32 (four windows at a time on x86-64) against f64 (one at a time) on
+ * the same small-integer data, where every step is exact in both: the
+ * same values, indices (ties!), gradients and HVPs, fused and plain. */
+START_TEST(test_f32_equals_f64) {
+  for (int gi = 0; gi < N_GEOMS; gi++)
+    for (int how = FUSED; how <= RELU_POOL; how++) {
+      const geom *g = &GEOMS[gi];
+      ad_tape *t = tape();
+      ad_tensor *y[2], *dx[2], *hv[2], *keep[6];
+      for (int d = 0; d < 2; d++) {
+        ad_rng r;
+        ad_rng_seed(&r, 123 + (uint64_t)gi); /* the same draws for both */
+        ad_dtype dt = d ? AD_F32 : AD_F64;
+        ad_tensor *x = tie_input(dt, g, &r);
+        int64_t ys[4] = {g->n, g->c, 0, 0};
+        ad_tensor *y0 = nn_max_pool2d(t, x, g->k, g->st, g->pad);
+        ck_assert_ptr_nonnull(y0);
+        ys[2] = y0->shape[2], ys[3] = y0->shape[3];
+        ad_tensor *u = NULL, *v = NULL;
+        ck_assert_int_eq(ad_tensor_new(&u, dt, 4, ys), AD_OK);
+        ck_assert_int_eq(ad_tensor_new(&v, dt, 4, x->shape), AD_OK);
+        for (int64_t i = 0; i < u->size; i++) ad_set(u, i, (double)ad_rng_below(&r, 5) - 2.0);
+        for (int64_t i = 0; i < v->size; i++) ad_set(v, i, (double)ad_rng_below(&r, 5) - 2.0);
+        run(t, x, g, how, 1, u, v, &y[d], &dx[d], &hv[d]);
+        keep[3 * d] = x, keep[3 * d + 1] = u, keep[3 * d + 2] = v;
+      }
+      ck_assert_int_eq(ad_tape_status(t), AD_OK);
+      same("f32 value", y[0], y[1], gi, how);
+      same("f32 gradient", dx[0], dx[1], gi, how);
+      same("f32 hvp", hv[0], hv[1], gi, how);
+      for (int i = 0; i < 6; i++) ad_tensor_free(keep[i]);
       ad_tape_free(t);
     }
 }
@@ -195,7 +234,7 @@ END_TEST
 /* A NaN in a window: the output is NaN (relu keeps it, as ad_relu does)
  * and its gradient is NaN at the NaN, like ad_relu(nn_max_pool2d(x)). */
 START_TEST(test_fused_nan) {
-  for (int gi = 0; gi < 3; gi++) {
+  for (int gi = 0; gi < 4; gi++) {
     const geom *g = &GEOMS[gi];
     ad_rng r;
     ad_rng_seed(&r, 9);
@@ -339,6 +378,7 @@ Suite *cnn_fused_suite(void) {
   suite_add_tcase(s, tc);
   TCase *tv = tcase_create("values");
   tcase_add_test(tv, test_fused_equals_unfused);
+  tcase_add_test(tv, test_f32_equals_f64);
   tcase_add_test(tv, test_fused_values);
   tcase_add_test(tv, test_fused_nan);
   tcase_add_test(tv, test_fused_unrecorded);
