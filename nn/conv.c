@@ -467,6 +467,7 @@ typedef struct {
   const conv_geom *g;
   const ad_tensor *src;
   ad_tensor *dst;
+  int64_t n0, n1; /* channel_sum_part: the images [n0, n1) */
 } channel_job;
 
 /* db[k] for k in [lo, hi): each channel's sum over n in order of n, the
@@ -476,7 +477,7 @@ static void channel_sum_part(void *ctx, int part, int64_t lo, int64_t hi) {
   const channel_job *j = ctx;
   const conv_geom *g = j->g;
   int64_t pq = g->p * g->q;
-  for (int64_t n = 0; n < g->n; n++) /* n outer: one sequential stream over G */
+  for (int64_t n = j->n0; n < j->n1; n++) /* n outer: one sequential stream over G */
     for (int64_t k = lo; k < hi; k++) {
       int64_t off = (n * g->k + k) * pq;
       if (j->src->dtype == AD_F32) {
@@ -501,7 +502,7 @@ static void channel_sum_part(void *ctx, int part, int64_t lo, int64_t hi) {
 static ad_tensor *channel_sum(ad_tape *t, ad_tensor *G, const conv_geom *g) {
   ad_tensor *db = ad__alloc(t, G->dtype, 1, &g->k, 1);
   if (!db) return NULL;
-  channel_job j = {g, G, db};
+  channel_job j = {g, G, db, 0, g->n};
   ad__par_for(g->k, 1 + 16384 / (g->n * g->p * g->q + 1), channel_sum_part, &j);
   ad_node *nd = ad__record(t, &OP_CHANNEL_SUM, db, 1, &G);
   if (nd) nd->a.extra = (void *)g; /* the forward node's geometry */
@@ -536,7 +537,7 @@ static ad_tensor *channel_expand(ad_tape *t, ad_tensor *v, const conv_geom *g) {
   int64_t shape[4] = {g->n, g->k, g->p, g->q};
   ad_tensor *y = ad__alloc(t, v->dtype, 4, shape, 0);
   if (!y) return NULL;
-  channel_job j = {g, v, y};
+  channel_job j = {g, v, y, 0, 0};
   ad__par_for(g->n * g->k, 1 + 16384 / (g->p * g->q), channel_expand_part, &j);
   ad_node *nd = ad__record(t, &OP_CHANNEL_EXPAND, y, 1, &v);
   if (nd) nd->a.extra = (void *)g;
@@ -548,10 +549,84 @@ static ad_tensor *channel_expand(ad_tape *t, ad_tensor *v, const conv_geom *g) {
 static ad_tensor *conv2d_geom(ad_tape *t, ad_tensor *x, ad_tensor *w, ad_tensor *b,
                               const conv_geom *g);
 
+static const ad_op_def OP_CONV2D_BWD_INPUT, OP_CONV2D_BWD_WEIGHT;
+
+/* The rule's three results in one pass over the images, each recorded as
+ * its own node exactly as the three ops would record it (same values,
+ * bits included: every sum runs in the same order), so everything above
+ * differentiates them as before. Per image, G_n is read while it is still
+ * in cache for the input GEMM + col2im, the im2col + weight GEMM and the
+ * bias row sums, instead of three passes over all of G from memory.
+ * Returns 0 (nothing done) for the caller to take the ops one by one. */
+static int conv_backward_fused(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor **gin,
+                               const int *need) {
+  const conv_geom *g = nd->a.extra;
+  ad_tensor *x = nd->in[0], *w = nd->in[1], *in2[2] = {G, w};
+  const int want_x = need[0], want_b = nd->n_in > 2 && need[2];
+  if (!need[1] || !G || G->ndim != 4 || G->dtype != x->dtype || G->shape[0] != g->n ||
+      G->shape[1] != g->k || G->shape[2] != g->p || G->shape[3] != g->q)
+    return 0;
+  if (!ad__check(t, "conv2d backward", 2, in2)) return 1; /* the error is on the tape */
+  ad_dtype dt = x->dtype;
+  size_t es = ad_dtype_size(dt);
+  const int64_t crs = g->c * g->r * g->s, pq = g->p * g->q, chw = g->c * g->h * g->w;
+  ad_tensor *gx = want_x ? ad__alloc(t, dt, 4, (int64_t[]){g->n, g->c, g->h, g->w}, 0) : NULL;
+  ad_tensor *gw = ad__alloc(t, dt, 4, (int64_t[]){g->k, g->c, g->r, g->s}, 0);
+  ad_tensor *db = want_b ? ad__alloc(t, dt, 1, &g->k, 1) : NULL;
+  if (!gw || (want_x && !gx) || (want_b && !db)) return 1;
+  const int pw = is_pointwise(g);
+  const int64_t cs = chunk_of(g), ld = crs * pq;
+  char *colx = pw ? NULL : ad_arena_alloc(t, (size_t)(cs * ld) * es);
+  char *colg = pw || !want_x ? NULL : ad_arena_alloc(t, (size_t)(cs * ld) * es);
+  if ((!pw && !colx) || (!pw && want_x && !colg)) return 1;
+  const char *gd = G->data, *xd = x->data;
+  for (int64_t n0 = 0; n0 < g->n; n0 += cs) {
+    const int64_t m = g->n - n0 < cs ? g->n - n0 : cs;
+    if (want_x) { /* as conv_bwd_input */
+      for (int64_t i = 0; i < m; i++)
+        gemm(dt, 1, 0, crs, pq, g->k, w->data, crs, gd + (size_t)((n0 + i) * g->k * pq) * es, pq,
+             0.0,
+             pw ? (char *)gx->data + (size_t)((n0 + i) * chw) * es : colg + (size_t)(i * ld) * es,
+             pq);
+      if (!pw) {
+        col_job j = {
+            dt, g, (char *)gx->data + (size_t)(n0 * chw) * es, colg, ld, 0, 0, !has_centre_tap(g)};
+        ad__par_for(m, 1, col2im_part, &j);
+      }
+    }
+    if (!pw) { /* as conv_bwd_weight */
+      col_job j = {dt, g, (char *)xd + (size_t)(n0 * chw) * es, colx, ld, n0 == 0, 0, 0};
+      ad__par_for(m, 1, im2col_part, &j);
+    }
+    for (int64_t i = 0; i < m; i++)
+      gemm(dt, 0, 1, g->k, crs, pq, gd + (size_t)((n0 + i) * g->k * pq) * es, pq,
+           pw ? xd + (size_t)((n0 + i) * chw) * es : colx + (size_t)(i * ld) * es, pq,
+           n0 + i == 0 ? 0.0 : 1.0, gw->data, crs);
+    if (want_b) { /* as channel_sum, images [n0, n0 + m) */
+      channel_job j = {g, G, db, n0, n0 + m};
+      ad__par_for(g->k, 1 + 16384 / (m * pq + 1), channel_sum_part, &j);
+    }
+  }
+  if (want_x) {
+    record(t, &OP_CONV2D_BWD_INPUT, gx, 2, in2, g);
+    gin[0] = ad__done(t, gx, "conv2d_backward_input");
+  }
+  ad_tensor *inw[2] = {x, G};
+  record(t, &OP_CONV2D_BWD_WEIGHT, gw, 2, inw, g);
+  gin[1] = ad__done(t, gw, "conv2d_backward_weight");
+  if (want_b) {
+    ad_node *nb = ad__record(t, &OP_CHANNEL_SUM, db, 1, &G);
+    if (nb) nb->a.extra = (void *)g; /* the forward node's geometry */
+    gin[2] = ad__done(t, db, "conv2d_bias_grad");
+  }
+  return 1;
+}
+
 /* d conv(x, w) + b:  dx = bwd_input(G, w),  dw = bwd_weight(x, G),
  * db[k] = sum_{n,p,q} G[n,k,p,q]. */
 static void vjp_conv2d(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor **gin,
                        const int *need) {
+  if (conv_backward_fused(t, nd, G, gin, need)) return;
   const conv_geom *g = nd->a.extra;
   ad_tensor *x = nd->in[0], *w = nd->in[1];
   if (need[0]) gin[0] = nn_conv2d_backward_input(t, G, w, g->h, g->w, (int)g->st, (int)g->pad);

@@ -371,6 +371,69 @@ START_TEST(test_conv_definition) {
 }
 END_TEST
 
+/* conv2d's rule computes dx, dw and db in one pass over the images; they
+ * must be the very bits the three ops give one by one (db against a sum
+ * in the same order: per image, per channel, in f64 to a tolerance). With
+ * and without dx wanted, with and without bias, every geometry kind. */
+START_TEST(test_conv_backward_one_pass) {
+  const struct {
+    int n, c, h, w, k, r, s, st, pad;
+  } cs[] = {{3, 2, 6, 5, 4, 3, 3, 1, 1},
+            {2, 3, 7, 6, 2, 3, 2, 2, 1},
+            {3, 4, 3, 5, 3, 1, 1, 1, 0},
+            {5, 1, 8, 8, 3, 3, 3, 1, 1}};
+  const ad_dtype dts[2] = {AD_F64, AD_F32};
+  ad_rng r;
+  ad_rng_seed(&r, 57);
+  for (size_t ci = 0; ci < sizeof cs / sizeof cs[0]; ci++)
+    for (int d = 0; d < 2; d++)
+      for (int variant = 0; variant < 4; variant++) {
+        const int bias = variant & 1, want_x = variant >> 1;
+        ad_tape *t = tape();
+        ad_tensor *x = NULL, *w = NULL, *b = NULL;
+        ck_assert_int_eq(ad_tensor_new(&x, dts[d], 4, S(cs[ci].n, cs[ci].c, cs[ci].h, cs[ci].w)),
+                         AD_OK);
+        ck_assert_int_eq(ad_tensor_new(&w, dts[d], 4, S(cs[ci].k, cs[ci].c, cs[ci].r, cs[ci].s)),
+                         AD_OK);
+        if (bias) ck_assert_int_eq(ad_tensor_new(&b, dts[d], 1, S(cs[ci].k)), AD_OK);
+        fill_rand(x, &r), fill_rand(w, &r);
+        if (b) fill_rand(b, &r);
+        ad_requires_grad(x, want_x), ad_requires_grad(w, 1);
+        if (b) ad_requires_grad(b, 1);
+        ad_tensor *y = nn_conv2d(t, x, w, b, cs[ci].st, cs[ci].pad);
+        ck_assert_ptr_nonnull(y);
+        ad_tensor *u = ad_zeros_like(t, y);
+        fill_rand(u, &r);
+        ad_tensor *s = ad_dot(t, y, u), *wrt[3] = {w, b, x}, *gr[3] = {0};
+        int nw = 1 + bias;
+        if (want_x) wrt[nw++] = x;
+        ck_assert_int_eq(ad_grad(t, 1, &s, NULL, nw, wrt, gr, 0), AD_OK);
+        ad_tensor *gw =
+            nn_conv2d_backward_weight(t, x, u, cs[ci].r, cs[ci].s, cs[ci].st, cs[ci].pad);
+        same("dw", gr[0], gw, (int)ci, variant);
+        if (want_x) {
+          ad_tensor *gx =
+              nn_conv2d_backward_input(t, u, w, cs[ci].h, cs[ci].w, cs[ci].st, cs[ci].pad);
+          same("dx", gr[nw - 1], gx, (int)ci, variant);
+        }
+        if (bias) {
+          const int64_t pq = y->shape[2] * y->shape[3];
+          for (int64_t k = 0; k < cs[ci].k; k++) {
+            double want = 0;
+            for (int64_t n = 0; n < cs[ci].n; n++)
+              for (int64_t i = 0; i < pq; i++) want += ad_get(u, (n * cs[ci].k + k) * pq + i);
+            double tol = dts[d] == AD_F64 ? 1e-12 : 1e-5;
+            ck_assert_msg(fabs(ad_get(gr[1], k) - want) <= tol * (1 + fabs(want)),
+                          "db[%lld] %.9g vs %.9g", (long long)k, ad_get(gr[1], k), want);
+          }
+        }
+        ck_assert_int_eq(ad_tape_status(t), AD_OK);
+        ad_tensor_free(x), ad_tensor_free(w), ad_tensor_free(b);
+        ad_tape_free(t);
+      }
+}
+END_TEST
+
 Suite *cnn_fused_suite(void) {
   Suite *s = suite_create("cnn_fused");
   TCase *tc = tcase_create("gradcheck");
@@ -384,6 +447,7 @@ Suite *cnn_fused_suite(void) {
   tcase_add_test(tv, test_fused_unrecorded);
   tcase_add_test(tv, test_fused_errors);
   tcase_add_test(tv, test_conv_definition);
+  tcase_add_test(tv, test_conv_backward_one_pass);
   suite_add_tcase(s, tv);
   return s;
 }
