@@ -87,18 +87,22 @@ static const pool_geom *keep_geom(ad_tape *t, ad_node *nd, const pool_geom *g) {
 /* The 2x2 stride-2 rows four windows at a time (f32, SSE2: every x86-64):
  * the very compares of the scalar loops below, so the same values, indices
  * and ties, and the same NaN detection (a NaN row is redone the general
- * way). Each returns the q it stopped at; the scalar loop does the rest.
+ * way). A row of Q >= 4 windows is done whole, its last four overlapping
+ * the ones before when 4 does not divide Q (each window's stores are the
+ * same both times); each returns the q it stopped at (Q, or 0 for a row of
+ * fewer than four), the scalar loop does the rest.
  * f64 (and f32 without SSE2) do everything in the scalar loops. */
 #if defined(__SSE2__)
 #include <emmintrin.h>
 static int64_t max2_row_f32(const float *a, const float *b, float *yr, int32_t *ir, int32_t base,
                             int32_t W, int64_t Q, int relu, int *nan) {
-  const int64_t Q4 = Q & ~(int64_t)3;
+  if (Q < 4) return 0;
   const __m128 zero = _mm_setzero_ps();
   const __m128i step = _mm_setr_epi32(0, 2, 4, 6), vw = _mm_set1_epi32(W),
                 ones = _mm_set1_epi32(-1);
   __m128 bad = zero;
-  for (int64_t q = 0; q < Q4; q += 4) {
+  for (int64_t q0 = 0; q0 < Q; q0 += 4) {
+    const int64_t q = q0 + 4 > Q ? Q - 4 : q0; /* the last four overlap: the same stores again */
     const __m128 a01 = _mm_loadu_ps(a + 2 * q), a23 = _mm_loadu_ps(a + 2 * q + 4);
     const __m128 b01 = _mm_loadu_ps(b + 2 * q), b23 = _mm_loadu_ps(b + 2 * q + 4);
     const __m128 a0 = _mm_shuffle_ps(a01, a23, _MM_SHUFFLE(2, 0, 2, 0));
@@ -121,16 +125,17 @@ static int64_t max2_row_f32(const float *a, const float *b, float *yr, int32_t *
     }
   }
   *nan |= _mm_movemask_ps(bad) != 0;
-  return Q4;
+  return Q;
 }
 /* g at the argmax of each window (0 for a clipped one), 0 at its other
  * three elements: the window's four outputs by compares on the offset. */
 static int64_t scatter2_row_f32(float *a, float *b, const float *yr, const int32_t *ir,
                                 int32_t base, int32_t W, int64_t Q) {
-  const int64_t Q4 = Q & ~(int64_t)3;
+  if (Q < 4) return 0;
   const __m128i step = _mm_setr_epi32(0, 2, 4, 6), z = _mm_setzero_si128(), one = _mm_set1_epi32(1),
                 vw = _mm_set1_epi32(W), vw1 = _mm_set1_epi32(W + 1);
-  for (int64_t q = 0; q < Q4; q += 4) {
+  for (int64_t q0 = 0; q0 < Q; q0 += 4) {
+    const int64_t q = q0 + 4 > Q ? Q - 4 : q0; /* the last four overlap: the same stores again */
     const __m128i i = _mm_loadu_si128((const __m128i *)(const void *)(ir + q));
     const __m128i neg = _mm_srai_epi32(i, 31);
     const __m128i off = _mm_sub_epi32(_mm_xor_si128(i, neg),
@@ -145,7 +150,7 @@ static int64_t scatter2_row_f32(float *a, float *b, const float *yr, const int32
     _mm_storeu_ps(b + 2 * q, _mm_unpacklo_ps(e2, e3));
     _mm_storeu_ps(b + 2 * q + 4, _mm_unpackhi_ps(e2, e3));
   }
-  return Q4;
+  return Q;
 }
 #else
 static int64_t max2_row_f32(const float *a, const float *b, float *yr, int32_t *ir, int32_t base,
