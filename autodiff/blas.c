@@ -523,10 +523,11 @@ static int run_direct(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, c
 
 #if defined(__clang__)
 #define AD_NW2_ATTR __attribute__((target("avx2,fma")))
-#define AD_NW5_ATTR __attribute__((target("avx512f,avx2,fma")))
+#define AD_NW5_ATTR __attribute__((target("avx512f,avx512vl,avx2,fma")))
 #else
 #define AD_NW2_ATTR __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
-#define AD_NW5_ATTR __attribute__((target("avx512f,avx2,fma"), optimize("fp-contract=fast")))
+#define AD_NW5_ATTR                                                                                \
+  __attribute__((target("avx512f,avx512vl,avx2,fma"), optimize("fp-contract=fast")))
 #endif
 
 /* Lane masks for AVX2's maskload: the first r of 8 lanes are k_nw_mask +
@@ -546,22 +547,35 @@ AD_NW2_ATTR static inline float nw2_hsum(__m256 v) {
   x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
   return _mm_cvtss_f32(x);
 }
-AD_NW5_ATTR static inline __m256 nw5_half(__m512 v) {
-  return _mm256_add_ps(_mm512_castps512_ps256(v),
-                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-}
-AD_NW5_ATTR static inline void nw5_hsum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3, float *out) {
-  const __m256 t0 = _mm256_hadd_ps(nw5_half(v0), nw5_half(v1));
-  const __m256 t1 = _mm256_hadd_ps(nw5_half(v2), nw5_half(v3));
-  const __m256 t2 = _mm256_hadd_ps(t0, t1);
-  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1)));
-}
-AD_NW5_ATTR static inline float nw5_hsum(__m512 v) {
-  __m256 h = nw5_half(v);
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
-  return _mm_cvtss_f32(x);
+/* bt[j k + p] = b[p ldb + j] for j < n <= 16: op(B)'s columns made
+ * contiguous along k for the dot kernel, in 8x8 blocks transposed in
+ * registers (a scalar copy cost 10% of a 128x10x200 product). */
+AD_NW2_ATTR static void nw_pack_bt(int64_t n, int64_t k, const float *b, int64_t ldb, float *bt) {
+  int64_t p0 = 0;
+  for (; p0 + 8 <= k; p0 += 8)
+    for (int64_t j0 = 0; j0 < n; j0 += 8) {
+      const int64_t w = n - j0 < 8 ? n - j0 : 8;
+      const __m256i msk = _mm256_loadu_si256((const __m256i *)(const void *)(k_nw_mask + 8 - w));
+      __m256 r[8], t[8], u[8], col[8];
+      for (int q = 0; q < 8; q++) r[q] = _mm256_maskload_ps(b + (p0 + q) * ldb + j0, msk);
+      for (int q = 0; q < 8; q += 2) {
+        t[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
+        t[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
+      }
+      for (int h = 0; h < 8; h += 4) {
+        u[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
+        u[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
+        u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+        u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
+      }
+      for (int q = 0; q < 4; q++) {
+        col[q] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x20);
+        col[q + 4] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x31);
+      }
+      for (int64_t j = 0; j < w; j++) _mm256_storeu_ps(bt + (j0 + j) * k + p0, col[j]);
+    }
+  for (; p0 < k; p0++)
+    for (int64_t j = 0; j < n; j++) bt[j * k + p0] = b[p0 * ldb + j];
 }
 
 #define NW(x) narrow_avx2_##x
@@ -576,12 +590,30 @@ AD_NW5_ATTR static inline float nw5_hsum(__m512 v) {
 #define NW_ZERO _mm256_setzero_ps()
 #define NW_ST(p, v) _mm256_storeu_ps((p), (v))
 #define NW_MASK(r) _mm256_loadu_si256((const __m256i *)(const void *)(k_nw_mask + 8 - (r)))
-#define NW_HSUM(v) nw2_hsum(v)
-#define NW_HSUM4(a, b, c, d, out) nw2_hsum4((a), (b), (c), (d), (out))
-#define NW_DOT_MR 2 /* 2 x 5 accumulators + 2 A + 1 B of 16 registers */
-#define NW_DOT_NC 5
+#define NW_DOT_MR 3 /* 3 x 4 accumulators + 3 A + 1 B of 16 registers */
+#define NW_DOT_NC 4
 #define NW_OUT_NC 6 /* 6 x 2 accumulators + 2 A + 1 broadcast */
+#define NW_DV NW_V
+#define NW_DVL NW_VL
+#define NW_DM NW_M
+#define NW_DLD NW_LD
+#define NW_DLDM NW_LDM
+#define NW_DFMA NW_FMA
+#define NW_DZERO NW_ZERO
+#define NW_DMASK NW_MASK
+#define NW_DHSUM(v) nw2_hsum(v)
+#define NW_DHSUM4(a, b, c, d, out) nw2_hsum4((a), (b), (c), (d), (out))
 #include "blas_narrow.inc"
+#undef NW_DV
+#undef NW_DVL
+#undef NW_DM
+#undef NW_DLD
+#undef NW_DLDM
+#undef NW_DFMA
+#undef NW_DZERO
+#undef NW_DMASK
+#undef NW_DHSUM
+#undef NW_DHSUM4
 #undef NW
 #undef NW_ATTR
 #undef NW_V
@@ -594,8 +626,6 @@ AD_NW5_ATTR static inline float nw5_hsum(__m512 v) {
 #undef NW_ZERO
 #undef NW_ST
 #undef NW_MASK
-#undef NW_HSUM
-#undef NW_HSUM4
 #undef NW_DOT_MR
 #undef NW_DOT_NC
 #undef NW_OUT_NC
@@ -612,12 +642,32 @@ AD_NW5_ATTR static inline float nw5_hsum(__m512 v) {
 #define NW_ZERO _mm512_setzero_ps()
 #define NW_ST(p, v) _mm512_storeu_ps((p), (v))
 #define NW_MASK(r) ((__mmask16)((1u << (r)) - 1u))
-#define NW_HSUM(v) nw5_hsum(v)
-#define NW_HSUM4(a, b, c, d, out) nw5_hsum4((a), (b), (c), (d), (out))
-#define NW_DOT_MR 4 /* 4 x 5 accumulators + 4 A + 1 B of 32 registers */
-#define NW_DOT_NC 5
+#define NW_DOT_MR 4 /* 4 x 4 accumulators (of 8 lanes) + 4 A + 1 B */
+#define NW_DOT_NC 4
 #define NW_OUT_NC 12 /* 12 x 2 accumulators + 2 A + 1 broadcast */
+/* 256-bit vectors for the dot kernel (see blas_narrow.inc), in the 32
+ * registers AVX-512VL gives them. */
+#define NW_DV __m256
+#define NW_DVL 8
+#define NW_DM __mmask8
+#define NW_DLD(p) _mm256_loadu_ps(p)
+#define NW_DLDM(p, m) _mm256_maskz_loadu_ps((m), (p))
+#define NW_DFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define NW_DZERO _mm256_setzero_ps()
+#define NW_DMASK(r) ((__mmask8)((1u << (r)) - 1u))
+#define NW_DHSUM(v) nw2_hsum(v)
+#define NW_DHSUM4(a, b, c, d, out) nw2_hsum4((a), (b), (c), (d), (out))
 #include "blas_narrow.inc"
+#undef NW_DV
+#undef NW_DVL
+#undef NW_DM
+#undef NW_DLD
+#undef NW_DLDM
+#undef NW_DFMA
+#undef NW_DZERO
+#undef NW_DMASK
+#undef NW_DHSUM
+#undef NW_DHSUM4
 #undef NW
 #undef NW_ATTR
 #undef NW_V
@@ -630,8 +680,6 @@ AD_NW5_ATTR static inline float nw5_hsum(__m512 v) {
 #undef NW_ZERO
 #undef NW_ST
 #undef NW_MASK
-#undef NW_HSUM
-#undef NW_HSUM4
 #undef NW_DOT_MR
 #undef NW_DOT_NC
 #undef NW_OUT_NC
