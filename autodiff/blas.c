@@ -290,7 +290,10 @@ static int try_request(const char *var, const char *val, char *why, size_t why_l
  *   packed     BLIS's packed (Goto) path with the chosen kernel set;
  *   packed:ALT the packed path with a second kernel set the CPU can run
  *              (on AVX-512: the AVX2 set; on Zen: haswell), as the best
- *              block sizes differ between CPUs of one ISA.
+ *              block sizes differ between CPUs of one ISA; and
+ *              packed:skx, BLIS's AVX-512 microkernel, when the CPU has
+ *              AVX-512 but the chosen set is an AVX2 one (automatic mode);
+ *   narrow, narrow:avx512   our kernels for n <= 16 (f32), below.
  * Rounds alternate the candidates so a burst of load elsewhere hits all of
  * them; each one's fastest round counts. Products too large to time
  * cheaply (MEASURE_MAX) go to BLIS's own threshold rule ("blis"), which
@@ -306,15 +309,19 @@ typedef enum {
   P_PACKED_ALT,
   P_NARROW,
   P_NARROW512,
+  P_PACKED_ALT2,
   N_PATHS
 } gemm_path;
-static const char *const k_path_names[N_PATHS] = {"blis",       "direct",    "sup",
-                                                  "sup+packA",  "sup+packB", "packed",
-                                                  "packed-alt", "narrow",    "narrow:avx512"};
+static const char *const k_path_names[N_PATHS] = {
+    "blis",   "direct",     "sup",    "sup+packA",     "sup+packB",
+    "packed", "packed-alt", "narrow", "narrow:avx512", "packed-alt2"};
 
 static cntx_t g_cntx_sup; /* g_cntx with the sup thresholds out of reach */
 static cntx_t g_cntx_alt; /* a second kernel set for the packed path */
 static int g_have_alt;
+static cntx_t g_cntx_alt2; /* an AVX-512 set (skx) when the main one is AVX2 */
+static int g_have_alt2;
+static char g_alt2_name[48];
 static int g_have_sup;           /* the kernel set has sup kernels and block sizes */
 static char g_alt_name[48];      /* "packed:haswell" */
 static int g_have_narrow;        /* the AVX2+FMA narrow kernel can run */
@@ -352,8 +359,19 @@ static void setup_paths(int requested) {
     if (g_cntx->l3_sup_blkszs[need[i]].v[BLIS_FLOAT] <= 0 ||
         g_cntx->l3_sup_blkszs[need[i]].v[BLIS_DOUBLE] <= 0)
       g_have_sup = 0;
-  g_have_alt = 0;
+  g_have_alt = g_have_alt2 = 0;
   if (requested) return;
+#ifdef BLIS_CONFIG_SKX
+  /* BLIS's own pick on an AVX-512 CPU it does not know may be an AVX2 set
+   * (Zen 4 is detected as zen3); its skx microkernel is then one more
+   * candidate for the packed path. */
+  if (strcmp(g_kernel, "skx") != 0 && cpu_has_avx512()) {
+    memset(&g_cntx_alt2, 0, sizeof g_cntx_alt2);
+    bli_cntx_init_skx(&g_cntx_alt2);
+    g_have_alt2 = 1;
+    snprintf(g_alt2_name, sizeof g_alt2_name, "packed:skx");
+  }
+#endif
   const char *alt = NULL;
   if (strcmp(g_kernel, "skx") == 0)
     alt = cpu_is_amd() ? "zen3" : "haswell";
@@ -371,6 +389,7 @@ static void setup_paths(int requested) {
 
 static const char *path_name(int p) {
   if (p == P_PACKED_ALT) return g_have_alt ? g_alt_name : "packed-alt";
+  if (p == P_PACKED_ALT2) return g_have_alt2 ? g_alt2_name : "packed-alt2";
   return p >= 0 && p < N_PATHS ? k_path_names[p] : "?";
 }
 
@@ -749,6 +768,9 @@ static cntx_t *make_rntm(rntm_t *rn, int path, int trans_a, int trans_b, int64_t
   case P_PACKED_ALT:
     bli_rntm_disable_l3_sup(rn);
     return g_have_alt ? &g_cntx_alt : g_cntx;
+  case P_PACKED_ALT2:
+    bli_rntm_disable_l3_sup(rn);
+    return g_have_alt2 ? &g_cntx_alt2 : g_cntx;
   default:
     if (!trans_a && trans_b && m >= 32 && n >= 32) bli_rntm_set_pack_b(TRUE, rn);
     return g_cntx;
@@ -839,6 +861,7 @@ static void measure(shape_entry *e, const void *a, int64_t lda, const void *b, i
   }
   cand[nc++] = P_PACKED;
   if (g_have_alt) cand[nc++] = P_PACKED_ALT;
+  if (g_have_alt2) cand[nc++] = P_PACKED_ALT2;
   if (e->dt == AD_F32 && e->n <= NARROW_N) {
     if (g_have_narrow) cand[nc++] = P_NARROW;
     if (g_have_narrow512) cand[nc++] = P_NARROW512;
@@ -931,7 +954,8 @@ static int choose_path(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, 
 static int path_by_name(const char *s) {
   for (int p = 0; p < N_PATHS; p++)
     if (strcmp(s, k_path_names[p]) == 0 ||
-        (p == P_PACKED_ALT && g_have_alt && strcmp(s, g_alt_name) == 0))
+        (p == P_PACKED_ALT && g_have_alt && strcmp(s, g_alt_name) == 0) ||
+        (p == P_PACKED_ALT2 && g_have_alt2 && strcmp(s, g_alt2_name) == 0))
       return p;
   return -1;
 }
@@ -941,6 +965,8 @@ static int path_available(int p) {
   switch (p) {
   case P_PACKED_ALT:
     return g_have_alt;
+  case P_PACKED_ALT2:
+    return g_have_alt2;
   case P_SUP:
   case P_SUP_PA:
   case P_SUP_PB:
@@ -1109,12 +1135,13 @@ ad_status ad_blas_set_path(const char *path) {
                           p == P_NARROW ? "AVX2+FMA" : "AVX-512",
                           p == P_NARROW ? "this CPU lacks"
                                         : "this CPU or the kernel set asked for rules out");
-  } else if (p < 0 || (p == P_PACKED_ALT && !g_have_alt)) {
+  } else if (p < 0 || !path_available(p)) {
     return ad__set_last(
         AD_ERR_ARG,
         "ad_blas_set_path: '%s' is not auto, blis, direct, sup, sup+packA, sup+packB, "
-        "packed, narrow, narrow:avx512%s%s",
-        path, g_have_alt ? " or " : "", g_have_alt ? g_alt_name : "");
+        "packed, narrow, narrow:avx512%s%s%s%s",
+        path, g_have_alt ? ", " : "", g_have_alt ? g_alt_name : "", g_have_alt2 ? ", " : "",
+        g_have_alt2 ? g_alt2_name : "");
   }
   atomic_store(&g_forced, p);
   return AD_OK;
