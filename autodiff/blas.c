@@ -293,7 +293,7 @@ static int try_request(const char *var, const char *val, char *why, size_t why_l
  *              block sizes differ between CPUs of one ISA; and
  *              packed:skx, BLIS's AVX-512 microkernel, when the CPU has
  *              AVX-512 but the chosen set is an AVX2 one (automatic mode);
- *   narrow, narrow:avx512   our kernels for n <= 16 (f32), below.
+ *   narrow, narrow:avx512   our kernels for n <= 64 (f32), below.
  * Rounds alternate the candidates so a burst of load elsewhere hits all of
  * them; each one's fastest round counts. Products too large to time
  * cheaply (MEASURE_MAX) go to BLIS's own threshold rule ("blis"), which
@@ -535,7 +535,11 @@ static int run_direct(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, c
  * vectors along k or down C's columns instead. Two builds, AVX2+FMA and
  * AVX-512, each a candidate in the timing where the CPU (and the kernel
  * set asked for: HYPERTAPE_BLIS_ARCH=haswell means AVX2 only) allows. */
-#define NARROW_N 16
+/* Up to 64 columns: past the MLP's 10, MAML's 40-wide products with B
+ * transposed ran 3x BLIS sup here (64 vs 21 GF/s on 10x40x40), as they
+ * need no copy. The dot kernel's copy of op(B) grows with n, but the
+ * timing decides whether it pays. */
+#define NARROW_N 64
 
 #if AD_X86 && defined(__GNUC__)
 #include <immintrin.h>
@@ -566,7 +570,7 @@ AD_NW2_ATTR static inline float nw2_hsum(__m256 v) {
   x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
   return _mm_cvtss_f32(x);
 }
-/* bt[j k + p] = b[p ldb + j] for j < n <= 16: op(B)'s columns made
+/* bt[j k + p] = b[p ldb + j] for j < n: op(B)'s columns made
  * contiguous along k for the dot kernel, in 8x8 blocks transposed in
  * registers (a scalar copy cost 10% of a 128x10x200 product). */
 AD_NW2_ATTR static void nw_pack_bt(int64_t n, int64_t k, const float *b, int64_t ldb, float *bt) {

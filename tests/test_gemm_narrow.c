@@ -1,7 +1,8 @@
 /* test_gemm_narrow.c — the narrow GEMM kernels (paths "narrow", AVX2+FMA,
  * and "narrow:avx512"), forced with ad_blas_set_path, against a naive
- * triple loop in double: all four transposes, every n = 1..16 (and 17,
- * past the kernels' limit, where the path falls back), m and k around the
+ * triple loop in double: all four transposes, every n = 1..17 and n
+ * around the tile widths up to the kernels' limit of 64 (and 65, past it,
+ * where the path falls back), m and k around the
  * vector and tile edges, alpha/beta, padded leading dimensions, beta = 0
  * with NaN in C, the MLP shapes, large k (the heap scratch for op(B)),
  * f64 (which falls back), and the kernel-set rule: HYPERTAPE_BLIS_ARCH=
@@ -94,16 +95,20 @@ static const int64_t MS[] = {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 37};
 static const int64_t KS[] = {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 37};
 static const double AB[][2] = {{1.0, 0.0}, {0.5, -1.25}, {-1.5, 0.0}, {1.0, 1.0}, {-2.0, 1.0}};
 
-/* n = 1..17 x the m and k above x four transposes, alpha/beta and padding
- * varied across the cases. */
+static const int64_t NS[] = {1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12,
+                             13, 14, 15, 16, 17, 23, 24, 25, 40, 63, 64, 65};
+#define N_NS ((int)(sizeof NS / sizeof NS[0]))
+
+/* The n above x the m and k above x four transposes, alpha/beta and
+ * padding varied across the cases. */
 START_TEST(narrow_sweep) {
   if (!force(_i)) return;
   int cases = 0;
   for (int t = 0; t < 4; t++)
-    for (int64_t n = 1; n <= 17; n++)
+    for (int in = 0; in < N_NS; in++)
       for (size_t im = 0; im < sizeof MS / sizeof MS[0]; im++)
         for (size_t ik = 0; ik < sizeof KS / sizeof KS[0]; ik++) {
-          const int64_t m = MS[im], k = KS[ik];
+          const int64_t m = MS[im], n = NS[in], k = KS[ik];
           const size_t sel = (size_t)(n + (int64_t)im + 2 * (int64_t)ik + t) % 5;
           const int64_t pad = (int64_t)((im + ik + (size_t)n) % 3) * 5;
           double e = run_f32(t >> 1, t & 1, m, n, k, AB[sel][0], AB[sel][1], pad);
@@ -113,7 +118,7 @@ START_TEST(narrow_sweep) {
                         AB[sel][0], AB[sel][1], (long long)pad, e);
           cases++;
         }
-  ck_assert_int_eq(cases, 4 * 17 * 13 * 13);
+  ck_assert_int_eq(cases, 4 * N_NS * 13 * 13);
 }
 END_TEST
 
@@ -135,10 +140,11 @@ END_TEST
 
 /* The MLP's narrow products (and their wider-batch twins), a k large
  * enough that the copy of op(B)'s columns goes to the heap, and f64 and
- * n > 16, which the path hands to another kernel. */
+ * n > 64, which the path hands to another kernel. */
 START_TEST(narrow_mlp_and_large) {
   static const int64_t shapes[][3] = {{128, 10, 200}, {200, 10, 128},  {512, 10, 200},
-                                      {200, 10, 512}, {100, 16, 1500}, {3, 10, 4099}};
+                                      {200, 10, 512}, {100, 16, 1500}, {3, 10, 4099},
+                                      {10, 40, 40},   {40, 40, 10},    {10, 64, 300}};
   if (!force(_i)) return;
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
     for (int t = 0; t < 4; t++) {
@@ -148,7 +154,7 @@ START_TEST(narrow_mlp_and_large) {
                     "%s %lldx%lldx%lld t%d%d: %.3g %.3g", NARROW[_i], (long long)shapes[s][0],
                     (long long)shapes[s][1], (long long)shapes[s][2], t >> 1, t & 1, e, e2);
     }
-  ck_assert_double_le(run_f32(1, 0, 40, 40, 40, 1.0, 0.0, 1), 1e-4); /* n > 16 */
+  ck_assert_double_le(run_f32(1, 0, 40, 80, 40, 1.0, 0.0, 1), 1e-4); /* n > 64 */
   double a[6] = {1, 2, 3, 4, 5, 6}, b[6] = {1, 0, 0, 1, 1, 1}, c[4] = {NAN, NAN, NAN, NAN};
   ad_gemm_f64(0, 0, 2, 2, 3, 1.0, a, 3, b, 2, 0.0, c, 2); /* f64: not a narrow kernel's */
   ck_assert_double_eq(c[0], 4.0);
