@@ -169,7 +169,7 @@ ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *c
       ad__fail(t, AD_ERR_NULL, "ad_grad: output %d is NULL", j);
       return ad_tape_status(t);
     }
-    if (!ad__usable(t, "ad_grad", "output", j, outputs[j]) ||
+    if (!ad__usable_shape(t, "ad_grad", "output", j, outputs[j]) ||
         (seeds && seeds[j] && !ad__usable(t, "ad_grad", "seed", j, seeds[j])))
       return ad_tape_status(t);
   }
@@ -178,7 +178,7 @@ ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *c
       ad__fail(t, AD_ERR_NULL, "ad_grad: input %d is NULL", i);
       return ad_tape_status(t);
     }
-    if (!ad__usable(t, "ad_grad", "input", i, inputs[i])) return ad_tape_status(t);
+    if (!ad__usable_shape(t, "ad_grad", "input", i, inputs[i])) return ad_tape_status(t);
     /* Ops record only for inputs that need a gradient: a plain leaf would
      * silently get a zero (or partial) gradient, so say so instead. */
     if (!ad_needs_grad(inputs[i])) {

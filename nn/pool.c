@@ -211,13 +211,13 @@ static void vjp_scatter(ad_tape *t, const ad_node *nd, ad_tensor *H, ad_tensor *
                         const int *need) {
   if (need[0]) gin[0] = pool_gather(t, H, nd->a.extra);
 }
-static const ad_op_def OP_POOL_SCATTER = {"max_pool2d_backward", vjp_scatter, attr_pool};
+static const ad_op_def OP_POOL_SCATTER = {"max_pool2d_backward", vjp_scatter, attr_pool, {0}};
 
 static void vjp_gather(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor **gin,
                        const int *need) {
   if (need[0]) gin[0] = pool_scatter(t, G, nd->a.extra);
 }
-static const ad_op_def OP_POOL_GATHER = {"max_pool2d_gather", vjp_gather, attr_pool};
+static const ad_op_def OP_POOL_GATHER = {"max_pool2d_gather", vjp_gather, attr_pool, {0}};
 
 /* x-shaped gradient from a y-shaped one: x[idx[o]] += g[o]. */
 static ad_tensor *pool_scatter(ad_tape *t, ad_tensor *gy, const pool_geom *g) {
@@ -262,7 +262,7 @@ static void vjp_maxpool(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor *
                         const int *need) {
   if (need[0]) gin[0] = pool_scatter(t, G, nd->a.extra);
 }
-static const ad_op_def OP_MAXPOOL = {"max_pool2d", vjp_maxpool, attr_pool};
+static const ad_op_def OP_MAXPOOL = {"max_pool2d", vjp_maxpool, attr_pool, {0}};
 
 ad_tensor *nn_max_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad) {
   pool_geom g;
@@ -292,13 +292,13 @@ static void vjp_avgpool(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor *
                         const int *need) {
   if (need[0]) gin[0] = avgpool_bwd_geom(t, G, nd->a.extra);
 }
-static const ad_op_def OP_AVGPOOL = {"avg_pool2d", vjp_avgpool, attr_pool};
+static const ad_op_def OP_AVGPOOL = {"avg_pool2d", vjp_avgpool, attr_pool, {0}};
 
 static void vjp_avgpool_bwd(ad_tape *t, const ad_node *nd, ad_tensor *H, ad_tensor **gin,
                             const int *need) {
   if (need[0]) gin[0] = avgpool_geom(t, H, nd->a.extra);
 }
-static const ad_op_def OP_AVGPOOL_BWD = {"avg_pool2d_backward", vjp_avgpool_bwd, attr_pool};
+static const ad_op_def OP_AVGPOOL_BWD = {"avg_pool2d_backward", vjp_avgpool_bwd, attr_pool, {0}};
 
 static ad_tensor *avgpool_geom(ad_tape *t, ad_tensor *x, const pool_geom *g) {
   if (!x) return NULL;
