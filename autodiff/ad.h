@@ -230,10 +230,11 @@ void ad_rewind(ad_tape *t, ad_marker m);
 void ad_tape_reset(ad_tape *t);
 
 /* Compaction: frees what the recorded graph after mark m does not need,
- * keeping the graph itself. Every node recorded after m stays, with the
- * tensor structs it refers to, so ad_grad (recorded or not) still runs
- * through it and gives the same gradients; but of the tensors made after
- * m only these keep their values:
+ * keeping the graph itself. Every node recorded after m that a tensor of
+ * keep[] depends on stays, with the tensor structs it refers to, so ad_grad
+ * (recorded or not) still runs through it and gives the same gradients
+ * (nodes nothing kept depends on go: no gradient of a kept tensor reaches
+ * them); but of the tensors made after m only these keep their values:
  *   - those a derivative rule of a node after m reads (each op declares
  *     what its rule reads; an op that did not is assumed to read all);
  *   - those in keep[0..n_keep) (updated in place to their new addresses).

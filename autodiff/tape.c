@@ -569,9 +569,45 @@ typedef struct {
   size_t n, cap;
   cp_tensor *ts;
   size_t nt, tcap;
+  ad_node **live; /* the nodes kept, in tape order */
+  size_t nlive;
   const char *why; /* reason compaction is refused, or NULL */
   char whybuf[160];
 } cp_plan;
+
+/* A set of pointers (open addressing), for the liveness pass. */
+typedef struct {
+  const void **slot;
+  size_t cap;
+} cp_set;
+
+static int cp_set_init(cp_set *s, size_t n) {
+  s->cap = 64;
+  while (s->cap < 2 * n + 16) s->cap *= 2;
+  s->slot = calloc(s->cap, sizeof *s->slot);
+  return s->slot != NULL;
+}
+static size_t cp_hash(const void *p, size_t cap) {
+  uint64_t x = (uint64_t)(uintptr_t)p;
+  x ^= x >> 29;
+  x *= 0x9E3779B97F4A7C15ull;
+  return (size_t)(x >> 17) & (cap - 1);
+}
+static int cp_set_has(const cp_set *s, const void *p) {
+  for (size_t h = cp_hash(p, s->cap);; h = (h + 1) & (s->cap - 1)) {
+    if (!s->slot[h]) return 0;
+    if (s->slot[h] == p) return 1;
+  }
+}
+static void cp_set_add(cp_set *s, const void *p) { /* never full: cap > 2 n */
+  for (size_t h = cp_hash(p, s->cap);; h = (h + 1) & (s->cap - 1)) {
+    if (s->slot[h] == p) return;
+    if (!s->slot[h]) {
+      s->slot[h] = p;
+      return;
+    }
+  }
+}
 
 /* Position of p in t's arena (chunk, offset); 0 when outside it. */
 static int arena_pos(const ad_tape *t, const void *p, size_t *c, size_t *o) {
@@ -641,6 +677,7 @@ static int cmp_item(const void *a, const void *b) {
 static void cp_free(cp_plan *pl) {
   free(pl->it);
   free(pl->ts);
+  free(pl->live);
 }
 
 /* The saves word of a node (0: undeclared). */
@@ -672,12 +709,46 @@ static int cp_refuse(cp_plan *pl, const char *fmt, const char *name) {
  * memory). Changes nothing on the tape. */
 static int cp_make_plan(ad_tape *t, ad_marker m, int n_keep, ad_tensor *const *keep, cp_plan *pl) {
   ad_node *first = m.last ? m.last->next : t->first;
-  /* Nodes, their arrays and extras; the tensors they refer to. */
+  size_t nn = t->n_nodes - m.n_nodes, k0 = 0, n_ref = (size_t)n_keep;
   for (ad_node *n = first; n; n = n->next) {
     if (!in_region(t, m, n)) return cp_refuse(pl, "node of %s lies before the mark", n->op->name);
     if (in_region(t, m, n->op))
       return cp_refuse(pl, "the op descriptor of %s lies in the arena", n->op->name);
     if (in_region(t, m, n->label)) return cp_refuse(pl, "a label of %s lies in the arena", "");
+    if (n->a.extra && in_region(t, m, n->a.extra) && !(node_saves(n) & AD_SAVES_EXTRA_TENSOR) &&
+        !n->op->saves.extra_bytes)
+      return cp_refuse(pl,
+                       "op %s keeps arena data (a.extra) of a size it does not declare "
+                       "(ad_op_def.saves.extra_bytes)",
+                       n->op->name);
+    n_ref += (size_t)n->n_in + 1;
+    k0++;
+  }
+  if (k0 != nn) return cp_refuse(pl, "the node list does not match the count%s", "");
+  /* Liveness: a node stays when its output is kept or feeds a node that
+   * stays. The others (the inner training loss itself, say: nothing
+   * recorded after it reads it) can never be reached by a gradient of a
+   * kept tensor, and the caller may use no other tensor made after m, so
+   * they go with their tensors. */
+  pl->live = nn ? malloc(nn * sizeof *pl->live) : NULL;
+  if (nn && !pl->live) return 0;
+  cp_set live;
+  if (!cp_set_init(&live, n_ref)) return 0;
+  for (int i = 0; i < n_keep; i++) cp_set_add(&live, keep[i]);
+  size_t q = nn;
+  for (ad_node *n = t->last; n && n != m.last; n = n->prev) {
+    if (!cp_set_has(&live, n->out)) continue;
+    pl->live[--q] = n;
+    for (int i = 0; i < n->n_in; i++)
+      if (n->in[i]) cp_set_add(&live, n->in[i]);
+  }
+  free(live.slot);
+  /* the live nodes were written from the end: move them to the front */
+  pl->nlive = nn - q;
+  if (q) memmove(pl->live, pl->live + q, pl->nlive * sizeof *pl->live);
+  /* Nodes, their arrays and extras; the tensors they refer to. */
+  for (size_t qi = 0; qi < pl->nlive; qi++) {
+    ad_node *n = pl->live[qi];
     if (!cp_push_item(pl, t, n, sizeof *n, 16)) return 0;
     if (n->in != n->in_inline && in_region(t, m, n->in) &&
         !cp_push_item(pl, t, n->in, sizeof(ad_tensor *) * (size_t)n->n_in, 16))
@@ -686,13 +757,8 @@ static int cp_make_plan(ad_tape *t, ad_marker m, int n_keep, ad_tensor *const *k
     if (n->a.extra && in_region(t, m, n->a.extra)) {
       if (s & AD_SAVES_EXTRA_TENSOR) {
         if (!cp_push_tensor(pl, n->a.extra, 1)) return 0;
-      } else if (n->op->saves.extra_bytes) {
-        if (!cp_push_item(pl, t, n->a.extra, n->op->saves.extra_bytes, 16)) return 0;
-      } else {
-        return cp_refuse(pl,
-                         "op %s keeps arena data (a.extra) of a size it does not declare "
-                         "(ad_op_def.saves.extra_bytes)",
-                         n->op->name);
+      } else if (!cp_push_item(pl, t, n->a.extra, n->op->saves.extra_bytes, 16)) {
+        return 0;
       }
     }
     int high;
@@ -839,7 +905,6 @@ ad_status ad_tape_compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep)
     cp_free(&pl);
     return t->status;
   }
-  ad_node *first = m.last ? m.last->next : t->first;
   /* Fix pointers on the old copies: tensors, then nodes (a node's input
    * array is read through its old address before that is replaced). */
   for (size_t k = 0; k < pl.nt; k++) {
@@ -854,29 +919,29 @@ ad_status ad_tape_compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep)
     x->scratch = NULL;
     x->gen = 0;
   }
-  ad_node *last_new = NULL;
-  for (ad_node *n = first, *next; n; n = next) {
-    next = n->next;
-    ad_node *nn = cp_remap(t, m, &pl, n);
+  /* The live nodes, relinked (dead ones drop out of the list). */
+  ad_node *prev_new = m.last;
+  for (size_t q = 0; q < pl.nlive; q++) {
+    ad_node *n = pl.live[q], *nn = cp_remap(t, m, &pl, n);
     for (int i = 0; i < n->n_in; i++) n->in[i] = cp_remap(t, m, &pl, n->in[i]);
     if (n->in == n->in_inline)
       n->in = nn->in_inline; /* the inline array moves with the node */
     else
       n->in = cp_remap(t, m, &pl, n->in);
     n->out = cp_remap(t, m, &pl, n->out);
-    n->prev = cp_remap(t, m, &pl, n->prev);
-    n->next = cp_remap(t, m, &pl, n->next);
+    n->prev = prev_new;
+    n->next = q + 1 < pl.nlive ? cp_remap(t, m, &pl, pl.live[q + 1]) : NULL;
     n->a.extra = cp_remap(t, m, &pl, n->a.extra);
-    last_new = nn;
+    n->mark = 0;
+    prev_new = nn;
   }
-  if (first) {
-    ad_node *nf = cp_remap(t, m, &pl, first);
-    if (m.last)
-      m.last->next = nf;
-    else
-      t->first = nf;
-    t->last = last_new;
-  }
+  ad_node *nf = pl.nlive ? cp_remap(t, m, &pl, pl.live[0]) : NULL;
+  if (m.last)
+    m.last->next = nf;
+  else
+    t->first = nf;
+  t->last = prev_new;
+  t->n_nodes = m.n_nodes + pl.nlive;
   for (int i = 0; i < n_keep; i++) keep[i] = cp_remap(t, m, &pl, keep[i]);
   /* Move, in address order (each moves down or stays: memmove is safe),
    * with the whole region unpoisoned; then poison all but the survivors. */

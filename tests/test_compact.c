@@ -278,6 +278,33 @@ START_TEST(test_repeated_steps) {
 }
 END_TEST
 
+/* Nodes no kept tensor depends on go: z = sum(exp(x)) is dead when only
+ * w = 2 exp(x) is kept; d sum(w) / dx = 2 exp(x) still. */
+START_TEST(test_dead_nodes_dropped) {
+  ad_tape *t = new_tape();
+  ad_tensor *x = ad_full(t, AD_F64, 1, S(5), 0.3);
+  ad_requires_grad(x, 1);
+  ad_marker m = ad_mark(t);
+  ad_tensor *y = ad_exp(t, x);
+  ad_tensor *z = ad_sum(t, y);
+  ad_tensor *w = ad_scale(t, y, 2.0);
+  (void)z;
+  ad_arena_stats st;
+  ad_arena_stats_get(t, &st);
+  ck_assert_uint_eq(st.n_nodes, 3);
+  ck_assert_int_eq(ad_tape_compact(t, m, 1, &w), AD_OK);
+  ad_arena_stats_get(t, &st);
+  ck_assert_uint_eq(st.n_nodes, 2); /* exp, scale */
+  ck_assert_str_eq(w->node->op->name, "scale");
+  ck_assert_str_eq(w->node->in[0]->node->op->name, "exp");
+  ck_assert_ptr_null(w->node->next);
+  ad_tensor *s = ad_sum(t, w), *g;
+  ck_assert_int_eq(ad_grad(t, 1, &s, NULL, 1, &x, &g, 0), AD_OK);
+  for (int i = 0; i < 5; i++) ck_assert_double_eq_tol(ad_get(g, i), 2 * exp(0.3), 1e-15);
+  ad_tape_free(t);
+}
+END_TEST
+
 /* Bad calls: NULL tape, NULL keep, a foreign marker; an undeclared op with
  * arena attributes is refused with AD_ERR_STATE. */
 START_TEST(test_bad_calls) {
@@ -341,6 +368,7 @@ int main(void) {
   tcase_add_test(tc, test_released_refused);
   tcase_add_test(tc, test_rule_reads_released);
   tcase_add_test(tc, test_repeated_steps);
+  tcase_add_test(tc, test_dead_nodes_dropped);
   tcase_add_test(tc, test_bad_calls);
   tcase_add_test(tc, test_bl_unroll_same);
   suite_add_tcase(s, tc);
