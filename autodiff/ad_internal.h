@@ -165,6 +165,23 @@ int ad__record_labelled(ad_tape *t, const ad_op_def *op, ad_tensor *out, ad_tens
  * without recording any error. */
 int ad__compactable(ad_tape *t, ad_marker m);
 
+/* Collection during an unrecorded backward sweep (grad.c): ad_grad's
+ * sweep calls ad__sweep_collect before each node's rule. When the arena
+ * grew by more than `budget` since the last collection, it compacts
+ * everything allocated after m (no node is recorded there: recording is
+ * off) keeping only the gradients still to be read: those of the outputs
+ * of nodes[0..k) not yet swept, of every node's inputs (the gradients
+ * being accumulated) and of the requested inputs; scratch slots are
+ * updated to the moved tensors. */
+typedef struct {
+  ad_marker m;
+  size_t budget;
+  int n_in;
+  ad_tensor *const *inputs;
+} ad__sweep_gc;
+void ad__sweep_collect(ad_tape *t, ad__sweep_gc *gc, ad_node *const *nodes, ptrdiff_t k,
+                       ptrdiff_t count, unsigned gen);
+
 /* ---- allocation */
 ad_tensor *ad__alloc(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, int zero);
 /* A tensor struct in the arena sharing `data` (views: reshape, detach). */

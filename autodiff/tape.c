@@ -977,3 +977,47 @@ ad_status ad_tape_compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep)
   cp_free(&pl);
   return AD_OK;
 }
+
+/* Why: the reverse sweep of one unrolled step makes several temporaries
+ * the size of the weights per node (an update's rule alone makes five),
+ * all dead once the next node has taken them in; a bump arena would hold
+ * every one until the caller rewinds. Compacting when the arena has grown
+ * by more than what was live at the last collection (at least 1 MiB)
+ * keeps the peak near the live set, and the memmove it costs is paid for
+ * by the growth in between, so it stays a small fraction of the sweep. */
+void ad__sweep_collect(ad_tape *t, ad__sweep_gc *gc, ad_node *const *nodes, ptrdiff_t k,
+                       ptrdiff_t count, unsigned gen) {
+  if (t->status != AD_OK || t->record || t->last != gc->m.last) return;
+  size_t since = t->used - gc->m.used, budget = gc->budget ? gc->budget : (size_t)1 << 20;
+  if (since < budget) return;
+  size_t cap = (size_t)gc->n_in + (size_t)k, nk = 0;
+  for (ptrdiff_t j = 0; j < count; j++) cap += (size_t)nodes[j]->n_in;
+  ad_tensor **own = malloc(cap * sizeof *own), **keep = malloc(cap * sizeof *keep);
+  if (!own || !keep) {
+    free(own);
+    free(keep);
+    return; /* no collection: the sweep goes on as before */
+  }
+#define GC_TAKE(x)                                                                                 \
+  do {                                                                                             \
+    ad_tensor *x_ = (x);                                                                           \
+    if (x_->gen == gen && x_->scratch) {                                                           \
+      own[nk] = x_;                                                                                \
+      keep[nk++] = x_->scratch;                                                                    \
+    }                                                                                              \
+  } while (0)
+  for (ptrdiff_t j = 0; j < k; j++) GC_TAKE(nodes[j]->out);
+  for (ptrdiff_t j = 0; j < count; j++)
+    for (int i = 0; i < nodes[j]->n_in; i++) GC_TAKE(nodes[j]->in[i]);
+  for (int i = 0; i < gc->n_in; i++) GC_TAKE(gc->inputs[i]);
+#undef GC_TAKE
+  /* Stamps are read through own[] below; compaction resets the stamps of
+   * the tensors it moves, which are gradients here, never graph tensors
+   * (those lie before m). */
+  if (ad_tape_compact(t, gc->m, (int)nk, keep) == AD_OK)
+    for (size_t j = 0; j < nk; j++) own[j]->scratch = keep[j];
+  size_t live = t->used - gc->m.used;
+  gc->budget = live > ((size_t)1 << 20) ? live : (size_t)1 << 20;
+  free(own);
+  free(keep);
+}
