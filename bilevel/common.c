@@ -106,6 +106,22 @@ static ad_status check_problem(bl_run *r, const bl_problem *p, ad_tensor *const 
   return AD_OK;
 }
 
+/* lam's leaves for a call: views of the caller's tensors, not copies, when
+ * the tape is rewound at the end of the call (no o.keep_tape). No method
+ * writes the caller's lam during a call (perturbations go to copies), and
+ * a copy would hold another lam-sized buffer (as large as w, for
+ * per-parameter hyperparameters) through the whole call; in an unroll that
+ * is a w-sized share of the peak. A kept tape outlives the call and lam may
+ * be updated in place afterwards, so it gets copies, as ad_detach makes. */
+static ad_tensor *lam_leaf(ad_tape *t, ad_tensor *x, int share) {
+  if (!share || !(x->flags & AD_FLAG_HEAP)) return bl__leaf_view(t, x);
+  ad_tensor *v = ad__view(t, x, x->ndim, x->shape);
+  if (!v) return NULL;
+  v->flags &= ~(unsigned)AD_FLAG_OP; /* a leaf, as ad_detach's */
+  ad_requires_grad(v, 1);
+  return v;
+}
+
 ad_status bl__begin(bl_run *r, const char *who, ad_tape *t, const bl_problem *p, const bl_opts *o,
                     ad_tensor *const *hg, int64_t min_steps) {
   memset(r, 0, sizeof *r);
@@ -126,7 +142,7 @@ ad_status bl__begin(bl_run *r, const char *who, ad_tape *t, const bl_problem *p,
   r->begun = 1;
   ad_arena_reset_peak(t);
   for (int k = 0; k < p->n_lam; k++) {
-    r->lam[k] = bl__leaf_view(t, p->lam[k]);
+    r->lam[k] = lam_leaf(t, p->lam[k], !r->o.keep_tape);
     if (!r->lam[k]) return ad_tape_status(t);
   }
   bl__cfg_map(p, r->lam, &r->opt);
