@@ -295,6 +295,8 @@ ad_tensor *ad_sub(ad_tape *t, ad_tensor *a, ad_tensor *b);
 ad_tensor *ad_mul(ad_tape *t, ad_tensor *a, ad_tensor *b);
 ad_tensor *ad_div(ad_tape *t, ad_tensor *a, ad_tensor *b);
 ad_tensor *ad_neg(ad_tape *t, ad_tensor *x);
+/* The number (c, p; also ad_axpy's c) must be finite in x's dtype (|c| <=
+ * FLT_MAX for f32), else AD_ERR_ARG naming the op and the argument. */
 ad_tensor *ad_scale(ad_tape *t, ad_tensor *x, double c);      /* c*x */
 ad_tensor *ad_add_scalar(ad_tape *t, ad_tensor *x, double c); /* x+c */
 ad_tensor *ad_pow_scalar(ad_tape *t, ad_tensor *x, double p); /* x^p */
@@ -323,6 +325,18 @@ ad_tensor *ad_transpose(ad_tape *t, ad_tensor *x); /* 2-D copy */
 ad_tensor *ad_reshape(ad_tape *t, ad_tensor *x, int ndim, const int64_t *shape);
 /* x[N, M] + b[M] on every row. */
 ad_tensor *ad_add_rowvec(ad_tape *t, ad_tensor *x, ad_tensor *b);
+
+/* Batched products (autodiff/ops_bmm.c), for one graph over a batch of
+ * same-shaped problems (bilevel's batched MAML path) instead of one per
+ * problem. C[b] = op(A[b]) op(B[b]) for A [B, m, k] and B [B, k, n]
+ * (transposes per flag as in ad_matmul) -> [B, m, n]. One operand may be
+ * 2-D, a matrix shared by every batch element (its gradient is the sum
+ * over the batch). Both 2-D, batch sizes or inner dimensions that differ:
+ * AD_ERR_SHAPE. Each element is an ad_gemm_* product. */
+ad_tensor *ad_bmm(ad_tape *t, ad_tensor *a, ad_tensor *b, int trans_a, int trans_b);
+/* x[B, m, n] + v[b, :] on every row of batch element b; v is [B, n] (or
+ * any shape with leading dimension B and B n elements, e.g. [B, 1, n]). */
+ad_tensor *ad_add_batch_rowvec(ad_tape *t, ad_tensor *x, ad_tensor *v);
 
 /* Reductions. Axis reductions drop the axis (keepdim = 0) or keep it as 1. */
 ad_tensor *ad_sum(ad_tape *t, ad_tensor *x); /* scalar (ndim 0) */

@@ -355,4 +355,26 @@ int ad__par_parts(int64_t n, int64_t grain);
 /* Runs fn over every part and returns when all are done. */
 void ad__par_for(int64_t n, int64_t grain, ad__range_fn fn, void *ctx);
 
+/* ---- growable byte buffer (autodiff/bytebuf.c)
+ * The bytes of a file being built in memory (nn_params_save's header,
+ * bl_engine_save's state) or read whole (nn_params_load, bl_engine_load).
+ * Start from {0}. A failed allocation, or a size past SIZE_MAX, sets oom
+ * and makes every later put a no-op, so a writer puts everything and checks
+ * oom once at the end. Capacity doubles, so n bytes cost O(n) copies. */
+#include <stdio.h> /* FILE, for ad__bytebuf_read */
+typedef struct {
+  unsigned char *p;
+  size_t n, cap;
+  int oom;
+} ad__bytebuf;
+/* Room for `extra` more bytes past n: 1, or 0 with oom set. */
+int ad__bytebuf_reserve(ad__bytebuf *b, size_t extra);
+void ad__bytebuf_put(ad__bytebuf *b, const void *src, size_t n);
+/* The low `bytes` (1..8) bytes of v, little-endian. */
+void ad__bytebuf_put_le(ad__bytebuf *b, uint64_t v, int bytes);
+/* Appends the rest of f; the caller checks ferror(f) and oom. */
+void ad__bytebuf_read(ad__bytebuf *b, FILE *f);
+/* Frees the bytes and leaves b as {0}. */
+void ad__bytebuf_free(ad__bytebuf *b);
+
 #endif

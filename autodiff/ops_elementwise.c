@@ -2,6 +2,7 @@
  * Binary ops take same-shape operands or one operand of size 1, broadcast. */
 #include "ad_internal.h"
 
+#include <float.h>
 #include <tgmath.h> /* exp(v) is expf for float v: one loop body, two dtypes */
 
 /* Apply EXPR (in terms of `v`) to every element of x into out. */
@@ -72,6 +73,18 @@ static ad_tensor *binary_out(ad_tape *t, const char *op, ad_tensor *a, ad_tensor
 static ad_tensor *unary_out(ad_tape *t, const char *op, ad_tensor *x) {
   if (!ad__check(t, op, 1, &x)) return NULL;
   return ad__like(t, x);
+}
+
+/* A number an op applies to every element (ad_scale's c, ad_pow_scalar's
+ * p, ...) must be finite in the dtype it is used in, as nn_leaky_relu's
+ * slope: NaN or Inf, or a double past FLT_MAX applied to f32 (it rounds to
+ * Inf there), would make the output NaN or Inf with no error. Compared
+ * against FLT_MAX rather than cast: the cast of an out-of-range double is
+ * undefined in C. Names the op and the argument. */
+static int const_ok(ad_tape *t, const char *op, const char *arg, double c, ad_dtype dt) {
+  if (isfinite(c) && (dt != AD_F32 || fabs(c) <= FLT_MAX)) return 1;
+  ad__fail(t, AD_ERR_ARG, "%s: %s = %g must be finite (in %s)", op, arg, c, ad_dtype_name(dt));
+  return 0;
 }
 
 static void attr_c(const ad_node *n, char *buf, size_t len) {
@@ -174,7 +187,7 @@ static const ad_op_def OP_SCALE = {"scale", vjp_scale, attr_c, {.mask = AD_SAVES
 
 ad_tensor *ad_scale(ad_tape *t, ad_tensor *x, double c) {
   ad_tensor *out = unary_out(t, "ad_scale", x);
-  if (!out) return NULL;
+  if (!out || !const_ok(t, "ad_scale", "c", c, x->dtype)) return NULL;
   if (x->dtype == AD_F32) {
     float cf = (float)c;
     EW_UNARY(out, x, cf * v);
@@ -197,7 +210,7 @@ static const ad_op_def OP_ADD_SCALAR = {
 
 ad_tensor *ad_add_scalar(ad_tape *t, ad_tensor *x, double c) {
   ad_tensor *out = unary_out(t, "ad_add_scalar", x);
-  if (!out) return NULL;
+  if (!out || !const_ok(t, "ad_add_scalar", "c", c, x->dtype)) return NULL;
   if (x->dtype == AD_F32) {
     float cf = (float)c;
     EW_UNARY(out, x, v + cf);
@@ -218,7 +231,7 @@ static const ad_op_def OP_AXPY = {"axpy", vjp_axpy, attr_c, {.mask = AD_SAVES(0,
 
 ad_tensor *ad_axpy(ad_tape *t, ad_tensor *a, double c, ad_tensor *b) {
   ad_tensor *out = binary_out(t, "ad_axpy", a, b);
-  if (!out) return NULL;
+  if (!out || !const_ok(t, "ad_axpy", "c", c, out->dtype)) return NULL;
   if (out->dtype == AD_F32) {
     float cf = (float)c;
     EW_BINARY_T(float, out, a, b, u + cf * v);
@@ -248,7 +261,7 @@ static const ad_op_def OP_POW = {"pow", vjp_pow, attr_c, {.mask = AD_SAVES(AD_S_
 
 ad_tensor *ad_pow_scalar(ad_tape *t, ad_tensor *x, double p) {
   ad_tensor *out = unary_out(t, "ad_pow_scalar", x);
-  if (!out) return NULL;
+  if (!out || !const_ok(t, "ad_pow_scalar", "p", p, x->dtype)) return NULL;
   if (p == 2.0) {
     EW_UNARY(out, x, v * v);
   } else if (p == 0.5) {
