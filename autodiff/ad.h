@@ -229,6 +229,27 @@ void ad_rewind(ad_tape *t, ad_marker m);
 /* Frees every node and tensor on the tape (like rewinding to the start). */
 void ad_tape_reset(ad_tape *t);
 
+/* Compaction: frees what the recorded graph after mark m does not need,
+ * keeping the graph itself. Every node recorded after m that a tensor of
+ * keep[] depends on stays, with the tensor structs it refers to, so ad_grad
+ * (recorded or not) still runs through it and gives the same gradients
+ * (nodes nothing kept depends on go: no gradient of a kept tensor reaches
+ * them); but of the tensors made after m only these keep their values:
+ *   - those a derivative rule of a node after m reads (each op declares
+ *     what its rule reads; an op that did not is assumed to read all);
+ *   - those in keep[0..n_keep) (updated in place to their new addresses).
+ * Any other tensor made after m that a node refers to keeps its struct but
+ * has its values released: an op given it fails with AD_ERR_ARG saying so.
+ * Tensors made after m that neither a node nor keep[] refers to are freed
+ * as ad_rewind frees them: do not use them. The space is reclaimed by
+ * moving the survivors down to m, so marks taken at or before m stay valid
+ * and marks taken after m must not be used. Gradients may be asked only
+ * with respect to tensors that needed one when compacting (a leaf given
+ * ad_requires_grad later can meet a released value: AD_ERR_ARG, never a
+ * wrong number). Ops whose node holds arena data compaction cannot size
+ * make it refuse (AD_ERR_STATE, the tape unchanged but for the error). */
+ad_status ad_tape_compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep);
+
 typedef struct {
   size_t used;     /* bytes in use now */
   size_t peak;     /* high-water mark since creation or ad_arena_reset_peak */

@@ -340,7 +340,7 @@ static void vjp_bmm(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
 static void attr_bmm(const ad_node *n, char *buf, size_t len) {
   snprintf(buf, len, "%s%s", n->a.ta ? "A^T" : "A", n->a.tb ? " B^T" : " B");
 }
-static const ad_op_def OP_BMM = {"bmm", vjp_bmm, attr_bmm};
+static const ad_op_def OP_BMM = {"bmm", vjp_bmm, attr_bmm, {0}};
 
 ad_tensor *ad_bmm(ad_tape *t, ad_tensor *a, ad_tensor *b, int trans_a, int trans_b) {
   ad_tensor *in[2] = {a, b};
@@ -402,7 +402,7 @@ static void vjp_add_batch_rowvec(ad_tape *t, const ad_node *n, ad_tensor *g, ad_
     gin[1] = ad_reshape(t, ad_sum_axis(t, g, 1, 0), v->ndim, v->shape);
   }
 }
-static const ad_op_def OP_ADD_BATCH_ROWVEC = {"add_batch_rowvec", vjp_add_batch_rowvec, NULL};
+static const ad_op_def OP_ADD_BATCH_ROWVEC = {"add_batch_rowvec", vjp_add_batch_rowvec, NULL, {0}};
 
 ad_tensor *ad_add_batch_rowvec(ad_tape *t, ad_tensor *x, ad_tensor *v) {
   ad_tensor *in[2] = {x, v};

@@ -461,7 +461,7 @@ static void vjp_channel_sum(ad_tape *t, const ad_node *nd, ad_tensor *h, ad_tens
                             const int *need) {
   if (need[0]) gin[0] = channel_expand(t, h, nd->a.extra);
 }
-static const ad_op_def OP_CHANNEL_SUM = {"conv2d_bias_grad", vjp_channel_sum, attr_conv};
+static const ad_op_def OP_CHANNEL_SUM = {"conv2d_bias_grad", vjp_channel_sum, attr_conv, {0}};
 
 typedef struct {
   const conv_geom *g;
@@ -513,7 +513,8 @@ static void vjp_channel_expand(ad_tape *t, const ad_node *nd, ad_tensor *h, ad_t
                                const int *need) {
   if (need[0]) gin[0] = channel_sum(t, h, nd->a.extra);
 }
-static const ad_op_def OP_CHANNEL_EXPAND = {"conv2d_bias_expand", vjp_channel_expand, attr_conv};
+static const ad_op_def OP_CHANNEL_EXPAND = {
+    "conv2d_bias_expand", vjp_channel_expand, attr_conv, {0}};
 
 /* Rows (n, k) in [lo, hi) of the broadcast. */
 static void channel_expand_part(void *ctx, int part, int64_t lo, int64_t hi) {
@@ -633,7 +634,7 @@ static void vjp_conv2d(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor **
   if (need[1]) gin[1] = nn_conv2d_backward_weight(t, x, G, g->r, g->s, (int)g->st, (int)g->pad);
   if (nd->n_in > 2 && need[2]) gin[2] = channel_sum(t, G, g);
 }
-static const ad_op_def OP_CONV2D = {"conv2d", vjp_conv2d, attr_conv};
+static const ad_op_def OP_CONV2D = {"conv2d", vjp_conv2d, attr_conv, {0}};
 
 static ad_tensor *conv2d_geom(ad_tape *t, ad_tensor *x, ad_tensor *w, ad_tensor *b,
                               const conv_geom *g) {
@@ -674,7 +675,8 @@ static void vjp_bwd_input(ad_tape *t, const ad_node *nd, ad_tensor *H, ad_tensor
   if (need[0]) gin[0] = conv2d_geom(t, H, w, NULL, g);
   if (need[1]) gin[1] = nn_conv2d_backward_weight(t, H, G, g->r, g->s, (int)g->st, (int)g->pad);
 }
-static const ad_op_def OP_CONV2D_BWD_INPUT = {"conv2d_backward_input", vjp_bwd_input, attr_conv};
+static const ad_op_def OP_CONV2D_BWD_INPUT = {
+    "conv2d_backward_input", vjp_bwd_input, attr_conv, {0}};
 
 ad_tensor *nn_conv2d_backward_input(ad_tape *t, ad_tensor *gy, ad_tensor *w, int64_t h, int64_t wd,
                                     int stride, int pad) {
@@ -709,7 +711,8 @@ static void vjp_bwd_weight(ad_tape *t, const ad_node *nd, ad_tensor *U, ad_tenso
   if (need[0]) gin[0] = nn_conv2d_backward_input(t, G, U, g->h, g->w, (int)g->st, (int)g->pad);
   if (need[1]) gin[1] = conv2d_geom(t, x, U, NULL, g);
 }
-static const ad_op_def OP_CONV2D_BWD_WEIGHT = {"conv2d_backward_weight", vjp_bwd_weight, attr_conv};
+static const ad_op_def OP_CONV2D_BWD_WEIGHT = {
+    "conv2d_backward_weight", vjp_bwd_weight, attr_conv, {0}};
 
 ad_tensor *nn_conv2d_backward_weight(ad_tape *t, ad_tensor *x, ad_tensor *gy, int64_t r, int64_t s,
                                      int stride, int pad) {

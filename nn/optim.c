@@ -410,7 +410,20 @@ static void vjp_sgd(ad_tape *t, const ad_node *n, ad_tensor *G, ad_tensor **gin,
     gin[id] = sum_to(t, av ? ad_neg(t, ad_mul(t, av, wg)) : ad_scale(t, wg, -a), dv);
   }
 }
-static const ad_op_def OP_SGD = {"sgd_step", vjp_sgd, NULL};
+/* What vjp_sgd reads (for ad_tape_compact), per gradient, the optional
+ * variables at their slots: dw reads a and d; dg reads a; da reads g, w
+ * and d; dd reads w and a. g is read only for da: an unroll with a number
+ * for the learning rate keeps w' and w, not the gradient. */
+static unsigned saves_sgd(const ad_node *n) {
+  int ia = n->a.ta ? 2 : -1, id = n->a.tb ? (n->a.ta ? 3 : 2) : -1;
+  unsigned A = ia >= 0 ? AD_S_IN(ia) : 0, D = id >= 0 ? AD_S_IN(id) : 0;
+  unsigned r[4] = {A | D, A, 0, 0};
+  if (ia >= 0) r[ia] = AD_S_IN(0) | AD_S_IN(1) | D;
+  if (id >= 0) r[id] = AD_S_IN(0) | A;
+  return AD_SAVES(r[0], r[1], r[2], r[3]);
+}
+static const ad_op_def OP_SGD = {
+    "sgd_step", vjp_sgd, NULL, {.of = saves_sgd, .extra_bytes = sizeof(double)}};
 
 #define DEF_SGD_FWD(T, S)                                                                          \
   static void sgd_fwd_##S(const ad_tensor *w, const ad_tensor *g, const ad_tensor *av, double a,   \

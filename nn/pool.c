@@ -427,13 +427,13 @@ static void vjp_scatter(ad_tape *t, const ad_node *nd, ad_tensor *H, ad_tensor *
                         const int *need) {
   if (need[0]) gin[0] = pool_gather(t, H, nd->a.extra);
 }
-static const ad_op_def OP_POOL_SCATTER = {"max_pool2d_backward", vjp_scatter, attr_pool};
+static const ad_op_def OP_POOL_SCATTER = {"max_pool2d_backward", vjp_scatter, attr_pool, {0}};
 
 static void vjp_gather(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor **gin,
                        const int *need) {
   if (need[0]) gin[0] = pool_scatter(t, G, nd->a.extra);
 }
-static const ad_op_def OP_POOL_GATHER = {"max_pool2d_gather", vjp_gather, attr_pool};
+static const ad_op_def OP_POOL_GATHER = {"max_pool2d_gather", vjp_gather, attr_pool, {0}};
 
 /* x-shaped gradient from a y-shaped one: x[idx[o]] += g[o]. */
 static ad_tensor *pool_scatter(ad_tape *t, ad_tensor *gy, const pool_geom *g) {
@@ -469,14 +469,14 @@ static void vjp_maxpool(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor *
                         const int *need) {
   if (need[0]) gin[0] = pool_scatter(t, G, nd->a.extra);
 }
-static const ad_op_def OP_MAXPOOL = {"max_pool2d", vjp_maxpool, attr_pool};
+static const ad_op_def OP_MAXPOOL = {"max_pool2d", vjp_maxpool, attr_pool, {0}};
 /* relu_max_pool2d(x) = relu(max_pool2d(x)) = max_pool2d(relu(x)) (max and
  * relu commute): d = scatter(relu_backward(G, m)) with m the pooled
  * maximum, i.e. G goes to the argmax of each window whose m > 0 (NaN at a
  * NaN m, as relu_backward gives), nothing from the others. The scatter
  * and its gather carry that mask in the index, so both stay linear in
  * their input and the rule differentiates again like max_pool2d's. */
-static const ad_op_def OP_RELU_MAXPOOL = {"relu_max_pool2d", vjp_maxpool, attr_pool};
+static const ad_op_def OP_RELU_MAXPOOL = {"relu_max_pool2d", vjp_maxpool, attr_pool, {0}};
 
 static ad_tensor *maxpool_op(ad_tape *t, const char *op, ad_tensor *x, int k, int stride, int pad,
                              int relu) {
@@ -516,13 +516,13 @@ static void vjp_avgpool(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor *
                         const int *need) {
   if (need[0]) gin[0] = avgpool_bwd_geom(t, G, nd->a.extra);
 }
-static const ad_op_def OP_AVGPOOL = {"avg_pool2d", vjp_avgpool, attr_pool};
+static const ad_op_def OP_AVGPOOL = {"avg_pool2d", vjp_avgpool, attr_pool, {0}};
 
 static void vjp_avgpool_bwd(ad_tape *t, const ad_node *nd, ad_tensor *H, ad_tensor **gin,
                             const int *need) {
   if (need[0]) gin[0] = avgpool_geom(t, H, nd->a.extra);
 }
-static const ad_op_def OP_AVGPOOL_BWD = {"avg_pool2d_backward", vjp_avgpool_bwd, attr_pool};
+static const ad_op_def OP_AVGPOOL_BWD = {"avg_pool2d_backward", vjp_avgpool_bwd, attr_pool, {0}};
 
 static ad_tensor *avgpool_geom(ad_tape *t, ad_tensor *x, const pool_geom *g) {
   if (!x) return NULL;
