@@ -16,8 +16,10 @@
 #include "nn.h"
 
 #include "autodiff/ad_internal.h"
+#include "nn_internal.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 typedef struct {
@@ -371,91 +373,350 @@ static ad_tensor *safe_sqrt(ad_tape *t, ad_tensor *x) {
   return ad_where(t, mask, ad_sqrt(t, ad_where(t, mask, x, one)), zero);
 }
 
-/* ---- the fused SGD step:  w' = w - a (g + d w),  a = lr, d = weight decay
- * (numbers, or tape variables of size 1 or shaped like w). Its rule:
- *   dw = G (1 - a d)      dg = -a G
- *   da = -sum? (g + d w) G        dd = -sum? a w G
- * ("sum?" where the variable is a broadcast scalar), written with public ops
- * so the step can be differentiated twice (unrolled hypergradients do). */
-static ad_tensor *scale_by(ad_tape *t, ad_tensor *var, double c, ad_tensor *x) {
-  return var ? ad_mul(t, var, x) : ad_scale(t, x, c);
+/* ---- the fused SGD step
+ *
+ *   w' = w - A (g + D w)
+ *
+ * A = lr, D = weight decay: numbers, or tape variables of size 1 or shaped
+ * like w. One op: a recorded unroll keeps w' only, not D w and g + D w.
+ * The node's inputs are w, g and the variables (the caller's tensors: no
+ * temporaries); a.c = the number a, a.extra -> the number d, a.ta / a.tb:
+ * whether the A / D variables are inputs 2 / 3 (absent ones are skipped).
+ *
+ * Its rule, G the cotangent of w' ("sum?" where the variable is a size-1
+ * broadcast and the cotangent is summed to its size):
+ *   dw = G - A (D G)             (= G (1 - A D); with numbers, the number 1 - a d times G)
+ *   dg = -A G
+ *   dA = -sum?((g + D w) G)
+ *   dD = -sum?(A (w G))
+ * Reads: dw and dg read the variables only; dA reads g, and w unless D is
+ * the number 0; dD reads w. Never the output. The rule is one pass
+ * (sgd_bwd) computing every wanted cotangent; each result is recorded as a
+ * node of its own (sgd_step_dw, _dg, _dlr, _dwd below) with its own rule,
+ * so a recorded backward can be differentiated again. The loops run in
+ * blocks: a size-1 or number hyperparameter is a block of its value, so one
+ * vectorizable loop serves every combination. */
+
+enum { SGD_BLK = 512, SGD_GRAIN = 16384 };
+
+static _Thread_local int sgd_unfused; /* nn__opt_set_unfused: the public-op path */
+void nn__opt_set_unfused(int on) {
+  sgd_unfused = on != 0;
+}
+
+typedef struct {
+  int64_t n;
+  const void *w, *g, *G; /* inputs; G is the cotangent (backward) */
+  const void *A, *D;     /* full-size variables, or NULL: then a / d hold the value */
+  double a, d;
+  int plain;      /* no variable at all: forward (1 - a d) w - a g, backward (1 - a d) G */
+  int d_zero;     /* D is the number 0: dA does not read w */
+  void *out;      /* forward */
+  void *dw, *dg;  /* backward, NULL when not wanted */
+  void *da, *dd;  /* full-size cotangents of full-size A / D, or NULL */
+  double *part_a; /* per-part sums of dA when A is size 1 (else NULL) */
+  double *part_d; /* the same for dD */
+} sgd_job;
+
+/* Sum of x[0..k) in double with 8 partials (vectorizes). */
+#define DEF_SGD_KERNELS(T, S)                                                                      \
+  static double sum_blk_##S(const T *x, int64_t k) {                                               \
+    double p[8] = {0}, s = 0;                                                                      \
+    int64_t i = 0;                                                                                 \
+    for (; i + 8 <= k; i += 8)                                                                     \
+      for (int q = 0; q < 8; q++) p[q] += (double)x[i + q];                                        \
+    for (; i < k; i++) s += (double)x[i];                                                          \
+    for (int q = 0; q < 8; q++) s += p[q];                                                         \
+    return s;                                                                                      \
+  }                                                                                                \
+  static void sgd_fwd_##S(void *ctx, int part, int64_t lo, int64_t hi) {                           \
+    const sgd_job *c = ctx;                                                                        \
+    (void)part;                                                                                    \
+    const T *W = c->w, *Gr = c->g;                                                                 \
+    T *restrict O = c->out;                                                                        \
+    if (c->plain) {                                                                                \
+      T ta = (T)c->a, td = (T)(1 - c->a * c->d);                                                   \
+      for (int64_t j = lo; j < hi; j++) O[j] = td * W[j] - ta * Gr[j];                             \
+      return;                                                                                      \
+    }                                                                                              \
+    T ab[SGD_BLK], db[SGD_BLK];                                                                    \
+    for (int k = 0; k < SGD_BLK; k++) ab[k] = (T)c->a, db[k] = (T)c->d;                            \
+    for (int64_t b = lo; b < hi; b += SGD_BLK) {                                                   \
+      int64_t m = hi - b < SGD_BLK ? hi - b : SGD_BLK;                                             \
+      const T *Ap = c->A ? (const T *)c->A + b : ab, *Dp = c->D ? (const T *)c->D + b : db;        \
+      const T *Wb = W + b, *Gb = Gr + b;                                                           \
+      T *restrict Ob = O + b;                                                                      \
+      for (int64_t k = 0; k < m; k++) Ob[k] = Wb[k] - Ap[k] * (Gb[k] + Dp[k] * Wb[k]);             \
+    }                                                                                              \
+  }                                                                                                \
+  static void sgd_bwd_##S(void *ctx, int part, int64_t lo, int64_t hi) {                           \
+    const sgd_job *c = ctx;                                                                        \
+    const T *W = c->w, *Gr = c->g, *G = c->G;                                                      \
+    T *restrict DW = c->dw, *restrict DG = c->dg, *restrict DA = c->da, *restrict DD = c->dd;      \
+    T ab[SGD_BLK], db[SGD_BLK], tmp[SGD_BLK];                                                      \
+    for (int k = 0; k < SGD_BLK; k++) ab[k] = (T)c->a, db[k] = (T)c->d;                            \
+    double sa = 0, sd = 0;                                                                         \
+    for (int64_t b = lo; b < hi; b += SGD_BLK) {                                                   \
+      int64_t m = hi - b < SGD_BLK ? hi - b : SGD_BLK;                                             \
+      const T *Ap = c->A ? (const T *)c->A + b : ab, *Dp = c->D ? (const T *)c->D + b : db;        \
+      const T *Gb = G + b;                                                                         \
+      if (DW) {                                                                                    \
+        T *restrict o = DW + b;                                                                    \
+        if (c->plain) {                                                                            \
+          T k1 = (T)(1 - c->a * c->d);                                                             \
+          for (int64_t k = 0; k < m; k++) o[k] = k1 * Gb[k];                                       \
+        } else {                                                                                   \
+          for (int64_t k = 0; k < m; k++) o[k] = Gb[k] - Ap[k] * (Dp[k] * Gb[k]);                  \
+        }                                                                                          \
+      }                                                                                            \
+      if (DG) {                                                                                    \
+        T *restrict o = DG + b;                                                                    \
+        for (int64_t k = 0; k < m; k++) o[k] = -(Ap[k] * Gb[k]);                                   \
+      }                                                                                            \
+      if (DA || c->part_a) {                                                                       \
+        T *restrict o = DA ? DA + b : tmp;                                                         \
+        const T *gb = Gr + b;                                                                      \
+        if (c->d_zero) {                                                                           \
+          for (int64_t k = 0; k < m; k++) o[k] = -(gb[k] * Gb[k]);                                 \
+        } else {                                                                                   \
+          const T *Wb = W + b;                                                                     \
+          for (int64_t k = 0; k < m; k++) o[k] = -((gb[k] + Dp[k] * Wb[k]) * Gb[k]);               \
+        }                                                                                          \
+        if (!DA) sa += sum_blk_##S(tmp, m);                                                        \
+      }                                                                                            \
+      if (DD || c->part_d) {                                                                       \
+        T *restrict o = DD ? DD + b : tmp;                                                         \
+        const T *Wb = W + b;                                                                       \
+        for (int64_t k = 0; k < m; k++) o[k] = -(Ap[k] * (Wb[k] * Gb[k]));                         \
+        if (!DD) sd += sum_blk_##S(tmp, m);                                                        \
+      }                                                                                            \
+    }                                                                                              \
+    if (c->part_a) c->part_a[part] = sa;                                                           \
+    if (c->part_d) c->part_d[part] = sd;                                                           \
+  }
+DEF_SGD_KERNELS(float, f32)
+DEF_SGD_KERNELS(double, f64)
+
+/* The value of a hyperparameter as the loops see it: a number, a size-1
+ * variable's element, or NULL data for a full-size variable. */
+static const void *hyper_data(const ad_tensor *v, int64_t n, double c, double *val) {
+  if (v && v->size == n && n > 1) return v->data;
+  *val = v ? ad_get(v, 0) : c;
+  return NULL;
+}
+
+static double *keep_number(ad_tape *t, double d) {
+  double *p = ad_arena_alloc(t, sizeof *p);
+  if (p) *p = d;
+  return p;
+}
+
+static void attr_sgd(const ad_node *n, char *buf, size_t len) {
+  snprintf(buf, len, "lr=%g wd=%g", n->a.c, n->a.extra ? *(const double *)n->a.extra : 0.0);
+}
+
+static void vjp_sgd(ad_tape *t, const ad_node *n, ad_tensor *G, ad_tensor **gin, const int *need);
+static void vjp_sgd_dw(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin,
+                       const int *need);
+static void vjp_sgd_dg(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin,
+                       const int *need);
+static void vjp_sgd_dlr(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin,
+                        const int *need);
+static void vjp_sgd_dwd(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin,
+                        const int *need);
+static const ad_op_def OP_SGD = {"sgd_step", vjp_sgd, attr_sgd};
+static const ad_op_def OP_SGD_DW = {"sgd_step_dw", vjp_sgd_dw, attr_sgd};
+static const ad_op_def OP_SGD_DG = {"sgd_step_dg", vjp_sgd_dg, attr_sgd};
+static const ad_op_def OP_SGD_DLR = {"sgd_step_dlr", vjp_sgd_dlr, attr_sgd};
+static const ad_op_def OP_SGD_DWD = {"sgd_step_dwd", vjp_sgd_dwd, attr_sgd};
+
+/* Records out = op(in) with the hyperparameter numbers and flags. */
+static void record_sgd(ad_tape *t, const ad_op_def *op, ad_tensor *out, int k, ad_tensor **in,
+                       double a, double d, int ta, int tb, int kd) {
+  ad_node *nd = ad__record(t, op, out, k, in);
+  if (!nd) return;
+  nd->a.c = a;
+  nd->a.extra = keep_number(t, d);
+  nd->a.ta = ta;
+  nd->a.tb = tb;
+  nd->a.keepdim = kd;
+  if (!nd->a.extra) ad__fail(t, AD_ERR_NOMEM, "sgd_step: arena full");
+}
+
+/* The fused backward: the wanted cotangents of w' = w - A (g + D w) for
+ * the cotangent G, in one pass, each recorded as its own node. w and g may
+ * be NULL when neither dA nor dD is wanted (the second-order rules use this
+ * for the dw / dg parts alone). Results go to *ow, *og, *oa, *od (each
+ * pointer NULL when not wanted). */
+static void sgd_bwd(ad_tape *t, ad_tensor *G, ad_tensor *w, ad_tensor *g, ad_tensor *av, double a,
+                    ad_tensor *dv, double d, ad_tensor **ow, ad_tensor **og, ad_tensor **oa,
+                    ad_tensor **od) {
+  int64_t n = G->size;
+  sgd_job c = {.n = n, .G = G->data, .w = w ? w->data : NULL, .g = g ? g->data : NULL};
+  c.A = hyper_data(av, n, a, &c.a);
+  c.D = hyper_data(dv, n, d, &c.d);
+  c.plain = !av && !dv;
+  c.d_zero = !dv && d == 0;
+  ad_tensor *rw = NULL, *rg = NULL, *ra = NULL, *rd = NULL;
+  if (ow && !(rw = ad__like(t, G))) return;
+  if (og && !(rg = ad__like(t, G))) return;
+  if (oa && !(ra = ad__alloc(t, G->dtype, av->ndim, av->shape, 0))) return;
+  if (od && !(rd = ad__alloc(t, G->dtype, dv->ndim, dv->shape, 0))) return;
+  int parts = ad__par_parts(n, SGD_GRAIN);
+  c.dw = rw ? rw->data : NULL;
+  c.dg = rg ? rg->data : NULL;
+  if (ra && ra->size == n) c.da = ra->data;
+  if (rd && rd->size == n) c.dd = rd->data;
+  if (ra && !c.da && !(c.part_a = ad_arena_alloc(t, sizeof(double) * (size_t)parts))) return;
+  if (rd && !c.dd && !(c.part_d = ad_arena_alloc(t, sizeof(double) * (size_t)parts))) return;
+  ad__par_for(n, SGD_GRAIN, G->dtype == AD_F32 ? sgd_bwd_f32 : sgd_bwd_f64, &c);
+  double s[2] = {0, 0};
+  for (int p = 0; p < parts; p++) {
+    if (c.part_a) s[0] += c.part_a[p];
+    if (c.part_d) s[1] += c.part_d[p];
+  }
+  if (c.part_a) ad_set(ra, 0, s[0]);
+  if (c.part_d) ad_set(rd, 0, s[1]);
+  ad_tensor *in[4];
+  int k;
+  if (rw) {
+    k = 0;
+    in[k++] = G;
+    if (av) in[k++] = av;
+    if (dv) in[k++] = dv;
+    ad__op_begin(t, "sgd_step_dw", k, in);
+    record_sgd(t, &OP_SGD_DW, rw, k, in, a, d, av != NULL, dv != NULL, 0);
+    *ow = ad__done(t, rw, "sgd_step_dw");
+  }
+  if (rg) {
+    k = 0;
+    in[k++] = G;
+    if (av) in[k++] = av;
+    ad__op_begin(t, "sgd_step_dg", k, in);
+    record_sgd(t, &OP_SGD_DG, rg, k, in, a, d, av != NULL, 0, 0);
+    *og = ad__done(t, rg, "sgd_step_dg");
+  }
+  if (ra) {
+    k = 0;
+    in[k++] = G;
+    in[k++] = g;
+    if (!c.d_zero) in[k++] = w;
+    if (dv) in[k++] = dv;
+    ad__op_begin(t, "sgd_step_dlr", k, in);
+    record_sgd(t, &OP_SGD_DLR, ra, k, in, a, d, 0, dv != NULL, !c.d_zero);
+    *oa = ad__done(t, ra, "sgd_step_dlr");
+  }
+  if (rd) {
+    k = 0;
+    in[k++] = G;
+    in[k++] = w;
+    if (av) in[k++] = av;
+    ad__op_begin(t, "sgd_step_dwd", k, in);
+    record_sgd(t, &OP_SGD_DWD, rd, k, in, a, d, av != NULL, 0, 0);
+    *od = ad__done(t, rd, "sgd_step_dwd");
+  }
+}
+
+static void vjp_sgd(ad_tape *t, const ad_node *n, ad_tensor *G, ad_tensor **gin, const int *need) {
+  int ia = n->a.ta ? 2 : -1, id = n->a.tb ? (n->a.ta ? 3 : 2) : -1;
+  ad_tensor *av = ia >= 0 ? n->in[ia] : NULL, *dv = id >= 0 ? n->in[id] : NULL;
+  int wa = ia >= 0 && need[ia], wd = id >= 0 && need[id];
+  sgd_bwd(t, G, n->in[0], n->in[1], av, n->a.c, dv, *(const double *)n->a.extra,
+          need[0] ? &gin[0] : NULL, need[1] ? &gin[1] : NULL, wa ? &gin[ia] : NULL,
+          wd ? &gin[id] : NULL);
+}
+
+/* ---- the rules of the backward's parts, from public ops (and the fused
+ * parts themselves), so a third derivative follows too. C is the
+ * cotangent of the part's output. */
+
+/* -x, or -c x, or -v x with v a variable (size 1 or like x). */
+static ad_tensor *neg_times(ad_tape *t, ad_tensor *v, double c, ad_tensor *x) {
+  return v ? ad_neg(t, ad_mul(t, v, x)) : ad_scale(t, x, -c);
 }
 static ad_tensor *sum_to(ad_tape *t, ad_tensor *x, const ad_tensor *like) {
   return x && like->size != x->size ? ad_reshape(t, ad_sum(t, x), like->ndim, like->shape) : x;
 }
-/* The node keeps a = a.c and d = *(double *)a.extra; a.ta / a.tb say whether
- * inputs 2 / 3 (the variables) are present; absent ones are NULL slots. */
-static void vjp_sgd(ad_tape *t, const ad_node *n, ad_tensor *G, ad_tensor **gin, const int *need) {
-  ad_tensor *w = n->in[0], *g = n->in[1];
-  ad_tensor *av = n->a.ta ? n->in[2] : NULL, *dv = n->a.tb ? n->in[n->a.ta ? 3 : 2] : NULL;
-  double a = n->a.c, d = *(const double *)n->a.extra;
-  int ia = n->a.ta ? 2 : -1, id = n->a.tb ? (n->a.ta ? 3 : 2) : -1;
-  /* With a number for a (the common case) each product is one pass: axpy
-   * and scale fold the constant in. */
-  if (need[0]) {
-    if (!av && !dv)
-      gin[0] = ad_scale(t, G, 1 - a * d);
-    else if (!av)
-      gin[0] = ad_axpy(t, G, -a, ad_mul(t, dv, G));
-    else
-      gin[0] = ad_sub(t, G, ad_mul(t, av, scale_by(t, dv, d, G)));
-  }
-  if (need[1]) gin[1] = av ? ad_neg(t, ad_mul(t, av, G)) : ad_scale(t, G, -a);
-  if (ia >= 0 && need[ia]) {
-    ad_tensor *step = dv ? ad_add(t, g, ad_mul(t, dv, w)) : ad_axpy(t, g, d, w);
-    gin[ia] = sum_to(t, ad_neg(t, ad_mul(t, step, G)), av);
-  }
-  if (id >= 0 && need[id]) {
-    ad_tensor *wg = ad_mul(t, w, G);
-    gin[id] = sum_to(t, av ? ad_neg(t, ad_mul(t, av, wg)) : ad_scale(t, wg, -a), dv);
-  }
-}
-static const ad_op_def OP_SGD = {"sgd_step", vjp_sgd, NULL};
 
-#define DEF_SGD_FWD(T, S)                                                                          \
-  static void sgd_fwd_##S(const ad_tensor *w, const ad_tensor *g, const ad_tensor *av, double a,   \
-                          const ad_tensor *dv, double d, ad_tensor *out) {                         \
-    const T *W = (const T *)w->data, *Gr = (const T *)g->data;                                     \
-    T *O = (T *)out->data;                                                                         \
-    if (!av && !dv) {                                                                              \
-      T ta = (T)a, td = (T)(1 - a * d);                                                            \
-      for (int64_t j = 0; j < w->size; j++) O[j] = td * W[j] - ta * Gr[j];                         \
-      return;                                                                                      \
-    }                                                                                              \
-    const T *A = av ? (const T *)av->data : NULL, *D = dv ? (const T *)dv->data : NULL;            \
-    int64_t sa = av && av->size > 1, sd = dv && dv->size > 1;                                      \
-    for (int64_t j = 0; j < w->size; j++) {                                                        \
-      T aj = A ? A[j * sa] : (T)a, dj = D ? D[j * sd] : (T)d;                                      \
-      O[j] = W[j] - aj * (Gr[j] + dj * W[j]);                                                      \
-    }                                                                                              \
+/* y = G - A (D G):  dG = C - A (D C) (this part again),
+ *                   dA = -sum?(D (C G)),  dD = -sum?(A (C G)).
+ * Inputs G, A?, D?; reads G, A, D. */
+static void vjp_sgd_dw(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin,
+                       const int *need) {
+  int ia = n->a.ta ? 1 : -1, id = n->a.tb ? (n->a.ta ? 2 : 1) : -1;
+  ad_tensor *G = n->in[0], *av = ia >= 0 ? n->in[ia] : NULL, *dv = id >= 0 ? n->in[id] : NULL;
+  double a = n->a.c, d = *(const double *)n->a.extra;
+  if (need[0]) sgd_bwd(t, C, NULL, NULL, av, a, dv, d, &gin[0], NULL, NULL, NULL);
+  ad_tensor *cg = (ia >= 0 && need[ia]) || (id >= 0 && need[id]) ? ad_mul(t, C, G) : NULL;
+  if (ia >= 0 && need[ia]) gin[ia] = sum_to(t, neg_times(t, dv, d, cg), av);
+  if (id >= 0 && need[id]) gin[id] = sum_to(t, neg_times(t, av, a, cg), dv);
+}
+
+/* y = -A G:  dG = -A C (this part again),  dA = -sum?(C G).  Inputs G, A?;
+ * reads G, A. */
+static void vjp_sgd_dg(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin,
+                       const int *need) {
+  ad_tensor *G = n->in[0], *av = n->a.ta ? n->in[1] : NULL;
+  if (need[0]) sgd_bwd(t, C, NULL, NULL, av, n->a.c, NULL, 0, NULL, &gin[0], NULL, NULL);
+  if (av && need[1]) gin[1] = sum_to(t, ad_neg(t, ad_mul(t, C, G)), av);
+}
+
+/* y = -sum?((g + D w) G), shaped like A (C too: broadcast when size 1):
+ *   dG = -(g + D w) C,  dg = -G C,  dw = -D (G C),  dD = -sum?(w (G C)).
+ * Inputs G, g, w? (absent when D is the number 0), D?; reads all of them. */
+static void vjp_sgd_dlr(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin,
+                        const int *need) {
+  int iw = n->a.keepdim ? 2 : -1, id = n->a.tb ? (iw >= 0 ? 3 : 2) : -1;
+  ad_tensor *G = n->in[0], *g = n->in[1], *w = iw >= 0 ? n->in[iw] : NULL;
+  ad_tensor *dv = id >= 0 ? n->in[id] : NULL;
+  double d = *(const double *)n->a.extra;
+  if (need[0]) {
+    ad_tensor *step = !w ? g : dv ? ad_add(t, g, ad_mul(t, dv, w)) : ad_axpy(t, g, d, w);
+    gin[0] = ad_neg(t, ad_mul(t, step, C));
   }
-DEF_SGD_FWD(float, f32)
-DEF_SGD_FWD(double, f64)
+  ad_tensor *gc =
+      need[1] || (iw >= 0 && need[iw]) || (id >= 0 && need[id]) ? ad_mul(t, G, C) : NULL;
+  if (need[1]) gin[1] = ad_neg(t, gc);
+  if (iw >= 0 && need[iw]) gin[iw] = neg_times(t, dv, d, gc);
+  if (id >= 0 && need[id]) gin[id] = sum_to(t, ad_neg(t, ad_mul(t, w, gc)), dv);
+}
+
+/* y = -sum?(A (w G)), shaped like D (C too):
+ *   dG = -A (w C),  dw = -A (G C),  dA = -sum?(w (G C)).
+ * Inputs G, w, A?; reads all of them. */
+static void vjp_sgd_dwd(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin,
+                        const int *need) {
+  ad_tensor *G = n->in[0], *w = n->in[1], *av = n->a.ta ? n->in[2] : NULL;
+  double a = n->a.c;
+  if (need[0]) gin[0] = neg_times(t, av, a, ad_mul(t, w, C));
+  ad_tensor *gc = need[1] || (av && need[2]) ? ad_mul(t, G, C) : NULL;
+  if (need[1]) gin[1] = neg_times(t, av, a, gc);
+  if (av && need[2]) gin[2] = sum_to(t, ad_neg(t, ad_mul(t, w, gc)), av);
+}
 
 static ad_tensor *sgd_update(ad_tape *t, ad_tensor *w, ad_tensor *g, hval lr, hval wd) {
   ad_tensor *av = (ad_tensor *)lr.v, *dv = (ad_tensor *)wd.v;
   if ((av && av->dtype != w->dtype) || (dv && dv->dtype != w->dtype))
     return ad__fail(t, AD_ERR_DTYPE, "nn_opt_step_diff: hyperparameter variables must be %s",
                     ad_dtype_name(w->dtype));
+  /* A variable of w's size but another shape is read as w's shape (a view),
+   * so the rules' elementwise products line up. */
+  if (av && av->size == w->size && !ad_same_shape(av, w)) av = ad_reshape(t, av, w->ndim, w->shape);
+  if (dv && dv->size == w->size && !ad_same_shape(dv, w)) dv = ad_reshape(t, dv, w->ndim, w->shape);
+  if ((lr.v && !av) || (wd.v && !dv)) return NULL;
   ad_tensor *out = ad_empty(t, w->dtype, w->ndim, w->shape);
-  double *dstore = ad_arena_alloc(t, sizeof(double));
-  if (!out || !dstore) return NULL;
-  *dstore = wd.c;
-  if (w->dtype == AD_F32)
-    sgd_fwd_f32(w, g, av, lr.c, dv, wd.c, out);
-  else
-    sgd_fwd_f64(w, g, av, lr.c, dv, wd.c, out);
+  if (!out) return NULL;
+  sgd_job c = {.n = w->size, .w = w->data, .g = g->data, .out = out->data};
+  c.A = hyper_data(av, w->size, lr.c, &c.a);
+  c.D = hyper_data(dv, w->size, wd.c, &c.d);
+  c.plain = !av && !dv;
+  ad__par_for(w->size, SGD_GRAIN, w->dtype == AD_F32 ? sgd_fwd_f32 : sgd_fwd_f64, &c);
   ad_tensor *in[4] = {w, g, NULL, NULL};
   int k = 2;
   if (av) in[k++] = av;
   if (dv) in[k++] = dv;
-  ad_node *nd = ad__record(t, &OP_SGD, out, k, in);
-  if (nd) {
-    nd->a.c = lr.c;
-    nd->a.extra = dstore;
-    nd->a.ta = av != NULL;
-    nd->a.tb = dv != NULL;
-  }
+  ad__op_begin(t, "sgd_step", k, in);
+  record_sgd(t, &OP_SGD, out, k, in, lr.c, wd.c, av != NULL, dv != NULL, 0);
   return ad__done(t, out, "sgd_step");
 }
 
@@ -483,7 +744,7 @@ ad_status nn_opt_step_diff(ad_tape *t, const nn_opt_cfg *cfg, nn_opt_state *s, i
     hval wd = pick(h.wd, cfg->weight_decay_var, cfg->weight_decay_vars, i);
     ad_tensor *gi = g[i];
     if (!ad_same_shape(gi, w[i])) gi = ad_reshape(t, gi, w[i]->ndim, w[i]->shape);
-    if (cfg->kind == NN_OPT_SGD) {
+    if (cfg->kind == NN_OPT_SGD && !sgd_unfused) {
       /* One fused op: a recorded unroll keeps w' only, not wd*w and g+wd*w. */
       w_new[i] = sgd_update(t, w[i], gi, lr, wd);
       continue;
