@@ -410,7 +410,7 @@ typedef struct {
   const void *A, *D;     /* full-size variables, or NULL: then a / d hold the value */
   double a, d;
   int plain;      /* no variable at all: forward (1 - a d) w - a g, backward (1 - a d) G */
-  int d_zero;     /* D is the number 0: dA does not read w */
+  int d_zero;     /* D is the number 0: the step is w - A g, and dA does not read w */
   void *out;      /* forward */
   void *dw, *dg;  /* backward, NULL when not wanted */
   void *da, *dd;  /* full-size cotangents of full-size A / D, or NULL */
@@ -446,7 +446,10 @@ typedef struct {
       const T *Ap = c->A ? (const T *)c->A + b : ab, *Dp = c->D ? (const T *)c->D + b : db;        \
       const T *Wb = W + b, *Gb = Gr + b;                                                           \
       T *restrict Ob = O + b;                                                                      \
-      for (int64_t k = 0; k < m; k++) Ob[k] = Wb[k] - Ap[k] * (Gb[k] + Dp[k] * Wb[k]);             \
+      if (c->d_zero)                                                                               \
+        for (int64_t k = 0; k < m; k++) Ob[k] = Wb[k] - Ap[k] * Gb[k];                             \
+      else                                                                                         \
+        for (int64_t k = 0; k < m; k++) Ob[k] = Wb[k] - Ap[k] * (Gb[k] + Dp[k] * Wb[k]);           \
     }                                                                                              \
   }                                                                                                \
   static void sgd_bwd_##S(void *ctx, int part, int64_t lo, int64_t hi) {                           \
@@ -694,6 +697,112 @@ static void vjp_sgd_dwd(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **
   if (av && need[2]) gin[2] = sum_to(t, ad_neg(t, ad_mul(t, w, gc)), av);
 }
 
+/* ---- the fused momentum buffer
+ *
+ *   m' = M m + g + D w
+ *
+ * M = momentum (a number or a size-1 variable), D = weight decay (as in
+ * sgd_step; absent when it is the number 0, and w is then no input). The
+ * heavy ball is m' = buffer(m, g, w), w' = sgd_step(w, m') with no decay;
+ * Nesterov's look-ahead g + D w + M m' is the same buffer op at m', then
+ * w' = sgd_step(w, look). In the element order of the composed step
+ * (M m + (g + D w)), so both give the same bits. Its rule (C the cotangent
+ * of m'):
+ *   dm = M C     dg = C     dw = D C     dM = sum(m C)     dD = sum?(w C)
+ * Reads: m for dM, w for dD, the variables; never the output. Public ops:
+ * one pass each (dg is C itself), differentiable again. The node's inputs:
+ * m, g, then w (a.keepdim), M's variable (a.ta), D's variable (a.tb);
+ * a.c = the number M, a.extra -> the number D. */
+
+typedef struct {
+  const void *m, *g, *w, *D;
+  double mu, d;
+  int has_d;
+  void *out;
+} mom_job;
+
+#define DEF_MOM_KERNEL(T, S)                                                                       \
+  static void mom_fwd_##S(void *ctx, int part, int64_t lo, int64_t hi) {                           \
+    const mom_job *c = ctx;                                                                        \
+    (void)part;                                                                                    \
+    const T *M = c->m, *Gr = c->g, *W = c->w;                                                      \
+    T *restrict O = c->out;                                                                        \
+    T mu = (T)c->mu;                                                                               \
+    if (!c->has_d) {                                                                               \
+      for (int64_t j = lo; j < hi; j++) O[j] = mu * M[j] + Gr[j];                                  \
+      return;                                                                                      \
+    }                                                                                              \
+    T db[SGD_BLK];                                                                                 \
+    for (int k = 0; k < SGD_BLK; k++) db[k] = (T)c->d;                                             \
+    for (int64_t b = lo; b < hi; b += SGD_BLK) {                                                   \
+      int64_t m = hi - b < SGD_BLK ? hi - b : SGD_BLK;                                             \
+      const T *Dp = c->D ? (const T *)c->D + b : db, *Mb = M + b, *Gb = Gr + b, *Wb = W + b;       \
+      T *restrict Ob = O + b;                                                                      \
+      for (int64_t k = 0; k < m; k++) Ob[k] = mu * Mb[k] + (Gb[k] + Dp[k] * Wb[k]);                \
+    }                                                                                              \
+  }
+DEF_MOM_KERNEL(float, f32)
+DEF_MOM_KERNEL(double, f64)
+
+static void vjp_mom(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin, const int *need) {
+  int k = 2, iw = n->a.keepdim ? k++ : -1, im = n->a.ta ? k++ : -1, id = n->a.tb ? k++ : -1;
+  ad_tensor *m = n->in[0], *w = iw >= 0 ? n->in[iw] : NULL;
+  ad_tensor *mv = im >= 0 ? n->in[im] : NULL, *dv = id >= 0 ? n->in[id] : NULL;
+  double mu = n->a.c, d = *(const double *)n->a.extra;
+  if (need[0]) gin[0] = mv ? ad_mul(t, mv, C) : ad_scale(t, C, mu);
+  if (need[1]) gin[1] = C;
+  if (iw >= 0 && need[iw]) gin[iw] = dv ? ad_mul(t, dv, C) : ad_scale(t, C, d);
+  if (im >= 0 && need[im]) gin[im] = sum_to(t, ad_mul(t, m, C), mv);
+  if (id >= 0 && need[id]) gin[id] = sum_to(t, ad_mul(t, w, C), dv);
+}
+static void attr_mom(const ad_node *n, char *buf, size_t len) {
+  snprintf(buf, len, "mu=%g wd=%g", n->a.c, n->a.extra ? *(const double *)n->a.extra : 0.0);
+}
+static const ad_op_def OP_MOM = {"momentum_buffer", vjp_mom, attr_mom};
+
+/* A hyperparameter variable checked against w: w's dtype (else NULL with
+ * AD_ERR_DTYPE), and read as w's shape when it has w's size (a view, so
+ * the rules' elementwise products line up). NULL stays NULL. */
+static ad_tensor *hyper_var(ad_tape *t, const ad_tensor *v, const ad_tensor *w, int *bad) {
+  if (!v) return NULL;
+  if (v->dtype != w->dtype) {
+    *bad = 1;
+    ad__fail(t, AD_ERR_DTYPE, "nn_opt_step_diff: hyperparameter variables must be %s",
+             ad_dtype_name(w->dtype));
+    return NULL;
+  }
+  ad_tensor *x = (ad_tensor *)v;
+  if (x->size == w->size && !ad_same_shape(x, w) && !(x = ad_reshape(t, x, w->ndim, w->shape)))
+    *bad = 1;
+  return x;
+}
+
+/* m' = M m + g + D w as one node (mv: M's size-1 variable or NULL). */
+static ad_tensor *mom_buffer(ad_tape *t, ad_tensor *m, ad_tensor *g, ad_tensor *w, double mu,
+                             ad_tensor *mv, hval wd) {
+  int bad = 0;
+  ad_tensor *dv = hyper_var(t, wd.v, w, &bad);
+  mv = hyper_var(t, mv, w, &bad);
+  if (bad) return NULL;
+  ad_tensor *out = ad_empty(t, w->dtype, w->ndim, w->shape);
+  if (!out) return NULL;
+  mom_job c = {.m = m->data, .g = g->data, .w = w->data, .out = out->data};
+  c.mu = mv ? ad_get(mv, 0) : mu;
+  c.has_d = dv || wd.c != 0;
+  c.D = hyper_data(dv, w->size, wd.c, &c.d);
+  ad__par_for(w->size, SGD_GRAIN, w->dtype == AD_F32 ? mom_fwd_f32 : mom_fwd_f64, &c);
+  ad_tensor *in[5];
+  int k = 0;
+  in[k++] = m;
+  in[k++] = g;
+  if (c.has_d) in[k++] = w;
+  if (mv) in[k++] = mv;
+  if (dv) in[k++] = dv;
+  ad__op_begin(t, "momentum_buffer", k, in);
+  record_sgd(t, &OP_MOM, out, k, in, mu, wd.c, mv != NULL, dv != NULL, c.has_d);
+  return ad__done(t, out, "momentum_buffer");
+}
+
 static ad_tensor *sgd_update(ad_tape *t, ad_tensor *w, ad_tensor *g, hval lr, hval wd) {
   ad_tensor *av = (ad_tensor *)lr.v, *dv = (ad_tensor *)wd.v;
   if ((av && av->dtype != w->dtype) || (dv && dv->dtype != w->dtype))
@@ -710,6 +819,7 @@ static ad_tensor *sgd_update(ad_tape *t, ad_tensor *w, ad_tensor *g, hval lr, hv
   c.A = hyper_data(av, w->size, lr.c, &c.a);
   c.D = hyper_data(dv, w->size, wd.c, &c.d);
   c.plain = !av && !dv;
+  c.d_zero = !dv && wd.c == 0; /* w - A g: momentum's step, and SGD without decay */
   ad__par_for(w->size, SGD_GRAIN, w->dtype == AD_F32 ? sgd_fwd_f32 : sgd_fwd_f64, &c);
   ad_tensor *in[4] = {w, g, NULL, NULL};
   int k = 2;
@@ -747,6 +857,17 @@ ad_status nn_opt_step_diff(ad_tape *t, const nn_opt_cfg *cfg, nn_opt_state *s, i
     if (cfg->kind == NN_OPT_SGD && !sgd_unfused) {
       /* One fused op: a recorded unroll keeps w' only, not wd*w and g+wd*w. */
       w_new[i] = sgd_update(t, w[i], gi, lr, wd);
+      continue;
+    }
+    if ((cfg->kind == NN_OPT_MOMENTUM || cfg->kind == NN_OPT_NESTEROV) && !sgd_unfused) {
+      /* Two fused ops (three for Nesterov), no other temporaries. */
+      hval none = {0, NULL};
+      s->m[i] = mom_buffer(t, s->m[i], gi, w[i], h.mu, cfg->momentum_var, wd);
+      ad_tensor *stp = s->m[i];
+      if (stp && cfg->kind == NN_OPT_NESTEROV)
+        stp = mom_buffer(t, s->m[i], gi, w[i], h.mu, cfg->momentum_var, wd);
+      w_new[i] = stp ? sgd_update(t, w[i], stp, lr, none) : NULL;
+      if (!w_new[i]) break;
       continue;
     }
     int has_wd = wd.v || wd.c != 0;
