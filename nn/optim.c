@@ -508,9 +508,10 @@ static const void *hyper_data(const ad_tensor *v, int64_t n, double c, double *v
   return NULL;
 }
 
+/* {d, 1}: the decay number, and the moment ops' Q (set by them). */
 static double *keep_number(ad_tape *t, double d) {
-  double *p = ad_arena_alloc(t, sizeof *p);
-  if (p) *p = d;
+  double *p = ad_arena_alloc(t, 2 * sizeof *p);
+  if (p) p[0] = d, p[1] = 1;
   return p;
 }
 
@@ -534,16 +535,17 @@ static const ad_op_def OP_SGD_DLR = {"sgd_step_dlr", vjp_sgd_dlr, attr_sgd};
 static const ad_op_def OP_SGD_DWD = {"sgd_step_dwd", vjp_sgd_dwd, attr_sgd};
 
 /* Records out = op(in) with the hyperparameter numbers and flags. */
-static void record_sgd(ad_tape *t, const ad_op_def *op, ad_tensor *out, int k, ad_tensor **in,
-                       double a, double d, int ta, int tb, int kd) {
+static ad_node *record_sgd(ad_tape *t, const ad_op_def *op, ad_tensor *out, int k, ad_tensor **in,
+                           double a, double d, int ta, int tb, int kd) {
   ad_node *nd = ad__record(t, op, out, k, in);
-  if (!nd) return;
+  if (!nd) return NULL;
   nd->a.c = a;
   nd->a.extra = keep_number(t, d);
   nd->a.ta = ta;
   nd->a.tb = tb;
   nd->a.keepdim = kd;
   if (!nd->a.extra) ad__fail(t, AD_ERR_NOMEM, "sgd_step: arena full");
+  return nd;
 }
 
 /* The fused backward: the wanted cotangents of w' = w - A (g + D w) for
@@ -697,27 +699,32 @@ static void vjp_sgd_dwd(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **
   if (av && need[2]) gin[2] = sum_to(t, ad_neg(t, ad_mul(t, w, gc)), av);
 }
 
-/* ---- the fused momentum buffer
+/* ---- the fused moment buffers
  *
- *   m' = M m + g + D w
+ *   first moment   m' = P m + Q (g + D w)
+ *   second moment  v' = P v + Q (g + D w)^2
  *
- * M = momentum (a number or a size-1 variable), D = weight decay (as in
- * sgd_step; absent when it is the number 0, and w is then no input). The
- * heavy ball is m' = buffer(m, g, w), w' = sgd_step(w, m') with no decay;
- * Nesterov's look-ahead g + D w + M m' is the same buffer op at m', then
- * w' = sgd_step(w, look). In the element order of the composed step
- * (M m + (g + D w)), so both give the same bits. Its rule (C the cotangent
- * of m'):
- *   dm = M C     dg = C     dw = D C     dM = sum(m C)     dD = sum?(w C)
- * Reads: m for dM, w for dD, the variables; never the output. Public ops:
- * one pass each (dg is C itself), differentiable again. The node's inputs:
- * m, g, then w (a.keepdim), M's variable (a.ta), D's variable (a.tb);
- * a.c = the number M, a.extra -> the number D. */
+ * P = the decay (momentum, a number or a size-1 variable; Adam's beta1 or
+ * beta2), Q a number (1 for momentum, 1 - beta for Adam), D = weight decay
+ * (as in sgd_step; absent when it is the number 0, and w is then no input;
+ * AdamW passes none: its decay is decoupled). The heavy ball is
+ * m' = first(m, g, w), w' = sgd_step(w, m') with no decay; Nesterov's
+ * look-ahead g + D w + M m' is the first-moment op at m', then
+ * w' = sgd_step(w, look); Adam's moments are these two ops. Each is in the
+ * element order of the composed step (P m + Q (g + D w), Q dropped when
+ * it is 1), so both give the same bits. Their rules (C the cotangent,
+ * gi = g + D w, e = Q C for the first moment and 2 Q gi C for the second):
+ *   dm = P C    dg = e    dw = D e    dP = sum(m C)    dD = sum?(w e)
+ * Reads: m for dP; for the second moment g, w and D (gi); w for dD; the
+ * variables; never the output. Public ops, differentiable again. The
+ * node's inputs: m, g, then w (a.keepdim), P's variable (a.ta), D's
+ * variable (a.tb); a.c = the number P, a.extra -> {D, Q}, a.i0 = 1 for the
+ * second moment. */
 
 typedef struct {
   const void *m, *g, *w, *D;
-  double mu, d;
-  int has_d;
+  double p, d, q;
+  int has_d, sq;
   void *out;
 } mom_job;
 
@@ -727,18 +734,23 @@ typedef struct {
     (void)part;                                                                                    \
     const T *M = c->m, *Gr = c->g, *W = c->w;                                                      \
     T *restrict O = c->out;                                                                        \
-    T mu = (T)c->mu;                                                                               \
-    if (!c->has_d) {                                                                               \
-      for (int64_t j = lo; j < hi; j++) O[j] = mu * M[j] + Gr[j];                                  \
-      return;                                                                                      \
-    }                                                                                              \
-    T db[SGD_BLK];                                                                                 \
+    T p = (T)c->p, q = (T)c->q;                                                                    \
+    T db[SGD_BLK], gi[SGD_BLK];                                                                    \
     for (int k = 0; k < SGD_BLK; k++) db[k] = (T)c->d;                                             \
     for (int64_t b = lo; b < hi; b += SGD_BLK) {                                                   \
       int64_t m = hi - b < SGD_BLK ? hi - b : SGD_BLK;                                             \
       const T *Dp = c->D ? (const T *)c->D + b : db, *Mb = M + b, *Gb = Gr + b, *Wb = W + b;       \
       T *restrict Ob = O + b;                                                                      \
-      for (int64_t k = 0; k < m; k++) Ob[k] = mu * Mb[k] + (Gb[k] + Dp[k] * Wb[k]);                \
+      if (c->has_d)                                                                                \
+        for (int64_t k = 0; k < m; k++) gi[k] = Gb[k] + Dp[k] * Wb[k];                             \
+      else                                                                                         \
+        for (int64_t k = 0; k < m; k++) gi[k] = Gb[k];                                             \
+      if (c->sq)                                                                                   \
+        for (int64_t k = 0; k < m; k++) Ob[k] = p * Mb[k] + q * (gi[k] * gi[k]);                   \
+      else if (c->q != 1)                                                                          \
+        for (int64_t k = 0; k < m; k++) Ob[k] = p * Mb[k] + q * gi[k];                             \
+      else                                                                                         \
+        for (int64_t k = 0; k < m; k++) Ob[k] = p * Mb[k] + gi[k];                                 \
     }                                                                                              \
   }
 DEF_MOM_KERNEL(float, f32)
@@ -746,19 +758,31 @@ DEF_MOM_KERNEL(double, f64)
 
 static void vjp_mom(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin, const int *need) {
   int k = 2, iw = n->a.keepdim ? k++ : -1, im = n->a.ta ? k++ : -1, id = n->a.tb ? k++ : -1;
-  ad_tensor *m = n->in[0], *w = iw >= 0 ? n->in[iw] : NULL;
+  ad_tensor *m = n->in[0], *g = n->in[1], *w = iw >= 0 ? n->in[iw] : NULL;
   ad_tensor *mv = im >= 0 ? n->in[im] : NULL, *dv = id >= 0 ? n->in[id] : NULL;
-  double mu = n->a.c, d = *(const double *)n->a.extra;
-  if (need[0]) gin[0] = mv ? ad_mul(t, mv, C) : ad_scale(t, C, mu);
-  if (need[1]) gin[1] = C;
-  if (iw >= 0 && need[iw]) gin[iw] = dv ? ad_mul(t, dv, C) : ad_scale(t, C, d);
+  const double *dq = n->a.extra;
+  double p = n->a.c, d = dq[0], q = dq[1];
+  if (need[0]) gin[0] = mv ? ad_mul(t, mv, C) : ad_scale(t, C, p);
   if (im >= 0 && need[im]) gin[im] = sum_to(t, ad_mul(t, m, C), mv);
-  if (id >= 0 && need[id]) gin[id] = sum_to(t, ad_mul(t, w, C), dv);
+  int want_e = need[1] || (iw >= 0 && need[iw]) || (id >= 0 && need[id]);
+  if (!want_e) return;
+  ad_tensor *e;
+  if (n->a.i0) { /* second moment: e = 2 Q gi C */
+    ad_tensor *gi = !w ? g : dv ? ad_add(t, g, ad_mul(t, dv, w)) : ad_axpy(t, g, d, w);
+    e = ad_scale(t, ad_mul(t, gi, C), 2 * q);
+  } else {
+    e = q == 1 ? C : ad_scale(t, C, q);
+  }
+  if (need[1]) gin[1] = e;
+  if (iw >= 0 && need[iw]) gin[iw] = dv ? ad_mul(t, dv, e) : ad_scale(t, e, d);
+  if (id >= 0 && need[id]) gin[id] = sum_to(t, ad_mul(t, w, e), dv);
 }
 static void attr_mom(const ad_node *n, char *buf, size_t len) {
-  snprintf(buf, len, "mu=%g wd=%g", n->a.c, n->a.extra ? *(const double *)n->a.extra : 0.0);
+  const double *dq = n->a.extra;
+  snprintf(buf, len, "%s p=%g q=%g wd=%g", n->a.i0 ? "second" : "first", n->a.c, dq ? dq[1] : 0.0,
+           dq ? dq[0] : 0.0);
 }
-static const ad_op_def OP_MOM = {"momentum_buffer", vjp_mom, attr_mom};
+static const ad_op_def OP_MOM = {"moment_buffer", vjp_mom, attr_mom};
 
 /* A hyperparameter variable checked against w: w's dtype (else NULL with
  * AD_ERR_DTYPE), and read as w's shape when it has w's size (a view, so
@@ -777,17 +801,18 @@ static ad_tensor *hyper_var(ad_tape *t, const ad_tensor *v, const ad_tensor *w, 
   return x;
 }
 
-/* m' = M m + g + D w as one node (mv: M's size-1 variable or NULL). */
-static ad_tensor *mom_buffer(ad_tape *t, ad_tensor *m, ad_tensor *g, ad_tensor *w, double mu,
-                             ad_tensor *mv, hval wd) {
+/* The moment buffer P m + Q (g + D w) (sq = 0) or P m + Q (g + D w)^2
+ * (sq = 1) as one node (pv: P's size-1 variable or NULL). */
+static ad_tensor *mom_buffer(ad_tape *t, ad_tensor *m, ad_tensor *g, ad_tensor *w, double p,
+                             ad_tensor *pv, double q, int sq, hval wd) {
   int bad = 0;
   ad_tensor *dv = hyper_var(t, wd.v, w, &bad);
-  mv = hyper_var(t, mv, w, &bad);
+  pv = hyper_var(t, pv, w, &bad);
   if (bad) return NULL;
   ad_tensor *out = ad_empty(t, w->dtype, w->ndim, w->shape);
   if (!out) return NULL;
-  mom_job c = {.m = m->data, .g = g->data, .w = w->data, .out = out->data};
-  c.mu = mv ? ad_get(mv, 0) : mu;
+  mom_job c = {.m = m->data, .g = g->data, .w = w->data, .out = out->data, .q = q, .sq = sq};
+  c.p = pv ? ad_get(pv, 0) : p;
   c.has_d = dv || wd.c != 0;
   c.D = hyper_data(dv, w->size, wd.c, &c.d);
   ad__par_for(w->size, SGD_GRAIN, w->dtype == AD_F32 ? mom_fwd_f32 : mom_fwd_f64, &c);
@@ -796,11 +821,15 @@ static ad_tensor *mom_buffer(ad_tape *t, ad_tensor *m, ad_tensor *g, ad_tensor *
   in[k++] = m;
   in[k++] = g;
   if (c.has_d) in[k++] = w;
-  if (mv) in[k++] = mv;
+  if (pv) in[k++] = pv;
   if (dv) in[k++] = dv;
-  ad__op_begin(t, "momentum_buffer", k, in);
-  record_sgd(t, &OP_MOM, out, k, in, mu, wd.c, mv != NULL, dv != NULL, c.has_d);
-  return ad__done(t, out, "momentum_buffer");
+  ad__op_begin(t, "moment_buffer", k, in);
+  ad_node *nd = record_sgd(t, &OP_MOM, out, k, in, p, wd.c, pv != NULL, dv != NULL, c.has_d);
+  if (nd && nd->a.extra) {
+    ((double *)nd->a.extra)[1] = q;
+    nd->a.i0 = sq;
+  }
+  return ad__done(t, out, "moment_buffer");
 }
 
 static ad_tensor *sgd_update(ad_tape *t, ad_tensor *w, ad_tensor *g, hval lr, hval wd) {
@@ -862,16 +891,18 @@ ad_status nn_opt_step_diff(ad_tape *t, const nn_opt_cfg *cfg, nn_opt_state *s, i
     if ((cfg->kind == NN_OPT_MOMENTUM || cfg->kind == NN_OPT_NESTEROV) && !sgd_unfused) {
       /* Two fused ops (three for Nesterov), no other temporaries. */
       hval none = {0, NULL};
-      s->m[i] = mom_buffer(t, s->m[i], gi, w[i], h.mu, cfg->momentum_var, wd);
+      s->m[i] = mom_buffer(t, s->m[i], gi, w[i], h.mu, cfg->momentum_var, 1, 0, wd);
       ad_tensor *stp = s->m[i];
       if (stp && cfg->kind == NN_OPT_NESTEROV)
-        stp = mom_buffer(t, s->m[i], gi, w[i], h.mu, cfg->momentum_var, wd);
+        stp = mom_buffer(t, s->m[i], gi, w[i], h.mu, cfg->momentum_var, 1, 0, wd);
       w_new[i] = stp ? sgd_update(t, w[i], stp, lr, none) : NULL;
       if (!w_new[i]) break;
       continue;
     }
     int has_wd = wd.v || wd.c != 0;
-    if (has_wd && cfg->kind != NN_OPT_ADAMW) gi = ad_add(t, gi, times(t, wd, w[i]));
+    ad_tensor *g0 = gi; /* before L2 decay: the fused Adam moments add it themselves */
+    int fused_adam = !sgd_unfused && (cfg->kind == NN_OPT_ADAM || cfg->kind == NN_OPT_ADAMW);
+    if (has_wd && cfg->kind != NN_OPT_ADAMW && !fused_adam) gi = ad_add(t, gi, times(t, wd, w[i]));
     ad_tensor *step = NULL;
     switch (cfg->kind) {
     case NN_OPT_SGD:
@@ -893,8 +924,17 @@ ad_status nn_opt_step_diff(ad_tape *t, const nn_opt_cfg *cfg, nn_opt_state *s, i
     }
     case NN_OPT_ADAM:
     case NN_OPT_ADAMW: {
-      s->m[i] = ad_axpy(t, ad_scale(t, s->m[i], h.b1), 1 - h.b1, gi);
-      s->v[i] = ad_axpy(t, ad_scale(t, s->v[i], h.b2), 1 - h.b2, ad_mul(t, gi, gi));
+      if (!sgd_unfused) {
+        /* The moments as two fused ops from the raw g (Adam's decay inside
+         * them, AdamW's after); the same bits as the composed ones. */
+        hval dec = cfg->kind == NN_OPT_ADAM ? wd : (hval){0, NULL};
+        s->m[i] = mom_buffer(t, s->m[i], g0, w[i], h.b1, NULL, 1 - h.b1, 0, dec);
+        s->v[i] = mom_buffer(t, s->v[i], g0, w[i], h.b2, NULL, 1 - h.b2, 1, dec);
+        if (!s->m[i] || !s->v[i]) return ad_tape_status(t);
+      } else {
+        s->m[i] = ad_axpy(t, ad_scale(t, s->m[i], h.b1), 1 - h.b1, gi);
+        s->v[i] = ad_axpy(t, ad_scale(t, s->v[i], h.b2), 1 - h.b2, ad_mul(t, gi, gi));
+      }
       ad_tensor *mhat = ad_scale(t, s->m[i], 1 / c1), *vhat = ad_scale(t, s->v[i], 1 / c2);
       step = ad_div(t, mhat, ad_add_scalar(t, safe_sqrt(t, vhat), h.eps));
       if (has_wd && cfg->kind == NN_OPT_ADAMW) step = ad_add(t, step, times(t, wd, w[i]));

@@ -25,9 +25,10 @@
 #include <string.h>
 
 /* Combinations: SGD ones 0..NCOMBO-1, then momentum and Nesterov, each
- * with a number and with a momentum_var (NALL in all). */
-enum { NLR = 4, NWD = 5, NCOMBO = NLR * NWD, NALL = 5 * NCOMBO };
-static const char *KIND_NAME[3] = {"sgd", "momentum", "nesterov"};
+ * with a number and with a momentum_var, then Adam and AdamW (whose
+ * moments are fused; NALL in all). */
+enum { NLR = 4, NWD = 5, NCOMBO = NLR * NWD, NALL = 7 * NCOMBO };
+static const char *KIND_NAME[5] = {"sgd", "momentum", "nesterov", "adam", "adamw"};
 static const char *LR_NAME[NLR] = {"lr number", "lr_var", "lr_vars size 1", "lr_vars like w"};
 static const char *WD_NAME[NWD] = {"no decay", "weight_decay number", "weight_decay_var",
                                    "weight_decay_vars size 1", "weight_decay_vars like w"};
@@ -40,11 +41,13 @@ typedef struct {
 } combo;
 
 static combo combo_of(int i) {
-  int base = i % NCOMBO, rest = i / NCOMBO; /* rest: 0 sgd, 1..4 momentum/nesterov x mv */
-  combo c = {base % NLR, base / NLR, rest ? 1 + (rest - 1) / 2 : 0, 2, -1, -1, -1};
+  /* rest: 0 sgd, 1..4 momentum/nesterov x (number, momentum_var), 5 adam, 6 adamw */
+  int base = i % NCOMBO, rest = i / NCOMBO;
+  combo c = {base % NLR, base / NLR, rest >= 5 ? rest - 2 : rest ? 1 + (rest - 1) / 2 : 0, 2, -1,
+             -1,         -1};
   if (c.lrm) c.ia = c.n++;
   if (c.wdm >= 2) c.id = c.n++;
-  if (rest && (rest - 1) % 2) c.im = c.n++;
+  if (rest && rest < 5 && (rest - 1) % 2) c.im = c.n++;
   return c;
 }
 
@@ -57,6 +60,8 @@ static const char *combo_name(const combo *c, char *buf, size_t len) {
 static nn_opt_cfg cfg_of(const combo *c, ad_tensor *const *x) {
   nn_opt_cfg cfg = c->kind == 1   ? nn_opt_momentum(0.3, 0.8)
                    : c->kind == 2 ? nn_opt_nesterov(0.3, 0.8)
+                   : c->kind == 3 ? nn_opt_adam(0.3, 0.8, 0.9, 0.1)
+                   : c->kind == 4 ? nn_opt_adamw(0.3, 0.8, 0.9, 0.1, 0.0)
                                   : nn_opt_sgd(0.3);
   if (c->im >= 0) cfg.momentum_var = x[c->im];
   if (c->wdm == 1) cfg.weight_decay = 0.05;
@@ -79,8 +84,8 @@ static int shape_of(const combo *c, int k, int ndim, const int64_t *shape, int64
 }
 
 /* Heap leaves of dtype dt for combination c, w of the given shape: w and g
- * N(0, 1), A about 0.3, D about 0.05 (learned rates vary per element), M
- * about 0.8. */
+ * N(0, 1) (g pushed 0.5 away from 0 for Adam), A about 0.3, D about 0.05
+ * (learned rates vary per element), M about 0.8. */
 static void make_inputs(const combo *c, ad_dtype dt, int ndim, const int64_t *shape, uint64_t seed,
                         ad_tensor **x) {
   ad_rng r;
@@ -92,6 +97,12 @@ static void make_inputs(const combo *c, ad_dtype dt, int ndim, const int64_t *sh
     double mean = k == c->ia ? 0.3 : k == c->id ? 0.05 : k == c->im ? 0.8 : 0.0;
     double sd = k == c->ia ? 0.1 : k == c->id ? 0.03 : k == c->im ? 0.05 : 1.0;
     ad_tensor_fill_normal(x[k], &r, mean, sd);
+    /* Adam's step m / (sqrt(v) + eps) has derivatives of order 1/|g|^k: a
+     * gradient bounded away from 0 keeps them (and the differences) tame. */
+    for (int64_t j = 0; k == 1 && c->kind >= 3 && j < x[k]->size; j++) {
+      double v = ad_get(x[k], j);
+      ad_set(x[k], j, v < 0 ? v - 0.5 : v + 0.5);
+    }
     ad_requires_grad(x[k], 1);
   }
 }
@@ -100,9 +111,10 @@ static void free_inputs(int n, ad_tensor **x) {
   for (int k = 0; k < n; k++) ad_tensor_free(x[k]);
 }
 
-/* SGD: w' of one step with the inputs x. Momentum and Nesterov: two steps
- * from w = x[0] and a zero buffer with gradient x[1] (the second step sees
- * the first's buffer), returning w_2 + 0.7 m_2 so both outputs count. */
+/* SGD: w' of one step with the inputs x. The others: two steps from
+ * w = x[0] and zero buffers with gradient x[1] (the second step sees the
+ * first's buffers), returning w_2 + 0.7 m_2 (+ 0.3 v_2 for Adam) so every
+ * output counts. */
 static ad_tensor *step(ad_tape *t, const combo *c, ad_tensor *const *x) {
   nn_opt_cfg cfg = cfg_of(c, x);
   ad_tensor *wn = NULL, *w = x[0];
@@ -113,7 +125,8 @@ static ad_tensor *step(ad_tape *t, const combo *c, ad_tensor *const *x) {
     if (nn_opt_step_diff(t, &cfg, &st, 1, &w, &x[1], &wn) != AD_OK) return NULL;
     w = wn;
   }
-  return ad_axpy(t, w, 0.7, st.m[0]);
+  w = ad_axpy(t, w, 0.7, st.m[0]);
+  return c->kind >= 3 ? ad_axpy(t, w, 0.3, st.v[0]) : w;
 }
 
 /* A constant of x's shape and dtype with entries from a fixed pattern. */
@@ -190,6 +203,13 @@ START_TEST(test_fused_matches_unfused) {
      * two paths round those sums differently, by up to ~1e-5 of the result
      * here. The f64 run of the same combination holds them to 1e-13. */
     if (dt == AD_F32 && pa[blk + 1] - pa[blk] == 1) bt = 1e-4;
+    /* Adam's second derivative (through m / (sqrt(v) + eps), v of the
+     * squared gradient) cancels: the fused second moment's rule, 2 Q gi C
+     * in one product, rounds differently from the composed gi C + C gi,
+     * and the difference grows to a few 1e-5 of the result in f32. The
+     * gradchecks below hold Adam's second and third order to finite
+     * differences. */
+    if (c.kind >= 3 && blk > c.n) bt = dt == AD_F64 ? 1e-12 : 2e-4;
     for (int64_t j = pa[blk]; j < pa[blk + 1]; j++) {
       double e = fabs(a[j] - b[j]) / (1 + fabs(b[j]));
       if (e > worst) worst = e;
