@@ -365,10 +365,24 @@ static ad_tensor *times(ad_tape *t, hval c, ad_tensor *x) {
  * hits x = 0 whenever a gradient entry is exactly 0 (dead ReLU, unused
  * embedding), and inf * 0 would turn the hypergradient into NaN. The inner
  * where keeps sqrt's own rule away from 0 as well ("double where"). */
-static ad_tensor *safe_sqrt(ad_tape *t, ad_tensor *x) {
+/* 1 where x > 0, else 0 (a constant: no gradient), in one typed pass. */
+static ad_tensor *pos_mask(ad_tape *t, const ad_tensor *x) {
   ad_tensor *mask = ad_empty(t, x->dtype, x->ndim, x->shape);
   if (!mask) return NULL;
-  for (int64_t i = 0; i < x->size; i++) ad_set(mask, i, ad_get(x, i) > 0);
+  if (x->dtype == AD_F32) {
+    const float *X = AD_F(x);
+    float *M = AD_F(mask);
+    for (int64_t i = 0; i < x->size; i++) M[i] = X[i] > 0 ? 1.0f : 0.0f;
+  } else {
+    const double *X = AD_D(x);
+    double *M = AD_D(mask);
+    for (int64_t i = 0; i < x->size; i++) M[i] = X[i] > 0 ? 1.0 : 0.0;
+  }
+  return mask;
+}
+static ad_tensor *safe_sqrt(ad_tape *t, ad_tensor *x) {
+  ad_tensor *mask = pos_mask(t, x);
+  if (!mask) return NULL;
   ad_tensor *one = ad_scalar(t, x->dtype, 1.0), *zero = ad_scalar(t, x->dtype, 0.0);
   return ad_where(t, mask, ad_sqrt(t, ad_where(t, mask, x, one)), zero);
 }
@@ -832,6 +846,146 @@ static ad_tensor *mom_buffer(ad_tape *t, ad_tensor *m, ad_tensor *g, ad_tensor *
   return ad__done(t, out, "moment_buffer");
 }
 
+/* ---- the fused Adam update
+ *
+ *   w' = w - A (r + D w),   r = mhat / (ss(vhat) + eps),
+ *   mhat = m (1/c1),  vhat = v (1/c2),  c1 = 1 - b1^k,  c2 = 1 - b2^k
+ *
+ * m, v: the new moments (the moment ops above); D only for AdamW (Adam's
+ * decay is inside g); ss = safe_sqrt (derivative 0 where vhat = 0). One op
+ * for the eight of the composed update (scales, mask, two wheres, sqrt,
+ * add, divide, axpy), in their element order, so the same bits; the node
+ * keeps its inputs only. Its rule (C the cotangent of w', u = ss(vhat) +
+ * eps, AC = A C, h = 1 / (2 ss(vhat)) where vhat > 0 else 0):
+ *   dw = C - A (D C)       (C without D)
+ *   dm = -AC / u / c1
+ *   dv = AC (r / u) h / c2
+ *   dA = -sum?((r + D w) C)
+ *   dD = -sum?(A (w C))
+ * Reads m and v (r, u and h are recomputed from them), w for dD and for
+ * AdamW's dA, the variables; never the output. Public ops (where keeps
+ * sqrt's and the division's rules away from vhat = 0: the "double where"
+ * of safe_sqrt), so it is differentiable again. The node's inputs: w, m,
+ * v, A's variable (a.ta), D's variable (a.tb); a.c = the number A,
+ * a.extra -> {c1, c2, eps, d, has_d}. */
+
+typedef struct {
+  const void *w, *m, *v, *A, *D;
+  double a, d, ic1, ic2, eps;
+  int plain, has_d;
+  void *out;
+} adam_job;
+
+#define DEF_ADAM_KERNEL(T, S)                                                                      \
+  static void adam_fwd_##S(void *ctx, int part, int64_t lo, int64_t hi) {                          \
+    const adam_job *c = ctx;                                                                       \
+    (void)part;                                                                                    \
+    const T *W = c->w, *M = c->m, *V = c->v;                                                       \
+    T *restrict O = c->out;                                                                        \
+    T i1 = (T)c->ic1, i2 = (T)c->ic2, eps = (T)c->eps, na = (T)(-c->a);                            \
+    T ab[SGD_BLK], db[SGD_BLK], st[SGD_BLK];                                                       \
+    for (int k = 0; k < SGD_BLK; k++) ab[k] = (T)c->a, db[k] = (T)c->d;                            \
+    for (int64_t b = lo; b < hi; b += SGD_BLK) {                                                   \
+      int64_t m = hi - b < SGD_BLK ? hi - b : SGD_BLK;                                             \
+      const T *Ap = c->A ? (const T *)c->A + b : ab, *Dp = c->D ? (const T *)c->D + b : db;        \
+      const T *Wb = W + b, *Mb = M + b, *Vb = V + b;                                               \
+      T *restrict Ob = O + b;                                                                      \
+      for (int64_t k = 0; k < m; k++) {                                                            \
+        T vh = i2 * Vb[k];                                                                         \
+        T s = vh > 0 ? (T)sqrt(vh) : (T)0;                                                         \
+        st[k] = (i1 * Mb[k]) / (s + eps);                                                          \
+      }                                                                                            \
+      if (c->has_d)                                                                                \
+        for (int64_t k = 0; k < m; k++) st[k] = st[k] + Dp[k] * Wb[k];                             \
+      if (c->plain)                                                                                \
+        for (int64_t k = 0; k < m; k++) Ob[k] = Wb[k] + na * st[k];                                \
+      else                                                                                         \
+        for (int64_t k = 0; k < m; k++) Ob[k] = Wb[k] - Ap[k] * st[k];                             \
+    }                                                                                              \
+  }
+DEF_ADAM_KERNEL(float, f32)
+DEF_ADAM_KERNEL(double, f64)
+
+static void vjp_adam(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin, const int *need) {
+  int k = 3, ia = n->a.ta ? k++ : -1, id = n->a.tb ? k++ : -1;
+  ad_tensor *w = n->in[0], *m = n->in[1], *v = n->in[2];
+  ad_tensor *av = ia >= 0 ? n->in[ia] : NULL, *dv = id >= 0 ? n->in[id] : NULL;
+  const double *x = n->a.extra;
+  double a = n->a.c, c1 = x[0], c2 = x[1], eps = x[2], d = x[3];
+  int has_d = x[4] != 0;
+  if (need[0]) {
+    if (!has_d)
+      gin[0] = C;
+    else if (!av && !dv)
+      gin[0] = ad_scale(t, C, 1 - a * d);
+    else
+      gin[0] = ad_sub(t, C,
+                      ad_mul(t, av ? av : ad_scalar(t, C->dtype, a),
+                             dv ? ad_mul(t, dv, C) : ad_scale(t, C, d)));
+  }
+  int want_r = need[1] || need[2] || (ia >= 0 && need[ia]);
+  if (want_r) {
+    ad_tensor *vh = ad_scale(t, v, 1 / c2), *s = safe_sqrt(t, vh);
+    ad_tensor *u = ad_add_scalar(t, s, eps), *r = ad_div(t, ad_scale(t, m, 1 / c1), u);
+    ad_tensor *ac = need[1] || need[2] ? (av ? ad_mul(t, av, C) : ad_scale(t, C, a)) : NULL;
+    if (need[1]) gin[1] = ad_scale(t, ad_div(t, ac, u), -1 / c1);
+    if (need[2]) {
+      /* h = 1 / (2 ss(vhat)) on vhat > 0, 0 elsewhere, by the double where */
+      ad_tensor *mask = pos_mask(t, vh);
+      if (!mask) return;
+      ad_tensor *one = ad_scalar(t, vh->dtype, 1.0), *zero = ad_scalar(t, vh->dtype, 0.0);
+      ad_tensor *h = ad_where(
+          t, mask, ad_div(t, ad_scalar(t, vh->dtype, 0.5), ad_where(t, mask, s, one)), zero);
+      gin[2] = ad_scale(t, ad_mul(t, ad_mul(t, ac, ad_div(t, r, u)), h), 1 / c2);
+    }
+    if (ia >= 0 && need[ia]) {
+      ad_tensor *stp = !has_d ? r : dv ? ad_add(t, r, ad_mul(t, dv, w)) : ad_axpy(t, r, d, w);
+      gin[ia] = sum_to(t, ad_neg(t, ad_mul(t, stp, C)), av);
+    }
+  }
+  if (id >= 0 && need[id]) gin[id] = sum_to(t, neg_times(t, av, a, ad_mul(t, w, C)), dv);
+}
+static void attr_adam(const ad_node *n, char *buf, size_t len) {
+  const double *x = n->a.extra;
+  snprintf(buf, len, "lr=%g c1=%g c2=%g eps=%g wd=%g", n->a.c, x[0], x[1], x[2], x[3]);
+}
+static const ad_op_def OP_ADAM = {"adam_update", vjp_adam, attr_adam};
+
+/* w' of the Adam update above (wd: AdamW's decoupled decay, or none). */
+static ad_tensor *adam_update(ad_tape *t, ad_tensor *w, ad_tensor *m, ad_tensor *v, hval lr,
+                              hval wd, double c1, double c2, double eps) {
+  int bad = 0;
+  ad_tensor *av = hyper_var(t, lr.v, w, &bad), *dv = hyper_var(t, wd.v, w, &bad);
+  if (bad) return NULL;
+  ad_tensor *out = ad_empty(t, w->dtype, w->ndim, w->shape);
+  double *x = ad_arena_alloc(t, 5 * sizeof *x);
+  if (!out || !x) return NULL;
+  adam_job c = {.w = w->data, .m = m->data, .v = v->data, .out = out->data};
+  c.A = hyper_data(av, w->size, lr.c, &c.a);
+  c.D = hyper_data(dv, w->size, wd.c, &c.d);
+  c.ic1 = 1 / c1, c.ic2 = 1 / c2, c.eps = eps;
+  c.plain = !av;
+  c.has_d = dv || wd.c != 0;
+  ad__par_for(w->size, SGD_GRAIN, w->dtype == AD_F32 ? adam_fwd_f32 : adam_fwd_f64, &c);
+  ad_tensor *in[5];
+  int k = 0;
+  in[k++] = w;
+  in[k++] = m;
+  in[k++] = v;
+  if (av) in[k++] = av;
+  if (dv) in[k++] = dv;
+  ad__op_begin(t, "adam_update", k, in);
+  ad_node *nd = ad__record(t, &OP_ADAM, out, k, in);
+  if (nd) {
+    x[0] = c1, x[1] = c2, x[2] = eps, x[3] = wd.c, x[4] = c.has_d;
+    nd->a.c = lr.c;
+    nd->a.extra = x;
+    nd->a.ta = av != NULL;
+    nd->a.tb = dv != NULL;
+  }
+  return ad__done(t, out, "adam_update");
+}
+
 static ad_tensor *sgd_update(ad_tape *t, ad_tensor *w, ad_tensor *g, hval lr, hval wd) {
   ad_tensor *av = (ad_tensor *)lr.v, *dv = (ad_tensor *)wd.v;
   if ((av && av->dtype != w->dtype) || (dv && dv->dtype != w->dtype))
@@ -931,6 +1085,10 @@ ad_status nn_opt_step_diff(ad_tape *t, const nn_opt_cfg *cfg, nn_opt_state *s, i
         s->m[i] = mom_buffer(t, s->m[i], g0, w[i], h.b1, NULL, 1 - h.b1, 0, dec);
         s->v[i] = mom_buffer(t, s->v[i], g0, w[i], h.b2, NULL, 1 - h.b2, 1, dec);
         if (!s->m[i] || !s->v[i]) return ad_tape_status(t);
+        hval dw = cfg->kind == NN_OPT_ADAMW ? wd : (hval){0, NULL};
+        w_new[i] = adam_update(t, w[i], s->m[i], s->v[i], lr, dw, c1, c2, h.eps);
+        if (!w_new[i]) return ad_tape_status(t);
+        continue;
       } else {
         s->m[i] = ad_axpy(t, ad_scale(t, s->m[i], h.b1), 1 - h.b1, gi);
         s->v[i] = ad_axpy(t, ad_scale(t, s->v[i], h.b2), 1 - h.b2, ad_mul(t, gi, gi));
