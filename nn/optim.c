@@ -1,7 +1,11 @@
 /* optim.c — SGD, momentum (heavy ball, Nesterov), Adam, AdamW, RMSprop, in
- * two modes. The differentiable step is written with public tape ops, so a
+ * two modes. The differentiable step is recorded on the tape, so a
  * hypergradient flows through T steps of it to the learning rate, momentum
  * and weight decay (numbers or tape variables) and to the initial weights.
+ * SGD, momentum, Nesterov, Adam and AdamW record fused ops (sgd_step,
+ * moment_buffer, adam_update below: one pass each, outputs only, rules that
+ * differentiate again); RMSprop and the reference path of
+ * nn__opt_set_unfused compose public ops.
  *
  * Update rules (g already includes L2 weight decay wd*w, except for AdamW):
  *   SGD       w' = w - lr g
