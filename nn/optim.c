@@ -910,8 +910,138 @@ typedef struct {
 DEF_ADAM_KERNEL(float, f32)
 DEF_ADAM_KERNEL(double, f64)
 
+/* The unrecorded backward of adam_update (a plain ad_grad, as the unroll's
+ * outer sweep): the same formulas as vjp_adam's public ops below, in one
+ * pass over w, m, v and C, with no temporaries. A recorded backward (one to
+ * be differentiated again) takes the public-op rule instead; the tests
+ * hold both to the composed step's derivatives. */
+typedef struct {
+  const void *w, *m, *v, *C, *A, *D;
+  double a, d, ic1, ic2, eps;
+  int plain, has_d;
+  void *dw, *dm, *dv, *da, *dd; /* full-size outputs or NULL */
+  double *part_a, *part_d;      /* per-part sums for size-1 A / D */
+} adam_bjob;
+
+#define DEF_ADAM_BWD(T, S)                                                                         \
+  static void adam_bwd_##S(void *ctx, int part, int64_t lo, int64_t hi) {                          \
+    const adam_bjob *c = ctx;                                                                      \
+    const T *W = c->w, *M = c->m, *V = c->v, *Cg = c->C;                                           \
+    T *restrict DW = c->dw, *restrict DM = c->dm, *restrict DV = c->dv;                            \
+    T *restrict DA = c->da, *restrict DD = c->dd;                                                  \
+    T i1 = (T)c->ic1, i2 = (T)c->ic2, eps = (T)c->eps, ni1 = (T)(-c->ic1);                         \
+    T ab[SGD_BLK], db[SGD_BLK], r[SGD_BLK], u[SGD_BLK], ac[SGD_BLK], tmp[SGD_BLK];                 \
+    for (int k = 0; k < SGD_BLK; k++) ab[k] = (T)c->a, db[k] = (T)c->d;                            \
+    double sa = 0, sd = 0;                                                                         \
+    for (int64_t b = lo; b < hi; b += SGD_BLK) {                                                   \
+      int64_t m = hi - b < SGD_BLK ? hi - b : SGD_BLK;                                             \
+      const T *Ap = c->A ? (const T *)c->A + b : ab, *Dp = c->D ? (const T *)c->D + b : db;        \
+      const T *Wb = W + b, *Mb = M + b, *Vb = V + b, *Cb = Cg + b;                                 \
+      for (int64_t k = 0; k < m; k++) {                                                            \
+        T vh = i2 * Vb[k];                                                                         \
+        T s = vh > 0 ? (T)sqrt(vh) : (T)0;                                                         \
+        u[k] = s + eps;                                                                            \
+        r[k] = (i1 * Mb[k]) / u[k];                                                                \
+        ac[k] = Ap[k] * Cb[k];                                                                     \
+      }                                                                                            \
+      if (DW) {                                                                                    \
+        T *restrict o = DW + b;                                                                    \
+        if (c->plain) {                                                                            \
+          T k1 = (T)(1 - c->a * c->d);                                                             \
+          for (int64_t k = 0; k < m; k++) o[k] = k1 * Cb[k];                                       \
+        } else {                                                                                   \
+          for (int64_t k = 0; k < m; k++) o[k] = Cb[k] - Ap[k] * (Dp[k] * Cb[k]);                  \
+        }                                                                                          \
+      }                                                                                            \
+      if (DM)                                                                                      \
+        for (int64_t k = 0; k < m; k++) DM[b + k] = (ac[k] / u[k]) * ni1;                          \
+      if (DV)                                                                                      \
+        for (int64_t k = 0; k < m; k++) {                                                          \
+          T vh = i2 * Vb[k];                                                                       \
+          T h = vh > 0 ? (T)0.5 / (T)sqrt(vh) : (T)0;                                              \
+          DV[b + k] = ((ac[k] * (r[k] / u[k])) * h) * i2;                                          \
+        }                                                                                          \
+      if (DA || c->part_a) {                                                                       \
+        T *restrict o = DA ? DA + b : tmp;                                                         \
+        if (c->has_d)                                                                              \
+          for (int64_t k = 0; k < m; k++) o[k] = -((r[k] + Dp[k] * Wb[k]) * Cb[k]);                \
+        else                                                                                       \
+          for (int64_t k = 0; k < m; k++) o[k] = -(r[k] * Cb[k]);                                  \
+        if (!DA) sa += sum_blk_##S(tmp, m);                                                        \
+      }                                                                                            \
+      if (DD || c->part_d) {                                                                       \
+        T *restrict o = DD ? DD + b : tmp;                                                         \
+        for (int64_t k = 0; k < m; k++) o[k] = -(Ap[k] * (Wb[k] * Cb[k]));                         \
+        if (!DD) sd += sum_blk_##S(tmp, m);                                                        \
+      }                                                                                            \
+    }                                                                                              \
+    if (c->part_a) c->part_a[part] = sa;                                                           \
+    if (c->part_d) c->part_d[part] = sd;                                                           \
+  }
+DEF_ADAM_BWD(float, f32)
+DEF_ADAM_BWD(double, f64)
+
+/* Never runs: the results of the unrecorded pass have no node. ad__record
+ * is still called with it so they carry AD_FLAG_UNREC like any op's. */
+static void vjp_unrecorded(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin,
+                           const int *need) {
+  (void)n, (void)C, (void)gin, (void)need;
+  ad__fail(t, AD_ERR_GRAD, "adam_update: an unrecorded derivative was differentiated");
+}
+static const ad_op_def OP_ADAM_BWD = {"adam_update_grad", vjp_unrecorded, NULL};
+
+static void adam_bwd_fast(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin,
+                          const int *need, int ia, int id) {
+  ad_tensor *w = n->in[0], *m = n->in[1], *v = n->in[2];
+  ad_tensor *av = ia >= 0 ? n->in[ia] : NULL, *dv = id >= 0 ? n->in[id] : NULL;
+  const double *x = n->a.extra;
+  int64_t sz = w->size;
+  adam_bjob c = {.w = w->data, .m = m->data, .v = v->data, .C = C->data};
+  c.A = hyper_data(av, sz, n->a.c, &c.a);
+  c.D = hyper_data(dv, sz, x[3], &c.d);
+  c.ic1 = 1 / x[0], c.ic2 = 1 / x[1], c.eps = x[2];
+  c.has_d = x[4] != 0;
+  c.plain = !av && !dv;
+  ad_tensor *out[5] = {NULL};
+  const ad_tensor *like[5] = {w, m, v, av, dv};
+  int slot[5] = {0, 1, 2, ia, id};
+  for (int k = 0; k < 5; k++) {
+    if (slot[k] < 0 || !need[slot[k]]) continue;
+    if (k == 0 && !c.has_d) {
+      gin[0] = C; /* dw = C */
+      continue;
+    }
+    if (!(out[k] = ad__alloc(t, w->dtype, like[k]->ndim, like[k]->shape, 0))) return;
+  }
+  int parts = ad__par_parts(sz, SGD_GRAIN);
+  c.dw = out[0] ? out[0]->data : NULL;
+  c.dm = out[1] ? out[1]->data : NULL;
+  c.dv = out[2] ? out[2]->data : NULL;
+  if (out[3] && out[3]->size == sz) c.da = out[3]->data;
+  if (out[4] && out[4]->size == sz) c.dd = out[4]->data;
+  if (out[3] && !c.da && !(c.part_a = ad_arena_alloc(t, sizeof(double) * (size_t)parts))) return;
+  if (out[4] && !c.dd && !(c.part_d = ad_arena_alloc(t, sizeof(double) * (size_t)parts))) return;
+  ad__par_for(sz, SGD_GRAIN, w->dtype == AD_F32 ? adam_bwd_f32 : adam_bwd_f64, &c);
+  double s[2] = {0, 0};
+  for (int p = 0; p < parts; p++) {
+    if (c.part_a) s[0] += c.part_a[p];
+    if (c.part_d) s[1] += c.part_d[p];
+  }
+  if (c.part_a) ad_set(out[3], 0, s[0]);
+  if (c.part_d) ad_set(out[4], 0, s[1]);
+  for (int k = 0; k < 5; k++) {
+    if (!out[k]) continue;
+    ad__record(t, &OP_ADAM_BWD, out[k], n->n_in, n->in);
+    gin[slot[k]] = ad__done(t, out[k], "adam_update_grad");
+  }
+}
+
 static void vjp_adam(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin, const int *need) {
   int k = 3, ia = n->a.ta ? k++ : -1, id = n->a.tb ? k++ : -1;
+  if (!ad__recording(t)) {
+    adam_bwd_fast(t, n, C, gin, need, ia, id);
+    return;
+  }
   ad_tensor *w = n->in[0], *m = n->in[1], *v = n->in[2];
   ad_tensor *av = ia >= 0 ? n->in[ia] : NULL, *dv = id >= 0 ? n->in[id] : NULL;
   const double *x = n->a.extra;
