@@ -403,7 +403,8 @@ static ad_tensor *safe_sqrt(ad_tape *t, ad_tensor *x) {
  *
  * Its rule, G the cotangent of w' ("sum?" where the variable is a size-1
  * broadcast and the cotangent is summed to its size):
- *   dw = G - A (D G)             (= G (1 - A D); with numbers, the number 1 - a d times G)
+ *   dw = G - A (D G)             (= G (1 - A D); with numbers, the number 1 - a d times G,
+ *                                 G itself when d is the number 0)
  *   dg = -A G
  *   dA = -sum?((g + D w) G)
  *   dD = -sum?(A (w G))
@@ -581,6 +582,10 @@ static void sgd_bwd(ad_tape *t, ad_tensor *G, ad_tensor *w, ad_tensor *g, ad_ten
   c.plain = !av && !dv;
   c.d_zero = !dv && d == 0;
   ad_tensor *rw = NULL, *rg = NULL, *ra = NULL, *rd = NULL;
+  if (ow && c.plain && d == 0) { /* dw = G (momentum's w - A m'): no pass, no copy */
+    *ow = G;
+    ow = NULL;
+  }
   if (ow && !(rw = ad__like(t, G))) return;
   if (og && !(rg = ad__like(t, G))) return;
   if (oa && !(ra = ad__alloc(t, G->dtype, av->ndim, av->shape, 0))) return;
@@ -774,8 +779,121 @@ typedef struct {
 DEF_MOM_KERNEL(float, f32)
 DEF_MOM_KERNEL(double, f64)
 
+/* Never runs: the results of the unrecorded pass have no node. ad__record
+ * is still called with it so they carry AD_FLAG_UNREC like any op's. */
+static void vjp_unrecorded(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin,
+                           const int *need) {
+  (void)n, (void)C, (void)gin, (void)need;
+  ad__fail(t, AD_ERR_GRAD, "an unrecorded fused derivative was differentiated");
+}
+/* The unrecorded backward of the moment op (a plain ad_grad): vjp_mom's
+ * formulas in one pass over m, g, w and C; dg is C itself for momentum
+ * (e = C). A recorded backward takes the public ops of vjp_mom. */
+typedef struct {
+  const void *m, *g, *w, *C, *D;
+  double p, d, q;
+  int sq, has_d;
+  void *dm, *dg, *dw, *dd; /* full-size outputs or NULL */
+  double *part_p, *part_d; /* per-part sums for P's variable / a size-1 D */
+} mom_bjob;
+
+#define DEF_MOM_BWD(T, S)                                                                          \
+  static void mom_bwd_##S(void *ctx, int part, int64_t lo, int64_t hi) {                           \
+    const mom_bjob *c = ctx;                                                                       \
+    const T *M = c->m, *Gr = c->g, *W = c->w, *Cg = c->C;                                          \
+    T *restrict DM = c->dm, *restrict DG = c->dg, *restrict DW = c->dw, *restrict DD = c->dd;      \
+    T p = (T)c->p, q = (T)c->q, q2 = (T)(2 * c->q);                                                \
+    T db[SGD_BLK], e[SGD_BLK], tmp[SGD_BLK];                                                       \
+    for (int k = 0; k < SGD_BLK; k++) db[k] = (T)c->d;                                             \
+    double sp = 0, sd = 0;                                                                         \
+    for (int64_t b = lo; b < hi; b += SGD_BLK) {                                                   \
+      int64_t m = hi - b < SGD_BLK ? hi - b : SGD_BLK;                                             \
+      const T *Dp = c->D ? (const T *)c->D + b : db, *Cb = Cg + b;                                 \
+      if (DM)                                                                                      \
+        for (int64_t k = 0; k < m; k++) DM[b + k] = p * Cb[k];                                     \
+      if (c->part_p) {                                                                             \
+        for (int64_t k = 0; k < m; k++) tmp[k] = M[b + k] * Cb[k];                                 \
+        sp += sum_blk_##S(tmp, m);                                                                 \
+      }                                                                                            \
+      if (!DG && !DW && !DD && !c->part_d) continue;                                               \
+      if (c->sq) {                                                                                 \
+        const T *Gb = Gr + b, *Wb = W + b;                                                         \
+        if (c->has_d)                                                                              \
+          for (int64_t k = 0; k < m; k++) e[k] = q2 * ((Gb[k] + Dp[k] * Wb[k]) * Cb[k]);           \
+        else                                                                                       \
+          for (int64_t k = 0; k < m; k++) e[k] = q2 * (Gb[k] * Cb[k]);                             \
+      } else {                                                                                     \
+        for (int64_t k = 0; k < m; k++) e[k] = q * Cb[k];                                          \
+      }                                                                                            \
+      if (DG)                                                                                      \
+        for (int64_t k = 0; k < m; k++) DG[b + k] = e[k];                                          \
+      if (DW)                                                                                      \
+        for (int64_t k = 0; k < m; k++) DW[b + k] = Dp[k] * e[k];                                  \
+      if (DD || c->part_d) {                                                                       \
+        T *restrict o = DD ? DD + b : tmp;                                                         \
+        for (int64_t k = 0; k < m; k++) o[k] = W[b + k] * e[k];                                    \
+        if (!DD) sd += sum_blk_##S(tmp, m);                                                        \
+      }                                                                                            \
+    }                                                                                              \
+    if (c->part_p) c->part_p[part] = sp;                                                           \
+    if (c->part_d) c->part_d[part] = sd;                                                           \
+  }
+DEF_MOM_BWD(float, f32)
+DEF_MOM_BWD(double, f64)
+
+static const ad_op_def OP_MOM_BWD = {"moment_buffer_grad", vjp_unrecorded, NULL};
+
+static void mom_bwd_fast(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin,
+                         const int *need, int iw, int im, int id) {
+  ad_tensor *m = n->in[0], *g = n->in[1], *w = iw >= 0 ? n->in[iw] : NULL;
+  ad_tensor *pv = im >= 0 ? n->in[im] : NULL, *dv = id >= 0 ? n->in[id] : NULL;
+  const double *dq = n->a.extra;
+  int64_t sz = m->size;
+  mom_bjob c = {.m = m->data, .g = g->data, .w = w ? w->data : NULL, .C = C->data};
+  c.p = pv ? ad_get(pv, 0) : n->a.c;
+  c.D = hyper_data(dv, sz, dq[0], &c.d);
+  c.q = dq[1];
+  c.sq = (int)n->a.i0;
+  c.has_d = w != NULL;
+  ad_tensor *out[5] = {NULL};
+  const ad_tensor *like[5] = {m, g, w, pv, dv};
+  int slot[5] = {0, 1, iw, im, id};
+  for (int k = 0; k < 5; k++) {
+    if (slot[k] < 0 || !need[slot[k]]) continue;
+    if (k == 1 && !c.sq && c.q == 1) {
+      gin[1] = C; /* dg = C */
+      continue;
+    }
+    if (!(out[k] = ad__alloc(t, m->dtype, like[k]->ndim, like[k]->shape, 0))) return;
+  }
+  int parts = ad__par_parts(sz, SGD_GRAIN);
+  c.dm = out[0] ? out[0]->data : NULL;
+  c.dg = out[1] ? out[1]->data : NULL;
+  c.dw = out[2] ? out[2]->data : NULL;
+  if (out[4] && out[4]->size == sz) c.dd = out[4]->data;
+  if (out[3] && !(c.part_p = ad_arena_alloc(t, sizeof(double) * (size_t)parts))) return;
+  if (out[4] && !c.dd && !(c.part_d = ad_arena_alloc(t, sizeof(double) * (size_t)parts))) return;
+  ad__par_for(sz, SGD_GRAIN, m->dtype == AD_F32 ? mom_bwd_f32 : mom_bwd_f64, &c);
+  double s[2] = {0, 0};
+  for (int p = 0; p < parts; p++) {
+    if (c.part_p) s[0] += c.part_p[p];
+    if (c.part_d) s[1] += c.part_d[p];
+  }
+  if (c.part_p) ad_set(out[3], 0, s[0]);
+  if (c.part_d) ad_set(out[4], 0, s[1]);
+  for (int k = 0; k < 5; k++) {
+    if (!out[k]) continue;
+    ad__record(t, &OP_MOM_BWD, out[k], n->n_in, n->in);
+    gin[slot[k]] = ad__done(t, out[k], "moment_buffer_grad");
+  }
+}
+
 static void vjp_mom(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin, const int *need) {
   int k = 2, iw = n->a.keepdim ? k++ : -1, im = n->a.ta ? k++ : -1, id = n->a.tb ? k++ : -1;
+  if (!ad__recording(t)) {
+    mom_bwd_fast(t, n, C, gin, need, iw, im, id);
+    return;
+  }
   ad_tensor *m = n->in[0], *g = n->in[1], *w = iw >= 0 ? n->in[iw] : NULL;
   ad_tensor *mv = im >= 0 ? n->in[im] : NULL, *dv = id >= 0 ? n->in[id] : NULL;
   const double *dq = n->a.extra;
@@ -981,13 +1099,6 @@ typedef struct {
 DEF_ADAM_BWD(float, f32)
 DEF_ADAM_BWD(double, f64)
 
-/* Never runs: the results of the unrecorded pass have no node. ad__record
- * is still called with it so they carry AD_FLAG_UNREC like any op's. */
-static void vjp_unrecorded(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin,
-                           const int *need) {
-  (void)n, (void)C, (void)gin, (void)need;
-  ad__fail(t, AD_ERR_GRAD, "adam_update: an unrecorded derivative was differentiated");
-}
 static const ad_op_def OP_ADAM_BWD = {"adam_update_grad", vjp_unrecorded, NULL};
 
 static void adam_bwd_fast(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin,
