@@ -229,6 +229,27 @@ void ad_rewind(ad_tape *t, ad_marker m);
 /* Frees every node and tensor on the tape (like rewinding to the start). */
 void ad_tape_reset(ad_tape *t);
 
+/* Compaction: frees what the recorded graph after mark m does not need,
+ * keeping the graph itself. Every node recorded after m that a tensor of
+ * keep[] depends on stays, with the tensor structs it refers to, so ad_grad
+ * (recorded or not) still runs through it and gives the same gradients
+ * (nodes nothing kept depends on go: no gradient of a kept tensor reaches
+ * them); but of the tensors made after m only these keep their values:
+ *   - those a derivative rule of a node after m reads (each op declares
+ *     what its rule reads; an op that did not is assumed to read all);
+ *   - those in keep[0..n_keep) (updated in place to their new addresses).
+ * Any other tensor made after m that a node refers to keeps its struct but
+ * has its values released: an op given it fails with AD_ERR_ARG saying so.
+ * Tensors made after m that neither a node nor keep[] refers to are freed
+ * as ad_rewind frees them: do not use them. The space is reclaimed by
+ * moving the survivors down to m, so marks taken at or before m stay valid
+ * and marks taken after m must not be used. Gradients may be asked only
+ * with respect to tensors that needed one when compacting (a leaf given
+ * ad_requires_grad later can meet a released value: AD_ERR_ARG, never a
+ * wrong number). Ops whose node holds arena data compaction cannot size
+ * make it refuse (AD_ERR_STATE, the tape unchanged but for the error). */
+ad_status ad_tape_compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep);
+
 typedef struct {
   size_t used;     /* bytes in use now */
   size_t peak;     /* high-water mark since creation or ad_arena_reset_peak */
@@ -274,6 +295,8 @@ ad_tensor *ad_sub(ad_tape *t, ad_tensor *a, ad_tensor *b);
 ad_tensor *ad_mul(ad_tape *t, ad_tensor *a, ad_tensor *b);
 ad_tensor *ad_div(ad_tape *t, ad_tensor *a, ad_tensor *b);
 ad_tensor *ad_neg(ad_tape *t, ad_tensor *x);
+/* The number (c, p; also ad_axpy's c) must be finite in x's dtype (|c| <=
+ * FLT_MAX for f32), else AD_ERR_ARG naming the op and the argument. */
 ad_tensor *ad_scale(ad_tape *t, ad_tensor *x, double c);      /* c*x */
 ad_tensor *ad_add_scalar(ad_tape *t, ad_tensor *x, double c); /* x+c */
 ad_tensor *ad_pow_scalar(ad_tape *t, ad_tensor *x, double p); /* x^p */
@@ -302,6 +325,18 @@ ad_tensor *ad_transpose(ad_tape *t, ad_tensor *x); /* 2-D copy */
 ad_tensor *ad_reshape(ad_tape *t, ad_tensor *x, int ndim, const int64_t *shape);
 /* x[N, M] + b[M] on every row. */
 ad_tensor *ad_add_rowvec(ad_tape *t, ad_tensor *x, ad_tensor *b);
+
+/* Batched products (autodiff/ops_bmm.c), for one graph over a batch of
+ * same-shaped problems (bilevel's batched MAML path) instead of one per
+ * problem. C[b] = op(A[b]) op(B[b]) for A [B, m, k] and B [B, k, n]
+ * (transposes per flag as in ad_matmul) -> [B, m, n]. One operand may be
+ * 2-D, a matrix shared by every batch element (its gradient is the sum
+ * over the batch). Both 2-D, batch sizes or inner dimensions that differ:
+ * AD_ERR_SHAPE. Each element is an ad_gemm_* product. */
+ad_tensor *ad_bmm(ad_tape *t, ad_tensor *a, ad_tensor *b, int trans_a, int trans_b);
+/* x[B, m, n] + v[b, :] on every row of batch element b; v is [B, n] (or
+ * any shape with leading dimension B and B n elements, e.g. [B, 1, n]). */
+ad_tensor *ad_add_batch_rowvec(ad_tape *t, ad_tensor *x, ad_tensor *v);
 
 /* Reductions. Axis reductions drop the axis (keepdim = 0) or keep it as 1. */
 ad_tensor *ad_sum(ad_tape *t, ad_tensor *x); /* scalar (ndim 0) */

@@ -22,10 +22,49 @@ typedef void (*ad_vjp_fn)(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor 
 /* What printing shows of a node's attributes ("axis=1", "c=0.5"). */
 typedef void (*ad_attr_fn)(const ad_node *n, char *buf, size_t len);
 
+/* What a derivative rule reads, for ad_tape_compact (tape.c). A rule
+ * "reads" a tensor when it passes it to a public op (that op reads its
+ * values) or dereferences its data; looking at its shape only is no read.
+ * The declaration is per gradient: byte i (i < AD_NODE_MAX_INLINE) is the
+ * set read while making input i's gradient, AD_S_IN(j) for input j and
+ * AD_S_OUT for the node's output. Compaction keeps the values of a node's
+ * tensors only for the inputs whose gradient can be asked for (those that
+ * need one: an input with no history and no requires_grad cannot become a
+ * gradient target of this node), so a matmul with a constant left operand
+ * keeps its left operand (for dB = A^T G) but not its right one.
+ * saves = 0 is undeclared: every input and the output count as read (the
+ * safe default for ops that never said). Inputs at index >= 4 are always
+ * counted as read. */
+#define AD_S_IN(j) (1u << (j))
+#define AD_S_OUT (1u << 4)
+#define AD_SAVES_DECLARED (1u << 31)
+/* a.extra is an arena tensor (a constant such as onehot(labels)) the rule
+ * reads: compaction keeps it whole. */
+#define AD_SAVES_EXTRA_TENSOR (1u << 30)
+#define AD_SAVES(r0, r1, r2, r3)                                                                   \
+  (AD_SAVES_DECLARED | (unsigned)(r0) | (unsigned)(r1) << 8 | (unsigned)(r2) << 16 |               \
+   (unsigned)(r3) << 24)
+/* The set read for input i's gradient under a declaration s. */
+#define AD_SAVES_FOR(s, i) (((s) >> (8 * (i))) & 0x1fu)
+
+/* An op's declaration of what its rule reads (zero: undeclared). */
+typedef struct {
+  unsigned mask; /* AD_SAVES(...) (| AD_SAVES_EXTRA_TENSOR), or 0: undeclared */
+  /* When what is read depends on the node (which optional inputs are
+   * present): returns the mask for n, overriding `mask`. May be NULL. */
+  unsigned (*of)(const ad_node *n);
+  /* a.extra is raw arena data of this many bytes (0: no raw extra). An op
+   * whose a.extra lies after the mark but is neither declared here nor as
+   * AD_SAVES_EXTRA_TENSOR makes ad_tape_compact refuse (AD_ERR_STATE): it
+   * cannot move memory whose size it does not know. */
+  size_t extra_bytes;
+} ad_saves;
+
 typedef struct {
   const char *name;
   ad_vjp_fn vjp;
   ad_attr_fn attr; /* may be NULL */
+  ad_saves saves;  /* {0}: undeclared (compaction assumes the rule reads all) */
 } ad_op_def;
 
 /* Small attributes every op family needs. */
@@ -74,6 +113,10 @@ enum {
    * can tell such an output (whose zero gradient would be a lie) from a
    * genuine constant (a gradient of a linear function, say). */
   AD_FLAG_UNREC = 1u << 5,
+  /* Its values were dropped by ad_tape_compact (data is NULL): no
+   * derivative rule of the compacted graph reads them. The struct stays so
+   * the graph can still be walked; every op refuses it (ad__usable). */
+  AD_FLAG_RELEASED = 1u << 6,
 };
 
 /* ---- errors */
@@ -95,6 +138,11 @@ void ad__clear_last(void);
  * `op`, the argument (`what` and index i, e.g. "input", 1) and the tapes.
  * Returns 1 when fine. Never reads a freed tensor of t. */
 int ad__usable(ad_tape *t, const char *op, const char *what, int i, const ad_tensor *x);
+/* ad__usable also refuses a tensor whose values ad_tape_compact released
+ * (AD_FLAG_RELEASED); ad__usable_shape accepts it, for callers that read
+ * only its shape (ad_zeros_like, ad_expand's `like`, ad_grad's outputs and
+ * inputs: a gradient with respect to a compacted tensor needs no values). */
+int ad__usable_shape(ad_tape *t, const char *op, const char *what, int i, const ad_tensor *x);
 /* The tape's id (1, 2, ... in creation order in the process), for messages. */
 size_t ad__tape_id(const ad_tape *t);
 
@@ -111,6 +159,28 @@ int ad__axis(ad_tape *t, const char *op, const ad_tensor *x, int axis);
 int ad__check_labels(ad_tape *t, const char *op, ad_tensor *logp, const int32_t *labels, int64_t n);
 int ad__record_labelled(ad_tape *t, const ad_op_def *op, ad_tensor *out, ad_tensor *logp,
                         const int32_t *labels, int64_t n);
+
+/* Whether ad_tape_compact(t, m, ...) can compact what follows m (1), or
+ * refuses with AD_ERR_STATE (0: an op of unknown extra size, say); asks
+ * without recording any error. */
+int ad__compactable(ad_tape *t, ad_marker m);
+
+/* Collection during an unrecorded backward sweep (grad.c): ad_grad's
+ * sweep calls ad__sweep_collect before each node's rule. When the arena
+ * grew by more than `budget` since the last collection, it compacts
+ * everything allocated after m (no node is recorded there: recording is
+ * off) keeping only the gradients still to be read: those of the outputs
+ * of nodes[0..k) not yet swept, of every node's inputs (the gradients
+ * being accumulated) and of the requested inputs; scratch slots are
+ * updated to the moved tensors. */
+typedef struct {
+  ad_marker m;
+  size_t budget;
+  int n_in;
+  ad_tensor *const *inputs;
+} ad__sweep_gc;
+void ad__sweep_collect(ad_tape *t, ad__sweep_gc *gc, ad_node *const *nodes, ptrdiff_t k,
+                       ptrdiff_t count, unsigned gen);
 
 /* ---- allocation */
 ad_tensor *ad__alloc(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, int zero);
@@ -284,5 +354,27 @@ typedef void (*ad__range_fn)(void *ctx, int part, int64_t lo, int64_t hi);
 int ad__par_parts(int64_t n, int64_t grain);
 /* Runs fn over every part and returns when all are done. */
 void ad__par_for(int64_t n, int64_t grain, ad__range_fn fn, void *ctx);
+
+/* ---- growable byte buffer (autodiff/bytebuf.c)
+ * The bytes of a file being built in memory (nn_params_save's header,
+ * bl_engine_save's state) or read whole (nn_params_load, bl_engine_load).
+ * Start from {0}. A failed allocation, or a size past SIZE_MAX, sets oom
+ * and makes every later put a no-op, so a writer puts everything and checks
+ * oom once at the end. Capacity doubles, so n bytes cost O(n) copies. */
+#include <stdio.h> /* FILE, for ad__bytebuf_read */
+typedef struct {
+  unsigned char *p;
+  size_t n, cap;
+  int oom;
+} ad__bytebuf;
+/* Room for `extra` more bytes past n: 1, or 0 with oom set. */
+int ad__bytebuf_reserve(ad__bytebuf *b, size_t extra);
+void ad__bytebuf_put(ad__bytebuf *b, const void *src, size_t n);
+/* The low `bytes` (1..8) bytes of v, little-endian. */
+void ad__bytebuf_put_le(ad__bytebuf *b, uint64_t v, int bytes);
+/* Appends the rest of f; the caller checks ferror(f) and oom. */
+void ad__bytebuf_read(ad__bytebuf *b, FILE *f);
+/* Frees the bytes and leaves b as {0}. */
+void ad__bytebuf_free(ad__bytebuf *b);
 
 #endif

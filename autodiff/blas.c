@@ -290,7 +290,10 @@ static int try_request(const char *var, const char *val, char *why, size_t why_l
  *   packed     BLIS's packed (Goto) path with the chosen kernel set;
  *   packed:ALT the packed path with a second kernel set the CPU can run
  *              (on AVX-512: the AVX2 set; on Zen: haswell), as the best
- *              block sizes differ between CPUs of one ISA.
+ *              block sizes differ between CPUs of one ISA; and
+ *              packed:skx, BLIS's AVX-512 microkernel, when the CPU has
+ *              AVX-512 but the chosen set is an AVX2 one (automatic mode);
+ *   narrow, narrow:avx512   our kernels for n <= 64 (f32), below.
  * Rounds alternate the candidates so a burst of load elsewhere hits all of
  * them; each one's fastest round counts. Products too large to time
  * cheaply (MEASURE_MAX) go to BLIS's own threshold rule ("blis"), which
@@ -304,16 +307,25 @@ typedef enum {
   P_SUP_PB,
   P_PACKED,
   P_PACKED_ALT,
+  P_NARROW,
+  P_NARROW512,
+  P_PACKED_ALT2,
   N_PATHS
 } gemm_path;
-static const char *const k_path_names[N_PATHS] = {"blis",      "direct", "sup",       "sup+packA",
-                                                  "sup+packB", "packed", "packed-alt"};
+static const char *const k_path_names[N_PATHS] = {
+    "blis",   "direct",     "sup",    "sup+packA",     "sup+packB",
+    "packed", "packed-alt", "narrow", "narrow:avx512", "packed-alt2"};
 
 static cntx_t g_cntx_sup; /* g_cntx with the sup thresholds out of reach */
 static cntx_t g_cntx_alt; /* a second kernel set for the packed path */
 static int g_have_alt;
+static cntx_t g_cntx_alt2; /* an AVX-512 set (skx) when the main one is AVX2 */
+static int g_have_alt2;
+static char g_alt2_name[48];
 static int g_have_sup;           /* the kernel set has sup kernels and block sizes */
 static char g_alt_name[48];      /* "packed:haswell" */
+static int g_have_narrow;        /* the AVX2+FMA narrow kernel can run */
+static int g_have_narrow512;     /* the AVX-512 one can, and the kernel set allows it */
 static atomic_int g_forced = -1; /* a gemm_path, or -1: measure */
 
 /* Products below this many multiply-adds run on one thread (see make_rntm). */
@@ -347,8 +359,19 @@ static void setup_paths(int requested) {
     if (g_cntx->l3_sup_blkszs[need[i]].v[BLIS_FLOAT] <= 0 ||
         g_cntx->l3_sup_blkszs[need[i]].v[BLIS_DOUBLE] <= 0)
       g_have_sup = 0;
-  g_have_alt = 0;
+  g_have_alt = g_have_alt2 = 0;
   if (requested) return;
+#ifdef BLIS_CONFIG_SKX
+  /* BLIS's own pick on an AVX-512 CPU it does not know may be an AVX2 set
+   * (Zen 4 is detected as zen3); its skx microkernel is then one more
+   * candidate for the packed path. */
+  if (strcmp(g_kernel, "skx") != 0 && cpu_has_avx512()) {
+    memset(&g_cntx_alt2, 0, sizeof g_cntx_alt2);
+    bli_cntx_init_skx(&g_cntx_alt2);
+    g_have_alt2 = 1;
+    snprintf(g_alt2_name, sizeof g_alt2_name, "packed:skx");
+  }
+#endif
   const char *alt = NULL;
   if (strcmp(g_kernel, "skx") == 0)
     alt = cpu_is_amd() ? "zen3" : "haswell";
@@ -366,6 +389,7 @@ static void setup_paths(int requested) {
 
 static const char *path_name(int p) {
   if (p == P_PACKED_ALT) return g_have_alt ? g_alt_name : "packed-alt";
+  if (p == P_PACKED_ALT2) return g_have_alt2 ? g_alt2_name : "packed-alt2";
   return p >= 0 && p < N_PATHS ? k_path_names[p] : "?";
 }
 
@@ -466,7 +490,10 @@ AD_VEC(ad_v2d, double, 16)
 #else
 #define AD_AVX2_ATTR __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
 #endif
-AD_DIRECT_KERNEL(direct_s_avx2, float, ad_v8f, ad_v8fu, 8, 4, AD_AVX2_ATTR)
+/* f32 rows per tile: 5 (10 accumulators + 2 B + 1 broadcast of the 16
+ * registers). On Zen 4, 4 rows ran MAML's 10x40x40 at 48 GF/s and 5 at
+ * 84-86 (6: 74, 8: 38, spilling). */
+AD_DIRECT_KERNEL(direct_s_avx2, float, ad_v8f, ad_v8fu, 8, 5, AD_AVX2_ATTR)
 AD_DIRECT_KERNEL(direct_d_avx2, double, ad_v4d, ad_v4du, 4, 4, AD_AVX2_ATTR)
 #endif
 AD_DIRECT_KERNEL(direct_s_base, float, ad_v4f, ad_v4fu, 4, 4, )
@@ -503,6 +530,222 @@ static int run_direct(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, c
   return 1;
 }
 
+/* ---- the narrow kernels (n <= NARROW_N, f32): see blas_narrow.inc
+ *
+ * The MLP's output layer (128x10x200, and its gradient A^T B = 200x10x128)
+ * ran at 0.6-0.74x OpenBLAS on Zen 4 through BLIS sup and the direct loop,
+ * whose tiles run along C's rows and use 10 of 16 lanes. These kernels run
+ * vectors along k or down C's columns instead. Two builds, AVX2+FMA and
+ * AVX-512, each a candidate in the timing where the CPU (and the kernel
+ * set asked for: HYPERTAPE_BLIS_ARCH=haswell means AVX2 only) allows. */
+/* Up to 64 columns: past the MLP's 10, MAML's 40-wide products with B
+ * transposed ran 3x BLIS sup here (64 vs 21 GF/s on 10x40x40), as they
+ * need no copy. The dot kernel's copy of op(B) grows with n, but the
+ * timing decides whether it pays. */
+#define NARROW_N 64
+
+#if AD_X86 && defined(__GNUC__)
+#include <immintrin.h>
+
+#if defined(__clang__)
+#define AD_NW2_ATTR __attribute__((target("avx2,fma")))
+#define AD_NW5_ATTR __attribute__((target("avx512f,avx512vl,avx2,fma")))
+#else
+#define AD_NW2_ATTR __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
+#define AD_NW5_ATTR                                                                                \
+  __attribute__((target("avx512f,avx512vl,avx2,fma"), optimize("fp-contract=fast")))
+#endif
+
+/* Lane masks for AVX2's maskload: the first r of 8 lanes are k_nw_mask +
+ * 8 - r. */
+static const int32_t k_nw_mask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+/* Sum of each of four vectors, into out[0..3]: two rounds of pairwise
+ * adds within 128-bit halves, then the halves added. */
+AD_NW2_ATTR static inline void nw2_hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3, float *out) {
+  const __m256 t0 = _mm256_hadd_ps(v0, v1), t1 = _mm256_hadd_ps(v2, v3);
+  const __m256 t2 = _mm256_hadd_ps(t0, t1); /* [s0 s1 s2 s3 | s0' s1' s2' s3'] */
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1)));
+}
+AD_NW2_ATTR static inline float nw2_hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+  return _mm_cvtss_f32(x);
+}
+/* bt[j k + p] = b[p ldb + j] for j < n: op(B)'s columns made
+ * contiguous along k for the dot kernel, in 8x8 blocks transposed in
+ * registers (a scalar copy cost 10% of a 128x10x200 product). */
+AD_NW2_ATTR static void nw_pack_bt(int64_t n, int64_t k, const float *b, int64_t ldb, float *bt) {
+  int64_t p0 = 0;
+  for (; p0 + 8 <= k; p0 += 8)
+    for (int64_t j0 = 0; j0 < n; j0 += 8) {
+      const int64_t w = n - j0 < 8 ? n - j0 : 8;
+      const __m256i msk = _mm256_loadu_si256((const __m256i *)(const void *)(k_nw_mask + 8 - w));
+      __m256 r[8], t[8], u[8], col[8];
+      for (int q = 0; q < 8; q++) r[q] = _mm256_maskload_ps(b + (p0 + q) * ldb + j0, msk);
+      for (int q = 0; q < 8; q += 2) {
+        t[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
+        t[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
+      }
+      for (int h = 0; h < 8; h += 4) {
+        u[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
+        u[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
+        u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+        u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
+      }
+      for (int q = 0; q < 4; q++) {
+        col[q] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x20);
+        col[q + 4] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x31);
+      }
+      for (int64_t j = 0; j < w; j++) _mm256_storeu_ps(bt + (j0 + j) * k + p0, col[j]);
+    }
+  for (; p0 < k; p0++)
+    for (int64_t j = 0; j < n; j++) bt[j * k + p0] = b[p0 * ldb + j];
+}
+
+#define NW(x) narrow_avx2_##x
+#define NW_ATTR AD_NW2_ATTR
+#define NW_V __m256
+#define NW_VL 8
+#define NW_M __m256i
+#define NW_LD(p) _mm256_loadu_ps(p)
+#define NW_LDM(p, m) _mm256_maskload_ps((p), (m))
+#define NW_FMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define NW_BC(p) _mm256_broadcast_ss(p)
+#define NW_ZERO _mm256_setzero_ps()
+#define NW_ST(p, v) _mm256_storeu_ps((p), (v))
+#define NW_MASK(r) _mm256_loadu_si256((const __m256i *)(const void *)(k_nw_mask + 8 - (r)))
+#define NW_DOT_MR 3 /* 3 x 4 accumulators + 3 A + 1 B of 16 registers */
+#define NW_DOT_NC 4
+#define NW_OUT_NC 6 /* 6 x 2 accumulators + 2 A + 1 broadcast */
+#define NW_DV NW_V
+#define NW_DVL NW_VL
+#define NW_DM NW_M
+#define NW_DLD NW_LD
+#define NW_DLDM NW_LDM
+#define NW_DFMA NW_FMA
+#define NW_DZERO NW_ZERO
+#define NW_DMASK NW_MASK
+#define NW_DHSUM(v) nw2_hsum(v)
+#define NW_DHSUM4(a, b, c, d, out) nw2_hsum4((a), (b), (c), (d), (out))
+#include "blas_narrow.inc"
+#undef NW_DV
+#undef NW_DVL
+#undef NW_DM
+#undef NW_DLD
+#undef NW_DLDM
+#undef NW_DFMA
+#undef NW_DZERO
+#undef NW_DMASK
+#undef NW_DHSUM
+#undef NW_DHSUM4
+#undef NW
+#undef NW_ATTR
+#undef NW_V
+#undef NW_VL
+#undef NW_M
+#undef NW_LD
+#undef NW_LDM
+#undef NW_FMA
+#undef NW_BC
+#undef NW_ZERO
+#undef NW_ST
+#undef NW_MASK
+#undef NW_DOT_MR
+#undef NW_DOT_NC
+#undef NW_OUT_NC
+
+#define NW(x) narrow_avx512_##x
+#define NW_ATTR AD_NW5_ATTR
+#define NW_V __m512
+#define NW_VL 16
+#define NW_M __mmask16
+#define NW_LD(p) _mm512_loadu_ps(p)
+#define NW_LDM(p, m) _mm512_maskz_loadu_ps((m), (p))
+#define NW_FMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
+#define NW_BC(p) _mm512_set1_ps(*(p))
+#define NW_ZERO _mm512_setzero_ps()
+#define NW_ST(p, v) _mm512_storeu_ps((p), (v))
+#define NW_MASK(r) ((__mmask16)((1u << (r)) - 1u))
+#define NW_DOT_MR 4 /* 4 x 4 accumulators (of 8 lanes) + 4 A + 1 B */
+#define NW_DOT_NC 4
+#define NW_OUT_NC 12 /* 12 x 2 accumulators + 2 A + 1 broadcast */
+/* 256-bit vectors for the dot kernel (see blas_narrow.inc), in the 32
+ * registers AVX-512VL gives them. */
+#define NW_DV __m256
+#define NW_DVL 8
+#define NW_DM __mmask8
+#define NW_DLD(p) _mm256_loadu_ps(p)
+#define NW_DLDM(p, m) _mm256_maskz_loadu_ps((m), (p))
+#define NW_DFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define NW_DZERO _mm256_setzero_ps()
+#define NW_DMASK(r) ((__mmask8)((1u << (r)) - 1u))
+#define NW_DHSUM(v) nw2_hsum(v)
+#define NW_DHSUM4(a, b, c, d, out) nw2_hsum4((a), (b), (c), (d), (out))
+#include "blas_narrow.inc"
+#undef NW_DV
+#undef NW_DVL
+#undef NW_DM
+#undef NW_DLD
+#undef NW_DLDM
+#undef NW_DFMA
+#undef NW_DZERO
+#undef NW_DMASK
+#undef NW_DHSUM
+#undef NW_DHSUM4
+#undef NW
+#undef NW_ATTR
+#undef NW_V
+#undef NW_VL
+#undef NW_M
+#undef NW_LD
+#undef NW_LDM
+#undef NW_FMA
+#undef NW_BC
+#undef NW_ZERO
+#undef NW_ST
+#undef NW_MASK
+#undef NW_DOT_MR
+#undef NW_DOT_NC
+#undef NW_OUT_NC
+#define AD_HAVE_NARROW 1
+#else
+#define AD_HAVE_NARROW 0
+#endif
+
+/* Runs a narrow kernel when it applies (f32, n <= NARROW_N, the CPU can
+ * run it); returns 0 otherwise, or when the scratch for op(B)'s columns
+ * cannot be had, so the caller takes another path. */
+#define NARROW_STACK 8192
+static int run_narrow(int path, int dt, int ta, int tb, int64_t m, int64_t n, int64_t k,
+                      const void *alpha, const void *a, int64_t lda, const void *b, int64_t ldb,
+                      const void *beta, void *c, int64_t ldc) {
+#if AD_HAVE_NARROW
+  if (dt != AD_F32 || n > NARROW_N || (path == P_NARROW ? !g_have_narrow : !g_have_narrow512))
+    return 0;
+  float stack[NARROW_STACK];
+  float *bt = stack;
+  const int need = !ta && !tb;
+  if (need && (size_t)n * (size_t)k > NARROW_STACK) {
+    bt = malloc((size_t)n * (size_t)k * sizeof(float));
+    if (!bt) return 0;
+  }
+  if (path == P_NARROW)
+    narrow_avx2_gemm(ta, tb, m, n, k, *(const float *)alpha, a, lda, b, ldb, *(const float *)beta,
+                     c, ldc, bt);
+  else
+    narrow_avx512_gemm(ta, tb, m, n, k, *(const float *)alpha, a, lda, b, ldb, *(const float *)beta,
+                       c, ldc, bt);
+  if (bt != stack) free(bt);
+  return 1;
+#else
+  (void)path, (void)dt, (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)alpha, (void)a;
+  (void)lda, (void)b, (void)ldb, (void)beta, (void)c, (void)ldc;
+  return 0;
+#endif
+}
+
 /* ---- one call on a given path */
 
 /* Runtime object for a BLIS call. "blis" is the rule used before paths were
@@ -532,6 +775,9 @@ static cntx_t *make_rntm(rntm_t *rn, int path, int trans_a, int trans_b, int64_t
   case P_PACKED_ALT:
     bli_rntm_disable_l3_sup(rn);
     return g_have_alt ? &g_cntx_alt : g_cntx;
+  case P_PACKED_ALT2:
+    bli_rntm_disable_l3_sup(rn);
+    return g_have_alt2 ? &g_cntx_alt2 : g_cntx;
   default:
     if (!trans_a && trans_b && m >= 32 && n >= 32) bli_rntm_set_pack_b(TRUE, rn);
     return g_cntx;
@@ -551,6 +797,11 @@ static int sup_safe(int64_t m, int64_t n, int64_t k) {
 static void run_path(int path, int dt, int ta, int tb, int64_t m, int64_t n, int64_t k,
                      const void *alpha, const void *a, int64_t lda, const void *b, int64_t ldb,
                      const void *beta, void *c, int64_t ldc) {
+  if (path == P_NARROW || path == P_NARROW512) {
+    if (run_narrow(path, dt, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
+    path = P_DIRECT; /* not applicable: the direct loop, or packed when large */
+    if ((double)m * (double)n * (double)k > DIRECT_MAX) path = P_PACKED;
+  }
   if ((path == P_BLIS || path == P_SUP || path == P_SUP_PA || path == P_SUP_PB) &&
       !sup_safe(m, n, k))
     path = (double)m * (double)n * (double)k <= DIRECT_MAX ? P_DIRECT : P_PACKED;
@@ -617,6 +868,11 @@ static void measure(shape_entry *e, const void *a, int64_t lda, const void *b, i
   }
   cand[nc++] = P_PACKED;
   if (g_have_alt) cand[nc++] = P_PACKED_ALT;
+  if (g_have_alt2) cand[nc++] = P_PACKED_ALT2;
+  if (e->dt == AD_F32 && e->n <= NARROW_N) {
+    if (g_have_narrow) cand[nc++] = P_NARROW;
+    if (g_have_narrow512) cand[nc++] = P_NARROW512;
+  }
   double best[N_PATHS];
   for (int i = 0; i < N_PATHS; i++) best[i] = 1e300;
   const double one_d = 1.0, zero_d = 0.0;
@@ -705,9 +961,30 @@ static int choose_path(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, 
 static int path_by_name(const char *s) {
   for (int p = 0; p < N_PATHS; p++)
     if (strcmp(s, k_path_names[p]) == 0 ||
-        (p == P_PACKED_ALT && g_have_alt && strcmp(s, g_alt_name) == 0))
+        (p == P_PACKED_ALT && g_have_alt && strcmp(s, g_alt_name) == 0) ||
+        (p == P_PACKED_ALT2 && g_have_alt2 && strcmp(s, g_alt2_name) == 0))
       return p;
   return -1;
+}
+
+/* Whether path p can be forced with this kernel set on this CPU. */
+static int path_available(int p) {
+  switch (p) {
+  case P_PACKED_ALT:
+    return g_have_alt;
+  case P_PACKED_ALT2:
+    return g_have_alt2;
+  case P_SUP:
+  case P_SUP_PA:
+  case P_SUP_PB:
+    return g_have_sup;
+  case P_NARROW:
+    return g_have_narrow;
+  case P_NARROW512:
+    return g_have_narrow512;
+  default:
+    return p >= 0 && p < N_PATHS;
+  }
 }
 
 static void blas_init(void) {
@@ -758,14 +1035,18 @@ static void blas_init(void) {
     g_direct_d = direct_d_avx2;
   }
 #endif
+  /* Our AVX-512 kernels follow the kernel set: a request for an AVX2 set
+   * (haswell, zen3, ...) means an AVX2-only setting, so they stay out. */
+  const arch_entry *req_e = taken ? arch_by_name(g_kernel) : NULL;
+  g_have_narrow = AD_HAVE_NARROW && cpu_has_avx2_fma();
+  g_have_narrow512 = AD_HAVE_NARROW && cpu_has_avx512() && (!req_e || req_e->need == NEED_AVX512);
   /* HYPERTAPE_GEMM_PATH=NAME forces one path for every GEMM (the same
    * names as ad_blas_set_path); a value we do not know is reported in the
    * reason and ignored. */
   const char *gp = getenv("HYPERTAPE_GEMM_PATH");
   if (gp && *gp && strcmp(gp, "auto") != 0) {
     int p = path_by_name(gp);
-    if (p >= 0 && (p != P_PACKED_ALT || g_have_alt) &&
-        (g_have_sup || (p != P_SUP && p != P_SUP_PA && p != P_SUP_PB)))
+    if (p >= 0 && path_available(p))
       atomic_store(&g_forced, p);
     else {
       size_t n = strlen(g_reason);
@@ -871,12 +1152,19 @@ ad_status ad_blas_set_path(const char *path) {
   if (p >= 0 && !g_have_sup && (p == P_SUP || p == P_SUP_PA || p == P_SUP_PB))
     return ad__set_last(AD_ERR_ARG, "ad_blas_set_path: kernel set %s has no sup kernels for '%s'",
                         g_kernel, path);
-  if (p < 0 || (p == P_PACKED_ALT && !g_have_alt)) {
+  if (p == P_NARROW || p == P_NARROW512) {
+    if (!path_available(p))
+      return ad__set_last(AD_ERR_ARG, "ad_blas_set_path: '%s' needs %s, which %s", path,
+                          p == P_NARROW ? "AVX2+FMA" : "AVX-512",
+                          p == P_NARROW ? "this CPU lacks"
+                                        : "this CPU or the kernel set asked for rules out");
+  } else if (p < 0 || !path_available(p)) {
     return ad__set_last(
         AD_ERR_ARG,
         "ad_blas_set_path: '%s' is not auto, blis, direct, sup, sup+packA, sup+packB, "
-        "packed%s%s",
-        path, g_have_alt ? " or " : "", g_have_alt ? g_alt_name : "");
+        "packed, narrow, narrow:avx512%s%s%s%s",
+        path, g_have_alt ? ", " : "", g_have_alt ? g_alt_name : "", g_have_alt2 ? ", " : "",
+        g_have_alt2 ? g_alt2_name : "");
   }
   atomic_store(&g_forced, p);
   return AD_OK;

@@ -144,7 +144,7 @@ ad_tensor *ad_custom(ad_tape *t, const ad_custom_op *op, int n_in, ad_tensor *co
     memcpy(name, op->name, name_len);
     rec->op = *op;
     rec->op.name = name;
-    rec->def = (ad_op_def){name, custom_vjp, custom_attr};
+    rec->def = (ad_op_def){name, custom_vjp, custom_attr, {0}}; /* reads: undeclared */
     if (attrs_size > 0) {
       memcpy(block + at_off, attrs, attrs_size);
       at = block + at_off;

@@ -89,10 +89,12 @@ static void stamp_dependents(ad_node **nodes, ptrdiff_t count, unsigned gen) {
 /* Backward sweep in decreasing id, applying each rule whose output is
  * stamped and has a gradient. `nodes` is scratch slot 0; rules may record
  * new nodes but never call ad_grad, so the slot stays ours. */
-static void sweep_backward(ad_tape *t, unsigned gen, ad_node **nodes, ptrdiff_t count) {
+static void sweep_backward(ad_tape *t, unsigned gen, ad_node **nodes, ptrdiff_t count,
+                           ad__sweep_gc *gc) {
   ad_tensor *gin_inline[AD_NODE_MAX_INLINE];
   int need_inline[AD_NODE_MAX_INLINE];
   for (ptrdiff_t k = count - 1; k >= 0; k--) {
+    if (gc) ad__sweep_collect(t, gc, nodes, k + 1, count, gen);
     ad_node *n = nodes[k];
     ad_tensor *out = n->out;
     if (out->gen != gen || !out->scratch) continue;
@@ -126,7 +128,7 @@ static void sweep_backward(ad_tape *t, unsigned gen, ad_node **nodes, ptrdiff_t 
  * `nodes` holds the walk from reachable(). */
 static ad_status run_backward(ad_tape *t, int n_out, ad_tensor *const *outputs,
                               ad_tensor *const *seeds, unsigned gen, ad_node **nodes,
-                              ptrdiff_t count, int record) {
+                              ptrdiff_t count, int record, int n_in, ad_tensor *const *inputs) {
   stamp_dependents(nodes, count, gen);
   int prev = ad_set_recording(t, record);
   /* Phase tag for the teaching view: a recorded sweep through recorded
@@ -148,7 +150,12 @@ static ad_status run_backward(ad_tape *t, int n_out, ad_tensor *const *outputs,
     }
     accumulate(t, y, s);
   }
-  if (ad_tape_status(t) == AD_OK) sweep_backward(t, gen, nodes, count);
+  /* An unrecorded sweep's temporaries are garbage once their node is done:
+   * it frees them as it goes (ad__sweep_collect), so the arena holds about
+   * the live gradients, not every temporary of the sweep. */
+  ad__sweep_gc gc = {.m = ad_mark(t), .n_in = n_in, .inputs = inputs};
+  if (ad_tape_status(t) == AD_OK)
+    sweep_backward(t, gen, nodes, count, record || !inputs ? NULL : &gc);
   ad__set_phase(t, prev_phase);
   ad_set_recording(t, prev);
   return ad_tape_status(t);
@@ -169,7 +176,7 @@ ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *c
       ad__fail(t, AD_ERR_NULL, "ad_grad: output %d is NULL", j);
       return ad_tape_status(t);
     }
-    if (!ad__usable(t, "ad_grad", "output", j, outputs[j]) ||
+    if (!ad__usable_shape(t, "ad_grad", "output", j, outputs[j]) ||
         (seeds && seeds[j] && !ad__usable(t, "ad_grad", "seed", j, seeds[j])))
       return ad_tape_status(t);
   }
@@ -178,7 +185,7 @@ ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *c
       ad__fail(t, AD_ERR_NULL, "ad_grad: input %d is NULL", i);
       return ad_tape_status(t);
     }
-    if (!ad__usable(t, "ad_grad", "input", i, inputs[i])) return ad_tape_status(t);
+    if (!ad__usable_shape(t, "ad_grad", "input", i, inputs[i])) return ad_tape_status(t);
     /* Ops record only for inputs that need a gradient: a plain leaf would
      * silently get a zero (or partial) gradient, so say so instead. */
     if (!ad_needs_grad(inputs[i])) {
@@ -226,8 +233,8 @@ ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *c
   ptrdiff_t count = reachable(t, n_out, outputs, min_id, gen);
   if (count < 0) return ad_tape_status(t);
   ad_node **nodes = ad__node_buf(t, 0, (size_t)count);
-  if (run_backward(t, n_out, outputs, seeds, gen, nodes, count, (flags & AD_GRAD_RECORD) != 0) !=
-      AD_OK)
+  if (run_backward(t, n_out, outputs, seeds, gen, nodes, count, (flags & AD_GRAD_RECORD) != 0, n_in,
+                   inputs) != AD_OK)
     return ad_tape_status(t);
   for (int i = 0; i < n_in; i++) {
     ad_tensor *x = inputs[i];
@@ -290,7 +297,8 @@ ad_status ad_backward(ad_tape *t, ad_tensor *loss, ad_tensor *seed) {
       }
     }
   ad_tensor *seeds[1] = {seed};
-  if (run_backward(t, 1, &loss, seeds, gen, nodes, count, 0) != AD_OK) return ad_tape_status(t);
+  if (run_backward(t, 1, &loss, seeds, gen, nodes, count, 0, 0, NULL) != AD_OK)
+    return ad_tape_status(t);
   /* Move leaf gradients into their heap ->grad (the walk is still in slot
    * 0: the backward sweep recorded nothing and walked nothing). */
   for (ptrdiff_t k = 0; k < count; k++)

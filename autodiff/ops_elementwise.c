@@ -2,6 +2,7 @@
  * Binary ops take same-shape operands or one operand of size 1, broadcast. */
 #include "ad_internal.h"
 
+#include <float.h>
 #include <tgmath.h> /* exp(v) is expf for float v: one loop body, two dtypes */
 
 /* ---------------------------------------------------------------- threaded loops
@@ -135,6 +136,18 @@ static ad_tensor *unary_out(ad_tape *t, const char *op, ad_tensor *x) {
   return ad__like(t, x);
 }
 
+/* A number an op applies to every element (ad_scale's c, ad_pow_scalar's
+ * p, ...) must be finite in the dtype it is used in, as nn_leaky_relu's
+ * slope: NaN or Inf, or a double past FLT_MAX applied to f32 (it rounds to
+ * Inf there), would make the output NaN or Inf with no error. Compared
+ * against FLT_MAX rather than cast: the cast of an out-of-range double is
+ * undefined in C. Names the op and the argument. */
+static int const_ok(ad_tape *t, const char *op, const char *arg, double c, ad_dtype dt) {
+  if (isfinite(c) && (dt != AD_F32 || fabs(c) <= FLT_MAX)) return 1;
+  ad__fail(t, AD_ERR_ARG, "%s: %s = %g must be finite (in %s)", op, arg, c, ad_dtype_name(dt));
+  return 0;
+}
+
 static void attr_c(const ad_node *n, char *buf, size_t len) {
   snprintf(buf, len, "c=%g", n->a.c);
 }
@@ -145,7 +158,7 @@ static void vjp_add(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
   if (need[0]) gin[0] = unbroadcast(t, g, n->in[0]);
   if (need[1]) gin[1] = unbroadcast(t, g, n->in[1]);
 }
-static const ad_op_def OP_ADD = {"add", vjp_add, NULL};
+static const ad_op_def OP_ADD = {"add", vjp_add, NULL, {.mask = AD_SAVES(0, 0, 0, 0)}};
 
 ad_tensor *ad_add(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   ad_tensor *out = binary_out(t, "ad_add", a, b);
@@ -162,7 +175,7 @@ static void vjp_sub(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
   if (need[0]) gin[0] = unbroadcast(t, g, n->in[0]);
   if (need[1]) gin[1] = unbroadcast(t, ad_neg(t, g), n->in[1]);
 }
-static const ad_op_def OP_SUB = {"sub", vjp_sub, NULL};
+static const ad_op_def OP_SUB = {"sub", vjp_sub, NULL, {.mask = AD_SAVES(0, 0, 0, 0)}};
 
 ad_tensor *ad_sub(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   ad_tensor *out = binary_out(t, "ad_sub", a, b);
@@ -179,7 +192,8 @@ static void vjp_mul(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
   if (need[0]) gin[0] = unbroadcast(t, ad_mul(t, g, n->in[1]), n->in[0]);
   if (need[1]) gin[1] = unbroadcast(t, ad_mul(t, g, n->in[0]), n->in[1]);
 }
-static const ad_op_def OP_MUL = {"mul", vjp_mul, NULL};
+static const ad_op_def OP_MUL = {
+    "mul", vjp_mul, NULL, {.mask = AD_SAVES(AD_S_IN(1), AD_S_IN(0), 0, 0)}};
 
 ad_tensor *ad_mul(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   ad_tensor *out = binary_out(t, "ad_mul", a, b);
@@ -197,7 +211,8 @@ static void vjp_div(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
   if (need[0]) gin[0] = unbroadcast(t, gb, n->in[0]);
   if (need[1]) gin[1] = unbroadcast(t, ad_neg(t, ad_mul(t, gb, n->out)), n->in[1]);
 }
-static const ad_op_def OP_DIV = {"div", vjp_div, NULL};
+static const ad_op_def OP_DIV = {
+    "div", vjp_div, NULL, {.mask = AD_SAVES(AD_S_IN(1), AD_S_IN(1) | AD_S_OUT, 0, 0)}};
 
 ad_tensor *ad_div(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   ad_tensor *out = binary_out(t, "ad_div", a, b);
@@ -214,7 +229,7 @@ static void vjp_neg(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
   (void)n;
   if (need[0]) gin[0] = ad_neg(t, g);
 }
-static const ad_op_def OP_NEG = {"neg", vjp_neg, NULL};
+static const ad_op_def OP_NEG = {"neg", vjp_neg, NULL, {.mask = AD_SAVES(0, 0, 0, 0)}};
 
 ad_tensor *ad_neg(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_neg", x);
@@ -229,11 +244,11 @@ static void vjp_scale(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gi
                       const int *need) {
   if (need[0]) gin[0] = ad_scale(t, g, n->a.c);
 }
-static const ad_op_def OP_SCALE = {"scale", vjp_scale, attr_c};
+static const ad_op_def OP_SCALE = {"scale", vjp_scale, attr_c, {.mask = AD_SAVES(0, 0, 0, 0)}};
 
 ad_tensor *ad_scale(ad_tape *t, ad_tensor *x, double c) {
   ad_tensor *out = unary_out(t, "ad_scale", x);
-  if (!out) return NULL;
+  if (!out || !const_ok(t, "ad_scale", "c", c, x->dtype)) return NULL;
   EW_RUN(k_scale, out, x, NULL, c, EW_GRAIN);
   ad_node *n = ad__record(t, &OP_SCALE, out, 1, &x);
   if (n) n->a.c = c;
@@ -246,11 +261,12 @@ static void vjp_add_scalar(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor
   (void)t, (void)n;
   if (need[0]) gin[0] = g;
 }
-static const ad_op_def OP_ADD_SCALAR = {"add_scalar", vjp_add_scalar, attr_c};
+static const ad_op_def OP_ADD_SCALAR = {
+    "add_scalar", vjp_add_scalar, attr_c, {.mask = AD_SAVES(0, 0, 0, 0)}};
 
 ad_tensor *ad_add_scalar(ad_tape *t, ad_tensor *x, double c) {
   ad_tensor *out = unary_out(t, "ad_add_scalar", x);
-  if (!out) return NULL;
+  if (!out || !const_ok(t, "ad_add_scalar", "c", c, x->dtype)) return NULL;
   EW_RUN(k_add_scalar, out, x, NULL, c, EW_GRAIN);
   ad_node *n = ad__record(t, &OP_ADD_SCALAR, out, 1, &x);
   if (n) n->a.c = c;
@@ -262,11 +278,11 @@ static void vjp_axpy(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin
   if (need[0]) gin[0] = unbroadcast(t, g, n->in[0]);
   if (need[1]) gin[1] = unbroadcast(t, ad_scale(t, g, n->a.c), n->in[1]);
 }
-static const ad_op_def OP_AXPY = {"axpy", vjp_axpy, attr_c};
+static const ad_op_def OP_AXPY = {"axpy", vjp_axpy, attr_c, {.mask = AD_SAVES(0, 0, 0, 0)}};
 
 ad_tensor *ad_axpy(ad_tape *t, ad_tensor *a, double c, ad_tensor *b) {
   ad_tensor *out = binary_out(t, "ad_axpy", a, b);
-  if (!out) return NULL;
+  if (!out || !const_ok(t, "ad_axpy", "c", c, out->dtype)) return NULL;
   EW_RUN(k_axpy, out, a, b, c, EW_GRAIN);
   ad_tensor *in[2] = {a, b};
   ad_node *n = ad__record(t, &OP_AXPY, out, 2, in);
@@ -287,11 +303,11 @@ static void vjp_pow(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
     gin[0] = ad_mul(t, g, ad_scale(t, ad_pow_scalar(t, n->in[0], p - 1.0), p));
   }
 }
-static const ad_op_def OP_POW = {"pow", vjp_pow, attr_c};
+static const ad_op_def OP_POW = {"pow", vjp_pow, attr_c, {.mask = AD_SAVES(AD_S_IN(0), 0, 0, 0)}};
 
 ad_tensor *ad_pow_scalar(ad_tape *t, ad_tensor *x, double p) {
   ad_tensor *out = unary_out(t, "ad_pow_scalar", x);
-  if (!out) return NULL;
+  if (!out || !const_ok(t, "ad_pow_scalar", "p", p, x->dtype)) return NULL;
   if (p == 2.0)
     EW_RUN(k_square, out, x, NULL, 0.0, EW_GRAIN);
   else if (p == 0.5)
@@ -308,7 +324,7 @@ ad_tensor *ad_pow_scalar(ad_tape *t, ad_tensor *x, double p) {
 static void vjp_exp(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin, const int *need) {
   if (need[0]) gin[0] = ad_mul(t, g, n->out);
 }
-static const ad_op_def OP_EXP = {"exp", vjp_exp, NULL};
+static const ad_op_def OP_EXP = {"exp", vjp_exp, NULL, {.mask = AD_SAVES(AD_S_OUT, 0, 0, 0)}};
 
 ad_tensor *ad_exp(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_exp", x);
@@ -322,7 +338,7 @@ ad_tensor *ad_exp(ad_tape *t, ad_tensor *x) {
 static void vjp_log(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin, const int *need) {
   if (need[0]) gin[0] = ad_div(t, g, n->in[0]);
 }
-static const ad_op_def OP_LOG = {"log", vjp_log, NULL};
+static const ad_op_def OP_LOG = {"log", vjp_log, NULL, {.mask = AD_SAVES(AD_S_IN(0), 0, 0, 0)}};
 
 ad_tensor *ad_log(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_log", x);
@@ -336,7 +352,7 @@ ad_tensor *ad_log(ad_tape *t, ad_tensor *x) {
 static void vjp_sqrt(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin, const int *need) {
   if (need[0]) gin[0] = ad_div(t, ad_scale(t, g, 0.5), n->out);
 }
-static const ad_op_def OP_SQRT = {"sqrt", vjp_sqrt, NULL};
+static const ad_op_def OP_SQRT = {"sqrt", vjp_sqrt, NULL, {.mask = AD_SAVES(AD_S_OUT, 0, 0, 0)}};
 
 ad_tensor *ad_sqrt(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_sqrt", x);
@@ -353,7 +369,7 @@ static void vjp_tanh(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin
   ad_tensor *y = n->out;
   gin[0] = ad_mul(t, g, ad_add_scalar(t, ad_neg(t, ad_mul(t, y, y)), 1.0));
 }
-static const ad_op_def OP_TANH = {"tanh", vjp_tanh, NULL};
+static const ad_op_def OP_TANH = {"tanh", vjp_tanh, NULL, {.mask = AD_SAVES(AD_S_OUT, 0, 0, 0)}};
 
 ad_tensor *ad_tanh(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_tanh", x);
@@ -370,7 +386,8 @@ static void vjp_sigmoid(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **
   ad_tensor *y = n->out;
   gin[0] = ad_mul(t, g, ad_mul(t, y, ad_add_scalar(t, ad_neg(t, y), 1.0)));
 }
-static const ad_op_def OP_SIGMOID = {"sigmoid", vjp_sigmoid, NULL};
+static const ad_op_def OP_SIGMOID = {
+    "sigmoid", vjp_sigmoid, NULL, {.mask = AD_SAVES(AD_S_OUT, 0, 0, 0)}};
 
 ad_tensor *ad_sigmoid(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_sigmoid", x);
@@ -385,7 +402,8 @@ static void vjp_softplus(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor *
                          const int *need) {
   if (need[0]) gin[0] = ad_mul(t, g, ad_sigmoid(t, n->in[0]));
 }
-static const ad_op_def OP_SOFTPLUS = {"softplus", vjp_softplus, NULL};
+static const ad_op_def OP_SOFTPLUS = {
+    "softplus", vjp_softplus, NULL, {.mask = AD_SAVES(AD_S_IN(0), 0, 0, 0)}};
 
 ad_tensor *ad_softplus(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_softplus", x);
@@ -396,11 +414,14 @@ ad_tensor *ad_softplus(ad_tape *t, ad_tensor *x) {
 }
 
 /* ---------------------------------------------------------------- relu, abs, sign */
-/* d relu(x) = [x > 0] dx, as the fused relu_backward(g, x). */
+/* d relu(x) = [x > 0] dx, as the fused relu_backward(g, y) with y = relu(x):
+ * y > 0 exactly where x > 0 and y is NaN exactly where x is, so the mask
+ * is the same bits, and reading the output instead of the input lets
+ * ad_tape_compact drop x (the output is kept anyway by the next matmul). */
 static void vjp_relu(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin, const int *need) {
-  if (need[0]) gin[0] = ad_relu_backward(t, g, n->in[0]);
+  if (need[0]) gin[0] = ad_relu_backward(t, g, n->out);
 }
-static const ad_op_def OP_RELU = {"relu", vjp_relu, NULL};
+static const ad_op_def OP_RELU = {"relu", vjp_relu, NULL, {.mask = AD_SAVES(AD_S_OUT, 0, 0, 0)}};
 
 ad_tensor *ad_relu(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_relu", x);
@@ -417,7 +438,8 @@ static void vjp_relu_backward(ad_tape *t, const ad_node *n, ad_tensor *g, ad_ten
                               const int *need) {
   if (need[0]) gin[0] = ad_relu_backward(t, g, n->in[1]);
 }
-static const ad_op_def OP_RELU_BACKWARD = {"relu_backward", vjp_relu_backward, NULL};
+static const ad_op_def OP_RELU_BACKWARD = {
+    "relu_backward", vjp_relu_backward, NULL, {.mask = AD_SAVES(AD_S_IN(1), 0, 0, 0)}};
 
 ad_tensor *ad_relu_backward(ad_tape *t, ad_tensor *g, ad_tensor *x) {
   ad_tensor *out = binary_out(t, "ad_relu_backward", g, x);
@@ -437,7 +459,7 @@ ad_tensor *ad_relu_backward(ad_tape *t, ad_tensor *g, ad_tensor *x) {
 static void vjp_abs(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin, const int *need) {
   if (need[0]) gin[0] = ad_mul(t, g, ad_sign(t, n->in[0]));
 }
-static const ad_op_def OP_ABS = {"abs", vjp_abs, NULL};
+static const ad_op_def OP_ABS = {"abs", vjp_abs, NULL, {.mask = AD_SAVES(AD_S_IN(0), 0, 0, 0)}};
 
 ad_tensor *ad_abs(ad_tape *t, ad_tensor *x) {
   ad_tensor *out = unary_out(t, "ad_abs", x);
@@ -463,7 +485,8 @@ static void vjp_where(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gi
   if (need[0]) gin[0] = unbroadcast(t, ad_where(t, m, g, z), n->in[0]);
   if (need[1]) gin[1] = unbroadcast(t, ad_where(t, m, z, g), n->in[1]);
 }
-static const ad_op_def OP_WHERE = {"where", vjp_where, NULL};
+static const ad_op_def OP_WHERE = {
+    "where", vjp_where, NULL, {.mask = AD_SAVES(0, 0, 0, 0) | AD_SAVES_EXTRA_TENSOR}};
 
 ad_tensor *ad_where(ad_tape *t, const ad_tensor *mask, ad_tensor *a, ad_tensor *b) {
   if (t && !mask) return ad__fail(t, AD_ERR_NULL, "ad_where: mask is NULL");

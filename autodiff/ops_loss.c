@@ -52,7 +52,8 @@ static void vjp_nll(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
   ad_tensor *onehot = n->a.extra;
   gin[0] = ad_mul(t, onehot, ad_scale(t, g, -1.0 / (double)n->in[0]->shape[0]));
 }
-static const ad_op_def OP_NLL = {"nll", vjp_nll, NULL};
+static const ad_op_def OP_NLL = {
+    "nll", vjp_nll, NULL, {.mask = AD_SAVES(0, 0, 0, 0) | AD_SAVES_EXTRA_TENSOR}};
 
 ad_tensor *ad_nll(ad_tape *t, ad_tensor *logp, const int32_t *labels, int64_t n) {
   if (!ad__check_labels(t, "ad_nll", logp, labels, n)) return NULL;

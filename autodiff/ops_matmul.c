@@ -20,7 +20,8 @@ static void vjp_matmul(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **g
 static void attr_mm(const ad_node *n, char *buf, size_t len) {
   snprintf(buf, len, "%s%s", n->a.ta ? "A^T" : "A", n->a.tb ? " B^T" : " B");
 }
-static const ad_op_def OP_MATMUL = {"matmul", vjp_matmul, attr_mm};
+static const ad_op_def OP_MATMUL = {
+    "matmul", vjp_matmul, attr_mm, {.mask = AD_SAVES(AD_S_IN(1), AD_S_IN(0), 0, 0)}};
 
 ad_tensor *ad_matmul(ad_tape *t, ad_tensor *a, ad_tensor *b, int trans_a, int trans_b) {
   ad_tensor *in[2] = {a, b};
@@ -71,7 +72,8 @@ static void vjp_transpose(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor 
   (void)n;
   if (need[0]) gin[0] = ad_transpose(t, g);
 }
-static const ad_op_def OP_TRANSPOSE = {"transpose", vjp_transpose, NULL};
+static const ad_op_def OP_TRANSPOSE = {
+    "transpose", vjp_transpose, NULL, {.mask = AD_SAVES(0, 0, 0, 0)}};
 
 ad_tensor *ad_transpose(ad_tape *t, ad_tensor *x) {
   if (!ad__check(t, "ad_transpose", 1, &x)) return NULL;
@@ -110,7 +112,8 @@ static void vjp_add_rowvec(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor
     gin[1] = ad_reshape(t, s, b->ndim, b->shape);
   }
 }
-static const ad_op_def OP_ADD_ROWVEC = {"add_rowvec", vjp_add_rowvec, NULL};
+static const ad_op_def OP_ADD_ROWVEC = {
+    "add_rowvec", vjp_add_rowvec, NULL, {.mask = AD_SAVES(0, 0, 0, 0)}};
 
 ad_tensor *ad_add_rowvec(ad_tape *t, ad_tensor *x, ad_tensor *b) {
   ad_tensor *in[2] = {x, b};

@@ -212,7 +212,7 @@ static int reduced_shape(const ad_tensor *x, int axis, int keepdim, int64_t *sha
 static void vjp_sum(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin, const int *need) {
   if (need[0]) gin[0] = ad_expand(t, g, n->in[0]);
 }
-static const ad_op_def OP_SUM = {"sum", vjp_sum, NULL};
+static const ad_op_def OP_SUM = {"sum", vjp_sum, NULL, {.mask = AD_SAVES(0, 0, 0, 0)}};
 
 ad_tensor *ad_sum(ad_tape *t, ad_tensor *x) {
   if (!ad__check(t, "ad_sum", 1, &x)) return NULL;
@@ -234,7 +234,8 @@ static void vjp_sum_axis(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor *
   if (need[0])
     gin[0] = ad_broadcast_axis(t, g, n->a.axis, n->in[0]->shape[n->a.axis], n->a.keepdim);
 }
-static const ad_op_def OP_SUM_AXIS = {"sum_axis", vjp_sum_axis, attr_axis};
+static const ad_op_def OP_SUM_AXIS = {
+    "sum_axis", vjp_sum_axis, attr_axis, {.mask = AD_SAVES(0, 0, 0, 0)}};
 
 ad_tensor *ad_sum_axis(ad_tape *t, ad_tensor *x, int axis, int keepdim) {
   if (!ad__check(t, "ad_sum_axis", 1, &x) || !ad__axis(t, "ad_sum_axis", x, axis)) return NULL;
@@ -267,7 +268,8 @@ static void vjp_max_axis(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor *
   ad_tensor *gb = ad_broadcast_axis(t, g, n->a.axis, n->in[0]->shape[n->a.axis], n->a.keepdim);
   gin[0] = ad_mul(t, gb, (ad_tensor *)n->a.extra);
 }
-static const ad_op_def OP_MAX_AXIS = {"max_axis", vjp_max_axis, attr_axis};
+static const ad_op_def OP_MAX_AXIS = {
+    "max_axis", vjp_max_axis, attr_axis, {.mask = AD_SAVES(0, 0, 0, 0) | AD_SAVES_EXTRA_TENSOR}};
 
 ad_tensor *ad_max_axis(ad_tape *t, ad_tensor *x, int axis, int keepdim) {
   if (!ad__check(t, "ad_max_axis", 1, &x) || !ad__axis(t, "ad_max_axis", x, axis)) return NULL;
@@ -298,7 +300,8 @@ static void vjp_lse(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
   ad_tensor *gb = ad_broadcast_axis(t, g, ax, n->in[0]->shape[ax], n->a.keepdim);
   gin[0] = ad_mul(t, gb, ad_softmax(t, n->in[0], ax));
 }
-static const ad_op_def OP_LSE = {"logsumexp", vjp_lse, attr_axis};
+static const ad_op_def OP_LSE = {
+    "logsumexp", vjp_lse, attr_axis, {.mask = AD_SAVES(AD_S_IN(0), 0, 0, 0)}};
 
 ad_tensor *ad_logsumexp(ad_tape *t, ad_tensor *x, int axis, int keepdim) {
   if (!ad__check(t, "ad_logsumexp", 1, &x) || !ad__axis(t, "ad_logsumexp", x, axis)) return NULL;
@@ -326,7 +329,8 @@ static void vjp_softmax(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **
   ad_tensor *s = ad_sum_axis(t, ad_mul(t, g, y), ax, 1);
   gin[0] = ad_mul(t, y, ad_sub(t, g, ad_broadcast_axis(t, s, ax, y->shape[ax], 1)));
 }
-static const ad_op_def OP_SOFTMAX = {"softmax", vjp_softmax, attr_axis};
+static const ad_op_def OP_SOFTMAX = {
+    "softmax", vjp_softmax, attr_axis, {.mask = AD_SAVES(AD_S_OUT, 0, 0, 0)}};
 
 /* d log_softmax: dx = g - softmax(x) sum(g) along the axis; softmax = exp(y). */
 static void vjp_log_softmax(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
@@ -337,7 +341,8 @@ static void vjp_log_softmax(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tenso
   ad_tensor *s = ad_broadcast_axis(t, ad_sum_axis(t, g, ax, 1), ax, y->shape[ax], 1);
   gin[0] = ad_sub(t, g, ad_mul(t, ad_exp(t, y), s));
 }
-static const ad_op_def OP_LOG_SOFTMAX = {"log_softmax", vjp_log_softmax, attr_axis};
+static const ad_op_def OP_LOG_SOFTMAX = {
+    "log_softmax", vjp_log_softmax, attr_axis, {.mask = AD_SAVES(AD_S_OUT, 0, 0, 0)}};
 
 static ad_tensor *softmax_like(ad_tape *t, ad_tensor *x, int axis, int logv, const char *name,
                                const ad_op_def *op) {
@@ -365,7 +370,8 @@ static void vjp_dot(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
   if (need[0]) gin[0] = ad_mul(t, n->in[1], g);
   if (need[1]) gin[1] = ad_mul(t, n->in[0], g);
 }
-static const ad_op_def OP_DOT = {"dot", vjp_dot, NULL};
+static const ad_op_def OP_DOT = {
+    "dot", vjp_dot, NULL, {.mask = AD_SAVES(AD_S_IN(1), AD_S_IN(0), 0, 0)}};
 
 ad_tensor *ad_dot(ad_tape *t, ad_tensor *a, ad_tensor *b) {
   ad_tensor *in[2] = {a, b};

@@ -44,7 +44,7 @@ static void vjp_reshape(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **
                         const int *need) {
   if (need[0]) gin[0] = ad_reshape(t, g, n->in[0]->ndim, n->in[0]->shape);
 }
-static const ad_op_def OP_RESHAPE = {"reshape", vjp_reshape, NULL};
+static const ad_op_def OP_RESHAPE = {"reshape", vjp_reshape, NULL, {.mask = AD_SAVES(0, 0, 0, 0)}};
 
 ad_tensor *ad_reshape(ad_tape *t, ad_tensor *x, int ndim, const int64_t *shape) {
   if (!ad__check(t, "ad_reshape", 1, &x)) return NULL;
@@ -77,7 +77,8 @@ static void vjp_broadcast_axis(ad_tape *t, const ad_node *n, ad_tensor *g, ad_te
 static void attr_axis(const ad_node *n, char *buf, size_t len) {
   snprintf(buf, len, "axis=%d", n->a.axis);
 }
-static const ad_op_def OP_BROADCAST_AXIS = {"broadcast_axis", vjp_broadcast_axis, attr_axis};
+static const ad_op_def OP_BROADCAST_AXIS = {
+    "broadcast_axis", vjp_broadcast_axis, attr_axis, {.mask = AD_SAVES(0, 0, 0, 0)}};
 
 ad_tensor *ad_broadcast_axis(ad_tape *t, ad_tensor *x, int axis, int64_t n, int keepdim) {
   if (!ad__check(t, "ad_broadcast_axis", 1, &x)) return NULL;
@@ -131,12 +132,12 @@ static void vjp_expand(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **g
                        const int *need) {
   if (need[0]) gin[0] = ad_reshape(t, ad_sum(t, g), n->in[0]->ndim, n->in[0]->shape);
 }
-static const ad_op_def OP_EXPAND = {"expand", vjp_expand, NULL};
+static const ad_op_def OP_EXPAND = {"expand", vjp_expand, NULL, {.mask = AD_SAVES(0, 0, 0, 0)}};
 
 ad_tensor *ad_expand(ad_tape *t, ad_tensor *x, const ad_tensor *like) {
   if (!ad__check(t, "ad_expand", 1, &x)) return NULL;
   if (!like) return ad__fail(t, AD_ERR_NULL, "ad_expand: like is NULL");
-  if (!ad__usable(t, "ad_expand", "like", 0, like)) return NULL;
+  if (!ad__usable_shape(t, "ad_expand", "like", 0, like)) return NULL;
   if (x->size != 1) {
     char s[96];
     return ad__fail(t, AD_ERR_SHAPE, "ad_expand: needs a size-1 tensor, got %s",
@@ -173,7 +174,7 @@ static void attr_slice(const ad_node *n, char *buf, size_t len) {
   snprintf(buf, len, "axis=%d start=%lld len=%lld", n->a.axis, (long long)n->a.i0,
            (long long)n->a.i1);
 }
-static const ad_op_def OP_SLICE = {"slice", vjp_slice, attr_slice};
+static const ad_op_def OP_SLICE = {"slice", vjp_slice, attr_slice, {.mask = AD_SAVES(0, 0, 0, 0)}};
 
 ad_tensor *ad_slice(ad_tape *t, ad_tensor *x, int axis, int64_t start, int64_t len) {
   if (!ad__check(t, "ad_slice", 1, &x) || !ad__axis(t, "ad_slice", x, axis)) return NULL;
@@ -202,7 +203,7 @@ ad_tensor *ad_slice(ad_tape *t, ad_tensor *x, int axis, int64_t start, int64_t l
 static void vjp_pad(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin, const int *need) {
   if (need[0]) gin[0] = ad_slice(t, g, n->a.axis, n->a.i0, n->in[0]->shape[n->a.axis]);
 }
-static const ad_op_def OP_PAD = {"pad_axis", vjp_pad, attr_slice};
+static const ad_op_def OP_PAD = {"pad_axis", vjp_pad, attr_slice, {.mask = AD_SAVES(0, 0, 0, 0)}};
 
 ad_tensor *ad_pad_axis(ad_tape *t, ad_tensor *x, int axis, int64_t start, int64_t full_len) {
   if (!ad__check(t, "ad_pad_axis", 1, &x) || !ad__axis(t, "ad_pad_axis", x, axis)) return NULL;
@@ -243,7 +244,7 @@ static void vjp_concat(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **g
     off += len;
   }
 }
-static const ad_op_def OP_CONCAT = {"concat", vjp_concat, attr_axis};
+static const ad_op_def OP_CONCAT = {"concat", vjp_concat, attr_axis, {0}};
 
 ad_tensor *ad_concat(ad_tape *t, int n, ad_tensor *const *xs, int axis) {
   if (t && (n <= 0 || !xs)) return ad__fail(t, AD_ERR_ARG, "ad_concat: no inputs");

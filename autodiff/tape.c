@@ -367,7 +367,8 @@ static int arena_where(const ad_tape *t, const void *p) {
   return -1;
 }
 
-int ad__usable(ad_tape *t, const char *op, const char *what, int i, const ad_tensor *x) {
+static int usable(ad_tape *t, const char *op, const char *what, int i, const ad_tensor *x,
+                  int values) {
   int where = arena_where(t, x);
   if (where == 1) {
     ad__fail(t, AD_ERR_ARG,
@@ -383,6 +384,14 @@ int ad__usable(ad_tape *t, const char *op, const char *what, int i, const ad_ten
              op, what, i, t->id);
     return 0;
   }
+  if (values && where == 0 && (x->flags & AD_FLAG_RELEASED)) {
+    char sh[96];
+    ad__fail(t, AD_ERR_ARG,
+             "%s: %s %d (%s) had its values released by ad_tape_compact (no derivative rule "
+             "of the compacted graph reads them; pass it in keep[] to keep them)",
+             op, what, i, ad_shape_str(x, sh, sizeof sh));
+    return 0;
+  }
   if (where < 0 && (x->flags & AD_FLAG_ARENA)) {
     char sh[96];
     ad__fail(t, AD_ERR_ARG,
@@ -393,6 +402,13 @@ int ad__usable(ad_tape *t, const char *op, const char *what, int i, const ad_ten
     return 0;
   }
   return 1;
+}
+
+int ad__usable(ad_tape *t, const char *op, const char *what, int i, const ad_tensor *x) {
+  return usable(t, op, what, i, x, 1);
+}
+int ad__usable_shape(ad_tape *t, const char *op, const char *what, int i, const ad_tensor *x) {
+  return usable(t, op, what, i, x, 0);
 }
 
 /* ---- recording */
@@ -521,4 +537,487 @@ ad_node **ad__node_buf(ad_tape *t, int slot, size_t n) {
     t->nbuf_cap[slot] = cap;
   }
   return t->nbuf[slot];
+}
+
+/* ---- compaction (ad_tape_compact)
+ *
+ * Why: an unrolled inner loop records, per step, the forward, its recorded
+ * backward and the update; the arena keeps every temporary of all of them,
+ * while reverse mode later needs only what the derivative rules read (and
+ * the graph structure). Compaction is a sliding collector over the part of
+ * the arena after a mark: the survivors (every node after the mark, the
+ * tensor structs nodes and keep[] refer to, the value blocks some rule
+ * reads or keep[] asks for, node input arrays and declared node extras)
+ * are moved down in address order. Each survivor's new place is at or
+ * before its old one (the same first-fit bump over the same chunks, with
+ * less before it), so memmove in address order never overwrites a
+ * survivor not yet moved; nothing is copied to the heap. Pointers are fixed
+ * on the old copies first, through a sorted table of (old, new) ranges. */
+
+typedef struct {
+  char *old, *nw;
+  size_t size, align, chunk, off;
+} cp_item;
+
+typedef struct {
+  ad_tensor *x;
+  int need; /* values needed */
+} cp_tensor;
+
+typedef struct {
+  cp_item *it;
+  size_t n, cap;
+  cp_tensor *ts;
+  size_t nt, tcap;
+  ad_node **live; /* the nodes kept, in tape order */
+  size_t nlive;
+  const char *why; /* reason compaction is refused, or NULL */
+  char whybuf[160];
+} cp_plan;
+
+/* A set of pointers (open addressing), for the liveness pass. */
+typedef struct {
+  const void **slot;
+  size_t cap;
+} cp_set;
+
+static int cp_set_init(cp_set *s, size_t n) {
+  s->cap = 64;
+  while (s->cap < 2 * n + 16) s->cap *= 2;
+  s->slot = calloc(s->cap, sizeof *s->slot);
+  return s->slot != NULL;
+}
+static size_t cp_hash(const void *p, size_t cap) {
+  uint64_t x = (uint64_t)(uintptr_t)p;
+  x ^= x >> 29;
+  x *= 0x9E3779B97F4A7C15ull;
+  return (size_t)(x >> 17) & (cap - 1);
+}
+static int cp_set_has(const cp_set *s, const void *p) {
+  for (size_t h = cp_hash(p, s->cap);; h = (h + 1) & (s->cap - 1)) {
+    if (!s->slot[h]) return 0;
+    if (s->slot[h] == p) return 1;
+  }
+}
+static void cp_set_add(cp_set *s, const void *p) { /* never full: cap > 2 n */
+  for (size_t h = cp_hash(p, s->cap);; h = (h + 1) & (s->cap - 1)) {
+    if (s->slot[h] == p) return;
+    if (!s->slot[h]) {
+      s->slot[h] = p;
+      return;
+    }
+  }
+}
+
+/* Position of p in t's arena (chunk, offset); 0 when outside it. */
+static int arena_pos(const ad_tape *t, const void *p, size_t *c, size_t *o) {
+  uintptr_t a = (uintptr_t)p;
+  for (size_t k = 0; k < t->n_chunks; k++) {
+    uintptr_t lo = (uintptr_t)t->chunk[k];
+    if (a < lo || a - lo >= t->chunk_cap[k]) continue;
+    *c = k;
+    *o = (size_t)(a - lo);
+    return 1;
+  }
+  return 0;
+}
+
+/* Whether p lies between mark m and the allocation point. */
+static int in_region(const ad_tape *t, ad_marker m, const void *p) {
+  size_t c, o;
+  if (!p || !arena_pos(t, p, &c, &o)) return 0;
+  if (c < m.chunk || (c == m.chunk && o < m.offset)) return 0;
+  return c < t->cur || (c == t->cur && o < t->off);
+}
+
+static int cp_push_item(cp_plan *pl, const ad_tape *t, void *p, size_t size, size_t align) {
+  if (pl->n == pl->cap) {
+    size_t cap = pl->cap ? 2 * pl->cap : 256;
+    cp_item *q = realloc(pl->it, cap * sizeof *q);
+    if (!q) return 0;
+    pl->it = q;
+    pl->cap = cap;
+  }
+  cp_item *it = &pl->it[pl->n++];
+  it->old = p;
+  it->nw = NULL;
+  it->size = size;
+  it->align = align;
+  arena_pos(t, p, &it->chunk, &it->off);
+  return 1;
+}
+
+static int cp_push_tensor(cp_plan *pl, ad_tensor *x, int need) {
+  if (pl->nt == pl->tcap) {
+    size_t cap = pl->tcap ? 2 * pl->tcap : 256;
+    cp_tensor *q = realloc(pl->ts, cap * sizeof *q);
+    if (!q) return 0;
+    pl->ts = q;
+    pl->tcap = cap;
+  }
+  pl->ts[pl->nt++] = (cp_tensor){x, need};
+  return 1;
+}
+
+static int cmp_tensor(const void *a, const void *b) {
+  uintptr_t x = (uintptr_t)((const cp_tensor *)a)->x, y = (uintptr_t)((const cp_tensor *)b)->x;
+  return (x > y) - (x < y);
+}
+static int cmp_data(const void *a, const void *b) {
+  uintptr_t x = (uintptr_t)((const cp_tensor *)a)->x->data;
+  uintptr_t y = (uintptr_t)((const cp_tensor *)b)->x->data;
+  return (x > y) - (x < y);
+}
+static int cmp_item(const void *a, const void *b) {
+  const cp_item *x = a, *y = b;
+  if (x->chunk != y->chunk) return x->chunk < y->chunk ? -1 : 1;
+  return (x->off > y->off) - (x->off < y->off);
+}
+
+static void cp_free(cp_plan *pl) {
+  free(pl->it);
+  free(pl->ts);
+  free(pl->live);
+}
+
+/* The saves word of a node (0: undeclared). */
+static unsigned node_saves(const ad_node *n) {
+  return n->op->saves.of ? n->op->saves.of(n) : n->op->saves.mask;
+}
+
+/* Which of n's tensors a rule may read: bit j for input j (j < 4), bit 4
+ * for the output; *high set when inputs 4.. count as read. Only gradients
+ * that can be asked for count: those of inputs needing a gradient. */
+static unsigned node_reads(const ad_node *n, int *high) {
+  unsigned s = node_saves(n);
+  *high = 1;
+  if (!(s & AD_SAVES_DECLARED)) return 0x1fu;
+  unsigned r = 0;
+  for (int i = 0; i < n->n_in; i++)
+    if (ad_needs_grad(n->in[i])) r |= i < AD_NODE_MAX_INLINE ? AD_SAVES_FOR(s, i) : 0x1fu;
+  return r;
+}
+
+static int cp_refuse(cp_plan *pl, const char *fmt, const char *name) {
+  snprintf(pl->whybuf, sizeof pl->whybuf, fmt, name);
+  pl->why = pl->whybuf;
+  return 0;
+}
+
+/* Collects the survivors after m and their new places. Returns 1 when the
+ * plan can be carried out; 0 with pl->why (refused) or without (no
+ * memory). Changes nothing on the tape. */
+static int cp_make_plan(ad_tape *t, ad_marker m, int n_keep, ad_tensor *const *keep, cp_plan *pl) {
+  ad_node *first = m.last ? m.last->next : t->first;
+  size_t nn = t->n_nodes - m.n_nodes, k0 = 0, n_ref = (size_t)n_keep;
+  for (ad_node *n = first; n; n = n->next) {
+    if (!in_region(t, m, n)) return cp_refuse(pl, "node of %s lies before the mark", n->op->name);
+    if (in_region(t, m, n->op))
+      return cp_refuse(pl, "the op descriptor of %s lies in the arena", n->op->name);
+    if (in_region(t, m, n->label)) return cp_refuse(pl, "a label of %s lies in the arena", "");
+    if (n->a.extra && in_region(t, m, n->a.extra) && !(node_saves(n) & AD_SAVES_EXTRA_TENSOR) &&
+        !n->op->saves.extra_bytes)
+      return cp_refuse(pl,
+                       "op %s keeps arena data (a.extra) of a size it does not declare "
+                       "(ad_op_def.saves.extra_bytes)",
+                       n->op->name);
+    n_ref += (size_t)n->n_in + 1;
+    k0++;
+  }
+  if (k0 != nn) return cp_refuse(pl, "the node list does not match the count%s", "");
+  /* Liveness: a node stays when its output is kept or feeds a node that
+   * stays. The others (the inner training loss itself, say: nothing
+   * recorded after it reads it) can never be reached by a gradient of a
+   * kept tensor, and the caller may use no other tensor made after m, so
+   * they go with their tensors. */
+  pl->live = nn ? malloc(nn * sizeof *pl->live) : NULL;
+  if (nn && !pl->live) return 0;
+  cp_set live;
+  if (!cp_set_init(&live, n_ref)) return 0;
+  for (int i = 0; i < n_keep; i++) cp_set_add(&live, keep[i]);
+  size_t q = nn;
+  for (ad_node *n = t->last; n && n != m.last; n = n->prev) {
+    if (!cp_set_has(&live, n->out)) continue;
+    pl->live[--q] = n;
+    for (int i = 0; i < n->n_in; i++)
+      if (n->in[i]) cp_set_add(&live, n->in[i]);
+  }
+  free(live.slot);
+  /* the live nodes were written from the end: move them to the front */
+  pl->nlive = nn - q;
+  if (q) memmove(pl->live, pl->live + q, pl->nlive * sizeof *pl->live);
+  /* Nodes, their arrays and extras; the tensors they refer to. */
+  for (size_t qi = 0; qi < pl->nlive; qi++) {
+    ad_node *n = pl->live[qi];
+    if (!cp_push_item(pl, t, n, sizeof *n, 16)) return 0;
+    if (n->in != n->in_inline && in_region(t, m, n->in) &&
+        !cp_push_item(pl, t, n->in, sizeof(ad_tensor *) * (size_t)n->n_in, 16))
+      return 0;
+    unsigned s = node_saves(n);
+    if (n->a.extra && in_region(t, m, n->a.extra)) {
+      if (s & AD_SAVES_EXTRA_TENSOR) {
+        if (!cp_push_tensor(pl, n->a.extra, 1)) return 0;
+      } else if (!cp_push_item(pl, t, n->a.extra, n->op->saves.extra_bytes, 16)) {
+        return 0;
+      }
+    }
+    int high;
+    unsigned r = node_reads(n, &high);
+    for (int i = 0; i < n->n_in; i++) {
+      ad_tensor *x = n->in[i];
+      if (!x || !in_region(t, m, x)) continue;
+      int need = i < AD_NODE_MAX_INLINE ? (int)((r >> i) & 1u) : high;
+      if (!cp_push_tensor(pl, x, need)) return 0;
+    }
+    if (in_region(t, m, n->out) && !cp_push_tensor(pl, n->out, (r & AD_S_OUT) != 0)) return 0;
+  }
+  for (int i = 0; i < n_keep; i++)
+    if (in_region(t, m, keep[i]) && !cp_push_tensor(pl, keep[i], 1)) return 0;
+  /* Unique tensors, needs merged. */
+  if (pl->nt) qsort(pl->ts, pl->nt, sizeof *pl->ts, cmp_tensor);
+  size_t u = 0;
+  for (size_t k = 0; k < pl->nt; k++) {
+    if (u && pl->ts[u - 1].x == pl->ts[k].x)
+      pl->ts[u - 1].need |= pl->ts[k].need;
+    else
+      pl->ts[u++] = pl->ts[k];
+  }
+  pl->nt = u;
+  for (size_t k = 0; k < pl->nt; k++) {
+    ad_tensor *x = pl->ts[k].x;
+    if (!(x->flags & AD_FLAG_ARENA) || x->tape_id != t->id)
+      return cp_refuse(pl, "a node refers to memory after the mark that is no tensor%s", "");
+    if (in_region(t, m, x->name)) return cp_refuse(pl, "a tensor name lies in the arena%s", "");
+    if (!cp_push_item(pl, t, x, sizeof *x, 16)) return 0;
+  }
+  /* Value blocks: views share one block (ad__view copies the data
+   * pointer), kept when any tensor sharing it needs it; its size is the
+   * largest of theirs. */
+  cp_tensor *byd = pl->nt ? malloc(pl->nt * sizeof *byd) : NULL;
+  size_t nd = 0;
+  if (pl->nt && !byd) return 0;
+  for (size_t k = 0; k < pl->nt; k++)
+    if (in_region(t, m, pl->ts[k].x->data)) byd[nd++] = pl->ts[k];
+  if (nd) qsort(byd, nd, sizeof *byd, cmp_data);
+  for (size_t k = 0; k < nd;) {
+    size_t j = k, bytes = 0;
+    int need = 0;
+    for (; j < nd && byd[j].x->data == byd[k].x->data; j++) {
+      size_t b = (size_t)byd[j].x->size * ad_dtype_size(byd[j].x->dtype);
+      if (b > bytes) bytes = b;
+      need |= byd[j].need;
+    }
+    if (need && !cp_push_item(pl, t, byd[k].x->data, bytes, AD_ALIGN)) {
+      free(byd);
+      return 0;
+    }
+    k = j;
+  }
+  free(byd);
+  /* New places: first fit from the mark, in address order. */
+  if (pl->n) qsort(pl->it, pl->n, sizeof *pl->it, cmp_item);
+  size_t c = m.chunk, o = m.offset;
+  for (size_t k = 0; k < pl->n; k++) {
+    cp_item *it = &pl->it[k];
+    if (k && (it->chunk == pl->it[k - 1].chunk && it->off < pl->it[k - 1].off + pl->it[k - 1].size))
+      return cp_refuse(pl, "survivors overlap in the arena%s", "");
+    for (;;) {
+      size_t a = (o + it->align - 1) & ~(it->align - 1);
+      if (a <= t->chunk_cap[c] && it->size <= t->chunk_cap[c] - a) {
+        o = a;
+        break;
+      }
+      c++;
+      o = 0;
+      if (c >= t->n_chunks) return cp_refuse(pl, "no room%s", "");
+    }
+    if (c > it->chunk || (c == it->chunk && o > it->off))
+      return cp_refuse(pl, "a survivor would move up%s", ""); /* cannot happen: guard */
+    it->nw = t->chunk[c] + o;
+    o += it->size;
+  }
+  return 1;
+}
+
+/* New address of p (anything inside a survivor), p itself when outside the
+ * region, NULL when p lies in the region but in no survivor. */
+static void *cp_remap(const ad_tape *t, ad_marker m, const cp_plan *pl, const void *p) {
+  if (!in_region(t, m, p)) return (void *)p;
+  size_t c = 0, o = 0;
+  arena_pos(t, p, &c, &o);
+  size_t lo = 0, hi = pl->n;
+  while (lo < hi) { /* first item after p */
+    size_t mid = (lo + hi) / 2;
+    const cp_item *it = &pl->it[mid];
+    if (it->chunk < c || (it->chunk == c && it->off <= o))
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  if (lo == 0) return NULL;
+  const cp_item *it = &pl->it[lo - 1];
+  if (it->chunk != c || o - it->off >= it->size) return NULL;
+  return it->nw + (o - it->off);
+}
+
+static int marker_ok(const ad_tape *t, ad_marker m) {
+  if (m.chunk >= t->n_chunks || m.offset > t->chunk_cap[m.chunk] || m.used > t->used ||
+      m.n_nodes > t->n_nodes || m.seq > t->n_marks)
+    return 0;
+  return m.chunk < t->cur || (m.chunk == t->cur && m.offset <= t->off);
+}
+
+int ad__compactable(ad_tape *t, ad_marker m) {
+  if (!t || !marker_ok(t, m)) return 0;
+  cp_plan pl = {0};
+  int ok = cp_make_plan(t, m, 0, NULL, &pl);
+  cp_free(&pl);
+  return ok;
+}
+
+ad_status ad_tape_compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep) {
+  if (!t) return ad__set_last(AD_ERR_NULL, "ad_tape_compact: tape is NULL");
+  if (t->status != AD_OK) return t->status;
+  if (!marker_ok(t, m)) {
+    ad__fail(t, AD_ERR_ARG,
+             "ad_tape_compact: the marker was not made by ad_mark on this tape "
+             "or lies past the tape's current point");
+    return t->status;
+  }
+  if (n_keep < 0 || (n_keep > 0 && !keep)) {
+    ad__fail(t, n_keep < 0 ? AD_ERR_ARG : AD_ERR_NULL, "ad_tape_compact: keep (%d) is %s", n_keep,
+             n_keep < 0 ? "negative" : "NULL");
+    return t->status;
+  }
+  for (int i = 0; i < n_keep; i++) {
+    if (!keep[i]) {
+      ad__fail(t, AD_ERR_NULL, "ad_tape_compact: keep[%d] is NULL", i);
+      return t->status;
+    }
+    if (!ad__usable(t, "ad_tape_compact", "keep", i, keep[i])) return t->status;
+  }
+  cp_plan pl = {0};
+  if (!cp_make_plan(t, m, n_keep, keep, &pl)) {
+    if (pl.why)
+      ad__fail(t, AD_ERR_STATE, "ad_tape_compact: cannot compact: %s", pl.why);
+    else
+      ad__fail(t, AD_ERR_NOMEM, "ad_tape_compact: out of memory for the plan");
+    cp_free(&pl);
+    return t->status;
+  }
+  /* Fix pointers on the old copies: tensors, then nodes (a node's input
+   * array is read through its old address before that is replaced). */
+  for (size_t k = 0; k < pl.nt; k++) {
+    ad_tensor *x = pl.ts[k].x;
+    if (in_region(t, m, x->data)) {
+      void *d = cp_remap(t, m, &pl, x->data);
+      x->data = d;
+      if (!d) x->flags |= AD_FLAG_RELEASED;
+    }
+    if (in_region(t, m, x->node)) x->node = cp_remap(t, m, &pl, x->node);
+    if (in_region(t, m, x->grad)) x->grad = cp_remap(t, m, &pl, x->grad);
+    x->scratch = NULL;
+    x->gen = 0;
+  }
+  /* The live nodes, relinked (dead ones drop out of the list). */
+  ad_node *prev_new = m.last;
+  for (size_t q = 0; q < pl.nlive; q++) {
+    ad_node *n = pl.live[q], *nn = cp_remap(t, m, &pl, n);
+    for (int i = 0; i < n->n_in; i++) n->in[i] = cp_remap(t, m, &pl, n->in[i]);
+    if (n->in == n->in_inline)
+      n->in = nn->in_inline; /* the inline array moves with the node */
+    else
+      n->in = cp_remap(t, m, &pl, n->in);
+    n->out = cp_remap(t, m, &pl, n->out);
+    n->prev = prev_new;
+    n->next = q + 1 < pl.nlive ? cp_remap(t, m, &pl, pl.live[q + 1]) : NULL;
+    n->a.extra = cp_remap(t, m, &pl, n->a.extra);
+    n->mark = 0;
+    prev_new = nn;
+  }
+  ad_node *nf = pl.nlive ? cp_remap(t, m, &pl, pl.live[0]) : NULL;
+  if (m.last)
+    m.last->next = nf;
+  else
+    t->first = nf;
+  t->last = prev_new;
+  t->n_nodes = m.n_nodes + pl.nlive;
+  for (int i = 0; i < n_keep; i++) keep[i] = cp_remap(t, m, &pl, keep[i]);
+  /* Move, in address order (each moves down or stays: memmove is safe),
+   * with the whole region unpoisoned; then poison all but the survivors. */
+  size_t end_c = t->cur, end_o = t->off;
+  for (size_t c = m.chunk; c <= end_c; c++) {
+    size_t lo = c == m.chunk ? m.offset : 0, hi = c == end_c ? end_o : t->chunk_cap[c];
+    UNPOISON(t->chunk[c] + lo, hi - lo);
+  }
+  for (size_t k = 0; k < pl.n; k++)
+    if (pl.it[k].nw != pl.it[k].old) memmove(pl.it[k].nw, pl.it[k].old, pl.it[k].size);
+  for (size_t c = m.chunk; c <= end_c; c++) {
+    size_t lo = c == m.chunk ? m.offset : 0, hi = c == end_c ? end_o : t->chunk_cap[c];
+    POISON(t->chunk[c] + lo, hi - lo);
+  }
+  /* The new allocation point and `used` as ad_arena_alloc would count it:
+   * chunk tails skipped count as used, the end is 64-aligned. */
+  size_t c = m.chunk, o = m.offset, used = m.used;
+  for (size_t k = 0; k < pl.n; k++) {
+    size_t nc = 0, no = 0;
+    arena_pos(t, pl.it[k].nw, &nc, &no);
+    for (; c < nc; c++, o = 0) used += t->chunk_cap[c] - o;
+    used += no + pl.it[k].size - o;
+    o = no + pl.it[k].size;
+    UNPOISON(pl.it[k].nw, pl.it[k].size);
+  }
+  size_t oe = (o + AD_ALIGN - 1) & ~(size_t)(AD_ALIGN - 1);
+  if (oe > t->chunk_cap[c]) oe = t->chunk_cap[c];
+  used += oe - o;
+  t->cur = c;
+  t->off = oe;
+  t->used = used;
+  t->op_n = 0; /* the op context may point at moved tensors */
+  cp_free(&pl);
+  return AD_OK;
+}
+
+/* Why: the reverse sweep of one unrolled step makes several temporaries
+ * the size of the weights per node (an update's rule alone makes five),
+ * all dead once the next node has taken them in; a bump arena would hold
+ * every one until the caller rewinds. Compacting when the arena has grown
+ * by more than what was live at the last collection (at least 1 MiB)
+ * keeps the peak near the live set, and the memmove it costs is paid for
+ * by the growth in between, so it stays a small fraction of the sweep. */
+void ad__sweep_collect(ad_tape *t, ad__sweep_gc *gc, ad_node *const *nodes, ptrdiff_t k,
+                       ptrdiff_t count, unsigned gen) {
+  if (t->status != AD_OK || t->record || t->last != gc->m.last) return;
+  size_t since = t->used - gc->m.used, budget = gc->budget ? gc->budget : (size_t)1 << 20;
+  if (since < budget) return;
+  size_t cap = (size_t)gc->n_in + (size_t)k, nk = 0;
+  for (ptrdiff_t j = 0; j < count; j++) cap += (size_t)nodes[j]->n_in;
+  ad_tensor **own = malloc(cap * sizeof *own), **keep = malloc(cap * sizeof *keep);
+  if (!own || !keep) {
+    free(own);
+    free(keep);
+    return; /* no collection: the sweep goes on as before */
+  }
+#define GC_TAKE(x)                                                                                 \
+  do {                                                                                             \
+    ad_tensor *x_ = (x);                                                                           \
+    if (x_->gen == gen && x_->scratch) {                                                           \
+      own[nk] = x_;                                                                                \
+      keep[nk++] = x_->scratch;                                                                    \
+    }                                                                                              \
+  } while (0)
+  for (ptrdiff_t j = 0; j < k; j++) GC_TAKE(nodes[j]->out);
+  for (ptrdiff_t j = 0; j < count; j++)
+    for (int i = 0; i < nodes[j]->n_in; i++) GC_TAKE(nodes[j]->in[i]);
+  for (int i = 0; i < gc->n_in; i++) GC_TAKE(gc->inputs[i]);
+#undef GC_TAKE
+  /* Stamps are read through own[] below; compaction resets the stamps of
+   * the tensors it moves, which are gradients here, never graph tensors
+   * (those lie before m). */
+  if (ad_tape_compact(t, gc->m, (int)nk, keep) == AD_OK)
+    for (size_t j = 0; j < nk; j++) own[j]->scratch = keep[j];
+  size_t live = t->used - gc->m.used;
+  gc->budget = live > ((size_t)1 << 20) ? live : (size_t)1 << 20;
+  free(own);
+  free(keep);
 }

@@ -138,11 +138,11 @@ void ad_zero_grad(ad_tensor *t) {
 }
 
 double ad_get(const ad_tensor *t, int64_t i) {
-  if (!t || i < 0 || i >= t->size) return NAN;
+  if (!t || !t->data || i < 0 || i >= t->size) return NAN;
   return t->dtype == AD_F32 ? (double)AD_F(t)[i] : AD_D(t)[i];
 }
 void ad_set(ad_tensor *t, int64_t i, double v) {
-  if (!t || i < 0 || i >= t->size) return;
+  if (!t || !t->data || i < 0 || i >= t->size) return;
   if (t->dtype == AD_F32)
     AD_F(t)[i] = (float)v;
   else
@@ -154,6 +154,11 @@ double ad_item(const ad_tensor *t) {
 
 ad_status ad_copy_values(ad_tensor *dst, const ad_tensor *src) {
   if (!dst || !src) return ad__set_last(AD_ERR_NULL, "ad_copy_values: NULL tensor");
+  if (!dst->data || !src->data) /* values released by ad_tape_compact */
+    return ad__set_last(AD_ERR_ARG,
+                        "ad_copy_values: %s's values were released by "
+                        "ad_tape_compact",
+                        !src->data ? "src" : "dst");
   if (dst->size != src->size)
     return ad__set_last(AD_ERR_SHAPE, "ad_copy_values: %lld elements into %lld",
                         (long long)src->size, (long long)dst->size);
@@ -290,12 +295,12 @@ ad_tensor *ad_const(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, con
 }
 ad_tensor *ad_zeros_like(ad_tape *t, const ad_tensor *x) {
   if (!x) return ad__fail(t, AD_ERR_NULL, "ad_zeros_like: x is NULL");
-  if (t && !ad__usable(t, "ad_zeros_like", "input", 0, x)) return NULL;
+  if (t && !ad__usable_shape(t, "ad_zeros_like", "input", 0, x)) return NULL;
   return arena_tensor(t, "ad_zeros_like", x->dtype, x->ndim, x->shape, 1);
 }
 ad_tensor *ad_ones_like(ad_tape *t, const ad_tensor *x) {
   if (!x) return ad__fail(t, AD_ERR_NULL, "ad_ones_like: x is NULL");
-  if (t && !ad__usable(t, "ad_ones_like", "input", 0, x)) return NULL;
+  if (t && !ad__usable_shape(t, "ad_ones_like", "input", 0, x)) return NULL;
   return fill(arena_tensor(t, "ad_ones_like", x->dtype, x->ndim, x->shape, 0), 1.0);
 }
 ad_tensor *ad_randn(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, ad_rng *r) {

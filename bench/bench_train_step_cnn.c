@@ -4,8 +4,10 @@
  * bench/torch_twins.py.
  *
  *   x [64, 1, 28, 28]
- *   conv 3x3 16, pad 1 -> relu -> max pool 2   [64, 16, 14, 14]
- *   conv 3x3 32, pad 1 -> relu -> max pool 2   [64, 32, 7, 7]
+ *   conv 3x3 16, pad 1 -> relu + max pool 2   [64, 16, 14, 14]
+ *   conv 3x3 32, pad 1 -> relu + max pool 2   [64, 32, 7, 7]
+ * (relu + max pool: nn_relu_max_pool2d, the two fused; the same function
+ * as max pool then relu, which is how the twin writes it)
  *   flatten -> linear 1568 -> 10, cross-entropy
  *
  * The floor is the GEMMs this step cannot avoid, as nn_conv2d issues them
@@ -82,11 +84,12 @@ static int cnn_init(cnn_problem *c, uint64_t seed) {
 static ad_tensor *cnn_loss(cnn_problem *c) {
   ad_tape *t = c->tape;
   const nn_params *p = c->p;
-  ad_tensor *h = ad_relu(
-      t, nn_conv2d(t, c->x, nn_params_get(p, "conv1.w"), nn_params_get(p, "conv1.b"), 1, 1));
-  h = nn_max_pool2d(t, h, 2, 2, 0);
-  h = ad_relu(t, nn_conv2d(t, h, nn_params_get(p, "conv2.w"), nn_params_get(p, "conv2.b"), 1, 1));
-  h = nn_max_pool2d(t, h, 2, 2, 0);
+  /* relu then pool as one fused op (relu and max commute: the twin pools
+   * first and applies relu to the pooled tensor, the cheap order there) */
+  ad_tensor *h = nn_conv2d(t, c->x, nn_params_get(p, "conv1.w"), nn_params_get(p, "conv1.b"), 1, 1);
+  h = nn_relu_max_pool2d(t, h, 2, 2, 0);
+  h = nn_conv2d(t, h, nn_params_get(p, "conv2.w"), nn_params_get(p, "conv2.b"), 1, 1);
+  h = nn_relu_max_pool2d(t, h, 2, 2, 0);
   ad_tensor *z = nn_linear(t, nn_flatten(t, h), nn_params_get(p, "fc.w"), nn_params_get(p, "fc.b"));
   return ad_cross_entropy(t, z, c->labels, B);
 }

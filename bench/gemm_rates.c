@@ -49,9 +49,9 @@ static double batch_us(int f64, int ta, int tb, long m, long n, long k, void *a,
   return (bu_now_ms() - s) * 1e3 / (double)per;
 }
 
-static const char *const k_paths[] = {"direct",         "sup",         "sup+packA",
-                                      "sup+packB",      "packed",      "blis",
-                                      "packed:haswell", "packed:zen3", "packed:skx"};
+static const char *const k_paths[] = {"direct",     "sup",    "sup+packA",      "sup+packB",
+                                      "packed",     "blis",   "packed:haswell", "packed:zen3",
+                                      "packed:skx", "narrow", "narrow:avx512"};
 #define N_PATHS_TRY ((int)(sizeof k_paths / sizeof k_paths[0]))
 
 int main(int argc, char **argv) {

@@ -397,6 +397,33 @@ ad_status bl_curvature_product(ad_tape *t, const bl_problem *p, const bl_opts *o
 /* A per-task loss at parameters `params` (shaped like theta). */
 typedef ad_tensor *(*bl_task_loss_fn)(ad_tape *t, ad_tensor *const *params, int task, void *ctx);
 
+/* A batch of tasks' loss at stacked parameters: params[i] is
+ * [n, theta[i]'s shape...], index j of the leading axis holding task
+ * task0 + j's parameters; returns the SUM over those n tasks of the
+ * per-task losses, a scalar. Task task0 + j's loss must read only slice j
+ * (tasks are independent), so the gradient of the sum with respect to the
+ * stacked params holds, at each index, that task's own gradient. Written
+ * with the batched ops (ad_bmm, ad_add_batch_rowvec; elementwise ops and
+ * ad_mse take any shape), it runs the batch in one graph: one op per layer
+ * instead of one per task. An MLP x -> relu(x W1 + b1) W2 + b2 over tasks
+ * with X [n_tasks, K, d] and Y [n_tasks, K, 1] (bench/maml_bench.h and
+ * tests/test_bl_meta_batched.c run it with two hidden layers, the test
+ * against the per-task losses); ad_mse means over all n K points, so n
+ * times it is the sum of the per-task means:
+ *
+ *     static ad_tensor *support_batch(ad_tape *t, ad_tensor *const *p, int task0, int n,
+ *                                     void *ctx) {
+ *       const my_tasks *u = ctx;           // p: W1 [n, d, H], b1 [n, H], W2 [n, H, 1], b2 [n, 1]
+ *       ad_tensor *x = ad_slice(t, u->X, 0, task0, n), *y = ad_slice(t, u->Y, 0, task0, n);
+ *       ad_tensor *h = ad_relu(t, ad_add_batch_rowvec(t, ad_bmm(t, x, p[0], 0, 0), p[1]));
+ *       ad_tensor *out = ad_add_batch_rowvec(t, ad_bmm(t, h, p[2], 0, 0), p[3]);
+ *       return ad_scale(t, ad_mse(t, out, y), n);
+ *     }
+ *     p.support_batch = support_batch; p.query_batch = query_batch;  // (same on the query set)
+ */
+typedef ad_tensor *(*bl_batch_loss_fn)(ad_tape *t, ad_tensor *const *params, int task0, int n,
+                                       void *ctx);
+
 /* Meta-learning over tasks (MAML family):
  *   phi_i = Adapt_i(theta, lam)   (inner_steps steps of a step rule on the
  *                                  support loss, from phi = theta)
@@ -439,6 +466,21 @@ typedef struct {
   int n_lam;             /* adaptation hyperparameters, 0..NN_MAX_PARAMS */
   ad_tensor *const *lam; /* (heap; never modified) learned with theta: the user
                           * step's lam, or what opt's variables point at */
+  /* Optional, both or neither (bl_batch_loss_fn above): bl_maml and
+   * bl_fomaml then adapt batch_tasks tasks at a time (0: all n_tasks at
+   * once), on stacked parameters, in one graph per batch (support_loss /
+   * query_loss may then be NULL; bl_imaml needs them and ignores these).
+   * The results equal the per-task path's up to rounding. A batch's graph
+   * is rewound before the next, so batch_tasks bounds the arena (and a
+   * batch that stays in cache runs faster than a larger one). theta[i] of at most 3 dimensions (the
+   * task axis makes 4). The stacked phi starts as theta repeated n_tasks times (its adjoint sums
+   * the tasks' meta-gradients); the step rule runs on the stacked tensors: the library optimizers
+   * act elementwise, and their per- parameter variables (lr_vars, weight_decay_vars, Meta-SGD's
+   * rates) shaped like theta[i] are repeated over tasks for them; a user step gets the stacked w, g
+   * and state and the unstacked lam (a rate shaped like theta[i] must be repeated by the step,
+   * ad_broadcast_axis(t, rate, 0, w[i]->shape[0], 0)). */
+  bl_batch_loss_fn support_batch, query_batch;
+  int batch_tasks; /* tasks per batched graph (0: n_tasks; >= 0) */
 } bl_meta_problem;
 
 /* Every meta method: fills meta_grad[k] (caller's heap tensors, n_theta +

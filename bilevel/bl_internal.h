@@ -313,12 +313,14 @@ ad_status bl__val_grad(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, do
  * then takes one chunk's VJP (one ad_grad), copies the adjoints into
  * long-lived buffers and rewinds that chunk's graph and backward: the peak
  * is the segment's forward tape plus one chunk's backward.
- * Why chunks and not single steps: an ad_grad call scans the whole tape
- * (stamping forward from its first node, sweeping back to it), so T calls
- * cost O(T^2) node visits, cache misses mostly. chunk <= 0 picks
- * ceil((to - from) / BL_SEGMENT_CHUNKS): at most that many calls, so the
- * scans stay linear in T, while the backward held at once is at most
- * 1/BL_SEGMENT_CHUNKS of the forward tape.
+ * Each recorded step is compacted (ad_tape_compact: only what the
+ * derivative rules read is kept, plus w and the state), unless the tape is
+ * kept (o.keep_tape). chunk <= 0 then picks one step per chunk: the
+ * backward held at once is one step's, and ad_grad walks only the graph
+ * reachable from a chunk's outputs (the cut stops it), so T calls stay
+ * linear in T. With a kept tape it picks ceil((to - from) /
+ * BL_SEGMENT_CHUNKS), the backward held at once at most 1/BL_SEGMENT_CHUNKS
+ * of the forward tape.
  *   record:  from values (w_from, s_from) — copied, so in-place buffers may
  *            change afterwards — records the steps with r->lam / r->opt;
  *            w_end / s_end are leaf views of w_to and the state after it.

@@ -106,6 +106,22 @@ static ad_status check_problem(bl_run *r, const bl_problem *p, ad_tensor *const 
   return AD_OK;
 }
 
+/* lam's leaves for a call: views of the caller's tensors, not copies, when
+ * the tape is rewound at the end of the call (no o.keep_tape). No method
+ * writes the caller's lam during a call (perturbations go to copies), and
+ * a copy would hold another lam-sized buffer (as large as w, for
+ * per-parameter hyperparameters) through the whole call; in an unroll that
+ * is a w-sized share of the peak. A kept tape outlives the call and lam may
+ * be updated in place afterwards, so it gets copies, as ad_detach makes. */
+static ad_tensor *lam_leaf(ad_tape *t, ad_tensor *x, int share) {
+  if (!share || !(x->flags & AD_FLAG_HEAP)) return bl__leaf_view(t, x);
+  ad_tensor *v = ad__view(t, x, x->ndim, x->shape);
+  if (!v) return NULL;
+  v->flags &= ~(unsigned)AD_FLAG_OP; /* a leaf, as ad_detach's */
+  ad_requires_grad(v, 1);
+  return v;
+}
+
 ad_status bl__begin(bl_run *r, const char *who, ad_tape *t, const bl_problem *p, const bl_opts *o,
                     ad_tensor *const *hg, int64_t min_steps) {
   memset(r, 0, sizeof *r);
@@ -126,7 +142,7 @@ ad_status bl__begin(bl_run *r, const char *who, ad_tape *t, const bl_problem *p,
   r->begun = 1;
   ad_arena_reset_peak(t);
   for (int k = 0; k < p->n_lam; k++) {
-    r->lam[k] = bl__leaf_view(t, p->lam[k]);
+    r->lam[k] = lam_leaf(t, p->lam[k], !r->o.keep_tape);
     if (!r->lam[k]) return ad_tape_status(t);
   }
   bl__cfg_map(p, r->lam, &r->opt);
@@ -539,7 +555,13 @@ ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from
   int64_t len = to - from;
   ad_tensor *tmp[BL_MAX_STATE];
   memset(sg, 0, sizeof *sg);
-  if (chunk <= 0) chunk = (len + BL_SEGMENT_CHUNKS - 1) / BL_SEGMENT_CHUNKS;
+  /* Default: one step per chunk when steps are compacted (below): the
+   * forward kept per step is then about what the rules read, and the
+   * backward of one chunk (every temporary of its reverse sweep, held until
+   * the chunk is rewound) is the other term of the peak, so the smallest
+   * chunk gives the lowest peak; per-chunk bookkeeping is a few leaf views.
+   * Uncompacted (a kept tape) the old ceil(len / BL_SEGMENT_CHUNKS). */
+  if (chunk <= 0) chunk = r->o.keep_tape ? (len + BL_SEGMENT_CHUNKS - 1) / BL_SEGMENT_CHUNKS : 1;
   if (chunk < 1) chunk = 1;
   sg->from = from;
   sg->to = to;
@@ -567,8 +589,28 @@ ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from
       for (int i = 0; i < n; i++) in[i] = w[i];
       bl__state_list(&s, in + n);
     }
+    ad_marker ms = ad_mark(t);
     st = bl__step_recorded(r, r->lam, w, &s, k, NULL, wn);
     if (st) break;
+    /* Compact the step: of everything it made (the forward, its recorded
+     * backward, the update) the reverse pass needs only the graph and the
+     * values its derivative rules read, plus w_{k+1} and the new state,
+     * which the next step, the chunk bookkeeping and the caller use. This
+     * is what makes the recorded unroll hold about what PyTorch's saved
+     * tensors hold, not every temporary. The chunk marks (taken at or
+     * before ms) stay valid: compaction only moves what follows ms. A
+     * step whose graph compaction cannot move (an op holding arena data of
+     * undeclared size) is left as it is; a kept tape (o.keep_tape, for
+     * inspection) is left whole too. */
+    if (!r->o.keep_tape && ad__compactable(t, ms)) {
+      ad_tensor *keep[NN_MAX_PARAMS + BL_MAX_STATE];
+      for (int i = 0; i < n; i++) keep[i] = wn[i];
+      for (int j = 0; j < s.n; j++) keep[n + j] = s.b[j];
+      st = ad_tape_compact(t, ms, n + s.n, keep);
+      if (st) break;
+      for (int i = 0; i < n; i++) wn[i] = keep[i];
+      for (int j = 0; j < s.n; j++) s.b[j] = keep[n + j];
+    }
     for (int i = 0; i < n; i++) w[i] = wn[i];
     if ((k - from) % chunk != chunk - 1 && k != to - 1) continue;
     /* A chunk ends: its outputs, then the cut — the next chunk starts from

@@ -1114,52 +1114,23 @@ static uint32_t crc_of(const unsigned char *p, size_t n) {
   return (uint32_t)crc;
 }
 
-typedef struct {
-  unsigned char *p;
-  size_t n, cap;
-  int oom;
-} buf;
-
-static void put(buf *b, const void *src, size_t n) {
-  if (b->oom) return;
-  if (b->n + n > b->cap) {
-    size_t cap = b->cap ? b->cap : 4096;
-    while (cap < b->n + n) cap *= 2;
-    unsigned char *p = realloc(b->p, cap);
-    if (!p) {
-      b->oom = 1;
-      return;
-    }
-    b->p = p;
-    b->cap = cap;
-  }
-  memcpy(b->p + b->n, src, n);
-  b->n += n;
-}
-
-static void put_u(buf *b, uint64_t v, int bytes) {
-  unsigned char c[8];
-  for (int i = 0; i < bytes; i++) c[i] = (unsigned char)(v >> (8 * i));
-  put(b, c, (size_t)bytes);
-}
-
-static void put_f64(buf *b, double x) {
+static void put_f64(ad__bytebuf *b, double x) {
   uint64_t u;
   memcpy(&u, &x, 8);
-  put_u(b, u, 8);
+  ad__bytebuf_put_le(b, u, 8);
 }
 
-static void put_tensor(buf *b, const ad_tensor *x) {
-  put_u(b, (uint64_t)x->dtype, 1);
-  put_u(b, (uint64_t)x->ndim, 1);
-  for (int d = 0; d < x->ndim; d++) put_u(b, (uint64_t)x->shape[d], 8);
+static void put_tensor(ad__bytebuf *b, const ad_tensor *x) {
+  ad__bytebuf_put_le(b, (uint64_t)x->dtype, 1);
+  ad__bytebuf_put_le(b, (uint64_t)x->ndim, 1);
+  for (int d = 0; d < x->ndim; d++) ad__bytebuf_put_le(b, (uint64_t)x->shape[d], 8);
   for (int64_t i = 0; i < x->size; i++) {
     if (x->dtype == AD_F64) {
       put_f64(b, ((const double *)x->data)[i]);
     } else {
       uint32_t u;
       memcpy(&u, (const float *)x->data + i, 4);
-      put_u(b, u, 4);
+      ad__bytebuf_put_le(b, u, 4);
     }
   }
 }
@@ -1178,40 +1149,40 @@ static int state_list(level *L, ad_tensor **out) {
   return k;
 }
 
-static ad_status encode(bl_engine *e, buf *b) {
-  put(b, MAGIC, 8);
-  put_u(b, BL_ENGINE_STATE_VERSION, 4);
-  put_u(b, (uint64_t)e->n, 4);
-  put_u(b, (uint64_t)e->steps_done, 8);
-  put_u(b, (uint64_t)e->n_val, 8);
-  put_u(b, (uint64_t)e->bad, 8);
+static ad_status encode(bl_engine *e, ad__bytebuf *b) {
+  ad__bytebuf_put(b, MAGIC, 8);
+  ad__bytebuf_put_le(b, BL_ENGINE_STATE_VERSION, 4);
+  ad__bytebuf_put_le(b, (uint64_t)e->n, 4);
+  ad__bytebuf_put_le(b, (uint64_t)e->steps_done, 8);
+  ad__bytebuf_put_le(b, (uint64_t)e->n_val, 8);
+  ad__bytebuf_put_le(b, (uint64_t)e->bad, 8);
   put_f64(b, e->best);
   put_f64(b, e->best_step);
   put_f64(b, e->last_metric);
   put_f64(b, e->hg_norm);
-  for (int i = 0; i < 4; i++) put_u(b, e->rng.s[i], 8);
+  for (int i = 0; i < 4; i++) ad__bytebuf_put_le(b, e->rng.s[i], 8);
   put_f64(b, e->rng.spare);
-  put_u(b, (uint64_t)e->rng.has_spare, 4);
+  ad__bytebuf_put_le(b, (uint64_t)e->rng.has_spare, 4);
   for (int i = 0; i < e->n; i++) {
     level *L = &e->lv[i];
     size_t len = strlen(L->name);
-    put_u(b, len, 2);
-    put(b, L->name, len);
-    put_u(b, (uint64_t)L->count, 8);
-    put_u(b, (uint64_t)L->k, 8);
-    put_u(b, (uint64_t)L->draws, 8);
-    put_u(b, (uint64_t)L->pending, 4);
+    ad__bytebuf_put_le(b, len, 2);
+    ad__bytebuf_put(b, L->name, len);
+    ad__bytebuf_put_le(b, (uint64_t)L->count, 8);
+    ad__bytebuf_put_le(b, (uint64_t)L->k, 8);
+    ad__bytebuf_put_le(b, (uint64_t)L->draws, 8);
+    ad__bytebuf_put_le(b, (uint64_t)L->pending, 4);
     put_f64(b, L->last_loss);
-    put_u(b, (uint64_t)L->n, 4);
+    ad__bytebuf_put_le(b, (uint64_t)L->n, 4);
     for (int j = 0; j < L->n; j++) put_tensor(b, L->params[j]);
     ad_tensor *sl[NN_MAX_PARAMS * BL_STEP_MAX_SLOTS];
     int ns = state_list(L, sl);
-    put_u(b, (uint64_t)(L->user ? 0 : L->os.step), 8);
-    put_u(b, (uint64_t)ns, 4);
+    ad__bytebuf_put_le(b, (uint64_t)(L->user ? 0 : L->os.step), 8);
+    ad__bytebuf_put_le(b, (uint64_t)ns, 4);
     for (int j = 0; j < ns; j++) put_tensor(b, sl[j]);
   }
   uint32_t crc = crc_of(b->p, b->n);
-  put_u(b, crc, 4);
+  ad__bytebuf_put_le(b, crc, 4);
   if (b->oom) return efail(e, AD_ERR_NOMEM, "bl_engine_save: out of memory");
   return AD_OK;
 }
@@ -1220,10 +1191,10 @@ ad_status bl_engine_save(bl_engine *e, const char *path) {
   ad_status s = need_built(e, "bl_engine_save");
   if (s) return s;
   if (!path) return efail(e, AD_ERR_NULL, "bl_engine_save: path is NULL");
-  buf b = {0};
+  ad__bytebuf b = {0};
   s = encode(e, &b);
   if (s) {
-    free(b.p);
+    ad__bytebuf_free(&b);
     return s;
   }
   ad__afile af;
@@ -1235,7 +1206,7 @@ ad_status bl_engine_save(bl_engine *e, const char *path) {
       s = efail(e, AD_ERR_IO, "bl_engine_save: cannot create a temporary file %s: %s", af.tmp,
                 strerror(err));
     ad__afile_finish(&af, path, err);
-    free(b.p);
+    ad__bytebuf_free(&b);
     return s;
   }
   size_t off = 0;
@@ -1253,7 +1224,7 @@ ad_status bl_engine_save(bl_engine *e, const char *path) {
               "bl_engine_save: writing %s failed: %s (the old file, if any, is "
               "unchanged)",
               path, strerror(err));
-  free(b.p);
+  ad__bytebuf_free(&b);
   return s;
 }
 
@@ -1439,17 +1410,15 @@ ad_status bl_engine_load(bl_engine *e, const char *path) {
   if (!path) return efail(e, AD_ERR_NULL, "bl_engine_load: path is NULL");
   FILE *f = fopen(path, "rb");
   if (!f) return efail(e, AD_ERR_IO, "bl_engine_load: cannot open %s: %s", path, strerror(errno));
-  buf b = {0};
-  unsigned char chunk[65536];
-  size_t k;
-  while ((k = fread(chunk, 1, sizeof chunk, f)) > 0) put(&b, chunk, k);
+  ad__bytebuf b = {0};
+  ad__bytebuf_read(&b, f);
   int err = ferror(f);
   fclose(f);
   if (err || b.oom) {
-    free(b.p);
+    ad__bytebuf_free(&b);
     return efail(e, err ? AD_ERR_IO : AD_ERR_NOMEM, "bl_engine_load: cannot read %s", path);
   }
   s = bl_engine_load_bytes(e, b.p, b.n);
-  free(b.p);
+  ad__bytebuf_free(&b);
   return s;
 }

@@ -131,6 +131,8 @@ typedef struct {
   bl_step step;                      /* the adaptation rule */
   bl_meta_opt opt;                   /* *p->opt as a step (when opt is set) */
   double lr;                         /* plain SGD: p->inner_lr */
+  int batched;                       /* maml/fomaml on p->support_batch / query_batch */
+  bl_cfg_map bopt;                   /* batched: opt with its per-parameter variables stacked */
 } bl_meta_run;
 
 /* Checks t, p (callbacks, theta and lam of one dtype, n_tasks >= 1, the
@@ -160,6 +162,17 @@ ad_status bl__meta_state_new(bl_meta_run *r, ad_tensor **state);
  * (phi, state, g) -> (phi_new, state_new) at step index k, lam = r->lam.
  * Checks what the rule returned (non-NULL, shaped like phi, one dtype) and
  * names the rule in the error. */
+/* The batched path (p->support_batch), for a batch of n_tasks tasks:
+ * phi = theta stacked over them ([n_tasks, theta[i]...], recorded), the
+ * step's state zeros shaped like it, and for the library optimizer a cfg
+ * whose per-parameter variables are stacked too (r->step.ctx then points
+ * at it). */
+ad_status bl__meta_batch_begin(bl_meta_run *r, int n_tasks, ad_tensor **phi, ad_tensor **state);
+/* Calls a batched loss for tasks task0 .. task0 + n - 1 and checks it
+ * returned a scalar. */
+ad_tensor *bl__batch_loss(bl_meta_run *r, bl_batch_loss_fn f, const char *which,
+                          ad_tensor *const *phi, int task0, int n);
+
 ad_status bl__meta_step(bl_meta_run *r, ad_tensor *const *phi, ad_tensor *const *state,
                         ad_tensor *const *g, int64_t k, ad_tensor **phi_new, ad_tensor **state_new);
 

@@ -169,8 +169,14 @@ static ad_status check_meta(bl_meta_run *r, const bl_meta_problem *p, ad_tensor 
                             int64_t min_steps, int imaml) {
   bl_run *b = &r->base;
   if (!p) return bl__fail(b, AD_ERR_NULL, "problem is NULL");
-  if (!p->support_loss || !p->query_loss)
-    return bl__fail(b, AD_ERR_NULL, "support_loss or query_loss callback is NULL");
+  int n_batch = (p->support_batch != NULL) + (p->query_batch != NULL);
+  if (n_batch == 1)
+    return bl__fail(b, AD_ERR_ARG, "%s is set but %s is NULL; give both batched losses or neither",
+                    p->support_batch ? "support_batch" : "query_batch",
+                    p->support_batch ? "query_batch" : "support_batch");
+  if ((!p->support_loss || !p->query_loss) && (imaml || !n_batch))
+    return bl__fail(b, AD_ERR_NULL, "support_loss or query_loss callback is NULL%s",
+                    n_batch ? " (bl_imaml has no batched path: it needs the per-task losses)" : "");
   if (p->n_theta <= 0 || p->n_theta > NN_MAX_PARAMS)
     return bl__fail(b, AD_ERR_ARG, "theta: %d tensors (1..%d allowed)", p->n_theta, NN_MAX_PARAMS);
   if (!p->theta || !mg) return bl__fail(b, AD_ERR_NULL, "theta or the output is NULL");
@@ -187,6 +193,17 @@ static ad_status check_meta(bl_meta_run *r, const bl_meta_problem *p, ad_tensor 
     }
   }
   if (p->n_tasks <= 0) return bl__fail(b, AD_ERR_ARG, "n_tasks is %d", p->n_tasks);
+  if (p->batch_tasks < 0)
+    return bl__fail(b, AD_ERR_ARG, "batch_tasks is %d (>= 0; 0 = all tasks)", p->batch_tasks);
+  /* The batched path adds a leading task axis to every theta[i]. */
+  for (int i = 0; n_batch && !imaml && i < p->n_theta; i++)
+    if (p->theta[i]->ndim > AD_MAX_DIMS - 1) {
+      char a[96];
+      return bl__fail(b, AD_ERR_SHAPE,
+                      "theta[%d] is %s; the batched losses stack theta over tasks, which needs "
+                      "at most %d dimensions",
+                      i, ad_shape_str(p->theta[i], a, sizeof a), AD_MAX_DIMS - 1);
+    }
   ad_status s = check_lam(r, mg, imaml);
   if (!s) s = check_adaptation(r, imaml);
   if (!s) s = check_lam_read(r);
@@ -258,6 +275,7 @@ ad_status bl__meta_begin(bl_meta_run *r, const char *who, ad_tape *t, const bl_m
   b->recording = ad_set_recording(t, 1);
   b->begun = 1;
   ad_arena_reset_peak(t);
+  r->batched = !imaml && p->support_batch && p->query_batch;
   r->n_meta = p->n_theta + p->n_lam;
   for (int i = 0; i < p->n_theta; i++) {
     r->theta[i] = bl__leaf_view(t, p->theta[i]);
@@ -325,4 +343,64 @@ ad_status bl__meta_step(bl_meta_run *r, ad_tensor *const *phi, ad_tensor *const 
   for (int i = 0; !s && i < n; i++) s = check_out(r, "w_new", i, phi_new[i], phi[i]);
   for (int j = 0; !s && j < ns; j++) s = check_out(r, "state_new", j, state_new[j], state[j]);
   return s;
+}
+
+/* ---------------------------------------------------------------- the batched path */
+
+/* x (shaped like theta[i], or of its size) repeated over the tasks:
+ * [n_tasks, theta[i]'s shape]. Its adjoint sums over tasks. */
+static ad_tensor *stack(bl_meta_run *r, ad_tensor *x, int i, int n_tasks) {
+  ad_tape *t = r->base.t;
+  const ad_tensor *like = r->p->theta[i];
+  if (!ad_same_shape(x, like)) x = ad_reshape(t, x, like->ndim, like->shape);
+  return ad_broadcast_axis(t, x, 0, n_tasks, 0);
+}
+
+ad_status bl__meta_batch_begin(bl_meta_run *r, int n_tasks, ad_tensor **phi, ad_tensor **state) {
+  const bl_meta_problem *p = r->p;
+  ad_tape *t = r->base.t;
+  int n = p->n_theta;
+  for (int i = 0; i < n; i++)
+    if (!(phi[i] = stack(r, r->theta[i], i, n_tasks))) return ad_tape_status(t);
+  for (int k = 0; k < r->step.slots; k++) {
+    ad_status s = bl__zeros_new(&r->base, n, phi, state + k * n);
+    if (s) return s;
+  }
+  if (r->step.fn != bl__cfg_step) return AD_OK;
+  /* The optimizer's per-parameter variables shaped like theta[i] must
+   * match the stacked phi: repeat them over tasks (recorded, so their
+   * meta-gradient is the sum of the tasks'). Size-1 ones broadcast as they
+   * are. */
+  const nn_opt_cfg *c = &r->opt.map.cfg;
+  r->bopt.cfg = *c;
+  for (int i = 0; i < n; i++) {
+    ad_tensor *lv = c->lr_vars ? c->lr_vars[i] : NULL;
+    ad_tensor *dv = c->weight_decay_vars ? c->weight_decay_vars[i] : NULL;
+    r->bopt.lr_vars[i] = lv && lv->size != 1 ? stack(r, lv, i, n_tasks) : lv;
+    r->bopt.wd_vars[i] = dv && dv->size != 1 ? stack(r, dv, i, n_tasks) : dv;
+  }
+  if (ad_tape_status(t)) return ad_tape_status(t);
+  if (c->lr_vars) r->bopt.cfg.lr_vars = r->bopt.lr_vars;
+  if (c->weight_decay_vars) r->bopt.cfg.weight_decay_vars = r->bopt.wd_vars;
+  r->step.ctx = &r->bopt.cfg;
+  return AD_OK;
+}
+
+ad_tensor *bl__batch_loss(bl_meta_run *r, bl_batch_loss_fn f, const char *which,
+                          ad_tensor *const *phi, int task0, int n) {
+  bl_run *b = &r->base;
+  ad_tensor *L = f(b->t, phi, task0, n, r->p->ctx);
+  if (ad_tape_status(b->t) != AD_OK) return NULL;
+  if (!L) {
+    bl__fail(b, AD_ERR_NULL, "%s returned NULL (tasks %d..%d)", which, task0, task0 + n - 1);
+    return NULL;
+  }
+  if (L->size != 1) {
+    char a[96];
+    bl__fail(b, AD_ERR_SHAPE,
+             "%s returned %s (tasks %d..%d); the sum over the tasks (a scalar) is needed", which,
+             ad_shape_str(L, a, sizeof a), task0, task0 + n - 1);
+    return NULL;
+  }
+  return L;
 }

@@ -34,7 +34,13 @@ ad_status bl_unroll(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor
   ad_tensor *w[NN_MAX_PARAMS], *aw[NN_MAX_PARAMS], *as[BL_MAX_STATE], *glam[NN_MAX_PARAMS];
   ad_tensor *gw_T[NN_MAX_PARAMS], *glam_T[NN_MAX_PARAMS], *sb[BL_MAX_STATE];
   bl_state os = {0};
-  s = bl__w0_copy(&r, w);
+  /* Writable copies of w0 only when steps run in place before the cut: the
+   * recorded segment copies its start itself, so a full unroll reads the
+   * caller's w0 (never written) and saves one weight-sized buffer. */
+  if (start > 0)
+    s = bl__w0_copy(&r, w);
+  else
+    for (int i = 0; i < n; i++) w[i] = p->w0[i];
   if (!s) s = bl__state_new(&r, &os);
   int ns = bl__state_list(&os, sb);
   if (!s) s = bl__zeros_new(&r, n, w, aw);

@@ -74,7 +74,7 @@ static void attr_slope(const ad_node *n, char *buf, size_t len) {
 static void vjp_gelu(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin, const int *need) {
   if (need[0]) gin[0] = nn_gelu_backward(t, g, n->in[0]);
 }
-static const ad_op_def OP_GELU = {"gelu", vjp_gelu, NULL};
+static const ad_op_def OP_GELU = {"gelu", vjp_gelu, NULL, {0}};
 
 ad_tensor *nn_gelu(ad_tape *t, ad_tensor *x) {
   if (!ad__check(t, "nn_gelu", 1, &x)) return NULL;
@@ -101,7 +101,7 @@ static void vjp_gelu_backward(ad_tape *t, const ad_node *n, ad_tensor *h, ad_ten
     gin[1] = ad_mul(t, ad_mul(t, h, g), g2);
   }
 }
-static const ad_op_def OP_GELU_BACKWARD = {"gelu_backward", vjp_gelu_backward, NULL};
+static const ad_op_def OP_GELU_BACKWARD = {"gelu_backward", vjp_gelu_backward, NULL, {0}};
 
 ad_tensor *nn_gelu_backward(ad_tape *t, ad_tensor *g, ad_tensor *x) {
   ad_tensor *out = backward_out(t, "nn_gelu_backward", g, x);
@@ -123,7 +123,7 @@ static void vjp_leaky(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gi
                       const int *need) {
   if (need[0]) gin[0] = nn_leaky_relu_backward(t, g, n->in[0], n->a.c);
 }
-static const ad_op_def OP_LEAKY = {"leaky_relu", vjp_leaky, attr_slope};
+static const ad_op_def OP_LEAKY = {"leaky_relu", vjp_leaky, attr_slope, {0}};
 
 /* A slope must be a finite number in the dtype it is used in: a NaN or Inf
  * slope would turn every negative input into NaN or Inf with no error. */
@@ -155,7 +155,8 @@ static void vjp_leaky_backward(ad_tape *t, const ad_node *n, ad_tensor *h, ad_te
                                const int *need) {
   if (need[0]) gin[0] = nn_leaky_relu_backward(t, h, n->in[1], n->a.c);
 }
-static const ad_op_def OP_LEAKY_BACKWARD = {"leaky_relu_backward", vjp_leaky_backward, attr_slope};
+static const ad_op_def OP_LEAKY_BACKWARD = {
+    "leaky_relu_backward", vjp_leaky_backward, attr_slope, {0}};
 
 ad_tensor *nn_leaky_relu_backward(ad_tape *t, ad_tensor *g, ad_tensor *x, double slope) {
   ad_tensor *in[2] = {g, x};

@@ -190,7 +190,7 @@ static void gemm(ad_dtype dt, int ta, int tb, int64_t m, int64_t n, int64_t k, c
     ad_gemm_f64(ta, tb, m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc);
 }
 
-/* first: this is the op's first image into this col workspace. */
+/* first: this is the first image into this col workspace. */
 static void im2col(ad_dtype dt, const void *x, void *col, const conv_geom *g, int first) {
   int same = is_same_width(g);
   if (dt == AD_F32)
@@ -213,22 +213,73 @@ static void col2im(ad_dtype dt, void *col, void *x, const conv_geom *g) {
   }
 }
 
-/* y [N, K, P, Q] = conv(x, w) (+ b per channel). */
+/* The per-image loops go in chunks of as many images as there are worker
+ * threads: the im2col (col2im) of a chunk's images runs split over the
+ * threads, each image into its own slot of the workspace, and the GEMMs
+ * (threaded by the BLAS) run between. One thread: chunks of one image,
+ * whose workspace stays in cache from its im2col to its GEMM. Every image's
+ * work is the same whatever the split, so results do not depend on it. */
+typedef struct {
+  ad_dtype dt;
+  const conv_geom *g;
+  char *x;    /* image 0 of the chunk ([C, H, W] each) */
+  char *col;  /* slot 0 of the chunk */
+  int64_t ld; /* elements from one slot to the next */
+  int first;  /* the slots are new: zero what the same-width path only zeroes once */
+  int ones;   /* im2col: set row C*R*S to ones (the bias row) when first */
+  int zero_x; /* col2im: zero x_n before adding into it */
+} col_job;
+
+static void im2col_part(void *ctx, int part, int64_t lo, int64_t hi) {
+  (void)part;
+  const col_job *j = ctx;
+  const conv_geom *g = j->g;
+  size_t es = ad_dtype_size(j->dt);
+  int64_t chw = g->c * g->h * g->w, crs = g->c * g->r * g->s, pq = g->p * g->q;
+  for (int64_t i = lo; i < hi; i++) {
+    char *col = j->col + (size_t)(i * j->ld) * es;
+    im2col(j->dt, j->x + (size_t)(i * chw) * es, col, g, j->first);
+    if (j->ones && j->first) {
+      if (j->dt == AD_F32)
+        for (int64_t e = 0; e < pq; e++) ((float *)col)[crs * pq + e] = 1.0f;
+      else
+        for (int64_t e = 0; e < pq; e++) ((double *)col)[crs * pq + e] = 1.0;
+    }
+  }
+}
+
+static void col2im_part(void *ctx, int part, int64_t lo, int64_t hi) {
+  (void)part;
+  const col_job *j = ctx;
+  const conv_geom *g = j->g;
+  size_t es = ad_dtype_size(j->dt);
+  int64_t chw = g->c * g->h * g->w;
+  for (int64_t i = lo; i < hi; i++) {
+    char *xn = j->x + (size_t)(i * chw) * es;
+    if (j->zero_x) memset(xn, 0, (size_t)chw * es);
+    col2im(j->dt, j->col + (size_t)(i * j->ld) * es, xn, g);
+  }
+}
+
+/* Images per chunk: the number of parts a loop over all of them takes. */
+static int64_t chunk_of(const conv_geom *g) {
+  return ad__par_parts(g->n, 1);
+}
+
+/* y [N, K, P, Q] = conv(x, w) (+ b per channel).
+ * The bias rides in the GEMM: col gets a row of ones and W a column b, so
+ * y_n = [W b] [col; 1] with beta 0: no pass filling y_n with b first and
+ * no read of it back in the GEMM, for one more step of depth. */
 static int conv_forward(ad_tape *t, const conv_geom *g, const ad_tensor *x, const ad_tensor *w,
                         const ad_tensor *b, ad_tensor *y) {
   ad_dtype dt = x->dtype;
   size_t es = ad_dtype_size(dt);
   int64_t crs = g->c * g->r * g->s, pq = g->p * g->q, chw = g->c * g->h * g->w;
-  int pw = is_pointwise(g);
-  void *col = pw ? NULL : ad_arena_alloc(t, (size_t)(crs * pq) * es);
-  if (!pw && !col) return 0;
-  for (int64_t n = 0; n < g->n; n++) {
-    const char *xn = (const char *)x->data + (size_t)(n * chw) * es;
-    char *yn = (char *)y->data + (size_t)(n * g->k * pq) * es;
-    if (!pw) im2col(dt, xn, col, g, n == 0);
-    double beta = 0.0;
-    if (b) { /* start from the bias, and let the GEMM add W col onto it */
-      for (int64_t k = 0; k < g->k; k++) {
+  if (is_pointwise(g)) { /* x_n is col itself: the bias is filled in first */
+    for (int64_t n = 0; n < g->n; n++) {
+      const char *xn = (const char *)x->data + (size_t)(n * chw) * es;
+      char *yn = (char *)y->data + (size_t)(n * g->k * pq) * es;
+      for (int64_t k = 0; b && k < g->k; k++) {
         if (dt == AD_F32) {
           float v = AD_F(b)[k], *row = (float *)yn + k * pq;
           for (int64_t i = 0; i < pq; i++) row[i] = v;
@@ -237,10 +288,32 @@ static int conv_forward(ad_tape *t, const conv_geom *g, const ad_tensor *x, cons
           for (int64_t i = 0; i < pq; i++) row[i] = v;
         }
       }
-      beta = 1.0;
+      gemm(dt, 0, 0, g->k, pq, crs, w->data, crs, xn, pq, b ? 1.0 : 0.0, yn, pq);
     }
-    /* y_n [K, PQ] = W [K, CRS] col [CRS, PQ] */
-    gemm(dt, 0, 0, g->k, pq, crs, w->data, crs, pw ? xn : col, pq, beta, yn, pq);
+    return 1;
+  }
+  const int64_t kk = crs + (b != NULL), ld = kk * pq; /* GEMM depth, one image's col */
+  const void *a = w->data;
+  if (b) { /* [W b]: K rows of CRS + 1 */
+    char *wb = ad_arena_alloc(t, (size_t)(g->k * kk) * es);
+    if (!wb) return 0;
+    for (int64_t k = 0; k < g->k; k++) {
+      memcpy(wb + (size_t)(k * kk) * es, (const char *)w->data + (size_t)(k * crs) * es,
+             (size_t)crs * es);
+      memcpy(wb + (size_t)(k * kk + crs) * es, (const char *)b->data + (size_t)k * es, es);
+    }
+    a = wb;
+  }
+  const int64_t cs = chunk_of(g);
+  char *col = ad_arena_alloc(t, (size_t)(cs * ld) * es);
+  if (!col) return 0;
+  for (int64_t n0 = 0; n0 < g->n; n0 += cs) {
+    int64_t m = g->n - n0 < cs ? g->n - n0 : cs;
+    col_job j = {dt, g, (char *)x->data + (size_t)(n0 * chw) * es, col, ld, n0 == 0, b != NULL, 0};
+    ad__par_for(m, 1, im2col_part, &j);
+    for (int64_t i = 0; i < m; i++) /* y_n [K, PQ] = [W b] [K, CRS+1] [col; 1] [CRS+1, PQ] */
+      gemm(dt, 0, 0, g->k, pq, kk, a, kk, j.col + (size_t)(i * ld) * es, pq, 0.0,
+           (char *)y->data + (size_t)((n0 + i) * g->k * pq) * es, pq);
   }
   return 1;
 }
@@ -251,38 +324,55 @@ static int conv_bwd_input(ad_tape *t, const conv_geom *g, const ad_tensor *gy, c
   ad_dtype dt = gy->dtype;
   size_t es = ad_dtype_size(dt);
   int64_t crs = g->c * g->r * g->s, pq = g->p * g->q, chw = g->c * g->h * g->w;
-  int pw = is_pointwise(g);
-  void *col = pw ? NULL : ad_arena_alloc(t, (size_t)(crs * pq) * es);
-  if (!pw && !col) return 0;
-  for (int64_t n = 0; n < g->n; n++) {
-    const char *gn = (const char *)gy->data + (size_t)(n * g->k * pq) * es;
-    char *xn = (char *)gx->data + (size_t)(n * chw) * es;
-    /* colg [CRS, PQ] = W^T [CRS, K] G_n [K, PQ]; pointwise: straight into gx_n */
-    gemm(dt, 1, 0, crs, pq, g->k, w->data, crs, gn, pq, 0.0, pw ? xn : col, pq);
-    if (!pw) { /* gx_n zeroed per image (hot in cache for the adds), unless
-                * the centre tap's copy in col2im covers it anyway */
-      if (!has_centre_tap(g)) memset(xn, 0, (size_t)chw * es);
-      col2im(dt, col, xn, g);
-    }
+  if (is_pointwise(g)) { /* colg is gx_n itself */
+    for (int64_t n = 0; n < g->n; n++)
+      gemm(dt, 1, 0, crs, pq, g->k, w->data, crs,
+           (const char *)gy->data + (size_t)(n * g->k * pq) * es, pq, 0.0,
+           (char *)gx->data + (size_t)(n * chw) * es, pq);
+    return 1;
+  }
+  const int64_t cs = chunk_of(g), ld = crs * pq;
+  char *col = ad_arena_alloc(t, (size_t)(cs * ld) * es);
+  if (!col) return 0;
+  for (int64_t n0 = 0; n0 < g->n; n0 += cs) {
+    int64_t m = g->n - n0 < cs ? g->n - n0 : cs;
+    for (int64_t i = 0; i < m; i++) /* colg [CRS, PQ] = W^T [CRS, K] G_n [K, PQ] */
+      gemm(dt, 1, 0, crs, pq, g->k, w->data, crs,
+           (const char *)gy->data + (size_t)((n0 + i) * g->k * pq) * es, pq, 0.0,
+           col + (size_t)(i * ld) * es, pq);
+    /* gx_n zeroed per image (hot in cache for the adds), unless the centre
+     * tap's copy in col2im covers it anyway */
+    col_job j = {
+        dt, g, (char *)gx->data + (size_t)(n0 * chw) * es, col, ld, 0, 0, !has_centre_tap(g)};
+    ad__par_for(m, 1, col2im_part, &j);
   }
   return 1;
 }
 
-/* gw [K, C, R, S] = bwd_weight(x, G) = sum_n G_n [K, PQ] col_n^T [PQ, CRS]. */
+/* gw [K, C, R, S] = bwd_weight(x, G) = sum_n G_n [K, PQ] col_n^T [PQ, CRS],
+ * the sum in order of n. */
 static int conv_bwd_weight(ad_tape *t, const conv_geom *g, const ad_tensor *x, const ad_tensor *gy,
                            ad_tensor *gw) {
   ad_dtype dt = x->dtype;
   size_t es = ad_dtype_size(dt);
   int64_t crs = g->c * g->r * g->s, pq = g->p * g->q, chw = g->c * g->h * g->w;
-  int pw = is_pointwise(g);
-  void *col = pw ? NULL : ad_arena_alloc(t, (size_t)(crs * pq) * es);
-  if (!pw && !col) return 0;
-  for (int64_t n = 0; n < g->n; n++) {
-    const char *xn = (const char *)x->data + (size_t)(n * chw) * es;
-    const char *gn = (const char *)gy->data + (size_t)(n * g->k * pq) * es;
-    if (!pw) im2col(dt, xn, col, g, n == 0);
-    gemm(dt, 0, 1, g->k, crs, pq, gn, pq, pw ? xn : col, pq, n == 0 ? 0.0 : 1.0, gw->data, crs);
+#define GW_GEMM(n, colp)                                                                           \
+  gemm(dt, 0, 1, g->k, crs, pq, (const char *)gy->data + (size_t)((n)*g->k * pq) * es, pq, (colp), \
+       pq, (n) == 0 ? 0.0 : 1.0, gw->data, crs)
+  if (is_pointwise(g)) {
+    for (int64_t n = 0; n < g->n; n++) GW_GEMM(n, (const char *)x->data + (size_t)(n * chw) * es);
+    return 1;
   }
+  const int64_t cs = chunk_of(g), ld = crs * pq;
+  char *col = ad_arena_alloc(t, (size_t)(cs * ld) * es);
+  if (!col) return 0;
+  for (int64_t n0 = 0; n0 < g->n; n0 += cs) {
+    int64_t m = g->n - n0 < cs ? g->n - n0 : cs;
+    col_job j = {dt, g, (char *)x->data + (size_t)(n0 * chw) * es, col, ld, n0 == 0, 0, 0};
+    ad__par_for(m, 1, im2col_part, &j);
+    for (int64_t i = 0; i < m; i++) GW_GEMM(n0 + i, col + (size_t)(i * ld) * es);
+  }
+#undef GW_GEMM
   return 1;
 }
 
@@ -371,32 +461,49 @@ static void vjp_channel_sum(ad_tape *t, const ad_node *nd, ad_tensor *h, ad_tens
                             const int *need) {
   if (need[0]) gin[0] = channel_expand(t, h, nd->a.extra);
 }
-static const ad_op_def OP_CHANNEL_SUM = {"conv2d_bias_grad", vjp_channel_sum, attr_conv};
+static const ad_op_def OP_CHANNEL_SUM = {"conv2d_bias_grad", vjp_channel_sum, attr_conv, {0}};
+
+typedef struct {
+  const conv_geom *g;
+  const ad_tensor *src;
+  ad_tensor *dst;
+  int64_t n0, n1; /* channel_sum_part: the images [n0, n1) */
+} channel_job;
+
+/* db[k] for k in [lo, hi): each channel's sum over n in order of n, the
+ * same bits however the channels are split over the threads. */
+static void channel_sum_part(void *ctx, int part, int64_t lo, int64_t hi) {
+  (void)part;
+  const channel_job *j = ctx;
+  const conv_geom *g = j->g;
+  int64_t pq = g->p * g->q;
+  for (int64_t n = j->n0; n < j->n1; n++) /* n outer: one sequential stream over G */
+    for (int64_t k = lo; k < hi; k++) {
+      int64_t off = (n * g->k + k) * pq;
+      if (j->src->dtype == AD_F32) {
+        const float *x = AD_F(j->src) + off;
+        float part8[8] = {0}, s = 0; /* eight partial sums: vectorizes */
+        int64_t i = 0;
+        for (; i + 8 <= pq; i += 8)
+          for (int e = 0; e < 8; e++) part8[e] += x[i + e];
+        for (; i < pq; i++) s += x[i];
+        for (int e = 0; e < 8; e++) s += part8[e];
+        AD_F(j->dst)[k] += s;
+      } else {
+        const double *x = AD_D(j->src) + off;
+        double s = 0;
+        for (int64_t i = 0; i < pq; i++) s += x[i];
+        AD_D(j->dst)[k] += s;
+      }
+    }
+}
 
 /* db [K] = sum over n and the P*Q positions of G [N, K, P, Q]. */
 static ad_tensor *channel_sum(ad_tape *t, ad_tensor *G, const conv_geom *g) {
   ad_tensor *db = ad__alloc(t, G->dtype, 1, &g->k, 1);
   if (!db) return NULL;
-  int64_t pq = g->p * g->q;
-  for (int64_t n = 0; n < g->n; n++)
-    for (int64_t k = 0; k < g->k; k++) {
-      int64_t off = (n * g->k + k) * pq;
-      if (G->dtype == AD_F32) {
-        const float *x = AD_F(G) + off;
-        float part[8] = {0}, s = 0; /* eight partial sums: vectorizes */
-        int64_t i = 0;
-        for (; i + 8 <= pq; i += 8)
-          for (int j = 0; j < 8; j++) part[j] += x[i + j];
-        for (; i < pq; i++) s += x[i];
-        for (int j = 0; j < 8; j++) s += part[j];
-        AD_F(db)[k] += s;
-      } else {
-        const double *x = AD_D(G) + off;
-        double s = 0;
-        for (int64_t i = 0; i < pq; i++) s += x[i];
-        AD_D(db)[k] += s;
-      }
-    }
+  channel_job j = {g, G, db, 0, g->n};
+  ad__par_for(g->k, 1 + 16384 / (g->n * g->p * g->q + 1), channel_sum_part, &j);
   ad_node *nd = ad__record(t, &OP_CHANNEL_SUM, db, 1, &G);
   if (nd) nd->a.extra = (void *)g; /* the forward node's geometry */
   return ad__done(t, db, "conv2d_bias_grad");
@@ -406,24 +513,33 @@ static void vjp_channel_expand(ad_tape *t, const ad_node *nd, ad_tensor *h, ad_t
                                const int *need) {
   if (need[0]) gin[0] = channel_sum(t, h, nd->a.extra);
 }
-static const ad_op_def OP_CHANNEL_EXPAND = {"conv2d_bias_expand", vjp_channel_expand, attr_conv};
+static const ad_op_def OP_CHANNEL_EXPAND = {
+    "conv2d_bias_expand", vjp_channel_expand, attr_conv, {0}};
+
+/* Rows (n, k) in [lo, hi) of the broadcast. */
+static void channel_expand_part(void *ctx, int part, int64_t lo, int64_t hi) {
+  (void)part;
+  const channel_job *j = ctx;
+  int64_t pq = j->g->p * j->g->q;
+  for (int64_t nk = lo; nk < hi; nk++) {
+    int64_t k = nk % j->g->k;
+    if (j->src->dtype == AD_F32) {
+      float c = AD_F(j->src)[k], *row = AD_F(j->dst) + nk * pq;
+      for (int64_t i = 0; i < pq; i++) row[i] = c;
+    } else {
+      double c = AD_D(j->src)[k], *row = AD_D(j->dst) + nk * pq;
+      for (int64_t i = 0; i < pq; i++) row[i] = c;
+    }
+  }
+}
 
 /* [N, K, P, Q] holding v[k] on every position of channel k. */
 static ad_tensor *channel_expand(ad_tape *t, ad_tensor *v, const conv_geom *g) {
-  int64_t shape[4] = {g->n, g->k, g->p, g->q}, pq = g->p * g->q;
+  int64_t shape[4] = {g->n, g->k, g->p, g->q};
   ad_tensor *y = ad__alloc(t, v->dtype, 4, shape, 0);
   if (!y) return NULL;
-  for (int64_t n = 0; n < g->n; n++)
-    for (int64_t k = 0; k < g->k; k++) {
-      int64_t off = (n * g->k + k) * pq;
-      if (v->dtype == AD_F32) {
-        float c = AD_F(v)[k], *row = AD_F(y) + off;
-        for (int64_t i = 0; i < pq; i++) row[i] = c;
-      } else {
-        double c = AD_D(v)[k], *row = AD_D(y) + off;
-        for (int64_t i = 0; i < pq; i++) row[i] = c;
-      }
-    }
+  channel_job j = {g, v, y, 0, 0};
+  ad__par_for(g->n * g->k, 1 + 16384 / (g->p * g->q), channel_expand_part, &j);
   ad_node *nd = ad__record(t, &OP_CHANNEL_EXPAND, y, 1, &v);
   if (nd) nd->a.extra = (void *)g;
   return ad__done(t, y, "conv2d_bias_expand");
@@ -434,17 +550,91 @@ static ad_tensor *channel_expand(ad_tape *t, ad_tensor *v, const conv_geom *g) {
 static ad_tensor *conv2d_geom(ad_tape *t, ad_tensor *x, ad_tensor *w, ad_tensor *b,
                               const conv_geom *g);
 
+static const ad_op_def OP_CONV2D_BWD_INPUT, OP_CONV2D_BWD_WEIGHT;
+
+/* The rule's three results in one pass over the images, each recorded as
+ * its own node exactly as the three ops would record it (same values,
+ * bits included: every sum runs in the same order), so everything above
+ * differentiates them as before. Per image, G_n is read while it is still
+ * in cache for the input GEMM + col2im, the im2col + weight GEMM and the
+ * bias row sums, instead of three passes over all of G from memory.
+ * Returns 0 (nothing done) for the caller to take the ops one by one. */
+static int conv_backward_fused(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor **gin,
+                               const int *need) {
+  const conv_geom *g = nd->a.extra;
+  ad_tensor *x = nd->in[0], *w = nd->in[1], *in2[2] = {G, w};
+  const int want_x = need[0], want_b = nd->n_in > 2 && need[2];
+  if (!need[1] || !G || G->ndim != 4 || G->dtype != x->dtype || G->shape[0] != g->n ||
+      G->shape[1] != g->k || G->shape[2] != g->p || G->shape[3] != g->q)
+    return 0;
+  if (!ad__check(t, "conv2d backward", 2, in2)) return 1; /* the error is on the tape */
+  ad_dtype dt = x->dtype;
+  size_t es = ad_dtype_size(dt);
+  const int64_t crs = g->c * g->r * g->s, pq = g->p * g->q, chw = g->c * g->h * g->w;
+  ad_tensor *gx = want_x ? ad__alloc(t, dt, 4, (int64_t[]){g->n, g->c, g->h, g->w}, 0) : NULL;
+  ad_tensor *gw = ad__alloc(t, dt, 4, (int64_t[]){g->k, g->c, g->r, g->s}, 0);
+  ad_tensor *db = want_b ? ad__alloc(t, dt, 1, &g->k, 1) : NULL;
+  if (!gw || (want_x && !gx) || (want_b && !db)) return 1;
+  const int pw = is_pointwise(g);
+  const int64_t cs = chunk_of(g), ld = crs * pq;
+  char *colx = pw ? NULL : ad_arena_alloc(t, (size_t)(cs * ld) * es);
+  char *colg = pw || !want_x ? NULL : ad_arena_alloc(t, (size_t)(cs * ld) * es);
+  if ((!pw && !colx) || (!pw && want_x && !colg)) return 1;
+  const char *gd = G->data, *xd = x->data;
+  for (int64_t n0 = 0; n0 < g->n; n0 += cs) {
+    const int64_t m = g->n - n0 < cs ? g->n - n0 : cs;
+    if (want_x) { /* as conv_bwd_input */
+      for (int64_t i = 0; i < m; i++)
+        gemm(dt, 1, 0, crs, pq, g->k, w->data, crs, gd + (size_t)((n0 + i) * g->k * pq) * es, pq,
+             0.0,
+             pw ? (char *)gx->data + (size_t)((n0 + i) * chw) * es : colg + (size_t)(i * ld) * es,
+             pq);
+      if (!pw) {
+        col_job j = {
+            dt, g, (char *)gx->data + (size_t)(n0 * chw) * es, colg, ld, 0, 0, !has_centre_tap(g)};
+        ad__par_for(m, 1, col2im_part, &j);
+      }
+    }
+    if (!pw) { /* as conv_bwd_weight */
+      col_job j = {dt, g, (char *)xd + (size_t)(n0 * chw) * es, colx, ld, n0 == 0, 0, 0};
+      ad__par_for(m, 1, im2col_part, &j);
+    }
+    for (int64_t i = 0; i < m; i++)
+      gemm(dt, 0, 1, g->k, crs, pq, gd + (size_t)((n0 + i) * g->k * pq) * es, pq,
+           pw ? xd + (size_t)((n0 + i) * chw) * es : colx + (size_t)(i * ld) * es, pq,
+           n0 + i == 0 ? 0.0 : 1.0, gw->data, crs);
+    if (want_b) { /* as channel_sum, images [n0, n0 + m) */
+      channel_job j = {g, G, db, n0, n0 + m};
+      ad__par_for(g->k, 1 + 16384 / (m * pq + 1), channel_sum_part, &j);
+    }
+  }
+  if (want_x) {
+    record(t, &OP_CONV2D_BWD_INPUT, gx, 2, in2, g);
+    gin[0] = ad__done(t, gx, "conv2d_backward_input");
+  }
+  ad_tensor *inw[2] = {x, G};
+  record(t, &OP_CONV2D_BWD_WEIGHT, gw, 2, inw, g);
+  gin[1] = ad__done(t, gw, "conv2d_backward_weight");
+  if (want_b) {
+    ad_node *nb = ad__record(t, &OP_CHANNEL_SUM, db, 1, &G);
+    if (nb) nb->a.extra = (void *)g; /* the forward node's geometry */
+    gin[2] = ad__done(t, db, "conv2d_bias_grad");
+  }
+  return 1;
+}
+
 /* d conv(x, w) + b:  dx = bwd_input(G, w),  dw = bwd_weight(x, G),
  * db[k] = sum_{n,p,q} G[n,k,p,q]. */
 static void vjp_conv2d(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor **gin,
                        const int *need) {
+  if (conv_backward_fused(t, nd, G, gin, need)) return;
   const conv_geom *g = nd->a.extra;
   ad_tensor *x = nd->in[0], *w = nd->in[1];
   if (need[0]) gin[0] = nn_conv2d_backward_input(t, G, w, g->h, g->w, (int)g->st, (int)g->pad);
   if (need[1]) gin[1] = nn_conv2d_backward_weight(t, x, G, g->r, g->s, (int)g->st, (int)g->pad);
   if (nd->n_in > 2 && need[2]) gin[2] = channel_sum(t, G, g);
 }
-static const ad_op_def OP_CONV2D = {"conv2d", vjp_conv2d, attr_conv};
+static const ad_op_def OP_CONV2D = {"conv2d", vjp_conv2d, attr_conv, {0}};
 
 static ad_tensor *conv2d_geom(ad_tape *t, ad_tensor *x, ad_tensor *w, ad_tensor *b,
                               const conv_geom *g) {
@@ -485,7 +675,8 @@ static void vjp_bwd_input(ad_tape *t, const ad_node *nd, ad_tensor *H, ad_tensor
   if (need[0]) gin[0] = conv2d_geom(t, H, w, NULL, g);
   if (need[1]) gin[1] = nn_conv2d_backward_weight(t, H, G, g->r, g->s, (int)g->st, (int)g->pad);
 }
-static const ad_op_def OP_CONV2D_BWD_INPUT = {"conv2d_backward_input", vjp_bwd_input, attr_conv};
+static const ad_op_def OP_CONV2D_BWD_INPUT = {
+    "conv2d_backward_input", vjp_bwd_input, attr_conv, {0}};
 
 ad_tensor *nn_conv2d_backward_input(ad_tape *t, ad_tensor *gy, ad_tensor *w, int64_t h, int64_t wd,
                                     int stride, int pad) {
@@ -520,7 +711,8 @@ static void vjp_bwd_weight(ad_tape *t, const ad_node *nd, ad_tensor *U, ad_tenso
   if (need[0]) gin[0] = nn_conv2d_backward_input(t, G, U, g->h, g->w, (int)g->st, (int)g->pad);
   if (need[1]) gin[1] = conv2d_geom(t, x, U, NULL, g);
 }
-static const ad_op_def OP_CONV2D_BWD_WEIGHT = {"conv2d_backward_weight", vjp_bwd_weight, attr_conv};
+static const ad_op_def OP_CONV2D_BWD_WEIGHT = {
+    "conv2d_backward_weight", vjp_bwd_weight, attr_conv, {0}};
 
 ad_tensor *nn_conv2d_backward_weight(ad_tape *t, ad_tensor *x, ad_tensor *gy, int64_t r, int64_t s,
                                      int stride, int pad) {

@@ -16,7 +16,7 @@ static void vjp_nll_each(ad_tape *t, const ad_node *n, ad_tensor *h, ad_tensor *
   ad_tensor *hb = ad_broadcast_axis(t, ad_neg(t, h), 1, n->in[0]->shape[1], 0);
   gin[0] = ad_mul(t, onehot, hb);
 }
-static const ad_op_def OP_NLL_EACH = {"nll_each", vjp_nll_each, NULL};
+static const ad_op_def OP_NLL_EACH = {"nll_each", vjp_nll_each, NULL, {0}};
 
 ad_tensor *nn_nll_each(ad_tape *t, ad_tensor *logp, const int32_t *labels, int64_t n) {
   if (!ad__check_labels(t, "nn_nll_each", logp, labels, n)) return NULL;

@@ -165,6 +165,13 @@ ad_tensor *nn_conv2d_backward_weight(ad_tape *t, ad_tensor *x, ad_tensor *g, int
  * the saved argmax (first maximum of each window) by a fused backward op
  * that is linear in g, with its own rule. */
 ad_tensor *nn_max_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad);
+/* relu then max pooling, fused: nn_max_pool2d(ad_relu(x)), which equals
+ * ad_relu(nn_max_pool2d(x)) (max and relu commute), in one pass over x with
+ * no relu tensor, and one scatter pass for the gradient (dx = g at the
+ * argmax of each window whose maximum is > 0, else 0; NaN at a NaN
+ * maximum). Same arguments and errors as nn_max_pool2d; differentiable to
+ * any order. */
+ad_tensor *nn_relu_max_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad);
 /* Average pooling, divisor k*k (padding counts as zeros: PyTorch's
  * count_include_pad). Linear; its backward op is its adjoint. */
 ad_tensor *nn_avg_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad);

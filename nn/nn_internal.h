@@ -18,4 +18,10 @@ static inline int nn__add_overflow(int64_t a, int64_t b, int64_t *r) {
   return !ad__add_i64(a, b, r);
 }
 
+/* nn_opt_step_diff's SGD, momentum and Nesterov steps as fused ops (the
+ * default, 0) or, with on = 1, composed of public ops (add, mul, axpy) as
+ * before the fusion: the reference tests/test_fused_step.c compares the
+ * fused ops with. Per thread. */
+void nn__opt_set_unfused(int on);
+
 #endif

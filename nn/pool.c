@@ -22,7 +22,9 @@ typedef struct {
   int64_t n, c, h, w; /* input */
   int64_t p, q;       /* output */
   int64_t k, st, pad;
-  int32_t *idx; /* max pool: flat index into x of each output's maximum */
+  int32_t *idx;    /* max pool: flat index into x of each output's maximum */
+  int nan;         /* relu_max_pool2d: some pooled maximum is NaN ... */
+  const void *src; /* ... of this input, which relu's NaN rule then reads */
 } pool_geom;
 
 static void attr_pool(const ad_node *nd, char *buf, size_t len) {
@@ -82,15 +84,127 @@ static const pool_geom *keep_geom(ad_tape *t, ad_node *nd, const pool_geom *g) {
   if (h1 > (g)->h) h1 = (g)->h;                                                                    \
   if (w1 > (g)->w) w1 = (g)->w
 
-#define DEF_KERNELS(T, SFX)                                                                        \
-  /* y [N, C, P, Q] = max over windows of x [N, C, H, W]; idx (may be NULL)                        \
-   * gets the flat index of the first maximum (NaN wins, as in the core).                          \
-   * The compares are written as selects so they compile to branch-free                            \
-   * code: on real data the max is unpredictable and branches mispredict. */                       \
-  static void maxpool_##SFX(const pool_geom *g, const T *x, T *y, int32_t *idx) {                  \
+/* The 2x2 stride-2 rows four windows at a time (f32, SSE2: every x86-64):
+ * the very compares of the scalar loops below, so the same values, indices
+ * and ties, and the same NaN detection (a NaN row is redone the general
+ * way). A row of Q >= 4 windows is done whole, its last four overlapping
+ * the ones before when 4 does not divide Q (each window's stores are the
+ * same both times); each returns the q it stopped at (Q, or 0 for a row of
+ * fewer than four), the scalar loop does the rest.
+ * f64 (and f32 without SSE2) do everything in the scalar loops. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+static int64_t max2_row_f32(const float *a, const float *b, float *yr, int32_t *ir, int32_t base,
+                            int32_t W, int64_t Q, int relu, int *nan) {
+  if (Q < 4) return 0;
+  const __m128 zero = _mm_setzero_ps();
+  const __m128i step = _mm_setr_epi32(0, 2, 4, 6), vw = _mm_set1_epi32(W),
+                ones = _mm_set1_epi32(-1);
+  __m128 bad = zero;
+  for (int64_t q0 = 0; q0 < Q; q0 += 4) {
+    const int64_t q = q0 + 4 > Q ? Q - 4 : q0; /* the last four overlap: the same stores again */
+    const __m128 a01 = _mm_loadu_ps(a + 2 * q), a23 = _mm_loadu_ps(a + 2 * q + 4);
+    const __m128 b01 = _mm_loadu_ps(b + 2 * q), b23 = _mm_loadu_ps(b + 2 * q + 4);
+    const __m128 a0 = _mm_shuffle_ps(a01, a23, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m128 a1 = _mm_shuffle_ps(a01, a23, _MM_SHUFFLE(3, 1, 3, 1));
+    const __m128 b0 = _mm_shuffle_ps(b01, b23, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m128 b1 = _mm_shuffle_ps(b01, b23, _MM_SHUFFLE(3, 1, 3, 1));
+    bad = _mm_or_ps(bad, _mm_or_ps(_mm_cmpunord_ps(a0, a1), _mm_cmpunord_ps(b0, b1)));
+    /* maxps(x, y) is x > y ? x : y, the scalar select exactly */
+    const __m128 ma = _mm_max_ps(a1, a0), mb = _mm_max_ps(b1, b0), m = _mm_max_ps(mb, ma);
+    const __m128 keep = _mm_cmpgt_ps(m, zero);
+    _mm_storeu_ps(yr + q, relu ? _mm_and_ps(m, keep) : m);
+    if (ir) { /* pos = base + 2q + ia + bot (W + ib - ia), the masks being -1 for true */
+      const __m128i ia = _mm_castps_si128(_mm_cmpgt_ps(a1, a0));
+      const __m128i ib = _mm_castps_si128(_mm_cmpgt_ps(b1, b0));
+      const __m128i bot = _mm_castps_si128(_mm_cmpgt_ps(mb, ma));
+      __m128i pos = _mm_sub_epi32(_mm_add_epi32(_mm_set1_epi32(base + (int32_t)(2 * q)), step), ia);
+      pos = _mm_add_epi32(pos, _mm_and_si128(bot, _mm_add_epi32(vw, _mm_sub_epi32(ia, ib))));
+      if (relu) pos = _mm_xor_si128(pos, _mm_xor_si128(_mm_castps_si128(keep), ones)); /* ~pos */
+      _mm_storeu_si128((__m128i *)(void *)(ir + q), pos);
+    }
+  }
+  *nan |= _mm_movemask_ps(bad) != 0;
+  return Q;
+}
+/* g at the argmax of each window (0 for a clipped one), 0 at its other
+ * three elements: the window's four outputs by compares on the offset. */
+static int64_t scatter2_row_f32(float *a, float *b, const float *yr, const int32_t *ir,
+                                int32_t base, int32_t W, int64_t Q) {
+  if (Q < 4) return 0;
+  const __m128i step = _mm_setr_epi32(0, 2, 4, 6), z = _mm_setzero_si128(), one = _mm_set1_epi32(1),
+                vw = _mm_set1_epi32(W), vw1 = _mm_set1_epi32(W + 1);
+  for (int64_t q0 = 0; q0 < Q; q0 += 4) {
+    const int64_t q = q0 + 4 > Q ? Q - 4 : q0; /* the last four overlap: the same stores again */
+    const __m128i i = _mm_loadu_si128((const __m128i *)(const void *)(ir + q));
+    const __m128i neg = _mm_srai_epi32(i, 31);
+    const __m128i off = _mm_sub_epi32(_mm_xor_si128(i, neg),
+                                      _mm_add_epi32(_mm_set1_epi32(base + (int32_t)(2 * q)), step));
+    const __m128 v = _mm_andnot_ps(_mm_castsi128_ps(neg), _mm_loadu_ps(yr + q));
+    const __m128 e0 = _mm_and_ps(v, _mm_castsi128_ps(_mm_cmpeq_epi32(off, z)));
+    const __m128 e1 = _mm_and_ps(v, _mm_castsi128_ps(_mm_cmpeq_epi32(off, one)));
+    const __m128 e2 = _mm_and_ps(v, _mm_castsi128_ps(_mm_cmpeq_epi32(off, vw)));
+    const __m128 e3 = _mm_and_ps(v, _mm_castsi128_ps(_mm_cmpeq_epi32(off, vw1)));
+    _mm_storeu_ps(a + 2 * q, _mm_unpacklo_ps(e0, e1));
+    _mm_storeu_ps(a + 2 * q + 4, _mm_unpackhi_ps(e0, e1));
+    _mm_storeu_ps(b + 2 * q, _mm_unpacklo_ps(e2, e3));
+    _mm_storeu_ps(b + 2 * q + 4, _mm_unpackhi_ps(e2, e3));
+  }
+  return Q;
+}
+#else
+static int64_t max2_row_f32(const float *a, const float *b, float *yr, int32_t *ir, int32_t base,
+                            int32_t W, int64_t Q, int relu, int *nan) {
+  (void)a, (void)b, (void)yr, (void)ir, (void)base, (void)W, (void)Q, (void)relu, (void)nan;
+  return 0;
+}
+static int64_t scatter2_row_f32(float *a, float *b, const float *yr, const int32_t *ir,
+                                int32_t base, int32_t W, int64_t Q) {
+  (void)a, (void)b, (void)yr, (void)ir, (void)base, (void)W, (void)Q;
+  return 0;
+}
+#endif
+static int64_t max2_row_f64(const double *a, const double *b, double *yr, int32_t *ir, int32_t base,
+                            int32_t W, int64_t Q, int relu, int *nan) {
+  (void)a, (void)b, (void)yr, (void)ir, (void)base, (void)W, (void)Q, (void)relu, (void)nan;
+  return 0;
+}
+static int64_t scatter2_row_f64(double *a, double *b, const double *yr, const int32_t *ir,
+                                int32_t base, int32_t W, int64_t Q) {
+  (void)a, (void)b, (void)yr, (void)ir, (void)base, (void)W, (void)Q;
+  return 0;
+}
+
+/* Every kernel covers the planes (n, c) in [nc0, nc1): a plane's outputs
+ * read and write only that plane, so the planes split over the worker
+ * threads with the same results however they are split.
+ *
+ * Index encoding (idx[o], a flat index into x): the maximum of window o is
+ * at idx[o] when idx[o] >= 0. The fused relu_max_pool2d stores ~pos (< 0)
+ * for a window whose maximum is not above 0: relu clips it, so its output
+ * is 0 and its gradient reaches no input. */
+#define DEF_KERNELS(T, SFX, UT)                                                                    \
+  /* v, or +0 when the window is clipped (i < 0), by a mask on the bits: a                         \
+   * select here compiles to a branch that mispredicts on real data. */                            \
+  static inline T masked_##SFX(T v, int32_t i) {                                                   \
+    UT b;                                                                                          \
+    memcpy(&b, &v, sizeof b);                                                                      \
+    b &= ~(UT)(-(int64_t)(i < 0));                                                                 \
+    memcpy(&v, &b, sizeof b);                                                                      \
+    return v;                                                                                      \
+  }                                                                                                \
+  /* y [N, C, P, Q] = max over windows of x [N, C, H, W] (relu: then                               \
+   * max(., 0), NaN kept); idx (may be NULL) gets the flat index of the                            \
+   * first maximum (NaN wins, as in the core). Returns whether some output                         \
+   * is NaN. The compares are written as selects so they compile to                                \
+   * branch-free code: on real data the max is unpredictable and branches                          \
+   * mispredict. */                                                                                \
+  static int maxpool_##SFX(const pool_geom *g, const T *x, T *y, int32_t *idx, int64_t nc0,        \
+                           int64_t nc1, int relu) {                                                \
     const int64_t W = g->w, hw = g->h * g->w, pq = g->p * g->q;                                    \
     const int fast2 = g->k == 2 && g->st == 2 && g->pad == 0;                                      \
-    for (int64_t nc = 0; nc < g->n * g->c; nc++) {                                                 \
+    int any_nan = 0;                                                                               \
+    for (int64_t nc = nc0; nc < nc1; nc++) {                                                       \
       const T *xp = x + nc * hw;                                                                   \
       T *yp = y + nc * pq;                                                                         \
       int32_t *ip = idx ? idx + nc * pq : NULL;                                                    \
@@ -101,21 +215,26 @@ static const pool_geom *keep_geom(ad_tape *t, ad_node *nd, const pool_geom *g) {
           int32_t *ir = ip ? ip + p * g->q : NULL;                                                 \
           const int32_t base = (int32_t)(nc * hw + 2 * p * W);                                     \
           int nan = 0;                                                                             \
+          const int64_t qv = max2_row_##SFX(a, b, yr, ir, base, (int32_t)W, g->q, relu, &nan);     \
           if (!ir) {                                                                               \
-            for (int64_t q = 0; q < g->q; q++) {                                                   \
+            for (int64_t q = qv; q < g->q; q++) {                                                  \
               const T a0 = a[2 * q], a1 = a[2 * q + 1], b0 = b[2 * q], b1 = b[2 * q + 1];          \
               const T ma = a1 > a0 ? a1 : a0, mb = b1 > b0 ? b1 : b0;                              \
-              yr[q] = mb > ma ? mb : ma; /* ties go to the first (top) row */                      \
+              const T m = mb > ma ? mb : ma; /* ties go to the first (top) row */                  \
+              yr[q] = relu && !(m > 0) ? 0 : m;                                                    \
               nan |= (a0 != a0) | (a1 != a1) | (b0 != b0) | (b1 != b1);                            \
             }                                                                                      \
           } else { /* the index by arithmetic on the compares: no branch to mispredict */          \
-            for (int64_t q = 0; q < g->q; q++) {                                                   \
+            for (int64_t q = qv; q < g->q; q++) {                                                  \
               const T a0 = a[2 * q], a1 = a[2 * q + 1], b0 = b[2 * q], b1 = b[2 * q + 1];          \
               const int32_t ia = a1 > a0, ib = b1 > b0;                                            \
               const T ma = a1 > a0 ? a1 : a0, mb = b1 > b0 ? b1 : b0;                              \
               const int32_t bot = mb > ma;                                                         \
-              yr[q] = mb > ma ? mb : ma;                                                           \
-              ir[q] = base + (int32_t)(2 * q) + ia + bot * ((int32_t)W + ib - ia);                 \
+              const T m = mb > ma ? mb : ma;                                                       \
+              const int32_t pos = base + (int32_t)(2 * q) + ia + bot * ((int32_t)W + ib - ia);     \
+              const int blk = relu && !(m > 0); /* no NaN here: a NaN row is redone */             \
+              yr[q] = blk ? 0 : m;                                                                 \
+              ir[q] = blk ? ~pos : pos;                                                            \
               nan |= (a0 != a0) | (a1 != a1) | (b0 != b0) | (b1 != b1);                            \
             }                                                                                      \
           }                                                                                        \
@@ -131,17 +250,20 @@ static const pool_geom *keep_geom(ad_tape *t, ad_node *nd, const pool_geom *g) {
               int take = v > m || (v != v && m == m);                                              \
               m = take ? v : m, best = take ? i * W + j : best;                                    \
             }                                                                                      \
-          yp[p * g->q + q] = m;                                                                    \
-          if (ip) ip[p * g->q + q] = (int32_t)(nc * hw + best);                                    \
+          const int blk = relu && !(m > 0) && m == m; /* relu(NaN) = NaN, as in the core */        \
+          any_nan |= m != m;                                                                       \
+          yp[p * g->q + q] = blk ? 0 : m;                                                          \
+          if (ip) ip[p * g->q + q] = (int32_t)(nc * hw + best) ^ (blk ? -1 : 0);                   \
         }                                                                                          \
       }                                                                                            \
     }                                                                                              \
+    return any_nan;                                                                                \
   }                                                                                                \
   /* y [N, C, P, Q] = sum over windows of x / k^2 */                                               \
-  static void avgpool_##SFX(const pool_geom *g, const T *x, T *y) {                                \
+  static void avgpool_##SFX(const pool_geom *g, const T *x, T *y, int64_t nc0, int64_t nc1) {      \
     int64_t hw = g->h * g->w, pq = g->p * g->q;                                                    \
     T inv = (T)1 / (T)(g->k * g->k);                                                               \
-    for (int64_t nc = 0; nc < g->n * g->c; nc++) {                                                 \
+    for (int64_t nc = nc0; nc < nc1; nc++) {                                                       \
       const T *xp = x + nc * hw;                                                                   \
       for (int64_t p = 0; p < g->p; p++)                                                           \
         for (int64_t q = 0; q < g->q; q++) {                                                       \
@@ -154,11 +276,11 @@ static const pool_geom *keep_geom(ad_tape *t, ad_node *nd, const pool_geom *g) {
     }                                                                                              \
   }                                                                                                \
   /* x [N, C, H, W] = spread of y / k^2 over the windows (zeroed first) */                         \
-  static void avgpool_bwd_##SFX(const pool_geom *g, const T *y, T *x) {                            \
+  static void avgpool_bwd_##SFX(const pool_geom *g, const T *y, T *x, int64_t nc0, int64_t nc1) {  \
     int64_t hw = g->h * g->w, pq = g->p * g->q;                                                    \
     T inv = (T)1 / (T)(g->k * g->k);                                                               \
-    memset(x, 0, sizeof(T) * (size_t)(g->n * g->c * hw));                                          \
-    for (int64_t nc = 0; nc < g->n * g->c; nc++) {                                                 \
+    memset(x + nc0 * hw, 0, sizeof(T) * (size_t)((nc1 - nc0) * hw));                               \
+    for (int64_t nc = nc0; nc < nc1; nc++) {                                                       \
       T *xp = x + nc * hw;                                                                         \
       for (int64_t p = 0; p < g->p; p++)                                                           \
         for (int64_t q = 0; q < g->q; q++) {                                                       \
@@ -169,55 +291,149 @@ static const pool_geom *keep_geom(ad_tape *t, ad_node *nd, const pool_geom *g) {
         }                                                                                          \
     }                                                                                              \
   }                                                                                                \
-  static void scatter_##SFX(const int32_t *idx, int64_t n, const T *y, T *x, int64_t nx) {         \
-    memset(x, 0, sizeof(T) * (size_t)nx);                                                          \
-    for (int64_t i = 0; i < n; i++) x[idx[i]] += y[i];                                             \
+  /* x = 0, then x[idx[o]] += y[o] for the outputs o of the planes; a                              \
+   * clipped window (idx < 0) adds nothing. */                                                     \
+  static void scatter_##SFX(const pool_geom *g, const int32_t *idx, const T *y, T *x, int64_t nc0, \
+                            int64_t nc1) {                                                         \
+    const int64_t hw = g->h * g->w, pq = g->p * g->q;                                              \
+    memset(x + nc0 * hw, 0, sizeof(T) * (size_t)((nc1 - nc0) * hw));                               \
+    for (int64_t o = nc0 * pq; o < nc1 * pq; o++) /* x never holds -0: adding +0 is a no-op */     \
+      x[idx[o] ^ -(int32_t)(idx[o] < 0)] += masked_##SFX(y[o], idx[o]);                            \
   }                                                                                                \
   /* The same for 2x2 windows at stride 2 that tile x: every input element                         \
    * is written once (g at the argmax, 0 elsewhere), one streaming pass                            \
    * instead of a memset and scattered adds. Rows/columns past the last                            \
-   * window (odd H or W) are zeroed. */                                                            \
-  static void scatter2_##SFX(const pool_geom *g, const int32_t *idx, const T *y, T *x) {           \
+   * window (odd H or W) are zeroed. A clipped window stores 0 at ~idx. */                         \
+  static void scatter2_##SFX(const pool_geom *g, const int32_t *idx, const T *y, T *x,             \
+                             int64_t nc0, int64_t nc1) {                                           \
     const int64_t W = g->w, hw = g->h * g->w, pq = g->p * g->q;                                    \
-    for (int64_t nc = 0; nc < g->n * g->c; nc++) {                                                 \
+    for (int64_t nc = nc0; nc < nc1; nc++) {                                                       \
       T *xp = x + nc * hw;                                                                         \
       for (int64_t p = 0; p < g->p; p++) {                                                         \
         T *a = xp + 2 * p * W, *b = a + W;                                                         \
         const T *yr = y + nc * pq + p * g->q;                                                      \
         const int32_t *ir = idx + nc * pq + p * g->q;                                              \
-        for (int64_t q = 0; q < g->q; q++) { /* zero the window, then store g at the argmax */     \
+        const int64_t qv =                                                                         \
+            scatter2_row_##SFX(a, b, yr, ir, (int32_t)(nc * hw + 2 * p * W), (int32_t)W, g->q);    \
+        for (int64_t q = qv; q < g->q; q++) { /* zero the window, then store g at the argmax */    \
           a[2 * q] = a[2 * q + 1] = b[2 * q] = b[2 * q + 1] = 0;                                   \
-          xp[ir[q] - nc * hw] = yr[q];                                                             \
+          const int32_t i = ir[q];                                                                 \
+          xp[(i ^ -(int32_t)(i < 0)) - nc * hw] = masked_##SFX(yr[q], i);                          \
         }                                                                                          \
         for (int64_t j = 2 * g->q; j < W; j++) a[j] = b[j] = 0;                                    \
       }                                                                                            \
       for (int64_t i = 2 * g->p * W; i < hw; i++) xp[i] = 0;                                       \
     }                                                                                              \
   }                                                                                                \
-  static void gather_##SFX(const int32_t *idx, int64_t n, const T *x, T *y) {                      \
-    for (int64_t i = 0; i < n; i++) y[i] = x[idx[i]];                                              \
+  /* y[o] = x[idx[o]], 0 for a clipped window. */                                                  \
+  static void gather_##SFX(const pool_geom *g, const int32_t *idx, const T *x, T *y, int64_t nc0,  \
+                           int64_t nc1) {                                                          \
+    const int64_t pq = g->p * g->q;                                                                \
+    for (int64_t o = nc0 * pq; o < nc1 * pq; o++) {                                                \
+      const int32_t i = idx[o];                                                                    \
+      y[o] = masked_##SFX(x[i ^ -(int32_t)(i < 0)], i);                                            \
+    }                                                                                              \
+  }                                                                                                \
+  /* relu's NaN rule for the fused op's linear maps: where the pooled                              \
+   * maximum (src[idx[o]]) is NaN, relu_backward gives NaN whatever the                            \
+   * incoming gradient; scatter (to_x) or gather output gets it there. */                          \
+  static void nan_fix_##SFX(const pool_geom *g, const T *src, T *out, int to_x, int64_t nc0,       \
+                            int64_t nc1) {                                                         \
+    const int64_t pq = g->p * g->q;                                                                \
+    for (int64_t o = nc0 * pq; o < nc1 * pq; o++) {                                                \
+      const int32_t i = g->idx[o];                                                                 \
+      if (i >= 0 && src[i] != src[i]) out[to_x ? i : o] = src[i];                                  \
+    }                                                                                              \
   }
 
-DEF_KERNELS(float, f32)
-DEF_KERNELS(double, f64)
+DEF_KERNELS(float, f32, uint32_t)
+DEF_KERNELS(double, f64, uint64_t)
+
+/* ------------------------------------------------------------------ threaded kernels */
+
+enum { K_MAX, K_AVG, K_AVG_BWD, K_SCATTER, K_GATHER };
+
+typedef struct {
+  int kind, relu;
+  ad_dtype dt;
+  const pool_geom *g;
+  const void *in;
+  void *out;
+  int *nan; /* K_MAX: per part, whether some output is NaN */
+} pool_job;
+
+static void pool_part(void *ctx, int part, int64_t lo, int64_t hi) {
+  const pool_job *j = ctx;
+  const pool_geom *g = j->g;
+  const int f = j->dt == AD_F32;
+  const int tiled2 = g->k == 2 && g->st == 2 && g->pad == 0;
+  switch (j->kind) {
+  case K_MAX:
+    j->nan[part] = f ? maxpool_f32(g, j->in, j->out, g->idx, lo, hi, j->relu)
+                     : maxpool_f64(g, j->in, j->out, g->idx, lo, hi, j->relu);
+    break;
+  case K_AVG:
+    f ? avgpool_f32(g, j->in, j->out, lo, hi) : avgpool_f64(g, j->in, j->out, lo, hi);
+    break;
+  case K_AVG_BWD:
+    f ? avgpool_bwd_f32(g, j->in, j->out, lo, hi) : avgpool_bwd_f64(g, j->in, j->out, lo, hi);
+    break;
+  case K_SCATTER:
+    if (tiled2)
+      f ? scatter2_f32(g, g->idx, j->in, j->out, lo, hi)
+        : scatter2_f64(g, g->idx, j->in, j->out, lo, hi);
+    else
+      f ? scatter_f32(g, g->idx, j->in, j->out, lo, hi)
+        : scatter_f64(g, g->idx, j->in, j->out, lo, hi);
+    if (g->nan) /* after the scatter: its NaNs overwrite what it stored */
+      f ? nan_fix_f32(g, g->src, j->out, 1, lo, hi) : nan_fix_f64(g, g->src, j->out, 1, lo, hi);
+    break;
+  default: /* K_GATHER */
+    f ? gather_f32(g, g->idx, j->in, j->out, lo, hi) : gather_f64(g, g->idx, j->in, j->out, lo, hi);
+    if (g->nan)
+      f ? nan_fix_f32(g, g->src, j->out, 0, lo, hi) : nan_fix_f64(g, g->src, j->out, 0, lo, hi);
+    break;
+  }
+}
+
+/* Runs a kernel over all N*C planes, split over the worker threads (a few
+ * planes per part at least: small pools stay on the caller's thread).
+ * Returns whether some part saw a NaN output (K_MAX). */
+static int pool_run(ad_tape *t, int kind, int relu, ad_dtype dt, const pool_geom *g, const void *in,
+                    void *out, int *ok) {
+  int64_t planes = g->n * g->c, per = g->h * g->w + 1;
+  int64_t grain = 1 + 8192 / per; /* ~8K input elements per part at least */
+  int parts = ad__par_parts(planes, grain);
+  int *nan = ad_arena_alloc(t, sizeof(int) * (size_t)parts);
+  *ok = nan != NULL;
+  if (!nan) return 0;
+  for (int p = 0; p < parts; p++) nan[p] = 0;
+  pool_job j = {kind, relu, dt, g, in, out, nan};
+  ad__par_for(planes, grain, pool_part, &j);
+  int any = 0;
+  for (int p = 0; p < parts; p++) any |= nan[p];
+  return any;
+}
 
 /* ------------------------------------------------------------------ scatter / gather */
 
 static ad_tensor *pool_scatter(ad_tape *t, ad_tensor *gy, const pool_geom *g);
 static ad_tensor *pool_gather(ad_tape *t, ad_tensor *h, const pool_geom *g);
 
-/* scatter and gather with one index are adjoint: <H, scatter(G)> = <gather(H), G>. */
+/* scatter and gather with one index are adjoint: <H, scatter(G)> = <gather(H), G>.
+ * For the fused relu_max_pool2d both carry relu's mask (the clipped windows,
+ * idx < 0), and the pair stays adjoint: scatter(m . G) against gather(H) . m. */
 static void vjp_scatter(ad_tape *t, const ad_node *nd, ad_tensor *H, ad_tensor **gin,
                         const int *need) {
   if (need[0]) gin[0] = pool_gather(t, H, nd->a.extra);
 }
-static const ad_op_def OP_POOL_SCATTER = {"max_pool2d_backward", vjp_scatter, attr_pool};
+static const ad_op_def OP_POOL_SCATTER = {"max_pool2d_backward", vjp_scatter, attr_pool, {0}};
 
 static void vjp_gather(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor **gin,
                        const int *need) {
   if (need[0]) gin[0] = pool_scatter(t, G, nd->a.extra);
 }
-static const ad_op_def OP_POOL_GATHER = {"max_pool2d_gather", vjp_gather, attr_pool};
+static const ad_op_def OP_POOL_GATHER = {"max_pool2d_gather", vjp_gather, attr_pool, {0}};
 
 /* x-shaped gradient from a y-shaped one: x[idx[o]] += g[o]. */
 static ad_tensor *pool_scatter(ad_tape *t, ad_tensor *gy, const pool_geom *g) {
@@ -225,17 +441,9 @@ static ad_tensor *pool_scatter(ad_tape *t, ad_tensor *gy, const pool_geom *g) {
   int64_t shape[4] = {g->n, g->c, g->h, g->w};
   ad_tensor *gx = ad__alloc(t, gy->dtype, 4, shape, 0);
   if (!gx) return NULL;
-  int tiled2 = g->k == 2 && g->st == 2 && g->pad == 0;
-  if (gy->dtype == AD_F32) {
-    if (tiled2)
-      scatter2_f32(g, g->idx, AD_F(gy), AD_F(gx));
-    else
-      scatter_f32(g->idx, gy->size, AD_F(gy), AD_F(gx), gx->size);
-  } else if (tiled2) {
-    scatter2_f64(g, g->idx, AD_D(gy), AD_D(gx));
-  } else {
-    scatter_f64(g->idx, gy->size, AD_D(gy), AD_D(gx), gx->size);
-  }
+  int ok;
+  pool_run(t, K_SCATTER, 0, gy->dtype, g, gy->data, gx->data, &ok);
+  if (!ok) return NULL;
   ad_node *nd = ad__record(t, &OP_POOL_SCATTER, gx, 1, &gy);
   if (nd) nd->a.extra = (void *)g; /* the geometry lives as long as the forward node */
   return ad__done(t, gx, "max_pool2d_backward");
@@ -247,10 +455,9 @@ static ad_tensor *pool_gather(ad_tape *t, ad_tensor *h, const pool_geom *g) {
   int64_t shape[4] = {g->n, g->c, g->p, g->q};
   ad_tensor *y = ad__alloc(t, h->dtype, 4, shape, 0);
   if (!y) return NULL;
-  if (h->dtype == AD_F32)
-    gather_f32(g->idx, y->size, AD_F(h), AD_F(y));
-  else
-    gather_f64(g->idx, y->size, AD_D(h), AD_D(y));
+  int ok;
+  pool_run(t, K_GATHER, 0, h->dtype, g, h->data, y->data, &ok);
+  if (!ok) return NULL;
   ad_node *nd = ad__record(t, &OP_POOL_GATHER, y, 1, &h);
   if (nd) nd->a.extra = (void *)g;
   return ad__done(t, y, "max_pool2d_gather");
@@ -262,25 +469,42 @@ static void vjp_maxpool(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor *
                         const int *need) {
   if (need[0]) gin[0] = pool_scatter(t, G, nd->a.extra);
 }
-static const ad_op_def OP_MAXPOOL = {"max_pool2d", vjp_maxpool, attr_pool};
+static const ad_op_def OP_MAXPOOL = {"max_pool2d", vjp_maxpool, attr_pool, {0}};
+/* relu_max_pool2d(x) = relu(max_pool2d(x)) = max_pool2d(relu(x)) (max and
+ * relu commute): d = scatter(relu_backward(G, m)) with m the pooled
+ * maximum, i.e. G goes to the argmax of each window whose m > 0 (NaN at a
+ * NaN m, as relu_backward gives), nothing from the others. The scatter
+ * and its gather carry that mask in the index, so both stay linear in
+ * their input and the rule differentiates again like max_pool2d's. */
+static const ad_op_def OP_RELU_MAXPOOL = {"relu_max_pool2d", vjp_maxpool, attr_pool, {0}};
 
-ad_tensor *nn_max_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad) {
+static ad_tensor *maxpool_op(ad_tape *t, const char *op, ad_tensor *x, int k, int stride, int pad,
+                             int relu) {
   pool_geom g;
-  if (!make_geom(t, "nn_max_pool2d", x, k, stride, pad, &g)) return NULL;
+  if (!make_geom(t, op, x, k, stride, pad, &g)) return NULL;
   if (x->size > INT32_MAX)
-    return ad__fail(t, AD_ERR_SHAPE, "nn_max_pool2d: more than 2^31 input elements");
+    return ad__fail(t, AD_ERR_SHAPE, "%s: more than 2^31 input elements", op);
   int64_t shape[4] = {g.n, g.c, g.p, g.q};
   ad_tensor *y = ad__alloc(t, x->dtype, 4, shape, 0);
   if (!y) return NULL;
   /* The index is needed only when the node is recorded. */
   int rec = ad__recording(t) && ad_needs_grad(x);
   if (rec && !(g.idx = ad_arena_alloc(t, sizeof(int32_t) * (size_t)y->size))) return NULL;
-  if (x->dtype == AD_F32)
-    maxpool_f32(&g, AD_F(x), AD_F(y), g.idx);
-  else
-    maxpool_f64(&g, AD_D(x), AD_D(y), g.idx);
-  if (rec && !keep_geom(t, ad__record(t, &OP_MAXPOOL, y, 1, &x), &g)) return NULL;
-  return ad__done(t, y, "max_pool2d");
+  int ok;
+  int nan = pool_run(t, K_MAX, relu, x->dtype, &g, x->data, y->data, &ok);
+  if (!ok) return NULL;
+  if (relu && nan) g.nan = 1, g.src = x->data; /* x lives as long as the node */
+  if (rec && !keep_geom(t, ad__record(t, relu ? &OP_RELU_MAXPOOL : &OP_MAXPOOL, y, 1, &x), &g))
+    return NULL;
+  return ad__done(t, y, relu ? "relu_max_pool2d" : "max_pool2d");
+}
+
+ad_tensor *nn_max_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad) {
+  return maxpool_op(t, "nn_max_pool2d", x, k, stride, pad, 0);
+}
+
+ad_tensor *nn_relu_max_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad) {
+  return maxpool_op(t, "nn_relu_max_pool2d", x, k, stride, pad, 1);
 }
 
 /* ------------------------------------------------------------------ average pool */
@@ -292,23 +516,22 @@ static void vjp_avgpool(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor *
                         const int *need) {
   if (need[0]) gin[0] = avgpool_bwd_geom(t, G, nd->a.extra);
 }
-static const ad_op_def OP_AVGPOOL = {"avg_pool2d", vjp_avgpool, attr_pool};
+static const ad_op_def OP_AVGPOOL = {"avg_pool2d", vjp_avgpool, attr_pool, {0}};
 
 static void vjp_avgpool_bwd(ad_tape *t, const ad_node *nd, ad_tensor *H, ad_tensor **gin,
                             const int *need) {
   if (need[0]) gin[0] = avgpool_geom(t, H, nd->a.extra);
 }
-static const ad_op_def OP_AVGPOOL_BWD = {"avg_pool2d_backward", vjp_avgpool_bwd, attr_pool};
+static const ad_op_def OP_AVGPOOL_BWD = {"avg_pool2d_backward", vjp_avgpool_bwd, attr_pool, {0}};
 
 static ad_tensor *avgpool_geom(ad_tape *t, ad_tensor *x, const pool_geom *g) {
   if (!x) return NULL;
   int64_t shape[4] = {g->n, g->c, g->p, g->q};
   ad_tensor *y = ad__alloc(t, x->dtype, 4, shape, 0);
   if (!y) return NULL;
-  if (x->dtype == AD_F32)
-    avgpool_f32(g, AD_F(x), AD_F(y));
-  else
-    avgpool_f64(g, AD_D(x), AD_D(y));
+  int ok;
+  pool_run(t, K_AVG, 0, x->dtype, g, x->data, y->data, &ok);
+  if (!ok) return NULL;
   ad_node *nd = ad__record(t, &OP_AVGPOOL, y, 1, &x);
   if (nd && !keep_geom(t, nd, g)) return NULL;
   return ad__done(t, y, "avg_pool2d");
@@ -319,10 +542,9 @@ static ad_tensor *avgpool_bwd_geom(ad_tape *t, ad_tensor *gy, const pool_geom *g
   int64_t shape[4] = {g->n, g->c, g->h, g->w};
   ad_tensor *gx = ad__alloc(t, gy->dtype, 4, shape, 0);
   if (!gx) return NULL;
-  if (gy->dtype == AD_F32)
-    avgpool_bwd_f32(g, AD_F(gy), AD_F(gx));
-  else
-    avgpool_bwd_f64(g, AD_D(gy), AD_D(gx));
+  int ok;
+  pool_run(t, K_AVG_BWD, 0, gy->dtype, g, gy->data, gx->data, &ok);
+  if (!ok) return NULL;
   ad_node *nd = ad__record(t, &OP_AVGPOOL_BWD, gx, 1, &gy);
   if (nd && !keep_geom(t, nd, g)) return NULL;
   return ad__done(t, gx, "avg_pool2d_backward");

@@ -62,35 +62,6 @@ static uLong crc_update(uLong crc, const unsigned char *p, size_t n) {
 
 /* ---------------------------------------------------------------- header bytes */
 
-typedef struct {
-  unsigned char *p;
-  size_t n, cap;
-  int oom;
-} bytes;
-
-static void put(bytes *b, const void *src, size_t n) {
-  if (b->oom) return;
-  if (b->n + n > b->cap) {
-    size_t cap = b->cap ? b->cap * 2 : 256;
-    while (cap < b->n + n) cap *= 2;
-    unsigned char *q = realloc(b->p, cap);
-    if (!q) {
-      b->oom = 1;
-      return;
-    }
-    b->p = q;
-    b->cap = cap;
-  }
-  memcpy(b->p + b->n, src, n);
-  b->n += n;
-}
-
-static void put_le(bytes *b, uint64_t v, int n) {
-  unsigned char c[8];
-  for (int i = 0; i < n; i++) c[i] = (unsigned char)(v >> (8 * i));
-  put(b, c, (size_t)n);
-}
-
 static uint64_t get_le(const unsigned char *p, int n) {
   uint64_t v = 0;
   for (int i = 0; i < n; i++) v |= (uint64_t)p[i] << (8 * i);
@@ -121,22 +92,22 @@ static int write_elems(FILE *f, const void *src, size_t n, size_t es, uLong *crc
 
 ad_status nn_params_save(const nn_params *p, const char *path) {
   if (!p || !path) return ad__set_last(AD_ERR_NULL, "nn_params_save: NULL argument");
-  bytes h = {0};
-  put(&h, MAGIC, sizeof MAGIC);
-  put_le(&h, NN_PARAMS_FILE_VERSION, 4);
-  put_le(&h, (uint64_t)nn_params_count(p), 4);
+  ad__bytebuf h = {0};
+  ad__bytebuf_put(&h, MAGIC, sizeof MAGIC);
+  ad__bytebuf_put_le(&h, NN_PARAMS_FILE_VERSION, 4);
+  ad__bytebuf_put_le(&h, (uint64_t)nn_params_count(p), 4);
   for (int i = 0; i < nn_params_count(p); i++) {
     const char *name = nn_params_name(p, i);
     const ad_tensor *x = nn_params_at(p, i);
     size_t len = strlen(name);
-    put_le(&h, len, 2);
-    put(&h, name, len);
-    put_le(&h, (uint64_t)x->dtype, 1);
-    put_le(&h, (uint64_t)x->ndim, 1);
-    for (int d = 0; d < x->ndim; d++) put_le(&h, (uint64_t)x->shape[d], 8);
+    ad__bytebuf_put_le(&h, len, 2);
+    ad__bytebuf_put(&h, name, len);
+    ad__bytebuf_put_le(&h, (uint64_t)x->dtype, 1);
+    ad__bytebuf_put_le(&h, (uint64_t)x->ndim, 1);
+    for (int d = 0; d < x->ndim; d++) ad__bytebuf_put_le(&h, (uint64_t)x->shape[d], 8);
   }
   if (h.oom) {
-    free(h.p);
+    ad__bytebuf_free(&h);
     return ad__set_last(AD_ERR_NOMEM, "nn_params_save: out of memory");
   }
   ad__afile af;
@@ -147,7 +118,7 @@ ad_status nn_params_save(const nn_params *p, const char *path) {
                 : ad__set_last(AD_ERR_IO, "nn_params_save: cannot create a temporary file %s: %s",
                                af.tmp, strerror(err));
     ad__afile_finish(&af, path, err);
-    free(h.p);
+    ad__bytebuf_free(&h);
     return s;
   }
   /* On a duplicate descriptor: af.fd stays open for ad__afile_finish's fsync. */
@@ -170,7 +141,7 @@ ad_status nn_params_save(const nn_params *p, const char *path) {
   err = ok ? 0 : (errno ? errno : EIO);
   if (f && fclose(f) != 0 && !err) err = errno ? errno : EIO;
   err = ad__afile_finish(&af, path, err);
-  free(h.p);
+  ad__bytebuf_free(&h);
   if (err)
     return ad__set_last(AD_ERR_IO,
                         "nn_params_save: writing %s failed: %s (the old file, if any, is "
@@ -198,29 +169,17 @@ static ad_status read_all(const char *fn, const char *path, unsigned char **out,
   *len = 0;
   FILE *f = fopen(path, "rb");
   if (!f) return ad__set_last(AD_ERR_IO, "%s: cannot open %s: %s", fn, path, strerror(errno));
-  size_t cap = 1 << 16, n = 0;
-  unsigned char *b = malloc(cap);
-  while (b) {
-    n += fread(b + n, 1, cap - n, f);
-    if (n < cap) break;
-    unsigned char *q = realloc(b, cap * 2);
-    if (!q) {
-      free(b);
-      b = NULL;
-      break;
-    }
-    b = q;
-    cap *= 2;
-  }
+  ad__bytebuf b = {0};
+  ad__bytebuf_read(&b, f);
   int bad = ferror(f);
   fclose(f);
-  if (!b) return ad__set_last(AD_ERR_NOMEM, "%s: %s: out of memory", fn, path);
-  if (bad) {
-    free(b);
-    return ad__set_last(AD_ERR_IO, "%s: error reading %s", fn, path);
+  if (bad || b.oom) {
+    ad__bytebuf_free(&b);
+    return b.oom ? ad__set_last(AD_ERR_NOMEM, "%s: %s: out of memory", fn, path)
+                 : ad__set_last(AD_ERR_IO, "%s: error reading %s", fn, path);
   }
-  *out = b;
-  *len = n;
+  *out = b.p;
+  *len = b.n;
   return AD_OK;
 }
 

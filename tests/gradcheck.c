@@ -1,6 +1,8 @@
 /* gradcheck.c — see gradcheck.h. */
+#define _POSIX_C_SOURCE 200809L /* opendir, readdir */
 #include "gradcheck.h"
 
+#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -226,4 +228,25 @@ int gc_run_suite(Suite *s) {
   int failed = srunner_ntests_failed(sr);
   srunner_free(sr);
   return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
+
+double gc_rel_err(int n, ad_tensor *const *a, ad_tensor *const *b) {
+  double num = 0, den = 0;
+  for (int k = 0; k < n; k++)
+    for (int64_t i = 0; i < a[k]->size; i++) {
+      num = fmax(num, fabs(ad_get(a[k], i) - ad_get(b[k], i)));
+      den = fmax(den, fabs(ad_get(b[k], i)));
+    }
+  return den > 0 ? num / den : num;
+}
+
+int gc_dir_entries(const char *dir) {
+  DIR *d = opendir(dir);
+  ck_assert_msg(d != NULL, "cannot open directory %s", dir);
+  int n = 0;
+  struct dirent *e;
+  while ((e = readdir(d)))
+    if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) n++;
+  closedir(d);
+  return n;
 }

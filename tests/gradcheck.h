@@ -53,4 +53,13 @@ double gc_check_case(const gc_case *c, uint64_t seed, char *report, size_t len);
  * code for main: EXIT_SUCCESS when no test failed, EXIT_FAILURE otherwise. */
 int gc_run_suite(Suite *s);
 
+/* max_i |a - b| / max_i |b| over the elements of the n tensors of each
+ * list (paired by position; the absolute error when b is all zero). */
+double gc_rel_err(int n, ad_tensor *const *a, ad_tensor *const *b);
+
+/* The number of entries of directory `dir` other than . and .. (a test of
+ * an atomic write sees that no temporary is left beside the file).
+ * Asserts that the directory opens: call from inside a Check test. */
+int gc_dir_entries(const char *dir);
+
 #endif

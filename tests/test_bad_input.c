@@ -21,6 +21,7 @@
 #include "nn/nn.h"
 
 #include <check.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -642,6 +643,17 @@ T(exp_null, ad_exp(t, NULL))
 T(log_null, ad_log(t, NULL))
 T(reluback_shape, ad_relu_backward(t, e->x24, e->w34))
 T(axpy_shape, ad_axpy(t, e->x24, 2.0, e->w34))
+T(scale_nan, ad_scale(t, e->x24, NAN))
+T(scale_inf, ad_scale(t, e->x24, -INFINITY))
+T(scale_f32_big, ad_scale(t, e->x24f, 1e300)) /* finite in f64, Inf in f32 */
+T(addscalar_nan, ad_add_scalar(t, e->x24, NAN))
+T(addscalar_inf, ad_add_scalar(t, e->x24, INFINITY))
+T(addscalar_f32_big, ad_add_scalar(t, e->x24f, -1e39))
+T(pow_nan, ad_pow_scalar(t, e->x24, NAN))
+T(pow_inf, ad_pow_scalar(t, e->x24, INFINITY))
+T(pow_f32_big, ad_pow_scalar(t, e->x24f, 1e300))
+T(axpy_nan, ad_axpy(t, e->x24, NAN, e->x24))
+T(axpy_f32_big, ad_axpy(t, e->x24f, 1e300, e->x24f))
 T(matmul_inner, ad_matmul(t, e->x24, e->w34, 0, 0))
 T(matmul_1d, ad_matmul(t, e->b3, e->w34, 0, 0))
 T(matmul_dtype, ad_matmul(t, e->x24f, e->w34, 0, 1))
@@ -1315,6 +1327,17 @@ static const bi_case CASES[] = {
     {"ad_log", "NULL", BI_TAPE, N, NULL, log_null},
     {"ad_relu_backward", "shape", BI_TAPE, SH, "[3, 4]", reluback_shape},
     {"ad_axpy", "shape", BI_TAPE, SH, "[3, 4]", axpy_shape},
+    {"ad_scale", "non-finite", BI_TAPE, A, "c = nan", scale_nan},
+    {"ad_scale", "non-finite", BI_TAPE, A, "c = -inf", scale_inf},
+    {"ad_scale", "non-finite", BI_TAPE, A, "c = 1e+300 must be finite (in f32)", scale_f32_big},
+    {"ad_add_scalar", "non-finite", BI_TAPE, A, "c = nan", addscalar_nan},
+    {"ad_add_scalar", "non-finite", BI_TAPE, A, "c = inf", addscalar_inf},
+    {"ad_add_scalar", "non-finite", BI_TAPE, A, "(in f32)", addscalar_f32_big},
+    {"ad_pow_scalar", "non-finite", BI_TAPE, A, "p = nan", pow_nan},
+    {"ad_pow_scalar", "non-finite", BI_TAPE, A, "p = inf", pow_inf},
+    {"ad_pow_scalar", "non-finite", BI_TAPE, A, "(in f32)", pow_f32_big},
+    {"ad_axpy", "non-finite", BI_TAPE, A, "c = nan", axpy_nan},
+    {"ad_axpy", "non-finite", BI_TAPE, A, "(in f32)", axpy_f32_big},
     {"ad_matmul", "shape", BI_TAPE, SH, "[3, 4]", matmul_inner},
     {"ad_matmul", "shape", BI_TAPE, SH, "[3]", matmul_1d},
     {"ad_matmul", "dtype", BI_TAPE, DT, "f32", matmul_dtype},
@@ -1515,11 +1538,65 @@ START_TEST(test_bad_input_table) {
 }
 END_TEST
 
+/* The edges the scalar-constant refusals must not reach: the largest f32
+ * and a large f64 constant are accepted and computed exactly. */
+START_TEST(test_scalar_constant_edges) {
+  ad_tape *t = NULL;
+  ck_assert_int_eq(ad_tape_new(&t, NULL), AD_OK);
+  ad_tensor *xf = ad_full(t, AD_F32, 1, S(3), 0.5), *xd = ad_full(t, AD_F64, 1, S(3), 1e-300);
+  ad_tensor *yf = ad_scale(t, xf, FLT_MAX), *yd = ad_scale(t, xd, 1e300);
+  ad_tensor *af = ad_axpy(t, xf, -FLT_MAX, xf), *pd = ad_pow_scalar(t, xd, 1e300);
+  ck_assert_msg(yf && yd && af && pd, "%s", ad_tape_errmsg(t));
+  ck_assert_float_eq(((float *)yf->data)[0], 0.5f * FLT_MAX);
+  ck_assert_double_eq_tol(ad_get(yd, 2), 1.0, 1e-15);
+  ck_assert_float_eq(((float *)af->data)[1], 0.5f - 0.5f * FLT_MAX);
+  ck_assert_double_eq(ad_get(pd, 0), 0.0); /* (1e-300)^1e300 underflows: a value, not NaN */
+  ad_tape_free(t);
+}
+END_TEST
+
+/* The byte buffer behind the parameter and engine state files
+ * (autodiff/bytebuf.c): little-endian puts, growth past its first
+ * allocation with every byte kept, a whole-file read across several
+ * reservations, and a size past SIZE_MAX refused as out of memory (no
+ * wrap-around to a small allocation) with later puts ignored. */
+START_TEST(test_bytebuf) {
+  ad__bytebuf b = {0};
+  ad__bytebuf_put_le(&b, 0x0807060504030201u, 8);
+  ck_assert_uint_eq(b.n, 8);
+  for (int i = 0; i < 8; i++) ck_assert_uint_eq(b.p[i], (unsigned)(i + 1));
+  for (int i = 0; i < 20000; i++) ad__bytebuf_put_le(&b, (uint64_t)(i * 7), 1);
+  ck_assert_uint_eq(b.n, 20008);
+  ck_assert(!b.oom && b.cap >= b.n);
+  for (int i = 0; i < 20000; i++) ck_assert_uint_eq(b.p[8 + i], (unsigned char)(i * 7));
+  ck_assert_int_eq(ad__bytebuf_reserve(&b, SIZE_MAX), 0);
+  ck_assert(b.oom);
+  ad__bytebuf_put(&b, "x", 1);
+  ck_assert_uint_eq(b.n, 20008);
+  ad__bytebuf_free(&b);
+  ck_assert(b.p == NULL && b.n == 0 && b.cap == 0 && !b.oom);
+
+  enum { N = 300000 }; /* > 4 reservations of 64 KiB */
+  FILE *f = tmpfile();
+  ck_assert_ptr_nonnull(f);
+  for (int i = 0; i < N; i++) fputc((i * 31 + 7) & 0xff, f);
+  rewind(f);
+  ad__bytebuf_read(&b, f);
+  ck_assert(!ferror(f) && !b.oom);
+  fclose(f);
+  ck_assert_uint_eq(b.n, N);
+  for (int i = 0; i < N; i++) ck_assert_uint_eq(b.p[i], (unsigned)((i * 31 + 7) & 0xff));
+  ad__bytebuf_free(&b);
+}
+END_TEST
+
 static Suite *bad_input_suite(void) {
   Suite *s = suite_create("bad_input");
   TCase *tc = tcase_create("table");
   tcase_set_timeout(tc, 300);
   tcase_add_test(tc, test_bad_input_table);
+  tcase_add_test(tc, test_scalar_constant_edges);
+  tcase_add_test(tc, test_bytebuf);
   suite_add_tcase(s, tc);
   return s;
 }

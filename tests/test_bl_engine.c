@@ -1042,7 +1042,8 @@ static int poison;
 static ad_tensor *nan_loss(ad_tape *t, const bl_vars *v, void *ctx) {
   /* cls_loss when there is a level above, else (w - 1)^2 */
   ad_tensor *L = v->p[HPO] ? cls_loss(t, v, ctx) : hpo_loss(t, v, ctx);
-  return poison ? ad_scale(t, L, NAN) : L;
+  /* times a NaN tensor (ad_scale refuses a NaN constant with AD_ERR_ARG) */
+  return poison && L ? ad_mul(t, L, ad_scalar(t, L->dtype, NAN)) : L;
 }
 
 START_TEST(test_nan_stops) {

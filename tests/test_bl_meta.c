@@ -36,17 +36,6 @@ static ad_tensor *new_tensor(int ndim, const int64_t *shape) {
   return x;
 }
 
-/* max |a - b| / max |b| over lists of tensors */
-static double rel_err(int n, ad_tensor *const *a, ad_tensor *const *b) {
-  double num = 0, den = 0;
-  for (int k = 0; k < n; k++)
-    for (int64_t i = 0; i < a[k]->size; i++) {
-      num = fmax(num, fabs(ad_get(a[k], i) - ad_get(b[k], i)));
-      den = fmax(den, fabs(ad_get(b[k], i)));
-    }
-  return den > 0 ? num / den : num;
-}
-
 /* 1 when some element of the list is nonzero */
 static int any_nonzero(int n, ad_tensor *const *a) {
   for (int k = 0; k < n; k++)
@@ -177,7 +166,7 @@ START_TEST(test_maml_finite_differences) {
         ad_set(th[j], e, v);
         ad_set(fd[j], e, (fp - fm) / (2 * h));
       }
-    double err = rel_err(NP, mg, fd);
+    double err = gc_rel_err(NP, mg, fd);
     printf("maml k=%d vs finite differences: rel err %.2e (bound 1e-6), meta-loss %.4f\n", k, err,
            st.val_loss);
     ck_assert(err <= 1e-6);
@@ -246,13 +235,13 @@ START_TEST(test_fomaml_is_maml_minus_second_order) {
   for (int j = 0; j < NP; j++)
     for (int64_t e = 0; e < th[j]->size; e++)
       ad_set(diff[j], e, ad_get(mg[j], e) - ad_get(fo[j], e));
-  double e1 = rel_err(NP, fo, q), e2 = rel_err(NP, diff, so);
+  double e1 = gc_rel_err(NP, fo, q), e2 = gc_rel_err(NP, diff, so);
   printf("fomaml vs mean grad L_query(phi): %.2e (bound 1e-12); maml - fomaml vs "
          "-alpha H grad L_query: %.2e (bound 1e-9)\n",
          e1, e2);
   ck_assert(e1 <= 1e-12);
   ck_assert(e2 <= 1e-9);
-  ck_assert(rel_err(NP, mg, fo) > 1e-3); /* the term is not negligible here */
+  ck_assert(gc_rel_err(NP, mg, fo) > 1e-3); /* the term is not negligible here */
   list_free(NP, th);
   list_free(NP, mg);
   list_free(NP, fo);
@@ -371,7 +360,7 @@ START_TEST(test_maml_momentum_three_steps) {
   double f0 = ref_eval(&c);
   ck_assert(fabs(st.val_loss - f0) <= 1e-12 * (1 + f0));
   central_fd(NP, th, fd, ref_eval, &c, 1e-5);
-  double err = rel_err(NP, mg, fd);
+  double err = gc_rel_err(NP, mg, fd);
   printf("maml, momentum adaptation, 3 steps, vs finite differences: rel err %.2e (bound 1e-6)\n",
          err);
   ck_assert(err <= 1e-6);
@@ -428,7 +417,7 @@ START_TEST(test_maml_adam_rmsprop) {
     ck_assert_msg(bl_maml(t, &p, NULL, mg, &st) == AD_OK, "%s", ad_tape_errmsg(t));
     maml_ctx c = {t, &p, scratch};
     central_fd(NP, th, fd, maml_value, &c, 1e-5);
-    double err = rel_err(NP, mg, fd);
+    double err = gc_rel_err(NP, mg, fd);
     printf("maml, %s adaptation, 2 steps, vs finite differences: rel err %.2e (bound 1e-6)\n",
            m ? "rmsprop" : "adam", err);
     ck_assert(err <= 1e-6);
@@ -499,12 +488,12 @@ START_TEST(test_maml_user_step) {
   q.n_lam = 0;
   q.lam = NULL;
   ck_assert_msg(bl_maml(t, &q, NULL, lib, &st) == AD_OK, "%s", ad_tape_errmsg(t));
-  double e_lib = rel_err(NP, mg, lib);
+  double e_lib = gc_rel_err(NP, mg, lib);
   ck_assert(fabs(user_loss - st.val_loss) <= 1e-12 * (1 + st.val_loss));
   ref_ctx c = {.t = t, .theta = th, .lr = lam[0], .mu = lam[1], .s = &s, .k = 3};
   central_fd(NP, th, fd, ref_eval, &c, 1e-5);
   central_fd(2, lam, fd + NP, ref_eval, &c, 1e-5);
-  double e_th = rel_err(NP, mg, fd), e_lam = rel_err(2, mg + NP, fd + NP);
+  double e_th = gc_rel_err(NP, mg, fd), e_lam = gc_rel_err(2, mg + NP, fd + NP);
   printf("maml, user heavy-ball step: vs NN_OPT_MOMENTUM %.2e (bound 1e-12); vs finite "
          "differences theta %.2e, (lr, mu) %.2e (bound 1e-6); d/dlr %.4f d/dmu %.4f\n",
          e_lib, e_th, e_lam, ad_get(mg[NP], 0), ad_get(mg[NP + 1], 0));
@@ -566,7 +555,7 @@ START_TEST(test_meta_sgd_rates) {
   ck_assert(fabs(st.val_loss - f0) <= 1e-12 * (1 + f0));
   central_fd(NP, th, fd, ref_eval, &c, 1e-5);
   central_fd(NP, rate, fd + NP, ref_eval, &c, 1e-5);
-  double e_th = rel_err(NP, mg, fd), e_rate = rel_err(NP, mg + NP, fd + NP);
+  double e_th = gc_rel_err(NP, mg, fd), e_rate = gc_rel_err(NP, mg + NP, fd + NP);
   printf("meta-sgd (maml, per-element rates): vs finite differences theta %.2e, rates %.2e "
          "(bound 1e-6)\n",
          e_th, e_rate);
@@ -624,7 +613,7 @@ START_TEST(test_fomaml_multistep_definition) {
         ad_set(ex[NP + j], er, ad_get(ex[NP + j], er) + d);
       }
   }
-  double e_th = rel_err(NP, mg, ex), e_rate = rel_err(NP, mg + NP, ex + NP);
+  double e_th = gc_rel_err(NP, mg, ex), e_rate = gc_rel_err(NP, mg + NP, ex + NP);
   printf("fomaml (meta-sgd + momentum, 3 steps) vs its definition: theta %.2e, rates %.2e "
          "(bound 1e-12)\n",
          e_th, e_rate);
@@ -633,7 +622,7 @@ START_TEST(test_fomaml_multistep_definition) {
   ck_assert(e_rate <= 1e-12);
   /* and it is not MAML: the dropped second-order terms are visible */
   ck_assert_int_eq(bl_maml(t, &p, NULL, ex, &st), AD_OK);
-  ck_assert(rel_err(2 * NP, mg, ex) > 1e-3);
+  ck_assert(gc_rel_err(2 * NP, mg, ex) > 1e-3);
   list_free(NP, th);
   list_free(NP, rate);
   list_free(2 * NP, mg);
@@ -780,7 +769,7 @@ START_TEST(test_imaml_quadratic_closed_form) {
   ad_tape *t = new_tape();
   bl_stats st;
   ck_assert_int_eq(bl_imaml(t, &p, &(bl_opts){.K = QD, .tol = 1e-300}, mg, &st), AD_OK);
-  double e = rel_err(1, mg, ex);
+  double e = gc_rel_err(1, mg, ex);
   printf("imaml vs (I + H/lam)^{-1} grad L_query: rel err %.2e (bound 1e-8), %lld hvps, CG "
          "residual %.1e\n",
          e, (long long)st.hvps, st.residual);
@@ -788,7 +777,7 @@ START_TEST(test_imaml_quadratic_closed_form) {
   ck_assert_int_eq(st.inner_steps, QT * 2000);
   ck_assert_int_le(st.hvps, QT * QD);
   ck_assert_int_eq(bl_imaml(t, &p, &(bl_opts){.K = 2}, mg, &st), AD_OK);
-  double e2 = rel_err(1, mg, ex);
+  double e2 = gc_rel_err(1, mg, ex);
   printf("imaml with K=2 CG steps: rel err %.2e (expected > 1e-6)\n", e2);
   ck_assert(e2 > 1e-6);
   /* The same through a user step (plain gradient steps, the rate in ctx). */
@@ -798,7 +787,7 @@ START_TEST(test_imaml_quadratic_closed_form) {
   pu.step = (bl_step){.fn = ctx_sgd_step, .ctx = &lr_ctx};
   ck_assert_msg(bl_imaml(t, &pu, &(bl_opts){.K = QD, .tol = 1e-300}, mg, &st) == AD_OK, "%s",
                 ad_tape_errmsg(t));
-  double e4 = rel_err(1, mg, ex);
+  double e4 = gc_rel_err(1, mg, ex);
   printf("imaml, user step: rel err %.2e (bound 1e-8)\n", e4);
   ck_assert(e4 <= 1e-8);
   /* The fixed point does not depend on the rule that reaches it: heavy-ball
@@ -809,7 +798,7 @@ START_TEST(test_imaml_quadratic_closed_form) {
   pm.opt = &hb;
   ck_assert_msg(bl_imaml(t, &pm, &(bl_opts){.K = QD, .tol = 1e-300}, mg, &st) == AD_OK, "%s",
                 ad_tape_errmsg(t));
-  double e3 = rel_err(1, mg, ex);
+  double e3 = gc_rel_err(1, mg, ex);
   printf("imaml, heavy-ball adaptation: rel err %.2e (bound 1e-8)\n", e3);
   ck_assert(e3 <= 1e-8);
   list_free(1, th);

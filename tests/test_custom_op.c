@@ -28,17 +28,6 @@ static ad_tape *new_tape(void) {
   return t;
 }
 
-/* max |a - b| / max |b| over lists of tensors */
-static double rel_err(int n, ad_tensor *const *a, ad_tensor *const *b) {
-  double num = 0, den = 0;
-  for (int k = 0; k < n; k++)
-    for (int64_t i = 0; i < a[k]->size; i++) {
-      num = fmax(num, fabs(ad_get(a[k], i) - ad_get(b[k], i)));
-      den = fmax(den, fabs(ad_get(b[k], i)));
-    }
-  return den > 0 ? num / den : num;
-}
-
 /* ---------------------------------------------------------------- smooth |x| */
 
 static ad_status sabs_fwd(ad_tape *t, int n, ad_tensor *const *in, ad_tensor *out,
@@ -94,12 +83,12 @@ START_TEST(test_smooth_abs) {
   ad_tensor *s = ad_sum(t, y), *sc = ad_sum(t, yc), *g = NULL, *gc = NULL;
   ck_assert_int_eq(ad_grad(t, 1, &s, NULL, 1, &x, &g, 0), AD_OK);
   ck_assert_int_eq(ad_grad(t, 1, &sc, NULL, 1, &x, &gc, 0), AD_OK);
-  double ev = rel_err(1, &y, &yc), eg = rel_err(1, &g, &gc);
+  double ev = gc_rel_err(1, &y, &yc), eg = gc_rel_err(1, &g, &gc);
   /* H = diag(eps / y^3): ad_hvp with v = ones gives the diagonal. */
   ad_tensor *v = ad_ones_like(t, x), *hv = NULL, *ex = ad_empty(t, AD_F64, 2, x->shape);
   ck_assert_int_eq(ad_hvp(t, s, 1, &x, &v, &hv, 0), AD_OK);
   for (int64_t i = 0; i < x->size; i++) ad_set(ex, i, eps / pow(ad_get(y, i), 3));
-  double eh = rel_err(1, &hv, &ex);
+  double eh = gc_rel_err(1, &hv, &ex);
   printf("smooth_abs vs library ops: values %.2e, gradient %.2e (bound 1e-14); Hessian vs "
          "eps/y^3 %.2e (bound 1e-12)\n",
          ev, eg, eh);
@@ -189,7 +178,7 @@ START_TEST(test_fused_layer) {
   ad_tape *t = new_tape();
   ad_tensor *y = f_layer(t, in, NULL), *yc = f_layer_composite(t, in, NULL);
   ck_assert_msg(y != NULL, "%s", ad_tape_errmsg(t));
-  double ev = rel_err(1, &y, &yc);
+  double ev = gc_rel_err(1, &y, &yc);
   ad_tensor *L = loss_through(t, in, 0), *Lc = loss_through(t, in, 1);
   ad_tensor *g[3], *gc[3], *v[3], *hv[3], *hvc[3], *fd[3];
   ck_assert_int_eq(ad_grad(t, 1, &L, NULL, 3, in, g, 0), AD_OK);
@@ -200,7 +189,7 @@ START_TEST(test_fused_layer) {
   }
   ck_assert_int_eq(ad_hvp(t, L, 3, in, v, hv, 0), AD_OK);
   ck_assert_int_eq(ad_hvp(t, Lc, 3, in, v, hvc, 0), AD_OK);
-  double eg = rel_err(3, g, gc), eh = rel_err(3, hv, hvc);
+  double eg = gc_rel_err(3, g, gc), eh = gc_rel_err(3, hv, hvc);
   /* differences of gradients along v */
   double h = 1e-5;
   for (int sign = 1; sign >= -1; sign -= 2) {
@@ -217,7 +206,7 @@ START_TEST(test_fused_layer) {
       }
     ad_rewind(t, m);
   }
-  double efd = rel_err(3, hv, fd);
+  double efd = gc_rel_err(3, hv, fd);
   printf("tanh_layer vs composite: values %.2e, gradients %.2e, hvp %.2e (bound 1e-13); "
          "ad_hvp vs differences of gradients %.2e (bound 1e-6)\n",
          ev, eg, eh, efd);

@@ -7,7 +7,6 @@
 #include "gradcheck.h"
 
 #include <check.h>
-#include <dirent.h>
 #include <math.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -551,18 +550,6 @@ START_TEST(test_idx_sizes_overflow) {
 }
 END_TEST
 
-/* Entries of tmpdir other than . and .. */
-static int count_entries(void) {
-  DIR *d = opendir(tmpdir);
-  ck_assert_ptr_nonnull(d);
-  int n = 0;
-  struct dirent *e;
-  while ((e = readdir(d)))
-    if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) n++;
-  closedir(d);
-  return n;
-}
-
 /* ds_idx_write over an existing file that fails midway (issue 9): the
  * failure is injected with RLIMIT_FSIZE (8 KiB; SIGXFSZ ignored, so the
  * write returns EFBIG), a real short write at any data size beyond the
@@ -598,11 +585,11 @@ START_TEST(test_idx_write_atomic) {
     ck_assert_uint_eq(n1, n0);
     ck_assert(memcmp(after, before, n0) == 0);
     free(after);
-    ck_assert_int_eq(count_entries(), 1);
+    ck_assert_int_eq(gc_dir_entries(tmpdir), 1);
   }
   for (int gz = 0; gz < 2; gz++) {
     ck_assert_int_eq(ds_idx_write(tpath("a.idx"), DS_IDX_U8, 1, (int64_t[]){N}, big, gz), AD_OK);
-    ck_assert_int_eq(count_entries(), 1);
+    ck_assert_int_eq(gc_dir_entries(tmpdir), 1);
     ds_idx *a = NULL;
     ck_assert_int_eq(ds_idx_read(&a, tpath("a.idx")), AD_OK);
     ck_assert_int_eq(a->count, N);

@@ -217,18 +217,6 @@ static void make_dir(void) {
   ck_assert_ptr_nonnull(mkdtemp(dir));
 }
 
-/* Entries in the test directory (to see that no temporary is left). */
-static int count_entries(void) {
-  DIR *d = opendir(dir);
-  ck_assert_ptr_nonnull(d);
-  int n = 0;
-  struct dirent *e;
-  while ((e = readdir(d)))
-    if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) n++;
-  closedir(d);
-  return n;
-}
-
 static void remove_dir(void) {
   DIR *d = opendir(dir);
   if (!d) return;
@@ -295,7 +283,7 @@ START_TEST(test_save_load_round_trip) {
     nn_params *p = make_set(dt, 4), *q = make_set(dt, 5), *r = NULL;
     ck_assert_int_eq(nn_params_save(p, path), AD_OK);
     ck_assert_int_eq(nn_params_save(p, path), AD_OK); /* over the old one */
-    ck_assert_int_eq(count_entries(), 1);
+    ck_assert_int_eq(gc_dir_entries(dir), 1);
     size_t len;
     unsigned char *b = slurp(path, &len);
     size_t header = 16 + (2 + 5 + 2 + 16) + (2 + 5 + 2 + 8) + (2 + 6 + 2 + 32);
@@ -438,10 +426,10 @@ START_TEST(test_save_failure_cleans_up) {
   char sub[400];
   snprintf(sub, sizeof sub, "%s/sub", dir);
   ck_assert_int_eq(mkdir(sub, 0755), 0);
-  ck_assert_int_eq(count_entries(), 1);
+  ck_assert_int_eq(gc_dir_entries(dir), 1);
   nn_params *p = make_set(AD_F32, 9);
   ck_assert_int_eq(nn_params_save(p, sub), AD_ERR_IO);
-  ck_assert_int_eq(count_entries(), 1);
+  ck_assert_int_eq(gc_dir_entries(dir), 1);
   char nodir[400];
   snprintf(nodir, sizeof nodir, "%s/no/such/dir/x.htp", dir);
   ck_assert_int_eq(nn_params_save(p, nodir), AD_ERR_IO);

@@ -1,0 +1,457 @@
+/* test_cnn_fused.c — nn_relu_max_pool2d (relu and max pooling fused, with
+ * its own scatter/gather rule) against the unfused compositions
+ * nn_max_pool2d(ad_relu(x)) and ad_relu(nn_max_pool2d(x)), values and
+ * first and second derivatives, plus finite-difference gradchecks and its
+ * errors; and nn_conv2d (bias in the GEMM, chunked im2col/col2im) against a
+ * direct loop over the convolution's definition. */
+#include "gradcheck.h"
+#include "nn/nn.h"
+
+#include <check.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define S(...) ((const int64_t[]){__VA_ARGS__})
+#define IN(x) ((void)ctx, (x))
+
+static ad_tape *tape(void) {
+  ad_tape *t = NULL;
+  ck_assert_int_eq(ad_tape_new(&t, &(ad_tape_opts){.arena_mb = 8}), AD_OK);
+  return t;
+}
+
+/* ---------------------------------------------------------------- gradchecks */
+/* tanh after the pool: the HVP check then runs through the scatter's own
+ * rule (the gather) and back, the second order of the fused op. */
+static ad_tensor *f_rmp_2x2(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, nn_relu_max_pool2d(t, x[0], 2, 2, 0)));
+}
+static ad_tensor *f_rmp_k3_s2_p1(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, nn_relu_max_pool2d(t, x[0], 3, 2, 1)));
+}
+static ad_tensor *f_rmp_k3_s1_p1(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, nn_relu_max_pool2d(t, x[0], 3, 1, 1)));
+}
+static ad_tensor *f_rmp_k2_s1(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, nn_relu_max_pool2d(t, x[0], 2, 1, 0)));
+}
+static const int32_t LABELS[2] = {2, 0};
+/* conv (bias) -> fused relu + pool -> linear -> cross-entropy: the bench's
+ * net in small, its HVP a second order through conv and the fused op. */
+static ad_tensor *f_cnn(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  ad_tensor *h = nn_relu_max_pool2d(t, nn_conv2d(t, x[0], x[1], x[2], 1, 1), 2, 2, 0);
+  return IN(ad_cross_entropy(t, nn_linear(t, nn_flatten(t, h), x[3], NULL), LABELS, 2));
+}
+/* A strided, padded, non-square conv with bias: the general im2col/col2im. */
+static ad_tensor *f_conv_s2(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, nn_conv2d(t, x[0], x[1], x[2], 2, 1)));
+}
+
+/* Offsets put part of the inputs below 0 (relu's kink), margins keep the
+ * finite differences off it; the sizes are odd so windows leave rows and
+ * columns over. */
+static const gc_case CASES[] = {
+    {"relu_max_pool2d_2x2", f_rmp_2x2, 1, {4}, {{2, 3, 5, 7}}, {0.3}, {0.05}, 0},
+    {"relu_max_pool2d_2x2_wide", f_rmp_2x2, 1, {4}, {{1, 2, 4, 19}}, {0.1}, {0.05}, 0},
+    {"relu_max_pool2d_k3_s2_p1", f_rmp_k3_s2_p1, 1, {4}, {{1, 2, 5, 6}}, {0.2}, {0.05}, 0},
+    {"relu_max_pool2d_k3_s1_p1", f_rmp_k3_s1_p1, 1, {4}, {{1, 2, 4, 5}}, {-0.2}, {0.05}, 0},
+    {"relu_max_pool2d_k2_s1", f_rmp_k2_s1, 1, {4}, {{2, 1, 3, 4}}, {0}, {0.05}, 0},
+    {"cnn_fused",
+     f_cnn,
+     4,
+     {4, 4, 1, 2},
+     {{2, 1, 5, 5}, {2, 1, 3, 3}, {2}, {3, 8}},
+     {0, 0, 0.1, 0},
+     {0, 0, 0, 0},
+     0},
+    {"conv2d_s2_p1_bias", f_conv_s2, 3, {4, 4, 1}, {{2, 3, 5, 6}, {4, 3, 3, 2}, {4}}, {0}, {0}, 0},
+};
+#define N_CASES ((int)(sizeof CASES / sizeof CASES[0]))
+
+START_TEST(test_fused_gradcheck) {
+  char rep[512];
+  double worst = gc_check_case(&CASES[_i], 4000 + (uint64_t)_i, rep, sizeof rep);
+  ck_assert_msg(worst <= 1e-6, "%s", rep); /* bound: 1e-6 relative, f64 */
+}
+END_TEST
+
+/* ---------------------------------------------------------------- fused vs unfused */
+
+typedef struct {
+  int n, c, h, w, k, st, pad;
+} geom;
+
+static const geom GEOMS[] = {
+    {2, 3, 6, 8, 2, 2, 0},  /* the tiled fast path */
+    {2, 2, 7, 5, 2, 2, 0},  /* tiled, a row and a column left over */
+    {2, 2, 6, 21, 2, 2, 0}, /* tiled, rows of 10 windows: 8 four at a time, 2 one by one */
+    {1, 2, 7, 7, 3, 2, 1},  /* overlapping, padded */
+    {2, 1, 5, 6, 3, 1, 1},  /* stride 1 */
+    {1, 3, 4, 9, 2, 3, 1},  /* stride past the window, padded */
+    {3, 2, 1, 1, 1, 1, 0},  /* 1x1 */
+};
+#define N_GEOMS ((int)(sizeof GEOMS / sizeof GEOMS[0]))
+
+enum { FUSED, RELU_POOL, POOL_RELU };
+
+static ad_tensor *pool_by(ad_tape *t, ad_tensor *x, const geom *g, int how) {
+  if (how == FUSED) return nn_relu_max_pool2d(t, x, g->k, g->st, g->pad);
+  if (how == RELU_POOL) return nn_max_pool2d(t, ad_relu(t, x), g->k, g->st, g->pad);
+  return ad_relu(t, nn_max_pool2d(t, x, g->k, g->st, g->pad));
+}
+
+/* Inputs from a small set of integers (-2..2, scaled): plenty of ties,
+ * windows all negative, all zero, mixed. */
+static ad_tensor *tie_input(ad_dtype dt, const geom *g, ad_rng *r) {
+  ad_tensor *x = NULL;
+  ck_assert_int_eq(ad_tensor_new(&x, dt, 4, S(g->n, g->c, g->h, g->w)), AD_OK);
+  for (int64_t i = 0; i < x->size; i++) ad_set(x, i, 0.5 * ((double)ad_rng_below(r, 5) - 2.0));
+  ad_requires_grad(x, 1);
+  return x;
+}
+
+static void fill_rand(ad_tensor *v, ad_rng *r) {
+  for (int64_t i = 0; i < v->size; i++) ad_set(v, i, ad_rng_normal(r));
+}
+
+/* Values y, gradient dx of <tanh(y), u> (exact: <y y, u>, exact in f32 for
+ * small integer data), and the HVP d<dx, v>/dx through
+ * the recorded backward, for one way of computing the pool. */
+static void run(ad_tape *t, ad_tensor *x, const geom *g, int how, int exact, ad_tensor *u,
+                ad_tensor *v, ad_tensor **y, ad_tensor **dx, ad_tensor **hv) {
+  *y = pool_by(t, x, g, how);
+  ck_assert_ptr_nonnull(*y);
+  ad_tensor *s = ad_dot(t, exact ? ad_mul(t, *y, *y) : ad_tanh(t, *y), u);
+  ck_assert_int_eq(ad_grad(t, 1, &s, NULL, 1, &x, dx, AD_GRAD_RECORD), AD_OK);
+  ad_tensor *s2 = ad_dot(t, *dx, v);
+  ck_assert_int_eq(ad_grad(t, 1, &s2, NULL, 1, &x, hv, 0), AD_OK);
+}
+
+static void same(const char *what, const ad_tensor *a, const ad_tensor *b, int gi, int how) {
+  ck_assert_int_eq(a->size, b->size);
+  for (int64_t i = 0; i < a->size; i++) {
+    double p = ad_get(a, i), q = ad_get(b, i);
+    /* routing and masking: the very same numbers, not merely close */
+    ck_assert_msg(p == q || (isnan(p) && isnan(q)), "%s geom %d vs %d: element %lld %.17g vs %.17g",
+                  what, gi, how, (long long)i, p, q);
+  }
+}
+
+/* The fused op against both orders, f32 and f64, every geometry: values,
+ * gradients and second derivatives equal, ties included. */
+START_TEST(test_fused_equals_unfused) {
+  const ad_dtype dts[2] = {AD_F64, AD_F32};
+  for (int d = 0; d < 2; d++)
+    for (int gi = 0; gi < N_GEOMS; gi++) {
+      const geom *g = &GEOMS[gi];
+      ad_rng r;
+      ad_rng_seed(&r, 77 + (uint64_t)gi);
+      ad_tape *t = tape();
+      ad_tensor *x = tie_input(dts[d], g, &r);
+      ad_tensor *y0 = nn_max_pool2d(t, x, g->k, g->st, g->pad); /* for the output shape */
+      ck_assert_ptr_nonnull(y0);
+      ad_tensor *u = NULL, *v = NULL;
+      ck_assert_int_eq(ad_tensor_new(&u, dts[d], 4, y0->shape), AD_OK);
+      ck_assert_int_eq(ad_tensor_new(&v, dts[d], 4, x->shape), AD_OK);
+      fill_rand(u, &r), fill_rand(v, &r);
+      ad_tensor *y[3], *dx[3], *hv[3];
+      for (int how = 0; how < 3; how++) run(t, x, g, how, 0, u, v, &y[how], &dx[how], &hv[how]);
+      ck_assert_int_eq(ad_tape_status(t), AD_OK);
+      double nz = 0;
+      for (int64_t i = 0; i < dx[0]->size; i++) nz += fabs(ad_get(dx[0], i));
+      if (gi < N_GEOMS - 1) ck_assert(nz > 0); /* some gradient reaches x: not all clipped */
+      for (int how = 1; how < 3; how++) {
+        same("value", y[0], y[how], gi, how);
+        same("gradient", dx[0], dx[how], gi, how);
+        same("hvp", hv[0], hv[how], gi, how);
+      }
+      ad_tensor_free(x), ad_tensor_free(u), ad_tensor_free(v);
+      ad_tape_free(t);
+    }
+}
+END_TEST
+
+/* f32 (four windows at a time on x86-64) against f64 (one at a time) on
+ * the same small-integer data, where every step is exact in both: the
+ * same values, indices (ties!), gradients and HVPs, fused and plain. */
+START_TEST(test_f32_equals_f64) {
+  for (int gi = 0; gi < N_GEOMS; gi++)
+    for (int how = FUSED; how <= RELU_POOL; how++) {
+      const geom *g = &GEOMS[gi];
+      ad_tape *t = tape();
+      ad_tensor *y[2], *dx[2], *hv[2], *keep[6];
+      for (int d = 0; d < 2; d++) {
+        ad_rng r;
+        ad_rng_seed(&r, 123 + (uint64_t)gi); /* the same draws for both */
+        ad_dtype dt = d ? AD_F32 : AD_F64;
+        ad_tensor *x = tie_input(dt, g, &r);
+        int64_t ys[4] = {g->n, g->c, 0, 0};
+        ad_tensor *y0 = nn_max_pool2d(t, x, g->k, g->st, g->pad);
+        ck_assert_ptr_nonnull(y0);
+        ys[2] = y0->shape[2], ys[3] = y0->shape[3];
+        ad_tensor *u = NULL, *v = NULL;
+        ck_assert_int_eq(ad_tensor_new(&u, dt, 4, ys), AD_OK);
+        ck_assert_int_eq(ad_tensor_new(&v, dt, 4, x->shape), AD_OK);
+        for (int64_t i = 0; i < u->size; i++) ad_set(u, i, (double)ad_rng_below(&r, 5) - 2.0);
+        for (int64_t i = 0; i < v->size; i++) ad_set(v, i, (double)ad_rng_below(&r, 5) - 2.0);
+        run(t, x, g, how, 1, u, v, &y[d], &dx[d], &hv[d]);
+        keep[3 * d] = x, keep[3 * d + 1] = u, keep[3 * d + 2] = v;
+      }
+      ck_assert_int_eq(ad_tape_status(t), AD_OK);
+      same("f32 value", y[0], y[1], gi, how);
+      same("f32 gradient", dx[0], dx[1], gi, how);
+      same("f32 hvp", hv[0], hv[1], gi, how);
+      for (int i = 0; i < 6; i++) ad_tensor_free(keep[i]);
+      ad_tape_free(t);
+    }
+}
+END_TEST
+
+/* Values against the definition on a hand-made input: max of the window,
+ * clipped at 0; the gradient reaches the first maximum of windows above 0. */
+START_TEST(test_fused_values) {
+  ad_tape *t = tape();
+  ad_tensor *x = NULL;
+  ck_assert_int_eq(ad_tensor_new(&x, AD_F64, 4, S(1, 1, 2, 6)), AD_OK);
+  /* windows (2x2, stride 2): {1, 3, 3, 0} {-1, -2, -3, -4} {0, 0, 0, 0} */
+  const double xs[12] = {1, 3, -1, -2, 0, 0, 3, 0, -3, -4, 0, 0};
+  for (int i = 0; i < 12; i++) ad_set(x, i, xs[i]);
+  ad_requires_grad(x, 1);
+  ad_tensor *y = nn_relu_max_pool2d(t, x, 2, 2, 0);
+  ck_assert_ptr_nonnull(y);
+  ck_assert_int_eq(y->size, 3);
+  ck_assert(ad_get(y, 0) == 3 && ad_get(y, 1) == 0 && ad_get(y, 2) == 0);
+  ad_tensor *dx, *s = ad_sum(t, y);
+  ck_assert_int_eq(ad_grad(t, 1, &s, NULL, 1, &x, &dx, 0), AD_OK);
+  for (int i = 0; i < 12; i++) /* first 3 (row 0, column 1) only */
+    ck_assert_msg(ad_get(dx, i) == (i == 1 ? 1.0 : 0.0), "dx[%d] = %g", i, ad_get(dx, i));
+  ad_tensor_free(x);
+  ad_tape_free(t);
+}
+END_TEST
+
+/* A NaN in a window: the output is NaN (relu keeps it, as ad_relu does)
+ * and its gradient is NaN at the NaN, like ad_relu(nn_max_pool2d(x)). */
+START_TEST(test_fused_nan) {
+  for (int gi = 0; gi < 4; gi++) {
+    const geom *g = &GEOMS[gi];
+    ad_rng r;
+    ad_rng_seed(&r, 9);
+    ad_tape *t = tape();
+    ad_tensor *x = tie_input(AD_F64, g, &r);
+    ad_set(x, 3, NAN);
+    ad_set(x, x->size - 2, NAN);
+    ad_tensor *y[2], *dx[2];
+    for (int k = 0; k < 2; k++) {
+      y[k] = pool_by(t, x, g, k == 0 ? FUSED : POOL_RELU);
+      ck_assert_ptr_nonnull(y[k]);
+      ad_tensor *s = ad_sum(t, y[k]);
+      ck_assert_int_eq(ad_grad(t, 1, &s, NULL, 1, &x, &dx[k], AD_GRAD_RECORD), AD_OK);
+    }
+    int nans = 0;
+    for (int64_t i = 0; i < y[0]->size; i++) nans += isnan(ad_get(y[0], i));
+    ck_assert_int_ge(nans, 1);
+    same("nan value", y[0], y[1], gi, POOL_RELU);
+    same("nan gradient", dx[0], dx[1], gi, POOL_RELU);
+    /* and the second order: the gather carries the NaN the same way */
+    ad_tensor *h[2];
+    for (int k = 0; k < 2; k++) {
+      ad_tensor *s2 = ad_sum(t, dx[k]);
+      ck_assert_int_eq(ad_grad(t, 1, &s2, NULL, 1, &x, &h[k], 0), AD_OK);
+    }
+    same("nan hvp", h[0], h[1], gi, POOL_RELU);
+    ad_tensor_free(x);
+    ad_tape_free(t);
+  }
+}
+END_TEST
+
+/* Unrecorded (no gradient wanted): same values, no index kept. */
+START_TEST(test_fused_unrecorded) {
+  ad_rng r;
+  ad_rng_seed(&r, 5);
+  for (int gi = 0; gi < N_GEOMS; gi++) {
+    ad_tape *t = tape();
+    ad_tensor *x = tie_input(AD_F32, &GEOMS[gi], &r);
+    ad_tensor *a = pool_by(t, x, &GEOMS[gi], RELU_POOL);
+    int prev = ad_set_recording(t, 0);
+    ad_tensor *b = pool_by(t, x, &GEOMS[gi], FUSED);
+    ad_set_recording(t, prev);
+    ck_assert_ptr_nonnull(b);
+    same("unrecorded value", a, b, gi, FUSED);
+    ad_tensor_free(x);
+    ad_tape_free(t);
+  }
+}
+END_TEST
+
+START_TEST(test_fused_errors) {
+  ad_tape *t = tape();
+  ad_tensor *x3 = ad_zeros(t, AD_F64, 3, S(2, 4, 4)), *x = ad_zeros(t, AD_F64, 4, S(1, 1, 3, 3));
+  struct {
+    ad_tensor *x;
+    int k, st, pad;
+    ad_status want;
+  } bad[] = {
+      {x3, 2, 2, 0, AD_ERR_SHAPE}, /* not 4-D */
+      {x, 0, 1, 0, AD_ERR_ARG},    /* kernel 0 */
+      {x, 2, 0, 0, AD_ERR_ARG},    /* stride 0 */
+      {x, 2, 2, 2, AD_ERR_ARG},    /* pad past k/2 */
+      {x, 2, 2, -1, AD_ERR_ARG},   /* negative pad */
+      {x, 5, 1, 0, AD_ERR_SHAPE},  /* window larger than the input */
+      {NULL, 2, 2, 0, AD_ERR_NULL},
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    ck_assert_ptr_null(nn_relu_max_pool2d(t, bad[i].x, bad[i].k, bad[i].st, bad[i].pad));
+    ck_assert_int_eq(ad_tape_status(t), bad[i].want);
+    ck_assert_msg(strstr(ad_tape_errmsg(t), "nn_relu_max_pool2d") != NULL, "case %zu: %s", i,
+                  ad_tape_errmsg(t));
+    ad_tape_clear_error(t);
+  }
+  ad_tape_free(t);
+}
+END_TEST
+
+/* ---------------------------------------------------------------- conv against its definition */
+
+/* y[n,k,p,q] = b[k] + sum_{c,r,s} w[k,c,r,s] x[n, c, p*st + r - pad, q*st + s - pad]. */
+static double conv_ref(const ad_tensor *x, const ad_tensor *w, const ad_tensor *b, int st, int pad,
+                       int64_t n, int64_t k, int64_t p, int64_t q) {
+  const int64_t C = x->shape[1], H = x->shape[2], W = x->shape[3], R = w->shape[2],
+                Sz = w->shape[3];
+  double s = b ? ad_get(b, k) : 0;
+  for (int64_t c = 0; c < C; c++)
+    for (int64_t r = 0; r < R; r++)
+      for (int64_t j = 0; j < Sz; j++) {
+        int64_t ih = p * st + r - pad, iw = q * st + j - pad;
+        if (ih < 0 || ih >= H || iw < 0 || iw >= W) continue;
+        s += ad_get(w, ((k * C + c) * R + r) * Sz + j) * ad_get(x, ((n * C + c) * H + ih) * W + iw);
+      }
+  return s;
+}
+
+/* Same-width (3x3 pad 1), strided, 1x1 and non-square convs, with and
+ * without bias, f64 and f32, several images (the per-image chunks). */
+START_TEST(test_conv_definition) {
+  const struct {
+    int n, c, h, w, k, r, s, st, pad;
+  } cs[] = {{3, 2, 6, 5, 4, 3, 3, 1, 1},
+            {2, 3, 7, 6, 2, 3, 2, 2, 1},
+            {3, 4, 3, 5, 3, 1, 1, 1, 0},
+            {2, 1, 5, 5, 3, 2, 3, 1, 2}};
+  const ad_dtype dts[2] = {AD_F64, AD_F32};
+  ad_rng r;
+  ad_rng_seed(&r, 31);
+  for (size_t ci = 0; ci < sizeof cs / sizeof cs[0]; ci++)
+    for (int d = 0; d < 2; d++)
+      for (int bias = 0; bias < 2; bias++) {
+        ad_tape *t = tape();
+        ad_tensor *x = ad_zeros(t, dts[d], 4, S(cs[ci].n, cs[ci].c, cs[ci].h, cs[ci].w));
+        ad_tensor *w = ad_zeros(t, dts[d], 4, S(cs[ci].k, cs[ci].c, cs[ci].r, cs[ci].s));
+        ad_tensor *b = bias ? ad_zeros(t, dts[d], 1, S(cs[ci].k)) : NULL;
+        fill_rand(x, &r), fill_rand(w, &r);
+        if (b) fill_rand(b, &r);
+        ad_tensor *y = nn_conv2d(t, x, w, b, cs[ci].st, cs[ci].pad);
+        ck_assert_ptr_nonnull(y);
+        double tol = dts[d] == AD_F64 ? 1e-12 : 1e-5;
+        for (int64_t n = 0; n < y->shape[0]; n++)
+          for (int64_t k = 0; k < y->shape[1]; k++)
+            for (int64_t p = 0; p < y->shape[2]; p++)
+              for (int64_t q = 0; q < y->shape[3]; q++) {
+                double want = conv_ref(x, w, b, cs[ci].st, cs[ci].pad, n, k, p, q);
+                double got = ad_get(y, ((n * y->shape[1] + k) * y->shape[2] + p) * y->shape[3] + q);
+                ck_assert_msg(fabs(got - want) <= tol * (1 + fabs(want)),
+                              "case %zu dt %d bias %d: y[%lld,%lld,%lld,%lld] %.9g vs %.9g", ci, d,
+                              bias, (long long)n, (long long)k, (long long)p, (long long)q, got,
+                              want);
+              }
+        ad_tape_free(t);
+      }
+}
+END_TEST
+
+/* conv2d's rule computes dx, dw and db in one pass over the images; they
+ * must be the very bits the three ops give one by one (db against a sum
+ * in the same order: per image, per channel, in f64 to a tolerance). With
+ * and without dx wanted, with and without bias, every geometry kind. */
+START_TEST(test_conv_backward_one_pass) {
+  const struct {
+    int n, c, h, w, k, r, s, st, pad;
+  } cs[] = {{3, 2, 6, 5, 4, 3, 3, 1, 1},
+            {2, 3, 7, 6, 2, 3, 2, 2, 1},
+            {3, 4, 3, 5, 3, 1, 1, 1, 0},
+            {5, 1, 8, 8, 3, 3, 3, 1, 1}};
+  const ad_dtype dts[2] = {AD_F64, AD_F32};
+  ad_rng r;
+  ad_rng_seed(&r, 57);
+  for (size_t ci = 0; ci < sizeof cs / sizeof cs[0]; ci++)
+    for (int d = 0; d < 2; d++)
+      for (int variant = 0; variant < 4; variant++) {
+        const int bias = variant & 1, want_x = variant >> 1;
+        ad_tape *t = tape();
+        ad_tensor *x = NULL, *w = NULL, *b = NULL;
+        ck_assert_int_eq(ad_tensor_new(&x, dts[d], 4, S(cs[ci].n, cs[ci].c, cs[ci].h, cs[ci].w)),
+                         AD_OK);
+        ck_assert_int_eq(ad_tensor_new(&w, dts[d], 4, S(cs[ci].k, cs[ci].c, cs[ci].r, cs[ci].s)),
+                         AD_OK);
+        if (bias) ck_assert_int_eq(ad_tensor_new(&b, dts[d], 1, S(cs[ci].k)), AD_OK);
+        fill_rand(x, &r), fill_rand(w, &r);
+        if (b) fill_rand(b, &r);
+        ad_requires_grad(x, want_x), ad_requires_grad(w, 1);
+        if (b) ad_requires_grad(b, 1);
+        ad_tensor *y = nn_conv2d(t, x, w, b, cs[ci].st, cs[ci].pad);
+        ck_assert_ptr_nonnull(y);
+        ad_tensor *u = ad_zeros_like(t, y);
+        fill_rand(u, &r);
+        ad_tensor *s = ad_dot(t, y, u), *wrt[3] = {w, b, x}, *gr[3] = {0};
+        int nw = 1 + bias;
+        if (want_x) wrt[nw++] = x;
+        ck_assert_int_eq(ad_grad(t, 1, &s, NULL, nw, wrt, gr, 0), AD_OK);
+        ad_tensor *gw =
+            nn_conv2d_backward_weight(t, x, u, cs[ci].r, cs[ci].s, cs[ci].st, cs[ci].pad);
+        same("dw", gr[0], gw, (int)ci, variant);
+        if (want_x) {
+          ad_tensor *gx =
+              nn_conv2d_backward_input(t, u, w, cs[ci].h, cs[ci].w, cs[ci].st, cs[ci].pad);
+          same("dx", gr[nw - 1], gx, (int)ci, variant);
+        }
+        if (bias) {
+          const int64_t pq = y->shape[2] * y->shape[3];
+          for (int64_t k = 0; k < cs[ci].k; k++) {
+            double want = 0;
+            for (int64_t n = 0; n < cs[ci].n; n++)
+              for (int64_t i = 0; i < pq; i++) want += ad_get(u, (n * cs[ci].k + k) * pq + i);
+            double tol = dts[d] == AD_F64 ? 1e-12 : 1e-5;
+            ck_assert_msg(fabs(ad_get(gr[1], k) - want) <= tol * (1 + fabs(want)),
+                          "db[%lld] %.9g vs %.9g", (long long)k, ad_get(gr[1], k), want);
+          }
+        }
+        ck_assert_int_eq(ad_tape_status(t), AD_OK);
+        ad_tensor_free(x), ad_tensor_free(w), ad_tensor_free(b);
+        ad_tape_free(t);
+      }
+}
+END_TEST
+
+Suite *cnn_fused_suite(void) {
+  Suite *s = suite_create("cnn_fused");
+  TCase *tc = tcase_create("gradcheck");
+  tcase_add_loop_test(tc, test_fused_gradcheck, 0, N_CASES);
+  suite_add_tcase(s, tc);
+  TCase *tv = tcase_create("values");
+  tcase_add_test(tv, test_fused_equals_unfused);
+  tcase_add_test(tv, test_f32_equals_f64);
+  tcase_add_test(tv, test_fused_values);
+  tcase_add_test(tv, test_fused_nan);
+  tcase_add_test(tv, test_fused_unrecorded);
+  tcase_add_test(tv, test_fused_errors);
+  tcase_add_test(tv, test_conv_definition);
+  tcase_add_test(tv, test_conv_backward_one_pass);
+  suite_add_tcase(s, tv);
+  return s;
+}
+
+int main(void) {
+  return gc_run_suite(cnn_fused_suite());
+}
