@@ -630,31 +630,6 @@ AD_NW2_ATTR static void nw_pack_bt(int64_t n, int64_t k, const float *b, int64_t
 #define NW_DHSUM(v) nw2_hsum(v)
 #define NW_DHSUM4(a, b, c, d, out) nw2_hsum4((a), (b), (c), (d), (out))
 #include "blas_narrow.inc"
-#undef NW_DV
-#undef NW_DVL
-#undef NW_DM
-#undef NW_DLD
-#undef NW_DLDM
-#undef NW_DFMA
-#undef NW_DZERO
-#undef NW_DMASK
-#undef NW_DHSUM
-#undef NW_DHSUM4
-#undef NW
-#undef NW_ATTR
-#undef NW_V
-#undef NW_VL
-#undef NW_M
-#undef NW_LD
-#undef NW_LDM
-#undef NW_FMA
-#undef NW_BC
-#undef NW_ZERO
-#undef NW_ST
-#undef NW_MASK
-#undef NW_DOT_MR
-#undef NW_DOT_NC
-#undef NW_OUT_NC
 
 #define NW(x) narrow_avx512_##x
 #define NW_ATTR AD_NW5_ATTR
@@ -684,31 +659,6 @@ AD_NW2_ATTR static void nw_pack_bt(int64_t n, int64_t k, const float *b, int64_t
 #define NW_DHSUM(v) nw2_hsum(v)
 #define NW_DHSUM4(a, b, c, d, out) nw2_hsum4((a), (b), (c), (d), (out))
 #include "blas_narrow.inc"
-#undef NW_DV
-#undef NW_DVL
-#undef NW_DM
-#undef NW_DLD
-#undef NW_DLDM
-#undef NW_DFMA
-#undef NW_DZERO
-#undef NW_DMASK
-#undef NW_DHSUM
-#undef NW_DHSUM4
-#undef NW
-#undef NW_ATTR
-#undef NW_V
-#undef NW_VL
-#undef NW_M
-#undef NW_LD
-#undef NW_LDM
-#undef NW_FMA
-#undef NW_BC
-#undef NW_ZERO
-#undef NW_ST
-#undef NW_MASK
-#undef NW_DOT_MR
-#undef NW_DOT_NC
-#undef NW_OUT_NC
 #define AD_HAVE_NARROW 1
 #else
 #define AD_HAVE_NARROW 0
