@@ -40,6 +40,7 @@
 
 #include "ad.h"
 #include "ad_internal.h"
+#include "ad_simd.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -49,12 +50,6 @@
 #include <time.h>
 
 /* ------------------------------------------------------------ kernel sets */
-
-#if defined(__x86_64__) || defined(__i386__)
-#define AD_X86 1
-#else
-#define AD_X86 0
-#endif
 
 typedef enum { NEED_NONE, NEED_AVX2_FMA, NEED_AVX512 } cpu_need;
 
@@ -123,16 +118,8 @@ static const arch_entry *arch_by_name_or_id(const char *s) {
 }
 
 /* CPU features, checked with the compiler's cpuid helpers, which also check
- * that the OS saves the AVX / AVX-512 register state (XGETBV). */
-static int cpu_has_avx2_fma(void) {
-#if AD_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return 0;
-#endif
-}
-
+ * that the OS saves the AVX-512 register state (XGETBV); AVX2+FMA is
+ * ad__cpu_avx2_fma (ad_simd.h). */
 static int cpu_has_avx512(void) {
 #if AD_X86
   __builtin_cpu_init();
@@ -157,7 +144,7 @@ static int cpu_can_run(const arch_entry *e) {
   case NEED_AVX512:
     return cpu_has_avx512();
   case NEED_AVX2_FMA:
-    return cpu_has_avx2_fma();
+    return ad__cpu_avx2_fma();
   default:
     return 1;
   }
@@ -233,7 +220,7 @@ static void choose_auto(const char *prefix) {
   const char *why = "CPU has neither AVX-512 nor AVX2+FMA";
   if (cpu_has_avx512() && (e = arch_by_name("skx")) != NULL) {
     why = "CPU has AVX-512";
-  } else if (cpu_has_avx2_fma()) {
+  } else if (ad__cpu_avx2_fma()) {
     e = cpu_is_amd() ? arch_by_name("zen3") : NULL;
     if (!e) e = arch_by_name("haswell");
     why = cpu_is_amd() ? "CPU is AMD with AVX2+FMA" : "CPU has AVX2+FMA";
@@ -472,24 +459,10 @@ static const char *path_name(int p) {
     }                                                                                              \
   }
 
-/* The vector types, and their unaligned, aliasing twins for loads and
- * stores from float/double arrays. */
-#define AD_VEC(NAME, T, BYTES)                                                                     \
-  typedef T NAME __attribute__((vector_size(BYTES)));                                              \
-  typedef T NAME##u __attribute__((vector_size(BYTES), aligned(sizeof(T)), may_alias));
-AD_VEC(ad_v8f, float, 32)
-AD_VEC(ad_v4d, double, 32)
-AD_VEC(ad_v4f, float, 16)
-AD_VEC(ad_v2d, double, 16)
 /* Columns of a tile, the bound on the panel copy below. */
 #define DIRECT_NR_MAX 16
 
 #if AD_X86 && defined(__GNUC__)
-#if defined(__clang__) /* no optimize attribute; clang contracts a*b+c within a statement */
-#define AD_AVX2_ATTR __attribute__((target("avx2,fma")))
-#else
-#define AD_AVX2_ATTR __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
-#endif
 /* f32 rows per tile: 5 (10 accumulators + 2 B + 1 broadcast of the 16
  * registers). On Zen 4, 4 rows ran MAML's 10x40x40 at 48 GF/s and 5 at
  * 84-86 (6: 74, 8: 38, spilling). */
@@ -980,7 +953,7 @@ static void blas_init(void) {
   }
   setup_paths(taken);
 #if AD_X86 && defined(__GNUC__)
-  if (cpu_has_avx2_fma()) {
+  if (ad__cpu_avx2_fma()) {
     g_direct_s = direct_s_avx2;
     g_direct_d = direct_d_avx2;
   }
@@ -988,7 +961,7 @@ static void blas_init(void) {
   /* Our AVX-512 kernels follow the kernel set: a request for an AVX2 set
    * (haswell, zen3, ...) means an AVX2-only setting, so they stay out. */
   const arch_entry *req_e = taken ? arch_by_name(g_kernel) : NULL;
-  g_have_narrow = AD_HAVE_NARROW && cpu_has_avx2_fma();
+  g_have_narrow = AD_HAVE_NARROW && ad__cpu_avx2_fma();
   g_have_narrow512 = AD_HAVE_NARROW && cpu_has_avx512() && (!req_e || req_e->need == NEED_AVX512);
   /* HYPERTAPE_GEMM_PATH=NAME forces one path for every GEMM (the same
    * names as ad_blas_set_path); a value we do not know is reported in the

@@ -6,6 +6,7 @@
  * the row-major r x c matrix at offset b r c. A 2-D operand is one matrix
  * shared by every batch element (stride 0): a weight common to all tasks. */
 #include "ad_internal.h"
+#include "ad_simd.h"
 
 #include <string.h>
 
@@ -193,15 +194,6 @@
     return 1;                                                                                      \
   }
 
-/* Vector types, and unaligned aliasing twins for loads and stores. */
-#define BMM_VEC(NAME, T, BYTES)                                                                    \
-  typedef T NAME __attribute__((vector_size(BYTES)));                                              \
-  typedef T NAME##u __attribute__((vector_size(BYTES), aligned(sizeof(T)), may_alias));
-BMM_VEC(bmm_v8f, float, 32)
-BMM_VEC(bmm_v4d, double, 32)
-BMM_VEC(bmm_v4f, float, 16)
-BMM_VEC(bmm_v2d, double, 16)
-
 /* out[q] = the sum of v[q]'s lanes, q < 4, in a fixed order: in the
  * baseline build lane by lane, with AVX2 by horizontal adds (two hadds
  * and a half-add: four dot products' reductions in four instructions). */
@@ -215,42 +207,32 @@ BMM_VEC(bmm_v2d, double, 16)
       out[q] = sum;                                                                                \
     }                                                                                              \
   }
-BMM_HSUM_BASE(hsum_s_base, float, bmm_v4f, bmm_v4fu, 4)
-BMM_HSUM_BASE(hsum_d_base, double, bmm_v2d, bmm_v2du, 2)
+BMM_HSUM_BASE(hsum_s_base, float, ad_v4f, ad_v4fu, 4)
+BMM_HSUM_BASE(hsum_d_base, double, ad_v2d, ad_v2du, 2)
 
 /* Compiled for the baseline ISA and, on x86 with GCC or Clang, for
  * AVX2+FMA (taken when the CPU has them, as autodiff/blas.c's direct loop
  * is; GCC contracts a*b+c there, Clang within the statement). */
-BMM_ISA(s_base, float, bmm_v4f, bmm_v4fu, 4, hsum_s_base, )
-BMM_ISA(d_base, double, bmm_v2d, bmm_v2du, 2, hsum_d_base, )
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+BMM_ISA(s_base, float, ad_v4f, ad_v4fu, 4, hsum_s_base, )
+BMM_ISA(d_base, double, ad_v2d, ad_v2du, 2, hsum_d_base, )
+#if AD_X86 && defined(__GNUC__)
 #include <immintrin.h>
 #define BMM_X86 1
-#if defined(__clang__)
-#define BMM_AVX2_ATTR __attribute__((target("avx2,fma")))
-#else
-#define BMM_AVX2_ATTR __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
-#endif
-BMM_AVX2_ATTR static inline void hsum_s_avx2(const bmm_v8f *v, float *out) {
+AD_AVX2_ATTR static inline void hsum_s_avx2(const ad_v8f *v, float *out) {
   /* h = [a0123 b0123 c0123 d0123 | a4567 b4567 c4567 d4567] */
   __m256 h = _mm256_hadd_ps(_mm256_hadd_ps((__m256)v[0], (__m256)v[1]),
                             _mm256_hadd_ps((__m256)v[2], (__m256)v[3]));
   _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 }
-BMM_AVX2_ATTR static inline void hsum_d_avx2(const bmm_v4d *v, double *out) {
+AD_AVX2_ATTR static inline void hsum_d_avx2(const ad_v4d *v, double *out) {
   /* [a01 b01 a23 b23] and [c01 d01 c23 d23] -> [a b c d] */
   __m256d h01 = _mm256_hadd_pd((__m256d)v[0], (__m256d)v[1]);
   __m256d h23 = _mm256_hadd_pd((__m256d)v[2], (__m256d)v[3]);
   _mm256_storeu_pd(out, _mm256_add_pd(_mm256_permute2f128_pd(h01, h23, 0x20),
                                       _mm256_permute2f128_pd(h01, h23, 0x31)));
 }
-BMM_ISA(s_avx2, float, bmm_v8f, bmm_v8fu, 8, hsum_s_avx2, BMM_AVX2_ATTR)
-BMM_ISA(d_avx2, double, bmm_v4d, bmm_v4du, 4, hsum_d_avx2, BMM_AVX2_ATTR)
-/* Read from the CPU model libgcc / compiler-rt fill in at load time: two
- * loads per call, no state of our own (so no race between threads). */
-static int has_avx2(void) {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
+BMM_ISA(s_avx2, float, ad_v8f, ad_v8fu, 8, hsum_s_avx2, AD_AVX2_ATTR)
+BMM_ISA(d_avx2, double, ad_v4d, ad_v4du, 4, hsum_d_avx2, AD_AVX2_ATTR)
 #else
 #define BMM_X86 0
 #endif
@@ -277,7 +259,7 @@ static void bmm_run(ad_dtype dt, int ta, int tb, int64_t nb, int64_t m, int64_t 
     const float *A = a, *Bm = b;
     float *C = c;
 #if BMM_X86
-    if (!g_force_base && has_avx2()
+    if (!g_force_base && ad__cpu_avx2_fma()
             ? tiny_s_avx2(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc)
             : tiny_s_base(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc))
       return;
@@ -290,7 +272,7 @@ static void bmm_run(ad_dtype dt, int ta, int tb, int64_t nb, int64_t m, int64_t 
     const double *A = a, *Bm = b;
     double *C = c;
 #if BMM_X86
-    if (!g_force_base && has_avx2()
+    if (!g_force_base && ad__cpu_avx2_fma()
             ? tiny_d_avx2(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc)
             : tiny_d_base(ta, tb, nb, m, n, k, A, lda, sa, Bm, ldb, sb, C, sc))
       return;

@@ -1,0 +1,45 @@
+/* ad_simd.h — what the hand-vectorised kernels (blas.c, ops_bmm.c) share:
+ * GCC/Clang vector types, the x86 test, the AVX2+FMA target attribute and
+ * the run-time check that the CPU (and OS) can run it. Not installed. */
+#ifndef HYPERTAPE_AD_SIMD_H
+#define HYPERTAPE_AD_SIMD_H
+
+#if defined(__x86_64__) || defined(__i386__)
+#define AD_X86 1
+#else
+#define AD_X86 0
+#endif
+
+/* Vector types, and their unaligned, aliasing twins for loads and stores
+ * from float/double arrays. */
+#define AD_VEC(NAME, T, BYTES)                                                                     \
+  typedef T NAME __attribute__((vector_size(BYTES)));                                              \
+  typedef T NAME##u __attribute__((vector_size(BYTES), aligned(sizeof(T)), may_alias));
+AD_VEC(ad_v8f, float, 32)
+AD_VEC(ad_v4d, double, 32)
+AD_VEC(ad_v4f, float, 16)
+AD_VEC(ad_v2d, double, 16)
+
+#if AD_X86 && defined(__GNUC__)
+/* GCC contracts a*b+c only with fp-contract=fast; clang has no optimize
+ * attribute and contracts within a statement by default. */
+#if defined(__clang__)
+#define AD_AVX2_ATTR __attribute__((target("avx2,fma")))
+#else
+#define AD_AVX2_ATTR __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
+#endif
+#endif
+
+/* Whether the CPU runs AVX2+FMA, by the compiler's cpuid helpers (which
+ * also check that the OS saves the AVX register state). The CPU model is
+ * filled in at load time; __builtin_cpu_init only makes sure of it. */
+static inline int ad__cpu_avx2_fma(void) {
+#if AD_X86 && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return 0;
+#endif
+}
+
+#endif
