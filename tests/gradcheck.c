@@ -230,6 +230,13 @@ int gc_run_suite(Suite *s) {
   return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }
 
+int gc_forking(void) {
+  SRunner *probe = srunner_create(suite_create("probe"));
+  int forking = srunner_fork_status(probe) != CK_NOFORK;
+  srunner_free(probe);
+  return forking;
+}
+
 double gc_rel_err(int n, ad_tensor *const *a, ad_tensor *const *b) {
   double num = 0, den = 0;
   for (int k = 0; k < n; k++)

@@ -53,6 +53,11 @@ double gc_check_case(const gc_case *c, uint64_t seed, char *report, size_t len);
  * code for main: EXIT_SUCCESS when no test failed, EXIT_FAILURE otherwise. */
 int gc_run_suite(Suite *s);
 
+/* Whether Check runs each test in a fresh child process (CK_FORK unset or
+ * "yes"): tests that need a fresh process (environment variables read at
+ * first use, an empty shape cache) are added only then. */
+int gc_forking(void);
+
 /* max_i |a - b| / max_i |b| over the elements of the n tensors of each
  * list (paired by position; the absolute error when b is all zero). */
 double gc_rel_err(int n, ad_tensor *const *a, ad_tensor *const *b);

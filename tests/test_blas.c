@@ -417,9 +417,6 @@ static Suite *blas_suite(int forking) {
 }
 
 int main(void) {
-  /* The environment tests need a fresh process each; ask Check first. */
-  SRunner *probe = srunner_create(suite_create("probe"));
-  int forking = srunner_fork_status(probe) != CK_NOFORK;
-  srunner_free(probe);
-  return gc_run_suite(blas_suite(forking));
+  /* The environment tests need a fresh process each. */
+  return gc_run_suite(blas_suite(gc_forking()));
 }
