@@ -7,6 +7,8 @@
 
 #include "ad.h"
 
+#include <float.h>
+#include <math.h>
 #include <stdarg.h>
 #include <string.h>
 
@@ -265,6 +267,14 @@ static inline int ad__mul_size(size_t a, size_t b, size_t *r) {
  * start + len (which may not fit). */
 static inline int ad__range_ok(int64_t start, int64_t len, int64_t n) {
   return start >= 0 && len >= 0 && n >= 0 && start <= n && len <= n - start;
+}
+
+/* 1 when the number c, applied to elements of dtype dt (a scale, an
+ * exponent, a slope), is finite there: not NaN or Inf, and on f32 not past
+ * FLT_MAX (it would round to Inf). Compared, not cast: converting an
+ * out-of-range double to float is undefined behaviour in C. */
+static inline int ad__finite_in(double c, ad_dtype dt) {
+  return isfinite(c) && (dt != AD_F32 || fabs(c) <= FLT_MAX);
 }
 
 /* Largest element count of one tensor (2^40): far past any arena, and small

@@ -2,7 +2,6 @@
  * Binary ops take same-shape operands or one operand of size 1, broadcast. */
 #include "ad_internal.h"
 
-#include <float.h>
 #include <tgmath.h> /* exp(v) is expf for float v: one loop body, two dtypes */
 
 /* ---------------------------------------------------------------- threaded loops
@@ -137,13 +136,10 @@ static ad_tensor *unary_out(ad_tape *t, const char *op, ad_tensor *x) {
 }
 
 /* A number an op applies to every element (ad_scale's c, ad_pow_scalar's
- * p, ...) must be finite in the dtype it is used in, as nn_leaky_relu's
- * slope: NaN or Inf, or a double past FLT_MAX applied to f32 (it rounds to
- * Inf there), would make the output NaN or Inf with no error. Compared
- * against FLT_MAX rather than cast: the cast of an out-of-range double is
- * undefined in C. Names the op and the argument. */
+ * p, ...) must be finite in the dtype it is used in (ad__finite_in): else
+ * the output is NaN or Inf with no error. Names the op and the argument. */
 static int const_ok(ad_tape *t, const char *op, const char *arg, double c, ad_dtype dt) {
-  if (isfinite(c) && (dt != AD_F32 || fabs(c) <= FLT_MAX)) return 1;
+  if (ad__finite_in(c, dt)) return 1;
   ad__fail(t, AD_ERR_ARG, "%s: %s = %g must be finite (in %s)", op, arg, c, ad_dtype_name(dt));
   return 0;
 }

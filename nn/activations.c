@@ -128,7 +128,7 @@ static const ad_op_def OP_LEAKY = {"leaky_relu", vjp_leaky, attr_slope, {0}};
 /* A slope must be a finite number in the dtype it is used in: a NaN or Inf
  * slope would turn every negative input into NaN or Inf with no error. */
 static int slope_ok(ad_tape *t, const char *op, double slope, ad_dtype dt) {
-  if (isfinite(slope) && (dt != AD_F32 || isfinite((float)slope))) return 1;
+  if (ad__finite_in(slope, dt)) return 1;
   ad__fail(t, AD_ERR_ARG, "%s: slope %g must be finite (in %s)", op, slope, ad_dtype_name(dt));
   return 0;
 }
