@@ -147,6 +147,9 @@ def build(build_dir, targets):
     target on its own, so one that does not compile costs only its row.
     Returns the targets that built."""
     log("# building %s in %s" % (", ".join(targets), build_dir))
+    # The library's own build dependencies (BLIS, Check, CMake): a fresh
+    # machine has none of them, and the README promises one command.
+    sh([os.path.join(ROOT, "scripts", "deps.sh")])
     sh(["cmake", "-S", ROOT, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
         "-DHYPERTAPE_BENCH=ON", "-DHYPERTAPE_TESTS=OFF", "-DHYPERTAPE_EXAMPLES=OFF"])
     ok = []
