@@ -46,7 +46,7 @@ static ad_status richardson(bl_run *r, bl_imp *m, ad_tensor *const *hg) {
     s = bl__imp_apply(m, v, res); /* res = H v */
     if (s) break;
     bl__imp_lincomb(m->n, res, 1.0, m->b, -1.0, res); /* res = b - H v */
-    r->st.residual = sqrt(bl__imp_dot(m->n, res, res));
+    r->st.residual = sqrt(bl__dot(m->n, res, res));
     if ((s = check_residual(r, r->st.residual, k + 1))) break;
     /* r_k = (I - alpha H)^k b never grows when 0 < alpha < 2/lambda_max and
      * H is positive semi-definite: growth past 2 ||b|| is divergence. */
@@ -90,7 +90,7 @@ static ad_status step_map(bl_run *r, bl_imp *m, ad_tensor *const *hg) {
       bl__imp_lincomb(n, res, 1.0, gw, -1.0, u);
       bl__axpy(n, res, 1.0, m->b);
       if (ns) bl__imp_lincomb(ns, res + n, 1.0, gs, -1.0, u + n);
-      r->st.residual = sqrt(bl__imp_dot(nv, res, res));
+      r->st.residual = sqrt(bl__dot(nv, res, res));
       s = check_residual(r, r->st.residual, k + 1);
     }
     if (!s && r->st.residual <= tol * bn) { /* B^T u of this u is the answer */

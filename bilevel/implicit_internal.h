@@ -73,15 +73,17 @@ ad_status bl__imp_finish(bl_imp *m, ad_tensor *const *v, ad_tensor *const *hg);
  * than in anything but the GEMMs otherwise). Lists paired by index have
  * equal sizes; mixed dtypes take a slower general path. */
 
-/* sum_i <a_i, b_i>, in independent lanes (f32: float lanes flushed to a
- * double every 4096 elements). */
-double bl__imp_dot(int n, ad_tensor *const *a, ad_tensor *const *b);
 /* out_i = a x_i + b y_i; out may be x or y. */
 void bl__imp_lincomb(int n, ad_tensor *const *out, double a, ad_tensor *const *x, double b,
                      ad_tensor *const *y);
 /* The CG update x += a p, r -= a Ap in one pass; returns <r, r> after it. */
 double bl__imp_cg_step(int n, ad_tensor *const *x, ad_tensor *const *r, ad_tensor *const *p,
                        ad_tensor *const *Ap, double a);
+
+/* One Neumann term in one pass: q = q - alpha hq, v = v + q; returns
+ * <q, q> after it (bl__dot's order). */
+double bl__imp_neumann_step(int n, ad_tensor *const *q, ad_tensor *const *v, double alpha,
+                            ad_tensor *const *hq);
 
 /* ---------------------------------------------------------------- conjugate gradients */
 

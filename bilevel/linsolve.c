@@ -9,45 +9,6 @@
 
 /* ---------------------------------------------------------------- solver vector algebra */
 
-enum { LANES = 16, FLUSH = 4096 };
-
-static double dot_f32(const float *a, const float *b, int64_t n) {
-  double total = 0;
-  for (int64_t s = 0; s < n; s += FLUSH) {
-    int64_t e = s + FLUSH < n ? s + FLUSH : n, j = s;
-    float acc[LANES] = {0};
-    for (; j + LANES <= e; j += LANES)
-      for (int l = 0; l < LANES; l++) acc[l] += a[j + l] * b[j + l];
-    for (; j < e; j++) acc[0] += a[j] * b[j];
-    for (int l = 0; l < LANES; l++) total += acc[l];
-  }
-  return total;
-}
-
-static double dot_f64(const double *a, const double *b, int64_t n) {
-  double acc[8] = {0};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; l++) acc[l] += a[j + l] * b[j + l];
-  for (; j < n; j++) acc[0] += a[j] * b[j];
-  double total = 0;
-  for (int l = 0; l < 8; l++) total += acc[l];
-  return total;
-}
-
-double bl__imp_dot(int n, ad_tensor *const *a, ad_tensor *const *b) {
-  double s = 0;
-  for (int i = 0; i < n; i++) {
-    if (a[i]->dtype == AD_F32 && b[i]->dtype == AD_F32)
-      s += dot_f32(AD_F(a[i]), AD_F(b[i]), a[i]->size);
-    else if (a[i]->dtype == AD_F64 && b[i]->dtype == AD_F64)
-      s += dot_f64(AD_D(a[i]), AD_D(b[i]), a[i]->size);
-    else
-      s += bl__dot(1, &a[i], &b[i]);
-  }
-  return s;
-}
-
 void bl__imp_lincomb(int n, ad_tensor *const *out, double a, ad_tensor *const *x, double b,
                      ad_tensor *const *y) {
   for (int i = 0; i < n; i++) {
@@ -79,14 +40,36 @@ double bl__imp_cg_step(int n, ad_tensor *const *x, ad_tensor *const *r, ad_tenso
         xp[j] += fa * pp[j];
         rp[j] -= fa * ap[j];
       }
-      rr += dot_f32(rp, rp, m);
     } else {
       bl__axpy(1, &x[i], a, &p[i]);
       bl__axpy(1, &r[i], -a, &Ap[i]);
-      rr += bl__imp_dot(1, &r[i], &r[i]);
     }
+    rr += bl__dot(1, &r[i], &r[i]);
   }
   return rr;
+}
+
+double bl__imp_neumann_step(int n, ad_tensor *const *q, ad_tensor *const *v, double alpha,
+                            ad_tensor *const *hq) {
+  double qq = 0;
+  for (int i = 0; i < n; i++) {
+    int64_t m = q[i]->size;
+    if (q[i]->dtype == AD_F32 && v[i]->dtype == AD_F32 && hq[i]->dtype == AD_F32) {
+      float *qp = AD_F(q[i]), *vp = AD_F(v[i]), fa = (float)alpha;
+      const float *hp = AD_F(hq[i]);
+      /* The same float operations, in the same order per element, as the
+       * two linear combinations this pass replaces. */
+      for (int64_t j = 0; j < m; j++) {
+        qp[j] = 1.0f * qp[j] + -fa * hp[j];
+        vp[j] = 1.0f * vp[j] + 1.0f * qp[j];
+      }
+    } else {
+      bl__imp_lincomb(1, &q[i], 1.0, &q[i], -alpha, &hq[i]);
+      bl__imp_lincomb(1, &v[i], 1.0, &v[i], 1.0, &q[i]);
+    }
+    qq += bl__dot(1, &q[i], &q[i]);
+  }
+  return qq;
 }
 
 /* ---------------------------------------------------------------- conjugate gradients */
@@ -101,7 +84,7 @@ ad_status bl__cg(ad_tape *t, int n, bl_linop A, void *ctx, ad_tensor *const *b, 
     Ap[i] = ad_zeros_like(t, b[i]);
     if (!r[i] || !p[i] || !Ap[i]) return ad_tape_status(t);
   }
-  info->b_norm = sqrt(bl__imp_dot(n, b, b));
+  info->b_norm = sqrt(bl__dot(n, b, b));
   ad_status s;
   if (warm) { /* r = b - A x0 */
     if ((s = A(ctx, x, Ap))) return s;
@@ -111,11 +94,11 @@ ad_status bl__cg(ad_tape *t, int n, bl_linop A, void *ctx, ad_tensor *const *b, 
     bl__copy_list(n, r, b);
   }
   bl__copy_list(n, p, r);
-  double rs = bl__imp_dot(n, r, r);
+  double rs = bl__dot(n, r, r);
   for (int64_t k = 0; k < K; k++) {
     if (sqrt(rs) <= tol * info->b_norm) break;
     if ((s = A(ctx, p, Ap))) return s;
-    double pAp = bl__imp_dot(n, p, Ap);
+    double pAp = bl__dot(n, p, Ap);
     if (!isfinite(pAp)) { /* a product overflowed or met a NaN: say where */
       ad__fail(t, AD_ERR_NUMERIC,
                "conjugate gradients: p^T A p = %g at solver iteration %lld (the curvature "

@@ -32,14 +32,13 @@ ad_status bl_neumann(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tenso
     for (int64_t j = 1; j <= K && !s; j++) {
       s = bl__imp_apply(&m, q, hq);
       if (s) break;
-      bl__imp_lincomb(m.n, q, 1.0, q, -alpha, hq); /* q = (I - alpha H)^j b */
-      bl__imp_lincomb(m.n, v, 1.0, v, 1.0, q);
+      /* q = (I - alpha H)^j b, v += q, and ||q||^2, in one pass. */
+      double qn = sqrt(bl__imp_neumann_step(m.n, q, v, alpha, hq));
       r.st.iterations++;
       /* With H positive semi-definite and 0 < alpha < 2/lambda_max every
        * eigenvalue of I - alpha H lies in (-1, 1], so ||q_j|| never grows.
        * Growth past 2 ||b|| means the series diverges (alpha too large, or
        * H indefinite at w_T): an error, not a huge hypergradient. */
-      double qn = bl__norm(m.n, q);
       if (!isfinite(qn) || qn > 2 * bn)
         s = bl__fail(&r, AD_ERR_NUMERIC,
                      "the series diverges at solver iteration %lld: ||(I - alpha H)^j b|| = %g "
