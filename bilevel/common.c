@@ -93,13 +93,15 @@ static ad_status check_problem(bl_run *r, const bl_problem *p, ad_tensor *const 
   /* A non-finite hyperparameter is the caller's input, not a divergence:
    * say so here, before the inner run turns it into a NaN loss that would
    * be blamed on the learning rate. */
-  for (int k = 0; k < p->n_lam; k++)
+  for (int k = 0; k < p->n_lam; k++) {
+    if (ad__all_finite(p->lam[k])) continue; /* one vectorized pass; search only on failure */
     for (int64_t j = 0; j < p->lam[k]->size; j++) {
       double v = ad_get(p->lam[k], j);
       if (!isfinite(v))
         return bl__fail(r, AD_ERR_ARG, "lam[%d] element %lld is %g: hyperparameters must be finite",
                         k, (long long)j, v);
     }
+  }
   if (p->inner_steps < min_steps)
     return bl__fail(r, AD_ERR_ARG, "inner_steps is %lld; this method needs at least %lld",
                     (long long)p->inner_steps, (long long)min_steps);
