@@ -365,6 +365,16 @@ int ad__par_parts(int64_t n, int64_t grain);
 /* Runs fn over every part and returns when all are done. */
 void ad__par_for(int64_t n, int64_t grain, ad__range_fn fn, void *ctx);
 
+/* ---- the "wide:avx512" GEMM kernel (autodiff/gemm_wide.c)
+ * C = alpha op(A) op(B) + beta C in f32, row-major, A read in place and
+ * op(B) copied 32 columns at a time: blas.c times it as one more path.
+ * Returns 1 when it ran, 0 when it did not (an empty product, or no memory
+ * for the panel), so the caller takes another path. Call it only where
+ * ad__gemm_wide512_available() says the CPU runs AVX-512F and VL. */
+int ad__gemm_wide512(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+                     int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
+int ad__gemm_wide512_available(void);
+
 /* ---- growable byte buffer (autodiff/bytebuf.c)
  * The bytes of a file being built in memory (nn_params_save's header,
  * bl_engine_save's state) or read whole (nn_params_load, bl_engine_load).

@@ -51,7 +51,7 @@ static double batch_us(int f64, int ta, int tb, long m, long n, long k, void *a,
 
 static const char *const k_paths[] = {"direct",     "sup",    "sup+packA",      "sup+packB",
                                       "packed",     "blis",   "packed:haswell", "packed:zen3",
-                                      "packed:skx", "narrow", "narrow:avx512"};
+                                      "packed:skx", "narrow", "narrow:avx512",  "wide:avx512"};
 #define N_PATHS_TRY ((int)(sizeof k_paths / sizeof k_paths[0]))
 
 int main(int argc, char **argv) {

@@ -198,8 +198,8 @@ END_TEST
  * the second kernel set the CPU can run, and the narrow kernels only where
  * the CPU has their instructions, so those are probed). */
 static const char *const PATHS[] = {
-    "blis",           "direct",      "sup",        "sup+packA", "sup+packB",    "packed",
-    "packed:haswell", "packed:zen3", "packed:skx", "narrow",    "narrow:avx512"};
+    "blis",           "direct",      "sup",        "sup+packA", "sup+packB",     "packed",
+    "packed:haswell", "packed:zen3", "packed:skx", "narrow",    "narrow:avx512", "wide:avx512"};
 #define N_PATHS ((int)(sizeof PATHS / sizeof PATHS[0]))
 
 /* The sweep and MLP-like shapes (1 thread) on one forced path (a loop
@@ -212,7 +212,8 @@ START_TEST(gemm_every_path) {
                                       {65, 97, 130},  {10, 40, 40},   {40, 1, 10}};
   ad_blas_set_threads(1);
   if (ad_blas_set_path(PATHS[_i]) != AD_OK) {
-    ck_assert_msg(strncmp(PATHS[_i], "packed:", 7) == 0 || strncmp(PATHS[_i], "narrow", 6) == 0,
+    ck_assert_msg(strncmp(PATHS[_i], "packed:", 7) == 0 || strncmp(PATHS[_i], "narrow", 6) == 0 ||
+                      strncmp(PATHS[_i], "wide", 4) == 0,
                   "path %s refused: %s", PATHS[_i], ad_last_error());
     return;
   }

@@ -1,5 +1,8 @@
-/* test_gemm_narrow.c — the narrow GEMM kernels (paths "narrow", AVX2+FMA,
- * and "narrow:avx512"), forced with ad_blas_set_path, against a naive
+/* test_gemm_narrow.c — our own f32 GEMM kernels: the narrow ones (paths
+ * "narrow", AVX2+FMA, and "narrow:avx512") and the wide AVX-512 one
+ * ("wide:avx512", any n: autodiff/gemm_wide.c, whose row tiles are 12 and
+ * column panels 32, edges the sizes below cross), forced with
+ * ad_blas_set_path, against a naive
  * triple loop in double: all four transposes, every n = 1..17 and n
  * around the tile widths up to the kernels' limit of 64 (and 65, past it,
  * where the path falls back), m and k around the
@@ -75,7 +78,7 @@ static double run_f32(int ta, int tb, int64_t m, int64_t n, int64_t k, double al
   return worst;
 }
 
-static const char *const NARROW[] = {"narrow", "narrow:avx512"};
+static const char *const NARROW[] = {"narrow", "narrow:avx512", "wide:avx512"};
 
 /* Forces NARROW[i]; 0 (and the test returns) if this CPU / kernel set
  * cannot run it, which must then be a clean AD_ERR_ARG naming the path. */
@@ -142,9 +145,10 @@ END_TEST
  * enough that the copy of op(B)'s columns goes to the heap, and f64 and
  * n > 64, which the path hands to another kernel. */
 START_TEST(narrow_mlp_and_large) {
-  static const int64_t shapes[][3] = {{128, 10, 200}, {200, 10, 128},  {512, 10, 200},
-                                      {200, 10, 512}, {100, 16, 1500}, {3, 10, 4099},
-                                      {10, 40, 40},   {40, 40, 10},    {10, 64, 300}};
+  static const int64_t shapes[][3] = {
+      {128, 10, 200},  {200, 10, 128}, {512, 10, 200}, {200, 10, 512}, {100, 16, 1500},
+      {3, 10, 4099},   {10, 40, 40},   {40, 40, 10},   {10, 64, 300},  {128, 200, 784},
+      {784, 200, 128}, {37, 97, 65},   {25, 1568, 10}};
   if (!force(_i)) return;
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
     for (int t = 0; t < 4; t++) {
@@ -207,6 +211,8 @@ START_TEST(env_haswell_no_avx512) {
   if (strcmp(ad_blas_kernel(), "haswell") != 0) return; /* this CPU cannot run haswell */
   ck_assert_int_eq(ad_blas_set_path("narrow:avx512"), AD_ERR_ARG);
   ck_assert_msg(strstr(ad_last_error(), "AVX-512") != NULL, "%s", ad_last_error());
+  ck_assert_int_eq(ad_blas_set_path("wide:avx512"), AD_ERR_ARG);
+  ck_assert_msg(strstr(ad_last_error(), "AVX-512") != NULL, "%s", ad_last_error());
   ck_assert_int_eq(ad_blas_set_path("narrow"), AD_OK);
   ck_assert_double_le(run_f32(1, 0, 200, 10, 128, 1.0, 0.0, 0), 1e-6 * 128);
   ck_assert_int_eq(ad_blas_set_path("auto"), AD_OK);
@@ -234,10 +240,10 @@ static Suite *narrow_suite(int forking) {
   Suite *s = suite_create("gemm_narrow");
   TCase *tc = tcase_create("narrow");
   tcase_set_timeout(tc, 120);
-  tcase_add_loop_test(tc, narrow_sweep, 0, 2);
-  tcase_add_loop_test(tc, narrow_all_small_sizes, 0, 2);
-  tcase_add_loop_test(tc, narrow_mlp_and_large, 0, 2);
-  tcase_add_loop_test(tc, narrow_deterministic, 0, 2);
+  tcase_add_loop_test(tc, narrow_sweep, 0, 3);
+  tcase_add_loop_test(tc, narrow_all_small_sizes, 0, 3);
+  tcase_add_loop_test(tc, narrow_mlp_and_large, 0, 3);
+  tcase_add_loop_test(tc, narrow_deterministic, 0, 3);
   suite_add_tcase(s, tc);
   if (forking) {
     TCase *te = tcase_create("env");
