@@ -30,6 +30,30 @@ AD_VEC(ad_v2d, double, 16)
 #endif
 #endif
 
+#if AD_X86 && defined(__GNUC__)
+#include <immintrin.h>
+/* out[x] = lane x of r[0..7]: an 8x8 transpose of floats in registers
+ * (pairs interleaved, then quads, then the 128-bit halves swapped). Used
+ * to copy a matrix's columns into rows for the GEMM kernels. */
+AD_AVX2_ATTR static inline void ad__tr8_ps(const __m256 r[8], __m256 out[8]) {
+  __m256 t[8], u[8];
+  for (int q = 0; q < 8; q += 2) {
+    t[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
+    t[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
+  }
+  for (int h = 0; h < 8; h += 4) {
+    u[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
+    u[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
+    u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+    u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
+  }
+  for (int q = 0; q < 4; q++) {
+    out[q] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x20);
+    out[q + 4] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x31);
+  }
+}
+#endif
+
 /* Whether the CPU runs AVX2+FMA, by the compiler's cpuid helpers (which
  * also check that the OS saves the AVX register state). The CPU model is
  * filled in at load time; __builtin_cpu_init only makes sure of it. */

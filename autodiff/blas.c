@@ -561,22 +561,9 @@ AD_NW2_ATTR static void nw_pack_bt(int64_t n, int64_t k, const float *b, int64_t
     for (int64_t j0 = 0; j0 < n; j0 += 8) {
       const int64_t w = n - j0 < 8 ? n - j0 : 8;
       const __m256i msk = _mm256_loadu_si256((const __m256i *)(const void *)(k_nw_mask + 8 - w));
-      __m256 r[8], t[8], u[8], col[8];
+      __m256 r[8], col[8];
       for (int q = 0; q < 8; q++) r[q] = _mm256_maskload_ps(b + (p0 + q) * ldb + j0, msk);
-      for (int q = 0; q < 8; q += 2) {
-        t[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
-        t[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
-      }
-      for (int h = 0; h < 8; h += 4) {
-        u[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
-        u[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
-        u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
-        u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
-      }
-      for (int q = 0; q < 4; q++) {
-        col[q] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x20);
-        col[q + 4] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x31);
-      }
+      ad__tr8_ps(r, col);
       for (int64_t j = 0; j < w; j++) _mm256_storeu_ps(bt + (j0 + j) * k + p0, col[j]);
     }
   for (; p0 < k; p0++)
