@@ -81,6 +81,7 @@ def sh(cmd, env=None, check=True):
     return r
 
 
+OPENBLAS_CORE = ""  # --openblas-core
 PACKAGES = ("python3-torch", "libopenblas0-pthread", "libjemalloc2")
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
@@ -168,6 +169,8 @@ def twin_configs(threads):
         e = dict(os.environ)
         e.pop("OPENBLAS_CORETYPE", None)
         e.pop("OPENBLAS_L2_SIZE", None)
+        if OPENBLAS_CORE:  # --openblas-core: the AVX2-only comparison
+            e["OPENBLAS_CORETYPE"] = OPENBLAS_CORE
         e.pop("OMP_WAIT_POLICY", None)
         for k in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             e[k] = str(threads)
@@ -286,9 +289,15 @@ def main():
     ap.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                     help="what both sides time by: cpu = process CPU time (not counting "
                     "time descheduled on a shared machine); auto = cpu at 1 thread, wall above")
+    ap.add_argument("--openblas-core", default="",
+                    help="run the twin's OpenBLAS on this kernel set (OPENBLAS_CORETYPE, e.g. "
+                         "Haswell) instead of its own pick: with HYPERTAPE_BLIS_ARCH=haswell, "
+                         "both sides then run AVX2 kernels on an AVX-512 CPU")
     ap.add_argument("--gemm", action="store_true",
                     help="GF/s per GEMM shape the benches use, ours and OpenBLAS's (via torch)")
     args = ap.parse_args()
+    global OPENBLAS_CORE
+    OPENBLAS_CORE = args.openblas_core
     threads_list = [int(t) for t in args.threads.split(",") if t.strip()]
 
     names = sorted(os.path.basename(p)[len("bench_"):-2]
