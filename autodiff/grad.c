@@ -76,7 +76,10 @@ static void accumulate(ad_tape *t, ad_tensor *x, ad_tensor *g, int own) {
   ad_tensor *a = x->scratch;
   if (!a) {
     x->scratch = g;
-    if (unrec && own) g->flags |= AD_FLAG_ACC_;
+    if (unrec && own)
+      g->flags |= AD_FLAG_ACC_;
+    else
+      g->flags &= ~AD_FLAG_ACC_;
     return;
   }
   if (unrec && (a->flags & AD_FLAG_ACC_) && a->dtype == g->dtype && a->size == g->size &&
@@ -233,11 +236,11 @@ static ad_status run_backward(ad_tape *t, int n_out, ad_tensor *const *outputs,
   ad__sweep_gc gc = {.m = ad_mark(t), .n_in = n_in, .inputs = inputs};
   if (ad_tape_status(t) == AD_OK)
     sweep_backward(t, gen, nodes, count, record || !inputs ? NULL : &gc);
-  /* No slot stays the sweep's own past it (the results go to the caller). */
-  for (ptrdiff_t k = 0; k < count; k++) {
-    acc_clear(nodes[k]->out);
-    for (int i = 0; i < nodes[k]->n_in; i++) acc_clear(nodes[k]->in[i]);
-  }
+  /* No slot stays the sweep's own past it: the inputs' go to the caller.
+   * (The nodes' slots were cleared as their nodes ran; a slot of a node
+   * already run may point at memory the in-sweep collection freed, so it
+   * is not touched. A flag left behind by a failed sweep is harmless:
+   * accumulate clears it on every slot it does not set itself.) */
   for (int i = 0; i < n_in; i++) acc_clear(inputs[i]);
   ad__set_phase(t, prev_phase);
   ad_set_recording(t, prev);

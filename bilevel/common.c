@@ -600,10 +600,13 @@ ad_status bl__segment_record_ex(bl_run *r, bl_segment *sg, ad_tensor *const *w_f
   ad_status st = AD_OK;
   if (flags & BL_SEG_LEAN) {
     s.n = s_from->n;
+    /* lam_leaf's sharing views: ad_detach would copy a heap w0 (a full
+     * unroll starts from the caller's tensors); the lean path never keeps
+     * the tape past the call, so a view is safe. */
     for (int i = 0; i < n && !st; i++)
-      if (!(w[i] = bl__leaf_view(t, w_from[i]))) st = ad_tape_status(t);
+      if (!(w[i] = lam_leaf(t, w_from[i], 1))) st = ad_tape_status(t);
     for (int j = 0; j < s.n && !st; j++)
-      if (!(s.b[j] = bl__leaf_view(t, s_from->b[j]))) st = ad_tape_status(t);
+      if (!(s.b[j] = lam_leaf(t, s_from->b[j], 1))) st = ad_tape_status(t);
   } else {
     st = bl__leaf_new(r, n, w_from, w);
     if (!st) st = bl__state_copy(r, &s, s_from, BL_STATE_LEAF);
