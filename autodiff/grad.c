@@ -3,6 +3,7 @@
  * and forward mode. */
 #include "ad_internal.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -15,10 +16,52 @@ static unsigned next_gen(void) {
   return gen_counter;
 }
 
+/* From tape.c (internal to the sweep; ad_internal.h is not this file's to
+ * extend): whether p lies in the arena after mark m, and the NaN guard. */
+int ad__after_mark(const ad_tape *t, ad_marker m, const void *p);
+int ad__nan_guard(const ad_tape *t);
+
+/* A gradient slot the unrecorded sweep may add into in place: the tensor
+ * is referenced by its owner's slot alone (a sum accumulate made, or a
+ * rule's fresh result that shares its memory with nothing else). Set only
+ * during one unrecorded sweep; cleared when the owner's node hands the
+ * slot to its rule (which may pass it on, d(a + b) = (g, g)) and on every
+ * slot left at the end. A bit no other flag uses (ad_internal.h's go up
+ * to 1 << 6). */
+#define AD_FLAG_ACC_ (1u << 20)
+
+/* ad_grad flag for internal callers (bilevel/bl_internal.h spells the same
+ * bit BL_GRAD_NULL_UNREACHED): an input the outputs do not reach gets NULL
+ * instead of a new tensor of zeros, so a caller that only adds the
+ * gradient somewhere holds no weight-sized zeros. */
+#define AD_GRAD_NULL_UNREACHED_ (1u << 30)
+
+static void acc_clear(ad_tensor *x) {
+  if (x && x->scratch) x->scratch->flags &= ~AD_FLAG_ACC_;
+}
+
+/* y += x elementwise, same shape and dtype: the bits ad_add(y, x) gives
+ * (u + v per element), without a new tensor. */
+static void add_into(ad_tensor *y, const ad_tensor *x) {
+  if (y->dtype == AD_F32) {
+    float *restrict p = AD_F(y);
+    const float *restrict q = AD_F(x);
+    for (int64_t j = 0; j < y->size; j++) p[j] = p[j] + q[j];
+  } else {
+    double *restrict p = AD_D(y);
+    const double *restrict q = AD_D(x);
+    for (int64_t j = 0; j < y->size; j++) p[j] = p[j] + q[j];
+  }
+}
+
 /* Adds a gradient contribution into x's slot. The first one is taken as is
  * (no copy); later ones are summed with the public add, so a recorded
- * backward records its accumulations too. */
-static void accumulate(ad_tape *t, ad_tensor *x, ad_tensor *g) {
+ * backward records its accumulations too. Unrecorded, a slot that is the
+ * slot's own (AD_FLAG_ACC_) takes the sum in place: the same bits, one
+ * weight-sized temporary fewer per extra contribution (an unrolled step's
+ * weights get one from the update and one through their gradient). `own`:
+ * g is a fresh result nothing else refers to (sweep_backward checks). */
+static void accumulate(ad_tape *t, ad_tensor *x, ad_tensor *g, int own) {
   if (!g) return;
   if (g->size != x->size) {
     char sx[96], sg[96];
@@ -28,7 +71,40 @@ static void accumulate(ad_tape *t, ad_tensor *x, ad_tensor *g) {
     return;
   }
   if (!ad_same_shape(g, x)) g = ad_reshape(t, g, x->ndim, x->shape);
-  x->scratch = x->scratch ? ad_add(t, x->scratch, g) : g;
+  if (!g) return;
+  int unrec = !ad__recording(t) && !ad__nan_guard(t);
+  ad_tensor *a = x->scratch;
+  if (!a) {
+    x->scratch = g;
+    if (unrec && own)
+      g->flags |= AD_FLAG_ACC_;
+    else
+      g->flags &= ~AD_FLAG_ACC_;
+    return;
+  }
+  if (unrec && (a->flags & AD_FLAG_ACC_) && a->dtype == g->dtype && a->size == g->size &&
+      (a->dtype == AD_F32 || a->dtype == AD_F64)) {
+    add_into(a, g);
+    return;
+  }
+  x->scratch = ad_add(t, a, g);
+  if (unrec && x->scratch) x->scratch->flags |= AD_FLAG_ACC_;
+}
+
+/* Whether gin[i] is fresh and alone: its values were allocated by the rule
+ * just run (after `pre`) and overlap no other result of that rule. */
+static int fresh_alone(ad_tape *t, ad_marker pre, ad_tensor *const *gin, int n, int i) {
+  const ad_tensor *g = gin[i];
+  if (!g->data || !ad__after_mark(t, pre, g->data) || !ad__after_mark(t, pre, g)) return 0;
+  uintptr_t lo = (uintptr_t)g->data, hi = lo + (size_t)g->size * ad_dtype_size(g->dtype);
+  for (int j = 0; j < n; j++) {
+    const ad_tensor *h = gin[j];
+    if (j == i || !h) continue;
+    if (h == g || !h->data) return 0;
+    uintptr_t a = (uintptr_t)h->data, b = a + (size_t)h->size * ad_dtype_size(h->dtype);
+    if (a < hi && lo < b) return 0;
+  }
+  return 1;
 }
 
 static int by_id(const void *a, const void *b) {
@@ -105,6 +181,7 @@ static void sweep_backward(ad_tape *t, unsigned gen, ad_node **nodes, ptrdiff_t 
       need = ad_arena_alloc(t, sizeof(*need) * (size_t)n->n_in);
       if (!gin || !need) return;
     }
+    acc_clear(out); /* the rule may hand it on: no longer the slot's own */
     int any = 0;
     for (int i = 0; i < n->n_in; i++) {
       gin[i] = NULL;
@@ -112,12 +189,15 @@ static void sweep_backward(ad_tape *t, unsigned gen, ad_node **nodes, ptrdiff_t 
       any |= need[i];
     }
     if (!any) continue;
+    ad_marker pre = ad_mark(t);
     const ad_node *outer = ad__set_rule(t, n);
     n->op->vjp(t, n, out->scratch, gin, need);
     ad__set_rule(t, outer);
     if (ad_tape_status(t) != AD_OK) return;
+    int unrec = !ad__recording(t);
     for (int i = 0; i < n->n_in; i++)
-      if (need[i] && gin[i]) accumulate(t, n->in[i], gin[i]);
+      if (need[i] && gin[i])
+        accumulate(t, n->in[i], gin[i], unrec && fresh_alone(t, pre, gin, n->n_in, i));
     /* out->scratch stays: out may itself be one of the inputs asked for
      * (z = y x with y = x^2, inputs {x, y}). A later call starts clean
      * because stamping resets the slots it will read. */
@@ -148,7 +228,7 @@ static ad_status run_backward(ad_tape *t, int n_out, ad_tensor *const *outputs,
                ad_shape_str(s, ss, sizeof ss), ad_shape_str(y, sy, sizeof sy));
       break;
     }
-    accumulate(t, y, s);
+    accumulate(t, y, s, 0);
   }
   /* An unrecorded sweep's temporaries are garbage once their node is done:
    * it frees them as it goes (ad__sweep_collect), so the arena holds about
@@ -156,6 +236,12 @@ static ad_status run_backward(ad_tape *t, int n_out, ad_tensor *const *outputs,
   ad__sweep_gc gc = {.m = ad_mark(t), .n_in = n_in, .inputs = inputs};
   if (ad_tape_status(t) == AD_OK)
     sweep_backward(t, gen, nodes, count, record || !inputs ? NULL : &gc);
+  /* No slot stays the sweep's own past it: the inputs' go to the caller.
+   * (The nodes' slots were cleared as their nodes ran; a slot of a node
+   * already run may point at memory the in-sweep collection freed, so it
+   * is not touched. A flag left behind by a failed sweep is harmless:
+   * accumulate clears it on every slot it does not set itself.) */
+  for (int i = 0; i < n_in; i++) acc_clear(inputs[i]);
   ad__set_phase(t, prev_phase);
   ad_set_recording(t, prev);
   return ad_tape_status(t);
@@ -246,7 +332,7 @@ ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *c
                  x->name ? x->name : "", ad_shape_str(x, s, sizeof s));
         return ad_tape_status(t);
       }
-      g = ad_zeros_like(t, x);
+      if (!(flags & AD_GRAD_NULL_UNREACHED_)) g = ad_zeros_like(t, x);
     }
     grads_out[i] = g;
   }

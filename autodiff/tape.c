@@ -707,7 +707,8 @@ static int cp_refuse(cp_plan *pl, const char *fmt, const char *name) {
 /* Collects the survivors after m and their new places. Returns 1 when the
  * plan can be carried out; 0 with pl->why (refused) or without (no
  * memory). Changes nothing on the tape. */
-static int cp_make_plan(ad_tape *t, ad_marker m, int n_keep, ad_tensor *const *keep, cp_plan *pl) {
+static int cp_make_plan(ad_tape *t, ad_marker m, int n_keep, ad_tensor *const *keep, int n_roots,
+                        ad_tensor *const *roots, cp_plan *pl) {
   ad_node *first = m.last ? m.last->next : t->first;
   size_t nn = t->n_nodes - m.n_nodes, k0 = 0, n_ref = (size_t)n_keep;
   for (ad_node *n = first; n; n = n->next) {
@@ -733,8 +734,9 @@ static int cp_make_plan(ad_tape *t, ad_marker m, int n_keep, ad_tensor *const *k
   pl->live = nn ? malloc(nn * sizeof *pl->live) : NULL;
   if (nn && !pl->live) return 0;
   cp_set live;
-  if (!cp_set_init(&live, n_ref)) return 0;
+  if (!cp_set_init(&live, n_ref + (size_t)n_roots)) return 0;
   for (int i = 0; i < n_keep; i++) cp_set_add(&live, keep[i]);
+  for (int i = 0; i < n_roots; i++) cp_set_add(&live, roots[i]);
   size_t q = nn;
   for (ad_node *n = t->last; n && n != m.last; n = n->prev) {
     if (!cp_set_has(&live, n->out)) continue;
@@ -773,6 +775,8 @@ static int cp_make_plan(ad_tape *t, ad_marker m, int n_keep, ad_tensor *const *k
   }
   for (int i = 0; i < n_keep; i++)
     if (in_region(t, m, keep[i]) && !cp_push_tensor(pl, keep[i], 1)) return 0;
+  for (int i = 0; i < n_roots; i++) /* the struct; values only if a rule reads them */
+    if (in_region(t, m, roots[i]) && !cp_push_tensor(pl, roots[i], 0)) return 0;
   /* Unique tensors, needs merged. */
   if (pl->nt) qsort(pl->ts, pl->nt, sizeof *pl->ts, cmp_tensor);
   size_t u = 0;
@@ -867,15 +871,55 @@ static int marker_ok(const ad_tape *t, ad_marker m) {
   return m.chunk < t->cur || (m.chunk == t->cur && m.offset <= t->off);
 }
 
+int ad__after_mark(const ad_tape *t, ad_marker m, const void *p) {
+  return t && marker_ok(t, m) && in_region(t, m, p);
+}
+
+int ad__nan_guard(const ad_tape *t) {
+  return t && t->nan_guard;
+}
+
 int ad__compactable(ad_tape *t, ad_marker m) {
   if (!t || !marker_ok(t, m)) return 0;
   cp_plan pl = {0};
-  int ok = cp_make_plan(t, m, 0, NULL, &pl);
+  int ok = cp_make_plan(t, m, 0, NULL, 0, NULL, &pl);
   cp_free(&pl);
   return ok;
 }
 
+static ad_status compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep, int n_roots,
+                         ad_tensor **roots);
+
 ad_status ad_tape_compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep) {
+  return compact(t, m, n_keep, keep, 0, NULL);
+}
+
+/* ad_tape_compact with roots: tensors whose graph stays (their nodes and
+ * what those read) but whose own values go unless a rule reads them — an
+ * unrolled segment's last output once L_val's gradient at it is taken
+ * (its adjoint's seed still needs its node; nothing reads its values).
+ * roots[] is updated as keep[] is; a root's values may be released
+ * (AD_FLAG_RELEASED). Internal (bilevel/bl_internal.h declares it). */
+ad_status ad__compact_roots(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep, int n_roots,
+                            ad_tensor **roots) {
+  if (!t) return ad__set_last(AD_ERR_NULL, "ad__compact_roots: tape is NULL");
+  if (t->status != AD_OK) return t->status;
+  if (n_roots < 0 || (n_roots > 0 && !roots)) {
+    ad__fail(t, AD_ERR_ARG, "ad__compact_roots: %d roots at %p", n_roots, (void *)roots);
+    return t->status;
+  }
+  for (int i = 0; i < n_roots; i++) {
+    if (!roots[i]) {
+      ad__fail(t, AD_ERR_NULL, "ad__compact_roots: root %d is NULL", i);
+      return t->status;
+    }
+    if (!ad__usable_shape(t, "ad__compact_roots", "root", i, roots[i])) return t->status;
+  }
+  return compact(t, m, n_keep, keep, n_roots, roots);
+}
+
+static ad_status compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep, int n_roots,
+                         ad_tensor **roots) {
   if (!t) return ad__set_last(AD_ERR_NULL, "ad_tape_compact: tape is NULL");
   if (t->status != AD_OK) return t->status;
   if (!marker_ok(t, m)) {
@@ -897,7 +941,7 @@ ad_status ad_tape_compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep)
     if (!ad__usable(t, "ad_tape_compact", "keep", i, keep[i])) return t->status;
   }
   cp_plan pl = {0};
-  if (!cp_make_plan(t, m, n_keep, keep, &pl)) {
+  if (!cp_make_plan(t, m, n_keep, keep, n_roots, roots, &pl)) {
     if (pl.why)
       ad__fail(t, AD_ERR_STATE, "ad_tape_compact: cannot compact: %s", pl.why);
     else
@@ -943,6 +987,7 @@ ad_status ad_tape_compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep)
   t->last = prev_new;
   t->n_nodes = m.n_nodes + pl.nlive;
   for (int i = 0; i < n_keep; i++) keep[i] = cp_remap(t, m, &pl, keep[i]);
+  for (int i = 0; i < n_roots; i++) roots[i] = cp_remap(t, m, &pl, roots[i]);
   /* Move, in address order (each moves down or stays: memmove is safe),
    * with the whole region unpoisoned; then poison all but the survivors. */
   size_t end_c = t->cur, end_o = t->off;
@@ -1006,9 +1051,14 @@ void ad__sweep_collect(ad_tape *t, ad__sweep_gc *gc, ad_node *const *nodes, ptrd
       keep[nk++] = x_->scratch;                                                                    \
     }                                                                                              \
   } while (0)
+  /* Live slots: those of the nodes still to run (their rules read them,
+   * and contributions still arrive) and of the inputs asked for. A slot of
+   * a node already run is dead: every consumer of its tensor ran before it
+   * (decreasing id), so nothing adds to or reads it again — the cotangent
+   * of an unrolled step's gradient, a weight-sized tensor, goes as soon as
+   * the first rule of the gradient's graph has taken it in. Every stamped
+   * tensor is an input or the output of one of `nodes`. */
   for (ptrdiff_t j = 0; j < k; j++) GC_TAKE(nodes[j]->out);
-  for (ptrdiff_t j = 0; j < count; j++)
-    for (int i = 0; i < nodes[j]->n_in; i++) GC_TAKE(nodes[j]->in[i]);
   for (int i = 0; i < gc->n_in; i++) GC_TAKE(gc->inputs[i]);
 #undef GC_TAKE
   /* Stamps are read through own[] below; compaction resets the stamps of

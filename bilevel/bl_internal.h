@@ -305,6 +305,9 @@ ad_status bl__drmad_reverse(bl_run *r, ad_tensor *const *w0, const bl_state *s0,
  * Results are arena tensors: copy them before rewinding. */
 ad_status bl__val_grad(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, double *val,
                        ad_tensor **gw, ad_tensor **glam);
+/* With ad_grad flags (BL_GRAD_NULL_UNREACHED). */
+ad_status bl__val_grad_ex(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, double *val,
+                          ad_tensor **gw, ad_tensor **glam, unsigned flags);
 
 /* A recorded stretch of the trajectory, steps from..to-1, walked back one
  * chunk of steps at a time. The steps are recorded in chunks of `chunk`
@@ -349,6 +352,55 @@ typedef struct {
   bl_state s_end;
   ad_tensor *spare[NN_MAX_PARAMS + BL_MAX_STATE]; /* second adjoint buffer */
 } bl_segment;
+
+/* bl__segment_record_ex flags. BL_SEG_LEAN: the segment starts from leaf
+ * views of w_from / s_from, not copies (the caller writes neither while the
+ * segment lives), and holds no second adjoint buffer: walk it back with
+ * bl__segment_reverse_lean only. */
+enum { BL_SEG_LEAN = 1u << 0 };
+ad_status bl__segment_record_ex(bl_run *r, bl_segment *sg, ad_tensor *const *w_from,
+                                const bl_state *s_from, int64_t from, int64_t to, int64_t chunk,
+                                unsigned flags);
+/* The walk back of a lean segment (bl_unroll's; no o.keep_tape): as
+ * bl__segment_reverse, but the adjoints are tensors, not buffers: aw (n_w)
+ * and as (ns, or NULL) hold arena tensors made after the record (seeds at
+ * w_end, s_end: bl__val_keep's, zeros for the state) and are replaced by
+ * each chunk's results, which are moved down over the chunk when it is
+ * freed (ad_tape_compact) instead of copied into a second buffer. glam
+ * (n_lam) holds arena tensors made after the record or NULL (nothing added
+ * yet); each chunk's part is added as bl__segment_reverse adds it, and on
+ * return every glam[k] is set (zeros where nothing was added). */
+ad_status bl__segment_reverse_lean(bl_run *r, bl_segment *sg, ad_tensor **aw, ad_tensor **as,
+                                   ad_tensor **glam);
+/* alpha_T and the direct term for the lean walk back: grad_w L_val(w_end)
+ * into aw and a copy of dL_val/dlam into glam (NULL where L_val does not
+ * reach lam), with L_val's graph and temporaries freed: aw, glam are all
+ * that stays of it. */
+ad_status bl__val_keep(bl_run *r, ad_tensor *const *w_end, ad_tensor **aw, ad_tensor **glam);
+
+/* autodiff/tape.c (internal): ad_tape_compact plus roots, tensors whose
+ * nodes stay but whose values go unless a rule reads them. */
+ad_status ad__compact_roots(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep, int n_roots,
+                            ad_tensor **roots);
+
+/* After bl__val_keep (aw: alpha_T, glam: n_lam tensors or NULL): the lean
+ * segment's last chunk is compacted again with its outputs as roots, so
+ * w_T's values (read by L_val, by no rule of the walk back) are freed
+ * before the walk back starts; aw, glam and the chunk's outputs are
+ * updated; sg->w_end and sg->s_end must not be used after. */
+ad_status bl__segment_release_end(bl_run *r, bl_segment *sg, ad_tensor **aw, ad_tensor **as,
+                                  ad_tensor **glam);
+
+/* Tests: 1 makes bl_unroll take its old walk back (copies of w_start and
+ * double-buffered adjoints made up front) instead of the lean one, to
+ * check that both give the same bits. Per thread. */
+void bl__unroll_set_legacy(int on);
+
+/* ad_grad flag (autodiff/grad.c's AD_GRAD_NULL_UNREACHED_, the same bit):
+ * an input the outputs do not reach gets NULL, not a tensor of zeros. */
+#define BL_GRAD_NULL_UNREACHED (1u << 30)
+/* bl__val_grad_ex only: compact L_val's forward before its backward. */
+#define BL_VAL_COMPACT (1u << 29)
 
 ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from,
                              const bl_state *s_from, int64_t from, int64_t to, int64_t chunk);

@@ -526,6 +526,11 @@ ad_status bl__step_vjp(bl_run *r, ad_tensor *const *w, const bl_state *s, int64_
 
 ad_status bl__val_grad(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, double *val,
                        ad_tensor **gw, ad_tensor **glam) {
+  return bl__val_grad_ex(r, lam, w, val, gw, glam, 0);
+}
+
+ad_status bl__val_grad_ex(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, double *val,
+                          ad_tensor **gw, ad_tensor **glam, unsigned flags) {
   const bl_problem *p = r->p;
   ad_tape *t = r->t;
   ad_tensor *wl[NN_MAX_PARAMS], *ins[2 * NN_MAX_PARAMS], *grads[2 * NN_MAX_PARAMS];
@@ -534,9 +539,15 @@ ad_status bl__val_grad(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, do
     wl[i] = bl__leaf_view(t, w[i]);
     if (!wl[i]) return ad_tape_status(t);
   }
+  ad_marker m0 = ad_mark(t);
   ad_tensor *L = p->val_loss(t, wl, lam, -1, p->ctx);
   ad_status st = bl__check_loss(r, L, "val_loss", -1);
   if (st) return st;
+  /* BL_VAL_COMPACT: L_val's forward keeps only what its rules read (the
+   * pre-activations a rule does not read go before the backward makes its
+   * own temporaries). */
+  if ((flags & BL_VAL_COMPACT) && ad__compactable(t, m0) && (st = ad_tape_compact(t, m0, 1, &L)))
+    return st;
   r->st.val_loss = ad_item(L);
   if (!isfinite(r->st.val_loss))
     return bl__fail(r, AD_ERR_NUMERIC,
@@ -549,7 +560,7 @@ ad_status bl__val_grad(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, do
   if (glam)
     for (int k = 0; k < p->n_lam; k++) ins[n_in++] = lam[k];
   if (n_in == 0) return AD_OK;
-  st = ad_grad(t, 1, &L, NULL, n_in, ins, grads, 0);
+  st = ad_grad(t, 1, &L, NULL, n_in, ins, grads, flags & ~(unsigned)BL_VAL_COMPACT);
   if (st) return st;
   int j = 0;
   if (gw)
@@ -579,6 +590,12 @@ ad_status bl__val_value(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, d
 
 ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from,
                              const bl_state *s_from, int64_t from, int64_t to, int64_t chunk) {
+  return bl__segment_record_ex(r, sg, w_from, s_from, from, to, chunk, 0);
+}
+
+ad_status bl__segment_record_ex(bl_run *r, bl_segment *sg, ad_tensor *const *w_from,
+                                const bl_state *s_from, int64_t from, int64_t to, int64_t chunk,
+                                unsigned flags) {
   ad_tape *t = r->t;
   int n = r->p->n_w;
   int64_t len = to - from;
@@ -603,13 +620,28 @@ ad_status bl__segment_record(bl_run *r, bl_segment *sg, ad_tensor *const *w_from
   sg->in = ad_arena_alloc(t, sizeof(ad_tensor *) * row * nc);
   sg->out = ad_arena_alloc(t, sizeof(ad_tensor *) * row * nc);
   if (!sg->marks || !sg->in || !sg->out) return ad_tape_status(t);
-  /* The segment starts from copies: the caller's buffers may move on. */
+  /* The segment starts from copies: the caller's buffers may move on.
+   * BL_SEG_LEAN: the caller keeps them as they are while the segment lives,
+   * so leaf views do (no weight-sized copy), and the lean reverse keeps no
+   * second adjoint buffer. */
   ad_tensor *w[NN_MAX_PARAMS], *wn[NN_MAX_PARAMS];
   bl_state s = {0};
-  ad_status st = bl__leaf_new(r, n, w_from, w);
-  if (!st) st = bl__state_copy(r, &s, s_from, BL_STATE_LEAF);
-  if (!st) st = bl__zeros_new(r, n, w_from, sg->spare);
-  if (!st) st = bl__zeros_new(r, sg->ns, tmp, sg->spare + n);
+  ad_status st = AD_OK;
+  if (flags & BL_SEG_LEAN) {
+    s.n = s_from->n;
+    /* lam_leaf's sharing views: ad_detach would copy a heap w0 (a full
+     * unroll starts from the caller's tensors); the lean path never keeps
+     * the tape past the call, so a view is safe. */
+    for (int i = 0; i < n && !st; i++)
+      if (!(w[i] = lam_leaf(t, w_from[i], 1))) st = ad_tape_status(t);
+    for (int j = 0; j < s.n && !st; j++)
+      if (!(s.b[j] = lam_leaf(t, s_from->b[j], 1))) st = ad_tape_status(t);
+  } else {
+    st = bl__leaf_new(r, n, w_from, w);
+    if (!st) st = bl__state_copy(r, &s, s_from, BL_STATE_LEAF);
+    if (!st) st = bl__zeros_new(r, n, w_from, sg->spare);
+    if (!st) st = bl__zeros_new(r, sg->ns, tmp, sg->spare + n);
+  }
   for (int64_t k = from; k < to && !st; k++) {
     int64_t c = (k - from) / chunk;
     ad_tensor **in = sg->in + (size_t)c * row, **out = sg->out + (size_t)c * row;
@@ -700,6 +732,192 @@ ad_status bl__segment_reverse(bl_run *r, bl_segment *sg, ad_tensor *const *aw, a
     ad_tensor *dst = j < n ? aw[j] : as[j - n];
     if (cur[j] != dst) ad_copy_values(dst, cur[j]);
   }
+  return st;
+}
+
+/* Moves the n tensors keep[] (made after m, by unrecorded ops) down to m
+ * and frees everything else made after m: ad_tape_compact when the region
+ * can be compacted; else (an op holding arena data of undeclared size) by
+ * way of heap copies and a rewind. keep[] is updated; NULL entries are
+ * skipped. */
+static ad_status keep_down(bl_run *r, ad_marker m, int n, ad_tensor **keep) {
+  ad_tape *t = r->t;
+  ad_tensor *k[3 * NN_MAX_PARAMS + BL_MAX_STATE];
+  int nk = 0, at[3 * NN_MAX_PARAMS + BL_MAX_STATE];
+  for (int i = 0; i < n; i++)
+    if (keep[i]) at[nk] = i, k[nk++] = keep[i];
+  if (ad__compactable(t, m)) {
+    ad_status st = nk ? ad_tape_compact(t, m, nk, k) : (ad_rewind(t, m), AD_OK);
+    if (st) return st;
+    for (int j = 0; j < nk; j++) keep[at[j]] = k[j];
+    return AD_OK;
+  }
+  ad_tensor *h[3 * NN_MAX_PARAMS + BL_MAX_STATE] = {0};
+  ad_status st = AD_OK;
+  for (int j = 0; j < nk && !st; j++) {
+    st = ad_tensor_new(&h[j], k[j]->dtype, k[j]->ndim, k[j]->shape);
+    if (!st) st = ad_copy_values(h[j], k[j]);
+  }
+  if (!st) {
+    ad_rewind(t, m);
+    for (int j = 0; j < nk && !st; j++)
+      if (!(keep[at[j]] = bl__copy(t, h[j]))) st = ad_tape_status(t);
+  }
+  for (int j = 0; j < nk; j++) ad_tensor_free(h[j]);
+  return st ? bl__nn(r, st) : AD_OK;
+}
+
+ad_status bl__val_keep(bl_run *r, ad_tensor *const *w_end, ad_tensor **aw, ad_tensor **glam) {
+  ad_tape *t = r->t;
+  int n = r->p->n_w, n_lam = r->p->n_lam;
+  ad_marker m = ad_mark(t);
+  ad_tensor *gl[NN_MAX_PARAMS], *keep[2 * NN_MAX_PARAMS];
+  ad_status st =
+      bl__val_grad_ex(r, r->lam, w_end, NULL, aw, gl, BL_GRAD_NULL_UNREACHED | BL_VAL_COMPACT);
+  if (st) return st;
+  for (int i = 0; i < n; i++) keep[i] = aw[i];
+  for (int k = 0; k < n_lam; k++) keep[n + k] = gl[k];
+  st = keep_down(r, m, n + n_lam, keep);
+  if (st) return st;
+  for (int i = 0; i < n; i++)
+    if (!(aw[i] = keep[i]) && !(aw[i] = ad_zeros_like(t, w_end[i]))) return ad_tape_status(t);
+  /* glam is the caller's own buffer (added into from here on): a copy, as
+   * the old path's zeros-then-copy gave; a gradient may share its memory
+   * with another result (d(w + lam) hands one tensor to both). Unreached:
+   * NULL, no zeros until a step adds something. */
+  for (int k = 0; k < n_lam; k++) {
+    glam[k] = NULL;
+    if (keep[n + k] && !(glam[k] = bl__copy(t, keep[n + k]))) return ad_tape_status(t);
+  }
+  return AD_OK;
+}
+
+/* Frees chunk c of a lean segment after its VJP, keeping keep[] (NULLs
+ * skipped; updated): moved down over it, and — when chunk c-1 can be
+ * compacted — the values of chunk c-1's outputs are released too (the
+ * leaves of chunk c read them, no rule of chunk c-1 does), so what stays
+ * of the walked part is only what the next chunk's rules read. */
+static ad_status drop_chunk(bl_run *r, bl_segment *sg, int64_t c, int n, ad_tensor **keep) {
+  ad_tape *t = r->t;
+  if (c < 1 || !ad__compactable(t, sg->marks[c - 1])) return keep_down(r, sg->marks[c], n, keep);
+  size_t row = (size_t)(sg->n_w + sg->ns);
+  ad_tensor *k[3 * NN_MAX_PARAMS + BL_MAX_STATE];
+  int nk = 0, at[3 * NN_MAX_PARAMS + BL_MAX_STATE];
+  for (int i = 0; i < n; i++)
+    if (keep[i]) at[nk] = i, k[nk++] = keep[i];
+  ad_status st =
+      ad__compact_roots(t, sg->marks[c - 1], nk, k, (int)row, sg->out + (size_t)(c - 1) * row);
+  if (st) return st;
+  for (int j = 0; j < nk; j++) keep[at[j]] = k[j];
+  return AD_OK;
+}
+
+ad_status bl__segment_release_end(bl_run *r, bl_segment *sg, ad_tensor **aw, ad_tensor **as,
+                                  ad_tensor **glam) {
+  ad_tape *t = r->t;
+  if (sg->n_chunks < 1) return AD_OK;
+  int n = sg->n_w, ns = as ? sg->ns : 0, n_lam = r->p->n_lam, nk = 0;
+  size_t row = (size_t)(n + sg->ns), c = (size_t)sg->n_chunks - 1;
+  ad_marker m = sg->marks[c];
+  if (!ad__compactable(t, m)) return AD_OK; /* an op compaction cannot move: leave it */
+  ad_tensor *keep[NN_MAX_PARAMS * 2 + BL_MAX_STATE];
+  int at[NN_MAX_PARAMS * 2 + BL_MAX_STATE];
+  for (int j = 0; j < n + ns; j++) {
+    ad_tensor *x = j < n ? aw[j] : as[j - n];
+    if (x) at[nk] = j, keep[nk++] = x;
+  }
+  for (int q = 0; q < n_lam; q++)
+    if (glam[q]) at[nk] = n + ns + q, keep[nk++] = glam[q];
+  ad_status st = ad__compact_roots(t, m, nk, keep, (int)row, sg->out + c * row);
+  if (st) return st;
+  for (int k = 0; k < nk; k++) {
+    int j = at[k];
+    if (j < n)
+      aw[j] = keep[k];
+    else if (j < n + ns)
+      as[j - n] = keep[k];
+    else
+      glam[j - n - ns] = keep[k];
+  }
+  sg->s_end.n = 0;
+  for (int i = 0; i < n; i++) sg->w_end[i] = NULL;
+  return AD_OK;
+}
+
+ad_status bl__segment_reverse_lean(bl_run *r, bl_segment *sg, ad_tensor **aw, ad_tensor **as,
+                                   ad_tensor **glam) {
+  ad_tape *t = r->t;
+  int n = sg->n_w, ns = as ? sg->ns : 0, n_lam = r->p->n_lam, nv = n + ns;
+  size_t row = (size_t)(n + sg->ns);
+  /* The adjoints are the last chunk's results, moved down over the chunk
+   * (keep_down) instead of copied into a second buffer; glam moves with
+   * them. Nothing is written into a seed: a rule may hand it back. */
+  ad_tensor *cur[NN_MAX_PARAMS + BL_MAX_STATE];
+  ad_tensor *ins[2 * NN_MAX_PARAMS + BL_MAX_STATE], *grads[2 * NN_MAX_PARAMS + BL_MAX_STATE];
+  ad_tensor *keep[3 * NN_MAX_PARAMS + BL_MAX_STATE];
+  for (int j = 0; j < nv; j++) cur[j] = j < n ? aw[j] : as[j - n];
+  ad_status st = AD_OK;
+  for (int64_t c = sg->n_chunks - 1; c >= 0 && !st; c--) {
+    ad_tensor **in = sg->in + (size_t)c * row, **out = sg->out + (size_t)c * row;
+    int first = c == 0 && sg->skip_start_adjoint;
+    int n_in = 0;
+    for (int q = 0; q < n_lam; q++) ins[n_in++] = r->lam[q];
+    if (!first)
+      for (int j = 0; j < nv; j++) ins[n_in++] = in[j];
+    st = ad_grad(t, nv, out, cur, n_in, ins, grads, BL_GRAD_NULL_UNREACHED);
+    if (st) break;
+    /* glam += this chunk's part (the old path's axpy on the same values).
+     * The first part reached starts from zeros, as the old buffer did;
+     * those zeros are made after the chunk is freed (the part is kept
+     * through keep_down and dropped at the next), not on top of the
+     * chunk's temporaries. */
+    ad_tensor *raw[NN_MAX_PARAMS];
+    for (int q = 0; q < n_lam; q++) {
+      raw[q] = NULL;
+      if (!grads[q]) continue;
+      if (glam[q])
+        bl__axpy(1, &glam[q], 1.0, &grads[q]);
+      else
+        raw[q] = grads[q];
+    }
+    /* an adjoint the outputs do not reach is zero (the old path's zeros) */
+    for (int j = 0; j < nv && !first && !st; j++)
+      if (!grads[n_lam + j] && !(grads[n_lam + j] = ad_zeros_like(t, in[j])))
+        st = ad_tape_status(t);
+    if (st) break;
+    int nk = 0;
+    for (int q = 0; q < n_lam; q++) keep[nk++] = glam[q];
+    for (int q = 0; q < n_lam; q++) keep[nk++] = raw[q];
+    for (int j = 0; j < nv; j++) keep[nk++] = first ? NULL : grads[n_lam + j];
+    st = drop_chunk(r, sg, c, nk, keep);
+    if (st) break;
+    int fresh = 0;
+    for (int q = 0; q < n_lam && !st; q++) {
+      glam[q] = keep[q];
+      if (!keep[n_lam + q]) continue;
+      if (!(glam[q] = ad_zeros_like(t, r->lam[q]))) st = ad_tape_status(t);
+      if (!st) bl__axpy(1, &glam[q], 1.0, &keep[n_lam + q]);
+      keep[q] = glam[q];
+      keep[n_lam + q] = NULL;
+      fresh = 1;
+    }
+    /* once per call: drop the parts the new glam was made from */
+    if (!st && fresh) st = drop_chunk(r, sg, c, nk, keep);
+    if (st) break;
+    for (int q = 0; q < n_lam; q++) glam[q] = keep[q];
+    for (int j = 0; j < nv && !first; j++) cur[j] = keep[2 * n_lam + j];
+    int64_t k0 = sg->from + c * sg->chunk, k1 = k0 + sg->chunk < sg->to ? k0 + sg->chunk : sg->to;
+    r->st.hvps += k1 - k0;
+  }
+  for (int j = 0; j < nv && !st; j++) { /* freed with the first chunk when skipped */
+    ad_tensor *a = sg->skip_start_adjoint ? NULL : cur[j];
+    if (j < n)
+      aw[j] = a;
+    else
+      as[j - n] = a;
+  }
+  for (int q = 0; q < n_lam && !st; q++)
+    if (!glam[q] && !(glam[q] = ad_zeros_like(t, r->lam[q]))) st = ad_tape_status(t);
   return st;
 }
 

@@ -19,6 +19,38 @@
  * of Shaban et al. (2019). K = 0 or K >= T: the full unroll. */
 #include "bl_internal.h"
 
+/* The old walk back (copies of w_start and of the adjoints in buffers made
+ * up front), for tests that check the lean one gives the same bits. */
+static _Thread_local int unroll_legacy;
+void bl__unroll_set_legacy(int on) {
+  unroll_legacy = on != 0;
+}
+
+/* The lean unroll (no o.keep_tape): what the old one computes, value for
+ * value, holding fewer weight-sized buffers at its peak (the first chunk
+ * walked back, or L_val's gradient):
+ *  - the recorded segment starts from leaf views of w_start and the state
+ *    (nothing writes them while it lives), not copies;
+ *  - no adjoint or hypergradient buffers before the record: alpha_T is
+ *    L_val's gradient itself, kept when L_val's graph is freed, and glam
+ *    exists from the first part added (L_val does not see lam, often);
+ *  - each chunk's adjoint results are moved down over the chunk as it is
+ *    freed, so there is no second adjoint buffer to copy them into. */
+static ad_status unroll_lean(bl_run *r, ad_tensor *const *w, bl_state *os, int64_t start, int64_t T,
+                             ad_tensor **glam) {
+  ad_tensor *aw[NN_MAX_PARAMS], *as[BL_MAX_STATE];
+  bl_segment sg = {0};
+  ad_status s = bl__segment_record_ex(r, &sg, w, os, start, T, 0, BL_SEG_LEAN);
+  sg.skip_start_adjoint = 1; /* nothing is differentiated before the start */
+  if (!s) s = bl__val_keep(r, sg.w_end, aw, glam);
+  ad_tensor *sb[BL_MAX_STATE];
+  int ns = bl__state_list(&sg.s_end, sb);
+  if (!s) s = bl__zeros_new(r, ns, sb, as);
+  if (!s) s = bl__segment_release_end(r, &sg, aw, ns ? as : NULL, glam);
+  if (!s) s = bl__segment_reverse_lean(r, &sg, aw, as, glam);
+  return s;
+}
+
 ad_status bl_unroll(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor *const *hg,
                     bl_stats *st) {
   bl_run r;
@@ -42,6 +74,12 @@ ad_status bl_unroll(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tensor
   else
     for (int i = 0; i < n; i++) w[i] = p->w0[i];
   if (!s) s = bl__state_new(&r, &os);
+  if (!r.o.keep_tape && !unroll_legacy) {
+    if (!s) s = bl__run_inplace(&r, r.lam, w, &os, 0, start);
+    if (!s) s = unroll_lean(&r, w, &os, start, T, glam);
+    if (!s) s = bl__write_hg(&r, glam, hg);
+    return bl__end(&r, s, st);
+  }
   int ns = bl__state_list(&os, sb);
   if (!s) s = bl__zeros_new(&r, n, w, aw);
   if (!s) s = bl__zeros_new(&r, ns, sb, as);
