@@ -365,6 +365,15 @@ int ad__par_parts(int64_t n, int64_t grain);
 /* Runs fn over every part and returns when all are done. */
 void ad__par_for(int64_t n, int64_t grain, ad__range_fn fn, void *ctx);
 
+/* ---- tiny products (blas.c, ops_bmm.c) */
+/* Whether our own AVX-512 kernels may run: the CPU has AVX-512 and the
+ * BLIS kernel set asked for (HYPERTAPE_BLIS_ARCH) is not an AVX2-only one
+ * (blas.c). */
+int ad__blas_avx512_allowed(void);
+/* ops_bmm.c's choice of loop per shape class, appended to buf at len
+ * (cap bytes in all) for ad_blas_reason; returns the new length. */
+size_t ad__bmm_describe(char *buf, size_t len, size_t cap);
+
 /* ---- growable byte buffer (autodiff/bytebuf.c)
  * The bytes of a file being built in memory (nn_params_save's header,
  * bl_engine_save's state) or read whole (nn_params_load, bl_engine_load).
