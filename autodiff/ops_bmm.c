@@ -122,9 +122,10 @@
  *   MASKED, LDM, STM   masked last vectors (see BMM_PANEL)
  *   DVT, DVTU, DVL, DMR, HSUM   the dot kernel's vectors, its rows per
  *                   tile (x 4 columns) and its four-way lane sum; the same
- *                   vectors and order in every x86 build (same bits). */
+ *                   vectors and order in every x86 build (same bits)
+ *   DOT             the dot kernel to run: bmm_dot_SUF, or one of its own. */
 #define BMM_ISA(SUF, T, VT, VTU, VL, NVMAX, MRF, MASKED, LDM, STM, DVT, DVTU, DVL, DMR, HSUM,      \
-                ATTR)                                                                              \
+                DOT, ATTR)                                                                         \
   BMM_PANEL(panel_##SUF##1, T, VT, VTU, VL, 1, MRF(1), MASKED, LDM, STM, ATTR)                     \
   BMM_PANEL(panel_##SUF##2, T, VT, VTU, VL, 2, MRF(2), MASKED, LDM, STM, ATTR)                     \
   BMM_PANEL(panel_##SUF##3, T, VT, VTU, VL, 3, MRF(3), MASKED, LDM, STM, ATTR)                     \
@@ -152,7 +153,7 @@
    * tiles of DMR rows x 4 columns of C, no copy at all. Each lane sums                            \
    * its p's in ascending order, the lanes are added in order, then the                            \
    * tail p's (k mod DVL) in order. bs: stride between op(B)'s columns. */                         \
-  ATTR static void bmm_dot_##SUF(int64_t m, int64_t n, int64_t k, const T *A, int64_t lda,         \
+  __attribute__((unused)) ATTR static void bmm_dot_##SUF(int64_t m, int64_t n, int64_t k, const T *A, int64_t lda,         \
                                  const T *B, int64_t bs, T *C) {                                   \
     const int64_t kv = k - k % DVL;                                                                \
     for (int64_t i0 = 0; i0 < m; i0 += DMR) {                                                      \
@@ -199,7 +200,7 @@
     if (m > BMM_TINY || n > BMM_TINY || k > BMM_TINY || nv > NVMAX) return 0;                      \
     if (!ta && (tb || ldb == 1) && k >= DVL) {                                                     \
       for (int64_t e = 0; e < nb; e++)                                                             \
-        bmm_dot_##SUF(m, n, k, a + e * sa, lda, b + e * sb, tb ? ldb : 1, c + e * sc);             \
+        DOT(m, n, k, a + e * sa, lda, b + e * sb, tb ? ldb : 1, c + e * sc);                      \
       return 1;                                                                                    \
     }                                                                                              \
     _Alignas(64) T pk[BMM_TINY * NVMAX * VL];                                                      \
@@ -280,9 +281,9 @@ BMM_HSUM_BASE(hsum_d_base, double, ad_v2d, ad_v2du, 2)
  * AVX2+FMA and AVX-512 (taken when the CPU has them, as autodiff/blas.c's
  * direct loop is; GCC contracts a*b+c there, Clang within the statement). */
 BMM_ISA(s_base, float, ad_v4f, ad_v4fu, 4, 8, BMM_MR2, 0, BMM_LDW_S, BMM_STW, ad_v4f, ad_v4fu, 4, 2,
-        hsum_s_base, )
+        hsum_s_base, bmm_dot_s_base, )
 BMM_ISA(d_base, double, ad_v2d, ad_v2du, 2, 8, BMM_MR2, 0, BMM_LDW_D, BMM_STW, ad_v2d, ad_v2du, 2,
-        2, hsum_d_base, )
+        2, hsum_d_base, bmm_dot_d_base, )
 #if AD_X86 && defined(__GNUC__)
 #include <immintrin.h>
 #define BMM_X86 1
@@ -302,28 +303,88 @@ AD_AVX2_ATTR static inline void hsum_d_avx2(const ad_v4d *v, double *out) {
 #define BMM_LDW_S8(p, m) ((void)(m), *(const ad_v8fu *)(p))
 #define BMM_LDW_D4(p, m) ((void)(m), *(const ad_v4du *)(p))
 BMM_ISA(s_avx2, float, ad_v8f, ad_v8fu, 8, 8, BMM_MR2, 0, BMM_LDW_S8, BMM_STW, ad_v8f, ad_v8fu, 8,
-        2, hsum_s_avx2, AD_AVX2_ATTR)
+        2, hsum_s_avx2, bmm_dot_s_avx2, AD_AVX2_ATTR)
 BMM_ISA(d_avx2, double, ad_v4d, ad_v4du, 4, 8, BMM_MR2, 0, BMM_LDW_D4, BMM_STW, ad_v4d, ad_v4du, 4,
-        2, hsum_d_avx2, AD_AVX2_ATTR)
+        2, hsum_d_avx2, bmm_dot_d_avx2, AD_AVX2_ATTR)
 /* AVX-512: 16 floats (8 doubles) per panel vector, the last one masked
  * (so n = 40 reads B in place: 2 whole vectors and 8 lanes), and with 32
  * registers tiles of 8 rows for up to 2 vectors (16 accumulators), 5 for
- * 3-4 (MAML's 10 x 40: two tiles of 5 x 3), 3 for 5-8 (f64). The dot
- * kernel keeps AVX2's 8-float vectors and lane order (same bits; on Zen 4
- * 64-byte loads of rows an odd multiple of 32 bytes apart ran at half
- * speed, see blas_narrow.inc) and uses the extra registers for 4 rows. */
-#ifndef BMM_DMR512
-#define BMM_DMR512 5
-#endif
+ * 3-4 (MAML's 10 x 40: two tiles of 5 x 3; 6 ran 10 x 40 x 40 at 270 ns,
+ * 5 at 175, 8 at 200 on Zen 5), 3 for 5-8 (f64). */
 #define BMM_MR512(nv) ((nv) <= 2 ? 8 : (nv) <= 4 ? 5 : 3)
 #define BMM_LDM_S16(p, m) ((ad_v16f)_mm512_maskz_loadu_ps((__mmask16)(m), (p)))
 #define BMM_STM_S16(p, m, v) _mm512_mask_storeu_ps((p), (__mmask16)(m), (__m512)(v))
 #define BMM_LDM_D8(p, m) ((ad_v8d)_mm512_maskz_loadu_pd((__mmask8)(m), (p)))
 #define BMM_STM_D8(p, m, v) _mm512_mask_storeu_pd((p), (__mmask8)(m), (__m512d)(v))
+
+/* The f32 dot kernel for AVX-512, with AVX2's sums bit for bit: lane l of
+ * C(i, j)'s accumulator sums A(i, p) B(j, p) over p = l mod 8 ascending
+ * from zero, the 8 lanes are added by hsum_s_avx2, then the tail p's. But
+ * one 512-bit vector holds two columns' accumulators (j in the low half,
+ * j + 1 in the high), against the 8 floats of A's row broadcast to both
+ * halves: half the FMAs of 256-bit vectors. Tiles of up to 10 rows x 4
+ * columns (20 accumulators), the rows left done exactly (no row twice):
+ * MAML's 10 x 40 x 40 A B^T is one tile row. Only AVX-512F (the 256-bit
+ * halves moved as f64x4). */
+#define BMM_BC8(p) _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))))
+#define BMM_PAIR(p0, p1)                                                                           \
+  _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(p0))), \
+                                      _mm256_castps_pd(_mm256_loadu_ps(p1)), 1))
+#define BMM_HI8(v) _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))
+__attribute__((always_inline)) AD_AVX512_ATTR static inline void
+bmm_dot2_tile(const int R, int64_t n, int64_t k, const float *A, int64_t lda, const float *B,
+              int64_t bs, float *C) {
+  const int64_t kv = k - k % 8;
+  for (int64_t j0 = 0; j0 < n; j0 += 4) {
+    const float *bq[4];
+    for (int q = 0; q < 4; q++) bq[q] = B + (j0 + q < n ? j0 + q : n - 1) * bs;
+    __m512 acc[10][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < kv; p += 8) {
+      const __m512 y01 = BMM_PAIR(bq[0] + p, bq[1] + p), y23 = BMM_PAIR(bq[2] + p, bq[3] + p);
+      for (int r = 0; r < R; r++) {
+        const __m512 x = BMM_BC8(A + r * lda + p);
+        acc[r][0] = _mm512_fmadd_ps(x, y01, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(x, y23, acc[r][1]);
+      }
+    }
+    _Pragma("GCC unroll 10") for (int r = 0; r < R; r++) {
+      const ad_v8f v[4] = {(ad_v8f)_mm512_castps512_ps256(acc[r][0]), (ad_v8f)BMM_HI8(acc[r][0]),
+                           (ad_v8f)_mm512_castps512_ps256(acc[r][1]), (ad_v8f)BMM_HI8(acc[r][1])};
+      float *cr = C + r * n + j0;
+      if (kv == k && j0 + 4 <= n) { /* four sums stored at once */
+        hsum_s_avx2(v, cr);
+        continue;
+      }
+      float sum[4];
+      hsum_s_avx2(v, sum);
+      for (int q = 0; q < 4 && j0 + q < n; q++) {
+        for (int64_t p = kv; p < k; p++) sum[q] += A[r * lda + p] * bq[q][p];
+        cr[q] = sum[q];
+      }
+    }
+  }
+}
+#define BMM_DOT2_LEFT(R)                                                                           \
+  else if (left == R) bmm_dot2_tile(R, n, k, A, lda, B, bs, C);
+AD_AVX512_ATTR static void bmm_dot2_s512(int64_t m, int64_t n, int64_t k, const float *A,
+                                         int64_t lda, const float *B, int64_t bs, float *C) {
+  int64_t i0 = 0;
+  for (; i0 + 10 <= m; i0 += 10) bmm_dot2_tile(10, n, k, A + i0 * lda, lda, B, bs, C + i0 * n);
+  const int64_t left = m - i0;
+  A += i0 * lda, C += i0 * n;
+  if (left <= 0) {
+  }
+  BMM_DOT2_LEFT(1) BMM_DOT2_LEFT(2) BMM_DOT2_LEFT(3) BMM_DOT2_LEFT(4) BMM_DOT2_LEFT(5)
+      BMM_DOT2_LEFT(6) BMM_DOT2_LEFT(7) BMM_DOT2_LEFT(8) BMM_DOT2_LEFT(9)
+}
+
 BMM_ISA(s_avx512, float, ad_v16f, ad_v16fu, 16, 4, BMM_MR512, 1, BMM_LDM_S16, BMM_STM_S16, ad_v8f,
-        ad_v8fu, 8, BMM_DMR512, hsum_s_avx2, AD_AVX512_ATTR)
+        ad_v8fu, 8, 4, hsum_s_avx2, bmm_dot2_s512, AD_AVX512_ATTR)
+/* f64 keeps the generic dot kernel, AVX2's 4-double vectors and order, in
+ * tiles of 4 rows. */
 BMM_ISA(d_avx512, double, ad_v8d, ad_v8du, 8, 8, BMM_MR512, 1, BMM_LDM_D8, BMM_STM_D8, ad_v4d,
-        ad_v4du, 4, BMM_DMR512, hsum_d_avx2, AD_AVX512_ATTR)
+        ad_v4du, 4, 4, hsum_d_avx2, bmm_dot_d_avx512, AD_AVX512_ATTR)
 #else
 #define BMM_X86 0
 #endif
@@ -348,7 +409,7 @@ static const char *const k_bmm_names[] = {"auto", "base", "avx2", "avx512"};
 typedef struct {
   _Atomic uint64_t key; /* 0: free */
   atomic_int isa;       /* 0 while being measured */
-  float ns[2];          /* per call: AVX2, AVX-512 (written before isa) */
+  float ns[2];          /* per batch element: AVX2, AVX-512 (written before isa) */
 } bmm_class;
 
 #define BMM_SLOTS 256 /* a power of two; when full, new classes run AVX2 */
@@ -441,8 +502,8 @@ static int bmm_measure(bmm_class *e, ad_dtype dt, int ta, int tb, int64_t nb, in
     if (round + 1 >= BMM_ROUNDS_MIN && bmm_cpu_ns() - start > BMM_BUDGET_NS) break;
   }
   free(c);
-  e->ns[0] = (float)best[0];
-  e->ns[1] = (float)best[1];
+  e->ns[0] = (float)(best[0] / (double)nm);
+  e->ns[1] = (float)(best[1] / (double)nm);
   return best[1] < best[0] ? BMM_AVX512 : BMM_AVX2;
 }
 
@@ -513,7 +574,7 @@ size_t ad__bmm_describe(char *buf, size_t len, size_t cap) {
     if (!isa) continue;
     BMM_PUT("%s %s %llux%llux%llux%llu %c%c%s%s: %savx2 %.0f %savx512 %.0f",
             nshown ? ";"
-                   : "; ad_bmm tiny loop per shape (batch x m x n x k, ns per call, * = "
+                   : "; ad_bmm tiny loop per shape (batch x m x n x k, ns per element, * = "
                      "chosen):",
             key >> 1 & 1 ? "f64" : "f32", (unsigned long long)(key >> 43 & 255),
             (unsigned long long)(key >> 6 & 127), (unsigned long long)(key >> 13 & 127),
