@@ -375,6 +375,15 @@ int ad__gemm_wide512(int ta, int tb, int64_t m, int64_t n, int64_t k, float alph
                      int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
 int ad__gemm_wide512_available(void);
 
+/* ---- tiny products (blas.c, ops_bmm.c) */
+/* Whether our own AVX-512 kernels may run: the CPU has AVX-512 and the
+ * BLIS kernel set asked for (HYPERTAPE_BLIS_ARCH) is not an AVX2-only one
+ * (blas.c). */
+int ad__blas_avx512_allowed(void);
+/* ops_bmm.c's choice of loop per shape class, appended to buf at len
+ * (cap bytes in all) for ad_blas_reason; returns the new length. */
+size_t ad__bmm_describe(char *buf, size_t len, size_t cap);
+
 /* ---- growable byte buffer (autodiff/bytebuf.c)
  * The bytes of a file being built in memory (nn_params_save's header,
  * bl_engine_save's state) or read whole (nn_params_load, bl_engine_load).

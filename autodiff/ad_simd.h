@@ -19,6 +19,8 @@ AD_VEC(ad_v8f, float, 32)
 AD_VEC(ad_v4d, double, 32)
 AD_VEC(ad_v4f, float, 16)
 AD_VEC(ad_v2d, double, 16)
+AD_VEC(ad_v16f, float, 64)
+AD_VEC(ad_v8d, double, 64)
 
 #if AD_X86 && defined(__GNUC__)
 /* GCC contracts a*b+c only with fp-contract=fast; clang has no optimize
@@ -27,6 +29,15 @@ AD_VEC(ad_v2d, double, 16)
 #define AD_AVX2_ATTR __attribute__((target("avx2,fma")))
 #else
 #define AD_AVX2_ATTR __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
+#endif
+/* AVX-512F for the 512-bit vectors and masks, VL for 256-bit vectors in
+ * all 32 registers (kernels that keep 8-float vectors but want more
+ * accumulators). Taken only where ad__cpu_avx512 says so. */
+#if defined(__clang__)
+#define AD_AVX512_ATTR __attribute__((target("avx512f,avx512vl,avx2,fma")))
+#else
+#define AD_AVX512_ATTR                                                                             \
+  __attribute__((target("avx512f,avx512vl,avx2,fma"), optimize("fp-contract=fast")))
 #endif
 #endif
 
@@ -61,6 +72,18 @@ static inline int ad__cpu_avx2_fma(void) {
 #if AD_X86 && defined(__GNUC__)
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return 0;
+#endif
+}
+
+/* Whether the CPU (and OS) run AVX-512F and VL, what AD_AVX512_ATTR code
+ * needs. */
+static inline int ad__cpu_avx512(void) {
+#if AD_X86 && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         ad__cpu_avx2_fma();
 #else
   return 0;
 #endif

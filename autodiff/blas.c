@@ -280,6 +280,8 @@ static int try_request(const char *var, const char *val, char *why, size_t why_l
  *              block sizes differ between CPUs of one ISA; and
  *              packed:skx, BLIS's AVX-512 microkernel, when the CPU has
  *              AVX-512 but the chosen set is an AVX2 one (automatic mode);
+ *   direct:avx512  the direct loop's AVX-512 build (16-float vectors,
+ *              tiles for 32 registers), where the CPU and kernel set allow;
  *   narrow, narrow:avx512   our kernels for n <= 64 (f32), below;
  *   wide:avx512  our AVX-512 kernel for f32 products of any n that reads A
  *              in place and copies only op(B), 32 columns at a time
@@ -302,11 +304,12 @@ typedef enum {
   P_NARROW512,
   P_PACKED_ALT2,
   P_WIDE512,
+  P_DIRECT512,
   N_PATHS
 } gemm_path;
 static const char *const k_path_names[N_PATHS] = {
-    "blis",       "direct", "sup",           "sup+packA",   "sup+packB",  "packed",
-    "packed-alt", "narrow", "narrow:avx512", "packed-alt2", "wide:avx512"};
+    "blis",       "direct", "sup",           "sup+packA",   "sup+packB",   "packed",
+    "packed-alt", "narrow", "narrow:avx512", "packed-alt2", "wide:avx512", "direct:avx512"};
 
 static cntx_t g_cntx_sup; /* g_cntx with the sup thresholds out of reach */
 static cntx_t g_cntx_alt; /* a second kernel set for the packed path */
@@ -319,6 +322,7 @@ static char g_alt_name[48];      /* "packed:haswell" */
 static int g_have_narrow;        /* the AVX2+FMA narrow kernel can run */
 static int g_have_narrow512;     /* the AVX-512 one can, and the kernel set allows it */
 static int g_have_wide512;       /* the same for the wide kernel (gemm_wide.c) */
+static int g_have_direct512;     /* the same for the AVX-512 direct loop */
 static atomic_int g_forced = -1; /* a gemm_path, or -1: measure */
 
 /* Products below this many multiply-adds run on one thread (see make_rntm). */
@@ -474,6 +478,113 @@ static const char *path_name(int p) {
  * 84-86 (6: 74, 8: 38, spilling). */
 AD_DIRECT_KERNEL(direct_s_avx2, float, ad_v8f, ad_v8fu, 8, 5, AD_AVX2_ATTR)
 AD_DIRECT_KERNEL(direct_d_avx2, double, ad_v4d, ad_v4du, 4, 4, AD_AVX2_ATTR)
+#include <immintrin.h>
+/* The AVX-512 build. Written apart from AD_DIRECT_KERNEL because masks
+ * change its shape: a panel is up to 3 vectors wide (48 floats, 24
+ * doubles) and its last vector is loaded and stored under a lane mask, so
+ * B is read in place whenever it is not transposed, whatever n (MAML's n
+ * = 40 is one panel of 2 whole vectors and 8 lanes, no copy), and C is
+ * written with vector stores. With 32 registers, tiles of up to 10 rows
+ * for 1-2 vectors (20 accumulators) and 5 for 3 (15); a partial tile runs
+ * with exactly the rows left (its count a constant in each branch), so
+ * m = 10 is one or two whole tiles and no row is computed twice. Each
+ * element is still the sum over p ascending. */
+#define D512_MRMAX 10
+#define AD_D512_TILE(NAME, T, VT, VTU, VL, NV, LDM, STM)                                           \
+  __attribute__((always_inline)) AD_AVX512_ATTR static inline void NAME(                           \
+      const int R, int64_t k, T alpha, const T *a, int64_t ars, int64_t acs, const T *panel,       \
+      int64_t lp, T beta, T *c, int64_t ldc, unsigned lm) {                                        \
+    VT acc[D512_MRMAX][NV];                                                                        \
+    for (int r = 0; r < R; r++)                                                                    \
+      for (int v = 0; v < NV; v++) acc[r][v] = (VT){0};                                            \
+    for (int64_t p = 0; p < k; p++) {                                                              \
+      VT bv[NV];                                                                                   \
+      const T *pr = panel + p * lp;                                                                \
+      for (int v = 0; v < NV - 1; v++) bv[v] = *(const VTU *)(pr + v * VL);                        \
+      bv[NV - 1] = LDM(pr + (NV - 1) * VL, lm);                                                    \
+      for (int r = 0; r < R; r++) {                                                                \
+        const T av = a[r * ars + p * acs];                                                         \
+        for (int v = 0; v < NV; v++) acc[r][v] = av * bv[v] + acc[r][v];                           \
+      }                                                                                            \
+    }                                                                                              \
+    for (int r = 0; r < R; r++) {                                                                  \
+      T *cr = c + r * ldc;                                                                         \
+      for (int v = 0; v < NV; v++) {                                                               \
+        const unsigned mv = v == NV - 1 ? lm : ~0u;                                                \
+        VT out = alpha * acc[r][v];                                                                \
+        if (beta != 0) out = out + beta * LDM(cr + v * VL, mv);                                    \
+        STM(cr + v * VL, mv, out);                                                                 \
+      }                                                                                            \
+    }                                                                                              \
+  }
+#define AD_D512_LEFT(TILE, MR, R, left, ...) else if (R < MR && left == R) TILE(R, __VA_ARGS__);
+/* All m rows of one panel of NV vectors (MR rows per tile). */
+#define AD_D512_PANEL(NAME, T, VT, VTU, VL, NV, MR, LDM, STM)                                      \
+  AD_D512_TILE(NAME##_tile, T, VT, VTU, VL, NV, LDM, STM)                                          \
+  AD_AVX512_ATTR static void NAME(int64_t m, int64_t k, T alpha, const T *a, int64_t ars,          \
+                                  int64_t acs, const T *panel, int64_t lp, T beta, T *c,           \
+                                  int64_t ldc, unsigned lm) {                                      \
+    int64_t i0 = 0;                                                                                \
+    for (; i0 + MR <= m; i0 += MR)                                                                 \
+      NAME##_tile(MR, k, alpha, a + i0 * ars, ars, acs, panel, lp, beta, c + i0 * ldc, ldc, lm);   \
+    const int64_t left = m - i0;                                                                   \
+    a += i0 * ars, c += i0 * ldc;                                                                  \
+    if (left <= 0) {                                                                               \
+    }                                                                                              \
+    AD_D512_LEFT(NAME##_tile, MR, 1, left, k, alpha, a, ars, acs, panel, lp, beta, c, ldc, lm)     \
+    AD_D512_LEFT(NAME##_tile, MR, 2, left, k, alpha, a, ars, acs, panel, lp, beta, c, ldc, lm)     \
+    AD_D512_LEFT(NAME##_tile, MR, 3, left, k, alpha, a, ars, acs, panel, lp, beta, c, ldc, lm)     \
+    AD_D512_LEFT(NAME##_tile, MR, 4, left, k, alpha, a, ars, acs, panel, lp, beta, c, ldc, lm)     \
+    AD_D512_LEFT(NAME##_tile, MR, 5, left, k, alpha, a, ars, acs, panel, lp, beta, c, ldc, lm)     \
+    AD_D512_LEFT(NAME##_tile, MR, 6, left, k, alpha, a, ars, acs, panel, lp, beta, c, ldc, lm)     \
+    AD_D512_LEFT(NAME##_tile, MR, 7, left, k, alpha, a, ars, acs, panel, lp, beta, c, ldc, lm)     \
+    AD_D512_LEFT(NAME##_tile, MR, 8, left, k, alpha, a, ars, acs, panel, lp, beta, c, ldc, lm)     \
+    AD_D512_LEFT(NAME##_tile, MR, 9, left, k, alpha, a, ars, acs, panel, lp, beta, c, ldc, lm)     \
+  }
+/* The whole product: panels of 3 vectors, the last one as narrow as its
+ * columns allow; op(B) copied (zero-padded) only when B is transposed. */
+#define AD_D512_KERNEL(NAME, T, VT, VTU, VL, LDM, STM)                                             \
+  AD_D512_PANEL(NAME##_p1, T, VT, VTU, VL, 1, 10, LDM, STM)                                        \
+  AD_D512_PANEL(NAME##_p2, T, VT, VTU, VL, 2, 10, LDM, STM)                                        \
+  AD_D512_PANEL(NAME##_p3, T, VT, VTU, VL, 3, 5, LDM, STM)                                         \
+  AD_AVX512_ATTR static void NAME(int ta, int tb, int64_t m, int64_t n, int64_t k, T alpha,        \
+                                  const T *a, int64_t lda, const T *b, int64_t ldb, T beta, T *c,  \
+                                  int64_t ldc, T *bp) {                                            \
+    const int64_t ars = ta ? 1 : lda, acs = ta ? lda : 1;                                          \
+    for (int64_t j0 = 0; j0 < n;) {                                                                \
+      const int64_t left = n - j0, nr = left < 3 * VL ? left : 3 * VL, nv = (nr + VL - 1) / VL;    \
+      const int64_t last = nr - (nv - 1) * VL;                                                     \
+      const unsigned lm = last >= 32 ? ~0u : (1u << last) - 1u;                                    \
+      const T *panel;                                                                              \
+      int64_t lp;                                                                                  \
+      if (!tb) {                                                                                   \
+        panel = b + j0;                                                                            \
+        lp = ldb;                                                                                  \
+      } else {                                                                                     \
+        for (int64_t p = 0; p < k; p++)                                                            \
+          for (int64_t j = 0; j < nv * VL; j++)                                                    \
+            bp[p * nv * VL + j] = j < nr ? b[(j0 + j) * ldb + p] : 0;                              \
+        panel = bp;                                                                                \
+        lp = nv * VL;                                                                              \
+      }                                                                                            \
+      if (nv == 1)                                                                                 \
+        NAME##_p1(m, k, alpha, a, ars, acs, panel, lp, beta, c + j0, ldc, lm);                     \
+      else if (nv == 2)                                                                            \
+        NAME##_p2(m, k, alpha, a, ars, acs, panel, lp, beta, c + j0, ldc, lm);                     \
+      else                                                                                         \
+        NAME##_p3(m, k, alpha, a, ars, acs, panel, lp, beta, c + j0, ldc, lm);                     \
+      j0 += nr;                                                                                    \
+    }                                                                                              \
+  }
+#define D512_LDM_S(p, m) ((ad_v16f)_mm512_maskz_loadu_ps((__mmask16)(m), (p)))
+#define D512_STM_S(p, m, v) _mm512_mask_storeu_ps((p), (__mmask16)(m), (__m512)(v))
+#define D512_LDM_D(p, m) ((ad_v8d)_mm512_maskz_loadu_pd((__mmask8)(m), (p)))
+#define D512_STM_D(p, m, v) _mm512_mask_storeu_pd((p), (__mmask8)(m), (__m512d)(v))
+AD_D512_KERNEL(direct_s_avx512, float, ad_v16f, ad_v16fu, 16, D512_LDM_S, D512_STM_S)
+AD_D512_KERNEL(direct_d_avx512, double, ad_v8d, ad_v8du, 8, D512_LDM_D, D512_STM_D)
+#define AD_HAVE_DIRECT512 1
+#else
+#define AD_HAVE_DIRECT512 0
 #endif
 AD_DIRECT_KERNEL(direct_s_base, float, ad_v4f, ad_v4fu, 4, 4, )
 AD_DIRECT_KERNEL(direct_d_base, double, ad_v2d, ad_v2du, 2, 4, )
@@ -489,17 +600,29 @@ static direct_d_fn g_direct_d = direct_d_base;
  * stack when small, else malloc (returns 0 if that fails, so the caller
  * can go through BLIS instead). */
 #define DIRECT_STACK 4096
-static int run_direct(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, const void *alpha,
-                      const void *a, int64_t lda, const void *b, int64_t ldb, const void *beta,
-                      void *c, int64_t ldc) {
+static int run_direct(int w512, int dt, int ta, int tb, int64_t m, int64_t n, int64_t k,
+                      const void *alpha, const void *a, int64_t lda, const void *b, int64_t ldb,
+                      const void *beta, void *c, int64_t ldc) {
   double stack[DIRECT_STACK]; /* room for DIRECT_STACK doubles or 2x floats */
   void *bp = stack;
-  size_t need = (size_t)k * DIRECT_NR_MAX; /* one zero-padded k x NR panel */
-  if (need > DIRECT_STACK) {
-    bp = malloc(need * (dt == AD_F64 ? sizeof(double) : sizeof(float)));
+  /* one zero-padded k x NR panel (AVX-512: 48 floats or 24 doubles wide) */
+  const size_t es = dt == AD_F64 ? sizeof(double) : sizeof(float);
+  size_t need = (size_t)k * (w512 ? (dt == AD_F64 ? 24 : 48) : DIRECT_NR_MAX) * es;
+  if (need > sizeof stack) {
+    bp = malloc(need);
     if (!bp) return 0;
   }
-  if (dt == AD_F64)
+#if AD_HAVE_DIRECT512
+  if (w512) {
+    if (dt == AD_F64)
+      direct_d_avx512(ta, tb, m, n, k, *(const double *)alpha, a, lda, b, ldb,
+                      *(const double *)beta, c, ldc, bp);
+    else
+      direct_s_avx512(ta, tb, m, n, k, *(const float *)alpha, a, lda, b, ldb, *(const float *)beta,
+                      c, ldc, bp);
+  } else
+#endif
+      if (dt == AD_F64)
     g_direct_d(ta, tb, m, n, k, *(const double *)alpha, a, lda, b, ldb, *(const double *)beta, c,
                ldc, bp);
   else
@@ -728,10 +851,13 @@ static void run_path(int path, int dt, int ta, int tb, int64_t m, int64_t n, int
   if ((path == P_BLIS || path == P_SUP || path == P_SUP_PA || path == P_SUP_PB) &&
       !sup_safe(m, n, k))
     path = (double)m * (double)n * (double)k <= DIRECT_MAX ? P_DIRECT : P_PACKED;
-  if (path == P_DIRECT && run_direct(dt, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc))
+  if (path == P_DIRECT512 && !g_have_direct512) path = P_DIRECT;
+  if ((path == P_DIRECT || path == P_DIRECT512) &&
+      run_direct(path == P_DIRECT512, dt, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc))
     return;
   rntm_t rn;
-  cntx_t *cx = make_rntm(&rn, path == P_DIRECT ? P_PACKED : path, ta, tb, m, n, k);
+  cntx_t *cx =
+      make_rntm(&rn, path == P_DIRECT || path == P_DIRECT512 ? P_PACKED : path, ta, tb, m, n, k);
   if (dt == AD_F64)
     bli_dgemm_ex(BLIS_NO_TRANSPOSE, BLIS_NO_TRANSPOSE, m, n, k, (double *)alpha, (double *)a,
                  ta ? 1 : lda, ta ? lda : 1, (double *)b, tb ? 1 : ldb, tb ? ldb : 1,
@@ -781,6 +907,7 @@ static void measure(shape_entry *e, const void *a, int64_t lda, const void *b, i
   if (!c) return;
   int cand[N_PATHS], nc = 0;
   if (madds <= DIRECT_MAX) cand[nc++] = P_DIRECT;
+  if (madds <= DIRECT_MAX && g_have_direct512) cand[nc++] = P_DIRECT512;
   const int sup = g_have_sup && sup_safe(e->m, e->n, e->k);
   if (sup) cand[nc++] = P_SUP;
   /* Packing an operand only changes sup when there is more than one panel
@@ -843,14 +970,32 @@ static unsigned shape_hash(int dt, int ta, int tb, int threads, int64_t m, int64
   return (unsigned)(h ^ (h >> 29));
 }
 
+/* Each thread's last few answers of choose_path, direct-mapped by shape:
+ * a tiny product's path is then one hash and one compare, no lock (the
+ * mutex and the shared table's probe cost about 2% of MAML's per-task
+ * products). Safe because an answer never changes once given: entries of
+ * g_cache are never removed or re-measured, and a full table's "blis"
+ * stays full. Forcing a path is checked before this cache. */
+#define TL_SLOTS 16 /* a power of two */
+typedef struct {
+  int64_t m, n, k;
+  int32_t tag; /* 0: empty; else 1 | dt, ta, tb, threads */
+  int32_t path;
+} tl_entry;
+static _Thread_local tl_entry tl_cache[TL_SLOTS];
+
 /* The path for this call: forced, cached, or measured now. */
 static int choose_path(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, const void *a,
                        int64_t lda, const void *b, int64_t ldb) {
-  int forced = atomic_load(&g_forced);
+  int forced = atomic_load_explicit(&g_forced, memory_order_relaxed);
   if (forced >= 0) return forced;
   int threads = (double)m * (double)n * (double)k < SMALL_THREADED ? 1 : atomic_load(&g_threads);
   ta = !!ta;
   tb = !!tb;
+  const int32_t tag = (int32_t)(1 | dt << 1 | ta << 3 | tb << 4 | threads << 5);
+  tl_entry *te =
+      &tl_cache[(unsigned)(m * 31 + n * 7 + k + (ta << 2) + tb + (dt << 3)) & (TL_SLOTS - 1)];
+  if (te->tag == tag && te->m == m && te->n == n && te->k == k) return te->path;
   pthread_mutex_lock(&g_cache_mu);
   unsigned slot = shape_hash(dt, ta, tb, threads, m, n, k) & (CACHE_SLOTS - 1);
   int path = P_BLIS;
@@ -879,6 +1024,7 @@ static int choose_path(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, 
     slot = (slot + 1) & (CACHE_SLOTS - 1);
   }
   pthread_mutex_unlock(&g_cache_mu);
+  *te = (tl_entry){.m = m, .n = n, .k = k, .tag = tag, .path = path};
   return path;
 }
 
@@ -908,6 +1054,8 @@ static int path_available(int p) {
     return g_have_narrow512;
   case P_WIDE512:
     return g_have_wide512;
+  case P_DIRECT512:
+    return g_have_direct512;
   default:
     return p >= 0 && p < N_PATHS;
   }
@@ -968,6 +1116,8 @@ static void blas_init(void) {
   g_have_narrow512 = AD_HAVE_NARROW && cpu_has_avx512() && (!req_e || req_e->need == NEED_AVX512);
   g_have_wide512 =
       ad__gemm_wide512_available() && cpu_has_avx512() && (!req_e || req_e->need == NEED_AVX512);
+  g_have_direct512 = AD_HAVE_DIRECT512 && ad__cpu_avx512() && cpu_has_avx512() &&
+                     (!req_e || req_e->need == NEED_AVX512);
   /* HYPERTAPE_GEMM_PATH=NAME forces one path for every GEMM (the same
    * names as ad_blas_set_path); a value we do not know is reported in the
    * reason and ignored. */
@@ -1015,6 +1165,8 @@ const char *ad_blas_reason(void) {
   int forced = atomic_load(&g_forced);
   if (forced >= 0) {
     AD_PUT("; every GEMM on path %s (forced)", path_name(forced));
+    len = ad__bmm_describe(buf, len, cap);
+    if (len >= cap) memcpy(buf + cap - 4, "...", 4);
     return buf;
   }
   pthread_mutex_lock(&g_cache_mu);
@@ -1033,8 +1185,14 @@ const char *ad_blas_reason(void) {
   if (g_cache_n) AD_PUT(")");
   pthread_mutex_unlock(&g_cache_mu);
 #undef AD_PUT
+  len = ad__bmm_describe(buf, len, cap);
   if (len >= cap) memcpy(buf + cap - 4, "...", 4);
   return buf;
+}
+
+int ad__blas_avx512_allowed(void) {
+  ensure_init();
+  return g_have_direct512;
 }
 
 /* Threads inside each GEMM and each threaded loop; values below 1 mean 1,
@@ -1080,7 +1238,7 @@ ad_status ad_blas_set_path(const char *path) {
   if (p >= 0 && !g_have_sup && (p == P_SUP || p == P_SUP_PA || p == P_SUP_PB))
     return ad__set_last(AD_ERR_ARG, "ad_blas_set_path: kernel set %s has no sup kernels for '%s'",
                         g_kernel, path);
-  if (p == P_NARROW || p == P_NARROW512 || p == P_WIDE512) {
+  if (p == P_NARROW || p == P_NARROW512 || p == P_WIDE512 || p == P_DIRECT512) {
     if (!path_available(p))
       return ad__set_last(AD_ERR_ARG, "ad_blas_set_path: '%s' needs %s, which %s", path,
                           p == P_NARROW ? "AVX2+FMA" : "AVX-512",
@@ -1090,7 +1248,7 @@ ad_status ad_blas_set_path(const char *path) {
     return ad__set_last(
         AD_ERR_ARG,
         "ad_blas_set_path: '%s' is not auto, blis, direct, sup, sup+packA, sup+packB, "
-        "packed, narrow, narrow:avx512, wide:avx512%s%s%s%s",
+        "packed, narrow, narrow:avx512, wide:avx512, direct:avx512%s%s%s%s",
         path, g_have_alt ? ", " : "", g_have_alt ? g_alt_name : "", g_have_alt2 ? ", " : "",
         g_have_alt2 ? g_alt2_name : "");
   }
