@@ -124,8 +124,8 @@
  *                   tile (x 4 columns) and its four-way lane sum; the same
  *                   vectors and order in every x86 build (same bits)
  *   DOT             the dot kernel to run: bmm_dot_SUF, or one of its own. */
-#define BMM_ISA(SUF, T, VT, VTU, VL, NVMAX, MRF, MASKED, LDM, STM, DVT, DVTU, DVL, DMR, HSUM,      \
-                DOT, ATTR)                                                                         \
+#define BMM_ISA(SUF, T, VT, VTU, VL, NVMAX, MRF, MASKED, LDM, STM, DVT, DVTU, DVL, DMR, HSUM, DOT, \
+                ATTR)                                                                              \
   BMM_PANEL(panel_##SUF##1, T, VT, VTU, VL, 1, MRF(1), MASKED, LDM, STM, ATTR)                     \
   BMM_PANEL(panel_##SUF##2, T, VT, VTU, VL, 2, MRF(2), MASKED, LDM, STM, ATTR)                     \
   BMM_PANEL(panel_##SUF##3, T, VT, VTU, VL, 3, MRF(3), MASKED, LDM, STM, ATTR)                     \
@@ -153,8 +153,8 @@
    * tiles of DMR rows x 4 columns of C, no copy at all. Each lane sums                            \
    * its p's in ascending order, the lanes are added in order, then the                            \
    * tail p's (k mod DVL) in order. bs: stride between op(B)'s columns. */                         \
-  __attribute__((unused)) ATTR static void bmm_dot_##SUF(int64_t m, int64_t n, int64_t k, const T *A, int64_t lda,         \
-                                 const T *B, int64_t bs, T *C) {                                   \
+  __attribute__((unused)) ATTR static void bmm_dot_##SUF(                                          \
+      int64_t m, int64_t n, int64_t k, const T *A, int64_t lda, const T *B, int64_t bs, T *C) {    \
     const int64_t kv = k - k % DVL;                                                                \
     for (int64_t i0 = 0; i0 < m; i0 += DMR) {                                                      \
       const T *ar[DMR]; /* rows past m repeat the last one, never stored */                        \
@@ -200,7 +200,7 @@
     if (m > BMM_TINY || n > BMM_TINY || k > BMM_TINY || nv > NVMAX) return 0;                      \
     if (!ta && (tb || ldb == 1) && k >= DVL) {                                                     \
       for (int64_t e = 0; e < nb; e++)                                                             \
-        DOT(m, n, k, a + e * sa, lda, b + e * sb, tb ? ldb : 1, c + e * sc);                      \
+        DOT(m, n, k, a + e * sa, lda, b + e * sb, tb ? ldb : 1, c + e * sc);                       \
       return 1;                                                                                    \
     }                                                                                              \
     _Alignas(64) T pk[BMM_TINY * NVMAX * VL];                                                      \
@@ -328,8 +328,9 @@ BMM_ISA(d_avx2, double, ad_v4d, ad_v4du, 4, 8, BMM_MR2, 0, BMM_LDW_D4, BMM_STW, 
  * halves moved as f64x4). */
 #define BMM_BC8(p) _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))))
 #define BMM_PAIR(p0, p1)                                                                           \
-  _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(p0))), \
-                                      _mm256_castps_pd(_mm256_loadu_ps(p1)), 1))
+  _mm512_castpd_ps(                                                                                \
+      _mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(p0))),            \
+                         _mm256_castps_pd(_mm256_loadu_ps(p1)), 1))
 #define BMM_HI8(v) _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))
 __attribute__((always_inline)) AD_AVX512_ATTR static inline void
 bmm_dot2_tile(const int R, int64_t n, int64_t k, const float *A, int64_t lda, const float *B,
@@ -365,8 +366,7 @@ bmm_dot2_tile(const int R, int64_t n, int64_t k, const float *A, int64_t lda, co
     }
   }
 }
-#define BMM_DOT2_LEFT(R)                                                                           \
-  else if (left == R) bmm_dot2_tile(R, n, k, A, lda, B, bs, C);
+#define BMM_DOT2_LEFT(R) else if (left == R) bmm_dot2_tile(R, n, k, A, lda, B, bs, C);
 AD_AVX512_ATTR static void bmm_dot2_s512(int64_t m, int64_t n, int64_t k, const float *A,
                                          int64_t lda, const float *B, int64_t bs, float *C) {
   int64_t i0 = 0;
@@ -375,8 +375,9 @@ AD_AVX512_ATTR static void bmm_dot2_s512(int64_t m, int64_t n, int64_t k, const 
   A += i0 * lda, C += i0 * n;
   if (left <= 0) {
   }
-  BMM_DOT2_LEFT(1) BMM_DOT2_LEFT(2) BMM_DOT2_LEFT(3) BMM_DOT2_LEFT(4) BMM_DOT2_LEFT(5)
-      BMM_DOT2_LEFT(6) BMM_DOT2_LEFT(7) BMM_DOT2_LEFT(8) BMM_DOT2_LEFT(9)
+  BMM_DOT2_LEFT(1)
+  BMM_DOT2_LEFT(2) BMM_DOT2_LEFT(3) BMM_DOT2_LEFT(4) BMM_DOT2_LEFT(5) BMM_DOT2_LEFT(6)
+      BMM_DOT2_LEFT(7) BMM_DOT2_LEFT(8) BMM_DOT2_LEFT(9)
 }
 
 BMM_ISA(s_avx512, float, ad_v16f, ad_v16fu, 16, 4, BMM_MR512, 1, BMM_LDM_S16, BMM_STM_S16, ad_v8f,
