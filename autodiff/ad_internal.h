@@ -370,10 +370,9 @@ void ad__par_for(int64_t n, int64_t grain, ad__range_fn fn, void *ctx);
  * op(B) copied 32 columns at a time: blas.c times it as one more path.
  * Returns 1 when it ran, 0 when it did not (an empty product, or no memory
  * for the panel), so the caller takes another path. Call it only where
- * ad__gemm_wide512_available() says the CPU runs AVX-512F and VL. */
+ * ad__cpu_avx512() (ad_simd.h) says the CPU runs AVX-512F and VL. */
 int ad__gemm_wide512(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
                      int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
-int ad__gemm_wide512_available(void);
 
 /* ---- tiny products (blas.c, ops_bmm.c) */
 /* Whether our own AVX-512 kernels may run: the CPU has AVX-512 and the

@@ -649,27 +649,18 @@ static int run_direct(int w512, int dt, int ta, int tb, int64_t m, int64_t n, in
 #if AD_X86 && defined(__GNUC__)
 #include <immintrin.h>
 
-#if defined(__clang__)
-#define AD_NW2_ATTR __attribute__((target("avx2,fma")))
-#define AD_NW5_ATTR __attribute__((target("avx512f,avx512vl,avx2,fma")))
-#else
-#define AD_NW2_ATTR __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
-#define AD_NW5_ATTR                                                                                \
-  __attribute__((target("avx512f,avx512vl,avx2,fma"), optimize("fp-contract=fast")))
-#endif
-
 /* Lane masks for AVX2's maskload: the first r of 8 lanes are k_nw_mask +
  * 8 - r. */
 static const int32_t k_nw_mask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
 
 /* Sum of each of four vectors, into out[0..3]: two rounds of pairwise
  * adds within 128-bit halves, then the halves added. */
-AD_NW2_ATTR static inline void nw2_hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3, float *out) {
+AD_AVX2_ATTR static inline void nw2_hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3, float *out) {
   const __m256 t0 = _mm256_hadd_ps(v0, v1), t1 = _mm256_hadd_ps(v2, v3);
   const __m256 t2 = _mm256_hadd_ps(t0, t1); /* [s0 s1 s2 s3 | s0' s1' s2' s3'] */
   _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1)));
 }
-AD_NW2_ATTR static inline float nw2_hsum(__m256 v) {
+AD_AVX2_ATTR static inline float nw2_hsum(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
   x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
@@ -678,7 +669,7 @@ AD_NW2_ATTR static inline float nw2_hsum(__m256 v) {
 /* bt[j k + p] = b[p ldb + j] for j < n: op(B)'s columns made
  * contiguous along k for the dot kernel, in 8x8 blocks transposed in
  * registers (a scalar copy cost 10% of a 128x10x200 product). */
-AD_NW2_ATTR static void nw_pack_bt(int64_t n, int64_t k, const float *b, int64_t ldb, float *bt) {
+AD_AVX2_ATTR static void nw_pack_bt(int64_t n, int64_t k, const float *b, int64_t ldb, float *bt) {
   int64_t p0 = 0;
   for (; p0 + 8 <= k; p0 += 8)
     for (int64_t j0 = 0; j0 < n; j0 += 8) {
@@ -694,7 +685,7 @@ AD_NW2_ATTR static void nw_pack_bt(int64_t n, int64_t k, const float *b, int64_t
 }
 
 #define NW(x) narrow_avx2_##x
-#define NW_ATTR AD_NW2_ATTR
+#define NW_ATTR AD_AVX2_ATTR
 #define NW_V __m256
 #define NW_VL 8
 #define NW_M __m256i
@@ -721,7 +712,7 @@ AD_NW2_ATTR static void nw_pack_bt(int64_t n, int64_t k, const float *b, int64_t
 #include "blas_narrow.inc"
 
 #define NW(x) narrow_avx512_##x
-#define NW_ATTR AD_NW5_ATTR
+#define NW_ATTR AD_AVX512_ATTR
 #define NW_V __m512
 #define NW_VL 16
 #define NW_M __mmask16
@@ -1114,8 +1105,7 @@ static void blas_init(void) {
   const arch_entry *req_e = taken ? arch_by_name(g_kernel) : NULL;
   g_have_narrow = AD_HAVE_NARROW && ad__cpu_avx2_fma();
   g_have_narrow512 = AD_HAVE_NARROW && cpu_has_avx512() && (!req_e || req_e->need == NEED_AVX512);
-  g_have_wide512 =
-      ad__gemm_wide512_available() && cpu_has_avx512() && (!req_e || req_e->need == NEED_AVX512);
+  g_have_wide512 = ad__cpu_avx512() && cpu_has_avx512() && (!req_e || req_e->need == NEED_AVX512);
   g_have_direct512 = AD_HAVE_DIRECT512 && ad__cpu_avx512() && cpu_has_avx512() &&
                      (!req_e || req_e->need == NEED_AVX512);
   /* HYPERTAPE_GEMM_PATH=NAME forces one path for every GEMM (the same

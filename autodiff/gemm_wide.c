@@ -32,19 +32,13 @@
 #if AD_X86 && defined(__GNUC__)
 #include <immintrin.h>
 
-#if defined(__clang__)
-#define WD_ATTR __attribute__((target("avx512f,avx512vl,avx2,fma")))
-#else
-#define WD_ATTR __attribute__((target("avx512f,avx512vl,avx2,fma"), optimize("fp-contract=fast")))
-#endif
-
 enum { WD_MR = 12, WD_NR = 32, WD_STACK = 4096 /* floats of panel on the stack */ };
 
 /* C[0..MR) x [0..32) (columns past `w` not stored) from A(r, p) =
  * a[r ars + p acs] and the panel bp[p 32 + j]. MR is a constant at each
  * call, so the loops unroll into registers. The panel's rows are ldp
  * floats apart. */
-__attribute__((always_inline)) WD_ATTR static inline void
+__attribute__((always_inline)) AD_AVX512_ATTR static inline void
 wd_tile(const int MR, int64_t k, const float *a, int64_t ars, int64_t acs, const float *bp,
         int64_t ldp, float alpha, float beta, float *c, int64_t ldc, __mmask16 m0, __mmask16 m1) {
   __m512 acc[WD_MR][2];
@@ -72,9 +66,9 @@ wd_tile(const int MR, int64_t k, const float *a, int64_t ars, int64_t acs, const
 }
 
 /* Every row of C for one panel. */
-WD_ATTR static void wd_panel(int64_t m, int64_t k, const float *a, int64_t ars, int64_t acs,
-                             const float *bp, int64_t ldp, float alpha, float beta, float *c,
-                             int64_t ldc, int64_t w) {
+AD_AVX512_ATTR static void wd_panel(int64_t m, int64_t k, const float *a, int64_t ars, int64_t acs,
+                                    const float *bp, int64_t ldp, float alpha, float beta, float *c,
+                                    int64_t ldc, int64_t w) {
   const __mmask16 m0 = (__mmask16)(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
   const __mmask16 m1 = (__mmask16)(w >= 32 ? 0xFFFFu : w <= 16 ? 0u : (1u << (w - 16)) - 1u);
   int64_t i = 0;
@@ -107,8 +101,8 @@ WD_ATTR static void wd_panel(int64_t m, int64_t k, const float *a, int64_t ars, 
  * per row. A transposed B (a conv's dW = dY X^T) has its columns
  * contiguous instead: 8x8 blocks are transposed in registers (element by
  * element it ran 32x144x196 at 0.7x OpenBLAS). */
-WD_ATTR static void wd_pack(int tb, int64_t k, const float *b, int64_t ldb, int64_t j0, int64_t w,
-                            float *bp) {
+AD_AVX512_ATTR static void wd_pack(int tb, int64_t k, const float *b, int64_t ldb, int64_t j0,
+                                   int64_t w, float *bp) {
   if (!tb) {
     const __mmask16 m0 = (__mmask16)(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
     const __mmask16 m1 = (__mmask16)(w >= 32 ? 0xFFFFu : w <= 16 ? 0u : (1u << (w - 16)) - 1u);
@@ -136,9 +130,9 @@ WD_ATTR static void wd_pack(int tb, int64_t k, const float *b, int64_t ldb, int6
   }
 }
 
-WD_ATTR static void wd_gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha,
-                            const float *a, int64_t lda, const float *b, int64_t ldb, float beta,
-                            float *c, int64_t ldc, float *bp) {
+AD_AVX512_ATTR static void wd_gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha,
+                                   const float *a, int64_t lda, const float *b, int64_t ldb,
+                                   float beta, float *c, int64_t ldc, float *bp) {
   const int64_t ars = ta ? 1 : lda, acs = ta ? lda : 1; /* A(i, p) = a[i ars + p acs] */
   for (int64_t j0 = 0; j0 < n; j0 += WD_NR) {
     const int64_t w = n - j0 < WD_NR ? n - j0 : WD_NR;
@@ -162,21 +156,12 @@ int ad__gemm_wide512(int ta, int tb, int64_t m, int64_t n, int64_t k, float alph
   return 1;
 }
 
-int ad__gemm_wide512_available(void) {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
-}
-
 #else
 
 int ad__gemm_wide512(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
                      int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
   (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)alpha, (void)a, (void)lda, (void)b;
   (void)ldb, (void)beta, (void)c, (void)ldc;
-  return 0;
-}
-
-int ad__gemm_wide512_available(void) {
   return 0;
 }
 
