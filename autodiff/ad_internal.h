@@ -383,6 +383,14 @@ int ad__blas_avx512_allowed(void);
  * (cap bytes in all) for ad_blas_reason; returns the new length. */
 size_t ad__bmm_describe(char *buf, size_t len, size_t cap);
 
+/* ---- bounded text (autodiff/print.c)
+ * Appends printf-style text to buf (cap bytes in all, len used) without
+ * writing past cap; returns the new length, which may exceed cap (as
+ * snprintf's does: the caller marks the text truncated), or cap on an
+ * encoding error. For the reason strings of ad_blas_reason. */
+size_t ad__buf_put(char *buf, size_t len, size_t cap, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
 /* ---- growable byte buffer (autodiff/bytebuf.c)
  * The bytes of a file being built in memory (nn_params_save's header,
  * bl_engine_save's state) or read whole (nn_params_load, bl_engine_load).

@@ -1144,13 +1144,7 @@ const char *ad_blas_reason(void) {
   static _Thread_local char buf[8192];
   ensure_init();
   size_t len = 0, cap = sizeof buf;
-#define AD_PUT(...)                                                                                \
-  do {                                                                                             \
-    if (len < cap) {                                                                               \
-      int w_ = snprintf(buf + len, cap - len, __VA_ARGS__);                                        \
-      len = w_ < 0 ? cap : len + (size_t)w_;                                                       \
-    }                                                                                              \
-  } while (0)
+#define AD_PUT(...) (len = ad__buf_put(buf, len, cap, __VA_ARGS__))
   AD_PUT("%s", g_reason);
   int forced = atomic_load(&g_forced);
   if (forced >= 0) {

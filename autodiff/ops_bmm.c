@@ -376,8 +376,9 @@ AD_AVX512_ATTR static void bmm_dot2_s512(int64_t m, int64_t n, int64_t k, const 
   if (left <= 0) {
   }
   BMM_DOT2_LEFT(1)
-  BMM_DOT2_LEFT(2) BMM_DOT2_LEFT(3) BMM_DOT2_LEFT(4) BMM_DOT2_LEFT(5) BMM_DOT2_LEFT(6)
-      BMM_DOT2_LEFT(7) BMM_DOT2_LEFT(8) BMM_DOT2_LEFT(9)
+  BMM_DOT2_LEFT(2)
+  BMM_DOT2_LEFT(3) BMM_DOT2_LEFT(4) BMM_DOT2_LEFT(5) BMM_DOT2_LEFT(6) BMM_DOT2_LEFT(7)
+      BMM_DOT2_LEFT(8) BMM_DOT2_LEFT(9)
 }
 
 BMM_ISA(s_avx512, float, ad_v16f, ad_v16fu, 16, 4, BMM_MR512, 1, BMM_LDM_S16, BMM_STM_S16, ad_v8f,
@@ -548,13 +549,7 @@ static int bmm_pick(ad_dtype dt, int ta, int tb, int64_t nb, int64_t m, int64_t 
  * both timings; appends to buf (cap bytes in all, len used); returns the
  * new length (may exceed cap, as snprintf). */
 size_t ad__bmm_describe(char *buf, size_t len, size_t cap) {
-#define BMM_PUT(...)                                                                               \
-  do {                                                                                             \
-    if (len < cap) {                                                                               \
-      int w_ = snprintf(buf + len, cap - len, __VA_ARGS__);                                        \
-      len = w_ < 0 ? cap : len + (size_t)w_;                                                       \
-    }                                                                                              \
-  } while (0)
+#define BMM_PUT(...) (len = ad__buf_put(buf, len, cap, __VA_ARGS__))
   const int forced = atomic_load(&g_forced_isa);
   if (forced != BMM_AUTO) {
     BMM_PUT("; ad_bmm tiny loop: %s (forced)", k_bmm_names[forced]);

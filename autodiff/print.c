@@ -6,6 +6,8 @@
  * c<k> in order of first use. A tensor the user named shows its name. */
 #include "ad_internal.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -370,4 +372,13 @@ ad_status ad_tape_dot_ex(const ad_tape *t, FILE *f, const ad_dot_opts *opts) {
 
 ad_status ad_tape_dot(const ad_tape *t, FILE *f) {
   return ad_tape_dot_ex(t, f, NULL);
+}
+
+size_t ad__buf_put(char *buf, size_t len, size_t cap, const char *fmt, ...) {
+  if (len >= cap) return len;
+  va_list ap;
+  va_start(ap, fmt);
+  int w = vsnprintf(buf + len, cap - len, fmt, ap);
+  va_end(ap);
+  return w < 0 ? cap : len + (size_t)w;
 }
