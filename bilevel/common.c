@@ -690,29 +690,45 @@ ad_status bl__segment_record_ex(bl_run *r, bl_segment *sg, ad_tensor *const *w_f
   return AD_OK;
 }
 
+/* One chunk's VJP, for both walks back: the seeds `cur` (nv adjoints of
+ * the chunk's outputs) swept back to lam and, unless the chunk is the first
+ * and its start needs no adjoint (*first), to the chunk's inputs; grads
+ * gets n_lam + nv results (lam's first). */
+static ad_status chunk_vjp(bl_run *r, const bl_segment *sg, int64_t c, int nv,
+                           ad_tensor *const *cur, ad_tensor **grads, unsigned flags, int *first) {
+  size_t row = (size_t)(sg->n_w + sg->ns);
+  ad_tensor **in = sg->in + (size_t)c * row, **out = sg->out + (size_t)c * row;
+  ad_tensor *ins[2 * NN_MAX_PARAMS + BL_MAX_STATE];
+  int n_in = 0;
+  *first = c == 0 && sg->skip_start_adjoint;
+  for (int q = 0; q < r->p->n_lam; q++) ins[n_in++] = r->lam[q];
+  if (!*first)
+    for (int j = 0; j < nv; j++) ins[n_in++] = in[j];
+  return ad_grad(r->t, nv, out, cur, n_in, ins, grads, flags);
+}
+
+/* The inner steps chunk c covers (the HVPs its VJP counts as). */
+static int64_t chunk_steps(const bl_segment *sg, int64_t c) {
+  int64_t k0 = sg->from + c * sg->chunk, k1 = k0 + sg->chunk < sg->to ? k0 + sg->chunk : sg->to;
+  return k1 - k0;
+}
+
 ad_status bl__segment_reverse(bl_run *r, bl_segment *sg, ad_tensor *const *aw, ad_tensor *const *as,
                               ad_tensor *const *glam) {
-  ad_tape *t = r->t;
   int n = sg->n_w, ns = as ? sg->ns : 0, n_lam = r->p->n_lam, nv = n + ns;
-  size_t row = (size_t)(n + sg->ns);
   /* Adjoints are double-buffered (the other buffer is sg->spare): a rule
    * may hand its seed back as an input's gradient (d(w - c)/dw = I), so
    * results go to the buffer that is not the seed. */
   ad_tensor *cur[NN_MAX_PARAMS + BL_MAX_STATE], *nxt[NN_MAX_PARAMS + BL_MAX_STATE];
-  ad_tensor *ins[2 * NN_MAX_PARAMS + BL_MAX_STATE], *grads[2 * NN_MAX_PARAMS + BL_MAX_STATE];
+  ad_tensor *grads[2 * NN_MAX_PARAMS + BL_MAX_STATE];
   for (int j = 0; j < nv; j++) {
     cur[j] = j < n ? aw[j] : as[j - n];
     nxt[j] = sg->spare[j];
   }
   ad_status st = AD_OK;
   for (int64_t c = sg->n_chunks - 1; c >= 0 && !st; c--) {
-    ad_tensor **in = sg->in + (size_t)c * row, **out = sg->out + (size_t)c * row;
-    int first = c == 0 && sg->skip_start_adjoint;
-    int n_in = 0;
-    for (int q = 0; q < n_lam; q++) ins[n_in++] = r->lam[q];
-    if (!first)
-      for (int j = 0; j < nv; j++) ins[n_in++] = in[j];
-    st = ad_grad(t, nv, out, cur, n_in, ins, grads, 0);
+    int first;
+    st = chunk_vjp(r, sg, c, nv, cur, grads, 0, &first);
     if (st) break;
     bl__axpy(n_lam, glam, 1.0, grads);
     if (!first) {
@@ -723,8 +739,7 @@ ad_status bl__segment_reverse(bl_run *r, bl_segment *sg, ad_tensor *const *aw, a
         nxt[j] = tmp;
       }
     }
-    int64_t k0 = sg->from + c * sg->chunk, k1 = k0 + sg->chunk < sg->to ? k0 + sg->chunk : sg->to;
-    r->st.hvps += k1 - k0;
+    r->st.hvps += chunk_steps(sg, c);
     bl__rewind(r, sg->marks[c]);
   }
   /* The adjoints end in the caller's buffers. */
@@ -853,18 +868,14 @@ ad_status bl__segment_reverse_lean(bl_run *r, bl_segment *sg, ad_tensor **aw, ad
    * (keep_down) instead of copied into a second buffer; glam moves with
    * them. Nothing is written into a seed: a rule may hand it back. */
   ad_tensor *cur[NN_MAX_PARAMS + BL_MAX_STATE];
-  ad_tensor *ins[2 * NN_MAX_PARAMS + BL_MAX_STATE], *grads[2 * NN_MAX_PARAMS + BL_MAX_STATE];
+  ad_tensor *grads[2 * NN_MAX_PARAMS + BL_MAX_STATE];
   ad_tensor *keep[3 * NN_MAX_PARAMS + BL_MAX_STATE];
   for (int j = 0; j < nv; j++) cur[j] = j < n ? aw[j] : as[j - n];
   ad_status st = AD_OK;
   for (int64_t c = sg->n_chunks - 1; c >= 0 && !st; c--) {
-    ad_tensor **in = sg->in + (size_t)c * row, **out = sg->out + (size_t)c * row;
-    int first = c == 0 && sg->skip_start_adjoint;
-    int n_in = 0;
-    for (int q = 0; q < n_lam; q++) ins[n_in++] = r->lam[q];
-    if (!first)
-      for (int j = 0; j < nv; j++) ins[n_in++] = in[j];
-    st = ad_grad(t, nv, out, cur, n_in, ins, grads, BL_GRAD_NULL_UNREACHED);
+    ad_tensor **in = sg->in + (size_t)c * row;
+    int first;
+    st = chunk_vjp(r, sg, c, nv, cur, grads, BL_GRAD_NULL_UNREACHED, &first);
     if (st) break;
     /* glam += this chunk's part (the old path's axpy on the same values).
      * The first part reached starts from zeros, as the old buffer did;
@@ -906,8 +917,7 @@ ad_status bl__segment_reverse_lean(bl_run *r, bl_segment *sg, ad_tensor **aw, ad
     if (st) break;
     for (int q = 0; q < n_lam; q++) glam[q] = keep[q];
     for (int j = 0; j < nv && !first; j++) cur[j] = keep[2 * n_lam + j];
-    int64_t k0 = sg->from + c * sg->chunk, k1 = k0 + sg->chunk < sg->to ? k0 + sg->chunk : sg->to;
-    r->st.hvps += k1 - k0;
+    r->st.hvps += chunk_steps(sg, c);
   }
   for (int j = 0; j < nv && !st; j++) { /* freed with the first chunk when skipped */
     ad_tensor *a = sg->skip_start_adjoint ? NULL : cur[j];
