@@ -65,12 +65,17 @@ wd_tile(const int MR, int64_t k, const float *a, int64_t ars, int64_t acs, const
   }
 }
 
+/* The first w of 16 lanes (none for w <= 0, all for w >= 16): a panel
+ * of width w is stored through wd_mask(w) and wd_mask(w - 16). */
+static inline __mmask16 wd_mask(int64_t w) {
+  return (__mmask16)(w >= 16 ? 0xFFFFu : w <= 0 ? 0u : (1u << w) - 1u);
+}
+
 /* Every row of C for one panel. */
 AD_AVX512_ATTR static void wd_panel(int64_t m, int64_t k, const float *a, int64_t ars, int64_t acs,
                                     const float *bp, int64_t ldp, float alpha, float beta, float *c,
                                     int64_t ldc, int64_t w) {
-  const __mmask16 m0 = (__mmask16)(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
-  const __mmask16 m1 = (__mmask16)(w >= 32 ? 0xFFFFu : w <= 16 ? 0u : (1u << (w - 16)) - 1u);
+  const __mmask16 m0 = wd_mask(w), m1 = wd_mask(w - 16);
   int64_t i = 0;
   for (; i + WD_MR <= m; i += WD_MR)
     wd_tile(WD_MR, k, a + i * ars, ars, acs, bp, ldp, alpha, beta, c + i * ldc, ldc, m0, m1);
@@ -104,8 +109,7 @@ AD_AVX512_ATTR static void wd_panel(int64_t m, int64_t k, const float *a, int64_
 AD_AVX512_ATTR static void wd_pack(int tb, int64_t k, const float *b, int64_t ldb, int64_t j0,
                                    int64_t w, float *bp) {
   if (!tb) {
-    const __mmask16 m0 = (__mmask16)(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
-    const __mmask16 m1 = (__mmask16)(w >= 32 ? 0xFFFFu : w <= 16 ? 0u : (1u << (w - 16)) - 1u);
+    const __mmask16 m0 = wd_mask(w), m1 = wd_mask(w - 16);
     for (int64_t p = 0; p < k; p++) {
       const float *row = b + p * ldb + j0;
       _mm512_store_ps(bp + p * WD_NR, _mm512_maskz_loadu_ps(m0, row));
