@@ -166,6 +166,20 @@ int ad__record_labelled(ad_tape *t, const ad_op_def *op, ad_tensor *out, ad_tens
  * refuses with AD_ERR_STATE (0: an op of unknown extra size, say); asks
  * without recording any error. */
 int ad__compactable(ad_tape *t, ad_marker m);
+/* ad_tape_compact plus roots: tensors whose nodes stay but whose values
+ * go unless a rule reads them (bilevel's lean unroll: a segment's last
+ * outputs once L_val's gradient at them is taken). */
+ad_status ad__compact_roots(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep, int n_roots,
+                            ad_tensor **roots);
+/* Whether p lies in the arena after mark m (grad.c: a rule's fresh
+ * result), and whether the tape's NaN guard is on. */
+int ad__after_mark(const ad_tape *t, ad_marker m, const void *p);
+int ad__nan_guard(const ad_tape *t);
+/* ad_grad flag for internal callers (bilevel's lean unroll): an input the
+ * outputs do not reach gets NULL instead of a new tensor of zeros, so a
+ * caller that only adds the gradient somewhere holds no weight-sized
+ * zeros. A bit above the public flags. */
+#define AD_GRAD_NULL_UNREACHED (1u << 30)
 
 /* Collection during an unrecorded backward sweep (grad.c): ad_grad's
  * sweep calls ad__sweep_collect before each node's rule. When the arena

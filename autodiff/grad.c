@@ -16,11 +16,6 @@ static unsigned next_gen(void) {
   return gen_counter;
 }
 
-/* From tape.c (internal to the sweep; ad_internal.h is not this file's to
- * extend): whether p lies in the arena after mark m, and the NaN guard. */
-int ad__after_mark(const ad_tape *t, ad_marker m, const void *p);
-int ad__nan_guard(const ad_tape *t);
-
 /* A gradient slot the unrecorded sweep may add into in place: the tensor
  * is referenced by its owner's slot alone (a sum accumulate made, or a
  * rule's fresh result that shares its memory with nothing else). Set only
@@ -29,12 +24,6 @@ int ad__nan_guard(const ad_tape *t);
  * slot left at the end. A bit no other flag uses (ad_internal.h's go up
  * to 1 << 6). */
 #define AD_FLAG_ACC_ (1u << 20)
-
-/* ad_grad flag for internal callers (bilevel/bl_internal.h spells the same
- * bit BL_GRAD_NULL_UNREACHED): an input the outputs do not reach gets NULL
- * instead of a new tensor of zeros, so a caller that only adds the
- * gradient somewhere holds no weight-sized zeros. */
-#define AD_GRAD_NULL_UNREACHED_ (1u << 30)
 
 static void acc_clear(ad_tensor *x) {
   if (x && x->scratch) x->scratch->flags &= ~AD_FLAG_ACC_;
@@ -332,7 +321,7 @@ ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *c
                  x->name ? x->name : "", ad_shape_str(x, s, sizeof s));
         return ad_tape_status(t);
       }
-      if (!(flags & AD_GRAD_NULL_UNREACHED_)) g = ad_zeros_like(t, x);
+      if (!(flags & AD_GRAD_NULL_UNREACHED)) g = ad_zeros_like(t, x);
     }
     grads_out[i] = g;
   }

@@ -305,7 +305,7 @@ ad_status bl__drmad_reverse(bl_run *r, ad_tensor *const *w0, const bl_state *s0,
  * Results are arena tensors: copy them before rewinding. */
 ad_status bl__val_grad(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, double *val,
                        ad_tensor **gw, ad_tensor **glam);
-/* With ad_grad flags (BL_GRAD_NULL_UNREACHED). */
+/* With ad_grad flags (AD_GRAD_NULL_UNREACHED). */
 ad_status bl__val_grad_ex(bl_run *r, ad_tensor *const *lam, ad_tensor *const *w, double *val,
                           ad_tensor **gw, ad_tensor **glam, unsigned flags);
 
@@ -378,11 +378,6 @@ ad_status bl__segment_reverse_lean(bl_run *r, bl_segment *sg, ad_tensor **aw, ad
  * that stays of it. */
 ad_status bl__val_keep(bl_run *r, ad_tensor *const *w_end, ad_tensor **aw, ad_tensor **glam);
 
-/* autodiff/tape.c (internal): ad_tape_compact plus roots, tensors whose
- * nodes stay but whose values go unless a rule reads them. */
-ad_status ad__compact_roots(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep, int n_roots,
-                            ad_tensor **roots);
-
 /* After bl__val_keep (aw: alpha_T, glam: n_lam tensors or NULL): the lean
  * segment's last chunk is compacted again with its outputs as roots, so
  * w_T's values (read by L_val, by no rule of the walk back) are freed
@@ -396,9 +391,6 @@ ad_status bl__segment_release_end(bl_run *r, bl_segment *sg, ad_tensor **aw, ad_
  * check that both give the same bits. Per thread. */
 void bl__unroll_set_legacy(int on);
 
-/* ad_grad flag (autodiff/grad.c's AD_GRAD_NULL_UNREACHED_, the same bit):
- * an input the outputs do not reach gets NULL, not a tensor of zeros. */
-#define BL_GRAD_NULL_UNREACHED (1u << 30)
 /* bl__val_grad_ex only: compact L_val's forward before its backward. */
 #define BL_VAL_COMPACT (1u << 29)
 

@@ -788,7 +788,7 @@ ad_status bl__val_keep(bl_run *r, ad_tensor *const *w_end, ad_tensor **aw, ad_te
   ad_marker m = ad_mark(t);
   ad_tensor *gl[NN_MAX_PARAMS], *keep[2 * NN_MAX_PARAMS];
   ad_status st =
-      bl__val_grad_ex(r, r->lam, w_end, NULL, aw, gl, BL_GRAD_NULL_UNREACHED | BL_VAL_COMPACT);
+      bl__val_grad_ex(r, r->lam, w_end, NULL, aw, gl, AD_GRAD_NULL_UNREACHED | BL_VAL_COMPACT);
   if (st) return st;
   for (int i = 0; i < n; i++) keep[i] = aw[i];
   for (int k = 0; k < n_lam; k++) keep[n + k] = gl[k];
@@ -875,7 +875,7 @@ ad_status bl__segment_reverse_lean(bl_run *r, bl_segment *sg, ad_tensor **aw, ad
   for (int64_t c = sg->n_chunks - 1; c >= 0 && !st; c--) {
     ad_tensor **in = sg->in + (size_t)c * row;
     int first;
-    st = chunk_vjp(r, sg, c, nv, cur, grads, BL_GRAD_NULL_UNREACHED, &first);
+    st = chunk_vjp(r, sg, c, nv, cur, grads, AD_GRAD_NULL_UNREACHED, &first);
     if (st) break;
     /* glam += this chunk's part (the old path's axpy on the same values).
      * The first part reached starts from zeros, as the old buffer did;
