@@ -24,6 +24,10 @@ What it does to keep the comparison fair:
   process, OpenBLAS's core name, update-alternatives for libblas.so.3);
 - runs the twin with /usr/bin/python3 and, for its command alone, unsets
   OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, so OpenBLAS picks its own kernels;
+  where its pick is a generic kernel set because it does not know the CPU
+  (0.3.21 on an Emerald Rapids: "Prescott", SSE3), it times the benches'
+  GEMMs on every kernel set the CPU runs and sets OPENBLAS_CORETYPE to the
+  fastest, as an expert would (--openblas-core own: never);
 - runs the twin with three allocators (glibc's default, glibc tuned with
   MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_, jemalloc by LD_PRELOAD)
   and, where the twin has several ways to be written (MAML: per-task loop,
@@ -143,6 +147,65 @@ def cpu_model():
     return platform.processor() or "?"
 
 
+# OpenBLAS names its kernel set after the CPU models it knows. On a CPU
+# newer than its release it falls back to a generic one: Debian's 0.3.21 calls
+# Intel's family 6 model 207 (Emerald Rapids, AVX-512) "Prescott" and runs
+# SSE3 kernels, 4-5x below the machine (128x200x784: 26 GF/s against 133 with
+# OPENBLAS_CORETYPE=SkylakeX). A PyTorch expert who saw that would set
+# OPENBLAS_CORETYPE, so the bench does it for them: kernel sets by the vector
+# features they need, and the flag that says the CPU has them.
+OPENBLAS_AVX512_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
+OPENBLAS_AVX2_CORES = ("Haswell", "Zen", "SkylakeX", "Cooperlake", "SapphireRapids")
+OPENBLAS_CANDIDATES = (("avx512f", "SkylakeX"), ("avx512_bf16", "Cooperlake"),
+                       ("avx2", "Haswell"))
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def openblas_fallback(own):
+    """Whether OpenBLAS's own core `own` uses fewer vector features than
+    this CPU has (it did not know the CPU)."""
+    flags = cpu_flags()
+    if "avx512f" in flags and own not in OPENBLAS_AVX512_CORES:
+        return True
+    return "avx2" in flags and own not in OPENBLAS_AVX2_CORES
+
+
+def pick_openblas_core(own, spec):
+    """--openblas-core best on a CPU OpenBLAS fell back on: times the
+    benches' GEMM shapes (torch_twins.py --gemm, 1 thread, CPU clock) on
+    OpenBLAS's own pick and on every kernel set this CPU can run, and
+    returns the fastest (its name, and each candidate's total ms)."""
+    flags = cpu_flags()
+    cands = [""] + [c for flag, c in OPENBLAS_CANDIDATES if flag in flags]
+    totals = {}
+    for core in cands:
+        env = twin_configs(1)[0][2]
+        env.pop("OPENBLAS_CORETYPE", None)
+        if core:
+            env["OPENBLAS_CORETYPE"] = core
+        best = None
+        for _ in range(2):
+            t = sh([PY, TWINS, "--gemm"] + spec + ["--threads", "1", "--clock", "cpu"], env=env)
+            ms = 0.0
+            for line in t.stdout.splitlines():
+                j = json.loads(line)
+                ms += 2e-6 * j["m"] * j["n"] * j["k"] / j["gflops"]
+            best = ms if best is None else min(best, ms)
+        totals[core or own] = round(best, 3)
+    win = min(totals, key=totals.get)
+    return ("" if win == own else win), totals
+
+
 def build(build_dir, targets):
     """Configures a Release build with only the benches on and builds each
     target on its own, so one that does not compile costs only its row.
@@ -169,7 +232,7 @@ def twin_configs(threads):
         e = dict(os.environ)
         e.pop("OPENBLAS_CORETYPE", None)
         e.pop("OPENBLAS_L2_SIZE", None)
-        if OPENBLAS_CORE:  # --openblas-core: the AVX2-only comparison
+        if OPENBLAS_CORE:  # --openblas-core or a fallback OpenBLAS (see pick_openblas_core)
             e["OPENBLAS_CORETYPE"] = OPENBLAS_CORE
         e.pop("OMP_WAIT_POLICY", None)
         for k in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -258,7 +321,9 @@ def gemm_table(args, bindir, threads_list, blas):
                    "threads": threads, "ours_gflops": o["gflops"], "ours_path": o["path"],
                    "openblas_gflops": t["gflops"],
                    "ours_over_openblas": round(o["gflops"] / t["gflops"], 3),
-                   "kernel": o["kernel"], "clock": clock(args, threads)}
+                   "kernel": o["kernel"], "openblas": blas.get("summary"),
+                   "openblas_coretype": blas.get("openblas_coretype"),
+                   "clock": clock(args, threads)}
             rows.append(row)
             if args.json:
                 print(json.dumps(row), flush=True)
@@ -289,15 +354,17 @@ def main():
     ap.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                     help="what both sides time by: cpu = process CPU time (not counting "
                     "time descheduled on a shared machine); auto = cpu at 1 thread, wall above")
-    ap.add_argument("--openblas-core", default="",
-                    help="run the twin's OpenBLAS on this kernel set (OPENBLAS_CORETYPE, e.g. "
-                         "Haswell) instead of its own pick: with HYPERTAPE_BLIS_ARCH=haswell, "
+    ap.add_argument("--openblas-core", default="best",
+                    help="the twin's OpenBLAS kernel set (OPENBLAS_CORETYPE): 'best' (default) "
+                         "keeps OpenBLAS's own pick unless it fell back to a generic set on a "
+                         "CPU it does not know, then the fastest set the CPU runs; 'own' always "
+                         "its own pick; or a name, e.g. Haswell: with HYPERTAPE_BLIS_ARCH=haswell "
                          "both sides then run AVX2 kernels on an AVX-512 CPU")
     ap.add_argument("--gemm", action="store_true",
                     help="GF/s per GEMM shape the benches use, ours and OpenBLAS's (via torch)")
     args = ap.parse_args()
     global OPENBLAS_CORE
-    OPENBLAS_CORE = args.openblas_core
+    OPENBLAS_CORE = "" if args.openblas_core in ("best", "own") else args.openblas_core
     threads_list = [int(t) for t in args.threads.split(",") if t.strip()]
 
     names = sorted(os.path.basename(p)[len("bench_"):-2]
@@ -336,6 +403,21 @@ def main():
         log("FATAL: torch --blas-info failed:\n" + r.stderr[-1000:])
         return 3
     blas = last_json(r.stdout)
+    own = blas.get("openblas_core", "")
+    blas["openblas_own_core"] = own
+    if args.openblas_core == "best" and own and openblas_fallback(own):
+        core, totals = pick_openblas_core(own, ["%d,%d,%d,%d,%d" % s for s in bench_shapes()])
+        log("# OpenBLAS picked %s, a generic kernel set, on this CPU (%s); the benches' GEMMs "
+            "take %s ms per kernel set; the twin runs %s" % (
+                own, cpu_model(), ", ".join("%s %.3f" % kv for kv in totals.items()),
+                "OPENBLAS_CORETYPE=" + core if core else "OpenBLAS's own pick"))
+        OPENBLAS_CORE = core
+        blas["openblas_core_probe_ms"] = totals
+        if core:
+            r = sh([PY, TWINS, "--blas-info"], env=twin_configs(1)[0][2])
+            blas = dict(last_json(r.stdout), openblas_own_core=own,
+                        openblas_core_probe_ms=totals)
+    blas["openblas_coretype"] = OPENBLAS_CORE
     if args.gemm:
         return gemm_table(args, bindir, threads_list, blas)
     variants = {n: sh([PY, TWINS, "--variants", n]).stdout.split() for n in names}
@@ -383,6 +465,8 @@ def main():
                    "torch_floor_ms": None, "best_floor_ms": None,
                    "ours_over_floor": round(ours["ours_ms"] / floor_ms, 3),
                    "kernel": ours.get("kernel"), "torch_blas": blas.get("summary"),
+                   "openblas_own_core": blas.get("openblas_own_core"),
+                   "openblas_coretype": blas.get("openblas_coretype"),
                    "iters": args.iters, "repeat": len(ours_runs)}
             if torch_runs:
                 best = min(torch_runs, key=lambda j: j["torch_ms"])
@@ -411,6 +495,11 @@ def main():
         blas.get("torch", "?"), blas.get("summary", "?"),
         ", ".join("%s %s" % kv for kv in pkgs.items()), blas_alternative()))
     print("       torch libs: %s" % (", ".join(blas.get("libs", [])) or "-"))
+    if blas.get("openblas_coretype"):
+        print("       OPENBLAS_CORETYPE=%s: OpenBLAS's own pick %s is a generic kernel set on "
+              "this CPU (GEMM probe, ms: %s)" % (
+                  blas["openblas_coretype"], blas.get("openblas_own_core"),
+                  blas.get("openblas_core_probe_ms", "-")))
     print("       at >1 thread the faster of: intraop N + OMP_WAIT_POLICY=passive, "
           "intraop 1 + OpenBLAS N")
     print("per program run: median of %d iterations after %d warmup; lowest of %d runs; "
