@@ -286,7 +286,11 @@ static int try_request(const char *var, const char *val, char *why, size_t why_l
  *   wide:avx512  our AVX-512 kernel for f32 products of any n that reads A
  *              in place and copies only op(B), 32 columns at a time
  *              (autodiff/gemm_wide.c): on a Zen 5 it ran the MLP's
- *              products at 195-207 GF/s where BLIS's best path did 159-181.
+ *              products at 195-207 GF/s where BLIS's best path did 159-181;
+ *   packed:team  BLIS's packed path on its own OpenMP team, a candidate
+ *              only on several threads and for large products (TEAM_MIN):
+ *              every other path runs multi-thread products split over our
+ *              worker pool (run_choice), which is measured per shape too.
  * Rounds alternate the candidates so a burst of load elsewhere hits all of
  * them; each one's fastest round counts. Products too large to time
  * cheaply (MEASURE_MAX) go to BLIS's own threshold rule ("blis"), which
@@ -1119,7 +1123,9 @@ static void measure(shape_entry *e, const void *a, int64_t lda, const void *b, i
   if (e->dt == AD_F32 && g_have_wide512) paths[np++] = P_WIDE512;
   /* The candidates: on one thread each path; on several each path split
    * by rows and by columns where the shape allows, each path unsplit (on
-   * one thread) where threading may not pay, and BLIS's own team. */
+   * one thread: it wins where threading does not pay, or when other
+   * processes hold the other cores), and for large products BLIS's own
+   * team. */
   int cand[N_CHOICES], nc = 0;
   for (int i = 0; i < np; i++) {
     if (th == 1) {
@@ -1127,13 +1133,9 @@ static void measure(shape_entry *e, const void *a, int64_t lda, const void *b, i
       continue;
     }
     const int rp = resolve_path(paths[i], e->dt, e->ta, e->tb, e->m, e->n, e->k);
-    int any = 0;
     for (int sp = SPLIT_ROWS; sp <= SPLIT_COLS; sp++)
-      if (split_ok(sp, rp, e->dt, e->m, e->n, th)) {
-        cand[nc++] = CHOICE(paths[i], sp);
-        any = 1;
-      }
-    if (!any || madds <= 4.0 * SMALL_THREADED) cand[nc++] = CHOICE(paths[i], SPLIT_NONE);
+      if (split_ok(sp, rp, e->dt, e->m, e->n, th)) cand[nc++] = CHOICE(paths[i], sp);
+    cand[nc++] = CHOICE(paths[i], SPLIT_NONE);
   }
   if (th > 1 && madds >= TEAM_MIN) cand[nc++] = CHOICE(P_TEAM, SPLIT_NONE);
   double best[N_CHOICES];
