@@ -4,7 +4,9 @@
  * (bit for bit for elementwise ops; reductions are the same bits on
  * repeated runs at a fixed thread count and within 1e-6 across counts),
  * nested calls and concurrent callers from two user threads are correct,
- * and bad settings are refused with a message. */
+ * and bad settings are refused with a message. GEMMs at 2 threads (split
+ * over the pool, BLIS at one thread) give the 1-thread bits per forced
+ * path, start no OpenMP team, and stay right nested and concurrent. */
 #define _POSIX_C_SOURCE 200809L
 #include "autodiff/ad_internal.h"
 #include "gradcheck.h"
