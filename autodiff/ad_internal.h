@@ -378,6 +378,14 @@ typedef void (*ad__range_fn)(void *ctx, int part, int64_t lo, int64_t hi);
 int ad__par_parts(int64_t n, int64_t grain);
 /* Runs fn over every part and returns when all are done. */
 void ad__par_for(int64_t n, int64_t grain, ad__range_fn fn, void *ctx);
+/* The same with the number of parts given (capped to n, at least 1): the
+ * split of a multi-thread GEMM (blas.c), whose part count belongs to the
+ * shape class it measured. Nested and concurrent calls run serially, as
+ * for ad__par_for. */
+void ad__par_for_parts(int64_t n, int parts, ad__range_fn fn, void *ctx);
+/* 1 on a pool worker or inside a part (a GEMM there must not start a
+ * thread team of its own: its ad__par_for_parts runs serially anyway). */
+int ad__par_inside(void);
 
 /* ---- the "wide:avx512" GEMM kernel (autodiff/gemm_wide.c)
  * C = alpha op(A) op(B) + beta C in f32, row-major, A read in place and

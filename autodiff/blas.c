@@ -286,7 +286,11 @@ static int try_request(const char *var, const char *val, char *why, size_t why_l
  *   wide:avx512  our AVX-512 kernel for f32 products of any n that reads A
  *              in place and copies only op(B), 32 columns at a time
  *              (autodiff/gemm_wide.c): on a Zen 5 it ran the MLP's
- *              products at 195-207 GF/s where BLIS's best path did 159-181.
+ *              products at 195-207 GF/s where BLIS's best path did 159-181;
+ *   packed:team  BLIS's packed path on its own OpenMP team, a candidate
+ *              only on several threads and for large products (TEAM_MIN):
+ *              every other path runs multi-thread products split over our
+ *              worker pool (run_choice), which is measured per shape too.
  * Rounds alternate the candidates so a burst of load elsewhere hits all of
  * them; each one's fastest round counts. Products too large to time
  * cheaply (MEASURE_MAX) go to BLIS's own threshold rule ("blis"), which
@@ -305,11 +309,13 @@ typedef enum {
   P_PACKED_ALT2,
   P_WIDE512,
   P_DIRECT512,
+  P_TEAM,
   N_PATHS
 } gemm_path;
 static const char *const k_path_names[N_PATHS] = {
-    "blis",       "direct", "sup",           "sup+packA",   "sup+packB",   "packed",
-    "packed-alt", "narrow", "narrow:avx512", "packed-alt2", "wide:avx512", "direct:avx512"};
+    "blis",        "direct",        "sup",        "sup+packA",     "sup+packB",
+    "packed",      "packed-alt",    "narrow",     "narrow:avx512", "packed-alt2",
+    "wide:avx512", "direct:avx512", "packed:team"};
 
 static cntx_t g_cntx_sup; /* g_cntx with the sup thresholds out of reach */
 static cntx_t g_cntx_alt; /* a second kernel set for the packed path */
@@ -333,6 +339,11 @@ static atomic_int g_forced = -1; /* a gemm_path, or -1: measure */
 /* Products above this many multiply-adds are not timed (one call would
  * take milliseconds); BLIS's own rule picks for them. */
 #define MEASURE_MAX 134217728.0
+/* BLIS's own thread team (packed:team) is a candidate from this many
+ * multiply-adds (256^3): below it its start-up and barriers are not
+ * amortised, and measuring it would start OpenMP threads that then spin
+ * on the cores the pool needs. */
+#define TEAM_MIN 16777216.0
 /* Time spent measuring one shape class, at most (rounds stop there). */
 #define MEASURE_BUDGET_NS 3000000.0
 #define MEASURE_ROUNDS_MIN 3
@@ -784,12 +795,15 @@ static int run_narrow(int path, int dt, int ta, int tb, int64_t m, int64_t n, in
  * B packed). Below ~64^3 multiply-adds a second thread costs more in
  * start-up and synchronisation than it saves (mnist_mlp's 32x784x200 steps
  * ran 20x slower at 2 threads on a loaded 2-core machine). */
-static cntx_t *make_rntm(rntm_t *rn, int path, int trans_a, int trans_b, int64_t m, int64_t n,
-                         int64_t k) {
+static cntx_t *make_rntm(rntm_t *rn, int path, int threads, int trans_a, int trans_b, int64_t m,
+                         int64_t n) {
   rntm_t init = BLIS_RNTM_INITIALIZER;
   *rn = init;
-  int threads = (double)m * (double)n * (double)k < SMALL_THREADED ? 1 : atomic_load(&g_threads);
-  bli_rntm_set_num_threads(threads, rn);
+  /* BLIS's own thread team only for packed:team: every other product on
+   * several threads is split over our pool (run_choice), each part a
+   * one-thread call, so BLIS never starts OpenMP threads that would fight
+   * the pool for the cores. */
+  bli_rntm_set_num_threads(path == P_TEAM ? threads : 1, rn);
   switch (path) {
   case P_SUP:
     return &g_cntx_sup;
@@ -800,6 +814,7 @@ static cntx_t *make_rntm(rntm_t *rn, int path, int trans_a, int trans_b, int64_t
     bli_rntm_set_pack_b(TRUE, rn);
     return &g_cntx_sup;
   case P_PACKED:
+  case P_TEAM:
     bli_rntm_disable_l3_sup(rn);
     return g_cntx;
   case P_PACKED_ALT:
@@ -820,35 +835,67 @@ static int sup_safe(int64_t m, int64_t n, int64_t k) {
   return m > 2 && n > 2 && k >= 8;
 }
 
-/* C = alpha op(A) op(B) + beta C on `path`; alpha and beta point at values
- * of the dtype. BLIS takes non-const pointers but does not write A or B.
- * A shape sup must not see goes to the direct loop when small, else to the
- * packed path, whatever the path says. */
-static void run_path(int path, int dt, int ta, int tb, int64_t m, int64_t n, int64_t k,
-                     const void *alpha, const void *a, int64_t lda, const void *b, int64_t ldb,
-                     const void *beta, void *c, int64_t ldc) {
+/* The path a product of this shape really takes when `path` is asked
+ * for: the kernels that do not apply (f64 for wide:avx512, n > NARROW_N
+ * for narrow, a shape sup must not see, a kernel the CPU or the kernel set
+ * rules out) give way to the direct loop when small, else the packed path.
+ * Decided once for the whole product, so that every part of a split runs
+ * the same kernels as the one-thread call would. */
+static int resolve_path(int path, int dt, int ta, int tb, int64_t m, int64_t n, int64_t k) {
+  const int ta_tb_packs_b = !ta && tb && m >= 32 && n >= 32;
+  const double madds = (double)m * (double)n * (double)k;
+  if (path == P_WIDE512 && !(dt == AD_F32 && g_have_wide512)) path = P_PACKED;
+  if ((path == P_NARROW || path == P_NARROW512) &&
+      !(AD_HAVE_NARROW && dt == AD_F32 && n <= NARROW_N &&
+        (path == P_NARROW ? g_have_narrow : g_have_narrow512)))
+    path = madds > DIRECT_MAX ? P_PACKED : P_DIRECT;
+  if ((path == P_BLIS || path == P_SUP || path == P_SUP_PA || path == P_SUP_PB) &&
+      !sup_safe(m, n, k))
+    path = madds <= DIRECT_MAX ? P_DIRECT : P_PACKED;
+  if (path == P_DIRECT512 && !g_have_direct512) path = P_DIRECT;
+  if (path == P_BLIS) {
+    /* BLIS's own rule (bli_cntx_l3_sup_thresh_is_met, and make_rntm's
+     * packed B), applied here to the whole product: BLIS would apply it
+     * to each part of a split, and a part below a threshold the whole is
+     * above would run other kernels. */
+    cntx_t *cx = g_cntx;
+    const num_t bt = dt == AD_F64 ? BLIS_DOUBLE : BLIS_FLOAT;
+    const int small = m < bli_cntx_get_l3_sup_thresh_dt(bt, BLIS_MT, cx) ||
+                      n < bli_cntx_get_l3_sup_thresh_dt(bt, BLIS_NT, cx) ||
+                      k < bli_cntx_get_l3_sup_thresh_dt(bt, BLIS_KT, cx);
+    path = !g_have_sup || !small ? P_PACKED : ta_tb_packs_b ? P_SUP_PB : P_SUP;
+  }
+  return path;
+}
+
+/* C = alpha op(A) op(B) + beta C on a resolved path, on this thread (or,
+ * for packed:team, on BLIS's team of `threads`); alpha and beta point at
+ * values of the dtype. BLIS takes non-const pointers but does not write A
+ * or B. A kernel that cannot get its scratch memory falls back to BLIS's
+ * packed path. */
+static void run_resolved(int path, int threads, int dt, int ta, int tb, int64_t m, int64_t n,
+                         int64_t k, const void *alpha, const void *a, int64_t lda, const void *b,
+                         int64_t ldb, const void *beta, void *c, int64_t ldc) {
   if (path == P_WIDE512) {
-    if (dt == AD_F32 && g_have_wide512 &&
-        ad__gemm_wide512(ta, tb, m, n, k, *(const float *)alpha, a, lda, b, ldb,
+    if (ad__gemm_wide512(ta, tb, m, n, k, *(const float *)alpha, a, lda, b, ldb,
                          *(const float *)beta, c, ldc))
       return;
-    path = P_PACKED; /* f64, or no memory for the panel */
+    path = P_PACKED;
   }
   if (path == P_NARROW || path == P_NARROW512) {
     if (run_narrow(path, dt, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
-    path = P_DIRECT; /* not applicable: the direct loop, or packed when large */
-    if ((double)m * (double)n * (double)k > DIRECT_MAX) path = P_PACKED;
+    path = P_PACKED;
   }
-  if ((path == P_BLIS || path == P_SUP || path == P_SUP_PA || path == P_SUP_PB) &&
-      !sup_safe(m, n, k))
-    path = (double)m * (double)n * (double)k <= DIRECT_MAX ? P_DIRECT : P_PACKED;
-  if (path == P_DIRECT512 && !g_have_direct512) path = P_DIRECT;
   if ((path == P_DIRECT || path == P_DIRECT512) &&
       run_direct(path == P_DIRECT512, dt, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc))
     return;
+  /* A part of a split sup product always has m, n > 2 (see split_ok);
+   * this only guards the rule for sup's sake. */
+  if ((path == P_SUP || path == P_SUP_PA || path == P_SUP_PB) && !sup_safe(m, n, k))
+    path = P_PACKED;
   rntm_t rn;
-  cntx_t *cx =
-      make_rntm(&rn, path == P_DIRECT || path == P_DIRECT512 ? P_PACKED : path, ta, tb, m, n, k);
+  cntx_t *cx = make_rntm(&rn, path == P_DIRECT || path == P_DIRECT512 ? P_PACKED : path, threads,
+                         ta, tb, m, n);
   if (dt == AD_F64)
     bli_dgemm_ex(BLIS_NO_TRANSPOSE, BLIS_NO_TRANSPOSE, m, n, k, (double *)alpha, (double *)a,
                  ta ? 1 : lda, ta ? lda : 1, (double *)b, tb ? 1 : ldb, tb ? ldb : 1,
@@ -859,14 +906,164 @@ static void run_path(int path, int dt, int ta, int tb, int64_t m, int64_t n, int
                  c, ldc, 1, cx, &rn);
 }
 
+/* ---- products on several threads: C split over our worker pool
+ *
+ * At more than one thread a product is not handed to BLIS's OpenMP team
+ * (which would fight our own worker pool, ad__par_for, for the cores and
+ * pays a team start-up and barrier per call) but split into `threads`
+ * disjoint parts of C, each computed by a one-thread call of the same
+ * path on the pool: by rows of C (part p: rows of op(A) and of C), or by
+ * column blocks (columns of op(B) and of C). Part boundaries fall on
+ * multiples of the kernel's register tile (rows: its MR, columns: its NR,
+ * e.g. 32 for wide:avx512), so every part runs the same tiles as the
+ * one-thread call over the same elements. The split depends only on the
+ * shape, the path and the thread count, and each element of C is summed
+ * by exactly one part in the one-thread k order, so the result has the
+ * bits of the one-thread call of that path (tests/test_threads.c checks
+ * it). Which split (or none, or BLIS's own team, "packed:team") is
+ * fastest is measured per shape like the path itself. A split called
+ * from inside a pool part, or while another user thread holds the pool,
+ * runs its parts one after another on the caller (ad__par_for_parts). */
+typedef enum { SPLIT_NONE, SPLIT_ROWS, SPLIT_COLS, N_SPLITS } gemm_split;
+static const char *const k_split_names[N_SPLITS] = {"on 1 thread", "split rows", "split cols"};
+
+/* A choice: path + N_PATHS split (what the cache and the reason keep). */
+#define CHOICE(path, split) ((path) + N_PATHS * (split))
+#define CHOICE_PATH(ch) ((ch) % N_PATHS)
+#define CHOICE_SPLIT(ch) ((ch) / N_PATHS)
+#define N_CHOICES (N_PATHS * N_SPLITS)
+
+/* The register tile of a resolved path: rows (MR) or columns (NR). */
+static int64_t tile_of(int path, int dt, int cols) {
+  const int f64 = dt == AD_F64;
+  const num_t bt = f64 ? BLIS_DOUBLE : BLIS_FLOAT;
+  const bszid_t id = cols ? BLIS_NR : BLIS_MR;
+  const cntx_t *cx = g_cntx;
+  dim_t v;
+  switch (path) {
+  case P_WIDE512:
+    return cols ? 32 : 12;
+  case P_DIRECT512:
+    return cols ? (f64 ? 24 : 48) : 10;
+  case P_DIRECT:
+    return cols ? (f64 ? 8 : 16) : (f64 ? 4 : 5);
+  case P_NARROW:
+  case P_NARROW512:
+    /* Rows: a multiple of the dot kernel's 3 (AVX2) or 4 rows and of the
+     * outer kernel's 2 vectors (16 or 32 rows). */
+    return cols ? 16 : path == P_NARROW ? 48 : 32;
+  case P_SUP:
+  case P_SUP_PA:
+  case P_SUP_PB:
+  case P_BLIS:
+    v = g_cntx->l3_sup_blkszs[id].v[bt];
+    if (v > 0) return v;
+    break;
+  case P_PACKED_ALT:
+    if (g_have_alt) cx = &g_cntx_alt;
+    break;
+  case P_PACKED_ALT2:
+    if (g_have_alt2) cx = &g_cntx_alt2;
+    break;
+  default:
+    break;
+  }
+  v = cx->blkszs[id].v[bt];
+  return v > 0 ? v : 16;
+}
+
+/* Whether `split` gives every one of `threads` parts at least one whole
+ * tile (and sup its m, n > 2). */
+static int split_ok(int split, int path, int dt, int64_t m, int64_t n, int threads) {
+  if (split == SPLIT_NONE) return 1;
+  if (threads < 2 || path == P_TEAM) return 0;
+  const int cols = split == SPLIT_COLS;
+  /* The narrow kernels cut n into equal column tiles (their width, and
+   * so the order of their lane sums, depends on n), so only rows split. */
+  if (cols && (path == P_NARROW || path == P_NARROW512)) return 0;
+  const int64_t t = tile_of(path, dt, cols), len = cols ? n : m;
+  return t > 2 && len >= t * threads;
+}
+
+/* The split a forced path takes (no measurement): along the longer side
+ * of C, where the parts come out closest to square. */
+static int default_split(int path, int dt, int64_t m, int64_t n, int threads) {
+  const int first = m >= n ? SPLIT_ROWS : SPLIT_COLS, second = SPLIT_ROWS + SPLIT_COLS - first;
+  if (split_ok(first, path, dt, m, n, threads)) return first;
+  if (split_ok(second, path, dt, m, n, threads)) return second;
+  return SPLIT_NONE;
+}
+
+typedef struct {
+  int path, dt, ta, tb, cols;
+  int64_t m, n, k, lda, ldb, ldc, tile;
+  const void *alpha, *a, *b, *beta;
+  void *c;
+} split_job;
+
+/* Part [lo, hi) of the tiles along the split side: one one-thread call on
+ * the rows (or columns) of op(A), op(B) and C it covers. */
+static void split_part(void *vj, int part, int64_t lo, int64_t hi) {
+  (void)part;
+  const split_job *j = vj;
+  const size_t es = j->dt == AD_F64 ? sizeof(double) : sizeof(float);
+  const int64_t len = j->cols ? j->n : j->m;
+  const int64_t i0 = lo * j->tile, i1 = hi * j->tile < len ? hi * j->tile : len;
+  if (i1 <= i0) return;
+  const char *a = j->a, *b = j->b;
+  char *c = j->c;
+  if (j->cols) /* columns i0..i1 of op(B): B's rows when transposed */
+    run_resolved(j->path, 1, j->dt, j->ta, j->tb, j->m, i1 - i0, j->k, j->alpha, a, j->lda,
+                 b + (size_t)(j->tb ? i0 * j->ldb : i0) * es, j->ldb, j->beta, c + (size_t)i0 * es,
+                 j->ldc);
+  else /* rows i0..i1 of op(A): A's columns when transposed */
+    run_resolved(j->path, 1, j->dt, j->ta, j->tb, i1 - i0, j->n, j->k, j->alpha,
+                 a + (size_t)(j->ta ? i0 : i0 * j->lda) * es, j->lda, b, j->ldb, j->beta,
+                 c + (size_t)(i0 * j->ldc) * es, j->ldc);
+}
+
+/* Runs a choice (path and split) at `threads`. */
+static void run_choice(int choice, int threads, int dt, int ta, int tb, int64_t m, int64_t n,
+                       int64_t k, const void *alpha, const void *a, int64_t lda, const void *b,
+                       int64_t ldb, const void *beta, void *c, int64_t ldc) {
+  const int path = resolve_path(CHOICE_PATH(choice), dt, ta, tb, m, n, k);
+  int split = CHOICE_SPLIT(choice);
+  if (threads < 2 || !split_ok(split, path, dt, m, n, threads)) split = SPLIT_NONE;
+  if (split == SPLIT_NONE) {
+    /* Inside a pool part BLIS must not start a team of its own. */
+    run_resolved(path, path == P_TEAM && !ad__par_inside() ? threads : 1, dt, ta, tb, m, n, k,
+                 alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  split_job j = {.path = path,
+                 .dt = dt,
+                 .ta = ta,
+                 .tb = tb,
+                 .cols = split == SPLIT_COLS,
+                 .m = m,
+                 .n = n,
+                 .k = k,
+                 .lda = lda,
+                 .ldb = ldb,
+                 .ldc = ldc,
+                 .alpha = alpha,
+                 .a = a,
+                 .b = b,
+                 .beta = beta,
+                 .c = c};
+  j.tile = tile_of(path, dt, j.cols);
+  const int64_t len = j.cols ? n : m;
+  ad__par_for_parts((len + j.tile - 1) / j.tile, threads, split_part, &j);
+}
+
 /* ---- the cache of measured choices */
 
 typedef struct {
   int64_t m, n, k;
   int8_t used, dt, ta, tb;
   int16_t threads;
-  int8_t path;
-  float gflops[N_PATHS]; /* as measured; 0 = not a candidate */
+  int8_t path;             /* a choice: CHOICE(path, split) */
+  float gflops[N_CHOICES]; /* as measured; 0 = not a candidate */
 } shape_entry;
 
 #define CACHE_SLOTS 1024 /* a power of two */
@@ -891,42 +1088,69 @@ static double now_ns(int cpu) {
  * and e->gflops. */
 static void measure(shape_entry *e, const void *a, int64_t lda, const void *b, int64_t ldb) {
   const double madds = (double)e->m * (double)e->n * (double)e->k;
+  const int th = e->threads;
   e->path = P_BLIS;
-  if (madds > MEASURE_MAX) return;
+  if (madds > MEASURE_MAX) {
+    /* Not timed. On one thread BLIS's rule; on several, its packed path
+     * (what the rule picks at this size) split over the pool. */
+    if (th > 1) e->path = (int8_t)CHOICE(P_PACKED, default_split(P_PACKED, e->dt, e->m, e->n, th));
+    return;
+  }
   size_t es = e->dt == AD_F64 ? sizeof(double) : sizeof(float);
   void *c = malloc((size_t)e->m * (size_t)e->n * es);
   if (!c) return;
-  int cand[N_PATHS], nc = 0;
-  if (madds <= DIRECT_MAX) cand[nc++] = P_DIRECT;
-  if (madds <= DIRECT_MAX && g_have_direct512) cand[nc++] = P_DIRECT512;
+  int paths[N_PATHS], np = 0;
+  /* On several threads each part of a split is 1/threads of the product,
+   * so the direct loop may pay for larger ones. */
+  const double direct_max = DIRECT_MAX * th;
+  if (madds <= direct_max) paths[np++] = P_DIRECT;
+  if (madds <= direct_max && g_have_direct512) paths[np++] = P_DIRECT512;
   const int sup = g_have_sup && sup_safe(e->m, e->n, e->k);
-  if (sup) cand[nc++] = P_SUP;
+  if (sup) paths[np++] = P_SUP;
   /* Packing an operand only changes sup when there is more than one panel
    * of it to reuse. */
   if (sup && e->m > 16 && e->n > 16) {
-    cand[nc++] = P_SUP_PA;
-    cand[nc++] = P_SUP_PB;
+    paths[np++] = P_SUP_PA;
+    paths[np++] = P_SUP_PB;
   }
-  cand[nc++] = P_PACKED;
-  if (g_have_alt) cand[nc++] = P_PACKED_ALT;
-  if (g_have_alt2) cand[nc++] = P_PACKED_ALT2;
+  paths[np++] = P_PACKED;
+  if (g_have_alt) paths[np++] = P_PACKED_ALT;
+  if (g_have_alt2) paths[np++] = P_PACKED_ALT2;
   if (e->dt == AD_F32 && e->n <= NARROW_N) {
-    if (g_have_narrow) cand[nc++] = P_NARROW;
-    if (g_have_narrow512) cand[nc++] = P_NARROW512;
+    if (g_have_narrow) paths[np++] = P_NARROW;
+    if (g_have_narrow512) paths[np++] = P_NARROW512;
   }
-  if (e->dt == AD_F32 && g_have_wide512) cand[nc++] = P_WIDE512;
-  double best[N_PATHS];
-  for (int i = 0; i < N_PATHS; i++) best[i] = 1e300;
+  if (e->dt == AD_F32 && g_have_wide512) paths[np++] = P_WIDE512;
+  /* The candidates: on one thread each path; on several each path split
+   * by rows and by columns where the shape allows, each path unsplit (on
+   * one thread: it wins where threading does not pay, or when other
+   * processes hold the other cores), and for large products BLIS's own
+   * team. */
+  int cand[N_CHOICES], nc = 0;
+  for (int i = 0; i < np; i++) {
+    if (th == 1) {
+      cand[nc++] = CHOICE(paths[i], SPLIT_NONE);
+      continue;
+    }
+    const int rp = resolve_path(paths[i], e->dt, e->ta, e->tb, e->m, e->n, e->k);
+    for (int sp = SPLIT_ROWS; sp <= SPLIT_COLS; sp++)
+      if (split_ok(sp, rp, e->dt, e->m, e->n, th)) cand[nc++] = CHOICE(paths[i], sp);
+    cand[nc++] = CHOICE(paths[i], SPLIT_NONE);
+  }
+  if (th > 1 && madds >= TEAM_MIN) cand[nc++] = CHOICE(P_TEAM, SPLIT_NONE);
+  double best[N_CHOICES];
+  for (int i = 0; i < N_CHOICES; i++) best[i] = 1e300;
   const double one_d = 1.0, zero_d = 0.0;
   const float one_f = 1.0f, zero_f = 0.0f;
   const void *one = e->dt == AD_F64 ? (const void *)&one_d : (const void *)&one_f;
   const void *zero = e->dt == AD_F64 ? (const void *)&zero_d : (const void *)&zero_f;
   /* One untimed call each first (first touch of buffers, BLIS's memory
-   * pools, instruction cache). */
-  const int cpu = e->threads == 1;
+   * pools, instruction cache, the pool's workers). */
+  const int cpu = th == 1;
   double t0 = now_ns(0);
   for (int i = 0; i < nc; i++)
-    run_path(cand[i], e->dt, e->ta, e->tb, e->m, e->n, e->k, one, a, lda, b, ldb, zero, c, e->n);
+    run_choice(cand[i], th, e->dt, e->ta, e->tb, e->m, e->n, e->k, one, a, lda, b, ldb, zero, c,
+               e->n);
   /* Tiny products are timed in batches of `reps` calls (about 20 us of
    * work), so the clock's own cost (a system call for the CPU clock) does
    * not swamp the differences. */
@@ -937,8 +1161,8 @@ static void measure(shape_entry *e, const void *a, int64_t lda, const void *b, i
     for (int i = 0; i < nc; i++) {
       double ts = now_ns(cpu);
       for (int r = 0; r < reps; r++)
-        run_path(cand[i], e->dt, e->ta, e->tb, e->m, e->n, e->k, one, a, lda, b, ldb, zero, c,
-                 e->n);
+        run_choice(cand[i], th, e->dt, e->ta, e->tb, e->m, e->n, e->k, one, a, lda, b, ldb, zero, c,
+                   e->n);
       double dt = (now_ns(cpu) - ts) / reps;
       if (dt < best[cand[i]]) best[cand[i]] = dt;
     }
@@ -975,12 +1199,25 @@ typedef struct {
 } tl_entry;
 static _Thread_local tl_entry tl_cache[TL_SLOTS];
 
-/* The path for this call: forced, cached, or measured now. */
+/* Threads for a product of m n k multiply-adds: 1 below SMALL_THREADED
+ * and inside a pool part (where a split runs serially anyway, so the
+ * product is a one-thread one and measured as such), else the setting. */
+static int threads_for(int64_t m, int64_t n, int64_t k) {
+  if ((double)m * (double)n * (double)k < SMALL_THREADED || ad__par_inside()) return 1;
+  return atomic_load(&g_threads);
+}
+
+/* The choice (path and split) for this call: forced, cached, or measured
+ * now; *threads_out gets the threads it runs on. */
 static int choose_path(int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, const void *a,
-                       int64_t lda, const void *b, int64_t ldb) {
+                       int64_t lda, const void *b, int64_t ldb, int *threads_out) {
+  const int threads = threads_for(m, n, k);
+  *threads_out = threads;
   int forced = atomic_load_explicit(&g_forced, memory_order_relaxed);
-  if (forced >= 0) return forced;
-  int threads = (double)m * (double)n * (double)k < SMALL_THREADED ? 1 : atomic_load(&g_threads);
+  if (forced >= 0)
+    return threads > 1 ? CHOICE(forced, default_split(resolve_path(forced, dt, ta, tb, m, n, k), dt,
+                                                      m, n, threads))
+                       : forced;
   ta = !!ta;
   tb = !!tb;
   const int32_t tag = (int32_t)(1 | dt << 1 | ta << 3 | tb << 4 | threads << 5);
@@ -1149,6 +1386,9 @@ const char *ad_blas_reason(void) {
   int forced = atomic_load(&g_forced);
   if (forced >= 0) {
     AD_PUT("; every GEMM on path %s (forced)", path_name(forced));
+    if (atomic_load(&g_threads) > 1 && forced != P_TEAM)
+      AD_PUT("; at %d threads split by rows or columns of C over the pool",
+             atomic_load(&g_threads));
     len = ad__bmm_describe(buf, len, cap);
     if (len >= cap) memcpy(buf + cap - 4, "...", 4);
     return buf;
@@ -1161,10 +1401,23 @@ const char *ad_blas_reason(void) {
     const shape_entry *e = &g_cache[g_cache_order[i]];
     AD_PUT("%s %s %ldx%ldx%ld %c%c t%d:", i ? ";" : "", e->dt == AD_F64 ? "f64" : "f32", (long)e->m,
            (long)e->n, (long)e->k, e->ta ? 'T' : 'N', e->tb ? 'T' : 'N', e->threads);
-    if (e->gflops[e->path] == 0.0f) AD_PUT(" %s (not timed: large)", path_name(e->path));
-    for (int p = 0; p < N_PATHS; p++)
-      if (e->gflops[p] > 0.0f)
-        AD_PUT(" %s%s %.1f", p == e->path ? "*" : "", path_name(p), (double)e->gflops[p]);
+    if (e->gflops[e->path] == 0.0f) {
+      AD_PUT(" %s", path_name(CHOICE_PATH(e->path)));
+      if (e->threads > 1 && CHOICE_SPLIT(e->path) != SPLIT_NONE)
+        AD_PUT(" x%d %s", e->threads, k_split_names[CHOICE_SPLIT(e->path)]);
+      AD_PUT(" (not timed: large)");
+    }
+    for (int ch = 0; ch < N_CHOICES; ch++) {
+      if (e->gflops[ch] <= 0.0f) continue;
+      AD_PUT(" %s%s", ch == e->path ? "*" : "", path_name(CHOICE_PATH(ch)));
+      /* "wide:avx512 x2 split rows": on 2 threads, C split by rows. */
+      if (e->threads > 1 && CHOICE_PATH(ch) != P_TEAM && CHOICE_SPLIT(ch) == SPLIT_NONE)
+        AD_PUT(" on 1 thread");
+      else if (e->threads > 1)
+        AD_PUT(" x%d%s%s", e->threads, CHOICE_PATH(ch) == P_TEAM ? "" : " ",
+               CHOICE_PATH(ch) == P_TEAM ? "" : k_split_names[CHOICE_SPLIT(ch)]);
+      AD_PUT(" %.1f", (double)e->gflops[ch]);
+    }
   }
   if (g_cache_n) AD_PUT(")");
   pthread_mutex_unlock(&g_cache_mu);
@@ -1232,7 +1485,7 @@ ad_status ad_blas_set_path(const char *path) {
     return ad__set_last(
         AD_ERR_ARG,
         "ad_blas_set_path: '%s' is not auto, blis, direct, sup, sup+packA, sup+packB, "
-        "packed, narrow, narrow:avx512, wide:avx512, direct:avx512%s%s%s%s",
+        "packed, packed:team, narrow, narrow:avx512, wide:avx512, direct:avx512%s%s%s%s",
         path, g_have_alt ? ", " : "", g_have_alt ? g_alt_name : "", g_have_alt2 ? ", " : "",
         g_have_alt2 ? g_alt2_name : "");
   }
@@ -1247,7 +1500,7 @@ const char *ad_blas_path(int trans_a, int trans_b, int64_t m, int64_t n, int64_t
   if (m <= 0 || n <= 0 || k <= 0 || (dt != AD_F32 && dt != AD_F64)) return "none";
   int forced = atomic_load(&g_forced);
   if (forced >= 0) return path_name(forced);
-  int threads = (double)m * (double)n * (double)k < SMALL_THREADED ? 1 : atomic_load(&g_threads);
+  int threads = threads_for(m, n, k);
   /* Already measured? (No scratch needed then.) */
   int found = -1;
   pthread_mutex_lock(&g_cache_mu);
@@ -1256,7 +1509,7 @@ const char *ad_blas_path(int trans_a, int trans_b, int64_t m, int64_t n, int64_t
     const shape_entry *e = &g_cache[slot];
     if (e->m == m && e->n == n && e->k == k && e->dt == (int8_t)dt && e->ta == !!trans_a &&
         e->tb == !!trans_b && e->threads == threads) {
-      found = e->path;
+      found = CHOICE_PATH(e->path);
       break;
     }
   }
@@ -1266,9 +1519,10 @@ const char *ad_blas_path(int trans_a, int trans_b, int64_t m, int64_t n, int64_t
   if (full) return path_name(P_BLIS);
   size_t es = dt == AD_F64 ? sizeof(double) : sizeof(float);
   void *a = calloc((size_t)m * (size_t)k, es), *b = calloc((size_t)k * (size_t)n, es);
-  int p = P_BLIS;
+  int p = P_BLIS, th;
   if (a && b)
-    p = choose_path(dt, trans_a, trans_b, m, n, k, a, trans_a ? m : k, b, trans_b ? k : n);
+    p = CHOICE_PATH(
+        choose_path(dt, trans_a, trans_b, m, n, k, a, trans_a ? m : k, b, trans_b ? k : n, &th));
   free(a);
   free(b);
   return path_name(p);
@@ -1298,8 +1552,10 @@ void ad_gemm_f32(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, floa
       for (int64_t j = 0; j < n; j++) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
     return;
   }
-  int path = choose_path(AD_F32, trans_a, trans_b, m, n, k, a, lda, b, ldb);
-  run_path(path, AD_F32, !!trans_a, !!trans_b, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc);
+  int threads;
+  int ch = choose_path(AD_F32, trans_a, trans_b, m, n, k, a, lda, b, ldb, &threads);
+  run_choice(ch, threads, AD_F32, !!trans_a, !!trans_b, m, n, k, &alpha, a, lda, b, ldb, &beta, c,
+             ldc);
 }
 
 void ad_gemm_f64(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, double alpha,
@@ -1312,6 +1568,8 @@ void ad_gemm_f64(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, doub
       for (int64_t j = 0; j < n; j++) c[i * ldc + j] = beta == 0.0 ? 0.0 : beta * c[i * ldc + j];
     return;
   }
-  int path = choose_path(AD_F64, trans_a, trans_b, m, n, k, a, lda, b, ldb);
-  run_path(path, AD_F64, !!trans_a, !!trans_b, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc);
+  int threads;
+  int ch = choose_path(AD_F64, trans_a, trans_b, m, n, k, a, lda, b, ldb, &threads);
+  run_choice(ch, threads, AD_F64, !!trans_a, !!trans_b, m, n, k, &alpha, a, lda, b, ldb, &beta, c,
+             ldc);
 }

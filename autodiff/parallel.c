@@ -224,6 +224,8 @@ static void run_serial(int64_t n, int parts, ad__range_fn fn, void *ctx) {
   t_in_par = outer;
 }
 
+static void par_run(int64_t n, int parts, ad__range_fn fn, void *ctx);
+
 void ad__par_for(int64_t n, int64_t grain, ad__range_fn fn, void *ctx) {
   if (n <= 0) return;
   int parts;
@@ -232,6 +234,24 @@ void ad__par_for(int64_t n, int64_t grain, ad__range_fn fn, void *ctx) {
     t_last_n = -1;
   } else
     parts = parts_for(n, grain, ad_blas_threads());
+  par_run(n, parts, fn, ctx);
+}
+
+/* The GEMM split (blas.c) names its part count itself (it is part of the
+ * shape class it measured), and must not take or clear the split an
+ * ad__par_parts call of its caller left for the next ad__par_for. */
+void ad__par_for_parts(int64_t n, int parts, ad__range_fn fn, void *ctx) {
+  if (n <= 0) return;
+  if (parts > n) parts = (int)n;
+  if (parts > MAX_WORKERS + 1) parts = MAX_WORKERS + 1;
+  par_run(n, parts < 1 ? 1 : parts, fn, ctx);
+}
+
+int ad__par_inside(void) {
+  return t_in_par;
+}
+
+static void par_run(int64_t n, int parts, ad__range_fn fn, void *ctx) {
   if (parts == 1 || t_in_par || pthread_mutex_trylock(&g_dispatch) != 0) {
     run_serial(n, parts, fn, ctx);
     return;

@@ -4,7 +4,9 @@
  * (bit for bit for elementwise ops; reductions are the same bits on
  * repeated runs at a fixed thread count and within 1e-6 across counts),
  * nested calls and concurrent callers from two user threads are correct,
- * and bad settings are refused with a message. */
+ * and bad settings are refused with a message. GEMMs at 2 threads (split
+ * over the pool, BLIS at one thread) give the 1-thread bits per forced
+ * path, start no OpenMP team, and stay right nested and concurrent. */
 #define _POSIX_C_SOURCE 200809L
 #include "autodiff/ad_internal.h"
 #include "gradcheck.h"
@@ -629,6 +631,342 @@ START_TEST(test_concurrent_callers_ops) {
 }
 END_TEST
 
+/* ------------------------------------------------------------ GEMM on the pool
+ *
+ * At more than one thread a product is split into disjoint parts of C (by
+ * rows or by column blocks on tile boundaries), each computed by a
+ * one-thread call of the same path on the worker pool (blas.c,
+ * run_choice). Each element is summed by one part in the one-thread k
+ * order, so for a forced path the 2-thread result must have exactly the
+ * bits of the 1-thread one. */
+
+static const char *const GEMM_PATHS[] = {
+    "blis",      "direct",        "direct:avx512",  "sup",         "sup+packA",
+    "sup+packB", "packed",        "packed:haswell", "packed:zen3", "packed:skx",
+    "narrow",    "narrow:avx512", "wide:avx512",    "packed:team"};
+#define N_GEMM_PATHS ((int)(sizeof GEMM_PATHS / sizeof GEMM_PATHS[0]))
+
+/* Above blas.c's SMALL_THREADED (262144 multiply-adds), so they thread:
+ * odd m and n, tall, wide, narrow (n <= 64) and a k past BLIS's KC. */
+static const int64_t GEMM_SHAPES[][3] = {{67, 131, 61}, {201, 45, 33}, {31, 257, 70},
+                                         {129, 97, 40}, {13, 301, 80}, {300, 7, 151},
+                                         {96, 64, 64},  {37, 41, 400}};
+#define N_GEMM_SHAPES ((int)(sizeof GEMM_SHAPES / sizeof GEMM_SHAPES[0]))
+
+typedef struct {
+  int ta, tb;
+  int64_t m, n, k;
+  double *a, *b, *c0; /* the operands and C's start, as doubles */
+  double *ref;        /* alpha op(A) op(B) + beta C0 in double */
+} gemm_case;
+
+static const double G_ALPHA = 0.75, G_BETA = -0.5;
+
+/* Uniform in [-1, 1] in steps of 1/1000 (a 64-bit LCG's top bits). */
+static double unit_rand(uint64_t *s) {
+  *s = *s * 6364136223846793005ULL + 1442695040888963407ULL;
+  return (double)((*s >> 33) % 2001) / 1000.0 - 1.0;
+}
+
+static void gemm_case_init(gemm_case *g, int ta, int tb, int64_t m, int64_t n, int64_t k,
+                           uint64_t seed) {
+  *g = (gemm_case){.ta = ta, .tb = tb, .m = m, .n = n, .k = k};
+  g->a = malloc(sizeof(double) * (size_t)(m * k));
+  g->b = malloc(sizeof(double) * (size_t)(k * n));
+  g->c0 = malloc(sizeof(double) * (size_t)(m * n));
+  g->ref = malloc(sizeof(double) * (size_t)(m * n));
+  ck_assert(g->a && g->b && g->c0 && g->ref);
+  uint64_t st = seed;
+  for (int64_t i = 0; i < m * k; i++) g->a[i] = unit_rand(&st);
+  for (int64_t i = 0; i < k * n; i++) g->b[i] = unit_rand(&st);
+  for (int64_t i = 0; i < m * n; i++) g->c0[i] = unit_rand(&st);
+  /* op(A)[i, p] = a[ta ? p m + i : i k + p], op(B)[p, j] = b[tb ? j k + p : p n + j] */
+  for (int64_t i = 0; i < m; i++)
+    for (int64_t j = 0; j < n; j++) {
+      double acc = 0;
+      for (int64_t p = 0; p < k; p++)
+        acc += g->a[ta ? p * m + i : i * k + p] * g->b[tb ? j * k + p : p * n + j];
+      g->ref[i * n + j] = G_ALPHA * acc + G_BETA * g->c0[i * n + j];
+    }
+}
+
+static void gemm_case_free(gemm_case *g) {
+  free(g->a);
+  free(g->b);
+  free(g->c0);
+  free(g->ref);
+}
+
+/* C = alpha op(A) op(B) + beta C0 in dtype dt on the current setting, into
+ * out (f32 or f64 values by dt). */
+static void gemm_case_run(const gemm_case *g, ad_dtype dt, void *out) {
+  const int64_t m = g->m, n = g->n, k = g->k, lda = g->ta ? m : k, ldb = g->tb ? k : n;
+  if (dt == AD_F64) {
+    double *c = out;
+    memcpy(c, g->c0, sizeof(double) * (size_t)(m * n));
+    ad_gemm_f64(g->ta, g->tb, m, n, k, G_ALPHA, g->a, lda, g->b, ldb, G_BETA, c, n);
+    return;
+  }
+  float *a = malloc(sizeof(float) * (size_t)(m * k)), *b = malloc(sizeof(float) * (size_t)(k * n));
+  float *c = out;
+  ck_assert(a && b);
+  for (int64_t i = 0; i < m * k; i++) a[i] = (float)g->a[i];
+  for (int64_t i = 0; i < k * n; i++) b[i] = (float)g->b[i];
+  for (int64_t i = 0; i < m * n; i++) c[i] = (float)g->c0[i];
+  ad_gemm_f32(g->ta, g->tb, m, n, k, (float)G_ALPHA, a, lda, b, ldb, (float)G_BETA, c, n);
+  free(a);
+  free(b);
+}
+
+/* Largest |out - ref| / (1 + |ref|) over C. */
+static double gemm_case_err(const gemm_case *g, ad_dtype dt, const void *out) {
+  double worst = 0;
+  for (int64_t i = 0; i < g->m * g->n; i++) {
+    const double v = dt == AD_F64 ? ((const double *)out)[i] : (double)((const float *)out)[i];
+    const double e = fabs(v - g->ref[i]) / (1.0 + fabs(g->ref[i]));
+    if (e > worst) worst = e;
+  }
+  return worst;
+}
+
+/* BLIS's sup kernels are the exception: their edge kernels along n
+ * (and the rd ones, A row- and B column-stored) sum some elements in an
+ * order that depends on where the call's rows start, so a split changes
+ * a few last bits; "blis" may resolve to them. For those the 2-thread
+ * results are only the same on every run and close to the reference. */
+static int split_exact(const char *path) {
+  return strncmp(path, "sup", 3) != 0 && strcmp(path, "blis") != 0;
+}
+
+/* Per forced path, f32 and f64, every shape and transpose: the 2-thread
+ * result (split over the pool) equals the 1-thread one bit for bit, a
+ * second 2-thread run too, and both match the double reference. */
+START_TEST(test_gemm_split_bit_identical) {
+  int tried = 0;
+  for (int s = 0; s < N_GEMM_SHAPES; s++)
+    for (int t = 0; t < 4; t++) {
+      gemm_case g;
+      gemm_case_init(&g, t >> 1, t & 1, GEMM_SHAPES[s][0], GEMM_SHAPES[s][1], GEMM_SHAPES[s][2],
+                     (uint64_t)(s * 4 + t + 1));
+      const size_t cells = (size_t)(g.m * g.n);
+      double *c1 = malloc(sizeof(double) * cells), *c2 = malloc(sizeof(double) * cells);
+      double *c3 = malloc(sizeof(double) * cells);
+      ck_assert(c1 && c2 && c3);
+      for (int p = 0; p < N_GEMM_PATHS; p++) {
+        if (ad_blas_set_path(GEMM_PATHS[p]) != AD_OK) continue; /* not on this CPU */
+        tried++;
+        for (int d = 0; d < 2; d++) {
+          const ad_dtype dt = d ? AD_F64 : AD_F32;
+          const size_t bytes = cells * (dt == AD_F64 ? sizeof(double) : sizeof(float));
+          ck_assert_int_eq(ad_set_threads(1), AD_OK);
+          gemm_case_run(&g, dt, c1);
+          ck_assert_int_eq(ad_set_threads(2), AD_OK);
+          gemm_case_run(&g, dt, c2);
+          gemm_case_run(&g, dt, c3);
+          ck_assert_msg((!split_exact(GEMM_PATHS[p]) || memcmp(c1, c2, bytes) == 0) &&
+                            memcmp(c2, c3, bytes) == 0,
+                        "%s %s %lldx%lldx%lld t%d%d: 2-thread result differs from 1-thread",
+                        GEMM_PATHS[p], d ? "f64" : "f32", (long long)g.m, (long long)g.n,
+                        (long long)g.k, g.ta, g.tb);
+          const double err = gemm_case_err(&g, dt, c2), tol = (d ? 1e-13 : 2e-6) * (double)g.k;
+          ck_assert_msg(err <= tol, "%s %s %lldx%lldx%lld t%d%d: error %.3g vs reference",
+                        GEMM_PATHS[p], d ? "f64" : "f32", (long long)g.m, (long long)g.n,
+                        (long long)g.k, g.ta, g.tb, err);
+        }
+      }
+      free(c1);
+      free(c2);
+      free(c3);
+      gemm_case_free(&g);
+    }
+  ck_assert_int_ge(tried, 5 * N_GEMM_SHAPES * 4); /* blis, direct, sup*, packed at least */
+  ck_assert_int_eq(ad_blas_set_path("auto"), AD_OK);
+  ad_set_threads(1);
+}
+END_TEST
+
+/* The measured choice at 2 threads is named in the reason (path, threads
+ * and split) and its results match the reference. */
+START_TEST(test_gemm_split_measured) {
+  ck_assert_int_eq(ad_blas_set_path("auto"), AD_OK);
+  ck_assert_int_eq(ad_set_threads(2), AD_OK);
+  /* A large square first (the reason lists shapes in the order first
+   * used, and is cut at its buffer's end): BLIS's own team is one more
+   * candidate there. */
+  gemm_case g0;
+  gemm_case_init(&g0, 0, 0, 256, 256, 256, 5);
+  float *c0 = malloc(sizeof(float) * 256 * 256);
+  ck_assert_ptr_nonnull(c0);
+  gemm_case_run(&g0, AD_F32, c0);
+  gemm_case_run(&g0, AD_F32, c0);
+  ck_assert(gemm_case_err(&g0, AD_F32, c0) <= 2e-6 * 256);
+  free(c0);
+  gemm_case_free(&g0);
+  for (int s = 0; s < N_GEMM_SHAPES; s++)
+    for (int d = 0; d < 2; d++) {
+      gemm_case g;
+      gemm_case_init(&g, s & 1, (s >> 1) & 1, GEMM_SHAPES[s][0], GEMM_SHAPES[s][1],
+                     GEMM_SHAPES[s][2], (uint64_t)(100 + s));
+      double *c = malloc(sizeof(double) * (size_t)(g.m * g.n));
+      ck_assert_ptr_nonnull(c);
+      const ad_dtype dt = d ? AD_F64 : AD_F32;
+      gemm_case_run(&g, dt, c); /* measures */
+      gemm_case_run(&g, dt, c); /* the kept choice */
+      const double err = gemm_case_err(&g, dt, c), tol = (d ? 1e-13 : 2e-6) * (double)g.k;
+      ck_assert_msg(err <= tol, "auto %s shape %d: error %.3g", d ? "f64" : "f32", s, err);
+      free(c);
+      gemm_case_free(&g);
+    }
+  const char *r = ad_blas_reason();
+  const int named = strstr(r, " t2:") != NULL && strstr(r, "x2 split rows") != NULL &&
+                    strstr(r, "x2 split cols") != NULL && strstr(r, "on 1 thread") != NULL &&
+                    strstr(r, "packed:team x2") != NULL;
+  if (!named) fprintf(stderr, "reason: %s\n", r);
+  ck_assert_msg(named, "the reason does not name the 2-thread choices (printed above)");
+  ad_set_threads(1);
+}
+END_TEST
+
+/* A GEMM called from inside a pool part (nested: it runs serially on the
+ * part's thread, as a one-thread product) gives the one-thread bits. */
+typedef struct {
+  const gemm_case *g;
+  float *out[2];
+} nested_gemm_ctx;
+
+static void nested_gemm_part(void *vc, int part, int64_t lo, int64_t hi) {
+  nested_gemm_ctx *c = vc;
+  for (int64_t i = lo; i < hi; i++) gemm_case_run(c->g, AD_F32, c->out[i]);
+  (void)part;
+}
+
+START_TEST(test_gemm_inside_par_for) {
+  gemm_case g;
+  gemm_case_init(&g, 0, 1, 129, 97, 40, 7);
+  const size_t bytes = sizeof(float) * (size_t)(g.m * g.n);
+  float *ref = malloc(bytes), *o0 = malloc(bytes), *o1 = malloc(bytes);
+  ck_assert(ref && o0 && o1);
+  const char *paths[] = {"packed", "wide:avx512", "auto"};
+  for (int p = 0; p < 3; p++) {
+    if (ad_blas_set_path(paths[p]) != AD_OK) continue;
+    ck_assert_int_eq(ad_set_threads(1), AD_OK);
+    gemm_case_run(&g, AD_F32, ref);
+    ck_assert_int_eq(ad_set_threads(2), AD_OK);
+    nested_gemm_ctx c = {&g, {o0, o1}};
+    ck_assert_int_eq(ad__par_parts(2, 1), 2);
+    ad__par_for(2, 1, nested_gemm_part, &c);
+    for (int i = 0; i < 2; i++) {
+      const float *o = c.out[i];
+      ck_assert_msg(gemm_case_err(&g, AD_F32, o) <= 2e-6 * (double)g.k, "%s part %d", paths[p], i);
+      if (p < 2) ck_assert_msg(memcmp(o, ref, bytes) == 0, "%s part %d: bits", paths[p], i);
+    }
+  }
+  free(ref);
+  free(o0);
+  free(o1);
+  gemm_case_free(&g);
+  ck_assert_int_eq(ad_blas_set_path("auto"), AD_OK);
+  ad_set_threads(1);
+}
+END_TEST
+
+/* Two user threads multiplying at once at 2 threads (one gets the pool,
+ * the other runs its parts serially): every result has the bits of a
+ * lone one-thread run. */
+typedef struct {
+  const gemm_case *g;
+  const float *ref;
+  int bad;
+} gemm_thread_arg;
+
+static void *gemm_thread(void *vp) {
+  gemm_thread_arg *a = vp;
+  const size_t bytes = sizeof(float) * (size_t)(a->g->m * a->g->n);
+  float *o = malloc(bytes);
+  if (!o) {
+    a->bad = -1;
+    return NULL;
+  }
+  for (int r = 0; r < 40; r++) {
+    gemm_case_run(a->g, AD_F32, o);
+    a->bad += memcmp(o, a->ref, bytes) != 0;
+  }
+  free(o);
+  return NULL;
+}
+
+START_TEST(test_gemm_concurrent_callers) {
+  ck_assert_int_eq(ad_blas_set_path("packed"), AD_OK);
+  gemm_case g[2];
+  float *ref[2];
+  gemm_case_init(&g[0], 0, 0, 67, 131, 61, 11);
+  gemm_case_init(&g[1], 1, 0, 201, 45, 33, 12);
+  ck_assert_int_eq(ad_set_threads(1), AD_OK);
+  for (int i = 0; i < 2; i++) {
+    ref[i] = malloc(sizeof(float) * (size_t)(g[i].m * g[i].n));
+    ck_assert_ptr_nonnull(ref[i]);
+    gemm_case_run(&g[i], AD_F32, ref[i]);
+    ck_assert(gemm_case_err(&g[i], AD_F32, ref[i]) <= 2e-6 * (double)g[i].k);
+  }
+  ck_assert_int_eq(ad_set_threads(2), AD_OK);
+  gemm_thread_arg a[2] = {{&g[0], ref[0], 0}, {&g[1], ref[1], 0}};
+  pthread_t tid[2];
+  for (int i = 0; i < 2; i++)
+    ck_assert_int_eq(pthread_create(&tid[i], NULL, gemm_thread, &a[i]), 0);
+  for (int i = 0; i < 2; i++) pthread_join(tid[i], NULL);
+  for (int i = 0; i < 2; i++) {
+    ck_assert_msg(a[i].bad == 0, "thread %d: %d results differ", i, a[i].bad);
+    free(ref[i]);
+    gemm_case_free(&g[i]);
+  }
+  ck_assert_int_eq(ad_blas_set_path("auto"), AD_OK);
+  ad_set_threads(1);
+}
+END_TEST
+
+#ifdef __linux__
+#include <dirent.h>
+/* Threads of this process now (/proc/self/task). */
+static int count_threads(void) {
+  DIR *d = opendir("/proc/self/task");
+  if (!d) return -1;
+  int n = 0;
+  for (struct dirent *e; (e = readdir(d)) != NULL;) n += e->d_name[0] != '.';
+  closedir(d);
+  return n;
+}
+
+static void noop_part(void *vc, int part, int64_t lo, int64_t hi) {
+  (void)vc, (void)part, (void)lo, (void)hi;
+}
+
+/* A split product starts no thread besides the pool's: BLIS runs at one
+ * thread in every part, so its OpenMP team (whose idle threads would spin
+ * on the cores the pool needs) never exists. */
+START_TEST(test_gemm_split_starts_no_team) {
+  ck_assert_int_eq(ad_set_threads(2), AD_OK);
+  ad__par_for(2, 1, noop_part, NULL); /* the pool's worker exists now */
+  const int base = count_threads();
+  ck_assert_int_ge(base, 2);
+  const char *paths[] = {"packed", "sup", "blis", "wide:avx512", "auto"};
+  gemm_case g;
+  gemm_case_init(&g, 0, 0, 129, 97, 40, 3);
+  float *c = malloc(sizeof(float) * (size_t)(g.m * g.n));
+  ck_assert_ptr_nonnull(c);
+  for (int p = 0; p < 5; p++) {
+    if (ad_blas_set_path(paths[p]) != AD_OK) continue;
+    gemm_case_run(&g, AD_F32, c);
+    ck_assert_msg(count_threads() == base, "%s: %d threads, %d before", paths[p], count_threads(),
+                  base);
+  }
+  free(c);
+  gemm_case_free(&g);
+  ck_assert_int_eq(ad_blas_set_path("auto"), AD_OK);
+  ad_set_threads(1);
+}
+END_TEST
+#endif
+
 Suite *threads_suite(void) {
   Suite *s = suite_create("threads");
   TCase *tc = tcase_create("pool");
@@ -648,6 +986,16 @@ Suite *threads_suite(void) {
   tcase_add_test(to, test_concurrent_callers_ops);
   tcase_set_timeout(to, 600);
   suite_add_tcase(s, to);
+  TCase *tg = tcase_create("gemm");
+#ifdef __linux__
+  tcase_add_test(tg, test_gemm_split_starts_no_team);
+#endif
+  tcase_add_test(tg, test_gemm_split_bit_identical);
+  tcase_add_test(tg, test_gemm_split_measured);
+  tcase_add_test(tg, test_gemm_inside_par_for);
+  tcase_add_test(tg, test_gemm_concurrent_callers);
+  tcase_set_timeout(tg, 600);
+  suite_add_tcase(s, tg);
   return s;
 }
 
