@@ -18,7 +18,7 @@
 #include <float.h>
 #include <string.h>
 
-typedef struct {
+typedef struct nn__pool {
   int64_t n, c, h, w; /* input */
   int64_t p, q;       /* output */
   int64_t k, st, pad;
@@ -33,14 +33,10 @@ static void attr_pool(const ad_node *nd, char *buf, size_t len) {
            (long long)g->pad);
 }
 
-static int make_geom(ad_tape *t, const char *op, const ad_tensor *x, int k, int stride, int pad,
-                     pool_geom *g) {
-  if (!ad__check(t, op, 1, (ad_tensor *const *)&x)) return 0;
-  if (x->ndim != 4) {
-    char s[96];
-    ad__fail(t, AD_ERR_SHAPE, "%s: x must be 4-D (NCHW), got %s", op, ad_shape_str(x, s, sizeof s));
-    return 0;
-  }
+/* Fills g for a k x k pool of an [N, C, H, W] input (d) at stride and pad;
+ * what names d in errors (its shape string). */
+static int geom_dims(ad_tape *t, const char *op, const int64_t d[4], const char *what, int k,
+                     int stride, int pad, pool_geom *g) {
   if (k < 1 || stride < 1 || pad < 0 || pad > k / 2) { /* not 2 * pad: it overflows an int */
     ad__fail(t, AD_ERR_ARG,
              "%s: kernel %d, stride %d, pad %d (need k, stride >= 1, 0 <= pad <= k/2)", op, k,
@@ -48,20 +44,30 @@ static int make_geom(ad_tape *t, const char *op, const ad_tensor *x, int k, int 
     return 0;
   }
   memset(g, 0, sizeof *g);
-  g->n = x->shape[0], g->c = x->shape[1], g->h = x->shape[2], g->w = x->shape[3];
+  g->n = d[0], g->c = d[1], g->h = d[2], g->w = d[3];
   g->k = k, g->st = stride, g->pad = pad;
   /* pad <= k / 2 here, so 2 * pad fits an int; h + 2 * pad is 64-bit. */
   int64_t hp, wp;
   if (nn__add_overflow(g->h, 2 * (int64_t)pad, &hp) ||
       nn__add_overflow(g->w, 2 * (int64_t)pad, &wp) || hp < k || wp < k) {
-    char s[96];
-    ad__fail(t, AD_ERR_SHAPE, "%s: a %dx%d window does not fit %s padded by %d", op, k, k,
-             ad_shape_str(x, s, sizeof s), pad);
+    ad__fail(t, AD_ERR_SHAPE, "%s: a %dx%d window does not fit %s padded by %d", op, k, k, what,
+             pad);
     return 0;
   }
   g->p = (hp - k) / stride + 1;
   g->q = (wp - k) / stride + 1;
   return 1;
+}
+
+static int make_geom(ad_tape *t, const char *op, const ad_tensor *x, int k, int stride, int pad,
+                     pool_geom *g) {
+  if (!ad__check(t, op, 1, (ad_tensor *const *)&x)) return 0;
+  char s[96];
+  if (x->ndim != 4) {
+    ad__fail(t, AD_ERR_SHAPE, "%s: x must be 4-D (NCHW), got %s", op, ad_shape_str(x, s, sizeof s));
+    return 0;
+  }
+  return geom_dims(t, op, x->shape, ad_shape_str(x, s, sizeof s), k, stride, pad, g);
 }
 
 static const pool_geom *keep_geom(ad_tape *t, ad_node *nd, const pool_geom *g) {
@@ -200,12 +206,12 @@ static int64_t scatter2_row_f64(double *a, double *b, const double *yr, const in
    * branch-free code: on real data the max is unpredictable and branches                          \
    * mispredict. */                                                                                \
   static int maxpool_##SFX(const pool_geom *g, const T *x, T *y, int32_t *idx, int64_t nc0,        \
-                           int64_t nc1, int relu) {                                                \
+                           int64_t nc1, int relu, int64_t xoff) {                                  \
     const int64_t W = g->w, hw = g->h * g->w, pq = g->p * g->q;                                    \
     const int fast2 = g->k == 2 && g->st == 2 && g->pad == 0;                                      \
     int any_nan = 0;                                                                               \
     for (int64_t nc = nc0; nc < nc1; nc++) {                                                       \
-      const T *xp = x + nc * hw;                                                                   \
+      const T *xp = x + (nc - xoff) * hw; /* x holds the planes from xoff on */                    \
       T *yp = y + nc * pq;                                                                         \
       int32_t *ip = idx ? idx + nc * pq : NULL;                                                    \
       for (int64_t p = 0; p < g->p; p++) {                                                         \
@@ -359,18 +365,20 @@ typedef struct {
   const pool_geom *g;
   const void *in;
   void *out;
-  int *nan; /* K_MAX: per part, whether some output is NaN */
+  int *nan;    /* K_MAX: per part, whether some output is NaN */
+  int64_t nc0; /* the planes [nc0, nc0 + n) of the call; K_MAX: in holds them from nc0 on */
 } pool_job;
 
 static void pool_part(void *ctx, int part, int64_t lo, int64_t hi) {
   const pool_job *j = ctx;
+  lo += j->nc0, hi += j->nc0;
   const pool_geom *g = j->g;
   const int f = j->dt == AD_F32;
   const int tiled2 = g->k == 2 && g->st == 2 && g->pad == 0;
   switch (j->kind) {
   case K_MAX:
-    j->nan[part] = f ? maxpool_f32(g, j->in, j->out, g->idx, lo, hi, j->relu)
-                     : maxpool_f64(g, j->in, j->out, g->idx, lo, hi, j->relu);
+    j->nan[part] = f ? maxpool_f32(g, j->in, j->out, g->idx, lo, hi, j->relu, j->nc0)
+                     : maxpool_f64(g, j->in, j->out, g->idx, lo, hi, j->relu, j->nc0);
     break;
   case K_AVG:
     f ? avgpool_f32(g, j->in, j->out, lo, hi) : avgpool_f64(g, j->in, j->out, lo, hi);
@@ -396,23 +404,30 @@ static void pool_part(void *ctx, int part, int64_t lo, int64_t hi) {
   }
 }
 
-/* Runs a kernel over all N*C planes, split over the worker threads (a few
- * planes per part at least: small pools stay on the caller's thread).
- * Returns whether some part saw a NaN output (K_MAX). */
-static int pool_run(ad_tape *t, int kind, int relu, ad_dtype dt, const pool_geom *g, const void *in,
-                    void *out, int *ok) {
-  int64_t planes = g->n * g->c, per = g->h * g->w + 1;
+/* Runs a kernel over the planes [nc0, nc1) of the N*C, split over the
+ * worker threads (a few planes per part at least: small pools stay on the
+ * caller's thread). K_MAX reads in from plane nc0 on (in points at plane
+ * nc0: a chunk of images, nn__relu_pool_planes); the others index in and
+ * out from plane 0. Returns whether some part saw a NaN output (K_MAX). */
+static int pool_run_planes(ad_tape *t, int kind, int relu, ad_dtype dt, const pool_geom *g,
+                           const void *in, void *out, int64_t nc0, int64_t nc1, int *ok) {
+  int64_t planes = nc1 - nc0, per = g->h * g->w + 1;
   int64_t grain = 1 + 8192 / per; /* ~8K input elements per part at least */
   int parts = ad__par_parts(planes, grain);
   int *nan = ad_arena_alloc(t, sizeof(int) * (size_t)parts);
   *ok = nan != NULL;
   if (!nan) return 0;
   for (int p = 0; p < parts; p++) nan[p] = 0;
-  pool_job j = {kind, relu, dt, g, in, out, nan};
+  pool_job j = {kind, relu, dt, g, in, out, nan, nc0};
   ad__par_for(planes, grain, pool_part, &j);
   int any = 0;
   for (int p = 0; p < parts; p++) any |= nan[p];
   return any;
+}
+
+static int pool_run(ad_tape *t, int kind, int relu, ad_dtype dt, const pool_geom *g, const void *in,
+                    void *out, int *ok) {
+  return pool_run_planes(t, kind, relu, dt, g, in, out, 0, g->n * g->c, ok);
 }
 
 /* ------------------------------------------------------------------ scatter / gather */
@@ -505,6 +520,44 @@ ad_tensor *nn_max_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad) {
 
 ad_tensor *nn_relu_max_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad) {
   return maxpool_op(t, "nn_relu_max_pool2d", x, k, stride, pad, 1);
+}
+
+/* ------------------------------------------------------------------ for conv.c */
+/* nn_conv2d_relu_max_pool2d (conv.c) pools its convolution chunk by chunk
+ * of images, from a workspace, never forming the convolution's output. */
+
+nn__pool *nn__relu_pool_plan(ad_tape *t, const char *op, const int64_t xshape[4], int k, int stride,
+                             int pad, int rec) {
+  pool_geom g;
+  char s[128];
+  snprintf(s, sizeof s, "[%lld, %lld, %lld, %lld]", (long long)xshape[0], (long long)xshape[1],
+           (long long)xshape[2], (long long)xshape[3]);
+  if (!geom_dims(t, op, xshape, s, k, stride, pad, &g)) return NULL;
+  int64_t hw, chw, nchw, pq, out;
+  if (nn__mul_overflow(g.h, g.w, &hw) || nn__mul_overflow(hw, g.c, &chw) ||
+      nn__mul_overflow(chw, g.n, &nchw) || nchw > INT32_MAX || nn__mul_overflow(g.p, g.q, &pq) ||
+      nn__mul_overflow(pq, g.c * g.n, &out)) {
+    ad__fail(t, AD_ERR_SHAPE, "%s: more than 2^31 elements before the pool (%s)", op, s);
+    return NULL;
+  }
+  if (rec && !(g.idx = ad_arena_alloc(t, sizeof(int32_t) * (size_t)out))) return NULL;
+  pool_geom *copy = ad_arena_alloc(t, sizeof *copy);
+  if (!copy) return NULL;
+  *copy = g;
+  return copy;
+}
+
+void nn__relu_pool_shape(const nn__pool *g, int64_t shape[4]) {
+  shape[0] = g->n, shape[1] = g->c, shape[2] = g->p, shape[3] = g->q;
+}
+
+int nn__relu_pool_planes(ad_tape *t, const nn__pool *g, ad_dtype dt, const void *x, void *y,
+                         int64_t nc0, int64_t nc1, int *ok) {
+  return pool_run_planes(t, K_MAX, 1, dt, g, x, y, nc0, nc1, ok);
+}
+
+ad_tensor *nn__relu_pool_scatter(ad_tape *t, ad_tensor *gy, const nn__pool *g) {
+  return pool_scatter(t, gy, g);
 }
 
 /* ------------------------------------------------------------------ average pool */
