@@ -480,7 +480,8 @@ typedef struct {
   const conv_geom *g;
   const ad_tensor *src;
   ad_tensor *dst;
-  int64_t n0, n1; /* channel_sum_part: the images [n0, n1) */
+  int64_t n0, n1; /* channel_sum_part: the images [n0, n1) ... */
+  const void *gd; /* ... of G's data, or (when not NULL) of gd, which holds them from n0 on */
 } channel_job;
 
 /* db[k] for k in [lo, hi): each channel's sum over n in order of n, the
@@ -490,11 +491,13 @@ static void channel_sum_part(void *ctx, int part, int64_t lo, int64_t hi) {
   const channel_job *j = ctx;
   const conv_geom *g = j->g;
   int64_t pq = g->p * g->q;
+  const int64_t d0 = j->gd ? j->n0 : 0;
+  const char *gd = j->gd ? j->gd : j->src->data;
   for (int64_t n = j->n0; n < j->n1; n++) /* n outer: one sequential stream over G */
     for (int64_t k = lo; k < hi; k++) {
-      int64_t off = (n * g->k + k) * pq;
+      int64_t off = ((n - d0) * g->k + k) * pq;
       if (j->src->dtype == AD_F32) {
-        const float *x = AD_F(j->src) + off;
+        const float *x = (const float *)(const void *)gd + off;
         float part8[8] = {0}, s = 0; /* eight partial sums: vectorizes */
         int64_t i = 0;
         for (; i + 8 <= pq; i += 8)
@@ -503,7 +506,7 @@ static void channel_sum_part(void *ctx, int part, int64_t lo, int64_t hi) {
         for (int e = 0; e < 8; e++) s += part8[e];
         AD_F(j->dst)[k] += s;
       } else {
-        const double *x = AD_D(j->src) + off;
+        const double *x = (const double *)(const void *)gd + off;
         double s = 0;
         for (int64_t i = 0; i < pq; i++) s += x[i];
         AD_D(j->dst)[k] += s;
@@ -515,7 +518,7 @@ static void channel_sum_part(void *ctx, int part, int64_t lo, int64_t hi) {
 static ad_tensor *channel_sum(ad_tape *t, ad_tensor *G, const conv_geom *g) {
   ad_tensor *db = ad__alloc(t, G->dtype, 1, &g->k, 1);
   if (!db) return NULL;
-  channel_job j = {g, G, db, 0, g->n};
+  channel_job j = {g, G, db, 0, g->n, NULL};
   ad__par_for(g->k, 1 + 16384 / (g->n * g->p * g->q + 1), channel_sum_part, &j);
   ad_node *nd = ad__record(t, &OP_CHANNEL_SUM, db, 1, &G);
   if (nd) nd->a.extra = (void *)g; /* the forward node's geometry */
@@ -551,7 +554,7 @@ static ad_tensor *channel_expand(ad_tape *t, ad_tensor *v, const conv_geom *g) {
   int64_t shape[4] = {g->n, g->k, g->p, g->q};
   ad_tensor *y = ad__alloc(t, v->dtype, 4, shape, 0);
   if (!y) return NULL;
-  channel_job j = {g, v, y, 0, 0};
+  channel_job j = {g, v, y, 0, 0, NULL};
   ad__par_for(g->n * g->k, 1 + 16384 / (g->p * g->q), channel_expand_part, &j);
   ad_node *nd = ad__record(t, &OP_CHANNEL_EXPAND, y, 1, &v);
   if (nd) nd->a.extra = (void *)g;
@@ -617,7 +620,7 @@ static int conv_backward_fused(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_t
            pw ? xd + (size_t)((n0 + i) * chw) * es : colx + (size_t)(i * ld) * es, pq,
            n0 + i == 0 ? 0.0 : 1.0, gw->data, crs);
     if (want_b) { /* as channel_sum, images [n0, n0 + m) */
-      channel_job j = {g, G, db, n0, n0 + m};
+      channel_job j = {g, G, db, n0, n0 + m, NULL};
       ad__par_for(g->k, 1 + 16384 / (m * pq + 1), channel_sum_part, &j);
     }
   }
@@ -698,8 +701,80 @@ typedef struct {
   const nn__pool *pool;
 } conv_pool;
 
+/* Not recording (a first-order gradient): gC = scatter(G) and conv2d's
+ * backward one chunk of images at a time, gC_n formed in a workspace and
+ * used from cache, never whole. The same kernels on the same data in the
+ * same order as the scatter and then conv_backward_fused: the same bits.
+ * Returns 0 (nothing done) for the caller to take the recorded way. */
+static int conv_pool_backward_chunked(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor **gin,
+                                      const int *need) {
+  const conv_pool *cp = nd->a.extra;
+  const conv_geom *g = &cp->g;
+  ad_tensor *x = nd->in[0], *w = nd->in[1];
+  const int want_x = need[0], want_b = nd->n_in > 2 && need[2];
+  int64_t ps[4];
+  nn__relu_pool_shape(cp->pool, ps);
+  if (ad__recording(t) || !need[1] || is_pointwise(g) || !G || G->ndim != 4 ||
+      G->dtype != x->dtype || G->shape[0] != ps[0] || G->shape[1] != ps[1] ||
+      G->shape[2] != ps[2] || G->shape[3] != ps[3])
+    return 0;
+  ad_tensor *in2[2] = {G, w};
+  if (!ad__check(t, "conv2d_relu_max_pool2d backward", 2, in2)) return 1; /* error on the tape */
+  const ad_dtype dt = x->dtype;
+  const size_t es = ad_dtype_size(dt);
+  const int64_t crs = g->c * g->r * g->s, pq = g->p * g->q, chw = g->c * g->h * g->w,
+                kpq = g->k * pq;
+  ad_tensor *gx = want_x ? ad__alloc(t, dt, 4, (int64_t[]){g->n, g->c, g->h, g->w}, 0) : NULL;
+  ad_tensor *gw = ad__alloc(t, dt, 4, (int64_t[]){g->k, g->c, g->r, g->s}, 0);
+  ad_tensor *db = want_b ? ad__alloc(t, dt, 1, &g->k, 1) : NULL;
+  if (!gw || (want_x && !gx) || (want_b && !db)) return 1;
+  const int64_t cs = chunk_of(g), ld = crs * pq;
+  char *colx = ad_arena_alloc(t, (size_t)(cs * ld) * es);
+  char *colg = want_x ? ad_arena_alloc(t, (size_t)(cs * ld) * es) : NULL;
+  char *gc = ad_arena_alloc(t, (size_t)(cs * kpq) * es);
+  if (!colx || !gc || (want_x && !colg)) return 1;
+  for (int64_t n0 = 0; n0 < g->n; n0 += cs) {
+    const int64_t m = g->n - n0 < cs ? g->n - n0 : cs;
+    int ok;
+    nn__relu_pool_scatter_planes(t, cp->pool, dt, G->data, gc, n0 * g->k, (n0 + m) * g->k, &ok);
+    if (!ok) return 1;
+    if (want_x) { /* as conv_bwd_input */
+      for (int64_t i = 0; i < m; i++)
+        gemm(dt, 1, 0, crs, pq, g->k, w->data, crs, gc + (size_t)(i * kpq) * es, pq, 0.0,
+             colg + (size_t)(i * ld) * es, pq);
+      col_job j = {
+          dt, g, (char *)gx->data + (size_t)(n0 * chw) * es, colg, ld, 0, 0, !has_centre_tap(g)};
+      ad__par_for(m, 1, col2im_part, &j);
+    }
+    col_job j = {dt, g, (char *)x->data + (size_t)(n0 * chw) * es, colx, ld, n0 == 0, 0, 0};
+    ad__par_for(m, 1, im2col_part, &j); /* as conv_bwd_weight */
+    for (int64_t i = 0; i < m; i++)
+      gemm(dt, 0, 1, g->k, crs, pq, gc + (size_t)(i * kpq) * es, pq, colx + (size_t)(i * ld) * es,
+           pq, n0 + i == 0 ? 0.0 : 1.0, gw->data, crs);
+    if (want_b) { /* as channel_sum, images [n0, n0 + m) */
+      channel_job cj = {g, G, db, n0, n0 + m, gc};
+      ad__par_for(g->k, 1 + 16384 / (m * pq + 1), channel_sum_part, &cj);
+    }
+  }
+  /* not recording: ad__record records nothing, it only marks the results
+   * as conv_backward_fused's calls would */
+  ad_tensor *inw[2] = {x, G};
+  if (want_x) {
+    ad__record(t, &OP_CONV2D_BWD_INPUT, gx, 2, in2);
+    gin[0] = ad__done(t, gx, "conv2d_backward_input");
+  }
+  ad__record(t, &OP_CONV2D_BWD_WEIGHT, gw, 2, inw);
+  gin[1] = ad__done(t, gw, "conv2d_backward_weight");
+  if (want_b) {
+    ad__record(t, &OP_CHANNEL_SUM, db, 1, &G);
+    gin[2] = ad__done(t, db, "conv2d_bias_grad");
+  }
+  return 1;
+}
+
 static void vjp_conv2d_relu_pool(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor **gin,
                                  const int *need) {
+  if (conv_pool_backward_chunked(t, nd, G, gin, need)) return;
   const conv_pool *cp = nd->a.extra;
   ad_tensor *gc = nn__relu_pool_scatter(t, G, cp->pool);
   if (gc) vjp_conv2d(t, nd, gc, gin, need);

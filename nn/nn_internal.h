@@ -46,5 +46,10 @@ int nn__relu_pool_planes(ad_tape *t, const nn__pool *g, ad_dtype dt, const void 
  * where the maximum is above 0, else 0 (recorded; its rule is the masked
  * gather, so every order stays exact). */
 ad_tensor *nn__relu_pool_scatter(ad_tape *t, ad_tensor *gy, const nn__pool *g);
+/* The same scatter, unrecorded, for the input planes [nc0, nc1) only: x
+ * (which holds those planes from nc0 on) gets them from gy (the whole
+ * pooled gradient's data). *ok = 0 when out of memory. */
+void nn__relu_pool_scatter_planes(ad_tape *t, const nn__pool *g, ad_dtype dt, const void *gy,
+                                  void *x, int64_t nc0, int64_t nc1, int *ok);
 
 #endif

@@ -300,21 +300,21 @@ static int64_t scatter2_row_f64(double *a, double *b, const double *yr, const in
   /* x = 0, then x[idx[o]] += y[o] for the outputs o of the planes; a                              \
    * clipped window (idx < 0) adds nothing. */                                                     \
   static void scatter_##SFX(const pool_geom *g, const int32_t *idx, const T *y, T *x, int64_t nc0, \
-                            int64_t nc1) {                                                         \
+                            int64_t nc1, int64_t xoff) {                                           \
     const int64_t hw = g->h * g->w, pq = g->p * g->q;                                              \
-    memset(x + nc0 * hw, 0, sizeof(T) * (size_t)((nc1 - nc0) * hw));                               \
+    memset(x + (nc0 - xoff) * hw, 0, sizeof(T) * (size_t)((nc1 - nc0) * hw));                      \
     for (int64_t o = nc0 * pq; o < nc1 * pq; o++) /* x never holds -0: adding +0 is a no-op */     \
-      x[idx[o] ^ -(int32_t)(idx[o] < 0)] += masked_##SFX(y[o], idx[o]);                            \
+      x[(idx[o] ^ -(int32_t)(idx[o] < 0)) - xoff * hw] += masked_##SFX(y[o], idx[o]);              \
   }                                                                                                \
   /* The same for 2x2 windows at stride 2 that tile x: every input element                         \
    * is written once (g at the argmax, 0 elsewhere), one streaming pass                            \
    * instead of a memset and scattered adds. Rows/columns past the last                            \
    * window (odd H or W) are zeroed. A clipped window stores 0 at ~idx. */                         \
   static void scatter2_##SFX(const pool_geom *g, const int32_t *idx, const T *y, T *x,             \
-                             int64_t nc0, int64_t nc1) {                                           \
+                             int64_t nc0, int64_t nc1, int64_t xoff) {                             \
     const int64_t W = g->w, hw = g->h * g->w, pq = g->p * g->q;                                    \
     for (int64_t nc = nc0; nc < nc1; nc++) {                                                       \
-      T *xp = x + nc * hw;                                                                         \
+      T *xp = x + (nc - xoff) * hw; /* x holds the planes from xoff on */                          \
       for (int64_t p = 0; p < g->p; p++) {                                                         \
         T *a = xp + 2 * p * W, *b = a + W;                                                         \
         const T *yr = y + nc * pq + p * g->q;                                                      \
@@ -388,11 +388,11 @@ static void pool_part(void *ctx, int part, int64_t lo, int64_t hi) {
     break;
   case K_SCATTER:
     if (tiled2)
-      f ? scatter2_f32(g, g->idx, j->in, j->out, lo, hi)
-        : scatter2_f64(g, g->idx, j->in, j->out, lo, hi);
+      f ? scatter2_f32(g, g->idx, j->in, j->out, lo, hi, j->nc0)
+        : scatter2_f64(g, g->idx, j->in, j->out, lo, hi, j->nc0);
     else
-      f ? scatter_f32(g, g->idx, j->in, j->out, lo, hi)
-        : scatter_f64(g, g->idx, j->in, j->out, lo, hi);
+      f ? scatter_f32(g, g->idx, j->in, j->out, lo, hi, j->nc0)
+        : scatter_f64(g, g->idx, j->in, j->out, lo, hi, j->nc0);
     if (g->nan) /* after the scatter: its NaNs overwrite what it stored */
       f ? nan_fix_f32(g, g->src, j->out, 1, lo, hi) : nan_fix_f64(g, g->src, j->out, 1, lo, hi);
     break;
@@ -406,9 +406,11 @@ static void pool_part(void *ctx, int part, int64_t lo, int64_t hi) {
 
 /* Runs a kernel over the planes [nc0, nc1) of the N*C, split over the
  * worker threads (a few planes per part at least: small pools stay on the
- * caller's thread). K_MAX reads in from plane nc0 on (in points at plane
- * nc0: a chunk of images, nn__relu_pool_planes); the others index in and
- * out from plane 0. Returns whether some part saw a NaN output (K_MAX). */
+ * caller's thread). K_MAX reads in and K_SCATTER writes out from plane
+ * nc0 on (it points at plane nc0: a chunk of images, nn__relu_pool_planes
+ * and nn__relu_pool_scatter_planes); the others index in and out from
+ * plane 0. The NaN fix-up (g->nan) is for whole tensors only. Returns whether some part saw a NaN
+ * output (K_MAX). */
 static int pool_run_planes(ad_tape *t, int kind, int relu, ad_dtype dt, const pool_geom *g,
                            const void *in, void *out, int64_t nc0, int64_t nc1, int *ok) {
   int64_t planes = nc1 - nc0, per = g->h * g->w + 1;
@@ -554,6 +556,11 @@ void nn__relu_pool_shape(const nn__pool *g, int64_t shape[4]) {
 int nn__relu_pool_planes(ad_tape *t, const nn__pool *g, ad_dtype dt, const void *x, void *y,
                          int64_t nc0, int64_t nc1, int *ok) {
   return pool_run_planes(t, K_MAX, 1, dt, g, x, y, nc0, nc1, ok);
+}
+
+void nn__relu_pool_scatter_planes(ad_tape *t, const nn__pool *g, ad_dtype dt, const void *gy,
+                                  void *x, int64_t nc0, int64_t nc1, int *ok) {
+  pool_run_planes(t, K_SCATTER, 0, dt, g, gy, x, nc0, nc1, ok);
 }
 
 ad_tensor *nn__relu_pool_scatter(ad_tape *t, ad_tensor *gy, const nn__pool *g) {

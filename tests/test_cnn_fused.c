@@ -126,6 +126,7 @@ static const geom GEOMS[] = {
     {2, 3, 6, 8, 2, 2, 0},  /* the tiled fast path */
     {2, 2, 7, 5, 2, 2, 0},  /* tiled, a row and a column left over */
     {2, 2, 6, 21, 2, 2, 0}, /* tiled, rows of 10 windows: 8 four at a time, 2 one by one */
+    {1, 2, 5, 37, 2, 2, 0}, /* tiled, rows of 18 windows: 16 and 2 under a mask (AVX-512) */
     {1, 2, 7, 7, 3, 2, 1},  /* overlapping, padded */
     {2, 1, 5, 6, 3, 1, 1},  /* stride 1 */
     {1, 3, 4, 9, 2, 3, 1},  /* stride past the window, padded */
@@ -394,14 +395,17 @@ static void crp_inputs(ad_dtype dt, const cgeom *g, ad_rng *r, ad_tensor *in[3])
   for (int j = 0; j < 3; j++) ad_requires_grad(in[j], 1);
 }
 
-/* Value, the gradients of <tanh(y), u> in x, w, b (recorded), and the HVP
- * d<(dx, dw, db), v>/d(x, w, b) through them. */
+/* Value, the gradients of <tanh(y), u> in x, w, b unrecorded (d0: the
+ * fused op's chunked backward) and recorded (d), and the HVP
+ * d<(dx, dw, db), v>/d(x, w, b) through the recorded ones. */
 static void crp_run(ad_tape *t, ad_tensor *const *in, const cgeom *g, int how, ad_tensor *u,
-                    ad_tensor *const *v, ad_tensor **y, ad_tensor **d, ad_tensor **hv) {
+                    ad_tensor *const *v, ad_tensor **y, ad_tensor **d0, ad_tensor **d,
+                    ad_tensor **hv) {
   *y = crp_by(t, in, g, how);
   ck_assert_ptr_nonnull(*y);
   const int n = g->bias ? 3 : 2;
   ad_tensor *s = ad_dot(t, ad_tanh(t, *y), u);
+  ck_assert_int_eq(ad_grad(t, 1, &s, NULL, n, (ad_tensor **)in, d0, 0), AD_OK);
   ck_assert_int_eq(ad_grad(t, 1, &s, NULL, n, (ad_tensor **)in, d, AD_GRAD_RECORD), AD_OK);
   ad_tensor *s2 = ad_dot(t, d[0], v[0]);
   for (int j = 1; j < n; j++) s2 = ad_add(t, s2, ad_dot(t, d[j], v[j]));
@@ -432,8 +436,9 @@ START_TEST(test_crp_equals_unfused) {
         ck_assert_int_eq(ad_tensor_new(&v[j], dts[d % 2], in[j]->ndim, in[j]->shape), AD_OK);
         fill_rand(v[j], &r);
       }
-      ad_tensor *y[3], *dd[3][3], *hv[3][3];
-      for (int how = 0; how < 3; how++) crp_run(t, in, g, how, u, v, &y[how], dd[how], hv[how]);
+      ad_tensor *y[3], *d0[3][3], *dd[3][3], *hv[3][3];
+      for (int how = 0; how < 3; how++)
+        crp_run(t, in, g, how, u, v, &y[how], d0[how], dd[how], hv[how]);
       ck_assert_int_eq(ad_tape_status(t), AD_OK);
       double nz = 0, pos = 0, neg = 0;
       for (int64_t i = 0; i < dd[0][0]->size; i++) nz += fabs(ad_get(dd[0][0], i));
@@ -444,6 +449,8 @@ START_TEST(test_crp_equals_unfused) {
         same("crp value", y[0], y[how], gi, how);
         for (int j = 0; j < (g->bias ? 3 : 2); j++) {
           same("crp gradient", dd[0][j], dd[how][j], gi, how);
+          same("crp unrecorded gradient", d0[0][j], d0[how][j], gi, how);
+          same("crp unrecorded vs recorded gradient", d0[0][j], dd[0][j], gi, how);
           same("crp hvp", hv[0][j], hv[how][j], gi, how);
         }
       }
