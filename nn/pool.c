@@ -13,6 +13,7 @@
 #include "nn.h"
 
 #include "autodiff/ad_internal.h"
+#include "autodiff/ad_simd.h"
 #include "nn_internal.h"
 
 #include <float.h>
@@ -25,6 +26,7 @@ typedef struct nn__pool {
   int32_t *idx;    /* max pool: flat index into x of each output's maximum */
   int nan;         /* relu_max_pool2d: some pooled maximum is NaN ... */
   const void *src; /* ... of this input, which relu's NaN rule then reads */
+  int v512;        /* the f32 2x2 rows may use AVX-512 (ad__blas_avx512_allowed) */
 } pool_geom;
 
 static void attr_pool(const ad_node *nd, char *buf, size_t len) {
@@ -46,6 +48,7 @@ static int geom_dims(ad_tape *t, const char *op, const int64_t d[4], const char 
   memset(g, 0, sizeof *g);
   g->n = d[0], g->c = d[1], g->h = d[2], g->w = d[3];
   g->k = k, g->st = stride, g->pad = pad;
+  g->v512 = ad__blas_avx512_allowed();
   /* pad <= k / 2 here, so 2 * pad fits an int; h + 2 * pad is 64-bit. */
   int64_t hp, wp;
   if (nn__add_overflow(g->h, 2 * (int64_t)pad, &hp) ||
@@ -170,6 +173,150 @@ static int64_t scatter2_row_f32(float *a, float *b, const float *yr, const int32
   return 0;
 }
 #endif
+
+/* The same 2x2 stride-2 rows with AVX-512 (taken where
+ * ad__blas_avx512_allowed says so: the CPU runs it and HYPERTAPE_BLIS_ARCH
+ * does not ask for an AVX2-only kernel set), sixteen windows at a time and
+ * the row's tail under a lane mask, so a row of 14 or 7 windows (MNIST's
+ * 28x28 and 14x14 planes) is one step. The same compares as the SSE2 and
+ * scalar loops (vmaxps is x > y ? x : y too): the same values, indices,
+ * ties and NaN detection. */
+#if AD_X86 && defined(__GNUC__)
+#define POOL_HAVE_512 1
+AD_AVX512_ATTR static inline int64_t max2_row_512(const float *a, const float *b, float *yr,
+                                                  int32_t *ir, int32_t base, int32_t W, int64_t Q,
+                                                  int relu, int *nan) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512i step = even, one = _mm512_set1_epi32(1), vw = _mm512_set1_epi32(W);
+  const __m512 zero = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (int64_t q = 0; q < Q; q += 16) {
+    const int64_t n = Q - q < 16 ? Q - q : 16; /* windows in this step */
+    const __mmask16 mq = (__mmask16)((1u << n) - 1);
+    const __mmask16 lo = (__mmask16)(n >= 8 ? 0xffffu : (1u << 2 * n) - 1);
+    const __mmask16 hi = (__mmask16)(n <= 8 ? 0 : (1u << (2 * n - 16)) - 1);
+    const float *pa = a + 2 * q, *pb = b + 2 * q;
+    const __m512 al = _mm512_maskz_loadu_ps(lo, pa), ah = _mm512_maskz_loadu_ps(hi, pa + 16);
+    const __m512 bl = _mm512_maskz_loadu_ps(lo, pb), bh = _mm512_maskz_loadu_ps(hi, pb + 16);
+    const __m512 a0 = _mm512_permutex2var_ps(al, even, ah),
+                 a1 = _mm512_permutex2var_ps(al, odd, ah);
+    const __m512 b0 = _mm512_permutex2var_ps(bl, even, bh),
+                 b1 = _mm512_permutex2var_ps(bl, odd, bh);
+    bad |= _mm512_cmp_ps_mask(a0, a1, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b0, b1, _CMP_UNORD_Q);
+    const __m512 ma = _mm512_max_ps(a1, a0), mb = _mm512_max_ps(b1, b0), m = _mm512_max_ps(mb, ma);
+    const __mmask16 keep = _mm512_cmp_ps_mask(m, zero, _CMP_GT_OQ);
+    _mm512_mask_storeu_ps(yr + q, mq, relu ? _mm512_maskz_mov_ps(keep, m) : m);
+    if (ir) { /* pos = base + 2q + ia + bot (W + ib - ia) */
+      const __mmask16 ia = _mm512_cmp_ps_mask(a1, a0, _CMP_GT_OQ);
+      const __mmask16 ib = _mm512_cmp_ps_mask(b1, b0, _CMP_GT_OQ);
+      const __mmask16 bot = _mm512_cmp_ps_mask(mb, ma, _CMP_GT_OQ);
+      __m512i pos = _mm512_add_epi32(_mm512_set1_epi32(base + (int32_t)(2 * q)), step);
+      pos = _mm512_mask_add_epi32(pos, ia, pos, one);
+      __m512i dw = _mm512_mask_add_epi32(vw, ib, vw, one);
+      dw = _mm512_mask_sub_epi32(dw, ia, dw, one);
+      pos = _mm512_mask_add_epi32(pos, bot, pos, dw);
+      if (relu) pos = _mm512_mask_xor_epi32(pos, (__mmask16)~keep, pos, _mm512_set1_epi32(-1));
+      _mm512_mask_storeu_epi32(ir + q, mq, pos);
+    }
+  }
+  *nan |= bad != 0;
+  return Q;
+}
+AD_AVX512_ATTR static inline int64_t scatter2_row_512(float *a, float *b, const float *yr,
+                                                      const int32_t *ir, int32_t base, int32_t W,
+                                                      int64_t Q) {
+  const __m512i step = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  /* interleave e0, e1: lanes 0..7 of each for the low 16, 8..15 for the high */
+  const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i ih = _mm512_add_epi32(il, _mm512_set1_epi32(8));
+  const __m512i one = _mm512_set1_epi32(1), vw = _mm512_set1_epi32(W),
+                vw1 = _mm512_set1_epi32(W + 1), z = _mm512_setzero_si512();
+  for (int64_t q = 0; q < Q; q += 16) {
+    const int64_t n = Q - q < 16 ? Q - q : 16;
+    const __mmask16 mq = (__mmask16)((1u << n) - 1);
+    const __mmask16 lo = (__mmask16)(n >= 8 ? 0xffffu : (1u << 2 * n) - 1);
+    const __mmask16 hi = (__mmask16)(n <= 8 ? 0 : (1u << (2 * n - 16)) - 1);
+    const __m512i i = _mm512_maskz_loadu_epi32(mq, ir + q);
+    const __m512i neg = _mm512_srai_epi32(i, 31);
+    const __m512i off =
+        _mm512_sub_epi32(_mm512_xor_si512(i, neg),
+                         _mm512_add_epi32(_mm512_set1_epi32(base + (int32_t)(2 * q)), step));
+    /* g where the window passes relu (i >= 0), else 0 */
+    const __m512 v = _mm512_maskz_loadu_ps((__mmask16)(mq & _mm512_cmpge_epi32_mask(i, z)), yr + q);
+    const __m512 e0 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(off, z), v);
+    const __m512 e1 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(off, one), v);
+    const __m512 e2 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(off, vw), v);
+    const __m512 e3 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(off, vw1), v);
+    float *pa = a + 2 * q, *pb = b + 2 * q;
+    _mm512_mask_storeu_ps(pa, lo, _mm512_permutex2var_ps(e0, il, e1));
+    _mm512_mask_storeu_ps(pa + 16, hi, _mm512_permutex2var_ps(e0, ih, e1));
+    _mm512_mask_storeu_ps(pb, lo, _mm512_permutex2var_ps(e2, il, e3));
+    _mm512_mask_storeu_ps(pb + 16, hi, _mm512_permutex2var_ps(e2, ih, e3));
+  }
+  return Q;
+}
+
+/* Whole planes (rows 2p, 2p + 1 for every p) in one call, the rows'
+ * constants and the call out of the loop over rows. max2: returns 0 when
+ * some window holds a NaN, for the caller to redo the plane row by row
+ * (which lets the NaN win). scatter2: also zeroes the columns and rows
+ * past the last window. */
+AD_AVX512_ATTR static int max2_plane_512(const float *xp, float *yp, int32_t *ip, int32_t base,
+                                         int32_t W, int64_t P, int64_t Q, int relu) {
+  int nan = 0;
+  for (int64_t p = 0; p < P; p++) {
+    const float *a = xp + 2 * p * W;
+    max2_row_512(a, a + W, yp + p * Q, ip ? ip + p * Q : NULL, base + (int32_t)(2 * p * W), W, Q,
+                 relu, &nan);
+  }
+  return !nan;
+}
+AD_AVX512_ATTR static void scatter2_plane_512(float *xp, const float *yp, const int32_t *ip,
+                                              int32_t base, int32_t W, int64_t H, int64_t P,
+                                              int64_t Q) {
+  for (int64_t p = 0; p < P; p++) {
+    float *a = xp + 2 * p * W, *b = a + W;
+    scatter2_row_512(a, b, yp + p * Q, ip + p * Q, base + (int32_t)(2 * p * W), W, Q);
+    for (int64_t j = 2 * Q; j < W; j++) a[j] = b[j] = 0;
+  }
+  for (int64_t i = 2 * P * W; i < H * W; i++) xp[i] = 0;
+}
+#else
+#define POOL_HAVE_512 0
+#endif
+
+/* The f32 planes by AVX-512 where allowed (v512); 0: not done, the rows
+ * go one by one (SSE2 and scalar). */
+static int max2_plane_f32(const float *xp, float *yp, int32_t *ip, int32_t base, int32_t W,
+                          int64_t P, int64_t Q, int relu, int v512) {
+#if POOL_HAVE_512
+  if (v512) return max2_plane_512(xp, yp, ip, base, W, P, Q, relu);
+#endif
+  (void)xp, (void)yp, (void)ip, (void)base, (void)W, (void)P, (void)Q, (void)relu, (void)v512;
+  return 0;
+}
+static int scatter2_plane_f32(float *xp, const float *yp, const int32_t *ip, int32_t base,
+                              int32_t W, int64_t H, int64_t P, int64_t Q, int v512) {
+#if POOL_HAVE_512
+  if (v512) {
+    scatter2_plane_512(xp, yp, ip, base, W, H, P, Q);
+    return 1;
+  }
+#endif
+  (void)xp, (void)yp, (void)ip, (void)base, (void)W, (void)H, (void)P, (void)Q, (void)v512;
+  return 0;
+}
+static int max2_plane_f64(const double *xp, double *yp, int32_t *ip, int32_t base, int32_t W,
+                          int64_t P, int64_t Q, int relu, int v512) {
+  (void)xp, (void)yp, (void)ip, (void)base, (void)W, (void)P, (void)Q, (void)relu, (void)v512;
+  return 0;
+}
+static int scatter2_plane_f64(double *xp, const double *yp, const int32_t *ip, int32_t base,
+                              int32_t W, int64_t H, int64_t P, int64_t Q, int v512) {
+  (void)xp, (void)yp, (void)ip, (void)base, (void)W, (void)H, (void)P, (void)Q, (void)v512;
+  return 0;
+}
 static int64_t max2_row_f64(const double *a, const double *b, double *yr, int32_t *ir, int32_t base,
                             int32_t W, int64_t Q, int relu, int *nan) {
   (void)a, (void)b, (void)yr, (void)ir, (void)base, (void)W, (void)Q, (void)relu, (void)nan;
@@ -214,6 +361,9 @@ static int64_t scatter2_row_f64(double *a, double *b, const double *yr, const in
       const T *xp = x + (nc - xoff) * hw; /* x holds the planes from xoff on */                    \
       T *yp = y + nc * pq;                                                                         \
       int32_t *ip = idx ? idx + nc * pq : NULL;                                                    \
+      if (fast2 &&                                                                                 \
+          max2_plane_##SFX(xp, yp, ip, (int32_t)(nc * hw), (int32_t)W, g->p, g->q, relu, g->v512)) \
+        continue;                                                                                  \
       for (int64_t p = 0; p < g->p; p++) {                                                         \
         if (fast2) { /* 2x2 windows, stride 2: rows 2p and 2p+1, as a tree: */                     \
           const T *a = xp + 2 * p * W, *b = a + W; /* max(a0, a1) vs max(b0, b1) */                \
@@ -315,6 +465,9 @@ static int64_t scatter2_row_f64(double *a, double *b, const double *yr, const in
     const int64_t W = g->w, hw = g->h * g->w, pq = g->p * g->q;                                    \
     for (int64_t nc = nc0; nc < nc1; nc++) {                                                       \
       T *xp = x + (nc - xoff) * hw; /* x holds the planes from xoff on */                          \
+      if (scatter2_plane_##SFX(xp, y + nc * pq, idx + nc * pq, (int32_t)(nc * hw), (int32_t)W,     \
+                               g->h, g->p, g->q, g->v512))                                         \
+        continue;                                                                                  \
       for (int64_t p = 0; p < g->p; p++) {                                                         \
         T *a = xp + 2 * p * W, *b = a + W;                                                         \
         const T *yr = y + nc * pq + p * g->q;                                                      \
