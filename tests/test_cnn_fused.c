@@ -275,12 +275,12 @@ END_TEST
 /* A NaN in a window: the output is NaN (relu keeps it, as ad_relu does)
  * and its gradient is NaN at the NaN, like ad_relu(nn_max_pool2d(x)). */
 START_TEST(test_fused_nan) {
-  for (int gi = 0; gi < 4; gi++) {
-    const geom *g = &GEOMS[gi];
+  for (int gi = 0; gi < 8; gi++) { /* f64, then f32 (the SIMD rows and planes) */
+    const geom *g = &GEOMS[gi % 4];
     ad_rng r;
     ad_rng_seed(&r, 9);
     ad_tape *t = tape();
-    ad_tensor *x = tie_input(AD_F64, g, &r);
+    ad_tensor *x = tie_input(gi < 4 ? AD_F64 : AD_F32, g, &r);
     ad_set(x, 3, NAN);
     ad_set(x, x->size - 2, NAN);
     ad_tensor *y[2], *dx[2];
