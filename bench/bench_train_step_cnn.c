@@ -6,8 +6,9 @@
  *   x [64, 1, 28, 28]
  *   conv 3x3 16, pad 1 -> relu + max pool 2   [64, 16, 14, 14]
  *   conv 3x3 32, pad 1 -> relu + max pool 2   [64, 32, 7, 7]
- * (relu + max pool: nn_relu_max_pool2d, the two fused; the same function
- * as max pool then relu, which is how the twin writes it)
+ * (conv + relu + max pool: nn_conv2d_relu_max_pool2d, the three fused; the
+ * same function as conv, max pool then relu, which is how the twin writes
+ * it)
  *   flatten -> linear 1568 -> 10, cross-entropy
  *
  * The floor is the GEMMs this step cannot avoid, as nn_conv2d issues them
@@ -84,12 +85,13 @@ static int cnn_init(cnn_problem *c, uint64_t seed) {
 static ad_tensor *cnn_loss(cnn_problem *c) {
   ad_tape *t = c->tape;
   const nn_params *p = c->p;
-  /* relu then pool as one fused op (relu and max commute: the twin pools
-   * first and applies relu to the pooled tensor, the cheap order there) */
-  ad_tensor *h = nn_conv2d(t, c->x, nn_params_get(p, "conv1.w"), nn_params_get(p, "conv1.b"), 1, 1);
-  h = nn_relu_max_pool2d(t, h, 2, 2, 0);
-  h = nn_conv2d(t, h, nn_params_get(p, "conv2.w"), nn_params_get(p, "conv2.b"), 1, 1);
-  h = nn_relu_max_pool2d(t, h, 2, 2, 0);
+  /* conv, bias, relu and pool as one fused op (relu and max commute: the
+   * twin pools first and applies relu to the pooled tensor, the cheap
+   * order there) */
+  ad_tensor *h = nn_conv2d_relu_max_pool2d(t, c->x, nn_params_get(p, "conv1.w"),
+                                           nn_params_get(p, "conv1.b"), 1, 1, 2, 2, 0);
+  h = nn_conv2d_relu_max_pool2d(t, h, nn_params_get(p, "conv2.w"), nn_params_get(p, "conv2.b"), 1,
+                                1, 2, 2, 0);
   ad_tensor *z = nn_linear(t, nn_flatten(t, h), nn_params_get(p, "fc.w"), nn_params_get(p, "fc.b"));
   return ad_cross_entropy(t, z, c->labels, B);
 }

@@ -269,9 +269,14 @@ static int64_t chunk_of(const conv_geom *g) {
 /* y [N, K, P, Q] = conv(x, w) (+ b per channel).
  * The bias rides in the GEMM: col gets a row of ones and W a column b, so
  * y_n = [W b] [col; 1] with beta 0: no pass filling y_n with b first and
- * no read of it back in the GEMM, for one more step of depth. */
+ * no read of it back in the GEMM, for one more step of depth.
+ * With pool (not pointwise), y is relu(max pool(conv)) instead: each chunk
+ * of images is convolved into a workspace and pooled from it while it is
+ * in cache, the convolution's output never formed whole. Returns 1, or 0
+ * on failure, or 2 when some pooled output is NaN (the caller takes the
+ * unfused ops, whose rules carry relu's NaN rule). */
 static int conv_forward(ad_tape *t, const conv_geom *g, const ad_tensor *x, const ad_tensor *w,
-                        const ad_tensor *b, ad_tensor *y) {
+                        const ad_tensor *b, ad_tensor *y, const nn__pool *pool) {
   ad_dtype dt = x->dtype;
   size_t es = ad_dtype_size(dt);
   int64_t crs = g->c * g->r * g->s, pq = g->p * g->q, chw = g->c * g->h * g->w;
@@ -304,16 +309,24 @@ static int conv_forward(ad_tape *t, const conv_geom *g, const ad_tensor *x, cons
     }
     a = wb;
   }
-  const int64_t cs = chunk_of(g);
+  const int64_t cs = chunk_of(g), kpq = g->k * pq;
   char *col = ad_arena_alloc(t, (size_t)(cs * ld) * es);
-  if (!col) return 0;
+  char *ybuf = pool ? ad_arena_alloc(t, (size_t)(cs * kpq) * es) : NULL;
+  if (!col || (pool && !ybuf)) return 0;
   for (int64_t n0 = 0; n0 < g->n; n0 += cs) {
     int64_t m = g->n - n0 < cs ? g->n - n0 : cs;
     col_job j = {dt, g, (char *)x->data + (size_t)(n0 * chw) * es, col, ld, n0 == 0, b != NULL, 0};
     ad__par_for(m, 1, im2col_part, &j);
     for (int64_t i = 0; i < m; i++) /* y_n [K, PQ] = [W b] [K, CRS+1] [col; 1] [CRS+1, PQ] */
       gemm(dt, 0, 0, g->k, pq, kk, a, kk, j.col + (size_t)(i * ld) * es, pq, 0.0,
-           (char *)y->data + (size_t)((n0 + i) * g->k * pq) * es, pq);
+           pool ? ybuf + (size_t)(i * kpq) * es : (char *)y->data + (size_t)((n0 + i) * kpq) * es,
+           pq);
+    if (pool) { /* the chunk's planes [n0 K, (n0 + m) K) */
+      int ok,
+          nan = nn__relu_pool_planes(t, pool, dt, ybuf, y->data, n0 * g->k, (n0 + m) * g->k, &ok);
+      if (!ok) return 0;
+      if (nan) return 2;
+    }
   }
   return 1;
 }
@@ -467,7 +480,8 @@ typedef struct {
   const conv_geom *g;
   const ad_tensor *src;
   ad_tensor *dst;
-  int64_t n0, n1; /* channel_sum_part: the images [n0, n1) */
+  int64_t n0, n1; /* channel_sum_part: the images [n0, n1) ... */
+  const void *gd; /* ... of G's data, or (when not NULL) of gd, which holds them from n0 on */
 } channel_job;
 
 /* db[k] for k in [lo, hi): each channel's sum over n in order of n, the
@@ -477,11 +491,13 @@ static void channel_sum_part(void *ctx, int part, int64_t lo, int64_t hi) {
   const channel_job *j = ctx;
   const conv_geom *g = j->g;
   int64_t pq = g->p * g->q;
+  const int64_t d0 = j->gd ? j->n0 : 0;
+  const char *gd = j->gd ? j->gd : j->src->data;
   for (int64_t n = j->n0; n < j->n1; n++) /* n outer: one sequential stream over G */
     for (int64_t k = lo; k < hi; k++) {
-      int64_t off = (n * g->k + k) * pq;
+      int64_t off = ((n - d0) * g->k + k) * pq;
       if (j->src->dtype == AD_F32) {
-        const float *x = AD_F(j->src) + off;
+        const float *x = (const float *)(const void *)gd + off;
         float part8[8] = {0}, s = 0; /* eight partial sums: vectorizes */
         int64_t i = 0;
         for (; i + 8 <= pq; i += 8)
@@ -490,7 +506,7 @@ static void channel_sum_part(void *ctx, int part, int64_t lo, int64_t hi) {
         for (int e = 0; e < 8; e++) s += part8[e];
         AD_F(j->dst)[k] += s;
       } else {
-        const double *x = AD_D(j->src) + off;
+        const double *x = (const double *)(const void *)gd + off;
         double s = 0;
         for (int64_t i = 0; i < pq; i++) s += x[i];
         AD_D(j->dst)[k] += s;
@@ -502,7 +518,7 @@ static void channel_sum_part(void *ctx, int part, int64_t lo, int64_t hi) {
 static ad_tensor *channel_sum(ad_tape *t, ad_tensor *G, const conv_geom *g) {
   ad_tensor *db = ad__alloc(t, G->dtype, 1, &g->k, 1);
   if (!db) return NULL;
-  channel_job j = {g, G, db, 0, g->n};
+  channel_job j = {g, G, db, 0, g->n, NULL};
   ad__par_for(g->k, 1 + 16384 / (g->n * g->p * g->q + 1), channel_sum_part, &j);
   ad_node *nd = ad__record(t, &OP_CHANNEL_SUM, db, 1, &G);
   if (nd) nd->a.extra = (void *)g; /* the forward node's geometry */
@@ -538,7 +554,7 @@ static ad_tensor *channel_expand(ad_tape *t, ad_tensor *v, const conv_geom *g) {
   int64_t shape[4] = {g->n, g->k, g->p, g->q};
   ad_tensor *y = ad__alloc(t, v->dtype, 4, shape, 0);
   if (!y) return NULL;
-  channel_job j = {g, v, y, 0, 0};
+  channel_job j = {g, v, y, 0, 0, NULL};
   ad__par_for(g->n * g->k, 1 + 16384 / (g->p * g->q), channel_expand_part, &j);
   ad_node *nd = ad__record(t, &OP_CHANNEL_EXPAND, y, 1, &v);
   if (nd) nd->a.extra = (void *)g;
@@ -604,7 +620,7 @@ static int conv_backward_fused(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_t
            pw ? xd + (size_t)((n0 + i) * chw) * es : colx + (size_t)(i * ld) * es, pq,
            n0 + i == 0 ? 0.0 : 1.0, gw->data, crs);
     if (want_b) { /* as channel_sum, images [n0, n0 + m) */
-      channel_job j = {g, G, db, n0, n0 + m};
+      channel_job j = {g, G, db, n0, n0 + m, NULL};
       ad__par_for(g->k, 1 + 16384 / (m * pq + 1), channel_sum_part, &j);
     }
   }
@@ -640,29 +656,166 @@ static ad_tensor *conv2d_geom(ad_tape *t, ad_tensor *x, ad_tensor *w, ad_tensor 
                               const conv_geom *g) {
   int64_t shape[4] = {g->n, g->k, g->p, g->q};
   ad_tensor *y = ad__alloc(t, x->dtype, 4, shape, 0);
-  if (!y || !conv_forward(t, g, x, w, b, y)) return NULL;
+  if (!y || !conv_forward(t, g, x, w, b, y, NULL)) return NULL;
   ad_tensor *in[3] = {x, w, b};
   record(t, &OP_CONV2D, y, b ? 3 : 2, in, g);
   return ad__done(t, y, "conv2d");
 }
 
-ad_tensor *nn_conv2d(ad_tape *t, ad_tensor *x, ad_tensor *w, ad_tensor *b, int stride, int pad) {
+/* nn_conv2d's argument checks; fills g. */
+static int conv_args(ad_tape *t, const char *op, ad_tensor *x, ad_tensor *w, ad_tensor *b,
+                     int stride, int pad, conv_geom *g) {
   ad_tensor *in[3] = {x, w, b};
-  if (!ad__check(t, "nn_conv2d", b ? 3 : 2, in)) return NULL;
-  if (!dims4(t, "nn_conv2d", "x", x) || !dims4(t, "nn_conv2d", "w", w)) return NULL;
+  if (!ad__check(t, op, b ? 3 : 2, in)) return 0;
+  if (!dims4(t, op, "x", x) || !dims4(t, op, "w", w)) return 0;
   if (x->shape[1] != w->shape[1] || (b && b->size != w->shape[0])) {
     char sx[96], sw[96], sb[96];
-    return ad__fail(
-        t, AD_ERR_SHAPE,
-        "nn_conv2d: x %s, w %s, b %s do not fit (x [N, C, H, W], w [K, C, R, S], b [K])",
-        ad_shape_str(x, sx, sizeof sx), ad_shape_str(w, sw, sizeof sw),
-        b ? ad_shape_str(b, sb, sizeof sb) : "none");
+    ad__fail(t, AD_ERR_SHAPE,
+             "%s: x %s, w %s, b %s do not fit (x [N, C, H, W], w [K, C, R, S], b [K])", op,
+             ad_shape_str(x, sx, sizeof sx), ad_shape_str(w, sw, sizeof sw),
+             b ? ad_shape_str(b, sb, sizeof sb) : "none");
+    return 0;
   }
+  return make_geom(t, op, g, x->shape[0], x->shape[1], x->shape[2], x->shape[3], w->shape[0],
+                   w->shape[2], w->shape[3], stride, pad);
+}
+
+ad_tensor *nn_conv2d(ad_tape *t, ad_tensor *x, ad_tensor *w, ad_tensor *b, int stride, int pad) {
   conv_geom g;
-  if (!make_geom(t, "nn_conv2d", &g, x->shape[0], x->shape[1], x->shape[2], x->shape[3],
-                 w->shape[0], w->shape[2], w->shape[3], stride, pad))
-    return NULL;
+  if (!conv_args(t, "nn_conv2d", x, w, b, stride, pad, &g)) return NULL;
   return conv2d_geom(t, x, w, b, &g);
+}
+
+/* ------------------------------------------------------------------ conv2d + relu + max pool */
+/* F(x, w, b) = relu(max_pool(conv(x, w) + b)). Its VJP, by the chain rule
+ * with C = conv(x, w) + b and the masked argmax index of the pool (the
+ * window's maximum where it is above 0, nothing where relu clips it),
+ *   gC = scatter(G)            (pool.c's masked scatter; its rule is the
+ *                               masked gather, linear in G)
+ *   dx = bwd_input(gC, w),  dw = bwd_weight(x, gC),  db[k] = sum gC[:,k]
+ * i.e. conv2d's rule applied to gC, each result recorded with its own
+ * rule, so every order stays the same fast kernels and exact. The index
+ * is all the rule keeps of C: C is never formed whole. */
+typedef struct {
+  conv_geom g; /* first: conv2d's rule reads a.extra as its geometry */
+  const nn__pool *pool;
+} conv_pool;
+
+/* Not recording (a first-order gradient): gC = scatter(G) and conv2d's
+ * backward one chunk of images at a time, gC_n formed in a workspace and
+ * used from cache, never whole. The same kernels on the same data in the
+ * same order as the scatter and then conv_backward_fused: the same bits.
+ * Returns 0 (nothing done) for the caller to take the recorded way. */
+static int conv_pool_backward_chunked(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor **gin,
+                                      const int *need) {
+  const conv_pool *cp = nd->a.extra;
+  const conv_geom *g = &cp->g;
+  ad_tensor *x = nd->in[0], *w = nd->in[1];
+  const int want_x = need[0], want_b = nd->n_in > 2 && need[2];
+  int64_t ps[4];
+  nn__relu_pool_shape(cp->pool, ps);
+  if (ad__recording(t) || !need[1] || is_pointwise(g) || !G || G->ndim != 4 ||
+      G->dtype != x->dtype || G->shape[0] != ps[0] || G->shape[1] != ps[1] ||
+      G->shape[2] != ps[2] || G->shape[3] != ps[3])
+    return 0;
+  ad_tensor *in2[2] = {G, w};
+  if (!ad__check(t, "conv2d_relu_max_pool2d backward", 2, in2)) return 1; /* error on the tape */
+  const ad_dtype dt = x->dtype;
+  const size_t es = ad_dtype_size(dt);
+  const int64_t crs = g->c * g->r * g->s, pq = g->p * g->q, chw = g->c * g->h * g->w,
+                kpq = g->k * pq;
+  ad_tensor *gx = want_x ? ad__alloc(t, dt, 4, (int64_t[]){g->n, g->c, g->h, g->w}, 0) : NULL;
+  ad_tensor *gw = ad__alloc(t, dt, 4, (int64_t[]){g->k, g->c, g->r, g->s}, 0);
+  ad_tensor *db = want_b ? ad__alloc(t, dt, 1, &g->k, 1) : NULL;
+  if (!gw || (want_x && !gx) || (want_b && !db)) return 1;
+  const int64_t cs = chunk_of(g), ld = crs * pq;
+  char *colx = ad_arena_alloc(t, (size_t)(cs * ld) * es);
+  char *colg = want_x ? ad_arena_alloc(t, (size_t)(cs * ld) * es) : NULL;
+  char *gc = ad_arena_alloc(t, (size_t)(cs * kpq) * es);
+  if (!colx || !gc || (want_x && !colg)) return 1;
+  for (int64_t n0 = 0; n0 < g->n; n0 += cs) {
+    const int64_t m = g->n - n0 < cs ? g->n - n0 : cs;
+    int ok;
+    nn__relu_pool_scatter_planes(t, cp->pool, dt, G->data, gc, n0 * g->k, (n0 + m) * g->k, &ok);
+    if (!ok) return 1;
+    if (want_x) { /* as conv_bwd_input */
+      for (int64_t i = 0; i < m; i++)
+        gemm(dt, 1, 0, crs, pq, g->k, w->data, crs, gc + (size_t)(i * kpq) * es, pq, 0.0,
+             colg + (size_t)(i * ld) * es, pq);
+      col_job j = {
+          dt, g, (char *)gx->data + (size_t)(n0 * chw) * es, colg, ld, 0, 0, !has_centre_tap(g)};
+      ad__par_for(m, 1, col2im_part, &j);
+    }
+    col_job j = {dt, g, (char *)x->data + (size_t)(n0 * chw) * es, colx, ld, n0 == 0, 0, 0};
+    ad__par_for(m, 1, im2col_part, &j); /* as conv_bwd_weight */
+    for (int64_t i = 0; i < m; i++)
+      gemm(dt, 0, 1, g->k, crs, pq, gc + (size_t)(i * kpq) * es, pq, colx + (size_t)(i * ld) * es,
+           pq, n0 + i == 0 ? 0.0 : 1.0, gw->data, crs);
+    if (want_b) { /* as channel_sum, images [n0, n0 + m) */
+      channel_job cj = {g, G, db, n0, n0 + m, gc};
+      ad__par_for(g->k, 1 + 16384 / (m * pq + 1), channel_sum_part, &cj);
+    }
+  }
+  /* not recording: ad__record records nothing, it only marks the results
+   * as conv_backward_fused's calls would */
+  ad_tensor *inw[2] = {x, G};
+  if (want_x) {
+    ad__record(t, &OP_CONV2D_BWD_INPUT, gx, 2, in2);
+    gin[0] = ad__done(t, gx, "conv2d_backward_input");
+  }
+  ad__record(t, &OP_CONV2D_BWD_WEIGHT, gw, 2, inw);
+  gin[1] = ad__done(t, gw, "conv2d_backward_weight");
+  if (want_b) {
+    ad__record(t, &OP_CHANNEL_SUM, db, 1, &G);
+    gin[2] = ad__done(t, db, "conv2d_bias_grad");
+  }
+  return 1;
+}
+
+static void vjp_conv2d_relu_pool(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_tensor **gin,
+                                 const int *need) {
+  if (conv_pool_backward_chunked(t, nd, G, gin, need)) return;
+  const conv_pool *cp = nd->a.extra;
+  ad_tensor *gc = nn__relu_pool_scatter(t, G, cp->pool);
+  if (gc) vjp_conv2d(t, nd, gc, gin, need);
+}
+/* dx reads w, dw reads x, db neither (the index is in a.extra, raw arena
+ * data with pointers inside: compaction refuses, as for max_pool2d). */
+static const ad_op_def OP_CONV2D_RELU_POOL = {"conv2d_relu_max_pool2d",
+                                              vjp_conv2d_relu_pool,
+                                              attr_conv,
+                                              {AD_SAVES(AD_S_IN(1), AD_S_IN(0), 0, 0), NULL, 0}};
+
+ad_tensor *nn_conv2d_relu_max_pool2d(ad_tape *t, ad_tensor *x, ad_tensor *w, ad_tensor *b,
+                                     int stride, int pad, int k, int pool_stride, int pool_pad) {
+  const char *op = "nn_conv2d_relu_max_pool2d";
+  conv_geom g;
+  if (!conv_args(t, op, x, w, b, stride, pad, &g)) return NULL;
+  const int64_t cs[4] = {g.n, g.k, g.p, g.q};
+  const int rec =
+      ad__recording(t) && (ad_needs_grad(x) || ad_needs_grad(w) || (b && ad_needs_grad(b)));
+  const nn__pool *pool = nn__relu_pool_plan(t, op, cs, k, pool_stride, pool_pad, rec);
+  if (!pool) return NULL;
+  if (!is_pointwise(&g)) { /* a 1x1 convolution has no col workspace to pool from */
+    int64_t ps[4];
+    nn__relu_pool_shape(pool, ps);
+    ad_tensor *y = ad__alloc(t, x->dtype, 4, ps, 0);
+    if (!y) return NULL;
+    int r = conv_forward(t, &g, x, w, b, y, pool);
+    if (!r) return NULL;
+    if (r == 1) {
+      ad_tensor *in[3] = {x, w, b};
+      ad_node *nd = ad__record(t, &OP_CONV2D_RELU_POOL, y, b ? 3 : 2, in);
+      if (nd) {
+        conv_pool *cp = ad_arena_alloc(t, sizeof *cp);
+        if (!cp) return NULL;
+        cp->g = g, cp->pool = pool;
+        nd->a.extra = cp;
+      }
+      return ad__done(t, y, "conv2d_relu_max_pool2d");
+    }
+  } /* else (a NaN pooled, or pointwise): the ops one by one, the same values */
+  return nn_relu_max_pool2d(t, nn_conv2d(t, x, w, b, stride, pad), k, pool_stride, pool_pad);
 }
 
 /* ------------------------------------------------------------------ backward input */

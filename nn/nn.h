@@ -172,6 +172,13 @@ ad_tensor *nn_max_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad);
  * maximum). Same arguments and errors as nn_max_pool2d; differentiable to
  * any order. */
 ad_tensor *nn_relu_max_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad);
+/* conv, bias, relu and max pooling fused: nn_relu_max_pool2d(nn_conv2d(x,
+ * w, b, stride, pad), k, pool_stride, pool_pad), the same values (bits
+ * included) and the same errors, with each chunk of images pooled from
+ * cache and one recorded op whose rule is conv2d's applied to the pool's
+ * masked scatter; differentiable to any order. */
+ad_tensor *nn_conv2d_relu_max_pool2d(ad_tape *t, ad_tensor *x, ad_tensor *w, ad_tensor *b,
+                                     int stride, int pad, int k, int pool_stride, int pool_pad);
 /* Average pooling, divisor k*k (padding counts as zeros: PyTorch's
  * count_include_pad). Linear; its backward op is its adjoint. */
 ad_tensor *nn_avg_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad);

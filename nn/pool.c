@@ -13,18 +13,20 @@
 #include "nn.h"
 
 #include "autodiff/ad_internal.h"
+#include "autodiff/ad_simd.h"
 #include "nn_internal.h"
 
 #include <float.h>
 #include <string.h>
 
-typedef struct {
+typedef struct nn__pool {
   int64_t n, c, h, w; /* input */
   int64_t p, q;       /* output */
   int64_t k, st, pad;
   int32_t *idx;    /* max pool: flat index into x of each output's maximum */
   int nan;         /* relu_max_pool2d: some pooled maximum is NaN ... */
   const void *src; /* ... of this input, which relu's NaN rule then reads */
+  int v512;        /* the f32 2x2 rows may use AVX-512 (ad__blas_avx512_allowed) */
 } pool_geom;
 
 static void attr_pool(const ad_node *nd, char *buf, size_t len) {
@@ -33,14 +35,10 @@ static void attr_pool(const ad_node *nd, char *buf, size_t len) {
            (long long)g->pad);
 }
 
-static int make_geom(ad_tape *t, const char *op, const ad_tensor *x, int k, int stride, int pad,
-                     pool_geom *g) {
-  if (!ad__check(t, op, 1, (ad_tensor *const *)&x)) return 0;
-  if (x->ndim != 4) {
-    char s[96];
-    ad__fail(t, AD_ERR_SHAPE, "%s: x must be 4-D (NCHW), got %s", op, ad_shape_str(x, s, sizeof s));
-    return 0;
-  }
+/* Fills g for a k x k pool of an [N, C, H, W] input (d) at stride and pad;
+ * what names d in errors (its shape string). */
+static int geom_dims(ad_tape *t, const char *op, const int64_t d[4], const char *what, int k,
+                     int stride, int pad, pool_geom *g) {
   if (k < 1 || stride < 1 || pad < 0 || pad > k / 2) { /* not 2 * pad: it overflows an int */
     ad__fail(t, AD_ERR_ARG,
              "%s: kernel %d, stride %d, pad %d (need k, stride >= 1, 0 <= pad <= k/2)", op, k,
@@ -48,20 +46,31 @@ static int make_geom(ad_tape *t, const char *op, const ad_tensor *x, int k, int 
     return 0;
   }
   memset(g, 0, sizeof *g);
-  g->n = x->shape[0], g->c = x->shape[1], g->h = x->shape[2], g->w = x->shape[3];
+  g->n = d[0], g->c = d[1], g->h = d[2], g->w = d[3];
   g->k = k, g->st = stride, g->pad = pad;
+  g->v512 = ad__blas_avx512_allowed();
   /* pad <= k / 2 here, so 2 * pad fits an int; h + 2 * pad is 64-bit. */
   int64_t hp, wp;
   if (nn__add_overflow(g->h, 2 * (int64_t)pad, &hp) ||
       nn__add_overflow(g->w, 2 * (int64_t)pad, &wp) || hp < k || wp < k) {
-    char s[96];
-    ad__fail(t, AD_ERR_SHAPE, "%s: a %dx%d window does not fit %s padded by %d", op, k, k,
-             ad_shape_str(x, s, sizeof s), pad);
+    ad__fail(t, AD_ERR_SHAPE, "%s: a %dx%d window does not fit %s padded by %d", op, k, k, what,
+             pad);
     return 0;
   }
   g->p = (hp - k) / stride + 1;
   g->q = (wp - k) / stride + 1;
   return 1;
+}
+
+static int make_geom(ad_tape *t, const char *op, const ad_tensor *x, int k, int stride, int pad,
+                     pool_geom *g) {
+  if (!ad__check(t, op, 1, (ad_tensor *const *)&x)) return 0;
+  char s[96];
+  if (x->ndim != 4) {
+    ad__fail(t, AD_ERR_SHAPE, "%s: x must be 4-D (NCHW), got %s", op, ad_shape_str(x, s, sizeof s));
+    return 0;
+  }
+  return geom_dims(t, op, x->shape, ad_shape_str(x, s, sizeof s), k, stride, pad, g);
 }
 
 static const pool_geom *keep_geom(ad_tape *t, ad_node *nd, const pool_geom *g) {
@@ -164,6 +173,150 @@ static int64_t scatter2_row_f32(float *a, float *b, const float *yr, const int32
   return 0;
 }
 #endif
+
+/* The same 2x2 stride-2 rows with AVX-512 (taken where
+ * ad__blas_avx512_allowed says so: the CPU runs it and HYPERTAPE_BLIS_ARCH
+ * does not ask for an AVX2-only kernel set), sixteen windows at a time and
+ * the row's tail under a lane mask, so a row of 14 or 7 windows (MNIST's
+ * 28x28 and 14x14 planes) is one step. The same compares as the SSE2 and
+ * scalar loops (vmaxps is x > y ? x : y too): the same values, indices,
+ * ties and NaN detection. */
+#if AD_X86 && defined(__GNUC__)
+#define POOL_HAVE_512 1
+AD_AVX512_ATTR static inline int64_t max2_row_512(const float *a, const float *b, float *yr,
+                                                  int32_t *ir, int32_t base, int32_t W, int64_t Q,
+                                                  int relu, int *nan) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512i step = even, one = _mm512_set1_epi32(1), vw = _mm512_set1_epi32(W);
+  const __m512 zero = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (int64_t q = 0; q < Q; q += 16) {
+    const int64_t n = Q - q < 16 ? Q - q : 16; /* windows in this step */
+    const __mmask16 mq = (__mmask16)((1u << n) - 1);
+    const __mmask16 lo = (__mmask16)(n >= 8 ? 0xffffu : (1u << 2 * n) - 1);
+    const __mmask16 hi = (__mmask16)(n <= 8 ? 0 : (1u << (2 * n - 16)) - 1);
+    const float *pa = a + 2 * q, *pb = b + 2 * q;
+    const __m512 al = _mm512_maskz_loadu_ps(lo, pa), ah = _mm512_maskz_loadu_ps(hi, pa + 16);
+    const __m512 bl = _mm512_maskz_loadu_ps(lo, pb), bh = _mm512_maskz_loadu_ps(hi, pb + 16);
+    const __m512 a0 = _mm512_permutex2var_ps(al, even, ah),
+                 a1 = _mm512_permutex2var_ps(al, odd, ah);
+    const __m512 b0 = _mm512_permutex2var_ps(bl, even, bh),
+                 b1 = _mm512_permutex2var_ps(bl, odd, bh);
+    bad |= _mm512_cmp_ps_mask(a0, a1, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b0, b1, _CMP_UNORD_Q);
+    const __m512 ma = _mm512_max_ps(a1, a0), mb = _mm512_max_ps(b1, b0), m = _mm512_max_ps(mb, ma);
+    const __mmask16 keep = _mm512_cmp_ps_mask(m, zero, _CMP_GT_OQ);
+    _mm512_mask_storeu_ps(yr + q, mq, relu ? _mm512_maskz_mov_ps(keep, m) : m);
+    if (ir) { /* pos = base + 2q + ia + bot (W + ib - ia) */
+      const __mmask16 ia = _mm512_cmp_ps_mask(a1, a0, _CMP_GT_OQ);
+      const __mmask16 ib = _mm512_cmp_ps_mask(b1, b0, _CMP_GT_OQ);
+      const __mmask16 bot = _mm512_cmp_ps_mask(mb, ma, _CMP_GT_OQ);
+      __m512i pos = _mm512_add_epi32(_mm512_set1_epi32(base + (int32_t)(2 * q)), step);
+      pos = _mm512_mask_add_epi32(pos, ia, pos, one);
+      __m512i dw = _mm512_mask_add_epi32(vw, ib, vw, one);
+      dw = _mm512_mask_sub_epi32(dw, ia, dw, one);
+      pos = _mm512_mask_add_epi32(pos, bot, pos, dw);
+      if (relu) pos = _mm512_mask_xor_epi32(pos, (__mmask16)~keep, pos, _mm512_set1_epi32(-1));
+      _mm512_mask_storeu_epi32(ir + q, mq, pos);
+    }
+  }
+  *nan |= bad != 0;
+  return Q;
+}
+AD_AVX512_ATTR static inline int64_t scatter2_row_512(float *a, float *b, const float *yr,
+                                                      const int32_t *ir, int32_t base, int32_t W,
+                                                      int64_t Q) {
+  const __m512i step = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  /* interleave e0, e1: lanes 0..7 of each for the low 16, 8..15 for the high */
+  const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i ih = _mm512_add_epi32(il, _mm512_set1_epi32(8));
+  const __m512i one = _mm512_set1_epi32(1), vw = _mm512_set1_epi32(W),
+                vw1 = _mm512_set1_epi32(W + 1), z = _mm512_setzero_si512();
+  for (int64_t q = 0; q < Q; q += 16) {
+    const int64_t n = Q - q < 16 ? Q - q : 16;
+    const __mmask16 mq = (__mmask16)((1u << n) - 1);
+    const __mmask16 lo = (__mmask16)(n >= 8 ? 0xffffu : (1u << 2 * n) - 1);
+    const __mmask16 hi = (__mmask16)(n <= 8 ? 0 : (1u << (2 * n - 16)) - 1);
+    const __m512i i = _mm512_maskz_loadu_epi32(mq, ir + q);
+    const __m512i neg = _mm512_srai_epi32(i, 31);
+    const __m512i off =
+        _mm512_sub_epi32(_mm512_xor_si512(i, neg),
+                         _mm512_add_epi32(_mm512_set1_epi32(base + (int32_t)(2 * q)), step));
+    /* g where the window passes relu (i >= 0), else 0 */
+    const __m512 v = _mm512_maskz_loadu_ps((__mmask16)(mq & _mm512_cmpge_epi32_mask(i, z)), yr + q);
+    const __m512 e0 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(off, z), v);
+    const __m512 e1 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(off, one), v);
+    const __m512 e2 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(off, vw), v);
+    const __m512 e3 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(off, vw1), v);
+    float *pa = a + 2 * q, *pb = b + 2 * q;
+    _mm512_mask_storeu_ps(pa, lo, _mm512_permutex2var_ps(e0, il, e1));
+    _mm512_mask_storeu_ps(pa + 16, hi, _mm512_permutex2var_ps(e0, ih, e1));
+    _mm512_mask_storeu_ps(pb, lo, _mm512_permutex2var_ps(e2, il, e3));
+    _mm512_mask_storeu_ps(pb + 16, hi, _mm512_permutex2var_ps(e2, ih, e3));
+  }
+  return Q;
+}
+
+/* Whole planes (rows 2p, 2p + 1 for every p) in one call, the rows'
+ * constants and the call out of the loop over rows. max2: returns 0 when
+ * some window holds a NaN, for the caller to redo the plane row by row
+ * (which lets the NaN win). scatter2: also zeroes the columns and rows
+ * past the last window. */
+AD_AVX512_ATTR static int max2_plane_512(const float *xp, float *yp, int32_t *ip, int32_t base,
+                                         int32_t W, int64_t P, int64_t Q, int relu) {
+  int nan = 0;
+  for (int64_t p = 0; p < P; p++) {
+    const float *a = xp + 2 * p * W;
+    max2_row_512(a, a + W, yp + p * Q, ip ? ip + p * Q : NULL, base + (int32_t)(2 * p * W), W, Q,
+                 relu, &nan);
+  }
+  return !nan;
+}
+AD_AVX512_ATTR static void scatter2_plane_512(float *xp, const float *yp, const int32_t *ip,
+                                              int32_t base, int32_t W, int64_t H, int64_t P,
+                                              int64_t Q) {
+  for (int64_t p = 0; p < P; p++) {
+    float *a = xp + 2 * p * W, *b = a + W;
+    scatter2_row_512(a, b, yp + p * Q, ip + p * Q, base + (int32_t)(2 * p * W), W, Q);
+    for (int64_t j = 2 * Q; j < W; j++) a[j] = b[j] = 0;
+  }
+  for (int64_t i = 2 * P * W; i < H * W; i++) xp[i] = 0;
+}
+#else
+#define POOL_HAVE_512 0
+#endif
+
+/* The f32 planes by AVX-512 where allowed (v512); 0: not done, the rows
+ * go one by one (SSE2 and scalar). */
+static int max2_plane_f32(const float *xp, float *yp, int32_t *ip, int32_t base, int32_t W,
+                          int64_t P, int64_t Q, int relu, int v512) {
+#if POOL_HAVE_512
+  if (v512) return max2_plane_512(xp, yp, ip, base, W, P, Q, relu);
+#endif
+  (void)xp, (void)yp, (void)ip, (void)base, (void)W, (void)P, (void)Q, (void)relu, (void)v512;
+  return 0;
+}
+static int scatter2_plane_f32(float *xp, const float *yp, const int32_t *ip, int32_t base,
+                              int32_t W, int64_t H, int64_t P, int64_t Q, int v512) {
+#if POOL_HAVE_512
+  if (v512) {
+    scatter2_plane_512(xp, yp, ip, base, W, H, P, Q);
+    return 1;
+  }
+#endif
+  (void)xp, (void)yp, (void)ip, (void)base, (void)W, (void)H, (void)P, (void)Q, (void)v512;
+  return 0;
+}
+static int max2_plane_f64(const double *xp, double *yp, int32_t *ip, int32_t base, int32_t W,
+                          int64_t P, int64_t Q, int relu, int v512) {
+  (void)xp, (void)yp, (void)ip, (void)base, (void)W, (void)P, (void)Q, (void)relu, (void)v512;
+  return 0;
+}
+static int scatter2_plane_f64(double *xp, const double *yp, const int32_t *ip, int32_t base,
+                              int32_t W, int64_t H, int64_t P, int64_t Q, int v512) {
+  (void)xp, (void)yp, (void)ip, (void)base, (void)W, (void)H, (void)P, (void)Q, (void)v512;
+  return 0;
+}
 static int64_t max2_row_f64(const double *a, const double *b, double *yr, int32_t *ir, int32_t base,
                             int32_t W, int64_t Q, int relu, int *nan) {
   (void)a, (void)b, (void)yr, (void)ir, (void)base, (void)W, (void)Q, (void)relu, (void)nan;
@@ -200,14 +353,17 @@ static int64_t scatter2_row_f64(double *a, double *b, const double *yr, const in
    * branch-free code: on real data the max is unpredictable and branches                          \
    * mispredict. */                                                                                \
   static int maxpool_##SFX(const pool_geom *g, const T *x, T *y, int32_t *idx, int64_t nc0,        \
-                           int64_t nc1, int relu) {                                                \
+                           int64_t nc1, int relu, int64_t xoff) {                                  \
     const int64_t W = g->w, hw = g->h * g->w, pq = g->p * g->q;                                    \
     const int fast2 = g->k == 2 && g->st == 2 && g->pad == 0;                                      \
     int any_nan = 0;                                                                               \
     for (int64_t nc = nc0; nc < nc1; nc++) {                                                       \
-      const T *xp = x + nc * hw;                                                                   \
+      const T *xp = x + (nc - xoff) * hw; /* x holds the planes from xoff on */                    \
       T *yp = y + nc * pq;                                                                         \
       int32_t *ip = idx ? idx + nc * pq : NULL;                                                    \
+      if (fast2 &&                                                                                 \
+          max2_plane_##SFX(xp, yp, ip, (int32_t)(nc * hw), (int32_t)W, g->p, g->q, relu, g->v512)) \
+        continue;                                                                                  \
       for (int64_t p = 0; p < g->p; p++) {                                                         \
         if (fast2) { /* 2x2 windows, stride 2: rows 2p and 2p+1, as a tree: */                     \
           const T *a = xp + 2 * p * W, *b = a + W; /* max(a0, a1) vs max(b0, b1) */                \
@@ -294,21 +450,24 @@ static int64_t scatter2_row_f64(double *a, double *b, const double *yr, const in
   /* x = 0, then x[idx[o]] += y[o] for the outputs o of the planes; a                              \
    * clipped window (idx < 0) adds nothing. */                                                     \
   static void scatter_##SFX(const pool_geom *g, const int32_t *idx, const T *y, T *x, int64_t nc0, \
-                            int64_t nc1) {                                                         \
+                            int64_t nc1, int64_t xoff) {                                           \
     const int64_t hw = g->h * g->w, pq = g->p * g->q;                                              \
-    memset(x + nc0 * hw, 0, sizeof(T) * (size_t)((nc1 - nc0) * hw));                               \
+    memset(x + (nc0 - xoff) * hw, 0, sizeof(T) * (size_t)((nc1 - nc0) * hw));                      \
     for (int64_t o = nc0 * pq; o < nc1 * pq; o++) /* x never holds -0: adding +0 is a no-op */     \
-      x[idx[o] ^ -(int32_t)(idx[o] < 0)] += masked_##SFX(y[o], idx[o]);                            \
+      x[(idx[o] ^ -(int32_t)(idx[o] < 0)) - xoff * hw] += masked_##SFX(y[o], idx[o]);              \
   }                                                                                                \
   /* The same for 2x2 windows at stride 2 that tile x: every input element                         \
    * is written once (g at the argmax, 0 elsewhere), one streaming pass                            \
    * instead of a memset and scattered adds. Rows/columns past the last                            \
    * window (odd H or W) are zeroed. A clipped window stores 0 at ~idx. */                         \
   static void scatter2_##SFX(const pool_geom *g, const int32_t *idx, const T *y, T *x,             \
-                             int64_t nc0, int64_t nc1) {                                           \
+                             int64_t nc0, int64_t nc1, int64_t xoff) {                             \
     const int64_t W = g->w, hw = g->h * g->w, pq = g->p * g->q;                                    \
     for (int64_t nc = nc0; nc < nc1; nc++) {                                                       \
-      T *xp = x + nc * hw;                                                                         \
+      T *xp = x + (nc - xoff) * hw; /* x holds the planes from xoff on */                          \
+      if (scatter2_plane_##SFX(xp, y + nc * pq, idx + nc * pq, (int32_t)(nc * hw), (int32_t)W,     \
+                               g->h, g->p, g->q, g->v512))                                         \
+        continue;                                                                                  \
       for (int64_t p = 0; p < g->p; p++) {                                                         \
         T *a = xp + 2 * p * W, *b = a + W;                                                         \
         const T *yr = y + nc * pq + p * g->q;                                                      \
@@ -359,18 +518,20 @@ typedef struct {
   const pool_geom *g;
   const void *in;
   void *out;
-  int *nan; /* K_MAX: per part, whether some output is NaN */
+  int *nan;    /* K_MAX: per part, whether some output is NaN */
+  int64_t nc0; /* the planes [nc0, nc0 + n) of the call; K_MAX: in holds them from nc0 on */
 } pool_job;
 
 static void pool_part(void *ctx, int part, int64_t lo, int64_t hi) {
   const pool_job *j = ctx;
+  lo += j->nc0, hi += j->nc0;
   const pool_geom *g = j->g;
   const int f = j->dt == AD_F32;
   const int tiled2 = g->k == 2 && g->st == 2 && g->pad == 0;
   switch (j->kind) {
   case K_MAX:
-    j->nan[part] = f ? maxpool_f32(g, j->in, j->out, g->idx, lo, hi, j->relu)
-                     : maxpool_f64(g, j->in, j->out, g->idx, lo, hi, j->relu);
+    j->nan[part] = f ? maxpool_f32(g, j->in, j->out, g->idx, lo, hi, j->relu, j->nc0)
+                     : maxpool_f64(g, j->in, j->out, g->idx, lo, hi, j->relu, j->nc0);
     break;
   case K_AVG:
     f ? avgpool_f32(g, j->in, j->out, lo, hi) : avgpool_f64(g, j->in, j->out, lo, hi);
@@ -380,11 +541,11 @@ static void pool_part(void *ctx, int part, int64_t lo, int64_t hi) {
     break;
   case K_SCATTER:
     if (tiled2)
-      f ? scatter2_f32(g, g->idx, j->in, j->out, lo, hi)
-        : scatter2_f64(g, g->idx, j->in, j->out, lo, hi);
+      f ? scatter2_f32(g, g->idx, j->in, j->out, lo, hi, j->nc0)
+        : scatter2_f64(g, g->idx, j->in, j->out, lo, hi, j->nc0);
     else
-      f ? scatter_f32(g, g->idx, j->in, j->out, lo, hi)
-        : scatter_f64(g, g->idx, j->in, j->out, lo, hi);
+      f ? scatter_f32(g, g->idx, j->in, j->out, lo, hi, j->nc0)
+        : scatter_f64(g, g->idx, j->in, j->out, lo, hi, j->nc0);
     if (g->nan) /* after the scatter: its NaNs overwrite what it stored */
       f ? nan_fix_f32(g, g->src, j->out, 1, lo, hi) : nan_fix_f64(g, g->src, j->out, 1, lo, hi);
     break;
@@ -396,23 +557,32 @@ static void pool_part(void *ctx, int part, int64_t lo, int64_t hi) {
   }
 }
 
-/* Runs a kernel over all N*C planes, split over the worker threads (a few
- * planes per part at least: small pools stay on the caller's thread).
- * Returns whether some part saw a NaN output (K_MAX). */
-static int pool_run(ad_tape *t, int kind, int relu, ad_dtype dt, const pool_geom *g, const void *in,
-                    void *out, int *ok) {
-  int64_t planes = g->n * g->c, per = g->h * g->w + 1;
+/* Runs a kernel over the planes [nc0, nc1) of the N*C, split over the
+ * worker threads (a few planes per part at least: small pools stay on the
+ * caller's thread). K_MAX reads in and K_SCATTER writes out from plane
+ * nc0 on (it points at plane nc0: a chunk of images, nn__relu_pool_planes
+ * and nn__relu_pool_scatter_planes); the others index in and out from
+ * plane 0. The NaN fix-up (g->nan) is for whole tensors only. Returns whether some part saw a NaN
+ * output (K_MAX). */
+static int pool_run_planes(ad_tape *t, int kind, int relu, ad_dtype dt, const pool_geom *g,
+                           const void *in, void *out, int64_t nc0, int64_t nc1, int *ok) {
+  int64_t planes = nc1 - nc0, per = g->h * g->w + 1;
   int64_t grain = 1 + 8192 / per; /* ~8K input elements per part at least */
   int parts = ad__par_parts(planes, grain);
   int *nan = ad_arena_alloc(t, sizeof(int) * (size_t)parts);
   *ok = nan != NULL;
   if (!nan) return 0;
   for (int p = 0; p < parts; p++) nan[p] = 0;
-  pool_job j = {kind, relu, dt, g, in, out, nan};
+  pool_job j = {kind, relu, dt, g, in, out, nan, nc0};
   ad__par_for(planes, grain, pool_part, &j);
   int any = 0;
   for (int p = 0; p < parts; p++) any |= nan[p];
   return any;
+}
+
+static int pool_run(ad_tape *t, int kind, int relu, ad_dtype dt, const pool_geom *g, const void *in,
+                    void *out, int *ok) {
+  return pool_run_planes(t, kind, relu, dt, g, in, out, 0, g->n * g->c, ok);
 }
 
 /* ------------------------------------------------------------------ scatter / gather */
@@ -505,6 +675,49 @@ ad_tensor *nn_max_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad) {
 
 ad_tensor *nn_relu_max_pool2d(ad_tape *t, ad_tensor *x, int k, int stride, int pad) {
   return maxpool_op(t, "nn_relu_max_pool2d", x, k, stride, pad, 1);
+}
+
+/* ------------------------------------------------------------------ for conv.c */
+/* nn_conv2d_relu_max_pool2d (conv.c) pools its convolution chunk by chunk
+ * of images, from a workspace, never forming the convolution's output. */
+
+nn__pool *nn__relu_pool_plan(ad_tape *t, const char *op, const int64_t xshape[4], int k, int stride,
+                             int pad, int rec) {
+  pool_geom g;
+  char s[128];
+  snprintf(s, sizeof s, "[%lld, %lld, %lld, %lld]", (long long)xshape[0], (long long)xshape[1],
+           (long long)xshape[2], (long long)xshape[3]);
+  if (!geom_dims(t, op, xshape, s, k, stride, pad, &g)) return NULL;
+  int64_t hw, chw, nchw, pq, out;
+  if (nn__mul_overflow(g.h, g.w, &hw) || nn__mul_overflow(hw, g.c, &chw) ||
+      nn__mul_overflow(chw, g.n, &nchw) || nchw > INT32_MAX || nn__mul_overflow(g.p, g.q, &pq) ||
+      nn__mul_overflow(pq, g.c * g.n, &out)) {
+    ad__fail(t, AD_ERR_SHAPE, "%s: more than 2^31 elements before the pool (%s)", op, s);
+    return NULL;
+  }
+  if (rec && !(g.idx = ad_arena_alloc(t, sizeof(int32_t) * (size_t)out))) return NULL;
+  pool_geom *copy = ad_arena_alloc(t, sizeof *copy);
+  if (!copy) return NULL;
+  *copy = g;
+  return copy;
+}
+
+void nn__relu_pool_shape(const nn__pool *g, int64_t shape[4]) {
+  shape[0] = g->n, shape[1] = g->c, shape[2] = g->p, shape[3] = g->q;
+}
+
+int nn__relu_pool_planes(ad_tape *t, const nn__pool *g, ad_dtype dt, const void *x, void *y,
+                         int64_t nc0, int64_t nc1, int *ok) {
+  return pool_run_planes(t, K_MAX, 1, dt, g, x, y, nc0, nc1, ok);
+}
+
+void nn__relu_pool_scatter_planes(ad_tape *t, const nn__pool *g, ad_dtype dt, const void *gy,
+                                  void *x, int64_t nc0, int64_t nc1, int *ok) {
+  pool_run_planes(t, K_SCATTER, 0, dt, g, gy, x, nc0, nc1, ok);
+}
+
+ad_tensor *nn__relu_pool_scatter(ad_tape *t, ad_tensor *gy, const nn__pool *g) {
+  return pool_scatter(t, gy, g);
 }
 
 /* ------------------------------------------------------------------ average pool */

@@ -2,8 +2,10 @@
  * its own scatter/gather rule) against the unfused compositions
  * nn_max_pool2d(ad_relu(x)) and ad_relu(nn_max_pool2d(x)), values and
  * first and second derivatives, plus finite-difference gradchecks and its
- * errors; and nn_conv2d (bias in the GEMM, chunked im2col/col2im) against a
- * direct loop over the convolution's definition. */
+ * errors; nn_conv2d (bias in the GEMM, chunked im2col/col2im) against a
+ * direct loop over the convolution's definition; and
+ * nn_conv2d_relu_max_pool2d (conv, bias, relu and pool in one op) against
+ * nn_relu_max_pool2d(nn_conv2d(...)) and ad_relu(nn_max_pool2d(nn_conv2d(...))). */
 #include "gradcheck.h"
 #include "nn/nn.h"
 
@@ -48,6 +50,20 @@ static ad_tensor *f_conv_s2(ad_tape *t, ad_tensor *const *x, void *ctx) {
   return IN(ad_tanh(t, nn_conv2d(t, x[0], x[1], x[2], 2, 1)));
 }
 
+/* conv + bias + relu + pool fused, a tanh after it so the HVP runs
+ * through the scatter's rule (the gather) and conv's rules. */
+static ad_tensor *f_crp_same(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, nn_conv2d_relu_max_pool2d(t, x[0], x[1], x[2], 1, 1, 2, 2, 0)));
+}
+static ad_tensor *f_crp_s2_k3(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_tanh(t, nn_conv2d_relu_max_pool2d(t, x[0], x[1], x[2], 2, 1, 3, 2, 1)));
+}
+/* The bench's net in small through the fused op, no bias on conv 2. */
+static ad_tensor *f_cnn_crp(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  ad_tensor *h = nn_conv2d_relu_max_pool2d(t, x[0], x[1], x[2], 1, 1, 2, 2, 0);
+  return IN(ad_cross_entropy(t, nn_linear(t, nn_flatten(t, h), x[3], NULL), LABELS, 2));
+}
+
 /* Offsets put part of the inputs below 0 (relu's kink), margins keep the
  * finite differences off it; the sizes are odd so windows leave rows and
  * columns over. */
@@ -59,6 +75,30 @@ static const gc_case CASES[] = {
     {"relu_max_pool2d_k2_s1", f_rmp_k2_s1, 1, {4}, {{2, 1, 3, 4}}, {0}, {0.05}, 0},
     {"cnn_fused",
      f_cnn,
+     4,
+     {4, 4, 1, 2},
+     {{2, 1, 5, 5}, {2, 1, 3, 3}, {2}, {3, 8}},
+     {0, 0, 0.1, 0},
+     {0, 0, 0, 0},
+     0},
+    {"conv2d_relu_max_pool2d_same",
+     f_crp_same,
+     3,
+     {4, 4, 1},
+     {{2, 2, 5, 7}, {3, 2, 3, 3}, {3}},
+     {0, 0, 0.1},
+     {0, 0, 0},
+     0},
+    {"conv2d_relu_max_pool2d_s2_k3",
+     f_crp_s2_k3,
+     3,
+     {4, 4, 1},
+     {{1, 2, 7, 6}, {3, 2, 3, 2}, {3}},
+     {0, 0, 0.1},
+     {0, 0, 0},
+     0},
+    {"cnn_conv_relu_pool_fused",
+     f_cnn_crp,
      4,
      {4, 4, 1, 2},
      {{2, 1, 5, 5}, {2, 1, 3, 3}, {2}, {3, 8}},
@@ -86,6 +126,7 @@ static const geom GEOMS[] = {
     {2, 3, 6, 8, 2, 2, 0},  /* the tiled fast path */
     {2, 2, 7, 5, 2, 2, 0},  /* tiled, a row and a column left over */
     {2, 2, 6, 21, 2, 2, 0}, /* tiled, rows of 10 windows: 8 four at a time, 2 one by one */
+    {1, 2, 5, 37, 2, 2, 0}, /* tiled, rows of 18 windows: 16 and 2 under a mask (AVX-512) */
     {1, 2, 7, 7, 3, 2, 1},  /* overlapping, padded */
     {2, 1, 5, 6, 3, 1, 1},  /* stride 1 */
     {1, 3, 4, 9, 2, 3, 1},  /* stride past the window, padded */
@@ -234,12 +275,12 @@ END_TEST
 /* A NaN in a window: the output is NaN (relu keeps it, as ad_relu does)
  * and its gradient is NaN at the NaN, like ad_relu(nn_max_pool2d(x)). */
 START_TEST(test_fused_nan) {
-  for (int gi = 0; gi < 4; gi++) {
-    const geom *g = &GEOMS[gi];
+  for (int gi = 0; gi < 8; gi++) { /* f64, then f32 (the SIMD rows and planes) */
+    const geom *g = &GEOMS[gi % 4];
     ad_rng r;
     ad_rng_seed(&r, 9);
     ad_tape *t = tape();
-    ad_tensor *x = tie_input(AD_F64, g, &r);
+    ad_tensor *x = tie_input(gi < 4 ? AD_F64 : AD_F32, g, &r);
     ad_set(x, 3, NAN);
     ad_set(x, x->size - 2, NAN);
     ad_tensor *y[2], *dx[2];
@@ -306,6 +347,268 @@ START_TEST(test_fused_errors) {
     ck_assert_ptr_null(nn_relu_max_pool2d(t, bad[i].x, bad[i].k, bad[i].st, bad[i].pad));
     ck_assert_int_eq(ad_tape_status(t), bad[i].want);
     ck_assert_msg(strstr(ad_tape_errmsg(t), "nn_relu_max_pool2d") != NULL, "case %zu: %s", i,
+                  ad_tape_errmsg(t));
+    ad_tape_clear_error(t);
+  }
+  ad_tape_free(t);
+}
+END_TEST
+
+/* ---------------------------------------------------------------- conv + relu + pool fused */
+
+typedef struct {
+  int n, c, h, w, k, r, s, st, pad; /* conv: x [n, c, h, w], w [k, c, r, s] */
+  int pk, pst, ppad, bias;          /* pool */
+} cgeom;
+
+static const cgeom CGEOMS[] = {
+    {2, 1, 8, 8, 3, 3, 3, 1, 1, 2, 2, 0, 1},  /* the bench's kind: same width, tiled pool */
+    {3, 2, 7, 5, 4, 3, 3, 1, 1, 2, 2, 0, 1},  /* odd sizes: a row and a column left over */
+    {2, 3, 6, 21, 2, 3, 3, 1, 1, 2, 2, 0, 0}, /* rows of 10 windows, no bias */
+    {2, 2, 9, 7, 3, 3, 2, 2, 1, 3, 2, 1, 1},  /* strided conv, overlapping padded pool */
+    {1, 2, 6, 6, 3, 2, 2, 1, 0, 2, 1, 0, 1},  /* no padding, pool stride 1 */
+    {2, 3, 4, 6, 2, 1, 1, 1, 0, 2, 2, 0, 1},  /* 1x1 conv (the unfused path) */
+};
+#define N_CGEOMS ((int)(sizeof CGEOMS / sizeof CGEOMS[0]))
+
+enum { CRP_FUSED, CRP_RELU_POOL, CRP_POOL_RELU };
+
+static ad_tensor *crp_by(ad_tape *t, ad_tensor *const *in, const cgeom *g, int how) {
+  ad_tensor *b = g->bias ? in[2] : NULL;
+  if (how == CRP_FUSED)
+    return nn_conv2d_relu_max_pool2d(t, in[0], in[1], b, g->st, g->pad, g->pk, g->pst, g->ppad);
+  ad_tensor *c = nn_conv2d(t, in[0], in[1], b, g->st, g->pad);
+  if (how == CRP_RELU_POOL) return nn_relu_max_pool2d(t, c, g->pk, g->pst, g->ppad);
+  return ad_relu(t, nn_max_pool2d(t, c, g->pk, g->pst, g->ppad));
+}
+
+/* x, w, b from small integers (x in -2..2, w and b in -1..1): the
+ * convolution is exact in f32 and f64 and its outputs tie and sit at 0
+ * often, so the pool's tie rule and relu's clip are both exercised. */
+static void crp_inputs(ad_dtype dt, const cgeom *g, ad_rng *r, ad_tensor *in[3]) {
+  ck_assert_int_eq(ad_tensor_new(&in[0], dt, 4, S(g->n, g->c, g->h, g->w)), AD_OK);
+  ck_assert_int_eq(ad_tensor_new(&in[1], dt, 4, S(g->k, g->c, g->r, g->s)), AD_OK);
+  ck_assert_int_eq(ad_tensor_new(&in[2], dt, 1, S(g->k)), AD_OK);
+  for (int64_t i = 0; i < in[0]->size; i++) ad_set(in[0], i, (double)ad_rng_below(r, 5) - 2.0);
+  for (int j = 1; j < 3; j++)
+    for (int64_t i = 0; i < in[j]->size; i++) ad_set(in[j], i, (double)ad_rng_below(r, 3) - 1.0);
+  for (int j = 0; j < 3; j++) ad_requires_grad(in[j], 1);
+}
+
+/* Value, the gradients of <tanh(y), u> in x, w, b unrecorded (d0: the
+ * fused op's chunked backward) and recorded (d), and the HVP
+ * d<(dx, dw, db), v>/d(x, w, b) through the recorded ones. */
+static void crp_run(ad_tape *t, ad_tensor *const *in, const cgeom *g, int how, ad_tensor *u,
+                    ad_tensor *const *v, ad_tensor **y, ad_tensor **d0, ad_tensor **d,
+                    ad_tensor **hv) {
+  *y = crp_by(t, in, g, how);
+  ck_assert_ptr_nonnull(*y);
+  const int n = g->bias ? 3 : 2;
+  ad_tensor *s = ad_dot(t, ad_tanh(t, *y), u);
+  ck_assert_int_eq(ad_grad(t, 1, &s, NULL, n, (ad_tensor **)in, d0, 0), AD_OK);
+  ck_assert_int_eq(ad_grad(t, 1, &s, NULL, n, (ad_tensor **)in, d, AD_GRAD_RECORD), AD_OK);
+  ad_tensor *s2 = ad_dot(t, d[0], v[0]);
+  for (int j = 1; j < n; j++) s2 = ad_add(t, s2, ad_dot(t, d[j], v[j]));
+  ck_assert_int_eq(ad_grad(t, 1, &s2, NULL, n, (ad_tensor **)in, hv, 0), AD_OK);
+}
+
+/* Fused against both unfused orders, f32 and f64, every geometry, on one
+ * thread and on two (chunks of two images): values, gradients and HVPs bit
+ * for bit (the same GEMMs on the same data, the same pool compares and
+ * ties, the same scatter and conv rules). */
+START_TEST(test_crp_equals_unfused) {
+  const ad_dtype dts[2] = {AD_F64, AD_F32};
+  const int threads0 = ad_threads();
+  for (int d = 0; d < 4; d++)
+    for (int gi = 0; gi < N_CGEOMS; gi++) {
+      const cgeom *g = &CGEOMS[gi];
+      ad_rng r;
+      ad_rng_seed(&r, 300 + (uint64_t)gi);
+      ck_assert_int_eq(ad_set_threads(d < 2 ? 1 : 2), AD_OK);
+      ad_tape *t = tape();
+      ad_tensor *in[3], *v[3], *u = NULL;
+      crp_inputs(dts[d % 2], g, &r, in);
+      ad_tensor *y0 = crp_by(t, in, g, CRP_RELU_POOL); /* for the output shape */
+      ck_assert_ptr_nonnull(y0);
+      ck_assert_int_eq(ad_tensor_new(&u, dts[d % 2], 4, y0->shape), AD_OK);
+      fill_rand(u, &r);
+      for (int j = 0; j < 3; j++) {
+        ck_assert_int_eq(ad_tensor_new(&v[j], dts[d % 2], in[j]->ndim, in[j]->shape), AD_OK);
+        fill_rand(v[j], &r);
+      }
+      ad_tensor *y[3], *d0[3][3], *dd[3][3], *hv[3][3];
+      for (int how = 0; how < 3; how++)
+        crp_run(t, in, g, how, u, v, &y[how], d0[how], dd[how], hv[how]);
+      ck_assert_int_eq(ad_tape_status(t), AD_OK);
+      double nz = 0, pos = 0, neg = 0;
+      for (int64_t i = 0; i < dd[0][0]->size; i++) nz += fabs(ad_get(dd[0][0], i));
+      for (int64_t i = 0; i < y[0]->size; i++) pos += ad_get(y[0], i) > 0;
+      for (int64_t i = 0; i < y[0]->size; i++) neg += ad_get(y[0], i) == 0;
+      ck_assert(nz > 0 && pos > 0 && neg > 0); /* some windows pass, some are clipped */
+      for (int how = 1; how < 3; how++) {
+        same("crp value", y[0], y[how], gi, how);
+        for (int j = 0; j < (g->bias ? 3 : 2); j++) {
+          same("crp gradient", dd[0][j], dd[how][j], gi, how);
+          same("crp unrecorded gradient", d0[0][j], d0[how][j], gi, how);
+          same("crp unrecorded vs recorded gradient", d0[0][j], dd[0][j], gi, how);
+          same("crp hvp", hv[0][j], hv[how][j], gi, how);
+        }
+      }
+      for (int j = 0; j < 3; j++) ad_tensor_free(in[j]), ad_tensor_free(v[j]);
+      ad_tensor_free(u);
+      ad_tape_free(t);
+    }
+  ck_assert_int_eq(ad_set_threads(threads0), AD_OK);
+}
+END_TEST
+
+/* f32 against f64 on the integer data (every step exact but the tanh,
+ * which is not taken here): the same values and gradients of <y y, u>. */
+START_TEST(test_crp_f32_equals_f64) {
+  for (int gi = 0; gi < N_CGEOMS; gi++) {
+    const cgeom *g = &CGEOMS[gi];
+    ad_tape *t = tape();
+    ad_tensor *in[2][3], *y[2], *d[2][3], *u[2];
+    for (int k = 0; k < 2; k++) {
+      ad_rng r;
+      ad_rng_seed(&r, 500 + (uint64_t)gi); /* the same draws for both */
+      const ad_dtype dt = k ? AD_F32 : AD_F64;
+      crp_inputs(dt, g, &r, in[k]);
+      y[k] = crp_by(t, in[k], g, CRP_FUSED);
+      ck_assert_ptr_nonnull(y[k]);
+      ck_assert_int_eq(ad_tensor_new(&u[k], dt, 4, y[k]->shape), AD_OK);
+      for (int64_t i = 0; i < u[k]->size; i++) ad_set(u[k], i, (double)ad_rng_below(&r, 5) - 2.0);
+      ad_tensor *s = ad_dot(t, ad_mul(t, y[k], y[k]), u[k]);
+      ck_assert_int_eq(ad_grad(t, 1, &s, NULL, g->bias ? 3 : 2, in[k], d[k], 0), AD_OK);
+    }
+    same("crp f32 value", y[0], y[1], gi, CRP_FUSED);
+    for (int j = 0; j < (g->bias ? 3 : 2); j++)
+      same("crp f32 gradient", d[0][j], d[1][j], gi, CRP_FUSED);
+    for (int k = 0; k < 2; k++) {
+      for (int j = 0; j < 3; j++) ad_tensor_free(in[k][j]);
+      ad_tensor_free(u[k]);
+    }
+    ad_tape_free(t);
+  }
+}
+END_TEST
+
+/* Values against the definition: relu(max over the window of the conv),
+ * the conv by conv_ref (below), on the first geometry. */
+static double conv_ref(const ad_tensor *x, const ad_tensor *w, const ad_tensor *b, int st, int pad,
+                       int64_t n, int64_t k, int64_t p, int64_t q);
+START_TEST(test_crp_definition) {
+  const cgeom *g = &CGEOMS[1];
+  ad_rng r;
+  ad_rng_seed(&r, 8);
+  ad_tape *t = tape();
+  ad_tensor *in[3];
+  crp_inputs(AD_F64, g, &r, in);
+  ad_tensor *y = crp_by(t, in, g, CRP_FUSED);
+  ck_assert_ptr_nonnull(y);
+  const int64_t P = (g->h + 2 * g->pad - g->r) / g->st + 1,
+                Q = (g->w + 2 * g->pad - g->s) / g->st + 1;
+  ck_assert_int_eq(y->shape[2], P / 2);
+  ck_assert_int_eq(y->shape[3], Q / 2);
+  for (int64_t n = 0; n < g->n; n++)
+    for (int64_t k = 0; k < g->k; k++)
+      for (int64_t p = 0; p < P / 2; p++)
+        for (int64_t q = 0; q < Q / 2; q++) {
+          double m = 0; /* relu: the max with 0 */
+          for (int i = 0; i < 2; i++)
+            for (int j = 0; j < 2; j++)
+              m = fmax(m, conv_ref(in[0], in[1], in[2], g->st, g->pad, n, k, 2 * p + i, 2 * q + j));
+          double got = ad_get(y, ((n * g->k + k) * (P / 2) + p) * (Q / 2) + q);
+          ck_assert_msg(got == m, "y[%lld,%lld,%lld,%lld] = %g, want %g", (long long)n,
+                        (long long)k, (long long)p, (long long)q, got, m);
+        }
+  for (int j = 0; j < 3; j++) ad_tensor_free(in[j]);
+  ad_tape_free(t);
+}
+END_TEST
+
+/* A NaN in x reaches pooled outputs: the fused op gives what the unfused
+ * ops give, values and gradients (NaN where relu's rule puts it). */
+START_TEST(test_crp_nan) {
+  const cgeom *g = &CGEOMS[0];
+  ad_rng r;
+  ad_rng_seed(&r, 12);
+  ad_tape *t = tape();
+  ad_tensor *in[3];
+  crp_inputs(AD_F32, g, &r, in);
+  ad_set(in[0], 5, NAN);
+  ad_tensor *y[2], *d[2][3];
+  for (int k = 0; k < 2; k++) {
+    y[k] = crp_by(t, in, g, k ? CRP_POOL_RELU : CRP_FUSED);
+    ck_assert_ptr_nonnull(y[k]);
+    ad_tensor *s = ad_sum(t, y[k]);
+    ck_assert_int_eq(ad_grad(t, 1, &s, NULL, 3, in, d[k], 0), AD_OK);
+  }
+  int nans = 0;
+  for (int64_t i = 0; i < y[0]->size; i++) nans += isnan(ad_get(y[0], i));
+  ck_assert_int_ge(nans, 1);
+  same("crp nan value", y[0], y[1], 0, CRP_POOL_RELU);
+  for (int j = 0; j < 3; j++) same("crp nan gradient", d[0][j], d[1][j], 0, CRP_POOL_RELU);
+  for (int j = 0; j < 3; j++) ad_tensor_free(in[j]);
+  ad_tape_free(t);
+}
+END_TEST
+
+/* Unrecorded, and with inputs that need no gradient: the same values. */
+START_TEST(test_crp_unrecorded) {
+  for (int gi = 0; gi < N_CGEOMS; gi++) {
+    const cgeom *g = &CGEOMS[gi];
+    ad_rng r;
+    ad_rng_seed(&r, 40 + (uint64_t)gi);
+    ad_tape *t = tape();
+    ad_tensor *in[3];
+    crp_inputs(AD_F32, g, &r, in);
+    ad_tensor *a = crp_by(t, in, g, CRP_RELU_POOL);
+    int prev = ad_set_recording(t, 0);
+    ad_tensor *b = crp_by(t, in, g, CRP_FUSED);
+    ad_set_recording(t, prev);
+    ck_assert_ptr_nonnull(b);
+    same("crp unrecorded value", a, b, gi, CRP_FUSED);
+    for (int j = 0; j < 3; j++) ad_requires_grad(in[j], 0);
+    ad_tensor *c = crp_by(t, in, g, CRP_FUSED);
+    ck_assert_ptr_nonnull(c);
+    same("crp constant value", a, c, gi, CRP_FUSED);
+    for (int j = 0; j < 3; j++) ad_tensor_free(in[j]);
+    ad_tape_free(t);
+  }
+}
+END_TEST
+
+START_TEST(test_crp_errors) {
+  ad_tape *t = tape();
+  ad_tensor *x = ad_zeros(t, AD_F64, 4, S(1, 2, 5, 5)), *x3 = ad_zeros(t, AD_F64, 3, S(2, 5, 5));
+  ad_tensor *w = ad_zeros(t, AD_F64, 4, S(3, 2, 3, 3)), *w1 = ad_zeros(t, AD_F64, 4, S(3, 1, 3, 3));
+  ad_tensor *b = ad_zeros(t, AD_F64, 1, S(3)), *b4 = ad_zeros(t, AD_F64, 1, S(4));
+  ad_tensor *xf = ad_zeros(t, AD_F32, 4, S(1, 2, 5, 5));
+  struct {
+    ad_tensor *x, *w, *b;
+    int st, pad, k, pst, ppad;
+    ad_status want;
+  } bad[] = {
+      {x3, w, b, 1, 1, 2, 2, 0, AD_ERR_SHAPE}, /* x not 4-D */
+      {x, w1, b, 1, 1, 2, 2, 0, AD_ERR_SHAPE}, /* channels differ */
+      {x, w, b4, 1, 1, 2, 2, 0, AD_ERR_SHAPE}, /* bias size */
+      {xf, w, b, 1, 1, 2, 2, 0, AD_ERR_DTYPE}, /* dtypes differ */
+      {x, w, b, 0, 1, 2, 2, 0, AD_ERR_ARG},    /* conv stride 0 */
+      {x, w, b, 1, -1, 2, 2, 0, AD_ERR_ARG},   /* negative conv pad */
+      {x, w, b, 1, 1, 0, 2, 0, AD_ERR_ARG},    /* pool kernel 0 */
+      {x, w, b, 1, 1, 2, 0, 0, AD_ERR_ARG},    /* pool stride 0 */
+      {x, w, b, 1, 1, 2, 2, 2, AD_ERR_ARG},    /* pool pad past k/2 */
+      {x, w, b, 1, 0, 4, 1, 0, AD_ERR_SHAPE},  /* window larger than the 3x3 conv output */
+      {x, w, b, 1, 0, 9, 1, 0, AD_ERR_SHAPE},  /* and larger than the input */
+      {NULL, w, b, 1, 1, 2, 2, 0, AD_ERR_NULL},
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    ck_assert_ptr_null(nn_conv2d_relu_max_pool2d(t, bad[i].x, bad[i].w, bad[i].b, bad[i].st,
+                                                 bad[i].pad, bad[i].k, bad[i].pst, bad[i].ppad));
+    ck_assert_msg(ad_tape_status(t) == bad[i].want, "case %zu: status %d, want %d (%s)", i,
+                  (int)ad_tape_status(t), (int)bad[i].want, ad_tape_errmsg(t));
+    ck_assert_msg(strstr(ad_tape_errmsg(t), "nn_conv2d_relu_max_pool2d") != NULL, "case %zu: %s", i,
                   ad_tape_errmsg(t));
     ad_tape_clear_error(t);
   }
@@ -448,6 +751,12 @@ Suite *cnn_fused_suite(void) {
   tcase_add_test(tv, test_fused_errors);
   tcase_add_test(tv, test_conv_definition);
   tcase_add_test(tv, test_conv_backward_one_pass);
+  tcase_add_test(tv, test_crp_equals_unfused);
+  tcase_add_test(tv, test_crp_f32_equals_f64);
+  tcase_add_test(tv, test_crp_definition);
+  tcase_add_test(tv, test_crp_nan);
+  tcase_add_test(tv, test_crp_unrecorded);
+  tcase_add_test(tv, test_crp_errors);
   suite_add_tcase(s, tv);
   return s;
 }
