@@ -100,6 +100,13 @@ void bl__imp_lincomb(int n, ad_tensor *const *out, double a, ad_tensor *const *x
 double bl__imp_cg_step(int n, ad_tensor *const *x, ad_tensor *const *r, ad_tensor *const *p,
                        ad_tensor *const *Ap, double a);
 
+/* The CG update split as the solver uses it: r -= a Ap returning <r, r>,
+ * then x += a p and p = r + beta p in one pass. Together the same bits as
+ * bl__imp_cg_step then bl__imp_lincomb(p, 1, r, beta, p). */
+double bl__imp_cg_resid(int n, ad_tensor *const *r, ad_tensor *const *Ap, double a);
+void bl__imp_cg_dir(int n, ad_tensor *const *x, ad_tensor *const *p, ad_tensor *const *r, double a,
+                    double beta);
+
 /* One Neumann term in one pass: q = q - alpha hq, v = v + q; returns
  * <q, q> after it (bl__dot's order). */
 double bl__imp_neumann_step(int n, ad_tensor *const *q, ad_tensor *const *v, double alpha,

@@ -34,9 +34,8 @@ enum { FU_FLUSH = 4096 };
 /* One instance of the kernels per instruction set (ATTR), named *_SFX. */
 #define FU_KERNELS(SFX, ATTR)                                                                      \
   /* out = h + d v + s v; returns <v, out>. */                                                     \
-  ATTR static double op32_##SFX(float *o, const float *h, const float *d, float s, const float *v, \
-                                int64_t n) {                                                       \
-    double tot = 0;                                                                                \
+  ATTR static void op32_##SFX(float *o, const float *h, const float *d, float s, const float *v,   \
+                              int64_t n, float *lanes) {                                           \
     for (int64_t c = 0; c < n; c += FU_FLUSH) {                                                    \
       int64_t e = c + FU_FLUSH < n ? c + FU_FLUSH : n, j = c;                                      \
       ad_v16f acc = {0};                                                                           \
@@ -70,9 +69,9 @@ enum { FU_FLUSH = 4096 };
         t = x * a;                                                                                 \
         l[0] = l[0] + t;                                                                           \
       }                                                                                            \
-      for (int k = 0; k < 16; k++) tot += l[k];                                                    \
+      memcpy(lanes + (c / FU_FLUSH) * 16, l, sizeof l);                                            \
     }                                                                                              \
-    return tot;                                                                                    \
+    return;                                                                                        \
   }                                                                                                \
   ATTR static double op64_##SFX(double *o, const double *h, const double *d, double s,             \
                                 const double *v, int64_t n) {                                      \
@@ -112,9 +111,8 @@ enum { FU_FLUSH = 4096 };
     return tot;                                                                                    \
   }                                                                                                \
   /* a = h + d q + s q;  q = q + na a (na = -alpha);  v = v + q; returns <q, q>. */                \
-  ATTR static double nm32_##SFX(float *q, float *v, const float *h, const float *d, float s,       \
-                                float na, int64_t n) {                                             \
-    double tot = 0;                                                                                \
+  ATTR static void nm32_##SFX(float *q, float *v, const float *h, const float *d, float s,         \
+                              float na, int64_t n, float *lanes) {                                 \
     for (int64_t c = 0; c < n; c += FU_FLUSH) {                                                    \
       int64_t e = c + FU_FLUSH < n ? c + FU_FLUSH : n, j = c;                                      \
       ad_v16f acc = {0};                                                                           \
@@ -154,9 +152,9 @@ enum { FU_FLUSH = 4096 };
         t = x * x;                                                                                 \
         l[0] = l[0] + t;                                                                           \
       }                                                                                            \
-      for (int k = 0; k < 16; k++) tot += l[k];                                                    \
+      memcpy(lanes + (c / FU_FLUSH) * 16, l, sizeof l);                                            \
     }                                                                                              \
-    return tot;                                                                                    \
+    return;                                                                                        \
   }                                                                                                \
   ATTR static double nm64_##SFX(double *q, double *v, const double *h, const double *d, double s,  \
                                 double na, int64_t n) {                                            \
@@ -202,9 +200,8 @@ enum { FU_FLUSH = 4096 };
     return tot;                                                                                    \
   }                                                                                                \
   /* x = x + a p;  r = r - a Ap; returns <r, r>. */                                                \
-  ATTR static double cg32_##SFX(float *x, float *r, const float *p, const float *ap, float a,      \
-                                int64_t n) {                                                       \
-    double tot = 0;                                                                                \
+  ATTR static void cg32_##SFX(float *x, float *r, const float *p, const float *ap, float a,        \
+                              int64_t n, float *lanes) {                                           \
     for (int64_t c = 0; c < n; c += FU_FLUSH) {                                                    \
       int64_t e = c + FU_FLUSH < n ? c + FU_FLUSH : n, j = c;                                      \
       ad_v16f acc = {0};                                                                           \
@@ -228,9 +225,9 @@ enum { FU_FLUSH = 4096 };
         t = y * y;                                                                                 \
         l[0] = l[0] + t;                                                                           \
       }                                                                                            \
-      for (int k = 0; k < 16; k++) tot += l[k];                                                    \
+      memcpy(lanes + (c / FU_FLUSH) * 16, l, sizeof l);                                            \
     }                                                                                              \
-    return tot;                                                                                    \
+    return;                                                                                        \
   }                                                                                                \
   ATTR static double cg64_##SFX(double *x, double *r, const double *p, const double *ap, double a, \
                                 int64_t n) {                                                       \
@@ -258,6 +255,85 @@ enum { FU_FLUSH = 4096 };
     }                                                                                              \
     for (int k = 0; k < 8; k++) tot += l[k];                                                       \
     return tot;                                                                                    \
+  }                                                                                                \
+  /* r = r - a Ap; returns <r, r> (f32: lane sums per chunk). */                                   \
+  ATTR static void rs32_##SFX(float *r, const float *ap, float a, int64_t n, float *lanes) {       \
+    for (int64_t c = 0; c < n; c += FU_FLUSH) {                                                    \
+      int64_t e = c + FU_FLUSH < n ? c + FU_FLUSH : n, j = c;                                      \
+      ad_v16f acc = {0};                                                                           \
+      for (; j + 16 <= e; j += 16) {                                                               \
+        ad_v16f t = a * FU_LD16(ap + j), y = FU_LD16(r + j);                                       \
+        y = y - t;                                                                                 \
+        FU_ST16(r + j, y);                                                                         \
+        t = y * y;                                                                                 \
+        acc = acc + t;                                                                             \
+      }                                                                                            \
+      float l[16];                                                                                 \
+      memcpy(l, &acc, sizeof l);                                                                   \
+      for (; j < e; j++) {                                                                         \
+        float t = a * ap[j], y = r[j];                                                             \
+        y = y - t;                                                                                 \
+        r[j] = y;                                                                                  \
+        t = y * y;                                                                                 \
+        l[0] = l[0] + t;                                                                           \
+      }                                                                                            \
+      memcpy(lanes + (c / FU_FLUSH) * 16, l, sizeof l);                                            \
+    }                                                                                              \
+  }                                                                                                \
+  ATTR static double rs64_##SFX(double *r, const double *ap, double a, int64_t n) {                \
+    ad_v8d acc = {0};                                                                              \
+    int64_t j = 0;                                                                                 \
+    for (; j + 8 <= n; j += 8) {                                                                   \
+      ad_v8d t = a * FU_LD8(ap + j), y = FU_LD8(r + j);                                            \
+      y = y - t;                                                                                   \
+      FU_ST8(r + j, y);                                                                            \
+      t = y * y;                                                                                   \
+      acc = acc + t;                                                                               \
+    }                                                                                              \
+    double l[8], tot = 0;                                                                          \
+    memcpy(l, &acc, sizeof l);                                                                     \
+    for (; j < n; j++) {                                                                           \
+      double t = a * ap[j], y = r[j];                                                              \
+      y = y - t;                                                                                   \
+      r[j] = y;                                                                                    \
+      t = y * y;                                                                                   \
+      l[0] = l[0] + t;                                                                             \
+    }                                                                                              \
+    for (int k = 0; k < 8; k++) tot += l[k];                                                       \
+    return tot;                                                                                    \
+  }                                                                                                \
+  /* x = x + a p;  p = r + beta p (bl__imp_lincomb's 1 r + beta p). */                             \
+  ATTR static void dir32_##SFX(float *x, float *p, const float *r, float a, float beta,            \
+                               int64_t n) {                                                        \
+    int64_t j = 0;                                                                                 \
+    for (; j + 16 <= n; j += 16) {                                                                 \
+      ad_v16f y = FU_LD16(p + j), t = a * y;                                                       \
+      FU_ST16(x + j, FU_LD16(x + j) + t);                                                          \
+      t = beta * y;                                                                                \
+      FU_ST16(p + j, FU_LD16(r + j) + t);                                                          \
+    }                                                                                              \
+    for (; j < n; j++) {                                                                           \
+      float y = p[j], t = a * y;                                                                   \
+      x[j] = x[j] + t;                                                                             \
+      t = beta * y;                                                                                \
+      p[j] = r[j] + t;                                                                             \
+    }                                                                                              \
+  }                                                                                                \
+  ATTR static void dir64_##SFX(double *x, double *p, const double *r, double a, double beta,       \
+                               int64_t n) {                                                        \
+    int64_t j = 0;                                                                                 \
+    for (; j + 8 <= n; j += 8) {                                                                   \
+      ad_v8d y = FU_LD8(p + j), t = a * y;                                                         \
+      FU_ST8(x + j, FU_LD8(x + j) + t);                                                            \
+      t = beta * y;                                                                                \
+      FU_ST8(p + j, FU_LD8(r + j) + t);                                                            \
+    }                                                                                              \
+    for (; j < n; j++) {                                                                           \
+      double y = p[j], t = a * y;                                                                  \
+      x[j] = x[j] + t;                                                                             \
+      t = beta * y;                                                                                \
+      p[j] = r[j] + t;                                                                             \
+    }                                                                                              \
   }
 
 #if AD_X86 && defined(__GNUC__)
@@ -270,14 +346,20 @@ FU_KERNELS(avx2, FU_ATTR2)
 #endif
 FU_KERNELS(base, )
 
-typedef double (*fu_op32_fn)(float *, const float *, const float *, float, const float *, int64_t);
+typedef void (*fu_op32_fn)(float *, const float *, const float *, float, const float *, int64_t,
+                           float *);
 typedef double (*fu_op64_fn)(double *, const double *, const double *, double, const double *,
                              int64_t);
-typedef double (*fu_nm32_fn)(float *, float *, const float *, const float *, float, float, int64_t);
+typedef void (*fu_nm32_fn)(float *, float *, const float *, const float *, float, float, int64_t,
+                           float *);
 typedef double (*fu_nm64_fn)(double *, double *, const double *, const double *, double, double,
                              int64_t);
-typedef double (*fu_cg32_fn)(float *, float *, const float *, const float *, float, int64_t);
+typedef void (*fu_cg32_fn)(float *, float *, const float *, const float *, float, int64_t, float *);
 typedef double (*fu_cg64_fn)(double *, double *, const double *, const double *, double, int64_t);
+typedef void (*fu_rs32_fn)(float *, const float *, float, int64_t, float *);
+typedef double (*fu_rs64_fn)(double *, const double *, double, int64_t);
+typedef void (*fu_dir32_fn)(float *, float *, const float *, float, float, int64_t);
+typedef void (*fu_dir64_fn)(double *, double *, const double *, double, double, int64_t);
 typedef struct {
   fu_op32_fn op32;
   fu_op64_fn op64;
@@ -285,6 +367,10 @@ typedef struct {
   fu_nm64_fn nm64;
   fu_cg32_fn cg32;
   fu_cg64_fn cg64;
+  fu_rs32_fn rs32;
+  fu_rs64_fn rs64;
+  fu_dir32_fn dir32;
+  fu_dir64_fn dir64;
 } fu_set;
 
 /* The instruction set by what the CPU runs: AVX-512 only where blas.c
@@ -292,7 +378,10 @@ typedef struct {
  * such as haswell). All three give the same bits, so this is speed only. */
 static const fu_set *fu_pick(void) {
 #define FU_SET(SFX)                                                                                \
-  { op32_##SFX, op64_##SFX, nm32_##SFX, nm64_##SFX, cg32_##SFX, cg64_##SFX }
+  {                                                                                                \
+    op32_##SFX, op64_##SFX, nm32_##SFX, nm64_##SFX, cg32_##SFX, cg64_##SFX, rs32_##SFX,            \
+        rs64_##SFX, dir32_##SFX, dir64_##SFX                                                       \
+  }
   static const fu_set base = FU_SET(base);
 #if AD_X86 && defined(__GNUC__)
   static const fu_set a512 = FU_SET(avx512), a2 = FU_SET(avx2);
@@ -301,6 +390,59 @@ static const fu_set *fu_pick(void) {
 #endif
   return &base;
 #undef FU_SET
+}
+
+/* An f32 pass split over the library's threads at 4096-element chunk
+ * boundaries: each chunk leaves its 16 lane sums in `lanes`, and they are
+ * added in chunk order afterwards, so the dot has bl__dot's bits whatever
+ * the thread count. */
+enum { FU_OP, FU_NM, FU_CG, FU_RS, FU_DIR, FU_BATCH = 64, FU_GRAIN = 4 };
+typedef struct {
+  const fu_set *k;
+  int kind;
+  float *a, *b;
+  const float *c, *d, *e;
+  float s, na;
+  int64_t n, c0;
+  float lanes[FU_BATCH * 16];
+} fu_job;
+
+static void fu_range32(void *ctx, int part, int64_t lo, int64_t hi) {
+  (void)part;
+  fu_job *J = ctx;
+  int64_t off = (J->c0 + lo) * FU_FLUSH, end = (J->c0 + hi) * FU_FLUSH;
+  int64_t len = (end < J->n ? end : J->n) - off;
+  const float *d = J->d ? J->d + off : NULL;
+  float *l = J->lanes + lo * 16;
+  switch (J->kind) {
+  case FU_OP:
+    J->k->op32(J->a + off, J->c + off, d, J->s, J->e + off, len, l);
+    break;
+  case FU_NM:
+    J->k->nm32(J->a + off, J->b + off, J->c + off, d, J->s, J->na, len, l);
+    break;
+  case FU_CG:
+    J->k->cg32(J->a + off, J->b + off, J->c + off, d, J->s, len, l);
+    break;
+  case FU_RS:
+    J->k->rs32(J->a + off, J->c + off, J->s, len, l);
+    break;
+  default: /* FU_DIR: no dot, `lanes` unused */
+    J->k->dir32(J->a + off, J->b + off, J->c + off, J->s, J->na, len);
+    break;
+  }
+}
+
+static double fu_run32(fu_job *J) {
+  double tot = 0;
+  int64_t nch = (J->n + FU_FLUSH - 1) / FU_FLUSH;
+  for (int64_t c0 = 0; c0 < nch; c0 += FU_BATCH) {
+    int64_t nb = nch - c0 < FU_BATCH ? nch - c0 : FU_BATCH;
+    J->c0 = c0;
+    ad__par_for(nb, FU_GRAIN, fu_range32, J);
+    for (int64_t i = 0; i < nb * 16; i++) tot += J->lanes[i];
+  }
+  return tot;
 }
 
 static int fu_all(ad_dtype dt, const ad_tensor *a, const ad_tensor *b, const ad_tensor *c) {
@@ -345,7 +487,15 @@ double bl__imp_op_pass(int n, ad_tensor *const *out, ad_tensor *const *h, ad_ten
     const ad_tensor *d = dec ? dec[i] : NULL;
     double si = s ? s[i] : 0;
     if (fu_all(AD_F32, out[i], h[i], d) && v[i]->dtype == AD_F32) {
-      tot += k->op32(AD_F(out[i]), AD_F(h[i]), d ? AD_F(d) : NULL, (float)si, AD_F(v[i]), m);
+      fu_job J = {.k = k,
+                  .kind = FU_OP,
+                  .a = AD_F(out[i]),
+                  .c = AD_F(h[i]),
+                  .d = d ? AD_F(d) : NULL,
+                  .e = AD_F(v[i]),
+                  .s = (float)si,
+                  .n = m};
+      tot += fu_run32(&J);
     } else if (fu_all(AD_F64, out[i], h[i], d) && v[i]->dtype == AD_F64) {
       tot += k->op64(AD_D(out[i]), AD_D(h[i]), d ? AD_D(d) : NULL, si, AD_D(v[i]), m);
     } else {
@@ -363,7 +513,15 @@ double bl__imp_cg_step(int n, ad_tensor *const *x, ad_tensor *const *r, ad_tenso
   for (int i = 0; i < n; i++) {
     int64_t m = x[i]->size;
     if (fu_all(AD_F32, x[i], r[i], p[i]) && Ap[i]->dtype == AD_F32) {
-      rr += k->cg32(AD_F(x[i]), AD_F(r[i]), AD_F(p[i]), AD_F(Ap[i]), (float)a, m);
+      fu_job J = {.k = k,
+                  .kind = FU_CG,
+                  .a = AD_F(x[i]),
+                  .b = AD_F(r[i]),
+                  .c = AD_F(p[i]),
+                  .d = AD_F(Ap[i]),
+                  .s = (float)a,
+                  .n = m};
+      rr += fu_run32(&J);
     } else if (fu_all(AD_F64, x[i], r[i], p[i]) && Ap[i]->dtype == AD_F64) {
       rr += k->cg64(AD_D(x[i]), AD_D(r[i]), AD_D(p[i]), AD_D(Ap[i]), a, m);
     } else {
@@ -375,6 +533,48 @@ double bl__imp_cg_step(int n, ad_tensor *const *x, ad_tensor *const *r, ad_tenso
   return rr;
 }
 
+double bl__imp_cg_resid(int n, ad_tensor *const *r, ad_tensor *const *Ap, double a) {
+  const fu_set *k = fu_pick();
+  double rr = 0;
+  for (int i = 0; i < n; i++) {
+    int64_t m = r[i]->size;
+    if (r[i]->dtype == AD_F32 && Ap[i]->dtype == AD_F32) {
+      fu_job J = {.k = k, .kind = FU_RS, .a = AD_F(r[i]), .c = AD_F(Ap[i]), .s = (float)a, .n = m};
+      rr += fu_run32(&J);
+    } else if (r[i]->dtype == AD_F64 && Ap[i]->dtype == AD_F64) {
+      rr += k->rs64(AD_D(r[i]), AD_D(Ap[i]), a, m);
+    } else {
+      bl__axpy(1, &r[i], -a, &Ap[i]);
+      rr += bl__dot(1, &r[i], &r[i]);
+    }
+  }
+  return rr;
+}
+
+void bl__imp_cg_dir(int n, ad_tensor *const *x, ad_tensor *const *p, ad_tensor *const *r, double a,
+                    double beta) {
+  const fu_set *k = fu_pick();
+  for (int i = 0; i < n; i++) {
+    int64_t m = x[i]->size;
+    if (fu_all(AD_F32, x[i], p[i], r[i])) {
+      fu_job J = {.k = k,
+                  .kind = FU_DIR,
+                  .a = AD_F(x[i]),
+                  .b = AD_F(p[i]),
+                  .c = AD_F(r[i]),
+                  .s = (float)a,
+                  .na = (float)beta,
+                  .n = m};
+      fu_run32(&J);
+    } else if (fu_all(AD_F64, x[i], p[i], r[i])) {
+      k->dir64(AD_D(x[i]), AD_D(p[i]), AD_D(r[i]), a, beta, m);
+    } else {
+      bl__axpy(1, &x[i], a, &p[i]);
+      bl__imp_lincomb(1, &p[i], 1.0, &r[i], beta, &p[i]);
+    }
+  }
+}
+
 double bl__imp_neumann_pass(int n, ad_tensor *const *q, ad_tensor *const *v, double alpha,
                             ad_tensor *const *h, ad_tensor *const *dec, const double *s) {
   const fu_set *k = fu_pick();
@@ -384,8 +584,16 @@ double bl__imp_neumann_pass(int n, ad_tensor *const *q, ad_tensor *const *v, dou
     const ad_tensor *d = dec ? dec[i] : NULL;
     double si = s ? s[i] : 0;
     if (fu_all(AD_F32, q[i], v[i], d) && h[i]->dtype == AD_F32) {
-      qq += k->nm32(AD_F(q[i]), AD_F(v[i]), AD_F(h[i]), d ? AD_F(d) : NULL, (float)si,
-                    -(float)alpha, m);
+      fu_job J = {.k = k,
+                  .kind = FU_NM,
+                  .a = AD_F(q[i]),
+                  .b = AD_F(v[i]),
+                  .c = AD_F(h[i]),
+                  .d = d ? AD_F(d) : NULL,
+                  .s = (float)si,
+                  .na = -(float)alpha,
+                  .n = m};
+      qq += fu_run32(&J);
     } else if (fu_all(AD_F64, q[i], v[i], d) && h[i]->dtype == AD_F64) {
       qq += k->nm64(AD_D(q[i]), AD_D(v[i]), AD_D(h[i]), d ? AD_D(d) : NULL, si, -alpha, m);
     } else {
@@ -451,13 +659,16 @@ static ad_status cg_run(ad_tape *t, int n, bl_linop A, bl_linop_dot Adot, void *
       break;
     }
     double a = rs / pAp;
-    double rs_new = bl__imp_cg_step(n, x, r, p, Ap, a); /* x += a p, r -= a Ap */
+    /* r -= a Ap with ||r||^2, then x += a p and p = r + (rs_new / rs) p in
+     * one more pass: the bits of bl__imp_cg_step then bl__imp_lincomb,
+     * with one list fewer read. */
+    double rs_new = bl__imp_cg_resid(n, r, Ap, a);
     if (!isfinite(rs_new)) {
       ad__fail(t, AD_ERR_NUMERIC, "conjugate gradients: ||r||^2 = %g at solver iteration %lld",
                rs_new, (long long)(k + 1));
       return AD_ERR_NUMERIC;
     }
-    bl__imp_lincomb(n, p, 1.0, r, rs_new / rs, p); /* p = r + (rs_new / rs) p */
+    bl__imp_cg_dir(n, x, p, r, a, rs_new / rs);
     rs = rs_new;
     info->iterations++;
   }

@@ -969,11 +969,14 @@ START_TEST(test_fused_passes_bits) {
    * HYPERTAPE_BLIS_ARCH=haswell): the operator pass as a plain loop and its
    * dot as bl__dot; the Neumann pass as the operator pass into a buffer,
    * then bl__imp_neumann_step; the CG step as the plain update and bl__dot.
-   * Two tensors of sizes with tails and several 4096-element flushes. */
+   * Two tensors of sizes with tails and several 4096-element flushes, at 1
+   * and 2 threads (the f32 passes split at flush boundaries). */
   ad_rng g;
   ad_rng_seed(&g, 3);
-  const int64_t sz[2] = {4096 * 3 + 37, 45};
-  for (int dt = 0; dt < 2; dt++) {
+  const int64_t sz[2] = {4096 * 9 + 37, 45};
+  for (int run = 0; run < 4; run++) {
+    int dt = run % 2;
+    ck_assert_int_eq(ad_set_threads(1 + run / 2), AD_OK);
     ad_dtype D = dt ? AD_F64 : AD_F32;
     ad_tensor *h[2], *d[2], *v[2], *o[2], *o2[2], *q1[2], *q2[2], *v1[2], *v2[2];
     double s[2] = {0.3, 0};
@@ -1030,10 +1033,31 @@ START_TEST(test_fused_passes_bits) {
       }
     for (int i = 0; i < 2; i++) ck_assert(same_bits(q1[i], q2[i]) && same_bits(v1[i], v2[i]));
     ck_assert(rr == bl__dot(2, v1, v1));
+    /* the solver's split of it (r pass, then x and p in one pass) against
+     * bl__imp_cg_step then p = 1 r + beta p */
+    ad_tensor *p1[2], *p2[2];
+    for (int i = 0; i < 2; i++) {
+      p1[i] = fx_new(D, 1, (int64_t[]){sz[i]});
+      p2[i] = fx_new(D, 1, (int64_t[]){sz[i]});
+      ad_copy_values(p1[i], h[i]);
+      ad_copy_values(p2[i], h[i]);
+    }
+    double beta = 0.61;
+    double rr1 = bl__imp_cg_resid(2, v1, v, a);
+    bl__imp_cg_dir(2, q1, p1, v1, a, beta);
+    double rr2 = bl__imp_cg_step(2, q2, v2, p2, v, a);
+    bl__imp_lincomb(2, p2, 1.0, v2, beta, p2);
+    ck_assert(rr1 == rr2);
+    for (int i = 0; i < 2; i++) {
+      ck_assert(same_bits(q1[i], q2[i]) && same_bits(v1[i], v2[i]) && same_bits(p1[i], p2[i]));
+      ad_tensor_free(p1[i]);
+      ad_tensor_free(p2[i]);
+    }
     ad_tensor *all[] = {h[0],  h[1],  d[0],  v[0],  v[1],  o[0],  o[1],  o2[0], o2[1],
                         q1[0], q1[1], q2[0], q2[1], v1[0], v1[1], v2[0], v2[1]};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) ad_tensor_free(all[i]);
   }
+  ck_assert_int_eq(ad_set_threads(1), AD_OK);
 }
 END_TEST
 
