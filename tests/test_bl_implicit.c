@@ -876,17 +876,25 @@ static ad_tensor *zero_train(ad_tape *t, ad_tensor *const *w, ad_tensor *const *
 /* ---------------------------------------------------------------- closed-form decay, fused passes
  */
 
-/* H v recorded from scratch: L_eff = mlp_train + sum_k 1/2 sum dec_k (.) w_k^2
+/* mlp_train with the output bias held at 0: w[3] reaches L_eff only
+ * through the decay. */
+static ad_tensor *mlp_train_nob2(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam,
+                                 int64_t step, void *ctx) {
+  ad_tensor *ww[4] = {w[0], w[1], w[2], ad_zeros_like(t, w[3])};
+  return mlp_train(t, ww, lam, step, ctx);
+}
+
+/* H v recorded from scratch: L_eff = train + sum_k 1/2 sum dec_k (.) w_k^2
  * written as a loss, its gradient recorded, swept with seed v; + damping v. */
-static void fresh_hvp(ad_tape *t, mlp_case *c, ad_tensor *const *dec, double damping,
-                      ad_tensor *const *v, double *out) {
+static void fresh_hvp(ad_tape *t, mlp_case *c, bl_loss_fn train, ad_tensor *const *dec,
+                      double damping, ad_tensor *const *v, double *out) {
   ad_marker mk = ad_mark(t);
   ad_tensor *w[4], *g[4], *hv[4];
   for (int k = 0; k < 4; k++) {
     w[k] = ad_const(t, AD_F64, c->w0[k]->ndim, c->w0[k]->shape, c->w0[k]->data);
     ad_requires_grad(w[k], 1);
   }
-  ad_tensor *L = mlp_train(t, w, c->lam, 0, c);
+  ad_tensor *L = train(t, w, c->lam, 0, c);
   for (int k = 0; k < 4; k++) {
     ad_tensor *d = ad_const(t, AD_F64, w[k]->ndim, w[k]->shape, AD_D(dec[k]));
     L = ad_add(t, L, ad_scale(t, ad_sum(t, ad_mul(t, d, ad_mul(t, w[k], w[k]))), 0.5));
@@ -924,20 +932,24 @@ START_TEST(test_decay_closed_form) {
     ad_tensor_fill_normal(v[k], &g, 0, 1);
   }
   double want[64], got[64];
-  for (int per_elem = 0; per_elem < 2; per_elem++)
+  for (int per_elem = 0; per_elem < 3; per_elem++)
     for (int dmp = 0; dmp < 2; dmp++) {
       bl_problem p = c.p;
       if (per_elem) p.opt.weight_decay_vars = p.lam = dl;
+      if (per_elem == 2) p.train_loss = mlp_train_nob2; /* w[3]: decay only */
       double damping = dmp ? 0.3 : 0;
       ck_assert_int_eq(bl_curvature_product(t, &p, &(bl_opts){.damping = damping}, c.w0, v, out),
                        AD_OK);
-      fresh_hvp(t, &c, per_elem ? dl : dfull, damping, v, want);
+      fresh_hvp(t, &c, p.train_loss, per_elem ? dl : dfull, damping, v, want);
       int i = 0;
       for (int k = 0; k < 4; k++)
         for (int64_t j = 0; j < out[k]->size; j++) got[i++] = ad_get(out[k], j);
       double e = fx_rel(i, got, want);
       printf("decay closed form (%s, damping %g): rel err %.1e (bound 1e-12)\n",
-             per_elem ? "per element" : "scalar", damping, e);
+             per_elem == 2 ? "per element, w[3] by decay only"
+             : per_elem    ? "per element"
+                           : "scalar",
+             damping, e);
       ck_assert(e <= 1e-12);
     }
   for (int k = 0; k < 4; k++) {
