@@ -58,6 +58,39 @@ static ad_status check_opts(bl_run *r) {
   return AD_OK;
 }
 
+/* The decay's part of H in closed form (see bl_imp.gh): the Hessian of
+ * sum_i (wd_i / 2) ||w_i||^2 is diag(wd_i), wd_i being a tensor or a number
+ * that does not depend on w (the optimizer's decay is set before w_T
+ * exists). Where the decay is not one of the forms the pass takes (a
+ * tensor of another dtype), the products sweep the full g instead. The
+ * Gauss-Newton products take the decay with R (greg). Either way dec_s
+ * carries the damping. */
+static void closed_form_decay(bl_imp *m) {
+  bl_run *r = m->r;
+  int ok = !m->gn;
+  for (int i = 0; i < m->n; i++) {
+    double c;
+    ad_tensor *v = decay_var(r, i, &c);
+    m->dec[i] = NULL;
+    m->dec_s[i] = m->damping;
+    if (!ok) continue;
+    if (v && v->size == m->w[i]->size && v->dtype == m->w[i]->dtype)
+      m->dec[i] = v;
+    else if (v && v->size == 1)
+      m->dec_s[i] += ad_get(v, 0);
+    else if (v)
+      ok = 0;
+    else
+      m->dec_s[i] += c;
+  }
+  if (ok) return;
+  for (int i = 0; i < m->n; i++) {
+    m->gh[i] = m->g[i];
+    m->dec[i] = NULL;
+    m->dec_s[i] = m->damping;
+  }
+}
+
 /* Records grad_w L_eff at m->w (and the Gauss-Newton pieces). */
 static ad_status record_curvature(bl_imp *m) {
   bl_run *r = m->r;
@@ -69,7 +102,9 @@ static ad_status record_curvature(bl_imp *m) {
   /* Recorded, so that <g, v> can be differentiated again: by w for the
    * products, by lam for the mixed partial. */
   if (!s) s = ad_grad(t, 1, &L, NULL, n, m->w, m->g, AD_GRAD_RECORD);
+  if (!s) memcpy(m->gh, m->g, sizeof m->gh);
   if (!s) s = add_decay(r, m->w, m->g, &any);
+  if (!s) closed_form_decay(m);
   if (s || !m->gn) return s;
 
   /* Gauss-Newton: l is taken at a leaf copy of the outputs, so grad_f l is
@@ -135,32 +170,55 @@ ad_status bl__imp_at(bl_imp *m, bl_run *r, ad_tensor *const *w) {
   return s;
 }
 
-ad_status bl__imp_apply(bl_imp *m, ad_tensor *const *v, ad_tensor *const *out) {
-  bl_run *r = m->r;
-  ad_tape *t = r->t;
+/* hv = the sweep's part of (H or G) v, in the arena (the caller rewinds). */
+static ad_status imp_sweep(bl_imp *m, ad_tensor *const *v, ad_tensor **hv) {
+  ad_tape *t = m->r->t;
   int n = m->n;
-  ad_tensor *hv[NN_MAX_PARAMS], *hr[NN_MAX_PARAMS];
-  ad_marker mk = ad_mark(t);
-  ad_status s;
-  if (!m->gn) {
+  ad_tensor *hr[NN_MAX_PARAMS];
+  if (!m->gn)
     /* H v = d/dw <grad_w L, v>: the recorded gradient swept back once with
-     * v as its seed (no dot-product nodes needed). */
-    s = ad_grad(t, n, m->g, v, n, m->w, hv, 0);
-  } else {
-    /* G v = J^T (H_l (J v)) + H_R v:  J v forward (ad_jvp), H_l on the
-     * outputs, J^T back by a seeded reverse sweep through f. */
-    ad_tensor *jv = NULL, *hjv = NULL;
-    s = ad_jvp(t, n, m->w, v, 1, &m->f, &jv, 0);
-    if (!s) s = ad_grad(t, 1, &m->gl, &jv, 1, &m->f_leaf, &hjv, 0);
-    if (!s) s = ad_grad(t, 1, &m->f, &hjv, n, m->w, hv, 0);
-    if (!s && m->greg[0]) {
-      s = ad_grad(t, n, m->greg, v, n, m->w, hr, 0);
-      if (!s) bl__axpy(n, hv, 1.0, hr);
-    }
+     * v as its seed (no dot-product nodes needed); the decay's diagonal is
+     * added by the caller's pass. */
+    return ad_grad(t, n, m->gh, v, n, m->w, hv, 0);
+  /* G v = J^T (H_l (J v)) + H_R v:  J v forward (ad_jvp), H_l on the
+   * outputs, J^T back by a seeded reverse sweep through f. */
+  ad_tensor *jv = NULL, *hjv = NULL;
+  ad_status s = ad_jvp(t, n, m->w, v, 1, &m->f, &jv, 0);
+  if (!s) s = ad_grad(t, 1, &m->gl, &jv, 1, &m->f_leaf, &hjv, 0);
+  if (!s) s = ad_grad(t, 1, &m->f, &hjv, n, m->w, hv, 0);
+  if (!s && m->greg[0]) {
+    s = ad_grad(t, n, m->greg, v, n, m->w, hr, 0);
+    if (!s) bl__axpy(n, hv, 1.0, hr);
   }
-  if (!s) bl__imp_lincomb(n, out, 1.0, hv, m->damping, v); /* (H + d I) v */
+  return s;
+}
+
+ad_status bl__imp_apply_dot(bl_imp *m, ad_tensor *const *v, ad_tensor *const *out, double *vout) {
+  ad_tape *t = m->r->t;
+  ad_tensor *hv[NN_MAX_PARAMS];
+  ad_marker mk = ad_mark(t);
+  ad_status s = imp_sweep(m, v, hv);
+  /* (H + d I) v = hv + dec (.) v + dec_s v, and <v, (H + d I) v>. */
+  if (!s) *vout = bl__imp_op_pass(m->n, out, hv, m->dec, m->dec_s, v);
   ad_rewind(t, mk);
-  if (!s) r->st.hvps++;
+  if (!s) m->r->st.hvps++;
+  return s;
+}
+
+ad_status bl__imp_apply(bl_imp *m, ad_tensor *const *v, ad_tensor *const *out) {
+  double vout;
+  return bl__imp_apply_dot(m, v, out, &vout);
+}
+
+ad_status bl__imp_neumann_term(bl_imp *m, ad_tensor *const *q, ad_tensor *const *v, double alpha,
+                               double *qq) {
+  ad_tape *t = m->r->t;
+  ad_tensor *hv[NN_MAX_PARAMS];
+  ad_marker mk = ad_mark(t);
+  ad_status s = imp_sweep(m, q, hv);
+  if (!s) *qq = bl__imp_neumann_pass(m->n, q, v, alpha, hv, m->dec, m->dec_s);
+  ad_rewind(t, mk);
+  if (!s) m->r->st.hvps++;
   return s;
 }
 
@@ -205,13 +263,13 @@ ad_status bl_curvature_product(ad_tape *t, const bl_problem *p, const bl_opts *o
   return bl__end(&r, s, NULL);
 }
 
-static ad_status imp_op(void *ctx, ad_tensor *const *v, ad_tensor *const *out) {
-  return bl__imp_apply(ctx, v, out);
+static ad_status imp_op(void *ctx, ad_tensor *const *v, ad_tensor *const *out, double *vout) {
+  return bl__imp_apply_dot(ctx, v, out, vout);
 }
 
 ad_status bl__imp_cg(bl_imp *m, ad_tensor *const *x, int64_t K, double tol, int warm,
                      bl_cg_info *info) {
-  ad_status s = bl__cg(m->r->t, m->n, imp_op, m, m->b, x, K, tol, warm, info);
+  ad_status s = bl__cg_dot(m->r->t, m->n, imp_op, m, m->b, x, K, tol, warm, info);
   if (!s) {
     m->r->st.iterations += info->iterations;
     m->r->st.residual = info->residual;

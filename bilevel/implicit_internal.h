@@ -32,11 +32,21 @@
 
 typedef struct {
   bl_run *r;
-  int n;                            /* parameter tensors */
-  int64_t step;                     /* step index L_eff is evaluated at */
-  ad_tensor *w[NN_MAX_PARAMS];      /* w_T: leaves needing a gradient */
-  bl_state s;                       /* the step's state at w_T (bl__imp_begin) */
-  ad_tensor *g[NN_MAX_PARAMS];      /* grad_w L_eff(w_T), recorded */
+  int n;                       /* parameter tensors */
+  int64_t step;                /* step index L_eff is evaluated at */
+  ad_tensor *w[NN_MAX_PARAMS]; /* w_T: leaves needing a gradient */
+  bl_state s;                  /* the step's state at w_T (bl__imp_begin) */
+  ad_tensor *g[NN_MAX_PARAMS]; /* grad_w L_eff(w_T), recorded */
+  /* What the H products sweep, and the decay they add in closed form: H v
+   * = d/dw <gh, v> + dec (.) v + dec_s v. gh is grad_w L_train without the
+   * decay when the decay is a per-element tensor of w's dtype and size
+   * (dec), one number (folded into dec_s) or none; else gh = g, dec NULL.
+   * The decay's second derivative is that diagonal exactly, and applying
+   * it in the solver's pass saves the sweep a multiply and an accumulation
+   * over every parameter per product. dec_s also holds the damping. */
+  ad_tensor *gh[NN_MAX_PARAMS];
+  ad_tensor *dec[NN_MAX_PARAMS];
+  double dec_s[NN_MAX_PARAMS];
   ad_tensor *b[NN_MAX_PARAMS];      /* grad_w L_val(w_T): the right-hand side */
   ad_tensor *direct[NN_MAX_PARAMS]; /* dL_val/dlam with w held fixed */
   double damping;                   /* added to the diagonal */
@@ -63,6 +73,16 @@ ad_status bl__imp_at(bl_imp *m, bl_run *r, ad_tensor *const *w);
  * the product records is rewound. Counts one hvp. */
 ad_status bl__imp_apply(bl_imp *m, ad_tensor *const *v, ad_tensor *const *out);
 
+/* bl__imp_apply that also returns <v, out>, from the same pass. */
+ad_status bl__imp_apply_dot(bl_imp *m, ad_tensor *const *v, ad_tensor *const *out, double *vout);
+
+/* One Neumann term: q <- q - alpha (H + damping) q, v <- v + q, *qq = <q, q>
+ * after it, with the product and the update in one pass over the lists.
+ * The same bits as bl__imp_apply into a buffer, then
+ * bl__imp_neumann_step. Counts one hvp. */
+ad_status bl__imp_neumann_term(bl_imp *m, ad_tensor *const *q, ad_tensor *const *v, double alpha,
+                               double *qq);
+
 /* hg = direct - (d^2 L_eff / dlam dw) v, written to the caller's tensors.
  * Counts one hvp (the mixed partial). */
 ad_status bl__imp_finish(bl_imp *m, ad_tensor *const *v, ad_tensor *const *hg);
@@ -80,10 +100,29 @@ void bl__imp_lincomb(int n, ad_tensor *const *out, double a, ad_tensor *const *x
 double bl__imp_cg_step(int n, ad_tensor *const *x, ad_tensor *const *r, ad_tensor *const *p,
                        ad_tensor *const *Ap, double a);
 
+/* The CG update split as the solver uses it: r -= a Ap returning <r, r>,
+ * then x += a p and p = r + beta p in one pass. Together the same bits as
+ * bl__imp_cg_step then bl__imp_lincomb(p, 1, r, beta, p). */
+double bl__imp_cg_resid(int n, ad_tensor *const *r, ad_tensor *const *Ap, double a);
+void bl__imp_cg_dir(int n, ad_tensor *const *x, ad_tensor *const *p, ad_tensor *const *r, double a,
+                    double beta);
+
 /* One Neumann term in one pass: q = q - alpha hq, v = v + q; returns
  * <q, q> after it (bl__dot's order). */
 double bl__imp_neumann_step(int n, ad_tensor *const *q, ad_tensor *const *v, double alpha,
                             ad_tensor *const *hq);
+
+/* The operator pass: out_i = h_i + dec_i (.) v_i + s_i v_i (dec NULL or
+ * dec[i] NULL: no elementwise term; s NULL: all 0); returns <v, out> in
+ * bl__dot's order. dec_i has v_i's size. out may not alias v or h. */
+double bl__imp_op_pass(int n, ad_tensor *const *out, ad_tensor *const *h, ad_tensor *const *dec,
+                       const double *s, ad_tensor *const *v);
+
+/* bl__imp_neumann_step with hq = h + dec (.) q + s q formed on the way
+ * (the same bits as bl__imp_op_pass into a buffer, then the step). h may
+ * alias q. */
+double bl__imp_neumann_pass(int n, ad_tensor *const *q, ad_tensor *const *v, double alpha,
+                            ad_tensor *const *h, ad_tensor *const *dec, const double *s);
 
 /* ---------------------------------------------------------------- conjugate gradients */
 
@@ -104,6 +143,15 @@ typedef struct {
  * arena (the caller's rewind frees them). */
 ad_status bl__cg(ad_tape *t, int n, bl_linop A, void *ctx, ad_tensor *const *b, ad_tensor *const *x,
                  int64_t K, double tol, int warm, bl_cg_info *info);
+
+/* An operator that also returns <v, A v> from the pass that forms A v. */
+typedef ad_status (*bl_linop_dot)(void *ctx, ad_tensor *const *v, ad_tensor *const *out,
+                                  double *vout);
+
+/* bl__cg with such an operator: the same iterates and bits, one pass fewer
+ * per iteration. */
+ad_status bl__cg_dot(ad_tape *t, int n, bl_linop_dot A, void *ctx, ad_tensor *const *b,
+                     ad_tensor *const *x, int64_t K, double tol, int warm, bl_cg_info *info);
 
 /* bl__cg with A = bl__imp_apply. */
 ad_status bl__imp_cg(bl_imp *m, ad_tensor *const *x, int64_t K, double tol, int warm,

@@ -18,22 +18,23 @@ ad_status bl_neumann(ad_tape *t, const bl_problem *p, const bl_opts *o, ad_tenso
                      bl_stats *st) {
   bl_run r;
   bl_imp m;
-  ad_tensor *v[NN_MAX_PARAMS], *q[NN_MAX_PARAMS], *hq[NN_MAX_PARAMS];
+  ad_tensor *v[NN_MAX_PARAMS], *q[NN_MAX_PARAMS];
   ad_status s = bl__begin(&r, "bl_neumann", t, p, o, hg, 0);
   if (!s) s = bl__imp_begin(&m, &r);
   if (!s) s = bl__copy_new(&r, m.n, m.b, v); /* v = q = b: the j = 0 term */
   if (!s) s = bl__copy_new(&r, m.n, m.b, q);
-  if (!s) s = bl__zeros_new(&r, m.n, m.w, hq);
   double alpha = 0;
   if (!s) s = bl__alpha(&r, &alpha);
   if (!s) {
     int64_t K = BL_OPT(&r, K, 20);
     double bn = bl__norm(m.n, m.b);
     for (int64_t j = 1; j <= K && !s; j++) {
-      s = bl__imp_apply(&m, q, hq);
+      /* q = (I - alpha H)^j b, v += q, and ||q||^2: the product's sweep,
+       * then one pass for the rest. */
+      double qq = 0;
+      s = bl__imp_neumann_term(&m, q, v, alpha, &qq);
       if (s) break;
-      /* q = (I - alpha H)^j b, v += q, and ||q||^2, in one pass. */
-      double qn = sqrt(bl__imp_neumann_step(m.n, q, v, alpha, hq));
+      double qn = sqrt(qq);
       r.st.iterations++;
       /* With H positive semi-definite and 0 < alpha < 2/lambda_max every
        * eigenvalue of I - alpha H lies in (-1, 1], so ||q_j|| never grows.

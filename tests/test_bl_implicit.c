@@ -7,6 +7,7 @@
  *   - the Gauss-Newton product against a hand-built J^T H_out J + H_R;
  *   - errors on bad input, and the tape left as found.
  * Each assertion states its bound beside it. */
+#include "bilevel/implicit_internal.h"
 #include "bl_fixtures.h"
 #include "gradcheck.h"
 
@@ -872,6 +873,206 @@ static ad_tensor *zero_train(ad_tape *t, ad_tensor *const *w, ad_tensor *const *
   return ad_scale(t, ad_sum(t, w[0]), 1.0); /* linear in w: H = 0 */
 }
 
+/* ---------------------------------------------------------------- closed-form decay, fused passes
+ */
+
+/* mlp_train with the output bias held at 0: w[3] reaches L_eff only
+ * through the decay. */
+static ad_tensor *mlp_train_nob2(ad_tape *t, ad_tensor *const *w, ad_tensor *const *lam,
+                                 int64_t step, void *ctx) {
+  ad_tensor *ww[4] = {w[0], w[1], w[2], ad_zeros_like(t, w[3])};
+  return mlp_train(t, ww, lam, step, ctx);
+}
+
+/* H v recorded from scratch: L_eff = train + sum_k 1/2 sum dec_k (.) w_k^2
+ * written as a loss, its gradient recorded, swept with seed v; + damping v. */
+static void fresh_hvp(ad_tape *t, mlp_case *c, bl_loss_fn train, ad_tensor *const *dec,
+                      double damping, ad_tensor *const *v, double *out) {
+  ad_marker mk = ad_mark(t);
+  ad_tensor *w[4], *g[4], *hv[4];
+  for (int k = 0; k < 4; k++) {
+    w[k] = ad_const(t, AD_F64, c->w0[k]->ndim, c->w0[k]->shape, c->w0[k]->data);
+    ad_requires_grad(w[k], 1);
+  }
+  ad_tensor *L = train(t, w, c->lam, 0, c);
+  for (int k = 0; k < 4; k++) {
+    ad_tensor *d = ad_const(t, AD_F64, w[k]->ndim, w[k]->shape, AD_D(dec[k]));
+    L = ad_add(t, L, ad_scale(t, ad_sum(t, ad_mul(t, d, ad_mul(t, w[k], w[k]))), 0.5));
+  }
+  ck_assert_int_eq(ad_grad(t, 1, &L, NULL, 4, w, g, AD_GRAD_RECORD), AD_OK);
+  ck_assert_int_eq(ad_grad(t, 4, g, v, 4, w, hv, 0), AD_OK);
+  int i = 0;
+  for (int k = 0; k < 4; k++)
+    for (int64_t j = 0; j < hv[k]->size; j++, i++)
+      out[i] = ad_get(hv[k], j) + damping * ad_get(v[k], j);
+  ad_rewind(t, mk);
+}
+
+START_TEST(test_decay_closed_form) {
+  /* The products apply the optimizer's decay as the diagonal it is (dec (.)
+   * v, not a sweep through lam (.) w): per-element decay tensors, a scalar
+   * per tensor, with and without damping, against H v of L_eff recorded
+   * and differentiated from scratch. Bound 1e-12 relative: the same
+   * products in f64, the decay term added in another order. */
+  mlp_case c;
+  mlp_setup(&c, MLP_LAM);
+  ad_tape *t = fx_tape(16);
+  ad_tensor *dl[4], *dfull[4], *v[4], *out[4];
+  ad_rng g;
+  ad_rng_seed(&g, 9);
+  for (int k = 0; k < 4; k++) {
+    dl[k] = fx_new(AD_F64, c.w0[k]->ndim, c.w0[k]->shape);
+    dfull[k] = fx_new(AD_F64, c.w0[k]->ndim, c.w0[k]->shape);
+    v[k] = fx_new(AD_F64, c.w0[k]->ndim, c.w0[k]->shape);
+    out[k] = fx_new(AD_F64, c.w0[k]->ndim, c.w0[k]->shape);
+    for (int64_t j = 0; j < dl[k]->size; j++) {
+      ad_set(dl[k], j, 0.05 + 0.3 * ad_rng_uniform(&g));
+      ad_set(dfull[k], j, MLP_LAM[k]);
+    }
+    ad_tensor_fill_normal(v[k], &g, 0, 1);
+  }
+  double want[64], got[64];
+  for (int per_elem = 0; per_elem < 3; per_elem++)
+    for (int dmp = 0; dmp < 2; dmp++) {
+      bl_problem p = c.p;
+      if (per_elem) p.opt.weight_decay_vars = p.lam = dl;
+      if (per_elem == 2) p.train_loss = mlp_train_nob2; /* w[3]: decay only */
+      double damping = dmp ? 0.3 : 0;
+      ck_assert_int_eq(bl_curvature_product(t, &p, &(bl_opts){.damping = damping}, c.w0, v, out),
+                       AD_OK);
+      fresh_hvp(t, &c, p.train_loss, per_elem ? dl : dfull, damping, v, want);
+      int i = 0;
+      for (int k = 0; k < 4; k++)
+        for (int64_t j = 0; j < out[k]->size; j++) got[i++] = ad_get(out[k], j);
+      double e = fx_rel(i, got, want);
+      printf("decay closed form (%s, damping %g): rel err %.1e (bound 1e-12)\n",
+             per_elem == 2 ? "per element, w[3] by decay only"
+             : per_elem    ? "per element"
+                           : "scalar",
+             damping, e);
+      ck_assert(e <= 1e-12);
+    }
+  for (int k = 0; k < 4; k++) {
+    ad_tensor_free(dl[k]);
+    ad_tensor_free(dfull[k]);
+    ad_tensor_free(v[k]);
+    ad_tensor_free(out[k]);
+  }
+  mlp_free(&c);
+  ad_tape_free(t);
+}
+END_TEST
+
+/* A tensor of n values from g, in dtype dt. */
+static ad_tensor *rnd_vec(ad_dtype dt, int64_t n, ad_rng *g) {
+  ad_tensor *x = fx_new(dt, 1, (int64_t[]){n});
+  ad_tensor_fill_normal(x, g, 0, 1);
+  return x;
+}
+
+static int same_bits(const ad_tensor *a, const ad_tensor *b) {
+  return a->size == b->size &&
+         memcmp(a->data, b->data, (size_t)a->size * ad_dtype_size(a->dtype)) == 0;
+}
+
+START_TEST(test_fused_passes_bits) {
+  /* The solvers' fused passes give the same bits as the unfused steps they
+   * replace (whatever instruction set the CPU picks, also under
+   * HYPERTAPE_BLIS_ARCH=haswell): the operator pass as a plain loop and its
+   * dot as bl__dot; the Neumann pass as the operator pass into a buffer,
+   * then bl__imp_neumann_step; the CG step as the plain update and bl__dot.
+   * Two tensors of sizes with tails and several 4096-element flushes, at 1
+   * and 2 threads (the f32 passes split at flush boundaries). */
+  ad_rng g;
+  ad_rng_seed(&g, 3);
+  const int64_t sz[2] = {4096 * 9 + 37, 45};
+  for (int run = 0; run < 4; run++) {
+    int dt = run % 2;
+    ck_assert_int_eq(ad_set_threads(1 + run / 2), AD_OK);
+    ad_dtype D = dt ? AD_F64 : AD_F32;
+    ad_tensor *h[2], *d[2], *v[2], *o[2], *o2[2], *q1[2], *q2[2], *v1[2], *v2[2];
+    double s[2] = {0.3, 0};
+    for (int i = 0; i < 2; i++) {
+      h[i] = rnd_vec(D, sz[i], &g);
+      d[i] = i ? NULL : rnd_vec(D, sz[i], &g);
+      v[i] = rnd_vec(D, sz[i], &g);
+      o[i] = rnd_vec(D, sz[i], &g);
+      o2[i] = rnd_vec(D, sz[i], &g);
+      q1[i] = rnd_vec(D, sz[i], &g);
+      q2[i] = fx_new(D, 1, (int64_t[]){sz[i]});
+      ad_copy_values(q2[i], q1[i]);
+      v1[i] = rnd_vec(D, sz[i], &g);
+      v2[i] = fx_new(D, 1, (int64_t[]){sz[i]});
+      ad_copy_values(v2[i], v1[i]);
+    }
+    /* operator pass against the loop written out */
+    double dot = bl__imp_op_pass(2, o, h, d, s, v);
+    for (int i = 0; i < 2; i++)
+      for (int64_t j = 0; j < sz[i]; j++) {
+        if (dt) {
+          double x = AD_D(v[i])[j], a = AD_D(h[i])[j], t;
+          if (d[i]) t = AD_D(d[i])[j] * x, a = a + t;
+          if (s[i] != 0) t = s[i] * x, a = a + t;
+          AD_D(o2[i])[j] = a;
+        } else {
+          float x = AD_F(v[i])[j], a = AD_F(h[i])[j], t, si = (float)s[i];
+          if (d[i]) t = AD_F(d[i])[j] * x, a = a + t;
+          if (si != 0) t = si * x, a = a + t;
+          AD_F(o2[i])[j] = a;
+        }
+      }
+    for (int i = 0; i < 2; i++) ck_assert(same_bits(o[i], o2[i]));
+    ck_assert(dot == bl__dot(2, v, o2));
+    /* Neumann pass against operator pass + step */
+    double alpha = 0.07;
+    double qq1 = bl__imp_neumann_pass(2, q1, v1, alpha, h, d, s);
+    bl__imp_op_pass(2, o2, h, d, s, q2);
+    double qq2 = bl__imp_neumann_step(2, q2, v2, alpha, o2);
+    for (int i = 0; i < 2; i++) ck_assert(same_bits(q1[i], q2[i]) && same_bits(v1[i], v2[i]));
+    ck_assert(qq1 == qq2 && qq1 == bl__dot(2, q1, q1));
+    /* CG step against x += a p, r -= a Ap, bl__dot(r, r) */
+    double a = 0.37;
+    double rr = bl__imp_cg_step(2, q1, v1, h, v, a);
+    for (int i = 0; i < 2; i++)
+      for (int64_t j = 0; j < sz[i]; j++) {
+        if (dt) {
+          AD_D(q2[i])[j] += a * AD_D(h[i])[j];
+          AD_D(v2[i])[j] -= a * AD_D(v[i])[j];
+        } else {
+          AD_F(q2[i])[j] += (float)a * AD_F(h[i])[j];
+          AD_F(v2[i])[j] -= (float)a * AD_F(v[i])[j];
+        }
+      }
+    for (int i = 0; i < 2; i++) ck_assert(same_bits(q1[i], q2[i]) && same_bits(v1[i], v2[i]));
+    ck_assert(rr == bl__dot(2, v1, v1));
+    /* the solver's split of it (r pass, then x and p in one pass) against
+     * bl__imp_cg_step then p = 1 r + beta p */
+    ad_tensor *p1[2], *p2[2];
+    for (int i = 0; i < 2; i++) {
+      p1[i] = fx_new(D, 1, (int64_t[]){sz[i]});
+      p2[i] = fx_new(D, 1, (int64_t[]){sz[i]});
+      ad_copy_values(p1[i], h[i]);
+      ad_copy_values(p2[i], h[i]);
+    }
+    double beta = 0.61;
+    double rr1 = bl__imp_cg_resid(2, v1, v, a);
+    bl__imp_cg_dir(2, q1, p1, v1, a, beta);
+    double rr2 = bl__imp_cg_step(2, q2, v2, p2, v, a);
+    bl__imp_lincomb(2, p2, 1.0, v2, beta, p2);
+    ck_assert(rr1 == rr2);
+    for (int i = 0; i < 2; i++) {
+      ck_assert(same_bits(q1[i], q2[i]) && same_bits(v1[i], v2[i]) && same_bits(p1[i], p2[i]));
+      ad_tensor_free(p1[i]);
+      ad_tensor_free(p2[i]);
+    }
+    ad_tensor *all[] = {h[0],  h[1],  d[0],  v[0],  v[1],  o[0],  o[1],  o2[0], o2[1],
+                        q1[0], q1[1], q2[0], q2[1], v1[0], v1[1], v2[0], v2[1]};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) ad_tensor_free(all[i]);
+  }
+  ck_assert_int_eq(ad_set_threads(1), AD_OK);
+}
+END_TEST
+
 START_TEST(test_exact_singular) {
   ridge_case c;
   ridge_setup(&c, 1, 0);
@@ -903,6 +1104,8 @@ static Suite *implicit_suite(void) {
   tcase_add_test(tc, test_duties);
   tcase_add_test(tc, test_exact_singular);
   tcase_add_test(tc, test_curvature_product_input);
+  tcase_add_test(tc, test_decay_closed_form);
+  tcase_add_test(tc, test_fused_passes_bits);
   suite_add_tcase(s, tc);
   return s;
 }
