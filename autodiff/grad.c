@@ -31,16 +31,33 @@ static void acc_clear(ad_tensor *x) {
 
 /* y += x elementwise, same shape and dtype: the bits ad_add(y, x) gives
  * (u + v per element), without a new tensor. */
-static void add_into(ad_tensor *y, const ad_tensor *x) {
-  if (y->dtype == AD_F32) {
-    float *restrict p = AD_F(y);
-    const float *restrict q = AD_F(x);
-    for (int64_t j = 0; j < y->size; j++) p[j] = p[j] + q[j];
+/* y += x over [lo, hi), threaded: the sum of an unrolled step's two
+ * contributions to its weights' adjoint is a weight-sized pass, and each
+ * element is one addition, so any split gives the same bits. */
+typedef struct {
+  ad_tensor *y;
+  const ad_tensor *x;
+} add_job;
+
+static void add_range(void *ctx, int part, int64_t lo, int64_t hi) {
+  const add_job *c = ctx;
+  (void)part;
+  if (c->y->dtype == AD_F32) {
+    float *restrict p = AD_F(c->y);
+    const float *restrict q = AD_F(c->x);
+    for (int64_t j = lo; j < hi; j++) p[j] = p[j] + q[j];
   } else {
-    double *restrict p = AD_D(y);
-    const double *restrict q = AD_D(x);
-    for (int64_t j = 0; j < y->size; j++) p[j] = p[j] + q[j];
+    double *restrict p = AD_D(c->y);
+    const double *restrict q = AD_D(c->x);
+    for (int64_t j = lo; j < hi; j++) p[j] = p[j] + q[j];
   }
+}
+
+enum { ADD_GRAIN = 16384 };
+
+static void add_into(ad_tensor *y, const ad_tensor *x) {
+  add_job c = {y, x};
+  ad__par_for(y->size, ADD_GRAIN, add_range, &c);
 }
 
 /* Adds a gradient contribution into x's slot. The first one is taken as is

@@ -706,9 +706,13 @@ static int cp_refuse(cp_plan *pl, const char *fmt, const char *name) {
 
 /* Collects the survivors after m and their new places. Returns 1 when the
  * plan can be carried out; 0 with pl->why (refused) or without (no
- * memory). Changes nothing on the tape. */
+ * memory). Changes nothing on the tape. slack > 0: a survivor stays where
+ * it is when the gap below its new place is at most `slack` bytes and at
+ * most 1/CP_PIN_RATIO of its size (a hole stays; see ad__sweep_collect). */
+enum { CP_PIN_RATIO = 32 };
+
 static int cp_make_plan(ad_tape *t, ad_marker m, int n_keep, ad_tensor *const *keep, int n_roots,
-                        ad_tensor *const *roots, cp_plan *pl) {
+                        ad_tensor *const *roots, size_t slack, cp_plan *pl) {
   ad_node *first = m.last ? m.last->next : t->first;
   size_t nn = t->n_nodes - m.n_nodes, k0 = 0, n_ref = (size_t)n_keep;
   for (ad_node *n = first; n; n = n->next) {
@@ -837,6 +841,8 @@ static int cp_make_plan(ad_tape *t, ad_marker m, int n_keep, ad_tensor *const *k
     }
     if (c > it->chunk || (c == it->chunk && o > it->off))
       return cp_refuse(pl, "a survivor would move up%s", ""); /* cannot happen: guard */
+    if (slack && c == it->chunk && it->off - o <= slack && (it->off - o) * CP_PIN_RATIO <= it->size)
+      o = it->off; /* pinned: a small hole stays below it */
     it->nw = t->chunk[c] + o;
     o += it->size;
   }
@@ -882,16 +888,16 @@ int ad__nan_guard(const ad_tape *t) {
 int ad__compactable(ad_tape *t, ad_marker m) {
   if (!t || !marker_ok(t, m)) return 0;
   cp_plan pl = {0};
-  int ok = cp_make_plan(t, m, 0, NULL, 0, NULL, &pl);
+  int ok = cp_make_plan(t, m, 0, NULL, 0, NULL, 0, &pl);
   cp_free(&pl);
   return ok;
 }
 
 static ad_status compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep, int n_roots,
-                         ad_tensor **roots);
+                         ad_tensor **roots, size_t slack);
 
 ad_status ad_tape_compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep) {
-  return compact(t, m, n_keep, keep, 0, NULL);
+  return compact(t, m, n_keep, keep, 0, NULL, 0);
 }
 
 /* ad_tape_compact with roots: tensors whose graph stays (their nodes and
@@ -915,11 +921,11 @@ ad_status ad__compact_roots(ad_tape *t, ad_marker m, int n_keep, ad_tensor **kee
     }
     if (!ad__usable_shape(t, "ad__compact_roots", "root", i, roots[i])) return t->status;
   }
-  return compact(t, m, n_keep, keep, n_roots, roots);
+  return compact(t, m, n_keep, keep, n_roots, roots, 0);
 }
 
 static ad_status compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep, int n_roots,
-                         ad_tensor **roots) {
+                         ad_tensor **roots, size_t slack) {
   if (!t) return ad__set_last(AD_ERR_NULL, "ad_tape_compact: tape is NULL");
   if (t->status != AD_OK) return t->status;
   if (!marker_ok(t, m)) {
@@ -941,7 +947,7 @@ static ad_status compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep, 
     if (!ad__usable(t, "ad_tape_compact", "keep", i, keep[i])) return t->status;
   }
   cp_plan pl = {0};
-  if (!cp_make_plan(t, m, n_keep, keep, n_roots, roots, &pl)) {
+  if (!cp_make_plan(t, m, n_keep, keep, n_roots, roots, slack, &pl)) {
     if (pl.why)
       ad__fail(t, AD_ERR_STATE, "ad_tape_compact: cannot compact: %s", pl.why);
     else
@@ -1029,7 +1035,15 @@ static ad_status compact(ad_tape *t, ad_marker m, int n_keep, ad_tensor **keep, 
  * every one until the caller rewinds. Compacting when the arena has grown
  * by more than what was live at the last collection (at least 1 MiB)
  * keeps the peak near the live set, and the memmove it costs is paid for
- * by the growth in between, so it stays a small fraction of the sweep. */
+ * by the growth in between, so it stays a small fraction of the sweep.
+ * Survivors are pinned over small holes (cp_make_plan): a sweep frees a
+ * layer's small gradients (the 8 KB cotangent of a 200 x 10 weight's
+ * gradient, say) below weight-sized ones still live, and sliding a
+ * 627 KB survivor down to reclaim 8 KB moved more memory than the whole
+ * collection frees. A pinned hole is at most SWEEP_SLACK bytes and 1/32 of
+ * the survivor over it; the sweep's region is freed whole afterwards. */
+enum { SWEEP_SLACK = 64 << 10 };
+
 void ad__sweep_collect(ad_tape *t, ad__sweep_gc *gc, ad_node *const *nodes, ptrdiff_t k,
                        ptrdiff_t count, unsigned gen) {
   if (t->status != AD_OK || t->record || t->last != gc->m.last) return;
@@ -1064,7 +1078,7 @@ void ad__sweep_collect(ad_tape *t, ad__sweep_gc *gc, ad_node *const *nodes, ptrd
   /* Stamps are read through own[] below; compaction resets the stamps of
    * the tensors it moves, which are gradients here, never graph tensors
    * (those lie before m). */
-  if (ad_tape_compact(t, gc->m, (int)nk, keep) == AD_OK)
+  if (compact(t, gc->m, (int)nk, keep, 0, NULL, SWEEP_SLACK) == AD_OK)
     for (size_t j = 0; j < nk; j++) own[j]->scratch = keep[j];
   size_t live = t->used - gc->m.used;
   gc->budget = live > ((size_t)1 << 20) ? live : (size_t)1 << 20;

@@ -311,19 +311,41 @@ double bl__norm(int n, ad_tensor *const *a) {
   return sqrt(bl__dot(n, a, a));
 }
 
+/* y += c x over [lo, hi) of one same-typed pair, threaded (ad__par_for):
+ * the lean unroll adds each chunk's weight-sized part of the
+ * hypergradient, and every element is its own c * x + y, so the split does
+ * not change the bits. y and x may be the same tensor (no restrict). */
+typedef struct {
+  void *y;
+  const void *x;
+  double c;
+  int f64;
+} axpy_job;
+
+static void axpy_range(void *ctx, int part, int64_t lo, int64_t hi) {
+  const axpy_job *a = ctx;
+  (void)part;
+  if (a->f64) {
+    double *p = a->y, c = a->c;
+    const double *q = a->x;
+    for (int64_t j = lo; j < hi; j++) p[j] += c * q[j];
+  } else {
+    float *p = a->y, cf = (float)a->c;
+    const float *q = a->x;
+    for (int64_t j = lo; j < hi; j++) p[j] += cf * q[j];
+  }
+}
+
+enum { AXPY_GRAIN = 16384 };
+
 void bl__axpy(int n, ad_tensor *const *y, double c, ad_tensor *const *x) {
   for (int i = 0; i < n; i++) {
     if (!y[i] || !x[i]) continue;
     int64_t m = y[i]->size < x[i]->size ? y[i]->size : x[i]->size;
-    if (y[i]->dtype == AD_F64 && x[i]->dtype == AD_F64) {
-      double *p = AD_D(y[i]);
-      const double *q = AD_D(x[i]);
-      for (int64_t j = 0; j < m; j++) p[j] += c * q[j];
-    } else if (y[i]->dtype == AD_F32 && x[i]->dtype == AD_F32) {
-      float *p = AD_F(y[i]);
-      const float *q = AD_F(x[i]);
-      float cf = (float)c;
-      for (int64_t j = 0; j < m; j++) p[j] += cf * q[j];
+    int f64 = y[i]->dtype == AD_F64 && x[i]->dtype == AD_F64;
+    if (f64 || (y[i]->dtype == AD_F32 && x[i]->dtype == AD_F32)) {
+      axpy_job a = {y[i]->data, x[i]->data, c, f64};
+      ad__par_for(m, AXPY_GRAIN, axpy_range, &a);
     } else {
       for (int64_t j = 0; j < m; j++) ad_set(y[i], j, ad_get(y[i], j) + c * ad_get(x[i], j));
     }

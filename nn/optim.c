@@ -20,6 +20,7 @@
 #include "nn.h"
 
 #include "autodiff/ad_internal.h"
+#include "autodiff/ad_simd.h"
 #include "nn_internal.h"
 
 #include <math.h>
@@ -437,9 +438,46 @@ typedef struct {
   double *part_d; /* the same for dD */
 } sgd_job;
 
+/* The kernels are compiled twice for each type: for the base ISA and
+ * (x86, GCC/Clang) for AVX-512, taken at run time when the CPU has it and
+ * the GEMM layer allows it (not under HYPERTAPE_BLIS_ARCH=haswell). They
+ * are memory-bound passes over weight-sized arrays: 512-bit loads and
+ * stores instead of the base ISA's 128-bit ones took about a fifth off the
+ * backward pass in the 784-200-10 unroll (bench_unroll_T10, 1 thread).
+ * Every element is the same expression in the same order either way, and
+ * nothing is contracted into an FMA (fp-contract off: the composed public
+ * ops round each product, and the fused step must give their bits), so
+ * both clones give the same bits. */
+#if AD_X86 && defined(__GNUC__)
+#define SGD_WIDE 1
+#if defined(__clang__)
+#define SGD_WIDE_ATTR __attribute__((target("avx512f,avx512vl,avx2")))
+#define SGD_NO_FMA _Pragma("clang fp contract(off)")
+#else
+#define SGD_WIDE_ATTR __attribute__((target("avx512f,avx512vl,avx2"), optimize("fp-contract=off")))
+#define SGD_NO_FMA
+#endif
+#else
+#define SGD_WIDE 0
+#define SGD_NO_FMA
+#endif
+
+/* Whether the AVX-512 clones run (once: the CPU does not change). */
+static int sgd_wide(void) {
+#if SGD_WIDE
+  static _Atomic int on = -1;
+  int v = on;
+  if (v < 0) on = v = ad__cpu_avx512() && ad__blas_avx512_allowed();
+  return v;
+#else
+  return 0;
+#endif
+}
+
 /* Sum of x[0..k) in double with 8 partials (vectorizes). */
-#define DEF_SGD_KERNELS(T, S)                                                                      \
-  static double sum_blk_##S(const T *x, int64_t k) {                                               \
+#define DEF_SGD_KERNELS(T, S, ATTR)                                                                \
+  ATTR static double sum_blk_##S(const T *x, int64_t k) {                                          \
+    SGD_NO_FMA                                                                                     \
     double p[8] = {0}, s = 0;                                                                      \
     int64_t i = 0;                                                                                 \
     for (; i + 8 <= k; i += 8)                                                                     \
@@ -448,7 +486,8 @@ typedef struct {
     for (int q = 0; q < 8; q++) s += p[q];                                                         \
     return s;                                                                                      \
   }                                                                                                \
-  static void sgd_fwd_##S(void *ctx, int part, int64_t lo, int64_t hi) {                           \
+  ATTR static void sgd_fwd_##S(void *ctx, int part, int64_t lo, int64_t hi) {                      \
+    SGD_NO_FMA                                                                                     \
     const sgd_job *c = ctx;                                                                        \
     (void)part;                                                                                    \
     const T *W = c->w, *Gr = c->g;                                                                 \
@@ -471,7 +510,8 @@ typedef struct {
         for (int64_t k = 0; k < m; k++) Ob[k] = Wb[k] - Ap[k] * (Gb[k] + Dp[k] * Wb[k]);           \
     }                                                                                              \
   }                                                                                                \
-  static void sgd_bwd_##S(void *ctx, int part, int64_t lo, int64_t hi) {                           \
+  ATTR static void sgd_bwd_##S(void *ctx, int part, int64_t lo, int64_t hi) {                      \
+    SGD_NO_FMA                                                                                     \
     const sgd_job *c = ctx;                                                                        \
     const T *W = c->w, *Gr = c->g, *G = c->G;                                                      \
     T *restrict DW = c->dw, *restrict DG = c->dg, *restrict DA = c->da, *restrict DD = c->dd;      \
@@ -516,8 +556,17 @@ typedef struct {
     if (c->part_a) c->part_a[part] = sa;                                                           \
     if (c->part_d) c->part_d[part] = sd;                                                           \
   }
-DEF_SGD_KERNELS(float, f32)
-DEF_SGD_KERNELS(double, f64)
+DEF_SGD_KERNELS(float, f32, )
+DEF_SGD_KERNELS(double, f64, )
+#if SGD_WIDE
+DEF_SGD_KERNELS(float, f32w, SGD_WIDE_ATTR)
+DEF_SGD_KERNELS(double, f64w, SGD_WIDE_ATTR)
+#define SGD_PICK(NAME, dt)                                                                         \
+  (sgd_wide() ? ((dt) == AD_F32 ? NAME##_f32w : NAME##_f64w)                                       \
+              : ((dt) == AD_F32 ? NAME##_f32 : NAME##_f64))
+#else
+#define SGD_PICK(NAME, dt) ((dt) == AD_F32 ? NAME##_f32 : NAME##_f64)
+#endif
 
 /* The value of a hyperparameter as the loops see it: a number, a size-1
  * variable's element, or NULL data for a full-size variable. */
@@ -605,10 +654,14 @@ static void sgd_bwd(ad_tape *t, ad_tensor *G, ad_tensor *w, ad_tensor *g, ad_ten
     *ow = G;
     ow = NULL;
   }
+  /* dg last: in an unrolled step's reverse sweep it is taken in by the
+   * gradient's graph and dead long before dw and the hyperparameter parts
+   * are, and a dead block at the top of the arena is freed by the sweep's
+   * collection without sliding the live ones below it down. */
   if (ow && !(rw = ad__like(t, G))) return;
-  if (og && !(rg = ad__like(t, G))) return;
   if (oa && !(ra = ad__alloc(t, G->dtype, av->ndim, av->shape, 0))) return;
   if (od && !(rd = ad__alloc(t, G->dtype, dv->ndim, dv->shape, 0))) return;
+  if (og && !(rg = ad__like(t, G))) return;
   int parts = ad__par_parts(n, SGD_GRAIN);
   c.dw = rw ? rw->data : NULL;
   c.dg = rg ? rg->data : NULL;
@@ -616,7 +669,7 @@ static void sgd_bwd(ad_tape *t, ad_tensor *G, ad_tensor *w, ad_tensor *g, ad_ten
   if (rd && rd->size == n) c.dd = rd->data;
   if (ra && !c.da && !(c.part_a = ad_arena_alloc(t, sizeof(double) * (size_t)parts))) return;
   if (rd && !c.dd && !(c.part_d = ad_arena_alloc(t, sizeof(double) * (size_t)parts))) return;
-  ad__par_for(n, SGD_GRAIN, G->dtype == AD_F32 ? sgd_bwd_f32 : sgd_bwd_f64, &c);
+  ad__par_for(n, SGD_GRAIN, SGD_PICK(sgd_bwd, G->dtype), &c);
   double s[2] = {0, 0};
   for (int p = 0; p < parts; p++) {
     if (c.part_a) s[0] += c.part_a[p];
@@ -1270,7 +1323,7 @@ static ad_tensor *sgd_update(ad_tape *t, ad_tensor *w, ad_tensor *g, hval lr, hv
   c.D = hyper_data(dv, w->size, wd.c, &c.d);
   c.plain = !av && !dv;
   c.d_zero = !dv && wd.c == 0; /* w - A g: momentum's step, and SGD without decay */
-  ad__par_for(w->size, SGD_GRAIN, w->dtype == AD_F32 ? sgd_fwd_f32 : sgd_fwd_f64, &c);
+  ad__par_for(w->size, SGD_GRAIN, SGD_PICK(sgd_fwd, w->dtype), &c);
   ad_tensor *in[4] = {w, g, NULL, NULL};
   int k = 2;
   if (av) in[k++] = av;

@@ -337,6 +337,45 @@ START_TEST(test_sweep_collects) {
 }
 END_TEST
 
+/* The reverse of a recorded gradient step with a big and a small weight
+ * (what an unrolled step's chunk VJP is): its sweep frees the small
+ * weight's gradient cotangents below the big one's live adjoints, and the
+ * collection leaves such small holes in place rather than sliding the
+ * weight-sized blocks over them (cp_make_plan's pinning). The gradient
+ * equals the recorded sweep's (no collection) bit for bit. w' = w - 0.1
+ * grad L(w), L = sum((tanh(x W1) W2)^2), f = sum(w1'^2) + sum(w2'^2);
+ * W1 256 x 256 f64 (512 KiB), W2 256 x 4 (8 KiB). */
+START_TEST(test_sweep_collect_mixed_sizes) {
+  ad_tape *t = NULL;
+  ck_assert_int_eq(ad_tape_new(&t, &(ad_tape_opts){.arena_mb = 64}), AD_OK);
+  ad_rng r;
+  ad_rng_seed(&r, 5);
+  ad_tensor *x = ad_randn(t, AD_F64, 2, S(64, 256), &r);
+  ad_tensor *w[2] = {ad_randn(t, AD_F64, 2, S(256, 256), &r),
+                     ad_randn(t, AD_F64, 2, S(256, 4), &r)};
+  for (int i = 0; i < 2; i++) {
+    ad_tensor *s = ad_scale(t, w[i], 0.05);
+    w[i] = ad_detach(t, s);
+    ad_requires_grad(w[i], 1);
+  }
+  ad_tensor *h = ad_tanh(t, ad_matmul(t, x, w[0], 0, 0));
+  ad_tensor *z = ad_matmul(t, h, w[1], 0, 0);
+  ad_tensor *L = ad_sum(t, ad_mul(t, z, z)), *g[2], *res[2][2];
+  ck_assert_int_eq(ad_grad(t, 1, &L, NULL, 2, w, g, AD_GRAD_RECORD), AD_OK);
+  ad_tensor *f = NULL;
+  for (int i = 0; i < 2; i++) {
+    ad_tensor *u = ad_axpy(t, w[i], -0.1, g[i]);
+    ad_tensor *s = ad_sum(t, ad_mul(t, u, u));
+    f = f ? ad_add(t, f, s) : s;
+  }
+  for (int pass = 0; pass < 2; pass++)
+    ck_assert_int_eq(ad_grad(t, 1, &f, NULL, 2, w, res[pass], pass ? AD_GRAD_RECORD : 0), AD_OK);
+  for (int i = 0; i < 2; i++) same_bits(res[0][i], res[1][i]);
+  ck_assert_uint_eq(ad_tape_status(t), AD_OK);
+  ad_tape_free(t);
+}
+END_TEST
+
 /* Bad calls: NULL tape, NULL keep, a foreign marker; an undeclared op with
  * arena attributes is refused with AD_ERR_STATE. */
 START_TEST(test_bad_calls) {
@@ -402,6 +441,7 @@ int main(void) {
   tcase_add_test(tc, test_repeated_steps);
   tcase_add_test(tc, test_dead_nodes_dropped);
   tcase_add_test(tc, test_sweep_collects);
+  tcase_add_test(tc, test_sweep_collect_mixed_sizes);
   tcase_add_test(tc, test_bad_calls);
   tcase_add_test(tc, test_bl_unroll_same);
   suite_add_tcase(s, tc);
