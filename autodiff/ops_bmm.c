@@ -34,9 +34,11 @@
  * operand). Every element is the sum over p in ascending order, one fused
  * multiply-add per step from zero: the AVX2 and AVX-512 builds give the
  * same bits, whatever the vector width and tile, so choosing between them
- * by timing (below) never changes a result. Taken when m, n, k <=
- * BMM_TINY and the panel fits in the build's widest tile; other products
- * go to ad_gemm_* per element. */
+ * by timing (below) never changes a result (tests/test_tiny_gemm.c checks
+ * it over a sweep of shapes). Taken when m, n, k <= BMM_TINY in every
+ * build alike (a panel wider than the build's widest tile goes in column
+ * chunks), so no build hands a shape to ad_gemm_* that another computes
+ * itself; larger products go to ad_gemm_* per element. */
 #define BMM_TINY 64
 #define BMM_MRMAX 8 /* rows of the tallest tile of any build */
 
@@ -125,7 +127,7 @@
  *                   vectors and order in every x86 build (same bits)
  *   DOT             the dot kernel to run: bmm_dot_SUF, or one of its own. */
 #define BMM_ISA(SUF, T, VT, VTU, VL, NVMAX, MRF, MASKED, LDM, STM, DVT, DVTU, DVL, DMR, HSUM, DOT, \
-                ATTR)                                                                              \
+                TFMA, ATTR)                                                                        \
   BMM_PANEL(panel_##SUF##1, T, VT, VTU, VL, 1, MRF(1), MASKED, LDM, STM, ATTR)                     \
   BMM_PANEL(panel_##SUF##2, T, VT, VTU, VL, 2, MRF(2), MASKED, LDM, STM, ATTR)                     \
   BMM_PANEL(panel_##SUF##3, T, VT, VTU, VL, 3, MRF(3), MASKED, LDM, STM, ATTR)                     \
@@ -182,7 +184,7 @@
           T sum[4];                                                                                \
           HSUM(acc[r], sum);                                                                       \
           for (int q = 0; q < 4 && j0 + q < n; q++) {                                              \
-            for (int64_t p = kv; p < k; p++) sum[q] += ar[r][p] * bq[q][p];                        \
+            for (int64_t p = kv; p < k; p++) sum[q] = TFMA(ar[r][p], bq[q][p], sum[q]);            \
             C[(i0 + r) * n + j0 + q] = sum[q];                                                     \
           }                                                                                        \
         }                                                                                          \
@@ -197,13 +199,13 @@
      * smaller: op(B) (n k) for rows, op(A)^T (m k) for columns */                                 \
     const int rows = tb && !ta && k > 1 ? n <= m : n >= VL || n >= m;                              \
     const int64_t M = rows ? m : n, N = rows ? n : m, nv = (N + VL - 1) / VL, lp = nv * VL;        \
-    if (m > BMM_TINY || n > BMM_TINY || k > BMM_TINY || nv > NVMAX) return 0;                      \
+    if (m > BMM_TINY || n > BMM_TINY || k > BMM_TINY) return 0;                                    \
     if (!ta && (tb || ldb == 1) && k >= DVL) {                                                     \
       for (int64_t e = 0; e < nb; e++)                                                             \
         DOT(m, n, k, a + e * sa, lda, b + e * sb, tb ? ldb : 1, c + e * sc);                       \
       return 1;                                                                                    \
     }                                                                                              \
-    _Alignas(64) T pk[BMM_TINY * NVMAX * VL];                                                      \
+    _Alignas(64) T pk[BMM_TINY * BMM_TINY]; /* lp <= BMM_TINY: VL divides it */                    \
     for (int64_t e = 0; e < nb; e++) {                                                             \
       const T *A = a + e * sa, *B = b + e * sb, *x, *P;                                            \
       int64_t xrs, xcs, plp, ors, ocs;                                                             \
@@ -225,31 +227,39 @@
         }                                                                                          \
       }                                                                                            \
       T *C = c + e * sc;                                                                           \
-      switch (nv) {                                                                                \
-      case 1:                                                                                      \
-        panel_##SUF##1(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
-        break;                                                                                     \
-      case 2:                                                                                      \
-        panel_##SUF##2(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
-        break;                                                                                     \
-      case 3:                                                                                      \
-        panel_##SUF##3(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
-        break;                                                                                     \
-      case 4:                                                                                      \
-        panel_##SUF##4(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
-        break;                                                                                     \
-      case 5:                                                                                      \
-        panel_##SUF##5(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
-        break;                                                                                     \
-      case 6:                                                                                      \
-        panel_##SUF##6(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
-        break;                                                                                     \
-      case 7:                                                                                      \
-        panel_##SUF##7(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
-        break;                                                                                     \
-      default:                                                                                     \
-        panel_##SUF##8(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
-        break;                                                                                     \
+      /* column chunks of at most NVMAX vectors (f64 AVX2: 32 of up to 64                          \
+       * columns); each O(i, j) is its own sum, so the split changes no                            \
+       * bits */                                                                                   \
+      for (int64_t j0 = 0; j0 < N; j0 += NVMAX * VL) {                                             \
+        const int64_t Nc = N - j0 < NVMAX * VL ? N - j0 : NVMAX * VL;                              \
+        const T *Pc = P + j0;                                                                      \
+        T *Oc = C + j0 * ocs;                                                                      \
+        switch ((Nc + VL - 1) / VL) {                                                              \
+        case 1:                                                                                    \
+          panel_##SUF##1(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
+          break;                                                                                   \
+        case 2:                                                                                    \
+          panel_##SUF##2(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
+          break;                                                                                   \
+        case 3:                                                                                    \
+          panel_##SUF##3(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
+          break;                                                                                   \
+        case 4:                                                                                    \
+          panel_##SUF##4(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
+          break;                                                                                   \
+        case 5:                                                                                    \
+          panel_##SUF##5(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
+          break;                                                                                   \
+        case 6:                                                                                    \
+          panel_##SUF##6(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
+          break;                                                                                   \
+        case 7:                                                                                    \
+          panel_##SUF##7(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
+          break;                                                                                   \
+        default:                                                                                   \
+          panel_##SUF##8(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
+          break;                                                                                   \
+        }                                                                                          \
       }                                                                                            \
     }                                                                                              \
     return 1;                                                                                      \
@@ -271,6 +281,13 @@
 BMM_HSUM_BASE(hsum_s_base, float, ad_v4f, ad_v4fu, 4)
 BMM_HSUM_BASE(hsum_d_base, double, ad_v2d, ad_v2du, 2)
 
+/* The dot kernel's tail step: a separate multiply and add in the
+ * baseline build (no FMA there), one fused multiply-add in the x86 builds,
+ * written out because GCC's fp-contract=fast may or may not fuse it (it
+ * vectorised the products and left the adds apart in one build only: the
+ * AVX2 and AVX-512 builds then differed in the last bit). */
+#define BMM_MADD(a, b, c) ((a) * (b) + (c))
+
 /* Whole last vectors (the unmasked builds never take these branches). */
 #define BMM_LDW_S(p, m) ((void)(m), *(const ad_v4fu *)(p))
 #define BMM_LDW_D(p, m) ((void)(m), *(const ad_v2du *)(p))
@@ -281,9 +298,9 @@ BMM_HSUM_BASE(hsum_d_base, double, ad_v2d, ad_v2du, 2)
  * AVX2+FMA and AVX-512 (taken when the CPU has them, as autodiff/blas.c's
  * direct loop is; GCC contracts a*b+c there, Clang within the statement). */
 BMM_ISA(s_base, float, ad_v4f, ad_v4fu, 4, 8, BMM_MR2, 0, BMM_LDW_S, BMM_STW, ad_v4f, ad_v4fu, 4, 2,
-        hsum_s_base, bmm_dot_s_base, )
+        hsum_s_base, bmm_dot_s_base, BMM_MADD, )
 BMM_ISA(d_base, double, ad_v2d, ad_v2du, 2, 8, BMM_MR2, 0, BMM_LDW_D, BMM_STW, ad_v2d, ad_v2du, 2,
-        2, hsum_d_base, bmm_dot_d_base, )
+        2, hsum_d_base, bmm_dot_d_base, BMM_MADD, )
 #if AD_X86 && defined(__GNUC__)
 #include <immintrin.h>
 #define BMM_X86 1
@@ -303,9 +320,9 @@ AD_AVX2_ATTR static inline void hsum_d_avx2(const ad_v4d *v, double *out) {
 #define BMM_LDW_S8(p, m) ((void)(m), *(const ad_v8fu *)(p))
 #define BMM_LDW_D4(p, m) ((void)(m), *(const ad_v4du *)(p))
 BMM_ISA(s_avx2, float, ad_v8f, ad_v8fu, 8, 8, BMM_MR2, 0, BMM_LDW_S8, BMM_STW, ad_v8f, ad_v8fu, 8,
-        2, hsum_s_avx2, bmm_dot_s_avx2, AD_AVX2_ATTR)
+        2, hsum_s_avx2, bmm_dot_s_avx2, __builtin_fmaf, AD_AVX2_ATTR)
 BMM_ISA(d_avx2, double, ad_v4d, ad_v4du, 4, 8, BMM_MR2, 0, BMM_LDW_D4, BMM_STW, ad_v4d, ad_v4du, 4,
-        2, hsum_d_avx2, bmm_dot_d_avx2, AD_AVX2_ATTR)
+        2, hsum_d_avx2, bmm_dot_d_avx2, __builtin_fma, AD_AVX2_ATTR)
 /* AVX-512: 16 floats (8 doubles) per panel vector, the last one masked
  * (so n = 40 reads B in place: 2 whole vectors and 8 lanes), and with 32
  * registers tiles of 8 rows for up to 2 vectors (16 accumulators), 5 for
@@ -360,7 +377,7 @@ bmm_dot2_tile(const int R, int64_t n, int64_t k, const float *A, int64_t lda, co
       float sum[4];
       hsum_s_avx2(v, sum);
       for (int q = 0; q < 4 && j0 + q < n; q++) {
-        for (int64_t p = kv; p < k; p++) sum[q] += A[r * lda + p] * bq[q][p];
+        for (int64_t p = kv; p < k; p++) sum[q] = __builtin_fmaf(A[r * lda + p], bq[q][p], sum[q]);
         cr[q] = sum[q];
       }
     }
@@ -377,16 +394,17 @@ AD_AVX512_ATTR static void bmm_dot2_s512(int64_t m, int64_t n, int64_t k, const 
   }
   BMM_DOT2_LEFT(1)
   BMM_DOT2_LEFT(2)
-  BMM_DOT2_LEFT(3) BMM_DOT2_LEFT(4) BMM_DOT2_LEFT(5) BMM_DOT2_LEFT(6) BMM_DOT2_LEFT(7)
-      BMM_DOT2_LEFT(8) BMM_DOT2_LEFT(9)
+  BMM_DOT2_LEFT(3)
+  BMM_DOT2_LEFT(4) BMM_DOT2_LEFT(5) BMM_DOT2_LEFT(6) BMM_DOT2_LEFT(7) BMM_DOT2_LEFT(8)
+      BMM_DOT2_LEFT(9)
 }
 
 BMM_ISA(s_avx512, float, ad_v16f, ad_v16fu, 16, 4, BMM_MR512, 1, BMM_LDM_S16, BMM_STM_S16, ad_v8f,
-        ad_v8fu, 8, 4, hsum_s_avx2, bmm_dot2_s512, AD_AVX512_ATTR)
+        ad_v8fu, 8, 4, hsum_s_avx2, bmm_dot2_s512, __builtin_fmaf, AD_AVX512_ATTR)
 /* f64 keeps the generic dot kernel, AVX2's 4-double vectors and order, in
  * tiles of 4 rows. */
 BMM_ISA(d_avx512, double, ad_v8d, ad_v8du, 8, 8, BMM_MR512, 1, BMM_LDM_D8, BMM_STM_D8, ad_v4d,
-        ad_v4du, 4, 4, hsum_d_avx2, bmm_dot_d_avx512, AD_AVX512_ATTR)
+        ad_v4du, 4, 4, hsum_d_avx2, bmm_dot_d_avx512, __builtin_fma, AD_AVX512_ATTR)
 #else
 #define BMM_X86 0
 #endif
