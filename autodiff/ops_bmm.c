@@ -35,12 +35,28 @@
  * multiply-add per step from zero: the AVX2 and AVX-512 builds give the
  * same bits, whatever the vector width and tile, so choosing between them
  * by timing (below) never changes a result (tests/test_tiny_gemm.c checks
- * it over a sweep of shapes). Taken when m, n, k <= BMM_TINY in every
- * build alike (a panel wider than the build's widest tile goes in column
- * chunks), so no build hands a shape to ad_gemm_* that another computes
- * itself; larger products go to ad_gemm_* per element. */
+ * it over a sweep of shapes). Taken for the products bmm_reach admits, the
+ * same in every x86 build (else one build would hand a shape to ad_gemm_*
+ * that another computes itself: other bits); the rest go to ad_gemm_* per
+ * element. */
 #define BMM_TINY 64
 #define BMM_MRMAX 8 /* rows of the tallest tile of any build */
+
+/* Whether the tiny loop takes C = op(A) op(B) (element size es): m, n, k
+ * <= BMM_TINY, and the panel fits the AVX2 build's widest tile, 8 vectors
+ * of 32 bytes, in the orientation that build picks (rows: along n, unless
+ * C is narrow; see tiny_). One rule for every x86 build, whatever its own
+ * widths: for f64 (32 of up to 64 columns) the AVX-512 build could take
+ * more, but a shape only one build computes would change bits with the
+ * timed choice, and past AVX2's reach ad_gemm_* was also the faster one
+ * where it mattered (f64 40x40x10 A B^T: 21 us BLIS against 113 us for
+ * AVX-512's dot loop, 25 elements). */
+static inline int bmm_reach(size_t es, int ta, int tb, int64_t m, int64_t n, int64_t k) {
+  if (m > BMM_TINY || n > BMM_TINY || k > BMM_TINY) return 0;
+  const int64_t vl = 32 / (int64_t)es; /* AVX2's lanes */
+  const int rows = tb && !ta && k > 1 ? n <= m : n >= vl || n >= m;
+  return (rows ? n : m) <= 8 * vl;
+}
 
 /* One tile: O(r, j) for r < R, j < N (N > (NV - 1) VL). The last vector of
  * a row of P is loaded (and of O stored) through LDM / STM with lane mask
@@ -199,13 +215,13 @@
      * smaller: op(B) (n k) for rows, op(A)^T (m k) for columns */                                 \
     const int rows = tb && !ta && k > 1 ? n <= m : n >= VL || n >= m;                              \
     const int64_t M = rows ? m : n, N = rows ? n : m, nv = (N + VL - 1) / VL, lp = nv * VL;        \
-    if (m > BMM_TINY || n > BMM_TINY || k > BMM_TINY) return 0;                                    \
+    if (!bmm_reach(sizeof(T), ta, tb, m, n, k) || nv > NVMAX) return 0;                            \
     if (!ta && (tb || ldb == 1) && k >= DVL) {                                                     \
       for (int64_t e = 0; e < nb; e++)                                                             \
         DOT(m, n, k, a + e * sa, lda, b + e * sb, tb ? ldb : 1, c + e * sc);                       \
       return 1;                                                                                    \
     }                                                                                              \
-    _Alignas(64) T pk[BMM_TINY * BMM_TINY]; /* lp <= BMM_TINY: VL divides it */                    \
+    _Alignas(64) T pk[BMM_TINY * NVMAX * VL];                                                      \
     for (int64_t e = 0; e < nb; e++) {                                                             \
       const T *A = a + e * sa, *B = b + e * sb, *x, *P;                                            \
       int64_t xrs, xcs, plp, ors, ocs;                                                             \
@@ -227,39 +243,31 @@
         }                                                                                          \
       }                                                                                            \
       T *C = c + e * sc;                                                                           \
-      /* column chunks of at most NVMAX vectors (f64 AVX2: 32 of up to 64                          \
-       * columns); each O(i, j) is its own sum, so the split changes no                            \
-       * bits */                                                                                   \
-      for (int64_t j0 = 0; j0 < N; j0 += NVMAX * VL) {                                             \
-        const int64_t Nc = N - j0 < NVMAX * VL ? N - j0 : NVMAX * VL;                              \
-        const T *Pc = P + j0;                                                                      \
-        T *Oc = C + j0 * ocs;                                                                      \
-        switch ((Nc + VL - 1) / VL) {                                                              \
-        case 1:                                                                                    \
-          panel_##SUF##1(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
-          break;                                                                                   \
-        case 2:                                                                                    \
-          panel_##SUF##2(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
-          break;                                                                                   \
-        case 3:                                                                                    \
-          panel_##SUF##3(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
-          break;                                                                                   \
-        case 4:                                                                                    \
-          panel_##SUF##4(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
-          break;                                                                                   \
-        case 5:                                                                                    \
-          panel_##SUF##5(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
-          break;                                                                                   \
-        case 6:                                                                                    \
-          panel_##SUF##6(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
-          break;                                                                                   \
-        case 7:                                                                                    \
-          panel_##SUF##7(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
-          break;                                                                                   \
-        default:                                                                                   \
-          panel_##SUF##8(M, Nc, k, x, xrs, xcs, Pc, plp, Oc, ors, ocs);                            \
-          break;                                                                                   \
-        }                                                                                          \
+      switch (nv) {                                                                                \
+      case 1:                                                                                      \
+        panel_##SUF##1(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
+      case 2:                                                                                      \
+        panel_##SUF##2(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
+      case 3:                                                                                      \
+        panel_##SUF##3(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
+      case 4:                                                                                      \
+        panel_##SUF##4(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
+      case 5:                                                                                      \
+        panel_##SUF##5(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
+      case 6:                                                                                      \
+        panel_##SUF##6(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
+      case 7:                                                                                      \
+        panel_##SUF##7(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
+      default:                                                                                     \
+        panel_##SUF##8(M, N, k, x, xrs, xcs, P, plp, C, ors, ocs);                                 \
+        break;                                                                                     \
       }                                                                                            \
     }                                                                                              \
     return 1;                                                                                      \
@@ -395,8 +403,8 @@ AD_AVX512_ATTR static void bmm_dot2_s512(int64_t m, int64_t n, int64_t k, const 
   BMM_DOT2_LEFT(1)
   BMM_DOT2_LEFT(2)
   BMM_DOT2_LEFT(3)
-  BMM_DOT2_LEFT(4) BMM_DOT2_LEFT(5) BMM_DOT2_LEFT(6) BMM_DOT2_LEFT(7) BMM_DOT2_LEFT(8)
-      BMM_DOT2_LEFT(9)
+  BMM_DOT2_LEFT(4)
+  BMM_DOT2_LEFT(5) BMM_DOT2_LEFT(6) BMM_DOT2_LEFT(7) BMM_DOT2_LEFT(8) BMM_DOT2_LEFT(9)
 }
 
 BMM_ISA(s_avx512, float, ad_v16f, ad_v16fu, 16, 4, BMM_MR512, 1, BMM_LDM_S16, BMM_STM_S16, ad_v8f,
