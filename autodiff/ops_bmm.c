@@ -460,7 +460,7 @@ static int have512(void) {
   return h;
 }
 
-/* Tests only (tests/test_bmm.c, tests/test_tiny_gemm.c declare them):
+/* Tests only (tests/test_bmm.c, tests/test_tiny_gemm.c declare it):
  * force one build of the loop (BMM_* above: 1 base, 2 AVX2, 3 AVX-512; 0
  * back to automatic); returns the previous setting, or -1 (nothing
  * changed) when this CPU cannot run the build asked for. */
@@ -470,11 +470,6 @@ int ad__bmm_force_isa(int isa) {
       (isa == BMM_AVX512 && !have512()))
     return -1;
   return atomic_exchange(&g_forced_isa, isa);
-}
-/* 1 makes ad_bmm take the baseline loop even where AVX2 is present. */
-int ad__bmm_force_base(int on);
-int ad__bmm_force_base(int on) {
-  return ad__bmm_force_isa(on ? BMM_BASE : BMM_AUTO) == BMM_BASE;
 }
 
 static double bmm_cpu_ns(void) {
