@@ -61,7 +61,7 @@ static inline int bmm_reach(size_t es, int ta, int tb, int64_t m, int64_t n, int
 /* One tile: O(r, j) for r < R, j < N (N > (NV - 1) VL). The last vector of
  * a row of P is loaded (and of O stored) through LDM / STM with lane mask
  * lm when MASKED, else whole. */
-#define BMM_PANEL(NAME, T, VT, VTU, VL, NV, MR, MASKED, LDM, STM, ATTR)                            \
+#define BMM_PANEL(NAME, T, VT, VTU, VL, NV, MR, MASKED, LDM, STM, PFMA, ATTR)                      \
   __attribute__((always_inline)) ATTR static inline void NAME##_tile(                              \
       const int R, int64_t N, int64_t K, const T *x, int64_t xrs, int64_t xcs, const T *P,         \
       int64_t lp, T *o, int64_t ors, int64_t ocs, unsigned lm) {                                   \
@@ -80,7 +80,7 @@ static inline int bmm_reach(size_t es, int ta, int tb, int64_t m, int64_t n, int
         bv[NV - 1] = *(const VTU *)(pr + (NV - 1) * VL);                                           \
       for (int r = 0; r < R; r++) {                                                                \
         const T av = xr[r][p * xcs];                                                               \
-        for (int v = 0; v < NV; v++) acc[r][v] = av * bv[v] + acc[r][v];                           \
+        for (int v = 0; v < NV; v++) acc[r][v] = PFMA(av, bv[v], acc[r][v]);                       \
       }                                                                                            \
     }                                                                                              \
     /* unrolled, so every acc[r][v] is a constant index (else GCC keeps a                          \
@@ -143,15 +143,15 @@ static inline int bmm_reach(size_t es, int ta, int tb, int64_t m, int64_t n, int
  *                   vectors and order in every x86 build (same bits)
  *   DOT             the dot kernel to run: bmm_dot_SUF, or one of its own. */
 #define BMM_ISA(SUF, T, VT, VTU, VL, NVMAX, MRF, MASKED, LDM, STM, DVT, DVTU, DVL, DMR, HSUM, DOT, \
-                TFMA, ATTR)                                                                        \
-  BMM_PANEL(panel_##SUF##1, T, VT, VTU, VL, 1, MRF(1), MASKED, LDM, STM, ATTR)                     \
-  BMM_PANEL(panel_##SUF##2, T, VT, VTU, VL, 2, MRF(2), MASKED, LDM, STM, ATTR)                     \
-  BMM_PANEL(panel_##SUF##3, T, VT, VTU, VL, 3, MRF(3), MASKED, LDM, STM, ATTR)                     \
-  BMM_PANEL(panel_##SUF##4, T, VT, VTU, VL, 4, MRF(4), MASKED, LDM, STM, ATTR)                     \
-  BMM_PANEL(panel_##SUF##5, T, VT, VTU, VL, 5, MRF(5), MASKED, LDM, STM, ATTR)                     \
-  BMM_PANEL(panel_##SUF##6, T, VT, VTU, VL, 6, MRF(6), MASKED, LDM, STM, ATTR)                     \
-  BMM_PANEL(panel_##SUF##7, T, VT, VTU, VL, 7, MRF(7), MASKED, LDM, STM, ATTR)                     \
-  BMM_PANEL(panel_##SUF##8, T, VT, VTU, VL, 8, MRF(8), MASKED, LDM, STM, ATTR)                     \
+                PFMA, DFMA, TFMA, ATTR)                                                            \
+  BMM_PANEL(panel_##SUF##1, T, VT, VTU, VL, 1, MRF(1), MASKED, LDM, STM, PFMA, ATTR)               \
+  BMM_PANEL(panel_##SUF##2, T, VT, VTU, VL, 2, MRF(2), MASKED, LDM, STM, PFMA, ATTR)               \
+  BMM_PANEL(panel_##SUF##3, T, VT, VTU, VL, 3, MRF(3), MASKED, LDM, STM, PFMA, ATTR)               \
+  BMM_PANEL(panel_##SUF##4, T, VT, VTU, VL, 4, MRF(4), MASKED, LDM, STM, PFMA, ATTR)               \
+  BMM_PANEL(panel_##SUF##5, T, VT, VTU, VL, 5, MRF(5), MASKED, LDM, STM, PFMA, ATTR)               \
+  BMM_PANEL(panel_##SUF##6, T, VT, VTU, VL, 6, MRF(6), MASKED, LDM, STM, PFMA, ATTR)               \
+  BMM_PANEL(panel_##SUF##7, T, VT, VTU, VL, 7, MRF(7), MASKED, LDM, STM, PFMA, ATTR)               \
+  BMM_PANEL(panel_##SUF##8, T, VT, VTU, VL, 8, MRF(8), MASKED, LDM, STM, PFMA, ATTR)               \
   /* pk[p lp + j] = X[p, j] for p < k, j < n (zeros up to lp), X stored                            \
    * k x n (tr = 0) or n x k (tr = 1) with row stride ld; read in storage                          \
    * order (the transposed copy writes with a stride instead). */                                  \
@@ -188,7 +188,7 @@ static inline int bmm_reach(size_t es, int ta, int tb, int64_t m, int64_t n, int
           for (int q = 0; q < 4; q++) y[q] = *(const DVTU *)(bq[q] + p);                           \
           for (int r = 0; r < DMR; r++) {                                                          \
             const DVT xv = *(const DVTU *)(ar[r] + p);                                             \
-            for (int q = 0; q < 4; q++) acc[r][q] = xv * y[q] + acc[r][q];                         \
+            for (int q = 0; q < 4; q++) acc[r][q] = DFMA(xv, y[q], acc[r][q]);                     \
           }                                                                                        \
         }                                                                                          \
         _Pragma("GCC unroll 8") for (int r = 0; r < DMR; r++) {                                    \
@@ -289,11 +289,11 @@ static inline int bmm_reach(size_t es, int ta, int tb, int64_t m, int64_t n, int
 BMM_HSUM_BASE(hsum_s_base, float, ad_v4f, ad_v4fu, 4)
 BMM_HSUM_BASE(hsum_d_base, double, ad_v2d, ad_v2du, 2)
 
-/* The dot kernel's tail step: a separate multiply and add in the
- * baseline build (no FMA there), one fused multiply-add in the x86 builds,
- * written out because GCC's fp-contract=fast may or may not fuse it (it
- * vectorised the products and left the adds apart in one build only: the
- * AVX2 and AVX-512 builds then differed in the last bit). */
+/* The multiply-add of the baseline build (no FMA there). The x86 builds
+ * fuse every one explicitly (BMM_FMA_* below, and __builtin_fma for the dot
+ * kernel's tail), as GCC's fp-contract=fast may or may not fuse: in the
+ * tail it vectorised the products and left the adds apart in one build
+ * only, and the AVX2 and AVX-512 builds differed in the last bit. */
 #define BMM_MADD(a, b, c) ((a) * (b) + (c))
 
 /* Whole last vectors (the unmasked builds never take these branches). */
@@ -306,9 +306,9 @@ BMM_HSUM_BASE(hsum_d_base, double, ad_v2d, ad_v2du, 2)
  * AVX2+FMA and AVX-512 (taken when the CPU has them, as autodiff/blas.c's
  * direct loop is; GCC contracts a*b+c there, Clang within the statement). */
 BMM_ISA(s_base, float, ad_v4f, ad_v4fu, 4, 8, BMM_MR2, 0, BMM_LDW_S, BMM_STW, ad_v4f, ad_v4fu, 4, 2,
-        hsum_s_base, bmm_dot_s_base, BMM_MADD, )
+        hsum_s_base, bmm_dot_s_base, BMM_MADD, BMM_MADD, BMM_MADD, )
 BMM_ISA(d_base, double, ad_v2d, ad_v2du, 2, 8, BMM_MR2, 0, BMM_LDW_D, BMM_STW, ad_v2d, ad_v2du, 2,
-        2, hsum_d_base, bmm_dot_d_base, BMM_MADD, )
+        2, hsum_d_base, bmm_dot_d_base, BMM_MADD, BMM_MADD, BMM_MADD, )
 #if AD_X86 && defined(__GNUC__)
 #include <immintrin.h>
 #define BMM_X86 1
@@ -325,12 +325,24 @@ AD_AVX2_ATTR static inline void hsum_d_avx2(const ad_v4d *v, double *out) {
   _mm256_storeu_pd(out, _mm256_add_pd(_mm256_permute2f128_pd(h01, h23, 0x20),
                                       _mm256_permute2f128_pd(h01, h23, 0x31)));
 }
+/* The multiply-adds, fused by intrinsics, not left to fp-contract: GCC
+ * contracts a * b + c only when optimising (a Debug build's generic-vector
+ * loops did separate multiplies and adds while the AVX-512 dot loop's
+ * intrinsics fused: other bits). PFMA(a, b, c): scalar a broadcast. */
+#define BMM_FMA_S8(a, b, c) ((ad_v8f)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
+#define BMM_FMA_D4(a, b, c) ((ad_v4d)_mm256_fmadd_pd((__m256d)(a), (__m256d)(b), (__m256d)(c)))
+#define BMM_PFMA_S8(a, b, c) BMM_FMA_S8(_mm256_set1_ps(a), b, c)
+#define BMM_PFMA_D4(a, b, c) BMM_FMA_D4(_mm256_set1_pd(a), b, c)
+#define BMM_PFMA_S16(a, b, c)                                                                      \
+  ((ad_v16f)_mm512_fmadd_ps(_mm512_set1_ps(a), (__m512)(b), (__m512)(c)))
+#define BMM_PFMA_D8(a, b, c)                                                                       \
+  ((ad_v8d)_mm512_fmadd_pd(_mm512_set1_pd(a), (__m512d)(b), (__m512d)(c)))
 #define BMM_LDW_S8(p, m) ((void)(m), *(const ad_v8fu *)(p))
 #define BMM_LDW_D4(p, m) ((void)(m), *(const ad_v4du *)(p))
 BMM_ISA(s_avx2, float, ad_v8f, ad_v8fu, 8, 8, BMM_MR2, 0, BMM_LDW_S8, BMM_STW, ad_v8f, ad_v8fu, 8,
-        2, hsum_s_avx2, bmm_dot_s_avx2, __builtin_fmaf, AD_AVX2_ATTR)
+        2, hsum_s_avx2, bmm_dot_s_avx2, BMM_PFMA_S8, BMM_FMA_S8, __builtin_fmaf, AD_AVX2_ATTR)
 BMM_ISA(d_avx2, double, ad_v4d, ad_v4du, 4, 8, BMM_MR2, 0, BMM_LDW_D4, BMM_STW, ad_v4d, ad_v4du, 4,
-        2, hsum_d_avx2, bmm_dot_d_avx2, __builtin_fma, AD_AVX2_ATTR)
+        2, hsum_d_avx2, bmm_dot_d_avx2, BMM_PFMA_D4, BMM_FMA_D4, __builtin_fma, AD_AVX2_ATTR)
 /* AVX-512: 16 floats (8 doubles) per panel vector, the last one masked
  * (so n = 40 reads B in place: 2 whole vectors and 8 lanes), and with 32
  * registers tiles of 8 rows for up to 2 vectors (16 accumulators), 5 for
@@ -408,11 +420,13 @@ AD_AVX512_ATTR static void bmm_dot2_s512(int64_t m, int64_t n, int64_t k, const 
 }
 
 BMM_ISA(s_avx512, float, ad_v16f, ad_v16fu, 16, 4, BMM_MR512, 1, BMM_LDM_S16, BMM_STM_S16, ad_v8f,
-        ad_v8fu, 8, 4, hsum_s_avx2, bmm_dot2_s512, __builtin_fmaf, AD_AVX512_ATTR)
+        ad_v8fu, 8, 4, hsum_s_avx2, bmm_dot2_s512, BMM_PFMA_S16, BMM_FMA_S8, __builtin_fmaf,
+        AD_AVX512_ATTR)
 /* f64 keeps the generic dot kernel, AVX2's 4-double vectors and order, in
  * tiles of 4 rows. */
 BMM_ISA(d_avx512, double, ad_v8d, ad_v8du, 8, 8, BMM_MR512, 1, BMM_LDM_D8, BMM_STM_D8, ad_v4d,
-        ad_v4du, 4, 4, hsum_d_avx2, bmm_dot_d_avx512, __builtin_fma, AD_AVX512_ATTR)
+        ad_v4du, 4, 4, hsum_d_avx2, bmm_dot_d_avx512, BMM_PFMA_D8, BMM_FMA_D4, __builtin_fma,
+        AD_AVX512_ATTR)
 #else
 #define BMM_X86 0
 #endif
