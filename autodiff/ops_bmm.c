@@ -34,16 +34,34 @@
  * operand). Every element is the sum over p in ascending order, one fused
  * multiply-add per step from zero: the AVX2 and AVX-512 builds give the
  * same bits, whatever the vector width and tile, so choosing between them
- * by timing (below) never changes a result. Taken when m, n, k <=
- * BMM_TINY and the panel fits in the build's widest tile; other products
- * go to ad_gemm_* per element. */
+ * by timing (below) never changes a result (tests/test_tiny_gemm.c checks
+ * it over a sweep of shapes). Taken for the products bmm_reach admits, the
+ * same in every x86 build (else one build would hand a shape to ad_gemm_*
+ * that another computes itself: other bits); the rest go to ad_gemm_* per
+ * element. */
 #define BMM_TINY 64
 #define BMM_MRMAX 8 /* rows of the tallest tile of any build */
+
+/* Whether the tiny loop takes C = op(A) op(B) (element size es): m, n, k
+ * <= BMM_TINY, and the panel fits the AVX2 build's widest tile, 8 vectors
+ * of 32 bytes, in the orientation that build picks (rows: along n, unless
+ * C is narrow; see tiny_). One rule for every x86 build, whatever its own
+ * widths: for f64 (32 of up to 64 columns) the AVX-512 build could take
+ * more, but a shape only one build computes would change bits with the
+ * timed choice, and past AVX2's reach ad_gemm_* was also the faster one
+ * where it mattered (f64 40x40x10 A B^T: 21 us BLIS against 113 us for
+ * AVX-512's dot loop, 25 elements). */
+static inline int bmm_reach(size_t es, int ta, int tb, int64_t m, int64_t n, int64_t k) {
+  if (m > BMM_TINY || n > BMM_TINY || k > BMM_TINY) return 0;
+  const int64_t vl = 32 / (int64_t)es; /* AVX2's lanes */
+  const int rows = tb && !ta && k > 1 ? n <= m : n >= vl || n >= m;
+  return (rows ? n : m) <= 8 * vl;
+}
 
 /* One tile: O(r, j) for r < R, j < N (N > (NV - 1) VL). The last vector of
  * a row of P is loaded (and of O stored) through LDM / STM with lane mask
  * lm when MASKED, else whole. */
-#define BMM_PANEL(NAME, T, VT, VTU, VL, NV, MR, MASKED, LDM, STM, ATTR)                            \
+#define BMM_PANEL(NAME, T, VT, VTU, VL, NV, MR, MASKED, LDM, STM, PFMA, ATTR)                      \
   __attribute__((always_inline)) ATTR static inline void NAME##_tile(                              \
       const int R, int64_t N, int64_t K, const T *x, int64_t xrs, int64_t xcs, const T *P,         \
       int64_t lp, T *o, int64_t ors, int64_t ocs, unsigned lm) {                                   \
@@ -62,7 +80,7 @@
         bv[NV - 1] = *(const VTU *)(pr + (NV - 1) * VL);                                           \
       for (int r = 0; r < R; r++) {                                                                \
         const T av = xr[r][p * xcs];                                                               \
-        for (int v = 0; v < NV; v++) acc[r][v] = av * bv[v] + acc[r][v];                           \
+        for (int v = 0; v < NV; v++) acc[r][v] = PFMA(av, bv[v], acc[r][v]);                       \
       }                                                                                            \
     }                                                                                              \
     /* unrolled, so every acc[r][v] is a constant index (else GCC keeps a                          \
@@ -125,15 +143,15 @@
  *                   vectors and order in every x86 build (same bits)
  *   DOT             the dot kernel to run: bmm_dot_SUF, or one of its own. */
 #define BMM_ISA(SUF, T, VT, VTU, VL, NVMAX, MRF, MASKED, LDM, STM, DVT, DVTU, DVL, DMR, HSUM, DOT, \
-                ATTR)                                                                              \
-  BMM_PANEL(panel_##SUF##1, T, VT, VTU, VL, 1, MRF(1), MASKED, LDM, STM, ATTR)                     \
-  BMM_PANEL(panel_##SUF##2, T, VT, VTU, VL, 2, MRF(2), MASKED, LDM, STM, ATTR)                     \
-  BMM_PANEL(panel_##SUF##3, T, VT, VTU, VL, 3, MRF(3), MASKED, LDM, STM, ATTR)                     \
-  BMM_PANEL(panel_##SUF##4, T, VT, VTU, VL, 4, MRF(4), MASKED, LDM, STM, ATTR)                     \
-  BMM_PANEL(panel_##SUF##5, T, VT, VTU, VL, 5, MRF(5), MASKED, LDM, STM, ATTR)                     \
-  BMM_PANEL(panel_##SUF##6, T, VT, VTU, VL, 6, MRF(6), MASKED, LDM, STM, ATTR)                     \
-  BMM_PANEL(panel_##SUF##7, T, VT, VTU, VL, 7, MRF(7), MASKED, LDM, STM, ATTR)                     \
-  BMM_PANEL(panel_##SUF##8, T, VT, VTU, VL, 8, MRF(8), MASKED, LDM, STM, ATTR)                     \
+                PFMA, DFMA, TFMA, ATTR)                                                            \
+  BMM_PANEL(panel_##SUF##1, T, VT, VTU, VL, 1, MRF(1), MASKED, LDM, STM, PFMA, ATTR)               \
+  BMM_PANEL(panel_##SUF##2, T, VT, VTU, VL, 2, MRF(2), MASKED, LDM, STM, PFMA, ATTR)               \
+  BMM_PANEL(panel_##SUF##3, T, VT, VTU, VL, 3, MRF(3), MASKED, LDM, STM, PFMA, ATTR)               \
+  BMM_PANEL(panel_##SUF##4, T, VT, VTU, VL, 4, MRF(4), MASKED, LDM, STM, PFMA, ATTR)               \
+  BMM_PANEL(panel_##SUF##5, T, VT, VTU, VL, 5, MRF(5), MASKED, LDM, STM, PFMA, ATTR)               \
+  BMM_PANEL(panel_##SUF##6, T, VT, VTU, VL, 6, MRF(6), MASKED, LDM, STM, PFMA, ATTR)               \
+  BMM_PANEL(panel_##SUF##7, T, VT, VTU, VL, 7, MRF(7), MASKED, LDM, STM, PFMA, ATTR)               \
+  BMM_PANEL(panel_##SUF##8, T, VT, VTU, VL, 8, MRF(8), MASKED, LDM, STM, PFMA, ATTR)               \
   /* pk[p lp + j] = X[p, j] for p < k, j < n (zeros up to lp), X stored                            \
    * k x n (tr = 0) or n x k (tr = 1) with row stride ld; read in storage                          \
    * order (the transposed copy writes with a stride instead). */                                  \
@@ -170,7 +188,7 @@
           for (int q = 0; q < 4; q++) y[q] = *(const DVTU *)(bq[q] + p);                           \
           for (int r = 0; r < DMR; r++) {                                                          \
             const DVT xv = *(const DVTU *)(ar[r] + p);                                             \
-            for (int q = 0; q < 4; q++) acc[r][q] = xv * y[q] + acc[r][q];                         \
+            for (int q = 0; q < 4; q++) acc[r][q] = DFMA(xv, y[q], acc[r][q]);                     \
           }                                                                                        \
         }                                                                                          \
         _Pragma("GCC unroll 8") for (int r = 0; r < DMR; r++) {                                    \
@@ -182,7 +200,7 @@
           T sum[4];                                                                                \
           HSUM(acc[r], sum);                                                                       \
           for (int q = 0; q < 4 && j0 + q < n; q++) {                                              \
-            for (int64_t p = kv; p < k; p++) sum[q] += ar[r][p] * bq[q][p];                        \
+            for (int64_t p = kv; p < k; p++) sum[q] = TFMA(ar[r][p], bq[q][p], sum[q]);            \
             C[(i0 + r) * n + j0 + q] = sum[q];                                                     \
           }                                                                                        \
         }                                                                                          \
@@ -197,7 +215,7 @@
      * smaller: op(B) (n k) for rows, op(A)^T (m k) for columns */                                 \
     const int rows = tb && !ta && k > 1 ? n <= m : n >= VL || n >= m;                              \
     const int64_t M = rows ? m : n, N = rows ? n : m, nv = (N + VL - 1) / VL, lp = nv * VL;        \
-    if (m > BMM_TINY || n > BMM_TINY || k > BMM_TINY || nv > NVMAX) return 0;                      \
+    if (!bmm_reach(sizeof(T), ta, tb, m, n, k) || nv > NVMAX) return 0;                            \
     if (!ta && (tb || ldb == 1) && k >= DVL) {                                                     \
       for (int64_t e = 0; e < nb; e++)                                                             \
         DOT(m, n, k, a + e * sa, lda, b + e * sb, tb ? ldb : 1, c + e * sc);                       \
@@ -271,6 +289,13 @@
 BMM_HSUM_BASE(hsum_s_base, float, ad_v4f, ad_v4fu, 4)
 BMM_HSUM_BASE(hsum_d_base, double, ad_v2d, ad_v2du, 2)
 
+/* The multiply-add of the baseline build (no FMA there). The x86 builds
+ * fuse every one explicitly (BMM_FMA_* below, and __builtin_fma for the dot
+ * kernel's tail), as GCC's fp-contract=fast may or may not fuse: in the
+ * tail it vectorised the products and left the adds apart in one build
+ * only, and the AVX2 and AVX-512 builds differed in the last bit. */
+#define BMM_MADD(a, b, c) ((a) * (b) + (c))
+
 /* Whole last vectors (the unmasked builds never take these branches). */
 #define BMM_LDW_S(p, m) ((void)(m), *(const ad_v4fu *)(p))
 #define BMM_LDW_D(p, m) ((void)(m), *(const ad_v2du *)(p))
@@ -281,9 +306,9 @@ BMM_HSUM_BASE(hsum_d_base, double, ad_v2d, ad_v2du, 2)
  * AVX2+FMA and AVX-512 (taken when the CPU has them, as autodiff/blas.c's
  * direct loop is; GCC contracts a*b+c there, Clang within the statement). */
 BMM_ISA(s_base, float, ad_v4f, ad_v4fu, 4, 8, BMM_MR2, 0, BMM_LDW_S, BMM_STW, ad_v4f, ad_v4fu, 4, 2,
-        hsum_s_base, bmm_dot_s_base, )
+        hsum_s_base, bmm_dot_s_base, BMM_MADD, BMM_MADD, BMM_MADD, )
 BMM_ISA(d_base, double, ad_v2d, ad_v2du, 2, 8, BMM_MR2, 0, BMM_LDW_D, BMM_STW, ad_v2d, ad_v2du, 2,
-        2, hsum_d_base, bmm_dot_d_base, )
+        2, hsum_d_base, bmm_dot_d_base, BMM_MADD, BMM_MADD, BMM_MADD, )
 #if AD_X86 && defined(__GNUC__)
 #include <immintrin.h>
 #define BMM_X86 1
@@ -300,12 +325,24 @@ AD_AVX2_ATTR static inline void hsum_d_avx2(const ad_v4d *v, double *out) {
   _mm256_storeu_pd(out, _mm256_add_pd(_mm256_permute2f128_pd(h01, h23, 0x20),
                                       _mm256_permute2f128_pd(h01, h23, 0x31)));
 }
+/* The multiply-adds, fused by intrinsics, not left to fp-contract: GCC
+ * contracts a * b + c only when optimising (a Debug build's generic-vector
+ * loops did separate multiplies and adds while the AVX-512 dot loop's
+ * intrinsics fused: other bits). PFMA(a, b, c): scalar a broadcast. */
+#define BMM_FMA_S8(a, b, c) ((ad_v8f)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
+#define BMM_FMA_D4(a, b, c) ((ad_v4d)_mm256_fmadd_pd((__m256d)(a), (__m256d)(b), (__m256d)(c)))
+#define BMM_PFMA_S8(a, b, c) BMM_FMA_S8(_mm256_set1_ps(a), b, c)
+#define BMM_PFMA_D4(a, b, c) BMM_FMA_D4(_mm256_set1_pd(a), b, c)
+#define BMM_PFMA_S16(a, b, c)                                                                      \
+  ((ad_v16f)_mm512_fmadd_ps(_mm512_set1_ps(a), (__m512)(b), (__m512)(c)))
+#define BMM_PFMA_D8(a, b, c)                                                                       \
+  ((ad_v8d)_mm512_fmadd_pd(_mm512_set1_pd(a), (__m512d)(b), (__m512d)(c)))
 #define BMM_LDW_S8(p, m) ((void)(m), *(const ad_v8fu *)(p))
 #define BMM_LDW_D4(p, m) ((void)(m), *(const ad_v4du *)(p))
 BMM_ISA(s_avx2, float, ad_v8f, ad_v8fu, 8, 8, BMM_MR2, 0, BMM_LDW_S8, BMM_STW, ad_v8f, ad_v8fu, 8,
-        2, hsum_s_avx2, bmm_dot_s_avx2, AD_AVX2_ATTR)
+        2, hsum_s_avx2, bmm_dot_s_avx2, BMM_PFMA_S8, BMM_FMA_S8, __builtin_fmaf, AD_AVX2_ATTR)
 BMM_ISA(d_avx2, double, ad_v4d, ad_v4du, 4, 8, BMM_MR2, 0, BMM_LDW_D4, BMM_STW, ad_v4d, ad_v4du, 4,
-        2, hsum_d_avx2, bmm_dot_d_avx2, AD_AVX2_ATTR)
+        2, hsum_d_avx2, bmm_dot_d_avx2, BMM_PFMA_D4, BMM_FMA_D4, __builtin_fma, AD_AVX2_ATTR)
 /* AVX-512: 16 floats (8 doubles) per panel vector, the last one masked
  * (so n = 40 reads B in place: 2 whole vectors and 8 lanes), and with 32
  * registers tiles of 8 rows for up to 2 vectors (16 accumulators), 5 for
@@ -360,7 +397,7 @@ bmm_dot2_tile(const int R, int64_t n, int64_t k, const float *A, int64_t lda, co
       float sum[4];
       hsum_s_avx2(v, sum);
       for (int q = 0; q < 4 && j0 + q < n; q++) {
-        for (int64_t p = kv; p < k; p++) sum[q] += A[r * lda + p] * bq[q][p];
+        for (int64_t p = kv; p < k; p++) sum[q] = __builtin_fmaf(A[r * lda + p], bq[q][p], sum[q]);
         cr[q] = sum[q];
       }
     }
@@ -377,16 +414,19 @@ AD_AVX512_ATTR static void bmm_dot2_s512(int64_t m, int64_t n, int64_t k, const 
   }
   BMM_DOT2_LEFT(1)
   BMM_DOT2_LEFT(2)
-  BMM_DOT2_LEFT(3) BMM_DOT2_LEFT(4) BMM_DOT2_LEFT(5) BMM_DOT2_LEFT(6) BMM_DOT2_LEFT(7)
-      BMM_DOT2_LEFT(8) BMM_DOT2_LEFT(9)
+  BMM_DOT2_LEFT(3)
+  BMM_DOT2_LEFT(4)
+  BMM_DOT2_LEFT(5) BMM_DOT2_LEFT(6) BMM_DOT2_LEFT(7) BMM_DOT2_LEFT(8) BMM_DOT2_LEFT(9)
 }
 
 BMM_ISA(s_avx512, float, ad_v16f, ad_v16fu, 16, 4, BMM_MR512, 1, BMM_LDM_S16, BMM_STM_S16, ad_v8f,
-        ad_v8fu, 8, 4, hsum_s_avx2, bmm_dot2_s512, AD_AVX512_ATTR)
+        ad_v8fu, 8, 4, hsum_s_avx2, bmm_dot2_s512, BMM_PFMA_S16, BMM_FMA_S8, __builtin_fmaf,
+        AD_AVX512_ATTR)
 /* f64 keeps the generic dot kernel, AVX2's 4-double vectors and order, in
  * tiles of 4 rows. */
 BMM_ISA(d_avx512, double, ad_v8d, ad_v8du, 8, 8, BMM_MR512, 1, BMM_LDM_D8, BMM_STM_D8, ad_v4d,
-        ad_v4du, 4, 4, hsum_d_avx2, bmm_dot_d_avx512, AD_AVX512_ATTR)
+        ad_v4du, 4, 4, hsum_d_avx2, bmm_dot_d_avx512, BMM_PFMA_D8, BMM_FMA_D4, __builtin_fma,
+        AD_AVX512_ATTR)
 #else
 #define BMM_X86 0
 #endif
@@ -434,7 +474,7 @@ static int have512(void) {
   return h;
 }
 
-/* Tests only (tests/test_bmm.c, tests/test_tiny_gemm.c declare them):
+/* Tests only (tests/test_bmm.c, tests/test_tiny_gemm.c declare it):
  * force one build of the loop (BMM_* above: 1 base, 2 AVX2, 3 AVX-512; 0
  * back to automatic); returns the previous setting, or -1 (nothing
  * changed) when this CPU cannot run the build asked for. */
@@ -444,11 +484,6 @@ int ad__bmm_force_isa(int isa) {
       (isa == BMM_AVX512 && !have512()))
     return -1;
   return atomic_exchange(&g_forced_isa, isa);
-}
-/* 1 makes ad_bmm take the baseline loop even where AVX2 is present. */
-int ad__bmm_force_base(int on);
-int ad__bmm_force_base(int on) {
-  return ad__bmm_force_isa(on ? BMM_BASE : BMM_AUTO) == BMM_BASE;
 }
 
 static double bmm_cpu_ns(void) {
