@@ -331,7 +331,7 @@ static int g_have_wide512;       /* the same for the wide kernel (gemm_wide.c) *
 static int g_have_direct512;     /* the same for the AVX-512 direct loop */
 static atomic_int g_forced = -1; /* a gemm_path, or -1: measure */
 
-/* Products below this many multiply-adds run on one thread (see make_rntm). */
+/* Products below this many multiply-adds run on one thread (see threads_for). */
 #define SMALL_THREADED 262144.0
 /* The direct loop is a candidate up to this many multiply-adds (about
  * 64^3; above it BLIS's framework cost is a small fraction of the call). */
@@ -789,14 +789,9 @@ static int run_narrow(int path, int dt, int ta, int tb, int64_t m, int64_t n, in
 
 /* ---- one call on a given path */
 
-/* Runtime object for a BLIS call. "blis" is the rule used before paths were
- * measured: BLIS's thresholds, B packed when A is row- and B column-stored
- * and m, n >= 32 (on Zen 4, 128x200x10 ran 31.6 us unpacked vs 7.1 us with
- * B packed). Below ~64^3 multiply-adds a second thread costs more in
- * start-up and synchronisation than it saves (mnist_mlp's 32x784x200 steps
- * ran 20x slower at 2 threads on a loaded 2-core machine). */
-static cntx_t *make_rntm(rntm_t *rn, int path, int threads, int trans_a, int trans_b, int64_t m,
-                         int64_t n) {
+/* Runtime object and context for a BLIS call on a resolved path (see
+ * resolve_path: "blis" has become sup, sup+packB or packed by then). */
+static cntx_t *make_rntm(rntm_t *rn, int path, int threads) {
   rntm_t init = BLIS_RNTM_INITIALIZER;
   *rn = init;
   /* BLIS's own thread team only for packed:team: every other product on
@@ -824,7 +819,6 @@ static cntx_t *make_rntm(rntm_t *rn, int path, int threads, int trans_a, int tra
     bli_rntm_disable_l3_sup(rn);
     return g_have_alt2 ? &g_cntx_alt2 : g_cntx;
   default:
-    if (!trans_a && trans_b && m >= 32 && n >= 32) bli_rntm_set_pack_b(TRUE, rn);
     return g_cntx;
   }
 }
@@ -854,10 +848,12 @@ static int resolve_path(int path, int dt, int ta, int tb, int64_t m, int64_t n, 
     path = madds <= DIRECT_MAX ? P_DIRECT : P_PACKED;
   if (path == P_DIRECT512 && !g_have_direct512) path = P_DIRECT;
   if (path == P_BLIS) {
-    /* BLIS's own rule (bli_cntx_l3_sup_thresh_is_met, and make_rntm's
-     * packed B), applied here to the whole product: BLIS would apply it
-     * to each part of a split, and a part below a threshold the whole is
-     * above would run other kernels. */
+    /* "blis", the rule used before paths were measured: BLIS's own sup
+     * thresholds (bli_cntx_l3_sup_thresh_is_met), and B packed when A is
+     * row- and B column-stored and m, n >= 32 (on Zen 4, 128x200x10 ran
+     * 31.6 us unpacked vs 7.1 us with B packed). Applied here to the whole
+     * product: BLIS would apply it to each part of a split, and a part
+     * below a threshold the whole is above would run other kernels. */
     cntx_t *cx = g_cntx;
     const num_t bt = dt == AD_F64 ? BLIS_DOUBLE : BLIS_FLOAT;
     const int small = m < bli_cntx_get_l3_sup_thresh_dt(bt, BLIS_MT, cx) ||
@@ -894,8 +890,7 @@ static void run_resolved(int path, int threads, int dt, int ta, int tb, int64_t 
   if ((path == P_SUP || path == P_SUP_PA || path == P_SUP_PB) && !sup_safe(m, n, k))
     path = P_PACKED;
   rntm_t rn;
-  cntx_t *cx = make_rntm(&rn, path == P_DIRECT || path == P_DIRECT512 ? P_PACKED : path, threads,
-                         ta, tb, m, n);
+  cntx_t *cx = make_rntm(&rn, path == P_DIRECT || path == P_DIRECT512 ? P_PACKED : path, threads);
   if (dt == AD_F64)
     bli_dgemm_ex(BLIS_NO_TRANSPOSE, BLIS_NO_TRANSPOSE, m, n, k, (double *)alpha, (double *)a,
                  ta ? 1 : lda, ta ? lda : 1, (double *)b, tb ? 1 : ldb, tb ? ldb : 1,
@@ -1200,8 +1195,10 @@ typedef struct {
 static _Thread_local tl_entry tl_cache[TL_SLOTS];
 
 /* Threads for a product of m n k multiply-adds: 1 below SMALL_THREADED
- * and inside a pool part (where a split runs serially anyway, so the
- * product is a one-thread one and measured as such), else the setting. */
+ * (below ~64^3 multiply-adds a second thread costs more in start-up and
+ * synchronisation than it saves: mnist_mlp's 32x784x200 steps ran 20x
+ * slower at 2 threads on a loaded 2-core machine) and inside a pool part (where a split runs
+ * serially anyway, so the product is a one-thread one and measured as such), else the setting. */
 static int threads_for(int64_t m, int64_t n, int64_t k) {
   if ((double)m * (double)n * (double)k < SMALL_THREADED || ad__par_inside()) return 1;
   return atomic_load(&g_threads);
