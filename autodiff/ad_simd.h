@@ -39,6 +39,23 @@ AD_VEC(ad_v8d, double, 64)
 #define AD_AVX512_ATTR                                                                             \
   __attribute__((target("avx512f,avx512vl,avx2,fma"), optimize("fp-contract=fast")))
 #endif
+/* The same instruction sets with nothing contracted into an FMA, for
+ * passes whose bits must equal the portable build's (each product rounded,
+ * as the composed public ops do). GCC: fp-contract=off on the function;
+ * clang has no such attribute and contracts within a statement, so a body
+ * that must not fuse starts with AD_NO_FMA. */
+#if defined(__clang__)
+#define AD_AVX512_EXACT_ATTR __attribute__((target("avx512f,avx512vl,avx2")))
+#define AD_AVX2_EXACT_ATTR __attribute__((target("avx2")))
+#define AD_NO_FMA _Pragma("clang fp contract(off)")
+#else
+#define AD_AVX512_EXACT_ATTR                                                                       \
+  __attribute__((target("avx512f,avx512vl,avx2"), optimize("fp-contract=off")))
+#define AD_AVX2_EXACT_ATTR __attribute__((target("avx2"), optimize("fp-contract=off")))
+#define AD_NO_FMA
+#endif
+#else
+#define AD_NO_FMA
 #endif
 
 #if AD_X86 && defined(__GNUC__)

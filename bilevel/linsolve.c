@@ -337,12 +337,9 @@ enum { FU_FLUSH = 4096 };
   }
 
 #if AD_X86 && defined(__GNUC__)
-/* Not AD_AVX512_ATTR / AD_AVX2_ATTR: those let GCC contract into FMAs,
- * which would change the bits by instruction set. */
-#define FU_ATTR512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
-#define FU_ATTR2 __attribute__((target("avx2")))
-FU_KERNELS(avx512, FU_ATTR512)
-FU_KERNELS(avx2, FU_ATTR2)
+/* The EXACT attributes: an FMA would change the bits by instruction set. */
+FU_KERNELS(avx512, AD_AVX512_EXACT_ATTR)
+FU_KERNELS(avx2, AD_AVX2_EXACT_ATTR)
 #endif
 FU_KERNELS(base, )
 

@@ -450,16 +450,8 @@ typedef struct {
  * both clones give the same bits. */
 #if AD_X86 && defined(__GNUC__)
 #define SGD_WIDE 1
-#if defined(__clang__)
-#define SGD_WIDE_ATTR __attribute__((target("avx512f,avx512vl,avx2")))
-#define SGD_NO_FMA _Pragma("clang fp contract(off)")
-#else
-#define SGD_WIDE_ATTR __attribute__((target("avx512f,avx512vl,avx2"), optimize("fp-contract=off")))
-#define SGD_NO_FMA
-#endif
 #else
 #define SGD_WIDE 0
-#define SGD_NO_FMA
 #endif
 
 /* Whether the AVX-512 clones run (once: the CPU does not change). */
@@ -467,7 +459,7 @@ static int sgd_wide(void) {
 #if SGD_WIDE
   static _Atomic int on = -1;
   int v = on;
-  if (v < 0) on = v = ad__cpu_avx512() && ad__blas_avx512_allowed();
+  if (v < 0) on = v = ad__blas_avx512_allowed(); /* implies ad__cpu_avx512() */
   return v;
 #else
   return 0;
@@ -477,7 +469,7 @@ static int sgd_wide(void) {
 /* Sum of x[0..k) in double with 8 partials (vectorizes). */
 #define DEF_SGD_KERNELS(T, S, ATTR)                                                                \
   ATTR static double sum_blk_##S(const T *x, int64_t k) {                                          \
-    SGD_NO_FMA                                                                                     \
+    AD_NO_FMA                                                                                      \
     double p[8] = {0}, s = 0;                                                                      \
     int64_t i = 0;                                                                                 \
     for (; i + 8 <= k; i += 8)                                                                     \
@@ -487,7 +479,7 @@ static int sgd_wide(void) {
     return s;                                                                                      \
   }                                                                                                \
   ATTR static void sgd_fwd_##S(void *ctx, int part, int64_t lo, int64_t hi) {                      \
-    SGD_NO_FMA                                                                                     \
+    AD_NO_FMA                                                                                      \
     const sgd_job *c = ctx;                                                                        \
     (void)part;                                                                                    \
     const T *W = c->w, *Gr = c->g;                                                                 \
@@ -511,7 +503,7 @@ static int sgd_wide(void) {
     }                                                                                              \
   }                                                                                                \
   ATTR static void sgd_bwd_##S(void *ctx, int part, int64_t lo, int64_t hi) {                      \
-    SGD_NO_FMA                                                                                     \
+    AD_NO_FMA                                                                                      \
     const sgd_job *c = ctx;                                                                        \
     const T *W = c->w, *Gr = c->g, *G = c->G;                                                      \
     T *restrict DW = c->dw, *restrict DG = c->dg, *restrict DA = c->da, *restrict DD = c->dd;      \
@@ -559,8 +551,8 @@ static int sgd_wide(void) {
 DEF_SGD_KERNELS(float, f32, )
 DEF_SGD_KERNELS(double, f64, )
 #if SGD_WIDE
-DEF_SGD_KERNELS(float, f32w, SGD_WIDE_ATTR)
-DEF_SGD_KERNELS(double, f64w, SGD_WIDE_ATTR)
+DEF_SGD_KERNELS(float, f32w, AD_AVX512_EXACT_ATTR)
+DEF_SGD_KERNELS(double, f64w, AD_AVX512_EXACT_ATTR)
 #define SGD_PICK(NAME, dt)                                                                         \
   (sgd_wide() ? ((dt) == AD_F32 ? NAME##_f32w : NAME##_f64w)                                       \
               : ((dt) == AD_F32 ? NAME##_f32 : NAME##_f64))
