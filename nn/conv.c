@@ -266,6 +266,114 @@ static int64_t chunk_of(const conv_geom *g) {
   return ad__par_parts(g->n, 1);
 }
 
+/* conv_forward on several threads: the per-image GEMMs are too small to
+ * split (a 32x196x145 product), so each part takes whole images instead:
+ * its own col slot (and pooled workspace), im2col, the GEMM (on the part's
+ * thread: a GEMM inside a pool part runs single-threaded) and the pool of
+ * the image's planes, one image at a time. Every image's output is its
+ * own, written by one part, and each is computed by the same kernels as
+ * on one thread (a one-thread GEMM there too), so the bits do not depend
+ * on the split. */
+typedef struct {
+  ad_dtype dt;
+  const conv_geom *g;
+  const char *x;
+  const void *a; /* [W b] or W */
+  char *y;
+  const nn__pool *pool;
+  int64_t kk, ld; /* GEMM depth, one col slot */
+  char *col;      /* a slot per part */
+  char *ybuf;     /* pool: a conv output per part */
+  int *nan;       /* pool: per part, whether some pooled output is NaN */
+} fwd_job;
+
+static void fwd_part(void *ctx, int part, int64_t lo, int64_t hi) {
+  const fwd_job *j = ctx;
+  const conv_geom *g = j->g;
+  const size_t es = ad_dtype_size(j->dt);
+  const int64_t pq = g->p * g->q, kpq = g->k * pq, chw = g->c * g->h * g->w;
+  char *col = j->col + (size_t)(part * j->ld) * es;
+  char *yb = j->pool ? j->ybuf + (size_t)(part * kpq) * es : NULL;
+  for (int64_t n = lo; n < hi; n++) {
+    col_job cj = {j->dt,
+                  g,
+                  (char *)j->x + (size_t)(n * chw) * es,
+                  col,
+                  j->ld,
+                  n == lo,
+                  j->kk > g->c * g->r * g->s,
+                  0};
+    im2col_part(&cj, 0, 0, 1);
+    gemm(j->dt, 0, 0, g->k, pq, j->kk, j->a, j->kk, col, pq, 0.0,
+         yb ? yb : j->y + (size_t)(n * kpq) * es, pq);
+    if (j->pool)
+      j->nan[part] |=
+          nn__relu_pool_planes_serial(j->pool, j->dt, yb, j->y, n * g->k, (n + 1) * g->k);
+  }
+}
+
+/* The per-image half of a chunk's backward, whole images per part (the
+ * per-image GEMMs are too small to split over threads; a GEMM inside a
+ * pool part runs on the part's thread): for slot i, image n0 + i,
+ *   gc_i = scatter(G) of the image's planes    (when pool)
+ *   colg_i = W^T G_i, col2im into gx_n          (when gx; pointwise: into gx_n)
+ *   colx_i = im2col(x_n)                        (when colx)
+ * Every output is the image's own, so the bits do not depend on the split;
+ * the weight and bias sums over images stay on the caller, in image order. */
+typedef struct {
+  ad_dtype dt;
+  const conv_geom *g;
+  int64_t n0;
+  const char *gd; /* G's data (image n0 + i), or NULL: gc slot i */
+  const nn__pool *pool;
+  const char *pgy; /* pool: the whole pooled gradient's data */
+  char *gc;        /* pool: K*P*Q per slot */
+  const void *w;
+  char *gx, *colg; /* dx (colg unused when pointwise) */
+  const char *x;
+  char *colx; /* im2col slots (NULL: none) */
+  int64_t ld; /* C*R*S*P*Q */
+  int zero_x; /* col2im: zero gx_n first */
+  int first;  /* the colx slots are new */
+} bwd_job;
+
+static void bwd_part(void *ctx, int part, int64_t lo, int64_t hi) {
+  (void)part;
+  const bwd_job *j = ctx;
+  const conv_geom *g = j->g;
+  const size_t es = ad_dtype_size(j->dt);
+  const int64_t crs = g->c * g->r * g->s, pq = g->p * g->q, kpq = g->k * pq,
+                chw = g->c * g->h * g->w;
+  const int pw = is_pointwise(g);
+  for (int64_t i = lo; i < hi; i++) {
+    const int64_t n = j->n0 + i;
+    const char *gn = j->gd ? j->gd + (size_t)(n * kpq) * es : j->gc + (size_t)(i * kpq) * es;
+    if (j->pool)
+      nn__relu_pool_scatter_planes_serial(j->pool, j->dt, j->pgy, (char *)gn, n * g->k,
+                                          (n + 1) * g->k);
+    if (j->gx) {
+      char *gxn = j->gx + (size_t)(n * chw) * es;
+      char *cg = pw ? gxn : j->colg + (size_t)(i * j->ld) * es;
+      gemm(j->dt, 1, 0, crs, pq, g->k, j->w, crs, gn, pq, 0.0, cg, pq);
+      if (!pw) {
+        col_job cj = {j->dt, g, gxn, cg, j->ld, 0, 0, j->zero_x};
+        col2im_part(&cj, 0, 0, 1);
+      }
+    }
+    if (j->colx) {
+      col_job cj = {j->dt,
+                    g,
+                    (char *)j->x + (size_t)(n * chw) * es,
+                    j->colx + (size_t)(i * j->ld) * es,
+                    j->ld,
+                    j->first,
+                    0,
+                    0};
+      im2col_part(&cj, 0, 0, 1);
+    }
+  }
+}
+
 /* y [N, K, P, Q] = conv(x, w) (+ b per channel).
  * The bias rides in the GEMM: col gets a row of ones and W a column b, so
  * y_n = [W b] [col; 1] with beta 0: no pass filling y_n with b first and
@@ -309,7 +417,23 @@ static int conv_forward(ad_tape *t, const conv_geom *g, const ad_tensor *x, cons
     }
     a = wb;
   }
-  const int64_t cs = chunk_of(g), kpq = g->k * pq;
+  const int64_t kpq = g->k * pq;
+  if (ad_blas_threads() > 1 && g->n >= 2 && !ad__par_inside()) {
+    /* Several threads: whole images per part (see fwd_part), no
+     * reduction across images, so the bits are those of one thread. */
+    const int parts = ad__par_parts(g->n, 1);
+    fwd_job j = {dt, g, x->data, a, y->data, pool, kk, ld, NULL, NULL, NULL};
+    j.col = ad_arena_alloc(t, (size_t)(parts * ld) * es);
+    j.ybuf = pool ? ad_arena_alloc(t, (size_t)(parts * kpq) * es) : NULL;
+    j.nan = ad_arena_alloc(t, sizeof(int) * (size_t)parts);
+    if (!j.col || (pool && !j.ybuf) || !j.nan) return 0;
+    for (int p = 0; p < parts; p++) j.nan[p] = 0;
+    ad__par_for(g->n, 1, fwd_part, &j);
+    for (int p = 0; p < parts; p++)
+      if (j.nan[p]) return 2;
+    return 1;
+  }
+  const int64_t cs = chunk_of(g);
   char *col = ad_arena_alloc(t, (size_t)(cs * ld) * es);
   char *ybuf = pool ? ad_arena_alloc(t, (size_t)(cs * kpq) * es) : NULL;
   if (!col || (pool && !ybuf)) return 0;
@@ -349,15 +473,12 @@ static int conv_bwd_input(ad_tape *t, const conv_geom *g, const ad_tensor *gy, c
   if (!col) return 0;
   for (int64_t n0 = 0; n0 < g->n; n0 += cs) {
     int64_t m = g->n - n0 < cs ? g->n - n0 : cs;
-    for (int64_t i = 0; i < m; i++) /* colg [CRS, PQ] = W^T [CRS, K] G_n [K, PQ] */
-      gemm(dt, 1, 0, crs, pq, g->k, w->data, crs,
-           (const char *)gy->data + (size_t)((n0 + i) * g->k * pq) * es, pq, 0.0,
-           col + (size_t)(i * ld) * es, pq);
-    /* gx_n zeroed per image (hot in cache for the adds), unless the centre
-     * tap's copy in col2im covers it anyway */
-    col_job j = {
-        dt, g, (char *)gx->data + (size_t)(n0 * chw) * es, col, ld, 0, 0, !has_centre_tap(g)};
-    ad__par_for(m, 1, col2im_part, &j);
+    /* colg [CRS, PQ] = W^T [CRS, K] G_n [K, PQ], then col2im; gx_n zeroed
+     * per image (hot in cache for the adds), unless the centre tap's copy
+     * in col2im covers it anyway */
+    bwd_job j = {dt,   g,    n0, gy->data,           NULL, NULL, NULL, w->data, gx->data, col,
+                 NULL, NULL, ld, !has_centre_tap(g), 0};
+    ad__par_for(m, 1, bwd_part, &j);
   }
   return 1;
 }
@@ -599,21 +720,23 @@ static int conv_backward_fused(ad_tape *t, const ad_node *nd, ad_tensor *G, ad_t
   const char *gd = G->data, *xd = x->data;
   for (int64_t n0 = 0; n0 < g->n; n0 += cs) {
     const int64_t m = g->n - n0 < cs ? g->n - n0 : cs;
-    if (want_x) { /* as conv_bwd_input */
-      for (int64_t i = 0; i < m; i++)
-        gemm(dt, 1, 0, crs, pq, g->k, w->data, crs, gd + (size_t)((n0 + i) * g->k * pq) * es, pq,
-             0.0,
-             pw ? (char *)gx->data + (size_t)((n0 + i) * chw) * es : colg + (size_t)(i * ld) * es,
-             pq);
-      if (!pw) {
-        col_job j = {
-            dt, g, (char *)gx->data + (size_t)(n0 * chw) * es, colg, ld, 0, 0, !has_centre_tap(g)};
-        ad__par_for(m, 1, col2im_part, &j);
-      }
-    }
-    if (!pw) { /* as conv_bwd_weight */
-      col_job j = {dt, g, (char *)xd + (size_t)(n0 * chw) * es, colx, ld, n0 == 0, 0, 0};
-      ad__par_for(m, 1, im2col_part, &j);
+    { /* dx as conv_bwd_input, the im2col as conv_bwd_weight */
+      bwd_job j = {dt,
+                   g,
+                   n0,
+                   gd,
+                   NULL,
+                   NULL,
+                   NULL,
+                   w->data,
+                   want_x ? gx->data : NULL,
+                   colg,
+                   xd,
+                   colx,
+                   ld,
+                   !has_centre_tap(g),
+                   n0 == 0};
+      if (want_x || !pw) ad__par_for(m, 1, bwd_part, &j);
     }
     for (int64_t i = 0; i < m; i++)
       gemm(dt, 0, 1, g->k, crs, pq, gd + (size_t)((n0 + i) * g->k * pq) * es, pq,
@@ -722,7 +845,8 @@ static int conv_pool_backward_chunked(ad_tape *t, const ad_node *nd, ad_tensor *
   if (!ad__check(t, "conv2d_relu_max_pool2d backward", 2, in2)) return 1; /* error on the tape */
   const ad_dtype dt = x->dtype;
   const size_t es = ad_dtype_size(dt);
-  const int64_t crs = g->c * g->r * g->s, pq = g->p * g->q, chw = g->c * g->h * g->w,
+  const int64_t crs = g->c * g->r * g->s, pq = g->p * g->q,
+
                 kpq = g->k * pq;
   ad_tensor *gx = want_x ? ad__alloc(t, dt, 4, (int64_t[]){g->n, g->c, g->h, g->w}, 0) : NULL;
   ad_tensor *gw = ad__alloc(t, dt, 4, (int64_t[]){g->k, g->c, g->r, g->s}, 0);
@@ -735,19 +859,23 @@ static int conv_pool_backward_chunked(ad_tape *t, const ad_node *nd, ad_tensor *
   if (!colx || !gc || (want_x && !colg)) return 1;
   for (int64_t n0 = 0; n0 < g->n; n0 += cs) {
     const int64_t m = g->n - n0 < cs ? g->n - n0 : cs;
-    int ok;
-    nn__relu_pool_scatter_planes(t, cp->pool, dt, G->data, gc, n0 * g->k, (n0 + m) * g->k, &ok);
-    if (!ok) return 1;
-    if (want_x) { /* as conv_bwd_input */
-      for (int64_t i = 0; i < m; i++)
-        gemm(dt, 1, 0, crs, pq, g->k, w->data, crs, gc + (size_t)(i * kpq) * es, pq, 0.0,
-             colg + (size_t)(i * ld) * es, pq);
-      col_job j = {
-          dt, g, (char *)gx->data + (size_t)(n0 * chw) * es, colg, ld, 0, 0, !has_centre_tap(g)};
-      ad__par_for(m, 1, col2im_part, &j);
-    }
-    col_job j = {dt, g, (char *)x->data + (size_t)(n0 * chw) * es, colx, ld, n0 == 0, 0, 0};
-    ad__par_for(m, 1, im2col_part, &j); /* as conv_bwd_weight */
+    /* gc = scatter(G), dx as conv_bwd_input, the im2col as conv_bwd_weight */
+    bwd_job j = {dt,
+                 g,
+                 n0,
+                 NULL,
+                 cp->pool,
+                 G->data,
+                 gc,
+                 w->data,
+                 want_x ? gx->data : NULL,
+                 colg,
+                 x->data,
+                 colx,
+                 ld,
+                 !has_centre_tap(g),
+                 n0 == 0};
+    ad__par_for(m, 1, bwd_part, &j);
     for (int64_t i = 0; i < m; i++)
       gemm(dt, 0, 1, g->k, crs, pq, gc + (size_t)(i * kpq) * es, pq, colx + (size_t)(i * ld) * es,
            pq, n0 + i == 0 ? 0.0 : 1.0, gw->data, crs);

@@ -42,6 +42,11 @@ void nn__relu_pool_shape(const nn__pool *g, int64_t shape[4]);
  * must take the unfused ops); *ok = 0 when out of memory. */
 int nn__relu_pool_planes(ad_tape *t, const nn__pool *g, ad_dtype dt, const void *x, void *y,
                          int64_t nc0, int64_t nc1, int *ok);
+/* The same on the caller's thread only, with no allocation: for a part
+ * of a parallel loop (ad__par_for) that pools its own images. Returns
+ * whether some output is NaN. */
+int nn__relu_pool_planes_serial(const nn__pool *g, ad_dtype dt, const void *x, void *y, int64_t nc0,
+                                int64_t nc1);
 /* The pool's VJP: the input-shaped gradient, G at each window's argmax
  * where the maximum is above 0, else 0 (recorded; its rule is the masked
  * gather, so every order stays exact). */
@@ -51,5 +56,10 @@ ad_tensor *nn__relu_pool_scatter(ad_tape *t, ad_tensor *gy, const nn__pool *g);
  * pooled gradient's data). *ok = 0 when out of memory. */
 void nn__relu_pool_scatter_planes(ad_tape *t, const nn__pool *g, ad_dtype dt, const void *gy,
                                   void *x, int64_t nc0, int64_t nc1, int *ok);
+
+/* The same on the caller's thread only, with no allocation (a part of a
+ * parallel loop scattering its own images). */
+void nn__relu_pool_scatter_planes_serial(const nn__pool *g, ad_dtype dt, const void *gy, void *x,
+                                         int64_t nc0, int64_t nc1);
 
 #endif

@@ -711,9 +711,21 @@ int nn__relu_pool_planes(ad_tape *t, const nn__pool *g, ad_dtype dt, const void 
   return pool_run_planes(t, K_MAX, 1, dt, g, x, y, nc0, nc1, ok);
 }
 
+int nn__relu_pool_planes_serial(const nn__pool *g, ad_dtype dt, const void *x, void *y, int64_t nc0,
+                                int64_t nc1) {
+  return dt == AD_F32 ? maxpool_f32(g, x, y, g->idx, nc0, nc1, 1, nc0)
+                      : maxpool_f64(g, x, y, g->idx, nc0, nc1, 1, nc0);
+}
+
 void nn__relu_pool_scatter_planes(ad_tape *t, const nn__pool *g, ad_dtype dt, const void *gy,
                                   void *x, int64_t nc0, int64_t nc1, int *ok) {
   pool_run_planes(t, K_SCATTER, 0, dt, g, gy, x, nc0, nc1, ok);
+}
+
+void nn__relu_pool_scatter_planes_serial(const nn__pool *g, ad_dtype dt, const void *gy, void *x,
+                                         int64_t nc0, int64_t nc1) {
+  pool_job j = {K_SCATTER, 0, dt, g, gy, x, NULL, nc0};
+  pool_part(&j, 0, 0, nc1 - nc0);
 }
 
 ad_tensor *nn__relu_pool_scatter(ad_tape *t, ad_tensor *gy, const nn__pool *g) {

@@ -462,6 +462,59 @@ START_TEST(test_crp_equals_unfused) {
 }
 END_TEST
 
+/* On two threads the fused op's forward and backward run whole images per
+ * part of the worker pool (conv.c's fwd_part, bwd_part), with the sums
+ * over images (dw, db) kept in image order on the caller: values,
+ * gradients (recorded and not) and HVPs bit for bit those of one thread.
+ * Five images too, so the parts are uneven and the chunks have a tail. */
+START_TEST(test_crp_threads_bitwise) {
+  static const cgeom more[] = {{5, 1, 8, 8, 3, 3, 3, 1, 1, 2, 2, 0, 1},
+                               {5, 2, 7, 5, 4, 3, 3, 1, 1, 2, 2, 0, 0}};
+  const int n_geoms = N_CGEOMS + 2;
+  const ad_dtype dts[2] = {AD_F64, AD_F32};
+  const int threads0 = ad_threads();
+  for (int d = 0; d < 2; d++)
+    for (int gi = 0; gi < n_geoms; gi++) {
+      const cgeom *g = gi < N_CGEOMS ? &CGEOMS[gi] : &more[gi - N_CGEOMS];
+      const int nb = g->bias ? 3 : 2;
+      ad_rng r;
+      ad_rng_seed(&r, 700 + (uint64_t)gi);
+      ad_tensor *in[3], *v[3], *u = NULL;
+      crp_inputs(dts[d], g, &r, in);
+      ad_tape *t[3];
+      ad_tensor *y[3], *d0[3][3], *dd[3][3], *hv[3][3];
+      for (int run = 0; run < 3; run++) { /* 1 thread, then 2 threads twice */
+        ck_assert_int_eq(ad_set_threads(run == 0 ? 1 : 2), AD_OK);
+        t[run] = tape();
+        if (run == 0) {
+          ad_tensor *y0 = crp_by(t[0], in, g, CRP_FUSED);
+          ck_assert_ptr_nonnull(y0);
+          ck_assert_int_eq(ad_tensor_new(&u, dts[d], 4, y0->shape), AD_OK);
+          fill_rand(u, &r);
+          for (int j = 0; j < 3; j++) {
+            ck_assert_int_eq(ad_tensor_new(&v[j], dts[d], in[j]->ndim, in[j]->shape), AD_OK);
+            fill_rand(v[j], &r);
+          }
+        }
+        crp_run(t[run], in, g, CRP_FUSED, u, v, &y[run], d0[run], dd[run], hv[run]);
+        ck_assert_int_eq(ad_tape_status(t[run]), AD_OK);
+      }
+      for (int run = 1; run < 3; run++) {
+        same("crp value, 1 vs 2 threads", y[0], y[run], gi, run);
+        for (int j = 0; j < nb; j++) {
+          same("crp gradient, 1 vs 2 threads", dd[0][j], dd[run][j], gi, run);
+          same("crp unrecorded gradient, 1 vs 2 threads", d0[0][j], d0[run][j], gi, run);
+          same("crp hvp, 1 vs 2 threads", hv[0][j], hv[run][j], gi, run);
+        }
+      }
+      for (int run = 0; run < 3; run++) ad_tape_free(t[run]);
+      for (int j = 0; j < 3; j++) ad_tensor_free(in[j]), ad_tensor_free(v[j]);
+      ad_tensor_free(u);
+    }
+  ck_assert_int_eq(ad_set_threads(threads0), AD_OK);
+}
+END_TEST
+
 /* f32 against f64 on the integer data (every step exact but the tanh,
  * which is not taken here): the same values and gradients of <y y, u>. */
 START_TEST(test_crp_f32_equals_f64) {
@@ -752,6 +805,7 @@ Suite *cnn_fused_suite(void) {
   tcase_add_test(tv, test_conv_definition);
   tcase_add_test(tv, test_conv_backward_one_pass);
   tcase_add_test(tv, test_crp_equals_unfused);
+  tcase_add_test(tv, test_crp_threads_bitwise);
   tcase_add_test(tv, test_crp_f32_equals_f64);
   tcase_add_test(tv, test_crp_definition);
   tcase_add_test(tv, test_crp_nan);
