@@ -317,6 +317,9 @@ const char *ad__dims_str(int ndim, const int64_t *shape, char *buf, size_t len);
 int64_t ad__numel(int ndim, const int64_t *shape);
 /* Sizes around an axis: outer * n * inner = size. */
 void ad__split(const ad_tensor *x, int axis, int64_t *outer, int64_t *n, int64_t *inner);
+/* The VJP of y = log_softmax(x) along axis for cotangent g, g - exp(y) sum(g),
+ * as one recorded op (ops_reduce.c says why). */
+ad_tensor *ad__log_softmax_backward(ad_tape *t, ad_tensor *g, ad_tensor *y, int axis);
 
 /* Atomic file replacement (atomic_file.c). ad__afile_open makes a
  * temporary file, mode 0644, beside path and returns 0, or an errno: ENOMEM

@@ -332,17 +332,104 @@ static void vjp_softmax(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **
 static const ad_op_def OP_SOFTMAX = {
     "softmax", vjp_softmax, attr_axis, {.mask = AD_SAVES(AD_S_OUT, 0, 0, 0)}};
 
-/* d log_softmax: dx = g - softmax(x) sum(g) along the axis; softmax = exp(y). */
+/* d log_softmax: dx = g - softmax(x) sum(g) along the axis; softmax = exp(y),
+ * as the one op log_softmax_backward(g, y) (below). */
 static void vjp_log_softmax(ad_tape *t, const ad_node *n, ad_tensor *g, ad_tensor **gin,
                             const int *need) {
-  if (!need[0]) return;
-  int ax = n->a.axis;
-  ad_tensor *y = n->out;
-  ad_tensor *s = ad_broadcast_axis(t, ad_sum_axis(t, g, ax, 1), ax, y->shape[ax], 1);
-  gin[0] = ad_sub(t, g, ad_mul(t, ad_exp(t, y), s));
+  if (need[0]) gin[0] = ad__log_softmax_backward(t, g, n->out, n->a.axis);
 }
 static const ad_op_def OP_LOG_SOFTMAX = {
     "log_softmax", vjp_log_softmax, attr_axis, {.mask = AD_SAVES(AD_S_OUT, 0, 0, 0)}};
+
+/* ---------------------------------------------------------------- log_softmax's backward
+ * b(g, y) = g - e S_b,  e = exp(y),  S = sum of g along the axis (S_b: S
+ * repeated along it), y = log_softmax(x). Why one op: recorded as exp,
+ * mul by the broadcast sum and sub (the three ops it replaces), it kept
+ * exp(y) and the full-size S_b for their own rules, two class-sized
+ * tensors per recorded training step that an unroll holds for every step;
+ * this keeps y (log_softmax keeps it anyway) and, when g is a constant (a
+ * loss seed, as in every recorded gradient step), S alone, one value per
+ * row. Its derivatives, C the cotangent of the output:
+ *   dg = C - (sum of C e along the axis)_b      (db_j/dg_k = [j = k] - e_j)
+ *   dy = -C e S_b                               (db_j/dy_j = -e_j S)
+ * With g differentiable, S is taken again from g by recorded ops (so dy
+ * has its g-derivative); else from the kept sums. */
+static void vjp_lsb(ad_tape *t, const ad_node *n, ad_tensor *C, ad_tensor **gin, const int *need) {
+  int ax = n->a.axis;
+  ad_tensor *g = n->in[0], *y = n->in[1];
+  int64_t len = y->shape[ax];
+  ad_tensor *ce = ad_mul(t, C, ad_exp(t, y));
+  if (need[0]) gin[0] = ad_sub(t, C, ad_broadcast_axis(t, ad_sum_axis(t, ce, ax, 1), ax, len, 1));
+  if (need[1]) {
+    ad_tensor *s = n->a.extra ? (ad_tensor *)n->a.extra : ad_sum_axis(t, g, ax, 1);
+    gin[1] = ad_neg(t, ad_mul(t, ce, ad_broadcast_axis(t, s, ax, len, 1)));
+  }
+}
+/* Both gradients read y; dy reads the kept sums, or g when there are none. */
+static unsigned saves_lsb(const ad_node *n) {
+  if (n->a.extra) return AD_SAVES(AD_S_IN(1), AD_S_IN(1), 0, 0) | AD_SAVES_EXTRA_TENSOR;
+  return AD_SAVES(AD_S_IN(1), AD_S_IN(0) | AD_S_IN(1), 0, 0);
+}
+static const ad_op_def OP_LSB = {"log_softmax_backward", vjp_lsb, attr_axis, {.of = saves_lsb}};
+
+typedef struct {
+  ad_dtype dt;
+  const void *g, *y, *s;
+  void *out;
+  int64_t n, inner;
+} lsb_ctx;
+
+/* out = g - exp(y) S over outer indices [lo, hi); the same roundings as
+ * the three ops it replaces (exp in double, then a float product and
+ * difference), so their results keep their bits. */
+static void lsb_part(void *vc, int part, int64_t lo, int64_t hi) {
+  const lsb_ctx *c = vc;
+  (void)part;
+  int64_t n = c->n, inner = c->inner;
+  for (int64_t o = lo; o < hi; o++)
+    for (int64_t k = 0; k < n; k++) {
+      int64_t j0 = (o * n + k) * inner;
+      if (c->dt == AD_F32) {
+        const float *g = c->g, *y = c->y, *s = (const float *)c->s + o * inner;
+        float *r = c->out;
+        for (int64_t i = 0; i < inner; i++) {
+          float e = (float)exp((double)y[j0 + i]);
+          r[j0 + i] = g[j0 + i] - e * s[i];
+        }
+      } else {
+        const double *g = c->g, *y = c->y, *s = (const double *)c->s + o * inner;
+        double *r = c->out;
+        for (int64_t i = 0; i < inner; i++) r[j0 + i] = g[j0 + i] - exp(y[j0 + i]) * s[i];
+      }
+    }
+}
+
+ad_tensor *ad__log_softmax_backward(ad_tape *t, ad_tensor *g, ad_tensor *y, int axis) {
+  ad_tensor *in[2] = {g, y};
+  if (!ad__check(t, "log_softmax_backward", 2, in) || !ad__axis(t, "log_softmax_backward", y, axis))
+    return NULL;
+  if (!ad_same_shape(g, y) || g->dtype != y->dtype) {
+    char sa[96], sb[96];
+    return ad__fail(t, AD_ERR_SHAPE, "log_softmax_backward: g is %s but y is %s",
+                    ad_shape_str(g, sa, sizeof sa), ad_shape_str(y, sb, sizeof sb));
+  }
+  int64_t shape[AD_MAX_DIMS];
+  int nd = reduced_shape(y, axis, 1, shape);
+  ad_tensor *s = ad__alloc(t, g->dtype, nd, shape, 0), *out = s ? ad__like(t, g) : NULL;
+  if (!out) return NULL;
+  int64_t outer, n, inner;
+  ad__split(y, axis, &outer, &n, &inner);
+  run_axis(K_SUM, g, s->data, NULL, NULL, outer, n, inner); /* the bits of ad_sum_axis */
+  lsb_ctx c = {g->dtype, g->data, y->data, s->data, out->data, n, inner};
+  int64_t row = n * inner;
+  ad__par_for(outer, row >= RED_GRAIN ? 1 : RED_GRAIN / (row > 0 ? row : 1), lsb_part, &c);
+  ad_node *nd_ = ad__record(t, &OP_LSB, out, 2, in);
+  if (nd_) {
+    nd_->a.axis = axis;
+    nd_->a.extra = ad_needs_grad(g) ? NULL : s;
+  }
+  return ad__done(t, out, "log_softmax_backward");
+}
 
 static ad_tensor *softmax_like(ad_tape *t, ad_tensor *x, int axis, int logv, const char *name,
                                const ad_op_def *op) {

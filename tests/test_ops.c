@@ -1,6 +1,7 @@
 /* test_ops.c — every core op: gradient, Hessian-vector product and JVP
  * against central finite differences in f64 (tolerance 1e-6, relative to
  * 1 + |numeric|). */
+#include "ad_internal.h" /* ad__log_softmax_backward */
 #include "gradcheck.h"
 
 #include <check.h>
@@ -143,6 +144,18 @@ static ad_tensor *f_softmax0(ad_tape *t, ad_tensor *const *x, void *ctx) {
 static ad_tensor *f_log_softmax(ad_tape *t, ad_tensor *const *x, void *ctx) {
   return IN(ad_log_softmax(t, x[0], 1));
 }
+static ad_tensor *f_log_softmax0(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad_log_softmax(t, x[0], 0));
+}
+/* log_softmax's fused backward with a differentiable cotangent: its rule
+ * then takes the row sums from g by recorded ops, so the HVP sees dy's
+ * dependence on g (with a constant g, as above, it reads the kept sums). */
+static ad_tensor *f_lsb(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad__log_softmax_backward(t, x[0], ad_log_softmax(t, x[1], 1), 1));
+}
+static ad_tensor *f_lsb0(ad_tape *t, ad_tensor *const *x, void *ctx) {
+  return IN(ad__log_softmax_backward(t, ad_tanh(t, x[0]), ad_log_softmax(t, x[1], 0), 0));
+}
 static ad_tensor *f_nll(ad_tape *t, ad_tensor *const *x, void *ctx) {
   return IN(ad_nll(t, ad_log_softmax(t, x[0], 1), LABELS, 6));
 }
@@ -237,6 +250,9 @@ static const gc_case CASES[] = {
     C1("softmax", f_softmax, 2, 3, 4),
     C1("softmax_axis0", f_softmax0, 3, 3, 2, 2),
     C1("log_softmax", f_log_softmax, 2, 3, 4),
+    C1("log_softmax_axis0", f_log_softmax0, 3, 3, 2, 2),
+    {"log_softmax_backward", f_lsb, 2, {2, 2}, {{3, 4}, {3, 4}}, {0, 0}, {0, 0}, 0},
+    {"log_softmax_backward_axis0", f_lsb0, 2, {3, 3}, {{3, 2, 2}, {3, 2, 2}}, {0, 0}, {0, 0}, 0},
     C1("nll", f_nll, 2, 6, 4),
     C1("nll_raw", f_nll_raw, 2, 6, 4),
     C1("cross_entropy", f_ce, 2, 6, 4),
