@@ -121,16 +121,20 @@ static void axis_part(void *vc, int part, int64_t lo, int64_t hi) {
   }
 }
 
+/* Units (outer indices when by_outer, else inner ones) per part for an
+ * axis loop: a unit reads n * inner elements of x, or n. */
+static int64_t axis_grain(int by_outer, int64_t n, int64_t inner) {
+  int64_t per_unit = by_outer ? n * inner : n;
+  return per_unit >= RED_GRAIN ? 1 : RED_GRAIN / (per_unit > 0 ? per_unit : 1);
+}
+
 /* Runs an axis kernel over every output, split over the outer indices
  * when there are several (each part then reads whole contiguous blocks),
  * else over the inner ones. */
 static void run_axis(axis_kind kind, const ad_tensor *x, void *y, void *aux, void *aux2,
                      int64_t outer, int64_t n, int64_t inner) {
   axis_ctx c = {kind, x->dtype, x->data, y, aux, aux2, outer, n, inner, outer > 1};
-  int64_t units = c.by_outer ? outer : inner;
-  int64_t per_unit = c.by_outer ? n * inner : n; /* elements of x one unit reads */
-  int64_t grain = per_unit >= RED_GRAIN ? 1 : RED_GRAIN / (per_unit > 0 ? per_unit : 1);
-  ad__par_for(units, grain, axis_part, &c);
+  ad__par_for(c.by_outer ? outer : inner, axis_grain(c.by_outer, n, inner), axis_part, &c);
 }
 
 /* Whole sum (b == NULL) or dot product of a and b, one partial per part
@@ -376,32 +380,38 @@ typedef struct {
   ad_dtype dt;
   const void *g, *y, *s;
   void *out;
-  int64_t n, inner;
+  int64_t outer, n, inner;
+  int by_outer; /* parts split the outer indices (else the inner ones), as run_axis */
 } lsb_ctx;
 
-/* out = g - exp(y) S over outer indices [lo, hi); the same roundings as
- * the three ops it replaces (exp in double, then a float product and
- * difference), so their results keep their bits. */
+/* out = g - exp(y) S over a block of outer or inner indices; the same
+ * roundings as the three ops it replaces (exp in double, then a product
+ * and a difference in the element type), so their results keep their
+ * bits. */
+#define LSB_BLOCK(T)                                                                               \
+  do {                                                                                             \
+    const T *g = c->g, *y = c->y, *s = c->s;                                                       \
+    T *r = c->out;                                                                                 \
+    for (int64_t o = o0; o < o1; o++)                                                              \
+      for (int64_t k = 0; k < n; k++) {                                                            \
+        int64_t j0 = (o * n + k) * inner;                                                          \
+        for (int64_t i = i0; i < i1; i++)                                                          \
+          r[j0 + i] = g[j0 + i] - (T)exp((double)y[j0 + i]) * s[o * inner + i];                    \
+      }                                                                                            \
+  } while (0)
+
 static void lsb_part(void *vc, int part, int64_t lo, int64_t hi) {
   const lsb_ctx *c = vc;
   (void)part;
-  int64_t n = c->n, inner = c->inner;
-  for (int64_t o = lo; o < hi; o++)
-    for (int64_t k = 0; k < n; k++) {
-      int64_t j0 = (o * n + k) * inner;
-      if (c->dt == AD_F32) {
-        const float *g = c->g, *y = c->y, *s = (const float *)c->s + o * inner;
-        float *r = c->out;
-        for (int64_t i = 0; i < inner; i++) {
-          float e = (float)exp((double)y[j0 + i]);
-          r[j0 + i] = g[j0 + i] - e * s[i];
-        }
-      } else {
-        const double *g = c->g, *y = c->y, *s = (const double *)c->s + o * inner;
-        double *r = c->out;
-        for (int64_t i = 0; i < inner; i++) r[j0 + i] = g[j0 + i] - exp(y[j0 + i]) * s[i];
-      }
-    }
+  int64_t n = c->n, inner = c->inner, o0 = 0, o1 = c->outer, i0 = 0, i1 = inner;
+  if (c->by_outer)
+    o0 = lo, o1 = hi;
+  else
+    i0 = lo, i1 = hi;
+  if (c->dt == AD_F32)
+    LSB_BLOCK(float);
+  else
+    LSB_BLOCK(double);
 }
 
 ad_tensor *ad__log_softmax_backward(ad_tape *t, ad_tensor *g, ad_tensor *y, int axis) {
@@ -420,9 +430,8 @@ ad_tensor *ad__log_softmax_backward(ad_tape *t, ad_tensor *g, ad_tensor *y, int 
   int64_t outer, n, inner;
   ad__split(y, axis, &outer, &n, &inner);
   run_axis(K_SUM, g, s->data, NULL, NULL, outer, n, inner); /* the bits of ad_sum_axis */
-  lsb_ctx c = {g->dtype, g->data, y->data, s->data, out->data, n, inner};
-  int64_t row = n * inner;
-  ad__par_for(outer, row >= RED_GRAIN ? 1 : RED_GRAIN / (row > 0 ? row : 1), lsb_part, &c);
+  lsb_ctx c = {g->dtype, g->data, y->data, s->data, out->data, outer, n, inner, outer > 1};
+  ad__par_for(c.by_outer ? outer : inner, axis_grain(c.by_outer, n, inner), lsb_part, &c);
   ad_node *nd_ = ad__record(t, &OP_LSB, out, 2, in);
   if (nd_) {
     nd_->a.axis = axis;
