@@ -16,10 +16,13 @@
  * to start, only for parts already running to end.
  *
  * Waking: a worker spins for a short while after each job (the next loop of
- * an op usually follows within microseconds) and then sleeps on a condition
- * variable; the caller signals only when someone sleeps. The spin is kept
- * short because on a 2-core machine a spinning worker takes the core from
- * BLIS's OpenMP threads and from other processes (see SPIN_NS).
+ * an op, or the next GEMM of a training step, usually follows within
+ * microseconds to a couple of hundred) and then sleeps on a condition
+ * variable; the caller signals only when someone sleeps. The spin is
+ * bounded because on a 2-core machine a spinning worker takes the core from
+ * BLIS's OpenMP threads and from other processes (see WORKER_SPIN_NS). The
+ * caller, once its parts are done, spins for the others about as long as
+ * its own took before it sleeps (a part of the same size started with it).
  *
  * Serial fallbacks (the same parts, one after another, on the caller):
  * a call from inside a part (nested), a call while another user thread's
@@ -47,12 +50,21 @@
 #define cpu_relax() ((void)0)
 #endif
 
-/* How long a worker spins before it sleeps, and how long the caller spins
- * for running parts to end before it sleeps. Measured on the 2-core test
- * machine: a condition-variable wake costs ~10-30 us, a spinning worker
- * picks a job up in well under 1 us; 50 us covers the gap between the
- * loops of consecutive ops while costing little CPU when no loop follows
- * (a GEMM, the tape's own work). */
+/* How long a worker spins for the next job before it sleeps (WORKER_SPIN_NS),
+ * and how long the caller spins for running parts to end beyond the time
+ * its own parts took (SPIN_NS). Measured on the 2-core test machine: a
+ * condition-variable wake costs ~10-50 us, a spinning worker picks a job
+ * up in well under 1 us. The loops of consecutive ops follow each other
+ * within tens of us, but a recorded training step's tape work (recording,
+ * compaction, the sweep's bookkeeping) leaves gaps of 50-200 us between
+ * its GEMMs: with a 50 us worker spin, 27 of the 2-thread unroll's ~175
+ * pool jobs per iteration (bench_unroll_T10, Zen 4) found the worker
+ * asleep and started their second half 10-50 us late; at 200 us about one
+ * did, and the unroll ran 1.35 -> 1.28 times its GEMM floor (medians of 6
+ * alternating runs). 200 us of spinning after the last job is still far
+ * below what OpenMP runtimes spin by default (libgomp: about 300,000
+ * iterations), and the spin ends when no job follows. */
+#define WORKER_SPIN_NS 200000
 #define SPIN_NS 50000
 
 /* At most this many threads in one loop (the GEMM setting caps at 256). */
@@ -158,7 +170,7 @@ static void *worker_main(void *arg) {
       gen = (uint32_t)(atomic_load_explicit(&g_state, memory_order_acquire) >> 32);
       if (gen != seen) break;
       cpu_relax();
-      if ((i & 63) == 63 && now_ns() - t0 > SPIN_NS) {
+      if ((i & 63) == 63 && now_ns() - t0 > WORKER_SPIN_NS) {
         pthread_mutex_lock(&g_mu);
         atomic_fetch_add(&g_sleepers, 1);
         while (!atomic_load(&g_quit) && (uint32_t)(atomic_load(&g_state) >> 32) == seen)
@@ -281,15 +293,22 @@ static void par_run(int64_t n, int parts, ad__range_fn fn, void *ctx) {
     pthread_mutex_unlock(&g_mu);
   }
   t_in_par = 1;
+  const int64_t t_run = now_ns();
   run_part(&g_job, 0);
   atomic_fetch_sub(&g_left, 1);
   work_on(gen);
   t_in_par = 0;
-  /* Every part is claimed; wait for those still running elsewhere. */
-  int64_t t0 = now_ns();
+  /* Every part is claimed; wait for those still running elsewhere. The
+   * parts are of one size, so a part that started with ours ends about as
+   * long after it as ours took, plus a worker's wake-up: spin for that
+   * long (the time our own parts took, plus SPIN_NS) before sleeping. A
+   * fixed SPIN_NS made the caller sleep, and then pay a futex wake-up of
+   * 10-50 us, on 45% of the calls of the 2-thread 784-200-10 unroll
+   * (bench_unroll_T10), whose GEMM halves run for hundreds of us. */
+  const int64_t t0 = now_ns(), spin = SPIN_NS + (t0 - t_run);
   for (int i = 0; atomic_load_explicit(&g_left, memory_order_acquire) > 0; i++) {
     cpu_relax();
-    if ((i & 63) == 63 && now_ns() - t0 > SPIN_NS) {
+    if ((i & 63) == 63 && now_ns() - t0 > spin) {
       pthread_mutex_lock(&g_mu);
       atomic_store(&g_caller_slp, 1);
       while (atomic_load(&g_left) > 0) pthread_cond_wait(&g_done, &g_mu);
