@@ -57,7 +57,7 @@
  * up in well under 1 us. The loops of consecutive ops follow each other
  * within tens of us, but a recorded training step's tape work (recording,
  * compaction, the sweep's bookkeeping) leaves gaps of 50-200 us between
- * its GEMMs: with a 50 us worker spin, 27 of the 2-thread unroll's ~175
+ * its GEMMs: with a 50 us worker spin, 27-29 of the 2-thread unroll's ~135
  * pool jobs per iteration (bench_unroll_T10, Zen 4) found the worker
  * asleep and started their second half 10-50 us late; at 200 us about one
  * did, and the unroll ran 1.35 -> 1.28 times its GEMM floor (medians of 6
