@@ -66,6 +66,7 @@
  * iterations), and the spin ends when no job follows. */
 #define WORKER_SPIN_NS 200000
 #define SPIN_NS 50000
+#define CALLER_SPIN_CAP_NS 1000000 /* at most this much of the caller's own time */
 
 /* At most this many threads in one loop (the GEMM setting caps at 256). */
 #define MAX_WORKERS 255
@@ -304,8 +305,13 @@ static void par_run(int64_t n, int parts, ad__range_fn fn, void *ctx) {
    * long (the time our own parts took, plus SPIN_NS) before sleeping. A
    * fixed SPIN_NS made the caller sleep, and then pay a futex wake-up of
    * 10-50 us, on 45% of the calls of the 2-thread 784-200-10 unroll
-   * (bench_unroll_T10), whose GEMM halves run for hundreds of us. */
-  const int64_t t0 = now_ns(), spin = SPIN_NS + (t0 - t_run);
+   * (bench_unroll_T10), whose GEMM halves run for hundreds of us. Capped
+   * (CALLER_SPIN_CAP_NS): a part that runs on long after ours usually
+   * means its thread was descheduled (more threads than free cores, as
+   * with several MPI ranks per machine), and then the core is better
+   * given up than spun on. */
+  const int64_t t0 = now_ns(), own = t0 - t_run;
+  const int64_t spin = SPIN_NS + (own < CALLER_SPIN_CAP_NS ? own : CALLER_SPIN_CAP_NS);
   for (int i = 0; atomic_load_explicit(&g_left, memory_order_acquire) > 0; i++) {
     cpu_relax();
     if ((i & 63) == 63 && now_ns() - t0 > spin) {
