@@ -72,6 +72,18 @@
           if (lsm) lsm[j] = (T)((double)x[j] - l);                                                 \
         }                                                                                          \
       }                                                                                            \
+  }                                                                                                \
+  /* log_softmax's backward: r = g - exp(y) s along the axis, s the sums of                        \
+   * g (one per output); the same roundings as the exp, mul and sub it                             \
+   * replaces (exp in double, then a product and a difference in T). */                            \
+  static void lsb_axis_##S(const T *g, T *r, const T *y, const T *s, int64_t n, int64_t inner,     \
+                           int64_t o0, int64_t o1, int64_t i0, int64_t i1) {                       \
+    for (int64_t o = o0; o < o1; o++)                                                              \
+      for (int64_t k = 0; k < n; k++) {                                                            \
+        int64_t j0 = (o * n + k) * inner;                                                          \
+        for (int64_t i = i0; i < i1; i++)                                                          \
+          r[j0 + i] = g[j0 + i] - (T)exp((double)y[j0 + i]) * s[o * inner + i];                    \
+      }                                                                                            \
   }
 
 DEF_KERNELS(float, f32)
@@ -85,13 +97,13 @@ DEF_KERNELS(double, f64)
  * element costs at least as much. */
 #define RED_GRAIN 32768
 
-typedef enum { K_SUM, K_MAX, K_LSE } axis_kind;
+typedef enum { K_SUM, K_MAX, K_LSE, K_LSB } axis_kind;
 
 typedef struct {
   axis_kind kind;
   ad_dtype dt;
   const void *x;
-  void *y, *aux, *aux2; /* max: onehot; lse: sm, lsm */
+  void *y, *aux, *aux2; /* max: onehot; lse: sm, lsm; lsb: y, sums */
   int64_t outer, n, inner;
   int by_outer; /* parts split the outer indices (else the inner ones) */
 } axis_ctx;
@@ -109,6 +121,8 @@ static void axis_part(void *vc, int part, int64_t lo, int64_t hi) {
       sum_axis_f32(c->x, c->y, c->n, c->inner, o0, o1, i0, i1);
     else if (c->kind == K_MAX)
       max_axis_f32(c->x, c->y, c->aux, c->n, c->inner, o0, o1, i0, i1);
+    else if (c->kind == K_LSB)
+      lsb_axis_f32(c->x, c->y, c->aux, c->aux2, c->n, c->inner, o0, o1, i0, i1);
     else
       lse_axis_f32(c->x, c->y, c->aux, c->aux2, c->n, c->inner, o0, o1, i0, i1);
   } else {
@@ -116,16 +130,11 @@ static void axis_part(void *vc, int part, int64_t lo, int64_t hi) {
       sum_axis_f64(c->x, c->y, c->n, c->inner, o0, o1, i0, i1);
     else if (c->kind == K_MAX)
       max_axis_f64(c->x, c->y, c->aux, c->n, c->inner, o0, o1, i0, i1);
+    else if (c->kind == K_LSB)
+      lsb_axis_f64(c->x, c->y, c->aux, c->aux2, c->n, c->inner, o0, o1, i0, i1);
     else
       lse_axis_f64(c->x, c->y, c->aux, c->aux2, c->n, c->inner, o0, o1, i0, i1);
   }
-}
-
-/* Units (outer indices when by_outer, else inner ones) per part for an
- * axis loop: a unit reads n * inner elements of x, or n. */
-static int64_t axis_grain(int by_outer, int64_t n, int64_t inner) {
-  int64_t per_unit = by_outer ? n * inner : n;
-  return per_unit >= RED_GRAIN ? 1 : RED_GRAIN / (per_unit > 0 ? per_unit : 1);
 }
 
 /* Runs an axis kernel over every output, split over the outer indices
@@ -134,7 +143,10 @@ static int64_t axis_grain(int by_outer, int64_t n, int64_t inner) {
 static void run_axis(axis_kind kind, const ad_tensor *x, void *y, void *aux, void *aux2,
                      int64_t outer, int64_t n, int64_t inner) {
   axis_ctx c = {kind, x->dtype, x->data, y, aux, aux2, outer, n, inner, outer > 1};
-  ad__par_for(c.by_outer ? outer : inner, axis_grain(c.by_outer, n, inner), axis_part, &c);
+  int64_t units = c.by_outer ? outer : inner;
+  int64_t per_unit = c.by_outer ? n * inner : n; /* elements of x one unit reads */
+  int64_t grain = per_unit >= RED_GRAIN ? 1 : RED_GRAIN / (per_unit > 0 ? per_unit : 1);
+  ad__par_for(units, grain, axis_part, &c);
 }
 
 /* Whole sum (b == NULL) or dot product of a and b, one partial per part
@@ -376,52 +388,15 @@ static unsigned saves_lsb(const ad_node *n) {
 }
 static const ad_op_def OP_LSB = {"log_softmax_backward", vjp_lsb, attr_axis, {.of = saves_lsb}};
 
-typedef struct {
-  ad_dtype dt;
-  const void *g, *y, *s;
-  void *out;
-  int64_t outer, n, inner;
-  int by_outer; /* parts split the outer indices (else the inner ones), as run_axis */
-} lsb_ctx;
-
-/* out = g - exp(y) S over a block of outer or inner indices; the same
- * roundings as the three ops it replaces (exp in double, then a product
- * and a difference in the element type), so their results keep their
- * bits. */
-#define LSB_BLOCK(T)                                                                               \
-  do {                                                                                             \
-    const T *g = c->g, *y = c->y, *s = c->s;                                                       \
-    T *r = c->out;                                                                                 \
-    for (int64_t o = o0; o < o1; o++)                                                              \
-      for (int64_t k = 0; k < n; k++) {                                                            \
-        int64_t j0 = (o * n + k) * inner;                                                          \
-        for (int64_t i = i0; i < i1; i++)                                                          \
-          r[j0 + i] = g[j0 + i] - (T)exp((double)y[j0 + i]) * s[o * inner + i];                    \
-      }                                                                                            \
-  } while (0)
-
-static void lsb_part(void *vc, int part, int64_t lo, int64_t hi) {
-  const lsb_ctx *c = vc;
-  (void)part;
-  int64_t n = c->n, inner = c->inner, o0 = 0, o1 = c->outer, i0 = 0, i1 = inner;
-  if (c->by_outer)
-    o0 = lo, o1 = hi;
-  else
-    i0 = lo, i1 = hi;
-  if (c->dt == AD_F32)
-    LSB_BLOCK(float);
-  else
-    LSB_BLOCK(double);
-}
-
 ad_tensor *ad__log_softmax_backward(ad_tape *t, ad_tensor *g, ad_tensor *y, int axis) {
   ad_tensor *in[2] = {g, y};
   if (!ad__check(t, "log_softmax_backward", 2, in) || !ad__axis(t, "log_softmax_backward", y, axis))
     return NULL;
   if (!ad_same_shape(g, y) || g->dtype != y->dtype) {
     char sa[96], sb[96];
-    return ad__fail(t, AD_ERR_SHAPE, "log_softmax_backward: g is %s but y is %s",
-                    ad_shape_str(g, sa, sizeof sa), ad_shape_str(y, sb, sizeof sb));
+    return ad__fail(t, AD_ERR_SHAPE, "log_softmax_backward: g is %s %s but y is %s %s",
+                    ad_dtype_name(g->dtype), ad_shape_str(g, sa, sizeof sa),
+                    ad_dtype_name(y->dtype), ad_shape_str(y, sb, sizeof sb));
   }
   int64_t shape[AD_MAX_DIMS];
   int nd = reduced_shape(y, axis, 1, shape);
@@ -430,8 +405,7 @@ ad_tensor *ad__log_softmax_backward(ad_tape *t, ad_tensor *g, ad_tensor *y, int 
   int64_t outer, n, inner;
   ad__split(y, axis, &outer, &n, &inner);
   run_axis(K_SUM, g, s->data, NULL, NULL, outer, n, inner); /* the bits of ad_sum_axis */
-  lsb_ctx c = {g->dtype, g->data, y->data, s->data, out->data, outer, n, inner, outer > 1};
-  ad__par_for(c.by_outer ? outer : inner, axis_grain(c.by_outer, n, inner), lsb_part, &c);
+  run_axis(K_LSB, g, out->data, y->data, s->data, outer, n, inner);
   ad_node *nd_ = ad__record(t, &OP_LSB, out, 2, in);
   if (nd_) {
     nd_->a.axis = axis;
