@@ -390,6 +390,13 @@ void ad__par_for_parts(int64_t n, int parts, ad__range_fn fn, void *ctx);
  * thread team of its own: its ad__par_for_parts runs serially anyway). */
 int ad__par_inside(void);
 
+/* C = beta C + sum_{i < nb} op(A_i) op(B_i) with A_i = a + i sa, B_i = b + i sb
+ * (elements, dtype dt): the bits of nb ad_gemm calls in order (beta, then
+ * 1), in one pool job (blas.c). */
+void ad__gemm_sum(ad_dtype dt, int ta, int tb, int64_t m, int64_t n, int64_t k, const void *a,
+                  int64_t lda, int64_t sa, const void *b, int64_t ldb, int64_t sb, int64_t nb,
+                  double beta, void *c, int64_t ldc);
+
 /* ---- the "wide:avx512" GEMM kernel (autodiff/gemm_wide.c)
  * C = alpha op(A) op(B) + beta C in f32, row-major, A read in place and
  * op(B) copied 32 columns at a time: blas.c times it as one more path.

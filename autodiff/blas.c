@@ -989,15 +989,20 @@ static int default_split(int path, int dt, int64_t m, int64_t n, int threads) {
   return SPLIT_NONE;
 }
 
+/* nb > 1: a sum of products into the same C (ad__gemm_sum), product i on
+ * A + i sa and B + i sb elements, with beta for i = 0 and 1 after. */
 typedef struct {
   int path, dt, ta, tb, cols;
   int64_t m, n, k, lda, ldb, ldc, tile;
   const void *alpha, *a, *b, *beta;
   void *c;
+  int64_t nb, sa, sb;
 } split_job;
 
 /* Part [lo, hi) of the tiles along the split side: one one-thread call on
- * the rows (or columns) of op(A), op(B) and C it covers. */
+ * the rows (or columns) of op(A), op(B) and C it covers, per product of
+ * the sum (in order, so each element of C is summed as the nb one-thread
+ * calls would sum it). */
 static void split_part(void *vj, int part, int64_t lo, int64_t hi) {
   (void)part;
   const split_job *j = vj;
@@ -1005,29 +1010,44 @@ static void split_part(void *vj, int part, int64_t lo, int64_t hi) {
   const int64_t len = j->cols ? j->n : j->m;
   const int64_t i0 = lo * j->tile, i1 = hi * j->tile < len ? hi * j->tile : len;
   if (i1 <= i0) return;
-  const char *a = j->a, *b = j->b;
+  const double one_d = 1.0;
+  const float one_f = 1.0f;
+  const void *one = j->dt == AD_F64 ? (const void *)&one_d : (const void *)&one_f;
   char *c = j->c;
-  if (j->cols) /* columns i0..i1 of op(B): B's rows when transposed */
-    run_resolved(j->path, 1, j->dt, j->ta, j->tb, j->m, i1 - i0, j->k, j->alpha, a, j->lda,
-                 b + (size_t)(j->tb ? i0 * j->ldb : i0) * es, j->ldb, j->beta, c + (size_t)i0 * es,
-                 j->ldc);
-  else /* rows i0..i1 of op(A): A's columns when transposed */
-    run_resolved(j->path, 1, j->dt, j->ta, j->tb, i1 - i0, j->n, j->k, j->alpha,
-                 a + (size_t)(j->ta ? i0 : i0 * j->lda) * es, j->lda, b, j->ldb, j->beta,
-                 c + (size_t)(i0 * j->ldc) * es, j->ldc);
+  for (int64_t i = 0; i < (j->nb > 1 ? j->nb : 1); i++) {
+    const char *a = (const char *)j->a + (size_t)(i * j->sa) * es;
+    const char *b = (const char *)j->b + (size_t)(i * j->sb) * es;
+    const void *beta = i ? one : j->beta;
+    if (j->cols) /* columns i0..i1 of op(B): B's rows when transposed */
+      run_resolved(j->path, 1, j->dt, j->ta, j->tb, j->m, i1 - i0, j->k, j->alpha, a, j->lda,
+                   b + (size_t)(j->tb ? i0 * j->ldb : i0) * es, j->ldb, beta, c + (size_t)i0 * es,
+                   j->ldc);
+    else /* rows i0..i1 of op(A): A's columns when transposed */
+      run_resolved(j->path, 1, j->dt, j->ta, j->tb, i1 - i0, j->n, j->k, j->alpha,
+                   a + (size_t)(j->ta ? i0 : i0 * j->lda) * es, j->lda, b, j->ldb, beta,
+                   c + (size_t)(i0 * j->ldc) * es, j->ldc);
+  }
 }
 
-/* Runs a choice (path and split) at `threads`. */
-static void run_choice(int choice, int threads, int dt, int ta, int tb, int64_t m, int64_t n,
-                       int64_t k, const void *alpha, const void *a, int64_t lda, const void *b,
-                       int64_t ldb, const void *beta, void *c, int64_t ldc) {
+/* Runs a choice (path and split) at `threads`: the sum of nb products
+ * (see split_job; nb = 1: one product). */
+static void run_choice_sum(int choice, int threads, int dt, int ta, int tb, int64_t m, int64_t n,
+                           int64_t k, const void *alpha, const void *a, int64_t lda, int64_t sa,
+                           const void *b, int64_t ldb, int64_t sb, int64_t nb, const void *beta,
+                           void *c, int64_t ldc) {
   const int path = resolve_path(CHOICE_PATH(choice), dt, ta, tb, m, n, k);
   int split = CHOICE_SPLIT(choice);
   if (threads < 2 || !split_ok(split, path, dt, m, n, threads)) split = SPLIT_NONE;
   if (split == SPLIT_NONE) {
+    const size_t es = dt == AD_F64 ? sizeof(double) : sizeof(float);
+    const double one_d = 1.0;
+    const float one_f = 1.0f;
+    const void *one = dt == AD_F64 ? (const void *)&one_d : (const void *)&one_f;
     /* Inside a pool part BLIS must not start a team of its own. */
-    run_resolved(path, path == P_TEAM && !ad__par_inside() ? threads : 1, dt, ta, tb, m, n, k,
-                 alpha, a, lda, b, ldb, beta, c, ldc);
+    for (int64_t i = 0; i < (nb > 1 ? nb : 1); i++)
+      run_resolved(path, path == P_TEAM && !ad__par_inside() ? threads : 1, dt, ta, tb, m, n, k,
+                   alpha, (const char *)a + (size_t)(i * sa) * es, lda,
+                   (const char *)b + (size_t)(i * sb) * es, ldb, i ? one : beta, c, ldc);
     return;
   }
   split_job j = {.path = path,
@@ -1045,10 +1065,20 @@ static void run_choice(int choice, int threads, int dt, int ta, int tb, int64_t 
                  .a = a,
                  .b = b,
                  .beta = beta,
-                 .c = c};
+                 .c = c,
+                 .nb = nb,
+                 .sa = sa,
+                 .sb = sb};
   j.tile = tile_of(path, dt, j.cols);
   const int64_t len = j.cols ? n : m;
   ad__par_for_parts((len + j.tile - 1) / j.tile, threads, split_part, &j);
+}
+
+static void run_choice(int choice, int threads, int dt, int ta, int tb, int64_t m, int64_t n,
+                       int64_t k, const void *alpha, const void *a, int64_t lda, const void *b,
+                       int64_t ldb, const void *beta, void *c, int64_t ldc) {
+  run_choice_sum(choice, threads, dt, ta, tb, m, n, k, alpha, a, lda, 0, b, ldb, 0, 1, beta, c,
+                 ldc);
 }
 
 /* ---- the cache of measured choices */
@@ -1553,6 +1583,40 @@ void ad_gemm_f32(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, floa
   int ch = choose_path(AD_F32, trans_a, trans_b, m, n, k, a, lda, b, ldb, &threads);
   run_choice(ch, threads, AD_F32, !!trans_a, !!trans_b, m, n, k, &alpha, a, lda, b, ldb, &beta, c,
              ldc);
+}
+
+/* C = beta C + sum_{i < nb} op(A_i) op(B_i), A_i = a + i sa and B_i = b + i sb
+ * elements: the bits of the nb calls ad_gemm_*(ta, tb, m, n, k, 1, A_i, lda,
+ * B_i, ldb, i ? 1 : beta, C, ldc) one after another (the same choice of path
+ * and split; each part of a split runs its block of C through every i in
+ * order), in one job of the worker pool instead of nb. For per-image
+ * products summed over a batch (a convolution's weight gradient). */
+void ad__gemm_sum(ad_dtype dt, int ta, int tb, int64_t m, int64_t n, int64_t k, const void *a,
+                  int64_t lda, int64_t sa, const void *b, int64_t ldb, int64_t sb, int64_t nb,
+                  double beta, void *c, int64_t ldc) {
+  if (nb <= 0 || (dt != AD_F32 && dt != AD_F64)) return;
+  if (nb == 1 || k == 0 || !gemm_args_ok(ta, tb, m, n, k, a, lda, b, ldb, c, ldc)) {
+    const size_t es = dt == AD_F64 ? sizeof(double) : sizeof(float);
+    for (int64_t i = 0; i < nb; i++) { /* the calls themselves: their no-op and k = 0 rules */
+      const char *ai = a ? (const char *)a + (size_t)(i * sa) * es : NULL;
+      const char *bi = b ? (const char *)b + (size_t)(i * sb) * es : NULL;
+      if (dt == AD_F32)
+        ad_gemm_f32(ta, tb, m, n, k, 1.0f, (const float *)(const void *)ai, lda,
+                    (const float *)(const void *)bi, ldb, i ? 1.0f : (float)beta, c, ldc);
+      else
+        ad_gemm_f64(ta, tb, m, n, k, 1.0, (const double *)(const void *)ai, lda,
+                    (const double *)(const void *)bi, ldb, i ? 1.0 : beta, c, ldc);
+    }
+    return;
+  }
+  ensure_init();
+  int threads;
+  const int ch = choose_path(dt, ta, tb, m, n, k, a, lda, b, ldb, &threads);
+  const float one_f = 1.0f, beta_f = (float)beta;
+  const double one_d = 1.0;
+  const void *one = dt == AD_F64 ? (const void *)&one_d : (const void *)&one_f;
+  const void *bp = dt == AD_F64 ? (const void *)&beta : (const void *)&beta_f;
+  run_choice_sum(ch, threads, dt, !!ta, !!tb, m, n, k, one, a, lda, sa, b, ldb, sb, nb, bp, c, ldc);
 }
 
 void ad_gemm_f64(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, double alpha,

@@ -9,6 +9,7 @@
  * CK_FORK=no they are left out. */
 #define _POSIX_C_SOURCE 200809L
 #include "autodiff/ad.h"
+#include "autodiff/ad_internal.h" /* ad__gemm_sum */
 #include "gradcheck.h"
 
 #include <check.h>
@@ -273,6 +274,56 @@ START_TEST(gemm_deterministic) {
 }
 END_TEST
 
+/* ad__gemm_sum (a convolution's weight gradient summed over a batch in one
+ * pool job) gives the bits of its products' ad_gemm calls in order, on
+ * every path, on 1 and 2 threads (where the shape is split), f32 and f64,
+ * beta 0 and 1, transposed B; and the sum itself is right. */
+START_TEST(gemm_sum_equals_calls) {
+  enum { M = 32, N = 144, K = 196, NB = 5 };
+  static double a[NB * M * K], b[NB * N * K], c0[M * N];
+  static double s1[M * N], s2[M * N];
+  static float af[NB * M * K], bf[NB * N * K], f1[M * N], f2[M * N];
+  uint64_t s = 11;
+  for (int i = 0; i < NB * M * K; i++) af[i] = (float)(a[i] = lcg(&s));
+  for (int i = 0; i < NB * N * K; i++) bf[i] = (float)(b[i] = lcg(&s));
+  for (int i = 0; i < M * N; i++) c0[i] = lcg(&s);
+  const int threads0 = ad_threads();
+  for (int th = 1; th <= 2; th++)
+    for (int p = -1; p < N_PATHS; p++) {
+      ad_blas_set_threads(th);
+      if (ad_blas_set_path(p < 0 ? "auto" : PATHS[p]) != AD_OK) continue;
+      for (int beta = 0; beta < 2; beta++) {
+        for (int i = 0; i < M * N; i++) s1[i] = s2[i] = c0[i], f1[i] = f2[i] = (float)c0[i];
+        for (int i = 0; i < NB; i++) {
+          ad_gemm_f64(0, 1, M, N, K, 1.0, a + i * M * K, K, b + i * N * K, K, i ? 1.0 : beta, s1,
+                      N);
+          ad_gemm_f32(0, 1, M, N, K, 1.0f, af + i * M * K, K, bf + i * N * K, K,
+                      i ? 1.0f : (float)beta, f1, N);
+        }
+        ad__gemm_sum(AD_F64, 0, 1, M, N, K, a, K, M * K, b, K, N * K, NB, beta, s2, N);
+        ad__gemm_sum(AD_F32, 0, 1, M, N, K, af, K, M * K, bf, K, N * K, NB, beta, f2, N);
+        ck_assert_msg(memcmp(s1, s2, sizeof s1) == 0, "f64 sum differs: path %s, %d threads",
+                      p < 0 ? "auto" : PATHS[p], th);
+        ck_assert_msg(memcmp(f1, f2, sizeof f1) == 0, "f32 sum differs: path %s, %d threads",
+                      p < 0 ? "auto" : PATHS[p], th);
+        double worst = 0; /* against the sum in long double */
+        for (int r = 0; r < M; r++)
+          for (int c = 0; c < N; c++) {
+            long double want = beta ? c0[r * N + c] : 0;
+            for (int i = 0; i < NB; i++)
+              for (int e = 0; e < K; e++)
+                want += (long double)a[i * M * K + r * K + e] * b[i * N * K + c * K + e];
+            const double err = fabs((double)(want - s2[r * N + c]));
+            if (err > worst) worst = err;
+          }
+        ck_assert_msg(worst < 1e-10, "f64 sum off by %g", worst);
+      }
+    }
+  ck_assert_int_eq(ad_blas_set_path("auto"), AD_OK);
+  ad_blas_set_threads(threads0);
+}
+END_TEST
+
 /* The measured choice shows in the reason: the shape, each candidate's
  * GF/s and a starred winner; MAML's tiny products have the direct loop
  * among the candidates, the 128x200x784 product does not. */
@@ -398,6 +449,7 @@ static Suite *blas_suite(int forking) {
   tcase_add_test(tc, gemm_bad_args_noop);
   tcase_add_loop_test(tc, gemm_every_path, 0, N_PATHS);
   tcase_add_test(tc, gemm_paths_accepted);
+  tcase_add_test(tc, gemm_sum_equals_calls);
   tcase_add_test(tc, gemm_deterministic);
   tcase_add_test(tc, gemm_set_path_errors);
   tcase_add_test(tc, kernel_is_known);
