@@ -468,9 +468,13 @@ END_TEST
  * gradients (recorded and not) and HVPs bit for bit those of one thread.
  * Five images too, so the parts are uneven and the chunks have a tail. */
 START_TEST(test_crp_threads_bitwise) {
+  /* the last one's images are big enough (1.5 MB of G_n and im2col slot in
+   * f64) that on 2 threads the backward takes them in several chunks,
+   * the last one short, on any L2 up to 2.5 MB (conv.c: bwd_chunk_of) */
   static const cgeom more[] = {{5, 1, 8, 8, 3, 3, 3, 1, 1, 2, 2, 0, 1},
-                               {5, 2, 7, 5, 4, 3, 3, 1, 1, 2, 2, 0, 0}};
-  const int n_geoms = N_CGEOMS + 2;
+                               {5, 2, 7, 5, 4, 3, 3, 1, 1, 2, 2, 0, 0},
+                               {7, 8, 48, 48, 8, 3, 3, 1, 1, 2, 2, 0, 1}};
+  const int n_geoms = N_CGEOMS + 3;
   const ad_dtype dts[2] = {AD_F64, AD_F32};
   const int threads0 = ad_threads();
   for (int d = 0; d < 2; d++)
