@@ -404,6 +404,15 @@ def main():
         return 3
     blas = last_json(r.stdout)
     own = blas.get("openblas_core", "")
+    if not own:
+        # Debian's torch links the generic libblas.so.3; without OpenBLAS
+        # behind it that is the reference BLAS, 5-6x below the machine, and
+        # every ratio would flatter us (seen with --no-install on a machine
+        # that had python3-torch but not libopenblas0-pthread).
+        log("FATAL: torch's BLAS is not OpenBLAS (libblas.so.3 -> %s; libopenblas0-pthread: %s); "
+            "run without --no-install or apt-get install libopenblas0-pthread"
+            % (blas_alternative(), pkgs.get("libopenblas0-pthread")))
+        return 3
     blas["openblas_own_core"] = own
     if args.openblas_core == "best" and own and openblas_fallback(own):
         core, totals = pick_openblas_core(own, ["%d,%d,%d,%d,%d" % s for s in bench_shapes()])
