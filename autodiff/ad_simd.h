@@ -58,6 +58,32 @@ AD_VEC(ad_v8d, double, 64)
 #define AD_NO_FMA
 #endif
 
+/* AD_WIDE_PASS(NAME, body): a range pass with ad__par_for's signature
+ * (ctx, part, lo, hi) whose body is compiled twice, for the base ISA and
+ * (x86, GCC/Clang) for AVX-512 with nothing contracted, NAME taking the
+ * AVX-512 one where ad__blas_avx512_allowed() says so (ad_internal.h must be
+ * included first). The passes it is for are memory-bound loops over
+ * weight-sized arrays: the base ISA's 128-bit loads and stores leave the
+ * load ports half used on a CPU that has 512-bit ones. Every element is the
+ * same expression in the same order either way, so both give the same bits. */
+#if AD_X86 && defined(__GNUC__)
+#define AD_WIDE_PASS(NAME, ...)                                                                    \
+  static void NAME##_base(void *ctx, int part, int64_t lo, int64_t hi){                            \
+      AD_NO_FMA __VA_ARGS__} AD_AVX512_EXACT_ATTR static void NAME##_w512(void *ctx, int part,     \
+                                                                          int64_t lo,              \
+                                                                          int64_t hi) {            \
+    AD_NO_FMA __VA_ARGS__                                                                          \
+  }                                                                                                \
+  static void NAME(void *ctx, int part, int64_t lo, int64_t hi) {                                  \
+    (ad__blas_avx512_allowed() ? NAME##_w512 : NAME##_base)(ctx, part, lo, hi);                    \
+  }
+#else
+#define AD_WIDE_PASS(NAME, ...)                                                                    \
+  static void NAME(void *ctx, int part, int64_t lo, int64_t hi) {                                  \
+    AD_NO_FMA __VA_ARGS__                                                                          \
+  }
+#endif
+
 #if AD_X86 && defined(__GNUC__)
 #include <immintrin.h>
 /* out[x] = lane x of r[0..7]: an 8x8 transpose of floats in registers

@@ -2,6 +2,7 @@
  * it: accumulate-into-leaf backward, Hessian-vector products, mixed partials
  * and forward mode. */
 #include "ad_internal.h"
+#include "ad_simd.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -39,19 +40,16 @@ typedef struct {
   const ad_tensor *x;
 } add_job;
 
-static void add_range(void *ctx, int part, int64_t lo, int64_t hi) {
-  const add_job *c = ctx;
-  (void)part;
-  if (c->y->dtype == AD_F32) {
-    float *restrict p = AD_F(c->y);
-    const float *restrict q = AD_F(c->x);
-    for (int64_t j = lo; j < hi; j++) p[j] = p[j] + q[j];
-  } else {
-    double *restrict p = AD_D(c->y);
-    const double *restrict q = AD_D(c->x);
-    for (int64_t j = lo; j < hi; j++) p[j] = p[j] + q[j];
-  }
-}
+AD_WIDE_PASS(
+    add_range, const add_job *c = ctx; (void)part; if (c->y->dtype == AD_F32) {
+      float *restrict p = AD_F(c->y);
+      const float *restrict q = AD_F(c->x);
+      for (int64_t j = lo; j < hi; j++) p[j] = p[j] + q[j];
+    } else {
+      double *restrict p = AD_D(c->y);
+      const double *restrict q = AD_D(c->x);
+      for (int64_t j = lo; j < hi; j++) p[j] = p[j] + q[j];
+    })
 
 enum { ADD_GRAIN = 16384 };
 

@@ -1,6 +1,7 @@
 /* ops_elementwise.c — elementwise ops and their derivative rules.
  * Binary ops take same-shape operands or one operand of size 1, broadcast. */
 #include "ad_internal.h"
+#include "ad_simd.h"
 
 #include <tgmath.h> /* exp(v) is expf for float v: one loop body, two dtypes */
 
@@ -28,29 +29,26 @@ typedef struct {
 } ew_ctx;
 
 #define EW_KERNEL_U(NAME, EXPR)                                                                    \
-  static void NAME(void *vc, int part, int64_t lo, int64_t hi) {                                   \
-    const ew_ctx *k_ = vc;                                                                         \
-    (void)part;                                                                                    \
-    if (k_->out->dtype == AD_F32) {                                                                \
-      const float *X_ = AD_F(k_->a);                                                               \
-      float *Y_ = AD_F(k_->out);                                                                   \
-      const float c = (float)k_->c;                                                                \
-      (void)c;                                                                                     \
-      for (int64_t i = lo; i < hi; i++) {                                                          \
-        float v = X_[i];                                                                           \
-        Y_[i] = (EXPR);                                                                            \
-      }                                                                                            \
-    } else {                                                                                       \
-      const double *X_ = AD_D(k_->a);                                                              \
-      double *Y_ = AD_D(k_->out);                                                                  \
-      const double c = k_->c;                                                                      \
-      (void)c;                                                                                     \
-      for (int64_t i = lo; i < hi; i++) {                                                          \
-        double v = X_[i];                                                                          \
-        Y_[i] = (EXPR);                                                                            \
-      }                                                                                            \
-    }                                                                                              \
-  }
+  AD_WIDE_PASS(                                                                                    \
+      NAME, const ew_ctx *k_ = ctx; (void)part; if (k_->out->dtype == AD_F32) {                    \
+        const float *X_ = AD_F(k_->a);                                                             \
+        float *Y_ = AD_F(k_->out);                                                                 \
+        const float c = (float)k_->c;                                                              \
+        (void)c;                                                                                   \
+        for (int64_t i = lo; i < hi; i++) {                                                        \
+          float v = X_[i];                                                                         \
+          Y_[i] = (EXPR);                                                                          \
+        }                                                                                          \
+      } else {                                                                                     \
+        const double *X_ = AD_D(k_->a);                                                            \
+        double *Y_ = AD_D(k_->out);                                                                \
+        const double c = k_->c;                                                                    \
+        (void)c;                                                                                   \
+        for (int64_t i = lo; i < hi; i++) {                                                        \
+          double v = X_[i];                                                                        \
+          Y_[i] = (EXPR);                                                                          \
+        }                                                                                          \
+      })
 
 /* One typed binary loop over [lo, hi); SA/SB are 0 (elementwise) or 1
  * (broadcast scalar), known at compile time so each of the three loops
@@ -78,14 +76,9 @@ typedef struct {
   } while (0)
 
 #define EW_KERNEL_B(NAME, EXPR)                                                                    \
-  static void NAME(void *vc, int part, int64_t lo, int64_t hi) {                                   \
-    const ew_ctx *k_ = vc;                                                                         \
-    (void)part;                                                                                    \
-    if (k_->out->dtype == AD_F32)                                                                  \
-      EW_RANGE_T(float, k_, lo, hi, EXPR);                                                         \
-    else                                                                                           \
-      EW_RANGE_T(double, k_, lo, hi, EXPR);                                                        \
-  }
+  AD_WIDE_PASS(NAME, const ew_ctx *k_ = ctx; (void)part;                                           \
+               if (k_->out->dtype == AD_F32) EW_RANGE_T(float, k_, lo, hi, EXPR);                  \
+               else EW_RANGE_T(double, k_, lo, hi, EXPR);)
 
 /* Runs kernel FN over out (operands a, b, constant c) in parts of GRAIN. */
 #define EW_RUN(FN, out, a_, b_, c_, GRAIN)                                                         \

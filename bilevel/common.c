@@ -1,6 +1,7 @@
 /* common.c — the helpers of bl_internal.h: what every hypergradient method
  * shares, so each method file reads like its formula. */
 #include "bl_internal.h"
+#include "autodiff/ad_simd.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -322,19 +323,16 @@ typedef struct {
   int f64;
 } axpy_job;
 
-static void axpy_range(void *ctx, int part, int64_t lo, int64_t hi) {
-  const axpy_job *a = ctx;
-  (void)part;
-  if (a->f64) {
-    double *p = a->y, c = a->c;
-    const double *q = a->x;
-    for (int64_t j = lo; j < hi; j++) p[j] += c * q[j];
-  } else {
-    float *p = a->y, cf = (float)a->c;
-    const float *q = a->x;
-    for (int64_t j = lo; j < hi; j++) p[j] += cf * q[j];
-  }
-}
+AD_WIDE_PASS(
+    axpy_range, const axpy_job *a = ctx; (void)part; if (a->f64) {
+      double *p = a->y, c = a->c;
+      const double *q = a->x;
+      for (int64_t j = lo; j < hi; j++) p[j] += c * q[j];
+    } else {
+      float *p = a->y, cf = (float)a->c;
+      const float *q = a->x;
+      for (int64_t j = lo; j < hi; j++) p[j] += cf * q[j];
+    })
 
 enum { AXPY_GRAIN = 16384 };
 

@@ -7,6 +7,7 @@
 #include <check.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define S(...) ((const int64_t[]){__VA_ARGS__})
 
@@ -295,11 +296,151 @@ START_TEST(test_f32_matches_f64) {
 }
 END_TEST
 
+/* The elementwise kernels run an AVX-512 clone where the CPU has it
+ * (AD_WIDE_PASS); each element must still be the plain expression, rounded
+ * as this file's scalar loop rounds it: bits compared, at sizes that end
+ * in every vector tail and one above the threaded split, with NaN, signed
+ * zeros and negatives among the values, at 1 and 2 threads. */
+#define EW_REF(T, e, ...)                                                                          \
+  do {                                                                                             \
+    const T *A = e->a, *B = e->b;                                                                  \
+    T *R = e->ref, c = (T)e->c;                                                                    \
+    (void)c;                                                                                       \
+    for (int64_t i = 0; i < e->n; i++) {                                                           \
+      T u = A[i], v = B[i];                                                                        \
+      (void)u;                                                                                     \
+      R[i] = (__VA_ARGS__);                                                                        \
+    }                                                                                              \
+  } while (0)
+typedef struct {
+  const void *a, *b;
+  void *ref;
+  int64_t n;
+  double c;
+} ew_ref;
+
+static void ew_reference(int op, ad_dtype dt, ew_ref *e) {
+#define EW_OPS(T)                                                                                  \
+  switch (op) {                                                                                    \
+  case 0:                                                                                          \
+    EW_REF(T, e, u + v);                                                                           \
+    break;                                                                                         \
+  case 1:                                                                                          \
+    EW_REF(T, e, u - v);                                                                           \
+    break;                                                                                         \
+  case 2:                                                                                          \
+    EW_REF(T, e, u *v);                                                                            \
+    break;                                                                                         \
+  case 3:                                                                                          \
+    EW_REF(T, e, u / v);                                                                           \
+    break;                                                                                         \
+  case 4:                                                                                          \
+    EW_REF(T, e, u + c * v);                                                                       \
+    break;                                                                                         \
+  case 5:                                                                                          \
+    EW_REF(T, e, v > 0 ? u : v != v ? v : 0);                                                      \
+    break;                                                                                         \
+  case 6:                                                                                          \
+    EW_REF(T, e, c *v);                                                                            \
+    break;                                                                                         \
+  case 7:                                                                                          \
+    EW_REF(T, e, -v);                                                                              \
+    break;                                                                                         \
+  case 8:                                                                                          \
+    EW_REF(T, e, sizeof(T) == 4 ? (T)sqrtf((float)v) : (T)sqrt((double)v));                        \
+    break;                                                                                         \
+  default:                                                                                         \
+    EW_REF(T, e, v > 0 || v != v ? v : 0);                                                         \
+    break;                                                                                         \
+  }
+  if (dt == AD_F32) {
+    EW_OPS(float)
+  } else {
+    EW_OPS(double)
+  }
+#undef EW_OPS
+}
+
+static ad_tensor *ew_op(ad_tape *t, int op, ad_tensor *a, ad_tensor *b, double c) {
+  switch (op) {
+  case 0:
+    return ad_add(t, a, b);
+  case 1:
+    return ad_sub(t, a, b);
+  case 2:
+    return ad_mul(t, a, b);
+  case 3:
+    return ad_div(t, a, b);
+  case 4:
+    return ad_axpy(t, a, c, b);
+  case 5:
+    return ad_relu_backward(t, a, b);
+  case 6:
+    return ad_scale(t, b, c);
+  case 7:
+    return ad_neg(t, b);
+  case 8:
+    return ad_sqrt(t, b);
+  default:
+    return ad_relu(t, b);
+  }
+}
+
+START_TEST(test_elementwise_bits) {
+  static const int64_t sizes[] = {1, 7, 15, 16, 17, 31, 33, 1001, 70001};
+  for (int th = 1; th <= 2; th++) {
+    ck_assert_int_eq(ad_set_threads(th), AD_OK);
+    for (int d = 0; d < 2; d++) {
+      ad_dtype dt = d ? AD_F64 : AD_F32;
+      size_t es = d ? sizeof(double) : sizeof(float);
+      for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++) {
+        int64_t n = sizes[si];
+        ad_tape *t = NULL;
+        ck_assert_int_eq(ad_tape_new(&t, NULL), AD_OK);
+        ad_rng r;
+        ad_rng_seed(&r, 11 + (uint64_t)n);
+        ad_tensor *a = ad_randn(t, dt, 1, S(n), &r), *b = ad_randn(t, dt, 1, S(n), &r);
+        /* Specials in both operands: NaN, +-0, and values relu keeps. */
+        for (int64_t i = 0; i < n; i += 5) ad_set(b, i, i % 3 == 0 ? -0.0 : 0.0);
+        for (int64_t i = 3; i < n; i += 97) ad_set(b, i, NAN), ad_set(a, (i * 7) % n, NAN);
+        void *ref = malloc((size_t)n * es);
+        ck_assert_ptr_nonnull(ref);
+        for (int op = 0; op < 10; op++) {
+          /* sqrt of the magnitudes: a NaN there would be the expected bits
+           * of sqrt(-x) on one side and another payload on the other. */
+          ad_tensor *bb = op == 8 ? ad_abs(t, b) : b;
+          ad_tensor *y = ew_op(t, op, a, bb, -0.37);
+          ck_assert_int_eq(ad_tape_status(t), AD_OK);
+          ew_ref e = {a->data, bb->data, ref, n, -0.37};
+          ew_reference(op, dt, &e);
+          for (int64_t i = 0; i < n; i++) {
+            double got = ad_get(y, i), want = d ? ((double *)ref)[i] : ((float *)ref)[i];
+            if (isnan(want)) {
+              ck_assert_msg(isnan(got), "op %d n %lld [%lld]: %g, want NaN", op, (long long)n,
+                            (long long)i, got);
+              continue;
+            }
+            ck_assert_msg(
+                memcmp((char *)y->data + i * (int64_t)es, (char *)ref + i * (int64_t)es, es) == 0,
+                "op %d %s n %lld threads %d [%lld]: %.17g, want %.17g", op, d ? "f64" : "f32",
+                (long long)n, th, (long long)i, got, want);
+          }
+        }
+        free(ref);
+        ad_tape_free(t);
+      }
+    }
+  }
+  ck_assert_int_eq(ad_set_threads(1), AD_OK);
+}
+END_TEST
+
 Suite *ops_suite(void) {
   Suite *s = suite_create("ops");
   TCase *tc = tcase_create("gradcheck");
   tcase_add_loop_test(tc, test_op_gradcheck, 0, N_CASES);
   tcase_add_test(tc, test_f32_matches_f64);
+  tcase_add_test(tc, test_elementwise_bits);
   suite_add_tcase(s, tc);
   return s;
 }
