@@ -310,13 +310,20 @@ END_TEST
  * (the same rules in the same order) and the arena's peak during the call
  * is a fraction of it. f(x) = sum(tanh(... tanh(x) * c_k ...)) on 256 x 256
  * f64 (512 KiB per temporary, several per node). */
-START_TEST(test_sweep_collects) {
+/* A 64 MiB tape and a 256 x 256 f64 input on it that requires grad. */
+static ad_tape *sweep_input(uint64_t seed, ad_tensor **x) {
   ad_tape *t = NULL;
   ck_assert_int_eq(ad_tape_new(&t, &(ad_tape_opts){.arena_mb = 64}), AD_OK);
   ad_rng r;
-  ad_rng_seed(&r, 3);
-  ad_tensor *x = ad_randn(t, AD_F64, 2, S(256, 256), &r);
-  ad_requires_grad(x, 1);
+  ad_rng_seed(&r, seed);
+  *x = ad_randn(t, AD_F64, 2, S(256, 256), &r);
+  ad_requires_grad(*x, 1);
+  return t;
+}
+
+START_TEST(test_sweep_collects) {
+  ad_tensor *x;
+  ad_tape *t = sweep_input(3, &x);
   ad_tensor *y = x;
   for (int k = 0; k < 12; k++) y = ad_mul(t, ad_tanh(t, y), ad_add_scalar(t, x, 0.1 * k));
   ad_tensor *f = ad_sum(t, y), *g[2];
@@ -383,12 +390,8 @@ END_TEST
  * it: the gradient equals the recorded sweep's bit for bit and the closed
  * form (1 - tanh^2 x) e^x + tanh(x) e^x. */
 START_TEST(test_sweep_skips_costly_collection) {
-  ad_tape *t = NULL;
-  ck_assert_int_eq(ad_tape_new(&t, &(ad_tape_opts){.arena_mb = 64}), AD_OK);
-  ad_rng r;
-  ad_rng_seed(&r, 9);
-  ad_tensor *x = ad_randn(t, AD_F64, 2, S(256, 256), &r);
-  ad_requires_grad(x, 1);
+  ad_tensor *x;
+  ad_tape *t = sweep_input(9, &x);
   ad_tensor *f = ad_sum(t, ad_mul(t, ad_tanh(t, x), ad_exp(t, x))), *g[2];
   for (int pass = 0; pass < 2; pass++)
     ck_assert_int_eq(ad_grad(t, 1, &f, NULL, 1, &x, &g[pass], pass ? AD_GRAD_RECORD : 0), AD_OK);
