@@ -65,13 +65,15 @@ AD_VEC(ad_v8d, double, 64)
  * included first). The passes it is for are memory-bound loops over
  * weight-sized arrays: the base ISA's 128-bit loads and stores leave the
  * load ports half used on a CPU that has 512-bit ones. Every element is the
- * same expression in the same order either way, so both give the same bits. */
+ * same expression in the same order either way, so both give the same bits.
+ * (Kept out of clang-format, which folds the three functions into one run.) */
+/* clang-format off */
 #if AD_X86 && defined(__GNUC__)
 #define AD_WIDE_PASS(NAME, ...)                                                                    \
-  static void NAME##_base(void *ctx, int part, int64_t lo, int64_t hi){                            \
-      AD_NO_FMA __VA_ARGS__} AD_AVX512_EXACT_ATTR static void NAME##_w512(void *ctx, int part,     \
-                                                                          int64_t lo,              \
-                                                                          int64_t hi) {            \
+  static void NAME##_base(void *ctx, int part, int64_t lo, int64_t hi) {                           \
+    AD_NO_FMA __VA_ARGS__                                                                          \
+  }                                                                                                \
+  AD_AVX512_EXACT_ATTR static void NAME##_w512(void *ctx, int part, int64_t lo, int64_t hi) {      \
     AD_NO_FMA __VA_ARGS__                                                                          \
   }                                                                                                \
   static void NAME(void *ctx, int part, int64_t lo, int64_t hi) {                                  \
@@ -83,6 +85,7 @@ AD_VEC(ad_v8d, double, 64)
     AD_NO_FMA __VA_ARGS__                                                                          \
   }
 #endif
+/* clang-format on */
 
 #if AD_X86 && defined(__GNUC__)
 #include <immintrin.h>

@@ -406,8 +406,8 @@ START_TEST(test_elementwise_bits) {
         void *ref = malloc((size_t)n * es);
         ck_assert_ptr_nonnull(ref);
         for (int op = 0; op < 10; op++) {
-          /* sqrt of the magnitudes: a NaN there would be the expected bits
-           * of sqrt(-x) on one side and another payload on the other. */
+          /* sqrt of the magnitudes, so that its elements are numbers whose
+           * bits are compared (a NaN is only checked to be NaN). */
           ad_tensor *bb = op == 8 ? ad_abs(t, b) : b;
           ad_tensor *y = ew_op(t, op, a, bb, -0.37);
           ck_assert_int_eq(ad_tape_status(t), AD_OK);
