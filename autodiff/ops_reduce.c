@@ -1,9 +1,73 @@
 /* ops_reduce.c — sums, means, max, logsumexp, softmax, log_softmax, dot.
  * Axis kernels see a tensor as [outer, n, inner] around the axis. */
 #include "ad_internal.h"
+#include "ad_simd.h"
 
 #include <math.h>
 #include <string.h>
+
+/* v[i] = ad__exp(v[i]) for i < n. glibc's exp is a call per element; a
+ * branch-free polynomial in a loop would vectorize but for the clamps
+ * (under trapping math GCC keeps a compare as a branch), so on AVX-512 the
+ * same operations, in the same order and uncontracted, are written out on
+ * 8 lanes: the bits of ad__exp either way. */
+#if AD_X86 && defined(__GNUC__)
+AD_AVX512_EXACT_ATTR static void exp_array_w512(double *v, int64_t n) {
+  const __m512d magic = _mm512_set1_pd(0x1.8p52), lo = _mm512_set1_pd(-746.0),
+                hi = _mm512_set1_pd(710.0), log2e = _mm512_set1_pd(0x1.71547652b82fep0),
+                ln2_hi = _mm512_set1_pd(0x1.62e42feep-1),
+                ln2_lo = _mm512_set1_pd(0x1.a39ef35793c76p-33);
+  static const double c[14] = {1.0 / 6227020800.0,
+                               1.0 / 479001600.0,
+                               1.0 / 39916800.0,
+                               1.0 / 3628800.0,
+                               1.0 / 362880.0,
+                               1.0 / 40320.0,
+                               1.0 / 5040.0,
+                               1.0 / 720.0,
+                               1.0 / 120.0,
+                               1.0 / 24.0,
+                               1.0 / 6.0,
+                               0.5,
+                               1.0,
+                               1.0};
+  const __m512i mb = _mm512_castpd_si512(magic), off = _mm512_set1_epi64(2048),
+                bias = _mm512_set1_epi64(1023 - 1024);
+  for (int64_t i = 0; i < n; i += 8) {
+    const __mmask8 m = (__mmask8)(n - i >= 8 ? 0xFF : (1u << (n - i)) - 1u);
+    const __m512d x = _mm512_maskz_loadu_pd(m, v + i);
+    /* max/min return their second operand when either is NaN: x's NaN */
+    const __m512d xc = _mm512_min_pd(hi, _mm512_max_pd(lo, x));
+    const __m512d tk = _mm512_add_pd(_mm512_mul_pd(xc, log2e), magic);
+    const __m512d kf = _mm512_sub_pd(tk, magic);
+    const __m512d r =
+        _mm512_sub_pd(_mm512_sub_pd(xc, _mm512_mul_pd(kf, ln2_hi)), _mm512_mul_pd(kf, ln2_lo));
+    __m512d p = _mm512_set1_pd(c[0]);
+    for (int j = 1; j < 14; j++) p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(c[j]));
+    const __m512i u = _mm512_add_epi64(_mm512_sub_epi64(_mm512_castpd_si512(tk), mb), off);
+    const __m512i u1 = _mm512_srli_epi64(u, 1);
+    const __m512i e1 = _mm512_slli_epi64(_mm512_add_epi64(u1, bias), 52);
+    const __m512i e2 = _mm512_slli_epi64(_mm512_add_epi64(_mm512_sub_epi64(u, u1), bias), 52);
+    const __m512d y =
+        _mm512_mul_pd(_mm512_mul_pd(p, _mm512_castsi512_pd(e1)), _mm512_castsi512_pd(e2));
+    _mm512_mask_storeu_pd(v + i, m, y);
+  }
+}
+#endif
+static void exp_array(double *v, int64_t n) {
+#if AD_X86 && defined(__GNUC__)
+  if (ad__blas_avx512_allowed()) {
+    exp_array_w512(v, n);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; i++) v[i] = ad__exp(v[i]);
+}
+
+/* Elements whose exps the axis kernels take in one exp_array call: whole
+ * rows of a short axis (a classifier's 10 logits) are batched, so the
+ * polynomial runs on full vectors, many at once. */
+#define EXP_BLK 512
 
 /* Kernels written once per element type. Each computes the outputs of
  * outer indices [o0, o1) and inner indices [i0, i1): the threaded loops
@@ -56,33 +120,92 @@
    * if sm is not NULL it receives softmax = exp(x - lse), lsm log_softmax. */                     \
   static void lse_axis_##S(const T *x, T *y, T *sm, T *lsm, int64_t n, int64_t inner, int64_t o0,  \
                            int64_t o1, int64_t i0, int64_t i1) {                                   \
+    if (inner == 1 && n <= EXP_BLK) { /* whole rows, EXP_BLK / n at a time */                      \
+      double e[EXP_BLK], lr[EXP_BLK];                                                              \
+      const int64_t nb = EXP_BLK / n;                                                              \
+      for (int64_t o = o0; o < o1; o += nb) {                                                      \
+        const int64_t ob = o1 - o < nb ? o1 - o : nb;                                              \
+        const T *xb = x + o * n;                                                                   \
+        for (int64_t b = 0; b < ob; b++) {                                                         \
+          const T *xo = xb + b * n;                                                                \
+          T m = xo[0];                                                                             \
+          for (int64_t k = 1; k < n; k++) m = xo[k] > m ? xo[k] : m;                               \
+          if (!isfinite(m)) m = 0;                                                                 \
+          lr[b] = (double)m;                                                                       \
+          for (int64_t k = 0; k < n; k++) e[b * n + k] = (double)(xo[k] - m);                      \
+        }                                                                                          \
+        exp_array(e, ob *n);                                                                       \
+        for (int64_t b = 0; b < ob; b++) {                                                         \
+          double sum = 0;                                                                          \
+          for (int64_t k = 0; k < n; k++) sum += e[b * n + k];                                     \
+          lr[b] += log(sum);                                                                       \
+          if (y) y[o + b] = (T)lr[b];                                                              \
+        }                                                                                          \
+        for (int64_t b = 0; lsm && b < ob; b++)                                                    \
+          for (int64_t k = 0; k < n; k++)                                                          \
+            lsm[(o + b) * n + k] = (T)((double)xb[b * n + k] - lr[b]);                             \
+        if (!sm) continue;                                                                         \
+        for (int64_t b = 0; b < ob; b++)                                                           \
+          for (int64_t k = 0; k < n; k++) e[b * n + k] = (double)xb[b * n + k] - lr[b];            \
+        exp_array(e, ob *n);                                                                       \
+        for (int64_t j = 0; j < ob * n; j++) sm[o * n + j] = (T)e[j];                              \
+      }                                                                                            \
+      return;                                                                                      \
+    }                                                                                              \
     for (int64_t o = o0; o < o1; o++)                                                              \
       for (int64_t i = i0; i < i1; i++) {                                                          \
         const T *xo = x + o * n * inner + i;                                                       \
         T m = xo[0];                                                                               \
         for (int64_t k = 1; k < n; k++) m = xo[k * inner] > m ? xo[k * inner] : m;                 \
         if (!isfinite(m)) m = 0;                                                                   \
-        double s = 0;                                                                              \
-        for (int64_t k = 0; k < n; k++) s += exp((double)(xo[k * inner] - m));                     \
+        /* the exps a block at a time (a loop that vectorizes), summed in order */                 \
+        double s = 0, e[64];                                                                       \
+        for (int64_t k0 = 0; k0 < n; k0 += 64) {                                                   \
+          const int64_t kn = n - k0 < 64 ? n - k0 : 64;                                            \
+          for (int64_t k = 0; k < kn; k++) e[k] = (double)(xo[(k0 + k) * inner] - m);              \
+          exp_array(e, kn);                                                                        \
+          for (int64_t k = 0; k < kn; k++) s += e[k];                                              \
+        }                                                                                          \
         double l = (double)m + log(s);                                                             \
         if (y) y[o * inner + i] = (T)l;                                                            \
-        for (int64_t k = 0; k < n; k++) {                                                          \
-          int64_t j = (o * n + k) * inner + i;                                                     \
-          if (sm) sm[j] = (T)exp((double)x[j] - l);                                                \
-          if (lsm) lsm[j] = (T)((double)x[j] - l);                                                 \
+        T *smo = sm ? sm + o * n * inner + i : NULL, *lsmo = lsm ? lsm + o * n * inner + i : NULL; \
+        for (int64_t k0 = 0; smo && k0 < n; k0 += 64) {                                            \
+          const int64_t kn = n - k0 < 64 ? n - k0 : 64;                                            \
+          for (int64_t k = 0; k < kn; k++) e[k] = (double)xo[(k0 + k) * inner] - l;                \
+          exp_array(e, kn);                                                                        \
+          for (int64_t k = 0; k < kn; k++) smo[(k0 + k) * inner] = (T)e[k];                        \
         }                                                                                          \
+        for (int64_t k = 0; lsmo && k < n; k++) lsmo[k * inner] = (T)((double)xo[k * inner] - l);  \
       }                                                                                            \
   }                                                                                                \
   /* log_softmax's backward: r = g - exp(y) s along the axis, s the sums of                        \
-   * g (one per output); the same roundings as the exp, mul and sub it                             \
-   * replaces (exp in double, then a product and a difference in T). */                            \
+   * g (one per output): exp in double (ad__exp, by exp_array), then a                             \
+   * product and a difference in T. */                                                             \
   static void lsb_axis_##S(const T *g, T *r, const T *y, const T *s, int64_t n, int64_t inner,     \
                            int64_t o0, int64_t o1, int64_t i0, int64_t i1) {                       \
+    double e[EXP_BLK];                                                                             \
+    if (inner == 1 && n <= EXP_BLK) { /* whole rows, EXP_BLK / n at a time */                      \
+      const int64_t nb = EXP_BLK / n;                                                              \
+      for (int64_t o = o0; o < o1; o += nb) {                                                      \
+        const int64_t ob = o1 - o < nb ? o1 - o : nb, j0 = o * n;                                  \
+        for (int64_t j = 0; j < ob * n; j++) e[j] = (double)y[j0 + j];                             \
+        exp_array(e, ob *n);                                                                       \
+        for (int64_t b = 0; b < ob; b++)                                                           \
+          for (int64_t k = 0; k < n; k++)                                                          \
+            r[j0 + b * n + k] = g[j0 + b * n + k] - (T)e[b * n + k] * s[o + b];                    \
+      }                                                                                            \
+      return;                                                                                      \
+    }                                                                                              \
     for (int64_t o = o0; o < o1; o++)                                                              \
       for (int64_t k = 0; k < n; k++) {                                                            \
         int64_t j0 = (o * n + k) * inner;                                                          \
-        for (int64_t i = i0; i < i1; i++)                                                          \
-          r[j0 + i] = g[j0 + i] - (T)exp((double)y[j0 + i]) * s[o * inner + i];                    \
+        for (int64_t b = i0; b < i1; b += 64) {                                                    \
+          const int64_t bn = i1 - b < 64 ? i1 - b : 64;                                            \
+          for (int64_t i = 0; i < bn; i++) e[i] = (double)y[j0 + b + i];                           \
+          exp_array(e, bn);                                                                        \
+          for (int64_t i = 0; i < bn; i++)                                                         \
+            r[j0 + b + i] = g[j0 + b + i] - (T)e[i] * s[o * inner + b + i];                        \
+        }                                                                                          \
       }                                                                                            \
   }
 

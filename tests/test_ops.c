@@ -435,12 +435,103 @@ START_TEST(test_elementwise_bits) {
 }
 END_TEST
 
+/* ad__exp against libm: within 2 ulp of exp over the range where the
+ * result is normal, and its edges: overflow to +inf, underflow to 0, NaN. */
+START_TEST(test_exp_accuracy) {
+  double worst = 0;
+  for (int64_t i = 0; i <= 2000000; i++) {
+    const double x = -708.0 + 1417.0 * (double)i / 2000000.0; /* [-708, 709] */
+    const double got = ad__exp(x), want = exp(x);
+    const double ulp = nextafter(want, INFINITY) - want, err = fabs(got - want) / ulp;
+    if (err > worst) worst = err;
+    ck_assert_msg(err <= 2.0, "ad__exp(%.17g) = %.17g, exp = %.17g (%.2f ulp)", x, got, want, err);
+  }
+  ck_assert_msg(worst > 0.0, "ad__exp matched libm everywhere: the sweep read no result");
+  const double edge[] = {0.0, -0.0, 709.78, 709.79, 710.0, 1e300, -745.0, -745.2, -746.0, -1e300};
+  for (size_t i = 0; i < sizeof edge / sizeof *edge; i++)
+    ck_assert_msg(ad__exp(edge[i]) == exp(edge[i]), "ad__exp(%.17g) = %.17g, exp = %.17g", edge[i],
+                  ad__exp(edge[i]), exp(edge[i]));
+  ck_assert(ad__exp(INFINITY) == INFINITY && ad__exp(-INFINITY) == 0.0);
+  ck_assert(isnan(ad__exp(NAN)));
+}
+END_TEST
+
+/* log_softmax and its backward take their exps in blocks (exp_array in
+ * ops_reduce.c, 8 lanes at a time on AVX-512): the bits of the row-by-row
+ * formula with the scalar ad__exp, in f64 (where every bit of the exp
+ * shows) and f32, for rows that batch (n = 10, 3) and rows longer than a
+ * block (n = 700), with a NaN row and -inf entries. The sum of g's row is
+ * taken as ad_sum_axis takes it (8 lanes). */
+#define LSM_REF(T, xd, gd, yd, bd, rows, n)                                                        \
+  for (int64_t o = 0; o < rows; o++) {                                                             \
+    const T *xo = xd + o * n;                                                                      \
+    T m = xo[0];                                                                                   \
+    for (int64_t k = 1; k < n; k++) m = xo[k] > m ? xo[k] : m;                                     \
+    if (!isfinite(m)) m = 0;                                                                       \
+    double sum = 0;                                                                                \
+    for (int64_t k = 0; k < n; k++) sum += ad__exp((double)(xo[k] - m));                           \
+    const double l = (double)m + log(sum);                                                         \
+    T gs = 0, lane[8] = {0};                                                                       \
+    int64_t k = 0;                                                                                 \
+    for (; k + 8 <= n; k += 8)                                                                     \
+      for (int q = 0; q < 8; q++) lane[q] += gd[o * n + k + q];                                    \
+    for (int q = 0; q < 8; q++) gs += lane[q];                                                     \
+    for (; k < n; k++) gs += gd[o * n + k];                                                        \
+    for (k = 0; k < n; k++) {                                                                      \
+      const T want_y = (T)((double)xo[k] - l);                                                     \
+      const T want_b = gd[o * n + k] - (T)ad__exp((double)want_y) * gs;                            \
+      const T got_y = yd[o * n + k], got_b = bd[o * n + k];                                        \
+      ck_assert_msg(memcmp(&got_y, &want_y, sizeof got_y) == 0 || (isnan(got_y) && isnan(want_y)), \
+                    #T " n %lld log_softmax[%lld][%lld] = %.17g, want %.17g", (long long)n,        \
+                    (long long)o, (long long)k, (double)got_y, (double)want_y);                    \
+      ck_assert_msg(memcmp(&got_b, &want_b, sizeof got_b) == 0 || (isnan(got_b) && isnan(want_b)), \
+                    #T " n %lld backward[%lld][%lld] = %.17g, want %.17g", (long long)n,           \
+                    (long long)o, (long long)k, (double)got_b, (double)want_b);                    \
+    }                                                                                              \
+  }
+
+START_TEST(test_log_softmax_exp_bits) {
+  static const int64_t ns[] = {10, 3, 700};
+  for (int d = 0; d < 2; d++)
+    for (size_t ni = 0; ni < sizeof ns / sizeof *ns; ni++) {
+      const int64_t n = ns[ni], rows = 67;
+      const ad_dtype dt = d ? AD_F64 : AD_F32;
+      ad_tape *t = NULL;
+      ck_assert_int_eq(ad_tape_new(&t, NULL), AD_OK);
+      ad_rng r;
+      ad_rng_seed(&r, 5 + (uint64_t)n);
+      const int64_t shape[2] = {rows, n};
+      ad_tensor *x = ad_randn(t, dt, 2, shape, &r), *g = ad_randn(t, dt, 2, shape, &r);
+      ck_assert_ptr_nonnull(x);
+      ck_assert_ptr_nonnull(g);
+      for (int64_t i = 0; i < x->size; i++) ad_set(x, i, 4.0 * ad_get(x, i));
+      ad_set(x, 3 * n + 1, NAN);
+      ad_set(x, 5 * n, -INFINITY);
+      ad_set(x, 5 * n + 2, -INFINITY);
+      ad_tensor *y = ad_log_softmax(t, x, 1);
+      ad_tensor *b = ad__log_softmax_backward(t, g, y, 1);
+      ck_assert_ptr_nonnull(b);
+      if (d) {
+        const double *xd = x->data, *gd = g->data, *yd = y->data, *bd = b->data;
+        LSM_REF(double, xd, gd, yd, bd, rows, n)
+      } else {
+        const float *xd = x->data, *gd = g->data, *yd = y->data, *bd = b->data;
+        LSM_REF(float, xd, gd, yd, bd, rows, n)
+      }
+      ad_tape_free(t);
+    }
+}
+END_TEST
+#undef LSM_REF
+
 Suite *ops_suite(void) {
   Suite *s = suite_create("ops");
   TCase *tc = tcase_create("gradcheck");
   tcase_add_loop_test(tc, test_op_gradcheck, 0, N_CASES);
   tcase_add_test(tc, test_f32_matches_f64);
   tcase_add_test(tc, test_elementwise_bits);
+  tcase_add_test(tc, test_exp_accuracy);
+  tcase_add_test(tc, test_log_softmax_exp_bits);
   suite_add_tcase(s, tc);
   return s;
 }
