@@ -367,24 +367,23 @@ ad_status bl__segment_record_ex(bl_run *r, bl_segment *sg, ad_tensor *const *w_f
  * w_end, s_end: bl__val_keep's, zeros for the state) and are replaced by
  * each chunk's results, which are moved down over the chunk when it is
  * freed (ad_tape_compact) instead of copied into a second buffer. glam
- * (n_lam) holds arena tensors made after the record or NULL (nothing added
- * yet); each chunk's part is added as bl__segment_reverse adds it, and on
- * return every glam[k] is set (zeros where nothing was added). */
+ * (n_lam) holds tensors made before the record (bl__val_keep's: zeros or
+ * the direct term), so that no compaction moves them; each chunk's part
+ * is added into them in place, as bl__segment_reverse adds it. */
 ad_status bl__segment_reverse_lean(bl_run *r, bl_segment *sg, ad_tensor **aw, ad_tensor **as,
                                    ad_tensor **glam);
 /* alpha_T and the direct term for the lean walk back: grad_w L_val(w_end)
- * into aw and a copy of dL_val/dlam into glam (NULL where L_val does not
- * reach lam), with L_val's graph and temporaries freed: aw, glam are all
- * that stays of it. */
+ * into aw, and dL_val/dlam copied into glam (n_lam tensors of zeros made
+ * before the record; left zeros where L_val does not reach lam), with
+ * L_val's graph and temporaries freed: aw is all that stays of it. */
 ad_status bl__val_keep(bl_run *r, ad_tensor *const *w_end, ad_tensor **aw, ad_tensor **glam);
 
-/* After bl__val_keep (aw: alpha_T, glam: n_lam tensors or NULL): the lean
- * segment's last chunk is compacted again with its outputs as roots, so
- * w_T's values (read by L_val, by no rule of the walk back) are freed
- * before the walk back starts; aw, glam and the chunk's outputs are
- * updated; sg->w_end and sg->s_end must not be used after. */
-ad_status bl__segment_release_end(bl_run *r, bl_segment *sg, ad_tensor **aw, ad_tensor **as,
-                                  ad_tensor **glam);
+/* After bl__val_keep (aw: alpha_T): the lean segment's last chunk is
+ * compacted again with its outputs as roots, so w_T's values (read by
+ * L_val, by no rule of the walk back) are freed before the walk back
+ * starts; aw and the chunk's outputs are updated; sg->w_end and sg->s_end
+ * must not be used after. */
+ad_status bl__segment_release_end(bl_run *r, bl_segment *sg, ad_tensor **aw, ad_tensor **as);
 
 /* Tests: 1 makes bl_unroll take its old walk back (copies of w_start and
  * double-buffered adjoints made up front) instead of the lean one, to

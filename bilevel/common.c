@@ -806,24 +806,19 @@ ad_status bl__val_keep(bl_run *r, ad_tensor *const *w_end, ad_tensor **aw, ad_te
   ad_tape *t = r->t;
   int n = r->p->n_w, n_lam = r->p->n_lam;
   ad_marker m = ad_mark(t);
-  ad_tensor *gl[NN_MAX_PARAMS], *keep[2 * NN_MAX_PARAMS];
+  ad_tensor *gl[NN_MAX_PARAMS], *keep[NN_MAX_PARAMS];
   ad_status st =
       bl__val_grad_ex(r, r->lam, w_end, NULL, aw, gl, AD_GRAD_NULL_UNREACHED | BL_VAL_COMPACT);
   if (st) return st;
+  /* glam (zeros) takes a copy of the direct term, as the old path's
+   * zeros-then-copy did; unreached, it stays zeros */
+  for (int k = 0; k < n_lam; k++)
+    if (gl[k]) bl__copy_list(1, &glam[k], &gl[k]);
   for (int i = 0; i < n; i++) keep[i] = aw[i];
-  for (int k = 0; k < n_lam; k++) keep[n + k] = gl[k];
-  st = keep_down(r, m, n + n_lam, keep);
+  st = keep_down(r, m, n, keep);
   if (st) return st;
   for (int i = 0; i < n; i++)
     if (!(aw[i] = keep[i]) && !(aw[i] = ad_zeros_like(t, w_end[i]))) return ad_tape_status(t);
-  /* glam is the caller's own buffer (added into from here on): a copy, as
-   * the old path's zeros-then-copy gave; a gradient may share its memory
-   * with another result (d(w + lam) hands one tensor to both). Unreached:
-   * NULL, no zeros until a step adds something. */
-  for (int k = 0; k < n_lam; k++) {
-    glam[k] = NULL;
-    if (keep[n + k] && !(glam[k] = bl__copy(t, keep[n + k]))) return ad_tape_status(t);
-  }
   return AD_OK;
 }
 
@@ -847,32 +842,27 @@ static ad_status drop_chunk(bl_run *r, bl_segment *sg, int64_t c, int n, ad_tens
   return AD_OK;
 }
 
-ad_status bl__segment_release_end(bl_run *r, bl_segment *sg, ad_tensor **aw, ad_tensor **as,
-                                  ad_tensor **glam) {
+ad_status bl__segment_release_end(bl_run *r, bl_segment *sg, ad_tensor **aw, ad_tensor **as) {
   ad_tape *t = r->t;
   if (sg->n_chunks < 1) return AD_OK;
-  int n = sg->n_w, ns = as ? sg->ns : 0, n_lam = r->p->n_lam, nk = 0;
+  int n = sg->n_w, ns = as ? sg->ns : 0, nk = 0;
   size_t row = (size_t)(n + sg->ns), c = (size_t)sg->n_chunks - 1;
   ad_marker m = sg->marks[c];
   if (!ad__compactable(t, m)) return AD_OK; /* an op compaction cannot move: leave it */
-  ad_tensor *keep[NN_MAX_PARAMS * 2 + BL_MAX_STATE];
-  int at[NN_MAX_PARAMS * 2 + BL_MAX_STATE];
+  ad_tensor *keep[NN_MAX_PARAMS + BL_MAX_STATE];
+  int at[NN_MAX_PARAMS + BL_MAX_STATE];
   for (int j = 0; j < n + ns; j++) {
     ad_tensor *x = j < n ? aw[j] : as[j - n];
     if (x) at[nk] = j, keep[nk++] = x;
   }
-  for (int q = 0; q < n_lam; q++)
-    if (glam[q]) at[nk] = n + ns + q, keep[nk++] = glam[q];
   ad_status st = ad__compact_roots(t, m, nk, keep, (int)row, sg->out + c * row);
   if (st) return st;
   for (int k = 0; k < nk; k++) {
     int j = at[k];
     if (j < n)
       aw[j] = keep[k];
-    else if (j < n + ns)
-      as[j - n] = keep[k];
     else
-      glam[j - n - ns] = keep[k];
+      as[j - n] = keep[k];
   }
   sg->s_end.n = 0;
   for (int i = 0; i < n; i++) sg->w_end[i] = NULL;
@@ -885,11 +875,12 @@ ad_status bl__segment_reverse_lean(bl_run *r, bl_segment *sg, ad_tensor **aw, ad
   int n = sg->n_w, ns = as ? sg->ns : 0, n_lam = r->p->n_lam, nv = n + ns;
   size_t row = (size_t)(n + sg->ns);
   /* The adjoints are the last chunk's results, moved down over the chunk
-   * (keep_down) instead of copied into a second buffer; glam moves with
-   * them. Nothing is written into a seed: a rule may hand it back. */
+   * (drop_chunk) instead of copied into a second buffer. glam lies below
+   * the segment and is added into in place: it never moves. Nothing is
+   * written into a seed: a rule may hand it back. */
   ad_tensor *cur[NN_MAX_PARAMS + BL_MAX_STATE];
   ad_tensor *grads[2 * NN_MAX_PARAMS + BL_MAX_STATE];
-  ad_tensor *keep[3 * NN_MAX_PARAMS + BL_MAX_STATE];
+  ad_tensor *keep[NN_MAX_PARAMS + BL_MAX_STATE];
   for (int j = 0; j < nv; j++) cur[j] = j < n ? aw[j] : as[j - n];
   ad_status st = AD_OK;
   for (int64_t c = sg->n_chunks - 1; c >= 0 && !st; c--) {
@@ -897,46 +888,19 @@ ad_status bl__segment_reverse_lean(bl_run *r, bl_segment *sg, ad_tensor **aw, ad
     int first;
     st = chunk_vjp(r, sg, c, nv, cur, grads, AD_GRAD_NULL_UNREACHED, &first);
     if (st) break;
-    /* glam += this chunk's part (the old path's axpy on the same values).
-     * The first part reached starts from zeros, as the old buffer did;
-     * those zeros are made after the chunk is freed (the part is kept
-     * through keep_down and dropped at the next), not on top of the
-     * chunk's temporaries. */
-    ad_tensor *raw[NN_MAX_PARAMS];
-    for (int q = 0; q < n_lam; q++) {
-      raw[q] = NULL;
-      if (!grads[q]) continue;
-      if (glam[q])
-        bl__axpy(1, &glam[q], 1.0, &grads[q]);
-      else
-        raw[q] = grads[q];
-    }
+    /* glam += this chunk's part (the old path's axpy on the same values,
+     * into the same zeros-started buffer) */
+    for (int q = 0; q < n_lam; q++)
+      if (grads[q]) bl__axpy(1, &glam[q], 1.0, &grads[q]);
     /* an adjoint the outputs do not reach is zero (the old path's zeros) */
     for (int j = 0; j < nv && !first && !st; j++)
       if (!grads[n_lam + j] && !(grads[n_lam + j] = ad_zeros_like(t, in[j])))
         st = ad_tape_status(t);
     if (st) break;
-    int nk = 0;
-    for (int q = 0; q < n_lam; q++) keep[nk++] = glam[q];
-    for (int q = 0; q < n_lam; q++) keep[nk++] = raw[q];
-    for (int j = 0; j < nv; j++) keep[nk++] = first ? NULL : grads[n_lam + j];
-    st = drop_chunk(r, sg, c, nk, keep);
+    for (int j = 0; j < nv; j++) keep[j] = first ? NULL : grads[n_lam + j];
+    st = drop_chunk(r, sg, c, nv, keep);
     if (st) break;
-    int fresh = 0;
-    for (int q = 0; q < n_lam && !st; q++) {
-      glam[q] = keep[q];
-      if (!keep[n_lam + q]) continue;
-      if (!(glam[q] = ad_zeros_like(t, r->lam[q]))) st = ad_tape_status(t);
-      if (!st) bl__axpy(1, &glam[q], 1.0, &keep[n_lam + q]);
-      keep[q] = glam[q];
-      keep[n_lam + q] = NULL;
-      fresh = 1;
-    }
-    /* once per call: drop the parts the new glam was made from */
-    if (!st && fresh) st = drop_chunk(r, sg, c, nk, keep);
-    if (st) break;
-    for (int q = 0; q < n_lam; q++) glam[q] = keep[q];
-    for (int j = 0; j < nv && !first; j++) cur[j] = keep[2 * n_lam + j];
+    for (int j = 0; j < nv && !first; j++) cur[j] = keep[j];
     r->st.hvps += chunk_steps(sg, c);
   }
   for (int j = 0; j < nv && !st; j++) { /* freed with the first chunk when skipped */
@@ -946,8 +910,6 @@ ad_status bl__segment_reverse_lean(bl_run *r, bl_segment *sg, ad_tensor **aw, ad
     else
       as[j - n] = a;
   }
-  for (int q = 0; q < n_lam && !st; q++)
-    if (!glam[q] && !(glam[q] = ad_zeros_like(t, r->lam[q]))) st = ad_tape_status(t);
   return st;
 }
 

@@ -31,22 +31,26 @@ void bl__unroll_set_legacy(int on) {
  * walked back, or L_val's gradient):
  *  - the recorded segment starts from leaf views of w_start and the state
  *    (nothing writes them while it lives), not copies;
- *  - no adjoint or hypergradient buffers before the record: alpha_T is
- *    L_val's gradient itself, kept when L_val's graph is freed, and glam
- *    exists from the first part added (L_val does not see lam, often);
+ *  - no adjoint buffers before the record: alpha_T is L_val's gradient
+ *    itself, kept when L_val's graph is freed;
  *  - each chunk's adjoint results are moved down over the chunk as it is
- *    freed, so there is no second adjoint buffer to copy them into. */
+ *    freed, so there is no second adjoint buffer to copy them into.
+ * glam is made before the record, below everything a compaction moves:
+ * made after it, it rode down with the adjoints at every chunk dropped,
+ * one lam-sized move per step (in the 784-200-10 unroll at T = 50, 31 MB
+ * of memmove per hypergradient). */
 static ad_status unroll_lean(bl_run *r, ad_tensor *const *w, bl_state *os, int64_t start, int64_t T,
                              ad_tensor **glam) {
   ad_tensor *aw[NN_MAX_PARAMS], *as[BL_MAX_STATE];
   bl_segment sg = {0};
-  ad_status s = bl__segment_record_ex(r, &sg, w, os, start, T, 0, BL_SEG_LEAN);
+  ad_status s = bl__zeros_new(r, r->p->n_lam, r->lam, glam);
+  if (!s) s = bl__segment_record_ex(r, &sg, w, os, start, T, 0, BL_SEG_LEAN);
   sg.skip_start_adjoint = 1; /* nothing is differentiated before the start */
   if (!s) s = bl__val_keep(r, sg.w_end, aw, glam);
   ad_tensor *sb[BL_MAX_STATE];
   int ns = bl__state_list(&sg.s_end, sb);
   if (!s) s = bl__zeros_new(r, ns, sb, as);
-  if (!s) s = bl__segment_release_end(r, &sg, aw, ns ? as : NULL, glam);
+  if (!s) s = bl__segment_release_end(r, &sg, aw, ns ? as : NULL);
   if (!s) s = bl__segment_reverse_lean(r, &sg, aw, as, glam);
   return s;
 }
