@@ -198,6 +198,16 @@ typedef struct {
 void ad__sweep_collect(ad_tape *t, ad__sweep_gc *gc, ad_node *const *nodes, ptrdiff_t k,
                        ptrdiff_t count, unsigned gen);
 
+/* In an unrecorded backward sweep, the gradient slot of x (an input of
+ * the node whose rule is running, with need[i] set) when the sweep owns
+ * it and a rule may add its part into it in place instead of returning a
+ * new tensor (then it leaves gin[i] NULL): the slot holds the sum of the
+ * contributions so far, has x's dtype and size, and nothing else refers
+ * to it. NULL otherwise (no contribution yet, recording, the NaN guard).
+ * The rule must give the bits accumulate's in-place add would: slot + part,
+ * part rounded first (grad.c). */
+ad_tensor *ad__grad_slot(const ad_tape *t, const ad_tensor *x);
+
 /* ---- allocation */
 ad_tensor *ad__alloc(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, int zero);
 /* A tensor struct in the arena sharing `data` (views: reshape, detach). */

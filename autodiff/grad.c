@@ -95,6 +95,13 @@ static void accumulate(ad_tape *t, ad_tensor *x, ad_tensor *g, int own) {
   if (unrec && x->scratch) x->scratch->flags |= AD_FLAG_ACC_;
 }
 
+ad_tensor *ad__grad_slot(const ad_tape *t, const ad_tensor *x) {
+  ad_tensor *a = x ? x->scratch : NULL;
+  if (!a || ad__recording(t) || ad__nan_guard(t) || !(a->flags & AD_FLAG_ACC_)) return NULL;
+  if (a->dtype != x->dtype || a->size != x->size || !a->data) return NULL;
+  return a;
+}
+
 /* Whether gin[i] is fresh and alone: its values were allocated by the rule
  * just run (after `pre`) and overlap no other result of that rule. */
 static int fresh_alone(ad_tape *t, ad_marker pre, ad_tensor *const *gin, int n, int i) {
