@@ -207,6 +207,15 @@ void ad__sweep_collect(ad_tape *t, ad__sweep_gc *gc, ad_node *const *nodes, ptrd
  * The rule must give the bits accumulate's in-place add would: slot + part,
  * part rounded first (grad.c). */
 ad_tensor *ad__grad_slot(const ad_tape *t, const ad_tensor *x);
+/* ad_grad whose first n_acc inputs' gradients are added into acc[i] (a
+ * tensor of the input's dtype and size, or NULL: none) in place, when the
+ * sweep is unrecorded: grads_out[i] is then acc[i] itself (unreached: acc
+ * as it was). Recorded, or for an acc that does not fit, grads_out[i] is
+ * the gradient alone, as ad_grad's: the caller adds it in. The sum is
+ * acc + c1 + c2 ... in the order the contributions arrive. */
+ad_status ad__grad_acc(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *const *seeds,
+                       int n_in, ad_tensor *const *inputs, ad_tensor **grads_out, unsigned flags,
+                       int n_acc, ad_tensor *const *acc);
 
 /* ---- allocation */
 ad_tensor *ad__alloc(ad_tape *t, ad_dtype dt, int ndim, const int64_t *shape, int zero);

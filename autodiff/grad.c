@@ -260,6 +260,12 @@ static ad_status run_backward(ad_tape *t, int n_out, ad_tensor *const *outputs,
 
 ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *const *seeds,
                   int n_in, ad_tensor *const *inputs, ad_tensor **grads_out, unsigned flags) {
+  return ad__grad_acc(t, n_out, outputs, seeds, n_in, inputs, grads_out, flags, 0, NULL);
+}
+
+ad_status ad__grad_acc(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *const *seeds,
+                       int n_in, ad_tensor *const *inputs, ad_tensor **grads_out, unsigned flags,
+                       int n_acc, ad_tensor *const *acc) {
   if (!t) return ad__set_last(AD_ERR_NULL, "ad_grad: tape is NULL");
   if (ad_tape_status(t) != AD_OK) return ad_tape_status(t);
   if (n_out <= 0 || n_in <= 0 || !outputs || !inputs || !grads_out) {
@@ -326,6 +332,18 @@ ad_status ad_grad(ad_tape *t, int n_out, ad_tensor *const *outputs, ad_tensor *c
     inputs[i]->scratch = NULL;
     size_t id = inputs[i]->node ? inputs[i]->node->id : 0;
     if (id < min_id) min_id = id;
+  }
+  /* Accumulators: the slot starts as acc[i], the sweep's own, so every
+   * contribution is added into it in place (accumulate, or a rule through
+   * ad__grad_slot). Only unrecorded and for a tensor like the input. */
+  const int unrec = !(flags & AD_GRAD_RECORD) && !ad__nan_guard(t);
+  for (int i = 0; i < n_acc && i < n_in; i++) {
+    ad_tensor *a = acc ? acc[i] : NULL;
+    if (!unrec || !a || !a->data || a->dtype != inputs[i]->dtype || a->size != inputs[i]->size ||
+        (a->dtype != AD_F32 && a->dtype != AD_F64))
+      continue;
+    inputs[i]->scratch = a;
+    a->flags |= AD_FLAG_ACC_;
   }
   ptrdiff_t count = reachable(t, n_out, outputs, min_id, gen);
   if (count < 0) return ad_tape_status(t);

@@ -714,17 +714,24 @@ ad_status bl__segment_record_ex(bl_run *r, bl_segment *sg, ad_tensor *const *w_f
  * the chunk's outputs) swept back to lam and, unless the chunk is the first
  * and its start needs no adjoint (*first), to the chunk's inputs; grads
  * gets n_lam + nv results (lam's first). */
+/* glam += the chunk's lam parts: added into glam by the sweep itself
+ * (ad__grad_acc: each contribution in place as it arrives, a fused rule's
+ * straight from its kernel), else here. */
 static ad_status chunk_vjp(bl_run *r, const bl_segment *sg, int64_t c, int nv,
-                           ad_tensor *const *cur, ad_tensor **grads, unsigned flags, int *first) {
+                           ad_tensor *const *cur, ad_tensor **grads, unsigned flags, int *first,
+                           ad_tensor *const *glam) {
   size_t row = (size_t)(sg->n_w + sg->ns);
   ad_tensor **in = sg->in + (size_t)c * row, **out = sg->out + (size_t)c * row;
-  ad_tensor *ins[2 * NN_MAX_PARAMS + BL_MAX_STATE];
-  int n_in = 0;
+  ad_tensor *ins[2 * NN_MAX_PARAMS + BL_MAX_STATE] = {0};
+  int n_in = 0, n_lam = r->p->n_lam;
   *first = c == 0 && sg->skip_start_adjoint;
-  for (int q = 0; q < r->p->n_lam; q++) ins[n_in++] = r->lam[q];
+  for (int q = 0; q < n_lam; q++) ins[n_in++] = r->lam[q];
   if (!*first)
     for (int j = 0; j < nv; j++) ins[n_in++] = in[j];
-  return ad_grad(r->t, nv, out, cur, n_in, ins, grads, flags);
+  ad_status st = ad__grad_acc(r->t, nv, out, cur, n_in, ins, grads, flags, n_lam, glam);
+  for (int q = 0; q < n_lam && !st; q++)
+    if (grads[q] && grads[q] != glam[q]) bl__axpy(1, &glam[q], 1.0, &grads[q]);
+  return st;
 }
 
 /* The inner steps chunk c covers (the HVPs its VJP counts as). */
@@ -748,9 +755,8 @@ ad_status bl__segment_reverse(bl_run *r, bl_segment *sg, ad_tensor *const *aw, a
   ad_status st = AD_OK;
   for (int64_t c = sg->n_chunks - 1; c >= 0 && !st; c--) {
     int first;
-    st = chunk_vjp(r, sg, c, nv, cur, grads, 0, &first);
+    st = chunk_vjp(r, sg, c, nv, cur, grads, 0, &first, glam);
     if (st) break;
-    bl__axpy(n_lam, glam, 1.0, grads);
     if (!first) {
       bl__copy_list(nv, nxt, grads + n_lam);
       for (int j = 0; j < nv; j++) {
@@ -886,12 +892,8 @@ ad_status bl__segment_reverse_lean(bl_run *r, bl_segment *sg, ad_tensor **aw, ad
   for (int64_t c = sg->n_chunks - 1; c >= 0 && !st; c--) {
     ad_tensor **in = sg->in + (size_t)c * row;
     int first;
-    st = chunk_vjp(r, sg, c, nv, cur, grads, AD_GRAD_NULL_UNREACHED, &first);
+    st = chunk_vjp(r, sg, c, nv, cur, grads, AD_GRAD_NULL_UNREACHED, &first, glam);
     if (st) break;
-    /* glam += this chunk's part (the old path's axpy on the same values,
-     * into the same zeros-started buffer) */
-    for (int q = 0; q < n_lam; q++)
-      if (grads[q]) bl__axpy(1, &glam[q], 1.0, &grads[q]);
     /* an adjoint the outputs do not reach is zero (the old path's zeros) */
     for (int j = 0; j < nv && !first && !st; j++)
       if (!grads[n_lam + j] && !(grads[n_lam + j] = ad_zeros_like(t, in[j])))

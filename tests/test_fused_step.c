@@ -16,6 +16,7 @@
  *   - bad input is an error naming what is wrong. */
 #include "nn/nn.h"
 #include "nn/nn_internal.h"
+#include "autodiff/ad_internal.h" /* ad__grad_acc */
 #include "gradcheck.h"
 
 #include <check.h>
@@ -406,6 +407,58 @@ START_TEST(test_flat_variable) {
 }
 END_TEST
 
+/* An unrecorded sweep that sums per-parameter decay's gradient into an
+ * accumulator (ad__grad_acc, as bl_unroll sums its hypergradient) gets the
+ * part from the fused kernel, added in place: the bits of the gradient
+ * alone added after, acc + dD, per element. Every learning-rate form, f32
+ * and f64, a size the kernel runs in one part and one it splits (at 2
+ * threads). */
+START_TEST(test_decay_into_accumulator) {
+  static const int64_t shapes[2][2] = {{4, 3}, {300, 240}};
+  for (int th = 1; th <= 2; th++) {
+    ck_assert_int_eq(ad_set_threads(th), AD_OK);
+    for (int lrm = 0; lrm < NLR; lrm++)
+      for (int d = 0; d < 2; d++)
+        for (int si = 0; si < 2; si++) {
+          const ad_dtype dt = d ? AD_F64 : AD_F32;
+          combo c = combo_of(lrm + 4 * NLR); /* weight_decay_vars like w */
+          ad_tensor *x[4];
+          make_inputs(&c, dt, 2, shapes[si], 21 + (uint64_t)lrm, x);
+          ad_tape *t = NULL;
+          ck_assert_int_eq(ad_tape_new(&t, &(ad_tape_opts){.arena_mb = 16}), AD_OK);
+          ad_rng r;
+          ad_rng_seed(&r, 3);
+          ad_tensor *acc = ad_randn(t, dt, 2, shapes[si], &r),
+                    *acc0 = ad_empty(t, dt, 2, shapes[si]);
+          ck_assert_ptr_nonnull(acc0);
+          ck_assert_int_eq(ad_copy_values(acc0, acc), AD_OK);
+          ad_tensor *a = step(t, &c, x);
+          ck_assert_ptr_nonnull(a);
+          ad_tensor *L = ad_dot(t, a, a), *D = x[c.id], *gacc = NULL, *g = NULL;
+          ck_assert_int_eq(ad__grad_acc(t, 1, &L, NULL, 1, &D, &gacc, 0, 1, &acc), AD_OK);
+          ck_assert_ptr_eq(gacc, acc);
+          ck_assert_int_eq(ad_grad(t, 1, &L, NULL, 1, &D, &g, 0), AD_OK);
+          for (int64_t j = 0; j < acc->size; j++) {
+            int same;
+            if (d) {
+              const double want = AD_D(acc0)[j] + AD_D(g)[j];
+              same = memcmp(&AD_D(acc)[j], &want, sizeof want) == 0;
+            } else {
+              const float want = AD_F(acc0)[j] + AD_F(g)[j];
+              same = memcmp(&AD_F(acc)[j], &want, sizeof want) == 0;
+            }
+            ck_assert_msg(same, "%s %s threads %d size %lld [%lld]: %.17g, want %.17g + %.17g",
+                          LR_NAME[lrm], d ? "f64" : "f32", th, (long long)acc->size, (long long)j,
+                          ad_get(acc, j), ad_get(acc0, j), ad_get(g, j));
+          }
+          ad_tape_free(t);
+          free_inputs(c.n, x);
+        }
+  }
+  ck_assert_int_eq(ad_set_threads(1), AD_OK);
+}
+END_TEST
+
 /* ---------------------------------------------------------------- bad input */
 
 static void expect_fail(const nn_opt_cfg *cfg, ad_tensor *w, ad_tensor *g, ad_status want,
@@ -460,6 +513,7 @@ int main(void) {
   tcase_add_loop_test(tc, test_gradcheck_unroll, 0, 7);
   tcase_add_test(tc, test_keeps_little);
   tcase_add_test(tc, test_flat_variable);
+  tcase_add_test(tc, test_decay_into_accumulator);
   tcase_add_test(tc, test_bad_input);
   suite_add_tcase(s, tc);
   return gc_run_suite(s);
