@@ -402,6 +402,14 @@ static inline double ad__exp(double x) {
   return p * s1 * s2;
 }
 
+/* Whether x's and y's elements share memory (a rule writing into one
+ * while reading the other must not). */
+static inline int ad__overlap(const ad_tensor *x, const ad_tensor *y) {
+  const uintptr_t a = (uintptr_t)x->data, b = (uintptr_t)y->data;
+  return a < b + (size_t)y->size * ad_dtype_size(y->dtype) &&
+         b < a + (size_t)x->size * ad_dtype_size(x->dtype);
+}
+
 static inline int ad__all_finite(const ad_tensor *x) {
   uint64_t bad = 0;
   const unsigned char *u = (const unsigned char *)x->data;
@@ -466,6 +474,15 @@ void ad__gemm_sum(ad_dtype dt, int ta, int tb, int64_t m, int64_t n, int64_t k, 
  * ad__cpu_avx512() (ad_simd.h) says the CPU runs AVX-512F and VL. */
 int ad__gemm_wide512(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
                      int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
+
+/* 1 when an f32 product of this shape, called now, runs on the wide:avx512
+ * kernel (its measured, cached or forced choice; a new shape is measured on
+ * a and b), split or not: each element of C is then alpha acc + beta C
+ * with the k-sum acc complete first, so C += AB with beta 1 has the bits of
+ * the product then an add. (BLIS's sup kernels do not: with beta 1 they
+ * gave other bits.) */
+int ad__gemm_f32_runs_wide(int ta, int tb, int64_t m, int64_t n, int64_t k, const float *a,
+                           int64_t lda, const float *b, int64_t ldb);
 
 /* ---- tiny products (blas.c, ops_bmm.c) */
 /* Whether our own AVX-512 kernels may run: the CPU has AVX-512 and the

@@ -1585,6 +1585,15 @@ void ad_gemm_f32(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, floa
              ldc);
 }
 
+int ad__gemm_f32_runs_wide(int ta, int tb, int64_t m, int64_t n, int64_t k, const float *a,
+                           int64_t lda, const float *b, int64_t ldb) {
+  if (k <= 0 || !gemm_args_ok(ta, tb, m, n, k, a, lda, b, ldb, a, n)) return 0;
+  ensure_init();
+  int threads;
+  const int ch = choose_path(AD_F32, ta, tb, m, n, k, a, lda, b, ldb, &threads);
+  return resolve_path(CHOICE_PATH(ch), AD_F32, !!ta, !!tb, m, n, k) == P_WIDE512;
+}
+
 /* C = beta C + sum_{i < nb} op(A_i) op(B_i), A_i = a + i sa and B_i = b + i sb
  * elements: the bits of the nb calls ad_gemm_*(ta, tb, m, n, k, 1, A_i, lda,
  * B_i, ldb, i ? 1 : beta, C, ldc) one after another (the same choice of path

@@ -107,13 +107,10 @@ ad_tensor *ad__grad_slot(const ad_tape *t, const ad_tensor *x) {
 static int fresh_alone(ad_tape *t, ad_marker pre, ad_tensor *const *gin, int n, int i) {
   const ad_tensor *g = gin[i];
   if (!g->data || !ad__after_mark(t, pre, g->data) || !ad__after_mark(t, pre, g)) return 0;
-  uintptr_t lo = (uintptr_t)g->data, hi = lo + (size_t)g->size * ad_dtype_size(g->dtype);
   for (int j = 0; j < n; j++) {
     const ad_tensor *h = gin[j];
     if (j == i || !h) continue;
-    if (h == g || !h->data) return 0;
-    uintptr_t a = (uintptr_t)h->data, b = a + (size_t)h->size * ad_dtype_size(h->dtype);
-    if (a < hi && lo < b) return 0;
+    if (h == g || !h->data || ad__overlap(g, h)) return 0;
   }
   return 1;
 }

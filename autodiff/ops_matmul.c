@@ -10,38 +10,26 @@
  *   C = A B^T    : dA = G B        dB = G^T A
  *   C = A^T B^T  : dA = B^T G^T    dB = G^T A^T
  * each again a matmul with transpose flags, so nothing is copied. */
-/* Depth up to which an accumulating product is the bits of the product
- * then the add: every kernel rounds beta C + AB once per element, but one
- * that splits k into blocks (BLIS's packed path, KC >= 256 in its x86 sets)
- * would add the slot before the last block's part instead of after. */
-enum { MM_ACC_K = 256 };
-
-static int overlaps(const ad_tensor *x, const ad_tensor *y) {
-  const size_t es = ad_dtype_size(x->dtype);
-  const uintptr_t a = (uintptr_t)x->data, b = (uintptr_t)y->data;
-  return a < b + (size_t)y->size * es && b < a + (size_t)x->size * es;
-}
-
 /* x's part op(A) op(B) added by the GEMM itself (beta 1) into x's gradient
  * slot when the sweep owns it (ad__grad_slot): the sum accumulate would
  * make in place, without the product's own weight-sized tensor and the
  * pass adding it (an unrolled step's weights get their part through the
- * gradient's graph on top of the update's). 1 when it did. */
+ * gradient's graph on top of the update's). Only where the product runs
+ * the wide kernel, whose beta-1 store has the bits of the product then the
+ * add (ad__gemm_f32_runs_wide); elsewhere, and in f64, the product and the
+ * add as before. 1 when it did. */
 static int mm_acc(ad_tape *t, const ad_tensor *x, const ad_tensor *A, const ad_tensor *B, int ta,
                   int tb) {
   ad_tensor *s = ad__grad_slot(t, x);
-  if (!s || x->ndim != 2 || A->dtype != x->dtype || B->dtype != x->dtype) return 0;
+  if (!s || x->ndim != 2 || x->dtype != AD_F32 || A->dtype != AD_F32 || B->dtype != AD_F32)
+    return 0;
   const int64_t m = ta ? A->shape[1] : A->shape[0], k = ta ? A->shape[0] : A->shape[1];
   const int64_t nn = tb ? B->shape[0] : B->shape[1];
-  if (m != x->shape[0] || nn != x->shape[1] || k > MM_ACC_K || k < 1 || overlaps(s, A) ||
-      overlaps(s, B))
+  if (m != x->shape[0] || nn != x->shape[1] || k < 1 || ad__overlap(s, A) || ad__overlap(s, B) ||
+      !ad__gemm_f32_runs_wide(ta, tb, m, nn, k, AD_F(A), A->shape[1], AD_F(B), B->shape[1]))
     return 0;
-  if (x->dtype == AD_F32)
-    ad_gemm_f32(ta, tb, m, nn, k, 1.0f, AD_F(A), A->shape[1], AD_F(B), B->shape[1], 1.0f, AD_F(s),
-                nn);
-  else
-    ad_gemm_f64(ta, tb, m, nn, k, 1.0, AD_D(A), A->shape[1], AD_D(B), B->shape[1], 1.0, AD_D(s),
-                nn);
+  ad_gemm_f32(ta, tb, m, nn, k, 1.0f, AD_F(A), A->shape[1], AD_F(B), B->shape[1], 1.0f, AD_F(s),
+              nn);
   return 1;
 }
 

@@ -631,13 +631,6 @@ static ad_node *record_sgd(ad_tape *t, const ad_op_def *op, ad_tensor *out, int 
   return nd;
 }
 
-/* Whether x's and y's elements share memory. */
-static int overlap(const ad_tensor *x, const ad_tensor *y) {
-  const uintptr_t a = (uintptr_t)x->data, b = (uintptr_t)y->data;
-  return a < b + (size_t)y->size * ad_dtype_size(y->dtype) &&
-         b < a + (size_t)x->size * ad_dtype_size(x->dtype);
-}
-
 /* The fused backward: the wanted cotangents of w' = w - A (g + D w) for
  * the cotangent G, in one pass, each recorded as its own node. w and g may
  * be NULL when neither dA nor dD is wanted (the second-order rules use this
@@ -657,22 +650,23 @@ static void sgd_bwd(ad_tape *t, ad_tensor *G, ad_tensor *w, ad_tensor *g, ad_ten
     *ow = G;
     ow = NULL;
   }
-  /* dg last: in an unrolled step's reverse sweep it is taken in by the
-   * gradient's graph and dead long before dw and the hyperparameter parts
-   * are, and a dead block at the top of the arena is freed by the sweep's
-   * collection without sliding the live ones below it down. */
   /* Unrecorded, a full-size D whose gradient slot the sweep owns (an
    * unroll's per-parameter decay, whose slot is the hypergradient being
    * summed) takes its part from the kernel itself: no D-sized result and
    * no pass adding it. */
   ad_tensor *slot_d = od && dv->size == n ? ad__grad_slot(t, dv) : NULL;
-  if (slot_d && slot_d->dtype == G->dtype && !overlap(slot_d, G) && !(w && overlap(slot_d, w)) &&
-      !overlap(slot_d, dv) && !(g && overlap(slot_d, g)) && !(av && overlap(slot_d, av))) {
+  if (slot_d && slot_d->dtype == G->dtype && !ad__overlap(slot_d, G) &&
+      !(w && ad__overlap(slot_d, w)) && !ad__overlap(slot_d, dv) &&
+      !(g && ad__overlap(slot_d, g)) && !(av && ad__overlap(slot_d, av))) {
     c.dd = slot_d->data;
     c.dd_acc = 1;
     *od = NULL;
     od = NULL;
   }
+  /* dg last: in an unrolled step's reverse sweep it is taken in by the
+   * gradient's graph and dead long before dw and the hyperparameter parts
+   * are, and a dead block at the top of the arena is freed by the sweep's
+   * collection without sliding the live ones below it down. */
   if (ow && !(rw = ad__like(t, G))) return;
   if (oa && !(ra = ad__alloc(t, G->dtype, av->ndim, av->shape, 0))) return;
   if (od && !(rd = ad__alloc(t, G->dtype, dv->ndim, dv->shape, 0))) return;

@@ -439,70 +439,78 @@ START_TEST(test_rng_documented) {
 END_TEST
 
 /* An unrecorded sweep adds a matmul's parts straight into gradient slots
- * it owns (the GEMM with beta 1): the bits of the recorded sweep, which
- * makes each product and adds it with ad_add, for both operands, every
- * transpose, f32 and f64, and a depth past the in-place limit (the usual
- * path then). Each operand gets a part from a later op first (sum(A * D)),
- * so its slot is owned when the matmul's rule runs; the results are also
- * checked against the closed form, dA = C op(B)^T + D. */
+ * it owns (the GEMM with beta 1, where it runs the wide kernel): the bits
+ * of the recorded sweep, which makes each product and adds it with ad_add,
+ * for both operands, every transpose, f32 and f64, two depths; once with
+ * the measured GEMM paths, once with the wide kernel forced (where the CPU
+ * has it), so the in-place path surely runs, and once with BLIS's sup
+ * kernels forced, whose beta 1 gives other bits (the in-place path must
+ * then stay off). Each operand gets a part from a later op first
+ * (sum(A * D)), so its slot is owned when the matmul's rule runs; the
+ * results are also checked against the closed form, dA = C op(B)^T + D. */
 START_TEST(test_matmul_accumulates_in_place) {
   static const int64_t ks[] = {7, 300};
+  static const char *const paths[] = {"auto", "wide:avx512", "sup"};
   ad_rng r;
   ad_rng_seed(&r, 77);
-  for (int d = 0; d < 2; d++)
-    for (int ta = 0; ta < 2; ta++)
-      for (int tb = 0; tb < 2; tb++)
-        for (size_t ki = 0; ki < 2; ki++) {
-          const ad_dtype dt = d ? AD_F64 : AD_F32;
-          const int64_t m = 13, n = 37, k = ks[ki];
-          ad_tape *t = new_tape(16);
-          ad_tensor *A = ad_randn(t, dt, 2, ta ? S(k, m) : S(m, k), &r);
-          ad_tensor *B = ad_randn(t, dt, 2, tb ? S(n, k) : S(k, n), &r);
-          ad_tensor *C = ad_randn(t, dt, 2, S(m, n), &r);
-          ad_tensor *D = ad_randn(t, dt, 2, ta ? S(k, m) : S(m, k), &r);
-          ad_tensor *E = ad_randn(t, dt, 2, tb ? S(n, k) : S(k, n), &r);
-          ad_requires_grad(A, 1);
-          ad_requires_grad(B, 1);
-          ad_tensor *y = ad_matmul(t, A, B, ta, tb);
-          ad_tensor *loss =
-              ad_add(t, ad_sum(t, ad_mul(t, y, C)),
-                     ad_add(t, ad_sum(t, ad_mul(t, A, D)), ad_sum(t, ad_mul(t, B, E))));
-          ad_tensor *in[2] = {A, B}, *g[2], *gr[2];
-          ck_assert_int_eq(ad_grad(t, 1, &loss, NULL, 2, in, g, 0), AD_OK);
-          ck_assert_int_eq(ad_grad(t, 1, &loss, NULL, 2, in, gr, AD_GRAD_RECORD), AD_OK);
-          for (int q = 0; q < 2; q++) {
-            ck_assert_int_eq(g[q]->size, gr[q]->size);
-            ck_assert_msg(memcmp(g[q]->data, gr[q]->data, (size_t)g[q]->size * ad_dtype_size(dt)) ==
-                              0,
-                          "%s ta %d tb %d k %lld: d%s differs from the recorded sweep's",
-                          ad_dtype_name(dt), ta, tb, (long long)k, q ? "B" : "A");
+  for (int pi = 0; pi < 3; pi++) {
+    if (ad_blas_set_path(paths[pi]) != AD_OK) continue; /* not on this CPU */
+    for (int d = 0; d < 2; d++)
+      for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++)
+          for (size_t ki = 0; ki < 2; ki++) {
+            const ad_dtype dt = d ? AD_F64 : AD_F32;
+            const int64_t m = 13, n = 37, k = ks[ki];
+            ad_tape *t = new_tape(16);
+            ad_tensor *A = ad_randn(t, dt, 2, ta ? S(k, m) : S(m, k), &r);
+            ad_tensor *B = ad_randn(t, dt, 2, tb ? S(n, k) : S(k, n), &r);
+            ad_tensor *C = ad_randn(t, dt, 2, S(m, n), &r);
+            ad_tensor *D = ad_randn(t, dt, 2, ta ? S(k, m) : S(m, k), &r);
+            ad_tensor *E = ad_randn(t, dt, 2, tb ? S(n, k) : S(k, n), &r);
+            ad_requires_grad(A, 1);
+            ad_requires_grad(B, 1);
+            ad_tensor *y = ad_matmul(t, A, B, ta, tb);
+            ad_tensor *loss =
+                ad_add(t, ad_sum(t, ad_mul(t, y, C)),
+                       ad_add(t, ad_sum(t, ad_mul(t, A, D)), ad_sum(t, ad_mul(t, B, E))));
+            ad_tensor *in[2] = {A, B}, *g[2], *gr[2];
+            ck_assert_int_eq(ad_grad(t, 1, &loss, NULL, 2, in, g, 0), AD_OK);
+            ck_assert_int_eq(ad_grad(t, 1, &loss, NULL, 2, in, gr, AD_GRAD_RECORD), AD_OK);
+            for (int q = 0; q < 2; q++) {
+              ck_assert_int_eq(g[q]->size, gr[q]->size);
+              ck_assert_msg(
+                  memcmp(g[q]->data, gr[q]->data, (size_t)g[q]->size * ad_dtype_size(dt)) == 0,
+                  "%s %s ta %d tb %d k %lld: d%s differs from the recorded sweep's", paths[pi],
+                  ad_dtype_name(dt), ta, tb, (long long)k, q ? "B" : "A");
+            }
+            /* closed form: dA(i, p) = sum_j C(i, j) op(B)(p, j) + D; dB likewise */
+            double worst = 0;
+            for (int64_t i = 0; i < m; i++)
+              for (int64_t p = 0; p < k; p++) {
+                double v = 0;
+                for (int64_t j = 0; j < n; j++)
+                  v += ad_get(C, i * n + j) * ad_get(B, tb ? j * k + p : p * n + j);
+                const int64_t ia = ta ? p * m + i : i * k + p;
+                v += ad_get(D, ia);
+                const double e = fabs(ad_get(g[0], ia) - v) / (1 + fabs(v));
+                if (e > worst) worst = e;
+              }
+            for (int64_t p = 0; p < k; p++)
+              for (int64_t j = 0; j < n; j++) {
+                double v = 0;
+                for (int64_t i = 0; i < m; i++)
+                  v += ad_get(A, ta ? p * m + i : i * k + p) * ad_get(C, i * n + j);
+                const int64_t ib = tb ? j * k + p : p * n + j;
+                v += ad_get(E, ib);
+                const double e = fabs(ad_get(g[1], ib) - v) / (1 + fabs(v));
+                if (e > worst) worst = e;
+              }
+            ck_assert_msg(worst < (d ? 1e-12 : 1e-4), "%s ta %d tb %d k %lld: error %g",
+                          ad_dtype_name(dt), ta, tb, (long long)k, worst);
+            ad_tape_free(t);
           }
-          /* closed form: dA(i, p) = sum_j C(i, j) op(B)(p, j) + D; dB likewise */
-          double worst = 0;
-          for (int64_t i = 0; i < m; i++)
-            for (int64_t p = 0; p < k; p++) {
-              double v = 0;
-              for (int64_t j = 0; j < n; j++)
-                v += ad_get(C, i * n + j) * ad_get(B, tb ? j * k + p : p * n + j);
-              const int64_t ia = ta ? p * m + i : i * k + p;
-              v += ad_get(D, ia);
-              const double e = fabs(ad_get(g[0], ia) - v) / (1 + fabs(v));
-              if (e > worst) worst = e;
-            }
-          for (int64_t p = 0; p < k; p++)
-            for (int64_t j = 0; j < n; j++) {
-              double v = 0;
-              for (int64_t i = 0; i < m; i++)
-                v += ad_get(A, ta ? p * m + i : i * k + p) * ad_get(C, i * n + j);
-              const int64_t ib = tb ? j * k + p : p * n + j;
-              v += ad_get(E, ib);
-              const double e = fabs(ad_get(g[1], ib) - v) / (1 + fabs(v));
-              if (e > worst) worst = e;
-            }
-          ck_assert_msg(worst < (d ? 1e-12 : 1e-4), "%s ta %d tb %d k %lld: error %g",
-                        ad_dtype_name(dt), ta, tb, (long long)k, worst);
-          ad_tape_free(t);
-        }
+  }
+  ck_assert_int_eq(ad_blas_set_path("auto"), AD_OK);
 }
 END_TEST
 
