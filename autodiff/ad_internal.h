@@ -370,26 +370,28 @@ int ad__afile_finish(ad__afile *a, const char *path, int err);
  * Within about 2 ulp of exp; x is clamped to [-746, 710], outside which
  * exp is 0 or +inf in double anyway; NaN stays NaN (no integer conversion
  * of a float: the exponent bits are made by integer adds). */
+/* Its constants, shared with the 8-lane form (ops_reduce.c's exp_array):
+ * the rounding magic, log2 e, ln 2 in two parts, the clamp, and the
+ * Horner coefficients 1/13!, 1/12!, ..., 1/2, 1, 1. */
+#define AD__EXP_MAGIC 0x1.8p52
+#define AD__EXP_LOG2E 0x1.71547652b82fep0
+#define AD__EXP_LN2_HI 0x1.62e42feep-1
+#define AD__EXP_LN2_LO 0x1.a39ef35793c76p-33
+#define AD__EXP_LO (-746.0)
+#define AD__EXP_HI 710.0
+#define AD__EXP_NPOLY 14
+#define AD__EXP_POLY                                                                               \
+  1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,        \
+      1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0
 static inline double ad__exp(double x) {
-  const double magic = 0x1.8p52, ln2_hi = 0x1.62e42feep-1, ln2_lo = 0x1.a39ef35793c76p-33;
-  double xc = x < -746.0 ? -746.0 : x;
-  xc = xc > 710.0 ? 710.0 : xc;
-  const double tk = xc * 0x1.71547652b82fep0 + magic, kf = tk - magic;
-  const double r = (xc - kf * ln2_hi) - kf * ln2_lo;
-  double p = 1.0 / 6227020800.0; /* 1 / 13! */
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
+  static const double c[AD__EXP_NPOLY] = {AD__EXP_POLY};
+  const double magic = AD__EXP_MAGIC;
+  double xc = x < AD__EXP_LO ? AD__EXP_LO : x;
+  xc = xc > AD__EXP_HI ? AD__EXP_HI : xc;
+  const double tk = xc * AD__EXP_LOG2E + magic, kf = tk - magic;
+  const double r = (xc - kf * AD__EXP_LN2_HI) - kf * AD__EXP_LN2_LO;
+  double p = c[0];
+  for (int j = 1; j < AD__EXP_NPOLY; j++) p = p * r + c[j];
   uint64_t tb, mb;
   memcpy(&tb, &tk, sizeof tb);
   memcpy(&mb, &magic, sizeof mb);

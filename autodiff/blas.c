@@ -1587,6 +1587,7 @@ void ad_gemm_f32(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, floa
 
 int ad__gemm_f32_runs_wide(int ta, int tb, int64_t m, int64_t n, int64_t k, const float *a,
                            int64_t lda, const float *b, int64_t ldb) {
+  /* the arguments as ad_gemm_f32 checks them; no C here (a stands in) */
   if (k <= 0 || !gemm_args_ok(ta, tb, m, n, k, a, lda, b, ldb, a, n)) return 0;
   ensure_init();
   int threads;

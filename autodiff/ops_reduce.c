@@ -13,24 +13,10 @@
  * 8 lanes: the bits of ad__exp either way. */
 #if AD_X86 && defined(__GNUC__)
 AD_AVX512_EXACT_ATTR static void exp_array_w512(double *v, int64_t n) {
-  const __m512d magic = _mm512_set1_pd(0x1.8p52), lo = _mm512_set1_pd(-746.0),
-                hi = _mm512_set1_pd(710.0), log2e = _mm512_set1_pd(0x1.71547652b82fep0),
-                ln2_hi = _mm512_set1_pd(0x1.62e42feep-1),
-                ln2_lo = _mm512_set1_pd(0x1.a39ef35793c76p-33);
-  static const double c[14] = {1.0 / 6227020800.0,
-                               1.0 / 479001600.0,
-                               1.0 / 39916800.0,
-                               1.0 / 3628800.0,
-                               1.0 / 362880.0,
-                               1.0 / 40320.0,
-                               1.0 / 5040.0,
-                               1.0 / 720.0,
-                               1.0 / 120.0,
-                               1.0 / 24.0,
-                               1.0 / 6.0,
-                               0.5,
-                               1.0,
-                               1.0};
+  static const double c[AD__EXP_NPOLY] = {AD__EXP_POLY};
+  const __m512d magic = _mm512_set1_pd(AD__EXP_MAGIC), lo = _mm512_set1_pd(AD__EXP_LO),
+                hi = _mm512_set1_pd(AD__EXP_HI), log2e = _mm512_set1_pd(AD__EXP_LOG2E),
+                ln2_hi = _mm512_set1_pd(AD__EXP_LN2_HI), ln2_lo = _mm512_set1_pd(AD__EXP_LN2_LO);
   const __m512i mb = _mm512_castpd_si512(magic), off = _mm512_set1_epi64(2048),
                 bias = _mm512_set1_epi64(1023 - 1024);
   for (int64_t i = 0; i < n; i += 8) {
@@ -43,7 +29,8 @@ AD_AVX512_EXACT_ATTR static void exp_array_w512(double *v, int64_t n) {
     const __m512d r =
         _mm512_sub_pd(_mm512_sub_pd(xc, _mm512_mul_pd(kf, ln2_hi)), _mm512_mul_pd(kf, ln2_lo));
     __m512d p = _mm512_set1_pd(c[0]);
-    for (int j = 1; j < 14; j++) p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(c[j]));
+    for (int j = 1; j < AD__EXP_NPOLY; j++)
+      p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(c[j]));
     const __m512i u = _mm512_add_epi64(_mm512_sub_epi64(_mm512_castpd_si512(tk), mb), off);
     const __m512i u1 = _mm512_srli_epi64(u, 1);
     const __m512i e1 = _mm512_slli_epi64(_mm512_add_epi64(u1, bias), 52);
@@ -134,7 +121,7 @@ static void exp_array(double *v, int64_t n) {
           lr[b] = (double)m;                                                                       \
           for (int64_t k = 0; k < n; k++) e[b * n + k] = (double)(xo[k] - m);                      \
         }                                                                                          \
-        exp_array(e, ob *n);                                                                       \
+        exp_array(e, n *ob);                                                                       \
         for (int64_t b = 0; b < ob; b++) {                                                         \
           double sum = 0;                                                                          \
           for (int64_t k = 0; k < n; k++) sum += e[b * n + k];                                     \
@@ -147,7 +134,7 @@ static void exp_array(double *v, int64_t n) {
         if (!sm) continue;                                                                         \
         for (int64_t b = 0; b < ob; b++)                                                           \
           for (int64_t k = 0; k < n; k++) e[b * n + k] = (double)xb[b * n + k] - lr[b];            \
-        exp_array(e, ob *n);                                                                       \
+        exp_array(e, n *ob);                                                                       \
         for (int64_t j = 0; j < ob * n; j++) sm[o * n + j] = (T)e[j];                              \
       }                                                                                            \
       return;                                                                                      \
@@ -158,10 +145,10 @@ static void exp_array(double *v, int64_t n) {
         T m = xo[0];                                                                               \
         for (int64_t k = 1; k < n; k++) m = xo[k * inner] > m ? xo[k * inner] : m;                 \
         if (!isfinite(m)) m = 0;                                                                   \
-        /* the exps a block at a time (a loop that vectorizes), summed in order */                 \
-        double s = 0, e[64];                                                                       \
-        for (int64_t k0 = 0; k0 < n; k0 += 64) {                                                   \
-          const int64_t kn = n - k0 < 64 ? n - k0 : 64;                                            \
+        /* the exps EXP_BLK at a time, summed in order */                                          \
+        double s = 0, e[EXP_BLK];                                                                  \
+        for (int64_t k0 = 0; k0 < n; k0 += EXP_BLK) {                                              \
+          const int64_t kn = n - k0 < EXP_BLK ? n - k0 : EXP_BLK;                                  \
           for (int64_t k = 0; k < kn; k++) e[k] = (double)(xo[(k0 + k) * inner] - m);              \
           exp_array(e, kn);                                                                        \
           for (int64_t k = 0; k < kn; k++) s += e[k];                                              \
@@ -169,8 +156,8 @@ static void exp_array(double *v, int64_t n) {
         double l = (double)m + log(s);                                                             \
         if (y) y[o * inner + i] = (T)l;                                                            \
         T *smo = sm ? sm + o * n * inner + i : NULL, *lsmo = lsm ? lsm + o * n * inner + i : NULL; \
-        for (int64_t k0 = 0; smo && k0 < n; k0 += 64) {                                            \
-          const int64_t kn = n - k0 < 64 ? n - k0 : 64;                                            \
+        for (int64_t k0 = 0; smo && k0 < n; k0 += EXP_BLK) {                                       \
+          const int64_t kn = n - k0 < EXP_BLK ? n - k0 : EXP_BLK;                                  \
           for (int64_t k = 0; k < kn; k++) e[k] = (double)xo[(k0 + k) * inner] - l;                \
           exp_array(e, kn);                                                                        \
           for (int64_t k = 0; k < kn; k++) smo[(k0 + k) * inner] = (T)e[k];                        \
@@ -189,7 +176,7 @@ static void exp_array(double *v, int64_t n) {
       for (int64_t o = o0; o < o1; o += nb) {                                                      \
         const int64_t ob = o1 - o < nb ? o1 - o : nb, j0 = o * n;                                  \
         for (int64_t j = 0; j < ob * n; j++) e[j] = (double)y[j0 + j];                             \
-        exp_array(e, ob *n);                                                                       \
+        exp_array(e, n *ob);                                                                       \
         for (int64_t b = 0; b < ob; b++)                                                           \
           for (int64_t k = 0; k < n; k++)                                                          \
             r[j0 + b * n + k] = g[j0 + b * n + k] - (T)e[b * n + k] * s[o + b];                    \
@@ -199,8 +186,8 @@ static void exp_array(double *v, int64_t n) {
     for (int64_t o = o0; o < o1; o++)                                                              \
       for (int64_t k = 0; k < n; k++) {                                                            \
         int64_t j0 = (o * n + k) * inner;                                                          \
-        for (int64_t b = i0; b < i1; b += 64) {                                                    \
-          const int64_t bn = i1 - b < 64 ? i1 - b : 64;                                            \
+        for (int64_t b = i0; b < i1; b += EXP_BLK) {                                               \
+          const int64_t bn = i1 - b < EXP_BLK ? i1 - b : EXP_BLK;                                  \
           for (int64_t i = 0; i < bn; i++) e[i] = (double)y[j0 + b + i];                           \
           exp_array(e, bn);                                                                        \
           for (int64_t i = 0; i < bn; i++)                                                         \

@@ -713,10 +713,9 @@ ad_status bl__segment_record_ex(bl_run *r, bl_segment *sg, ad_tensor *const *w_f
 /* One chunk's VJP, for both walks back: the seeds `cur` (nv adjoints of
  * the chunk's outputs) swept back to lam and, unless the chunk is the first
  * and its start needs no adjoint (*first), to the chunk's inputs; grads
- * gets n_lam + nv results (lam's first). */
-/* glam += the chunk's lam parts: added into glam by the sweep itself
- * (ad__grad_acc: each contribution in place as it arrives, a fused rule's
- * straight from its kernel), else here. */
+ * gets n_lam + nv results (lam's first). The lam parts are added into glam:
+ * by the sweep itself (ad__grad_acc: each contribution in place as it
+ * arrives, a fused rule's straight from its kernel), else here. */
 static ad_status chunk_vjp(bl_run *r, const bl_segment *sg, int64_t c, int nv,
                            ad_tensor *const *cur, ad_tensor **grads, unsigned flags, int *first,
                            ad_tensor *const *glam) {
